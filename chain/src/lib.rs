@@ -1,0 +1,1 @@
+//! The economic layer: contracts, Anvil, wallets, staking and signed admission.

@@ -1,0 +1,1 @@
+//! `unfedctl` as a library: the testnet spec, the launch plan and the verbs.

@@ -1,0 +1,64 @@
+//! `manifest.json` written by split and read by verify, the registry and the nodes.
+//!
+//! INTERFACE CONTRACT: extend, do not rename. Shard files are
+//! `text_shard_{i}.safetensors` / `vision_shard_{i}.safetensors` beside the manifest.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Architecture, DType, ModelConfig};
+
+pub const MANIFEST_FILE: &str = "manifest.json";
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stack {
+    Text,
+    Vision,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TensorEntry {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardEntry {
+    pub index: usize,
+    pub stack: Stack,
+    /// Global layer range `[layer_start, layer_end)`.
+    pub layer_start: usize,
+    pub layer_end: usize,
+    pub has_embedding: bool,
+    pub has_head: bool,
+    /// File name relative to the manifest's directory.
+    pub file: String,
+    pub size: u64,
+    pub sha256: String,
+    /// sha256 of each 4 MiB chunk of `file`, in order.
+    pub chunk_sha256: Vec<String>,
+    pub tensors: Vec<TensorEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    /// Stable id: `name` from the checkpoint (directory name or `_name_or_path`), never a path.
+    pub model_id: String,
+    pub architecture: Architecture,
+    pub dtype: DType,
+    /// The normalised config, so nodes need nothing else to build their layers.
+    pub config: ModelConfig,
+    pub shards: Vec<ShardEntry>,
+}
+
+impl Manifest {
+    pub fn text_shards(&self) -> impl Iterator<Item = &ShardEntry> {
+        self.shards.iter().filter(|s| s.stack == Stack::Text)
+    }
+    pub fn vision_shards(&self) -> impl Iterator<Item = &ShardEntry> {
+        self.shards.iter().filter(|s| s.stack == Stack::Vision)
+    }
+}

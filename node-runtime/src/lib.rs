@@ -1,0 +1,1 @@
+//! The node runtime: one module per role over shared engine, wire and identity modules.
