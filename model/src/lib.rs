@@ -2,6 +2,7 @@
 //! directories, the shard manifest, splitting, verifying, and the built-in tiny model.
 
 pub mod config;
+pub mod layout;
 pub mod manifest;
 
 pub use config::{Architecture, DType, ModelConfig, TextConfig, VisionConfig};
