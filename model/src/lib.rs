@@ -1,9 +1,15 @@
 //! Model tools shared by `unfedctl` and `unfed-node`: reading HuggingFace checkpoint
 //! directories, the shard manifest, splitting, verifying, and the built-in tiny model.
 
+pub mod checkpoint;
 pub mod config;
-pub mod layout;
+pub mod error;
+pub mod hf;
 pub mod manifest;
+pub mod paths;
+pub mod safetensors_io;
 
+pub use checkpoint::{Checkpoint, TensorInfo, TensorView};
 pub use config::{Architecture, DType, ModelConfig, TextConfig, VisionConfig};
+pub use error::ModelError;
 pub use manifest::{Manifest, ShardEntry, Stack, TensorEntry};
