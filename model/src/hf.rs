@@ -179,10 +179,11 @@ impl ModelConfig {
 
         if Checkpoint::has_weights(dir) {
             let ckpt = Checkpoint::open(dir)?;
-            if !has_key(&raw, "torch_dtype") && !has_key(&raw, "dtype") {
-                if let Some(dtype) = ckpt.dominant_dtype() {
-                    cfg.dtype = dtype;
-                }
+            if !has_key(&raw, "torch_dtype")
+                && !has_key(&raw, "dtype")
+                && let Some(dtype) = ckpt.dominant_dtype()
+            {
+                cfg.dtype = dtype;
             }
             let lm_head = ckpt.contains("lm_head.weight");
             let declared = tie_declared(&raw);
