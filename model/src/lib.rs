@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod hf;
+pub mod layout;
 pub mod manifest;
 pub mod paths;
 pub mod safetensors_io;
