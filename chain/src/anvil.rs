@@ -1,0 +1,2 @@
+pub struct Anvil;
+pub struct AnvilOptions;
