@@ -1,0 +1,13 @@
+//! The inference engine: decoder blocks for a layer range, KV-cache sessions, sampling.
+
+pub mod generate;
+pub mod linear;
+pub mod model;
+pub mod sampling;
+pub mod sessions;
+pub mod weights;
+
+pub use model::{KvCache, ShardInput, ShardModel, ShardOutput, ShardSpec};
+pub use sampling::{Sampled, Sampler, SamplingConfig};
+pub use sessions::{SessionError, SessionStore};
+pub use weights::WeightFiles;

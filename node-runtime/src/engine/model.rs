@@ -1,0 +1,331 @@
+//! Llama-family decoder (Qwen2, Llama, Mistral) for one layer range `[start, end)`.
+//!
+//! Follows transformers' float32 math: RMSNorm, rotate-half RoPE with the checkpoint's
+//! theta, grouped-query attention, SwiGLU, optional q/k/v bias. The first shard embeds
+//! token ids; the last applies the final norm and the LM head (tied or not).
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType as CDType, Device, Tensor};
+use unfed_model::TextConfig;
+
+use super::linear::{Linear, WeightData};
+use super::weights::WeightFiles;
+
+/// Which part of the model a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardSpec {
+    pub layer_start: usize,
+    pub layer_end: usize,
+    pub has_embedding: bool,
+    pub has_head: bool,
+}
+
+impl ShardSpec {
+    pub fn whole(cfg: &TextConfig) -> Self {
+        Self { layer_start: 0, layer_end: cfg.num_hidden_layers, has_embedding: true, has_head: true }
+    }
+}
+
+/// Input of a shard: token ids on the first shard, hidden states `[seq, hidden]` after.
+pub enum ShardInput<'a> {
+    Tokens(&'a [u32]),
+    Hidden { data: Vec<f32>, seq: usize },
+}
+
+/// Output of a shard: hidden states for the next hop, or the last row's logits.
+pub enum ShardOutput {
+    Hidden { data: Vec<f32>, seq: usize },
+    Logits(Vec<f32>),
+}
+
+struct Layer {
+    input_norm: Tensor,
+    post_norm: Tensor,
+    /// q, k and v projections fused row-wise: one pass over the input.
+    qkv: Linear,
+    o: Linear,
+    /// gate and up projections fused row-wise.
+    gate_up: Linear,
+    down: Linear,
+}
+
+/// Keys and values of one layer: `[kv_heads, positions, head_dim]`.
+#[derive(Default)]
+struct LayerCache {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+}
+
+/// The KV cache of one session on one shard.
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Positions cached so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn nbytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| {
+                l.k.as_ref().map_or(0, |t| t.elem_count() * 4) + l.v.as_ref().map_or(0, |t| t.elem_count() * 4)
+            })
+            .sum()
+    }
+}
+
+pub struct ShardModel {
+    cfg: TextConfig,
+    spec: ShardSpec,
+    embed: Option<WeightData>,
+    layers: Vec<Layer>,
+    final_norm: Option<Tensor>,
+    head: Option<Linear>,
+    /// `[max_positions, head_dim / 2]`.
+    cos: Tensor,
+    sin: Tensor,
+    weight_bytes: usize,
+}
+
+impl ShardModel {
+    /// Builds the shard's layers from `files`, reading only the tensors it needs.
+    pub fn load(cfg: &TextConfig, prefix: &str, spec: ShardSpec, files: &WeightFiles) -> Result<Self> {
+        if cfg.hidden_act != "silu" {
+            bail!("hidden_act `{}` is not supported: the engine runs SwiGLU (silu) decoders", cfg.hidden_act);
+        }
+        if spec.layer_start > spec.layer_end || spec.layer_end > cfg.num_hidden_layers {
+            bail!(
+                "layer range [{}, {}) is outside the model's {} layers",
+                spec.layer_start,
+                spec.layer_end,
+                cfg.num_hidden_layers
+            );
+        }
+        if cfg.num_attention_heads % cfg.num_key_value_heads != 0 {
+            bail!(
+                "{} attention heads are not a multiple of {} key/value heads",
+                cfg.num_attention_heads,
+                cfg.num_key_value_heads
+            );
+        }
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (q_dim, kv_dim) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
+        let vec_t = |name: &str, len: usize| -> Result<Tensor> {
+            Ok(Tensor::from_vec(files.vector(name, len)?, len, &Device::Cpu)?)
+        };
+        let mut layers = Vec::new();
+        for i in spec.layer_start..spec.layer_end {
+            let p = format!("{prefix}layers.{i}.");
+            let attn = |n: &str| format!("{p}self_attn.{n}");
+            let qkv_w = WeightData::concat_rows(vec![
+                files.matrix(&attn("q_proj.weight"), q_dim, h)?,
+                files.matrix(&attn("k_proj.weight"), kv_dim, h)?,
+                files.matrix(&attn("v_proj.weight"), kv_dim, h)?,
+            ]);
+            let qkv_b = if cfg.attention_bias || files.contains(&attn("q_proj.bias")) {
+                let mut b = files.vector(&attn("q_proj.bias"), q_dim)?;
+                b.extend(files.vector(&attn("k_proj.bias"), kv_dim)?);
+                b.extend(files.vector(&attn("v_proj.bias"), kv_dim)?);
+                Some(b)
+            } else {
+                None
+            };
+            let mlp = |n: &str| format!("{p}mlp.{n}");
+            let inter = cfg.intermediate_size;
+            layers.push(Layer {
+                input_norm: vec_t(&format!("{p}input_layernorm.weight"), h)?,
+                post_norm: vec_t(&format!("{p}post_attention_layernorm.weight"), h)?,
+                qkv: Linear { weight: qkv_w, out_dim: q_dim + 2 * kv_dim, in_dim: h, bias: qkv_b },
+                o: Linear { weight: files.matrix(&attn("o_proj.weight"), h, q_dim)?, out_dim: h, in_dim: q_dim, bias: None },
+                gate_up: Linear {
+                    weight: WeightData::concat_rows(vec![
+                        files.matrix(&mlp("gate_proj.weight"), inter, h)?,
+                        files.matrix(&mlp("up_proj.weight"), inter, h)?,
+                    ]),
+                    out_dim: 2 * inter,
+                    in_dim: h,
+                    bias: None,
+                },
+                down: Linear { weight: files.matrix(&mlp("down_proj.weight"), h, inter)?, out_dim: h, in_dim: inter, bias: None },
+            });
+        }
+        let embed_name = format!("{prefix}embed_tokens.weight");
+        let embed = if spec.has_embedding { Some(files.matrix(&embed_name, cfg.vocab_size, h)?) } else { None };
+        let (final_norm, head) = if spec.has_head {
+            // Split shards always carry lm_head; an unsplit tied checkpoint only has the embedding.
+            let head_name = if files.contains("lm_head.weight") { "lm_head.weight".to_string() } else { embed_name.clone() };
+            let w = files
+                .matrix(&head_name, cfg.vocab_size, h)
+                .context("the last shard needs lm_head.weight (or the tied embedding)")?;
+            (
+                Some(vec_t(&format!("{prefix}norm.weight"), h)?),
+                Some(Linear { weight: w, out_dim: cfg.vocab_size, in_dim: h, bias: None }),
+            )
+        } else {
+            (None, None)
+        };
+        let (cos, sin) = rope_tables(cfg)?;
+        let weight_bytes = layers
+            .iter()
+            .map(|l| l.qkv.weight.nbytes() + l.o.weight.nbytes() + l.gate_up.weight.nbytes() + l.down.weight.nbytes())
+            .sum::<usize>()
+            + embed.as_ref().map_or(0, |e| e.nbytes())
+            + head.as_ref().map_or(0, |l| l.weight.nbytes());
+        Ok(Self { cfg: cfg.clone(), spec, embed, layers, final_norm, head, cos, sin, weight_bytes })
+    }
+
+    pub fn config(&self) -> &TextConfig {
+        &self.cfg
+    }
+
+    pub fn spec(&self) -> ShardSpec {
+        self.spec
+    }
+
+    /// Bytes of weights held in memory.
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_bytes
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache { layers: (0..self.layers.len()).map(|_| LayerCache::default()).collect(), len: 0 }
+    }
+
+    /// Runs the shard's layers on new positions `cache.len() ..`, extending the cache.
+    pub fn forward(&self, cache: &mut KvCache, input: ShardInput<'_>) -> Result<ShardOutput> {
+        let h = self.cfg.hidden_size;
+        let (x, seq) = match input {
+            ShardInput::Tokens(ids) => {
+                let embed = self.embed.as_ref().context("token ids sent to a shard without the embedding (not shard 0)")?;
+                let mut x = vec![0f32; ids.len() * h];
+                for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
+                    if id as usize >= self.cfg.vocab_size {
+                        bail!("token id {id} is outside the vocabulary of {} tokens", self.cfg.vocab_size);
+                    }
+                    embed.row_into(id as usize, h, row);
+                }
+                (x, ids.len())
+            }
+            ShardInput::Hidden { data, seq } => {
+                if self.spec.has_embedding {
+                    bail!("hidden states sent to the first shard, which expects token ids");
+                }
+                if data.len() != seq * h {
+                    bail!("hidden state has {} values, expected {seq} rows of {h}", data.len());
+                }
+                (data, seq)
+            }
+        };
+        if seq == 0 {
+            bail!("empty input: a step needs at least one token");
+        }
+        let pos = cache.len;
+        if pos + seq > self.cfg.max_position_embeddings {
+            bail!(
+                "context overflow: {} cached + {seq} new positions exceed the model's context of {} tokens",
+                pos,
+                self.cfg.max_position_embeddings
+            );
+        }
+        let mut x = Tensor::from_vec(x, (seq, h), &Device::Cpu)?;
+        for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = self.layer_forward(layer, lc, x, pos, seq)?;
+        }
+        cache.len += seq;
+        match (&self.final_norm, &self.head) {
+            (Some(norm), Some(head)) => {
+                let last = x.narrow(0, seq - 1, 1)?;
+                let normed = candle_nn::ops::rms_norm(&last, norm, self.cfg.rms_norm_eps as f32)?;
+                Ok(ShardOutput::Logits(head.forward(&normed.flatten_all()?.to_vec1()?, 1)))
+            }
+            _ => Ok(ShardOutput::Hidden { data: x.flatten_all()?.to_vec1()?, seq }),
+        }
+    }
+
+    fn layer_forward(&self, l: &Layer, lc: &mut LayerCache, x: Tensor, pos: usize, seq: usize) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let n_rep = nh / nkv;
+        let eps = cfg.rms_norm_eps as f32;
+
+        let normed = candle_nn::ops::rms_norm(&x, &l.input_norm, eps)?;
+        let qkv = l.qkv.forward(&normed.flatten_all()?.to_vec1()?, seq);
+        let qkv = Tensor::from_vec(qkv, (seq, nh * hd + 2 * nkv * hd), &Device::Cpu)?;
+        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
+            Ok(t.reshape((seq, n, hd))?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?)
+        };
+        let q = heads(qkv.narrow(1, 0, nh * hd)?, nh)?;
+        let k = heads(qkv.narrow(1, nh * hd, nkv * hd)?, nkv)?;
+        let v = qkv.narrow(1, (nh + nkv) * hd, nkv * hd)?.reshape((seq, nkv, hd))?.transpose(0, 1)?.contiguous()?;
+        let cos = self.cos.narrow(0, pos, seq)?;
+        let sin = self.sin.narrow(0, pos, seq)?;
+        let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?.squeeze(0)?;
+        let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?.squeeze(0)?;
+
+        let (k, v) = match (lc.k.take(), lc.v.take()) {
+            (Some(pk), Some(pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
+            _ => (k, v),
+        };
+        lc.k = Some(k.clone());
+        lc.v = Some(v.clone());
+        let total = pos + seq;
+
+        // Grouped-query attention without copying keys: the n_rep query heads that share
+        // a kv head are stacked along the row axis.
+        let q = q.reshape((nkv, n_rep * seq, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut att = (q.matmul(&k.t()?)? * scale)?;
+        if seq > 1 {
+            let mut mask = vec![0f32; n_rep * seq * total];
+            for r in 0..n_rep * seq {
+                let i = r % seq;
+                for j in (pos + i + 1)..total {
+                    mask[r * total + j] = f32::NEG_INFINITY;
+                }
+            }
+            let mask = Tensor::from_vec(mask, (n_rep * seq, total), &Device::Cpu)?;
+            att = att.broadcast_add(&mask)?;
+        }
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let out = att.matmul(&v)?; // [nkv, n_rep*seq, hd]
+        let out = out.reshape((nh, seq, hd))?.transpose(0, 1)?.contiguous()?; // [seq, nh, hd]
+        let o = l.o.forward(&out.flatten_all()?.to_vec1()?, seq);
+        let x = (x + Tensor::from_vec(o, (seq, cfg.hidden_size), &Device::Cpu)?)?;
+
+        let normed = candle_nn::ops::rms_norm(&x, &l.post_norm, eps)?;
+        let gu = l.gate_up.forward(&normed.flatten_all()?.to_vec1()?, seq);
+        let inter = cfg.intermediate_size;
+        let mut act = vec![0f32; seq * inter];
+        for (s, row) in gu.chunks_exact(2 * inter).enumerate() {
+            let (g, u) = row.split_at(inter);
+            for (a, (&g, &u)) in act[s * inter..(s + 1) * inter].iter_mut().zip(g.iter().zip(u)) {
+                *a = g / (1.0 + (-g).exp()) * u;
+            }
+        }
+        let d = l.down.forward(&act, seq);
+        Ok((x + Tensor::from_vec(d, (seq, cfg.hidden_size), &Device::Cpu)?)?)
+    }
+}
+
+/// cos/sin of every position, computed in f32 like transformers' default RoPE.
+fn rope_tables(cfg: &TextConfig) -> Result<(Tensor, Tensor)> {
+    let hd = cfg.head_dim;
+    let half = hd / 2;
+    let theta = cfg.rope_theta as f32;
+    let inv: Vec<f32> = (0..half).map(|i| 1.0 / theta.powf((2 * i) as f32 / hd as f32)).collect();
+    let n = cfg.max_position_embeddings;
+    let mut freqs = Vec::with_capacity(n * half);
+    for p in 0..n {
+        freqs.extend(inv.iter().map(|f| p as f32 * f));
+    }
+    let freqs = Tensor::from_vec(freqs, (n, half), &Device::Cpu)?;
+    Ok((freqs.cos()?.to_dtype(CDType::F32)?, freqs.sin()?))
+}

@@ -1,0 +1,151 @@
+//! Per-session state (KV cache, sampler) with an idle timeout and a memory cap.
+//!
+//! When the caches outgrow the cap, the least recently used sessions are evicted and
+//! remembered, so their clients get a clear error instead of a wrong continuation.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::model::KvCache;
+use super::sampling::Sampler;
+
+pub struct Session {
+    pub cache: KvCache,
+    pub sampler: Option<Sampler>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SessionError {
+    #[error("session {id} was evicted (memory cap {cap_mb} MB); start a new session")]
+    Evicted { id: String, cap_mb: usize },
+    #[error("session {id} expired after {idle_secs} s without a request; start a new session")]
+    Expired { id: String, idle_secs: u64 },
+    #[error("session {id} is unknown on this node (step {step} > 0 needs the cached prompt; did the node restart?); start a new session")]
+    Unknown { id: String, step: u32 },
+}
+
+struct Entry {
+    session: Arc<Mutex<Session>>,
+    last_used: Instant,
+    bytes: usize,
+}
+
+/// Why a session id disappeared, for the error its client gets next.
+#[derive(Clone, Copy)]
+enum Gone {
+    Evicted,
+    Expired,
+}
+
+struct Inner {
+    live: HashMap<String, Entry>,
+    gone: HashMap<String, Gone>,
+    gone_order: VecDeque<String>,
+}
+
+pub struct SessionStore {
+    inner: Mutex<Inner>,
+    idle: Duration,
+    cap_bytes: usize,
+}
+
+/// How many dropped session ids are remembered for error messages.
+const GONE_MEMORY: usize = 4096;
+
+impl SessionStore {
+    pub fn new(idle: Duration, cap_bytes: usize) -> Self {
+        Self {
+            inner: Mutex::new(Inner { live: HashMap::new(), gone: HashMap::new(), gone_order: VecDeque::new() }),
+            idle,
+            cap_bytes,
+        }
+    }
+
+    /// The session for a step: step 0 starts it afresh, later steps must find it.
+    pub fn open(
+        &self,
+        id: &str,
+        step: u32,
+        create: impl FnOnce() -> Session,
+    ) -> Result<Arc<Mutex<Session>>, SessionError> {
+        let mut inner = self.inner.lock().expect("session map poisoned");
+        let now = Instant::now();
+        if step == 0 {
+            let session = Arc::new(Mutex::new(create()));
+            inner.live.insert(id.to_string(), Entry { session: session.clone(), last_used: now, bytes: 0 });
+            return Ok(session);
+        }
+        if let Some(e) = inner.live.get_mut(id) {
+            e.last_used = now;
+            return Ok(e.session.clone());
+        }
+        Err(match inner.gone.get(id) {
+            Some(Gone::Evicted) => SessionError::Evicted { id: id.to_string(), cap_mb: self.cap_bytes >> 20 },
+            Some(Gone::Expired) => SessionError::Expired { id: id.to_string(), idle_secs: self.idle.as_secs() },
+            None => SessionError::Unknown { id: id.to_string(), step },
+        })
+    }
+
+    /// Records a session's cache size after a step and evicts the least recently used
+    /// other sessions while the total exceeds the cap.
+    pub fn account(&self, id: &str, bytes: usize) {
+        let mut inner = self.inner.lock().expect("session map poisoned");
+        if let Some(e) = inner.live.get_mut(id) {
+            e.bytes = bytes;
+            e.last_used = Instant::now();
+        }
+        loop {
+            let total: usize = inner.live.values().map(|e| e.bytes).sum();
+            if total <= self.cap_bytes {
+                break;
+            }
+            let victim = inner
+                .live
+                .iter()
+                .filter(|(k, _)| k.as_str() != id)
+                .min_by_key(|(_, e)| e.last_used)
+                .map(|(k, _)| k.clone());
+            let Some(victim) = victim else { break };
+            tracing::warn!(session = %victim, cap_mb = self.cap_bytes >> 20, "evicting session: KV cache memory cap reached");
+            Self::forget(&mut inner, &victim, Gone::Evicted);
+        }
+    }
+
+    pub fn end(&self, id: &str) -> bool {
+        self.inner.lock().expect("session map poisoned").live.remove(id).is_some()
+    }
+
+    /// Drops sessions idle for longer than the timeout; returns how many.
+    pub fn sweep_idle(&self) -> usize {
+        let mut inner = self.inner.lock().expect("session map poisoned");
+        let now = Instant::now();
+        let stale: Vec<String> = inner
+            .live
+            .iter()
+            .filter(|(_, e)| now.duration_since(e.last_used) > self.idle)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for id in &stale {
+            Self::forget(&mut inner, id, Gone::Expired);
+        }
+        stale.len()
+    }
+
+    fn forget(inner: &mut Inner, id: &str, why: Gone) {
+        inner.live.remove(id);
+        inner.gone.insert(id.to_string(), why);
+        inner.gone_order.push_back(id.to_string());
+        while inner.gone_order.len() > GONE_MEMORY {
+            if let Some(old) = inner.gone_order.pop_front() {
+                inner.gone.remove(&old);
+            }
+        }
+    }
+
+    /// (live sessions, bytes of KV cache).
+    pub fn usage(&self) -> (usize, usize) {
+        let inner = self.inner.lock().expect("session map poisoned");
+        (inner.live.len(), inner.live.values().map(|e| e.bytes).sum())
+    }
+}
