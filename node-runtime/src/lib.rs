@@ -1,3 +1,30 @@
-//! The node runtime: one module per role over shared engine, wire and identity modules.
+//! The node runtime: one module per role over shared engine, wire and client modules.
 
+pub mod client;
+pub mod compute;
 pub mod engine;
+pub mod registry;
+pub mod wire;
+
+/// Completes on SIGINT or SIGTERM: the shutdown signal every role serves until.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown signal received");
+}

@@ -9,5 +9,5 @@ pub mod weights;
 
 pub use model::{KvCache, ShardInput, ShardModel, ShardOutput, ShardSpec};
 pub use sampling::{Sampled, Sampler, SamplingConfig};
-pub use sessions::{SessionError, SessionStore};
+pub use sessions::{Session, SessionError, SessionStore};
 pub use weights::WeightFiles;

@@ -1,0 +1,1 @@
+//! Client library: discover, route, tokenize, generate.

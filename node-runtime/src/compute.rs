@@ -1,0 +1,475 @@
+//! The compute role: serves one text shard, registers with the registry, and forwards
+//! hidden states along the route carried in each request.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+use unfed_model::{Manifest, ShardEntry};
+use unfed_proto::compute_client::ComputeClient;
+use unfed_proto::compute_server::{Compute, ComputeServer};
+use unfed_proto::registry_client::RegistryClient;
+use unfed_proto::*;
+
+use crate::engine::{Session, SessionStore, ShardInput, ShardModel, ShardOutput, ShardSpec, WeightFiles};
+use crate::engine::sampling::{Sampler, SamplingConfig};
+use crate::wire;
+
+pub struct ComputeConfig {
+    pub shards_dir: PathBuf,
+    pub shard_index: u32,
+    pub node_id: String,
+    /// host:port other processes dial.
+    pub advertise: String,
+    pub registry: Option<String>,
+    pub heartbeat: Duration,
+    pub hop_timeout: Duration,
+    pub session_idle: Duration,
+    pub kv_cap_bytes: usize,
+    /// EVM stake key: registration is signed with it when set.
+    pub stake_key: Option<unfed_chain::PrivateKeySigner>,
+}
+
+/// The loaded shard and its manifest entry.
+pub struct LoadedShard {
+    pub manifest: Manifest,
+    pub entry: ShardEntry,
+    pub model: ShardModel,
+}
+
+/// Loads text shard `index` of the split in `dir` (only that shard's file).
+pub fn load_shard(dir: &Path, index: u32) -> Result<LoadedShard> {
+    let path = dir.join(unfed_model::manifest::MANIFEST_FILE);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}; is --shards-dir the output of `unfedctl split`?", path.display()))?;
+    let manifest: Manifest = serde_json::from_str(&text).with_context(|| format!("{} is not a valid manifest", path.display()))?;
+    let total = manifest.text_shards().count();
+    let Some(entry) = manifest.text_shards().find(|s| s.index == index as usize).cloned() else {
+        bail!("--shard-index {index} is out of range: {} has {total} text shard(s) (0..{total})", path.display());
+    };
+    let file = dir.join(&entry.file);
+    let size = std::fs::metadata(&file).with_context(|| format!("shard file {} is missing", file.display()))?.len();
+    if size != entry.size {
+        bail!(
+            "{} is {size} bytes, the manifest says {}; the split is incomplete or corrupt (run `unfedctl verify {}`)",
+            file.display(),
+            entry.size,
+            dir.display()
+        );
+    }
+    let files = WeightFiles::open(&[file])?;
+    let spec = ShardSpec {
+        layer_start: entry.layer_start,
+        layer_end: entry.layer_end,
+        has_embedding: entry.has_embedding,
+        has_head: entry.has_head,
+    };
+    let model = ShardModel::load(&manifest.config.text, &manifest.config.text_prefix, spec, &files)
+        .with_context(|| format!("loading text shard {index} of `{}`", manifest.model_id))?;
+    Ok(LoadedShard { manifest, entry, model })
+}
+
+#[derive(Clone)]
+pub struct ComputeService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shard: LoadedShard,
+    node_id: String,
+    sessions: SessionStore,
+    hop_timeout: Duration,
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+fn sampling_of(p: Option<&SamplingParams>) -> SamplingConfig {
+    let p = p.cloned().unwrap_or_default();
+    SamplingConfig {
+        temperature: p.temperature,
+        top_k: p.top_k as usize,
+        top_p: if p.top_p <= 0.0 { 1.0 } else { p.top_p },
+        repetition_penalty: if p.repetition_penalty <= 0.0 { 1.0 } else { p.repetition_penalty },
+        seed: p.seed,
+    }
+}
+
+impl ComputeService {
+    pub fn new(shard: LoadedShard, cfg: &ComputeConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                shard,
+                node_id: cfg.node_id.clone(),
+                sessions: SessionStore::new(cfg.session_idle, cfg.kv_cap_bytes),
+                hop_timeout: cfg.hop_timeout,
+                channels: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    fn shard_index(&self) -> u32 {
+        self.inner.shard.entry.index as u32
+    }
+
+    fn channel(&self, address: &str) -> Result<Channel, Status> {
+        let mut map = self.inner.channels.lock().expect("channel map poisoned");
+        if let Some(c) = map.get(address) {
+            return Ok(c.clone());
+        }
+        let ep = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| Status::invalid_argument(format!("bad next-hop address {address}: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(self.inner.hop_timeout)
+            .tcp_nodelay(true);
+        let c = ep.connect_lazy();
+        map.insert(address.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Runs this shard's layers for one step.
+    async fn run_local(&self, req: &ForwardRequest) -> Result<ShardOutput, Status> {
+        let spec = self.inner.shard.model.spec();
+        let input = match &req.input {
+            Some(forward_request::Input::Tokens(t)) if spec.has_embedding => Input::Tokens(t.ids.clone()),
+            Some(forward_request::Input::Hidden(t)) if !spec.has_embedding => {
+                let (data, shape) = wire::decode(t).map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+                let h = self.inner.shard.model.config().hidden_size;
+                match shape[..] {
+                    [1, seq, hh] | [seq, hh] if hh == h => Input::Hidden(data, seq),
+                    _ => return Err(Status::invalid_argument(format!("hidden state shape {shape:?} is not [1, seq, {h}]"))),
+                }
+            }
+            Some(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "shard {} expects {}",
+                    self.shard_index(),
+                    if spec.has_embedding { "token ids" } else { "a hidden state" }
+                )));
+            }
+            None => return Err(Status::invalid_argument("forward request carries no input")),
+        };
+        let inner = self.inner.clone();
+        let sampling = sampling_of(req.sampling.as_ref());
+        let session = inner
+            .sessions
+            .open(&req.session_id, req.step, || Session { cache: inner.shard.model.new_cache(), sampler: Some(Sampler::new(sampling)) })
+            .map_err(|e| Status::failed_precondition(format!("node {} (shard {}): {e}", inner.node_id, self.shard_index())))?;
+        let (sid, position, penalty) = (req.session_id.clone(), req.position as usize, req.penalty_tokens.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut s = session.lock().expect("session poisoned");
+            if s.cache.len() != position {
+                return Err(Status::failed_precondition(format!(
+                    "session {sid}: step starts at position {position} but {} positions are cached",
+                    s.cache.len()
+                )));
+            }
+            let input = match &input {
+                Input::Tokens(ids) => ShardInput::Tokens(ids),
+                Input::Hidden(d, seq) => ShardInput::Hidden { data: d.clone(), seq: *seq },
+            };
+            let out = inner
+                .shard
+                .model
+                .forward(&mut s.cache, input)
+                .map_err(|e| Status::invalid_argument(format!("node {} (shard {}): {e:#}", inner.node_id, inner.shard.entry.index)))?;
+            if let Some(sampler) = s.sampler.as_mut() {
+                sampler.observe(&penalty);
+            }
+            let bytes = s.cache.nbytes();
+            let out = match out {
+                ShardOutput::Logits(logits) => {
+                    let sampled = s.sampler.as_mut().expect("sampler created at step 0").sample(logits);
+                    Ok(Sampled(sampled.token, sampled.logprob))
+                }
+                ShardOutput::Hidden { data, seq } => Ok(HiddenOut(data, seq)),
+            };
+            drop(s);
+            inner.sessions.account(&sid, bytes);
+            out
+        })
+        .await
+        .map_err(|e| Status::internal(format!("shard worker failed: {e}")))?
+        .map(|o| match o {
+            Sampled(t, lp) => ShardOutput::Logits(vec![t as f32, lp]),
+            HiddenOut(d, seq) => ShardOutput::Hidden { data: d, seq },
+        })
+    }
+}
+
+enum Input {
+    Tokens(Vec<u32>),
+    Hidden(Vec<f32>, usize),
+}
+
+enum LocalOut {
+    Sampled(u32, f32),
+    HiddenOut(Vec<f32>, usize),
+}
+use LocalOut::*;
+
+#[tonic::async_trait]
+impl Compute for ComputeService {
+    async fn forward(&self, req: Request<ForwardRequest>) -> Result<Response<ForwardResponse>, Status> {
+        let started = Instant::now();
+        let mut req = req.into_inner();
+        let model_id = &self.inner.shard.manifest.model_id;
+        if req.model_id != *model_id {
+            return Err(Status::not_found(format!(
+                "node {} serves `{model_id}`, not `{}`",
+                self.inner.node_id, req.model_id
+            )));
+        }
+        let out = self.run_local(&req).await?;
+        let compute_ms = started.elapsed().as_secs_f64() * 1e3;
+        let me = |total_ms: f64| HopTiming {
+            node_id: self.inner.node_id.clone(),
+            shard_index: self.shard_index(),
+            compute_ms,
+            total_ms,
+        };
+        match out {
+            ShardOutput::Logits(v) => {
+                let token = v[0] as u32;
+                let is_eos = self.inner.shard.model.config().eos_token_ids.contains(&token);
+                Ok(Response::new(ForwardResponse {
+                    token_id: token,
+                    logprob: v[1],
+                    is_eos,
+                    timings: vec![me(started.elapsed().as_secs_f64() * 1e3)],
+                }))
+            }
+            ShardOutput::Hidden { data, seq } => {
+                if req.route.is_empty() {
+                    return Err(Status::invalid_argument(format!(
+                        "node {} (shard {}) is not the last shard but the request's route is empty",
+                        self.inner.node_id,
+                        self.shard_index()
+                    )));
+                }
+                let next = req.route.remove(0);
+                let h = self.inner.shard.model.config().hidden_size;
+                let dtype = DType::try_from(req.hidden_dtype).unwrap_or(DType::DtypeF32);
+                req.input = Some(forward_request::Input::Hidden(wire::encode(&data, &[1, seq, h], dtype)));
+                let mut client = ComputeClient::new(self.channel(&next.address)?);
+                let mut resp = match client.forward(req).await {
+                    Ok(r) => r.into_inner(),
+                    // A failure reported by a node further down already names that node.
+                    Err(s) if s.code() != tonic::Code::Unavailable && s.code() != tonic::Code::Cancelled && s.code() != tonic::Code::DeadlineExceeded && s.code() != tonic::Code::Unknown => return Err(s),
+                    Err(s) if s.message().starts_with("node ") => return Err(s),
+                    Err(s) => {
+                        return Err(Status::unavailable(format!(
+                            "node {} (shard {}) at {} is unreachable: {}",
+                            next.node_id, next.shard_index, next.address, s.message()
+                        )));
+                    }
+                };
+                resp.timings.insert(0, me(started.elapsed().as_secs_f64() * 1e3));
+                Ok(Response::new(resp))
+            }
+        }
+    }
+
+    async fn end_session(&self, req: Request<EndSessionRequest>) -> Result<Response<EndSessionResponse>, Status> {
+        let mut req = req.into_inner();
+        self.inner.sessions.end(&req.session_id);
+        if !req.route.is_empty() {
+            let next = req.route.remove(0);
+            if let Ok(c) = self.channel(&next.address) {
+                // Best effort: a missing downstream session expires on its own.
+                let _ = ComputeClient::new(c).end_session(req).await;
+            }
+        }
+        Ok(Response::new(EndSessionResponse {}))
+    }
+
+    async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
+        let (sessions, bytes) = self.inner.sessions.usage();
+        let e = &self.inner.shard.entry;
+        Ok(Response::new(HealthResponse {
+            node_id: self.inner.node_id.clone(),
+            model_id: self.inner.shard.manifest.model_id.clone(),
+            shard_index: e.index as u32,
+            layer_start: e.layer_start as u32,
+            layer_end: e.layer_end as u32,
+            sessions: sessions as u32,
+            kv_cache_bytes: bytes as u64,
+            serving: true,
+        }))
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Builds this node's registration, signed when a stake key is configured.
+fn registration(cfg: &ComputeConfig, manifest: &Manifest, entry: &ShardEntry) -> Result<RegisterRequest> {
+    let payload = unfed_chain::admission::RegistrationPayload {
+        node_id: cfg.node_id.clone(),
+        role: "compute".to_string(),
+        address: cfg.advertise.clone(),
+        model: manifest.model_id.clone(),
+        shard_index: cfg.shard_index as i64,
+        share_key: String::new(),
+        timestamp: unix_now(),
+        nonce: hex::encode(rand::random::<[u8; 16]>()),
+    };
+    let signature = match &cfg.stake_key {
+        Some(key) => unfed_chain::admission::sign_registration(key, &payload)?,
+        None => Vec::new(),
+    };
+    Ok(RegisterRequest {
+        node_id: payload.node_id,
+        role: payload.role,
+        address: payload.address,
+        model: payload.model,
+        shard_index: payload.shard_index,
+        share_key: payload.share_key,
+        timestamp: payload.timestamp,
+        nonce: payload.nonce,
+        signature,
+        stack: Stack::Text as i32,
+        layer_start: entry.layer_start as u32,
+        layer_end: entry.layer_end as u32,
+        shards_total: manifest.text_shards().count() as u32,
+    })
+}
+
+async fn registry_client(addr: &str) -> Result<RegistryClient<Channel>> {
+    let ep = Endpoint::from_shared(format!("http://{addr}"))
+        .with_context(|| format!("--registry {addr} is not a host:port"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10));
+    Ok(RegistryClient::new(ep.connect_lazy()))
+}
+
+/// Registers, then heartbeats; re-registers when the registry forgot the node. A
+/// rejected registration is fatal: the node cannot serve without admission.
+async fn membership(
+    cfg: Arc<ComputeConfig>,
+    manifest: Manifest,
+    entry: ShardEntry,
+    registry: String,
+    ready: tokio::sync::oneshot::Sender<Result<()>>,
+) {
+    let mut ready = Some(ready);
+    let mut client = match registry_client(&registry).await {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some(r) = ready.take() {
+                let _ = r.send(Err(e));
+            }
+            return;
+        }
+    };
+    let mut registered = false;
+    loop {
+        if !registered {
+            // Fresh timestamp and nonce on every registration.
+            let req = match registration(&cfg, &manifest, &entry) {
+                Ok(r) => r,
+                Err(e) => {
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(Err(e));
+                    }
+                    return;
+                }
+            };
+            match client.register(req).await {
+                Ok(r) if r.get_ref().accepted => {
+                    tracing::info!(registry = %registry, "registered");
+                    registered = true;
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(Ok(()));
+                    }
+                }
+                Ok(r) => {
+                    let r = r.into_inner();
+                    let err = anyhow::anyhow!("the registry at {registry} refused this node ({}): {}", r.reason, r.message);
+                    match ready.take() {
+                        Some(tx) => {
+                            let _ = tx.send(Err(err));
+                            return;
+                        }
+                        None => tracing::error!("{err:#}"),
+                    }
+                }
+                Err(e) => tracing::warn!(registry = %registry, "registry unreachable, retrying: {}", e.message()),
+            }
+        } else {
+            match client.heartbeat(HeartbeatRequest { node_id: cfg.node_id.clone() }).await {
+                Ok(r) if !r.get_ref().known => {
+                    tracing::warn!("the registry forgot this node; registering again");
+                    registered = false;
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(registry = %registry, "heartbeat failed: {}", e.message()),
+            }
+        }
+        tokio::time::sleep(if registered { cfg.heartbeat } else { Duration::from_millis(500) }).await;
+    }
+}
+
+/// Serves the shard on `listener` until `shutdown`, registered with the registry while up.
+pub async fn run(
+    cfg: ComputeConfig,
+    shard: LoadedShard,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let service = ComputeService::new(shard, &cfg);
+    let cfg = Arc::new(cfg);
+    let sweeper = {
+        let s = service.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                let n = s.inner.sessions.sweep_idle();
+                if n > 0 {
+                    tracing::info!(sessions = n, "dropped idle sessions");
+                }
+            }
+        })
+    };
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(ComputeServer::new(service.clone()))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown),
+    );
+    let mut member = None;
+    if let Some(registry) = cfg.registry.clone() {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (manifest, entry) = (service.inner.shard.manifest.clone(), service.inner.shard.entry.clone());
+        member = Some(tokio::spawn(membership(cfg.clone(), manifest, entry, registry, tx)));
+        match rx.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                server.abort();
+                return Err(e);
+            }
+            Err(_) => {}
+        }
+    }
+    tracing::info!(node = %cfg.node_id, shard = cfg.shard_index, address = %cfg.advertise, "compute node serving");
+    let result = server.await.context("compute server task failed")?;
+    sweeper.abort();
+    if let Some(m) = member {
+        m.abort();
+    }
+    if let Some(registry) = &cfg.registry
+        && let Ok(mut c) = registry_client(registry).await
+    {
+        match c.unregister(UnregisterRequest { node_id: cfg.node_id.clone() }).await {
+            Ok(_) => tracing::info!("unregistered"),
+            Err(e) => tracing::warn!("could not unregister: {}", e.message()),
+        }
+    }
+    result.context("compute gRPC server failed")
+}

@@ -1,0 +1,446 @@
+//! The registry role: admits nodes, tracks liveness by heartbeat, reports model
+//! readiness and pool health, and serves the shard manifest to nodes and clients.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+use unfed_chain::admission::{AdmissionVerifier, RegistrationPayload};
+use unfed_model::Manifest;
+use unfed_proto::registry_server::{Registry, RegistryServer};
+use unfed_proto::*;
+
+/// Nodes silent for this many heartbeat intervals are dropped.
+const MISSED_HEARTBEATS: u32 = 3;
+
+/// `--cluster-config` JSON (the original's cluster_config.json); unknown keys are kept
+/// for other roles and ignored here.
+#[derive(Debug, Default, Deserialize)]
+pub struct ClusterConfig {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub chain_rpc_url: Option<String>,
+    #[serde(default)]
+    pub escrow_contract_address: Option<String>,
+    #[serde(default)]
+    pub daemon_required_count: Option<u32>,
+    #[serde(default)]
+    pub require_mpc: Option<bool>,
+}
+
+impl ClusterConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read cluster config {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| {
+            format!("{} is not a valid cluster config (JSON object with chain_rpc_url, escrow_contract_address, daemon_required_count, ...)", path.display())
+        })
+    }
+}
+
+pub struct RegistryConfig {
+    pub heartbeat: Duration,
+    /// Split output directory (or a directory of them) whose manifests are served.
+    pub shards_dir: Option<PathBuf>,
+    pub require_mpc: bool,
+    pub daemon_required_count: u32,
+    /// Signed, stake-gated admission; `None` admits every node (no chain).
+    pub admission: Option<Arc<AdmissionVerifier>>,
+    pub stake_recheck: Duration,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_secs(10),
+            shards_dir: None,
+            require_mpc: false,
+            daemon_required_count: 0,
+            admission: None,
+            stake_recheck: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A manifest with the files served beside it.
+struct ServedModel {
+    manifest: Manifest,
+    response: GetManifestResponse,
+}
+
+struct NodeRecord {
+    info: NodeInfo,
+    last_seen: Instant,
+    /// False while the stake re-check finds the node below min_stake.
+    eligible: bool,
+}
+
+struct State {
+    nodes: HashMap<String, NodeRecord>,
+    models: BTreeMap<String, ServedModel>,
+}
+
+#[derive(Clone)]
+pub struct RegistryService {
+    state: Arc<Mutex<State>>,
+    config: Arc<RegistryConfig>,
+}
+
+/// Loads `dir/manifest.json`, or the manifests of `dir`'s subdirectories.
+fn load_models(dir: &Path) -> Result<BTreeMap<String, ServedModel>> {
+    let mut dirs = Vec::new();
+    if dir.join(unfed_model::manifest::MANIFEST_FILE).is_file() {
+        dirs.push(dir.to_path_buf());
+    } else {
+        for e in std::fs::read_dir(dir).with_context(|| format!("cannot read shards dir {}", dir.display()))? {
+            let p = e?.path();
+            if p.join(unfed_model::manifest::MANIFEST_FILE).is_file() {
+                dirs.push(p);
+            }
+        }
+    }
+    if dirs.is_empty() {
+        anyhow::bail!(
+            "no manifest.json in {} or its subdirectories; point --shards-dir at the output of `unfedctl split`",
+            dir.display()
+        );
+    }
+    let mut models = BTreeMap::new();
+    for d in dirs {
+        let path = d.join(unfed_model::manifest::MANIFEST_FILE);
+        let json = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let manifest: Manifest =
+            serde_json::from_str(&json).with_context(|| format!("{} is not a valid manifest", path.display()))?;
+        let read = |name: &str| std::fs::read_to_string(d.join(name)).unwrap_or_default();
+        let response = GetManifestResponse {
+            manifest_json: json,
+            tokenizer_json: read("tokenizer.json"),
+            tokenizer_config_json: read("tokenizer_config.json"),
+            generation_config_json: read("generation_config.json"),
+        };
+        models.insert(manifest.model_id.clone(), ServedModel { manifest, response });
+    }
+    Ok(models)
+}
+
+impl RegistryService {
+    pub fn new(config: RegistryConfig) -> Result<Self> {
+        let models = match &config.shards_dir {
+            Some(d) => load_models(d)?,
+            None => BTreeMap::new(),
+        };
+        Ok(Self {
+            state: Arc::new(Mutex::new(State { nodes: HashMap::new(), models })),
+            config: Arc::new(config),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("registry state poisoned")
+    }
+
+    /// Drops nodes that missed their heartbeats.
+    fn reap(&self) {
+        let limit = self.config.heartbeat * MISSED_HEARTBEATS;
+        self.state().nodes.retain(|id, n| {
+            let alive = n.last_seen.elapsed() <= limit;
+            if !alive {
+                tracing::warn!(node = %id, "dropping node: no heartbeat for {} s", limit.as_secs());
+            }
+            alive
+        });
+    }
+
+    async fn recheck_stakes(&self) {
+        let Some(verifier) = &self.config.admission else { return };
+        let ids: Vec<String> = self.state().nodes.keys().cloned().collect();
+        for id in ids {
+            match verifier.is_eligible(&id).await {
+                Ok(eligible) => {
+                    if let Some(n) = self.state().nodes.get_mut(&id) {
+                        if n.eligible != eligible {
+                            tracing::warn!(node = %id, eligible, "stake eligibility changed");
+                        }
+                        n.eligible = eligible;
+                    }
+                }
+                Err(e) => tracing::warn!(node = %id, "stake re-check failed: {e:#}"),
+            }
+        }
+    }
+
+    /// Live, eligible nodes.
+    fn visible(state: &State) -> impl Iterator<Item = &NodeInfo> {
+        state.nodes.values().filter(|n| n.eligible).map(|n| &n.info)
+    }
+
+    fn model_status(&self, state: &State, model: &str) -> ModelStatus {
+        let nodes: Vec<&NodeInfo> = Self::visible(state).filter(|n| n.model == model).collect();
+        let served = state.models.get(model);
+        let text_total = match served {
+            Some(s) => s.manifest.text_shards().count() as u32,
+            None => nodes.iter().filter(|n| n.role == "compute").map(|n| n.shards_total).max().unwrap_or(0),
+        };
+        let covered: BTreeSet<u32> = nodes
+            .iter()
+            .filter(|n| n.role == "compute" && n.stack == Stack::Text as i32)
+            .map(|n| n.shard_index)
+            .filter(|&i| i < text_total)
+            .collect();
+        let mut status = ModelStatus {
+            model: model.to_string(),
+            nodes: nodes.len() as u32,
+            text_shards_covered: covered.len() as u32,
+            text_shards_total: text_total,
+            state: ModelState::Incomplete as i32,
+            reason: String::new(),
+            message: String::new(),
+        };
+        let inconsistent = served.is_none()
+            && nodes.iter().filter(|n| n.role == "compute").any(|n| n.shards_total != text_total);
+        let fail = |reason: &str, message: String| (reason.to_string(), message);
+        let verdict = if text_total == 0 || inconsistent {
+            Some(fail("invalid_model", format!("model `{model}` has no valid manifest and its nodes disagree on the shard count")))
+        } else if nodes.is_empty() {
+            Some(fail("no_nodes", format!("no live node serves `{model}`")))
+        } else if (covered.len() as u32) < text_total {
+            let missing: Vec<String> =
+                (0..text_total).filter(|i| !covered.contains(i)).map(|i| i.to_string()).collect();
+            Some(fail(
+                "incomplete_text_coverage",
+                format!("text shard(s) {} of {text_total} have no live compute node", missing.join(", ")),
+            ))
+        } else if self.config.require_mpc && !nodes.iter().any(|n| n.role == "mpc") {
+            Some(fail("missing_mpc", "MPC is required and no MPC pair serves shard 0".to_string()))
+        } else if let Some(s) = served.filter(|s| {
+            let vision_total = s.manifest.vision_shards().count();
+            let vision_covered: BTreeSet<u32> =
+                nodes.iter().filter(|n| n.stack == Stack::Vision as i32).map(|n| n.shard_index).collect();
+            vision_covered.len() < vision_total
+        }) {
+            Some(fail(
+                "incomplete_vision_coverage",
+                format!("{} vision shard(s) need live vision nodes", s.manifest.vision_shards().count()),
+            ))
+        } else {
+            let daemons = Self::visible(state).filter(|n| n.role == "daemon").count() as u32;
+            (daemons < self.config.daemon_required_count).then(|| {
+                fail(
+                    "missing_daemon",
+                    format!("{daemons} healthy daemon(s), {} required", self.config.daemon_required_count),
+                )
+            })
+        };
+        match verdict {
+            Some((reason, message)) => {
+                status.reason = reason;
+                status.message = message;
+            }
+            None => status.state = ModelState::Ready as i32,
+        }
+        status
+    }
+}
+
+#[tonic::async_trait]
+impl Registry for RegistryService {
+    async fn register(&self, req: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+        let r = req.into_inner();
+        let reject = |reason: &str, message: String| {
+            tracing::warn!(node = %r.node_id, reason, "registration refused: {message}");
+            Ok(Response::new(RegisterResponse {
+                accepted: false,
+                reason: reason.to_string(),
+                message,
+                heartbeat_secs: 0,
+            }))
+        };
+        if r.node_id.is_empty() || r.address.is_empty() {
+            return reject("missing_fields", "node_id and address are required".to_string());
+        }
+        if let Some(verifier) = &self.config.admission {
+            let payload = RegistrationPayload {
+                node_id: r.node_id.clone(),
+                role: r.role.clone(),
+                address: r.address.clone(),
+                model: r.model.clone(),
+                shard_index: r.shard_index,
+                share_key: r.share_key.clone(),
+                timestamp: r.timestamp,
+                nonce: r.nonce.clone(),
+            };
+            if let Err(rej) = verifier.admit(&payload, &r.signature).await {
+                return reject(rej.reason.as_str(), rej.message);
+            }
+        }
+        if r.role == "compute" || r.role == "vision" {
+            let state = self.state();
+            if let Some(served) = state.models.get(&r.model) {
+                let stack = if r.stack == Stack::Vision as i32 { unfed_model::Stack::Vision } else { unfed_model::Stack::Text };
+                let entry = served.manifest.shards.iter().find(|s| s.stack == stack && s.index as i64 == r.shard_index);
+                match entry {
+                    None => {
+                        drop(state);
+                        return reject(
+                            "invalid_shard",
+                            format!("model `{}` has no {:?} shard {}", r.model, stack, r.shard_index),
+                        );
+                    }
+                    Some(e) if (e.layer_start, e.layer_end) != (r.layer_start as usize, r.layer_end as usize) => {
+                        let msg = format!(
+                            "shard {} of `{}` covers layers [{}, {}), the node claims [{}, {}); re-split or use the registry's manifest",
+                            r.shard_index, r.model, e.layer_start, e.layer_end, r.layer_start, r.layer_end
+                        );
+                        drop(state);
+                        return reject("manifest_mismatch", msg);
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        let info = NodeInfo {
+            node_id: r.node_id.clone(),
+            role: r.role.clone(),
+            address: r.address.clone(),
+            model: r.model.clone(),
+            stack: r.stack,
+            shard_index: r.shard_index.max(0) as u32,
+            layer_start: r.layer_start,
+            layer_end: r.layer_end,
+            shards_total: r.shards_total,
+            last_seen_ms_ago: 0,
+        };
+        tracing::info!(node = %r.node_id, role = %r.role, model = %r.model, shard = r.shard_index, address = %r.address, "node registered");
+        self.state()
+            .nodes
+            .insert(r.node_id, NodeRecord { info, last_seen: Instant::now(), eligible: true });
+        Ok(Response::new(RegisterResponse {
+            accepted: true,
+            reason: String::new(),
+            message: String::new(),
+            heartbeat_secs: self.config.heartbeat.as_secs().max(1) as u32,
+        }))
+    }
+
+    async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+        let id = req.into_inner().node_id;
+        let known = match self.state().nodes.get_mut(&id) {
+            Some(n) => {
+                n.last_seen = Instant::now();
+                true
+            }
+            None => false,
+        };
+        Ok(Response::new(HeartbeatResponse { known }))
+    }
+
+    async fn unregister(&self, req: Request<UnregisterRequest>) -> Result<Response<UnregisterResponse>, Status> {
+        let id = req.into_inner().node_id;
+        let removed = self.state().nodes.remove(&id).is_some();
+        if removed {
+            tracing::info!(node = %id, "node unregistered");
+        }
+        Ok(Response::new(UnregisterResponse { removed }))
+    }
+
+    async fn discover(&self, req: Request<DiscoverRequest>) -> Result<Response<DiscoverResponse>, Status> {
+        let model = req.into_inner().model;
+        let state = self.state();
+        let mut nodes: Vec<NodeInfo> = state
+            .nodes
+            .values()
+            .filter(|n| n.eligible && (model.is_empty() || n.info.model == model || n.info.role == "daemon"))
+            .map(|n| NodeInfo { last_seen_ms_ago: n.last_seen.elapsed().as_millis() as u64, ..n.info.clone() })
+            .collect();
+        nodes.sort_by(|a, b| (a.stack, a.shard_index, &a.node_id).cmp(&(b.stack, b.shard_index, &b.node_id)));
+        Ok(Response::new(DiscoverResponse { nodes }))
+    }
+
+    async fn list_models(&self, _: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
+        let state = self.state();
+        let mut names: BTreeSet<String> = state.models.keys().cloned().collect();
+        names.extend(Self::visible(&state).filter(|n| !n.model.is_empty()).map(|n| n.model.clone()));
+        let models = names.iter().map(|m| self.model_status(&state, m)).collect();
+        Ok(Response::new(ListModelsResponse { models }))
+    }
+
+    async fn get_pool_health(&self, req: Request<GetPoolHealthRequest>) -> Result<Response<GetPoolHealthResponse>, Status> {
+        let model = req.into_inner().model;
+        let state = self.state();
+        let status = self.model_status(&state, &model);
+        let mut shards = Vec::new();
+        for i in 0..status.text_shards_total {
+            let n = Self::visible(&state)
+                .filter(|n| n.model == model && n.role == "compute" && n.stack == Stack::Text as i32 && n.shard_index == i)
+                .count() as u32;
+            let st = match n {
+                0 => ShardState::Missing,
+                1 | 2 => ShardState::Degraded,
+                _ => ShardState::Healthy,
+            };
+            shards.push(ShardHealth { stack: Stack::Text as i32, shard_index: i, nodes: n, state: st as i32 });
+        }
+        Ok(Response::new(GetPoolHealthResponse { shards }))
+    }
+
+    async fn get_manifest(&self, req: Request<GetManifestRequest>) -> Result<Response<GetManifestResponse>, Status> {
+        let model = req.into_inner().model;
+        let state = self.state();
+        match state.models.get(&model) {
+            Some(s) => Ok(Response::new(s.response.clone())),
+            None => {
+                let known: Vec<&String> = state.models.keys().collect();
+                Err(Status::not_found(format!(
+                    "the registry serves no manifest for model `{model}` (known: {known:?}); start it with --shards-dir pointing at the split output"
+                )))
+            }
+        }
+    }
+}
+
+/// Serves the registry on `listener` until `shutdown` completes.
+pub async fn run(
+    config: RegistryConfig,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let service = RegistryService::new(config)?;
+    let reaper = {
+        let s = service.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval((s.config.heartbeat / 2).max(Duration::from_millis(100)));
+            loop {
+                tick.tick().await;
+                s.reap();
+            }
+        })
+    };
+    let rechecker = {
+        let s = service.clone();
+        tokio::spawn(async move {
+            if s.config.admission.is_none() {
+                return;
+            }
+            let mut tick = tokio::time::interval(s.config.stake_recheck);
+            loop {
+                tick.tick().await;
+                s.recheck_stakes().await;
+            }
+        })
+    };
+    tracing::info!(address = %listener.local_addr()?, "registry serving");
+    let result = tonic::transport::Server::builder()
+        .add_service(RegistryServer::new(service))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    reaper.abort();
+    rechecker.abort();
+    result.context("registry gRPC server failed")
+}
