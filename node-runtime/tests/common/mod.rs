@@ -1,0 +1,39 @@
+//! Shared helpers of the inference tests: fixtures, processes, polling.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+pub struct Reference {
+    pub cases: Vec<Case>,
+}
+
+#[derive(Deserialize, Clone)]
+pub struct Case {
+    pub prompt_ids: Vec<u32>,
+    pub generated_ids: Vec<u32>,
+}
+
+pub fn fixtures_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models")
+}
+
+/// Every fixture checkpoint with a reference.json, sorted by name.
+pub fn fixtures() -> Vec<(String, PathBuf, Reference)> {
+    let mut out = Vec::new();
+    let root = fixtures_root();
+    let entries = std::fs::read_dir(&root).unwrap_or_else(|e| panic!("fixtures missing at {}: {e}", root.display()));
+    for e in entries {
+        let dir = e.unwrap().path();
+        let r = dir.join("reference.json");
+        if r.is_file() {
+            let reference: Reference = serde_json::from_str(&std::fs::read_to_string(&r).unwrap()).unwrap();
+            out.push((dir.file_name().unwrap().to_string_lossy().into_owned(), dir, reference));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    assert!(!out.is_empty(), "no fixture with reference.json under {}", root.display());
+    out
+}
