@@ -152,6 +152,27 @@ impl Checkpoint {
         })
     }
 
+    /// Drops `info`'s pages from this process's resident set once they have been copied,
+    /// so streaming a whole checkpoint keeps RSS near one tensor (the page cache keeps
+    /// them; a later read faults them back in).
+    pub fn release(&self, info: &TensorInfo) {
+        #[cfg(unix)]
+        {
+            let mmap = &self.files[info.file].1;
+            // SAFETY: the mapping is read-only and file-backed, so DONTNEED discards
+            // nothing: the bytes are re-read from the file if touched again.
+            let _ = unsafe {
+                mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    info.start,
+                    info.nbytes(),
+                )
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = info;
+    }
+
     pub fn parameter_count(&self) -> u64 {
         self.tensors.values().map(|t| t.numel() as u64).sum()
     }

@@ -25,6 +25,9 @@ pub enum ModelError {
     Config { path: PathBuf, msg: String },
     #[error("{}: {msg}", path.display())]
     Checkpoint { path: PathBuf, msg: String },
+    /// A request that cannot be carried out as asked (e.g. more shards than layers).
+    #[error("{msg}")]
+    Invalid { msg: String },
 }
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

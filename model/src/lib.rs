@@ -4,13 +4,16 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod hashing;
 pub mod hf;
 pub mod layout;
 pub mod manifest;
 pub mod paths;
 pub mod safetensors_io;
+pub mod split;
+pub mod verify;
 
 pub use checkpoint::{Checkpoint, TensorInfo, TensorView};
 pub use config::{Architecture, DType, ModelConfig, TextConfig, VisionConfig};
 pub use error::ModelError;
-pub use manifest::{Manifest, ShardEntry, Stack, TensorEntry};
+pub use manifest::{FileEntry, Manifest, ShardEntry, Stack, TensorEntry};

@@ -52,6 +52,17 @@ pub struct Manifest {
     /// The normalised config, so nodes need nothing else to build their layers.
     pub config: ModelConfig,
     pub shards: Vec<ShardEntry>,
+    /// Other files copied beside the shards (config.json, tokenizer.json, ...).
+    #[serde(default)]
+    pub files: Vec<FileEntry>,
+}
+
+/// A non-shard file of the split directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub file: String,
+    pub size: u64,
+    pub sha256: String,
 }
 
 impl Manifest {
@@ -60,5 +71,23 @@ impl Manifest {
     }
     pub fn vision_shards(&self) -> impl Iterator<Item = &ShardEntry> {
         self.shards.iter().filter(|s| s.stack == Stack::Vision)
+    }
+}
+
+impl Manifest {
+    /// Reads `dir/manifest.json`.
+    pub fn load(dir: &std::path::Path) -> crate::error::Result<Self> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&path).map_err(crate::error::io_err(&path))?;
+        serde_json::from_str(&text)
+            .map_err(|source| crate::error::ModelError::Json { path, source })
+    }
+
+    pub fn text_shard_file(index: usize) -> String {
+        format!("text_shard_{index}.safetensors")
+    }
+
+    pub fn vision_shard_file(index: usize) -> String {
+        format!("vision_shard_{index}.safetensors")
     }
 }
