@@ -76,10 +76,15 @@ impl Checkpoint {
     /// else every `*.safetensors` file (e.g. a split output directory).
     pub fn open(dir: &Path) -> Result<Self> {
         let file_names = weight_files(dir)?;
+        Self::open_files(dir, &file_names)
+    }
+
+    /// Opens the given weight files of `dir` (e.g. one shard of a split directory).
+    pub fn open_files(dir: &Path, file_names: &[impl AsRef<str>]) -> Result<Self> {
         let mut files = Vec::with_capacity(file_names.len());
         let mut tensors = BTreeMap::new();
         for (file_idx, name) in file_names.iter().enumerate() {
-            let path = dir.join(name);
+            let path = dir.join(name.as_ref());
             let file = File::open(&path).map_err(io_err(&path))?;
             // SAFETY: the mapping is read-only; a checkpoint modified by another process
             // while we run is outside what we can defend against, as for any reader.

@@ -1,0 +1,285 @@
+//! split → verify round trips on the committed transformers fixtures, corruption
+//! detection, and bad inputs that must fail cleanly and leave no output.
+
+use std::path::{Path, PathBuf};
+
+use unfed_model::split::{SplitOptions, split};
+use unfed_model::verify::verify;
+use unfed_model::{Checkpoint, Manifest, ModelConfig, Stack};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/models")
+        .join(name)
+}
+
+const FIXTURES: &[&str] = &[
+    "qwen2-f32",
+    "qwen2-f16",
+    "qwen2-bf16",
+    "qwen2-sharded",
+    "llama-f32",
+    "llama-bf16",
+    "mistral-f32",
+];
+
+fn opts(n: usize) -> SplitOptions {
+    SplitOptions {
+        text_shards: n,
+        ..SplitOptions::default()
+    }
+}
+
+/// Only the output dir itself may appear in its parent: no temp leftovers.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn every_fixture_splits_and_verifies() {
+    for name in FIXTURES {
+        let src = fixture(name);
+        let cfg = ModelConfig::from_dir(&src).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let m = split(&src, &out, &opts(3)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(entries(tmp.path()), vec!["out"], "{name}: leftovers");
+        let problems = verify(&out);
+        assert!(problems.is_empty(), "{name}: {problems:?}");
+        assert_eq!(m.model_id, *name);
+        assert_eq!(m.text_shards().count(), 3, "never changes N");
+        let layers = cfg.text.num_hidden_layers;
+        let covered: usize = m.shards.iter().map(|s| s.layer_end - s.layer_start).sum();
+        assert_eq!(covered, layers);
+        // Uneven split (4 or 5 or 6 layers into 3): the first shards take the extra.
+        let sizes: Vec<usize> = m
+            .shards
+            .iter()
+            .map(|s| s.layer_end - s.layer_start)
+            .collect();
+        assert!(
+            sizes.windows(2).all(|w| w[0] >= w[1] && w[0] - w[1] <= 1),
+            "{sizes:?}"
+        );
+        // dtype preserved on disk
+        for s in &m.shards {
+            for t in &s.tensors {
+                assert_eq!(t.dtype, cfg.dtype, "{name}: {}", t.name);
+            }
+        }
+        for f in [
+            "config.json",
+            "tokenizer.json",
+            "manifest.json",
+            "generation_config.json",
+        ] {
+            assert!(out.join(f).is_file(), "{name}: {f} not copied");
+        }
+    }
+}
+
+#[test]
+fn shard_tensors_are_byte_identical_to_the_source() {
+    for name in ["qwen2-sharded", "qwen2-bf16", "llama-f32"] {
+        let src_dir = fixture(name);
+        let src = Checkpoint::open(&src_dir).unwrap();
+        let cfg = ModelConfig::from_dir(&src_dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let m = split(&src_dir, &out, &opts(2)).unwrap();
+        let mut seen = 0;
+        for s in &m.shards {
+            let shard = Checkpoint::open_files(&out, &[s.file.as_str()]).unwrap();
+            for t in &s.tensors {
+                let got = shard.tensor(&t.name).unwrap();
+                let source_name = if src.contains(&t.name) {
+                    t.name.clone()
+                } else {
+                    assert_eq!(t.name, "lm_head.weight");
+                    assert!(
+                        cfg.text.tie_word_embeddings,
+                        "{name}: head absent but not tied"
+                    );
+                    format!("{}embed_tokens.weight", cfg.text_prefix)
+                };
+                let want = src.tensor(&source_name).unwrap();
+                assert_eq!(got.shape, want.shape, "{name}: {}", t.name);
+                assert!(got.bytes == want.bytes, "{name}: {} bytes differ", t.name);
+                seen += 1;
+            }
+        }
+        // Every source tensor lands somewhere (plus the materialised head when tied).
+        let extra = usize::from(!src.contains("lm_head.weight"));
+        assert_eq!(seen, src.tensors().count() + extra, "{name}");
+        let last = m.shards.last().unwrap();
+        assert!(last.has_head && last.tensors.iter().any(|t| t.name == "lm_head.weight"));
+        assert!(
+            m.shards[0]
+                .tensors
+                .iter()
+                .any(|t| t.name.ends_with("embed_tokens.weight"))
+        );
+    }
+}
+
+#[test]
+fn flipping_one_byte_fails_verify_naming_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    split(&fixture("qwen2-f16"), &out, &opts(2)).unwrap();
+    let victim = out.join("text_shard_1.safetensors");
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let at = bytes.len() - 100;
+    bytes[at] ^= 0x01;
+    std::fs::write(&victim, bytes).unwrap();
+    let problems = verify(&out);
+    assert!(!problems.is_empty());
+    assert!(
+        problems
+            .iter()
+            .all(|p| p.file == "text_shard_1.safetensors"),
+        "{problems:?}"
+    );
+    assert!(problems.iter().any(|p| p.to_string().contains("sha256")));
+}
+
+#[test]
+fn verify_reports_missing_files_escaping_paths_and_gaps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    split(&fixture("llama-f32"), &out, &opts(2)).unwrap();
+    std::fs::remove_file(out.join("tokenizer.json")).unwrap();
+    let mut m = Manifest::load(&out).unwrap();
+    m.shards[0].file = "../text_shard_0.safetensors".into();
+    m.shards[1].layer_start += 1; // layer gap
+    std::fs::write(
+        out.join("manifest.json"),
+        serde_json::to_string(&m).unwrap(),
+    )
+    .unwrap();
+    let lines: Vec<String> = verify(&out).iter().map(ToString::to_string).collect();
+    let has = |s: &str| lines.iter().any(|l| l.contains(s));
+    assert!(has("tokenizer.json: missing"), "{lines:?}");
+    assert!(
+        has("../text_shard_0.safetensors: path leaves the split directory"),
+        "{lines:?}"
+    );
+    assert!(has("are in no shard"), "{lines:?}");
+}
+
+#[test]
+fn verify_checks_shapes_against_the_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    split(&fixture("qwen2-f32"), &out, &opts(1)).unwrap();
+    let mut m = Manifest::load(&out).unwrap();
+    m.config.text.intermediate_size = 256;
+    std::fs::write(
+        out.join("manifest.json"),
+        serde_json::to_string(&m).unwrap(),
+    )
+    .unwrap();
+    let lines: Vec<String> = verify(&out).iter().map(ToString::to_string).collect();
+    assert!(
+        lines.iter().any(|l| l.starts_with("text_shard_0.safetensors: tensor `model.layers.0.mlp.gate_proj.weight` has shape [128, 64], the config implies [256, 64]")),
+        "{lines:?}"
+    );
+}
+
+fn expect_clean_failure(src: &Path, o: SplitOptions, needle: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let err = split(src, &out, &o).unwrap_err().to_string();
+    assert!(err.contains(needle), "{err}");
+    assert!(
+        entries(tmp.path()).is_empty(),
+        "left {:?}",
+        entries(tmp.path())
+    );
+}
+
+/// A copy of a fixture to damage.
+fn copy_fixture(name: &str, to: &Path) -> PathBuf {
+    let dst = to.join(name);
+    std::fs::create_dir_all(&dst).unwrap();
+    for e in std::fs::read_dir(fixture(name)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+    dst
+}
+
+#[test]
+fn bad_inputs_fail_clearly_and_leave_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    // shards > layers
+    expect_clean_failure(
+        &fixture("qwen2-f32"),
+        opts(5),
+        "--text-shards 5: the text has only 4 layers",
+    );
+    expect_clean_failure(&fixture("qwen2-f32"), opts(0), "need at least one shard");
+    expect_clean_failure(
+        &fixture("qwen2-f32"),
+        SplitOptions {
+            vision_shards: Some(1),
+            ..opts(1)
+        },
+        "has no vision tower",
+    );
+    // missing config
+    let no_cfg = copy_fixture("llama-f32", work.path());
+    std::fs::remove_file(no_cfg.join("config.json")).unwrap();
+    expect_clean_failure(&no_cfg, opts(1), "no config.json");
+    // truncated safetensors
+    let trunc = copy_fixture("mistral-f32", work.path());
+    let f = trunc.join("model.safetensors");
+    let len = std::fs::metadata(&f).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    expect_clean_failure(&trunc, opts(1), "truncated safetensors file");
+    // unknown architecture
+    let gpt = copy_fixture("qwen2-f16", work.path());
+    let cfg = std::fs::read_to_string(gpt.join("config.json"))
+        .unwrap()
+        .replace("\"qwen2\"", "\"gpt2\"");
+    std::fs::write(gpt.join("config.json"), cfg).unwrap();
+    expect_clean_failure(
+        &gpt,
+        opts(1),
+        "unsupported architecture gpt2; supported: qwen2, llama, mistral, idefics3",
+    );
+}
+
+#[test]
+fn refuses_a_non_empty_output_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "x").unwrap();
+    let err = split(&fixture("qwen2-f32"), &out, &opts(1)).unwrap_err();
+    assert!(err.to_string().contains("already exists"), "{err}");
+    assert_eq!(entries(&out), vec!["keep.txt"]);
+    assert_eq!(entries(tmp.path()), vec!["out"]);
+}
+
+#[test]
+fn manifest_has_no_paths_and_lists_vision_none() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let m = split(&fixture("qwen2-sharded"), &out, &opts(6)).unwrap();
+    assert_eq!(m.model_id, "qwen2-sharded");
+    assert!(m.shards.iter().all(|s| s.stack == Stack::Text));
+    let text = std::fs::read_to_string(out.join("manifest.json")).unwrap();
+    assert!(!text.contains(tmp.path().to_str().unwrap()));
+    assert!(!text.contains("fixtures"));
+}
