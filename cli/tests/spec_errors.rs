@@ -1,0 +1,222 @@
+//! Each kind of spec problem, with its exact message and location.
+
+use std::path::Path;
+
+use unfedctl::plan::{LaunchPlan, model_facts};
+use unfedctl::spec;
+
+/// Every problem `text` has, as the CLI prints them (spec + plan checks).
+fn problems(text: &str) -> Vec<String> {
+    let loaded = match spec::parse("x.toml", text, Path::new("."), "x") {
+        Ok(loaded) => loaded,
+        Err(errors) => return errors.0.iter().map(ToString::to_string).collect(),
+    };
+    let facts = model_facts(&loaded);
+    match LaunchPlan::build(&loaded, facts) {
+        Ok(_) => Vec::new(),
+        Err(errors) => errors.0.iter().map(ToString::to_string).collect(),
+    }
+}
+
+fn one_problem(text: &str) -> String {
+    let all = problems(text);
+    assert_eq!(all.len(), 1, "expected one problem, got {all:#?}");
+    all.into_iter().next().unwrap()
+}
+
+#[test]
+fn a_three_line_spec_is_valid() {
+    assert_eq!(
+        problems("[testnet]\nname = \"mini\"\n[model]\ntext_shards = 1\n"),
+        Vec::<String>::new()
+    );
+    assert_eq!(problems(""), Vec::<String>::new());
+}
+
+#[test]
+fn unknown_key_names_section_known_keys_and_a_suggestion() {
+    assert_eq!(
+        one_problem("[model]\ntext_shards = 2\nshardz = 3\n"),
+        "x.toml:3:1: unknown key 'shardz' in [model]; known keys: source, path, text_shards, vision_shards"
+    );
+    assert_eq!(
+        one_problem("[model]\ntext_shard = 2\n"),
+        "x.toml:2:1: unknown key 'text_shard' in [model] (did you mean 'text_shards'?); known keys: source, path, text_shards, vision_shards"
+    );
+}
+
+#[test]
+fn unknown_section_and_top_level_key() {
+    assert_eq!(
+        one_problem("[nodez]\nstake = \"1\"\n"),
+        "x.toml:1:2: unknown section 'nodez' (did you mean [nodes]?); known sections: [testnet], [chain], [economics], [model], [mpc], [nodes], [daemon], [web], [[node]]"
+    );
+    assert_eq!(
+        one_problem("stake = 1\n"),
+        "x.toml:1:1: unknown top-level key 'stake'; known sections: [testnet], [chain], [economics], [model], [mpc], [nodes], [daemon], [web], [[node]]"
+    );
+}
+
+#[test]
+fn wrong_types() {
+    assert_eq!(
+        one_problem("[model]\ntext_shards = \"two\"\n"),
+        "x.toml:2:15: wrong type for 'model.text_shards': expected an integer, found a string"
+    );
+    assert_eq!(
+        one_problem("[web]\nenabled = \"yes\"\n"),
+        "x.toml:2:11: wrong type for 'web.enabled': expected a boolean (true or false), found a string"
+    );
+    assert_eq!(
+        one_problem("model = 3\n"),
+        "x.toml:1:9: 'model' must be a table ([model]), found an integer"
+    );
+}
+
+#[test]
+fn bad_values() {
+    assert_eq!(
+        one_problem("[chain]\nmode = \"anvill\"\n"),
+        "x.toml:2:8: unknown value \"anvill\" for 'chain.mode' (did you mean \"anvil\"?); expected \"anvil\", \"external\", \"none\""
+    );
+    assert_eq!(
+        one_problem("[testnet]\nbase_port = 70000\n"),
+        "x.toml:2:13: 'testnet.base_port' must be between 0 and 65535, found 70000"
+    );
+    assert_eq!(
+        one_problem("[model]\ntext_shards = 0\n"),
+        "x.toml:2:15: 'model.text_shards' must be between 1 and 1024, found 0"
+    );
+    assert_eq!(
+        one_problem("[nodes]\nstake = \"2e3\"\n"),
+        "x.toml:2:9: bad value for 'nodes.stake': '2e3' is not a decimal token amount (write e.g. \"200\" or \"0.5\")"
+    );
+    assert_eq!(
+        one_problem("[economics]\nslash_fraction = 1.5\n"),
+        "x.toml:2:18: 'economics.slash_fraction' must be between 0 and 1, found 1.5"
+    );
+    assert_eq!(
+        one_problem("[testnet]\nname = \"my net\"\n"),
+        "x.toml:2:8: testnet.name \"my net\" may contain only letters, digits, '-' and '_' (it names the run directory)"
+    );
+}
+
+#[test]
+fn invalid_toml_points_at_the_syntax_error() {
+    assert_eq!(
+        one_problem("[model\n"),
+        "x.toml:1:7: invalid TOML: unclosed table, expected `]`"
+    );
+}
+
+#[test]
+fn all_problems_are_reported_at_once_in_source_order() {
+    let all = problems(
+        "[model]\nshardz = 1\ntext_shards = \"x\"\n[chain]\nmode = \"eth\"\n[nodes]\nstake = \"50\"\n",
+    );
+    assert_eq!(all.len(), 3, "{all:#?}");
+    assert!(all[0].starts_with("x.toml:2:1: unknown key 'shardz'"));
+    assert!(all[1].starts_with("x.toml:3:15: wrong type"));
+    assert!(all[2].starts_with("x.toml:5:8: unknown value \"eth\""));
+}
+
+#[test]
+fn stake_below_min_stake() {
+    assert_eq!(
+        one_problem("[economics]\nmin_stake = \"300\"\n[nodes]\nstake = \"200\"\n"),
+        "x.toml:4:9: nodes.stake (200) is below economics.min_stake (300); nodes would not be admitted — raise nodes.stake or lower min_stake"
+    );
+    assert_eq!(
+        one_problem("[[node]]\nrole = \"compute\"\nshard = 1\nstake = \"99.5\"\n"),
+        "x.toml:4:9: [[node]] #1 stake (99.5) is below economics.min_stake (100)"
+    );
+    // Without a chain nothing is staked, so nothing is checked.
+    assert_eq!(
+        problems("[chain]\nmode = \"none\"\n[nodes]\nstake = \"1\"\n"),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn external_chain_needs_rpc_url_and_operator_key() {
+    let all = problems("[chain]\nmode = \"external\"\n");
+    assert_eq!(
+        all,
+        vec![
+            "x.toml:2:8: chain.mode = \"external\" needs chain.rpc_url (e.g. rpc_url = \"http://127.0.0.1:8545\")",
+            "x.toml:2:8: chain.mode = \"external\" needs chain.operator_key_file (a 0600 file holding the operator's private key)",
+        ]
+    );
+    assert_eq!(
+        one_problem("[chain]\nmode = \"none\"\nrpc_url = \"http://x\"\n"),
+        "x.toml:3:11: chain.rpc_url is only used with mode = \"external\" (mode is \"none\"); remove it or switch the mode"
+    );
+}
+
+#[test]
+fn mpc_that_cannot_be_served() {
+    assert_eq!(
+        one_problem("[mpc]\noutput = \"decode_client_sample\"\n"),
+        "x.toml:2:10: mpc.output = \"decode_client_sample\" needs an MPC pair to serve it; set mpc.pairs = 1 (or output = \"off\")"
+    );
+    assert_eq!(
+        one_problem("[model]\ntext_shards = 2\n[mpc]\npairs = 1\noutput = \"full_output_2pc\"\n"),
+        "x.toml:2:15: mpc.output = \"full_output_2pc\" runs every layer in the MPC pair, so the model must be one text shard; set model.text_shards = 1 (found 2)"
+    );
+    assert_eq!(
+        one_problem("[mpc]\nlayers = 1\n"),
+        "x.toml:2:10: mpc.layers needs mpc.pairs >= 1"
+    );
+}
+
+#[test]
+fn model_source_and_path_conflicts() {
+    assert_eq!(
+        one_problem("[model]\nsource = \"builtin:tiny\"\npath = \"m\"\n"),
+        "x.toml:3:8: model.path and model.source are both set; keep one (path = a HuggingFace directory, source = \"builtin:tiny\")"
+    );
+    assert_eq!(
+        one_problem("[model]\nsource = \"hub:qwen\"\n"),
+        "x.toml:2:10: unknown model.source \"hub:qwen\"; built-in models: \"builtin:tiny\" (or set model.path to a HuggingFace directory)"
+    );
+}
+
+#[test]
+fn duplicate_ports() {
+    assert_eq!(
+        one_problem(
+            "[[node]]\nrole = \"compute\"\nport = 9000\n[[node]]\nrole = \"compute\"\nshard = 1\nport = 9000\n"
+        ),
+        "x.toml:7:8: port 9000 is used by both compute-0 and compute-1; give each its own port"
+    );
+    assert_eq!(
+        one_problem("[chain]\nport = 9000\n[web]\nport = 9000\n"),
+        "x.toml:4:8: port 9000 is used by both anvil and web; give each its own port"
+    );
+    // An automatic port moves out of the way of an explicit one.
+    assert_eq!(problems("[chain]\nport = 8080\n"), Vec::<String>::new());
+}
+
+#[test]
+fn override_that_matches_no_node() {
+    assert_eq!(
+        one_problem("[[node]]\nrole = \"vision\"\n"),
+        "x.toml:2:1: [[node]] #1 (role \"vision\", shard 0, replica 0) matches no node of this plan; check model.text_shards, model.vision_shards, mpc.pairs, nodes.replicas and daemon.enabled"
+    );
+}
+
+#[test]
+fn more_shards_than_layers_once_the_model_is_known() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = r#"{"architectures":["Qwen2ForCausalLM"],"model_type":"qwen2","hidden_size":64,"intermediate_size":128,"num_hidden_layers":3,"num_attention_heads":4,"num_key_value_heads":2,"rms_norm_eps":1e-6,"rope_theta":10000.0,"max_position_embeddings":128,"vocab_size":256,"tie_word_embeddings":true,"torch_dtype":"float32"}"#;
+    std::fs::write(dir.path().join("config.json"), config).unwrap();
+    let text = format!(
+        "[model]\npath = \"{}\"\ntext_shards = 4\n",
+        dir.path().display()
+    );
+    let problem = one_problem(&text);
+    assert!(
+        problem.ends_with("model.text_shards = 4 but the model has 3 layers; use at most 3 shards"),
+        "{problem}"
+    );
+}
