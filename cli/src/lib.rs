@@ -2,4 +2,7 @@
 
 pub mod chain_cmd;
 pub mod client_cmd;
+pub mod init;
 pub mod model_cmd;
+pub mod plan;
+pub mod spec;
