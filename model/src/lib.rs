@@ -1,11 +1,13 @@
 //! Model tools shared by `unfedctl` and `unfed-node`: reading HuggingFace checkpoint
 //! directories, the shard manifest, splitting, verifying, and the built-in tiny model.
 
+pub mod builtin;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod hashing;
 pub mod hf;
+pub mod inspect;
 pub mod layout;
 pub mod manifest;
 pub mod paths;
