@@ -240,8 +240,8 @@ fn ranges(flag: &str, what: &str, layers: usize, n: usize) -> Result<Vec<Range<u
             format!("{flag} 0: need at least one shard")
         } else {
             format!(
-                "{flag} {n}: the {what} has only {layers} layers, so at most {layers} shards \
-                 (each shard holds at least one layer)"
+                "{flag} {n}: the model has only {layers} {what} layers, so at most {layers} \
+                 shards (each shard holds at least one layer)"
             )
         },
     })

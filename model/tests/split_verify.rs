@@ -221,7 +221,7 @@ fn bad_inputs_fail_clearly_and_leave_nothing() {
     expect_clean_failure(
         &fixture("qwen2-f32"),
         opts(5),
-        "--text-shards 5: the text has only 4 layers",
+        "--text-shards 5: the model has only 4 text layers",
     );
     expect_clean_failure(&fixture("qwen2-f32"), opts(0), "need at least one shard");
     expect_clean_failure(
