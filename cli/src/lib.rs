@@ -3,6 +3,7 @@
 pub mod chain_cmd;
 pub mod client_cmd;
 pub mod init;
+pub mod launch;
 pub mod model_cmd;
 pub mod plan;
 pub mod spec;

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use unfedctl::{chain_cmd, client_cmd, init, model_cmd, plan, spec};
+use unfedctl::{chain_cmd, client_cmd, init, launch, model_cmd, plan, spec};
 
 /// One testnet spec in, one running UNFED network out.
 ///
@@ -39,6 +39,42 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Start a whole testnet: chain, contracts, stakes, model split, registry and nodes, in
+    /// dependency order, each step gated on the readiness of the ones before it.
+    ///
+    /// Runs in the foreground (Ctrl-C stops everything) unless --detach.
+    Up {
+        /// Testnet spec (TOML). Default: the embedded specs/tiny.toml.
+        spec: Option<PathBuf>,
+        /// Return once the model is READY and leave the testnet running.
+        #[arg(long)]
+        detach: bool,
+        /// Seconds one step may take to become ready.
+        #[arg(long, default_value_t = 120)]
+        wait_timeout: u64,
+    },
+    /// Stop a testnet started with `up`: every process, newest first (SIGTERM, grace, SIGKILL).
+    Down {
+        /// Testnet spec (TOML). Default: the embedded specs/tiny.toml.
+        spec: Option<PathBuf>,
+    },
+    /// Show a testnet's processes and model readiness.
+    Status {
+        /// Testnet spec (TOML). Default: the embedded specs/tiny.toml.
+        spec: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a node's log (`logs SPEC` lists them).
+    Logs {
+        /// Testnet spec (TOML).
+        spec: Option<PathBuf>,
+        /// Node name, as in `unfedctl plan` (registry, compute-0, anvil, ...).
+        node: Option<String>,
+        /// Keep printing as the log grows.
+        #[arg(long, short)]
+        follow: bool,
+    },
     #[command(flatten)]
     Model(model_cmd::Commands),
     #[command(flatten)]
@@ -59,6 +95,28 @@ fn main() -> ExitCode {
             path,
             force,
         } => init::write(template, &path, force).map(|()| ExitCode::SUCCESS),
+        Command::Up {
+            spec,
+            detach,
+            wait_timeout,
+        } => (|| {
+            let loaded = spec::load(spec.as_deref())?;
+            let plan = plan::LaunchPlan::build(&loaded, plan::model_facts(&loaded))?;
+            let opts = launch::UpOptions {
+                detach,
+                wait_timeout: std::time::Duration::from_secs(wait_timeout),
+            };
+            runtime()?.block_on(launch::up(loaded, plan, opts))
+        })(),
+        Command::Down { spec } => plan::load_plan(spec.as_deref())
+            .map_err(Into::into)
+            .and_then(|p| launch::down(&p)),
+        Command::Status { spec, json } => plan::load_plan(spec.as_deref())
+            .map_err(Into::into)
+            .and_then(|p| runtime()?.block_on(launch::status(&p, json))),
+        Command::Logs { spec, node, follow } => plan::load_plan(spec.as_deref())
+            .map_err(Into::into)
+            .and_then(|p| launch::logs(&p, node.as_deref(), follow)),
         Command::Model(cmd) => model_cmd::run(cmd),
         Command::Chain(cmd) => chain_cmd::run(cmd),
         Command::Client(cmd) => client_cmd::run(cmd),
@@ -81,6 +139,12 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn run_plan(spec_path: Option<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {

@@ -647,11 +647,10 @@ pub fn model_facts(loaded: &LoadedSpec) -> ModelFacts {
                 .source
                 .clone()
                 .unwrap_or_else(|| BUILTIN_TINY.into());
-            // TODO(lead): read the layer count from unfed_model::builtin once it lands.
             ModelFacts {
                 source,
                 architecture: Some("qwen2".into()),
-                text_layers: None,
+                text_layers: Some(unfed_model::builtin::TINY_LAYERS),
                 vision_layers: None,
                 note: None,
             }

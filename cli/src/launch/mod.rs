@@ -1,0 +1,473 @@
+//! `unfedctl up` / `down` / `status` / `logs`: walk a launch plan wave by wave, starting
+//! each step only once everything it depends on is ready, and tear it all down in reverse
+//! on failure or Ctrl-C.
+
+pub mod node_cmd;
+pub mod process;
+pub mod state;
+pub mod steps;
+
+use std::process::{Child, ExitCode};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use futures::future::join_all;
+
+use crate::plan::{LaunchPlan, StepKind};
+use crate::spec::LoadedSpec;
+use state::RunState;
+use steps::{Context, Inputs, Outcome, StepFailed};
+
+/// Grace between SIGTERM and SIGKILL when stopping a process.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+pub struct UpOptions {
+    /// Return once the model is READY, leaving the testnet running.
+    pub detach: bool,
+    /// How long one step may take to become ready.
+    pub wait_timeout: Duration,
+}
+
+/// Roles `up` cannot start yet, with the reason and the spec change that avoids them.
+fn unsupported(plan: &LaunchPlan) -> Vec<String> {
+    let mut out = Vec::new();
+    let has = |k: StepKind| plan.steps.iter().any(|s| s.kind == k);
+    if has(StepKind::Daemon) {
+        out.push(
+            "the daemon (share chain) is not implemented yet; set [daemon] enabled = false".into(),
+        );
+    }
+    if has(StepKind::MpcA) || has(StepKind::MpcB) {
+        out.push("MPC nodes are not implemented yet; set [mpc] pairs = 0".into());
+    }
+    if has(StepKind::Vision) {
+        out.push("vision shards are not implemented yet; set [model] vision_shards = 0".into());
+    }
+    if has(StepKind::Web) {
+        out.push("the web dashboard is not implemented yet; set [web] enabled = false".into());
+    }
+    out
+}
+
+/// A started testnet: its processes in start order, for teardown.
+struct Running {
+    state: RunState,
+    children: Vec<Option<Child>>,
+}
+
+impl Running {
+    fn record(&mut self, run_dir: &std::path::Path, outcome: Outcome) -> anyhow::Result<()> {
+        if let Some((record, child)) = outcome.process {
+            self.state.processes.push(record);
+            self.children.push(child);
+        }
+        if let Some(chain) = outcome.chain {
+            self.state.chain = Some(chain);
+        }
+        if let Some(registry) = outcome.registry {
+            self.state.registry = Some(registry);
+        }
+        if let Some(model) = outcome.model_id {
+            self.state.model_id = Some(model);
+        }
+        self.state.save(run_dir)
+    }
+
+    /// Stop every process, newest first, and reap our children.
+    fn teardown(&mut self, run_dir: &std::path::Path) {
+        for (record, child) in self
+            .state
+            .processes
+            .iter()
+            .zip(self.children.iter_mut())
+            .rev()
+        {
+            let killed = process::stop(record.pid, STOP_GRACE);
+            if let Some(child) = child {
+                let _ = child.wait();
+            }
+            println!(
+                "  stopped {}{}",
+                record.name,
+                if killed {
+                    " (killed after the grace period)"
+                } else {
+                    ""
+                }
+            );
+        }
+        self.state.processes.clear();
+        self.children.clear();
+        let _ = self.state.save(run_dir);
+    }
+
+    /// The first child that exited on its own, if any.
+    fn exited(&mut self) -> Option<(String, std::path::PathBuf)> {
+        for (record, child) in self.state.processes.iter().zip(self.children.iter_mut()) {
+            let gone = match child {
+                Some(c) => !matches!(c.try_wait(), Ok(None)),
+                None => !process::alive(record.pid),
+            };
+            if gone {
+                return Some((record.name.clone(), record.log.clone()));
+            }
+        }
+        None
+    }
+}
+
+pub async fn up(loaded: LoadedSpec, plan: LaunchPlan, opts: UpOptions) -> anyhow::Result<ExitCode> {
+    let problems = unsupported(&plan);
+    if !problems.is_empty() {
+        for p in &problems {
+            eprintln!("error: {}: {p}", loaded.display_path);
+        }
+        bail!(
+            "`up` cannot start this spec yet ({} unsupported role(s)); `unfedctl plan` still shows it",
+            problems.len()
+        );
+    }
+    let run_dir = plan.run_dir.clone();
+    if let Some(existing) = RunState::load(&run_dir)? {
+        let alive = existing.alive();
+        if !alive.is_empty() {
+            let names: Vec<&str> = alive.iter().map(|p| p.name.as_str()).collect();
+            bail!(
+                "testnet '{}' is already running ({}; registry at {}); see `unfedctl status {}` or stop it with `unfedctl down {}`",
+                plan.name,
+                names.join(", "),
+                existing.registry.as_deref().unwrap_or("?"),
+                loaded.display_path,
+                loaded.display_path
+            );
+        }
+    }
+    preflight_ports(&plan)?;
+    std::fs::create_dir_all(run_dir.join("logs"))
+        .with_context(|| format!("cannot create {}", run_dir.display()))?;
+
+    let ctx = Context {
+        node: node_cmd::NodeCommand::locate()?,
+        loaded,
+        plan,
+        ready_timeout: opts.wait_timeout,
+    };
+    let started = Instant::now();
+    let mut running = Running {
+        state: RunState {
+            name: ctx.plan.name.clone(),
+            spec: ctx.plan.spec.clone(),
+            ..RunState::default()
+        },
+        children: Vec::new(),
+    };
+    running.state.save(&run_dir)?;
+    println!(
+        "starting testnet '{}' (run dir {})",
+        ctx.plan.name,
+        run_dir.display()
+    );
+
+    let walk = walk(&ctx, &mut running, started);
+    let result = tokio::select! {
+        r = walk => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    if let Err(err) = result {
+        println!("tearing down");
+        running.teardown(&run_dir);
+        return Err(err);
+    }
+    print_summary(&ctx, &running.state, started.elapsed());
+    if opts.detach {
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("\nrunning in the foreground; Ctrl-C stops everything");
+    let why = loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break None,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                if let Some(exited) = running.exited() {
+                    break Some(exited);
+                }
+            }
+        }
+    };
+    println!("\nstopping");
+    running.teardown(&run_dir);
+    match why {
+        None => Ok(ExitCode::SUCCESS),
+        Some((name, log)) => {
+            eprintln!(
+                "{name} exited unexpectedly; last lines of {}:\n{}",
+                log.display(),
+                process::tail(&log, 20)
+            );
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// Run every wave; the steps of a wave run concurrently.
+async fn walk(ctx: &Context, running: &mut Running, started: Instant) -> anyhow::Result<()> {
+    for (_, wave) in ctx.plan.waves() {
+        let inputs = Inputs {
+            chain: running.state.chain.clone(),
+            registry: running.state.registry.clone(),
+        };
+        let results = join_all(wave.iter().map(|step| {
+            let inputs = inputs.clone();
+            async move {
+                let t = Instant::now();
+                (step, steps::run(ctx, step, inputs).await, t.elapsed())
+            }
+        }))
+        .await;
+        let mut failure = None;
+        for (step, result, took) in results {
+            match result {
+                Ok(outcome) => {
+                    let port = outcome
+                        .process
+                        .as_ref()
+                        .and_then(|(p, _)| p.port)
+                        .map(|p| format!(" :{p}"))
+                        .unwrap_or_default();
+                    println!(
+                        "  [{:>6.2}s] {:<12} ready in {:.2}s{port}",
+                        started.elapsed().as_secs_f64(),
+                        step.name,
+                        took.as_secs_f64()
+                    );
+                    running.record(&ctx.plan.run_dir, outcome)?;
+                }
+                Err(err) => {
+                    let mut message = format!("step '{}' failed: {err:#}", step.name);
+                    if let Some(failed) = err.downcast_ref::<StepFailed>() {
+                        let tail = process::tail(&failed.log, 20);
+                        message.push_str(&format!(
+                            "\nlast lines of {}:\n{tail}",
+                            failed.log.display()
+                        ));
+                    }
+                    failure.get_or_insert(message);
+                }
+            }
+        }
+        if let Some(message) = failure {
+            bail!(message);
+        }
+    }
+    wait_ready(ctx, running).await
+}
+
+/// The launch is done when the registry says the model is READY.
+async fn wait_ready(ctx: &Context, running: &Running) -> anyhow::Result<()> {
+    let (Some(registry), Some(model)) = (&running.state.registry, &running.state.model_id) else {
+        return Ok(());
+    };
+    let mut client = unfed_node::client::Client::connect(registry).await?;
+    let deadline = Instant::now() + ctx.ready_timeout;
+    loop {
+        match client.require_ready(model).await {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() > deadline => bail!(
+                "model {model} is not READY after {:?}: {e:#}",
+                ctx.ready_timeout
+            ),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// Static check before anything starts: every fixed port must be free.
+fn preflight_ports(plan: &LaunchPlan) -> anyhow::Result<()> {
+    let taken: Vec<String> = plan
+        .steps
+        .iter()
+        .filter_map(|s| s.port.map(|p| (s, p)))
+        .filter(|(_, port)| std::net::TcpListener::bind(("127.0.0.1", *port)).is_err())
+        .map(|(s, port)| format!("[FAIL] port {port} for {} is already in use", s.name))
+        .collect();
+    if taken.is_empty() {
+        return Ok(());
+    }
+    for line in &taken {
+        eprintln!("{line}");
+    }
+    bail!(
+        "[NO-GO] {} check(s) failed: stop what uses the port(s), or set testnet.base_port (0 picks free ports)",
+        taken.len()
+    )
+}
+
+fn print_summary(ctx: &Context, state: &RunState, took: Duration) {
+    println!(
+        "\ntestnet '{}' is up in {:.1}s",
+        ctx.plan.name,
+        took.as_secs_f64()
+    );
+    if let Some(registry) = &state.registry {
+        println!("  registry   {registry}");
+    }
+    if let Some(model) = &state.model_id {
+        println!("  model      {model} (READY)");
+    }
+    if let Some(chain) = &state.chain {
+        println!(
+            "  chain      {} (chain id {})",
+            chain.rpc_url, chain.chain_id
+        );
+        if let (Some(token), Some(escrow)) = (&chain.token, &chain.escrow) {
+            println!("  contracts  token {token}, escrow {escrow}");
+        }
+        for w in &chain.wallets {
+            println!(
+                "  wallet     {:<12} {} staked {}",
+                w.node, w.address, w.stake
+            );
+        }
+    }
+    let spec = &ctx.plan.spec;
+    println!("\nnext:");
+    if let Some(registry) = &state.registry {
+        println!("  unfedctl models --registry {registry}");
+        println!("  unfedctl chat --registry {registry} --prompt \"Hello\"");
+    }
+    println!("  unfedctl status {spec}\n  unfedctl logs {spec} registry\n  unfedctl down {spec}");
+}
+
+/// Stop a testnet's processes, newest first. Stopping a stopped testnet is fine.
+pub fn down(plan: &LaunchPlan) -> anyhow::Result<ExitCode> {
+    let Some(mut state) = RunState::load(&plan.run_dir)? else {
+        println!(
+            "testnet '{}' is not running (no {})",
+            plan.name,
+            RunState::path(&plan.run_dir).display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    };
+    let started = Instant::now();
+    for record in state.processes.iter().rev() {
+        if process::alive(record.pid) {
+            let killed = process::stop(record.pid, STOP_GRACE);
+            println!(
+                "  stopped {}{}",
+                record.name,
+                if killed {
+                    " (killed after the grace period)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    state.processes.clear();
+    state.save(&plan.run_dir)?;
+    println!(
+        "testnet '{}' is down ({:.2}s)",
+        plan.name,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn status(plan: &LaunchPlan, json: bool) -> anyhow::Result<ExitCode> {
+    let state = RunState::load(&plan.run_dir)?.unwrap_or_default();
+    let mut models = Vec::new();
+    if let Some(registry) = &state.registry
+        && let Ok(mut client) = unfed_node::client::Client::connect(registry).await
+    {
+        models = client.list_models().await.unwrap_or_default();
+    }
+    if json {
+        let processes: Vec<serde_json::Value> = state
+            .processes
+            .iter()
+            .map(|p| {
+                serde_json::json!({"name": p.name, "kind": p.kind, "pid": p.pid, "port": p.port,
+                    "shard": p.shard, "eth_address": p.eth_address, "alive": process::alive(p.pid)})
+            })
+            .collect();
+        let models: Vec<serde_json::Value> = models
+            .iter()
+            .map(|m| serde_json::json!({"model": m.model, "ready": m.reason.is_empty(), "reason": m.reason, "nodes": m.nodes}))
+            .collect();
+        let out = serde_json::json!({"name": plan.name, "processes": processes, "models": models,
+            "registry": state.registry, "chain": state.chain});
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if state.processes.is_empty() {
+        println!("testnet '{}' is not running", plan.name);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("testnet '{}'", plan.name);
+    for p in &state.processes {
+        let alive = if process::alive(p.pid) {
+            "alive"
+        } else {
+            "DEAD"
+        };
+        let port = p.port.map(|p| format!(":{p}")).unwrap_or_default();
+        let shard = p.shard.map(|s| format!("shard {s}")).unwrap_or_default();
+        println!(
+            "  {:<12} {:<9} {:<8} pid {:<7} {alive:<6} {} {}",
+            p.name,
+            p.kind,
+            port,
+            p.pid,
+            shard,
+            p.eth_address.as_deref().unwrap_or("")
+        );
+    }
+    for m in &models {
+        let status = if m.reason.is_empty() {
+            "READY".to_string()
+        } else {
+            format!("INCOMPLETE ({}: {})", m.reason, m.message)
+        };
+        println!(
+            "  model {}: {status}, {} node(s), shards {}/{}",
+            m.model, m.nodes, m.text_shards_covered, m.text_shards_total
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Print (or follow) a node's log; without a node, list the logs.
+pub fn logs(plan: &LaunchPlan, node: Option<&str>, follow: bool) -> anyhow::Result<ExitCode> {
+    let dir = plan.run_dir.join("logs");
+    let Some(node) = node else {
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .with_context(|| format!("no logs in {} (has the testnet run?)", dir.display()))?
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_suffix(".log")
+                    .map(str::to_string)
+            })
+            .collect();
+        names.sort();
+        println!("{}", names.join("\n"));
+        return Ok(ExitCode::SUCCESS);
+    };
+    let path = dir.join(format!("{node}.log"));
+    let mut file = std::fs::File::open(&path).with_context(|| {
+        format!(
+            "no log for '{node}' at {}; `unfedctl logs {}` lists them",
+            path.display(),
+            plan.spec
+        )
+    })?;
+    let mut out = std::io::stdout();
+    std::io::copy(&mut file, &mut out)?;
+    if !follow {
+        return Ok(ExitCode::SUCCESS);
+    }
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        std::io::copy(&mut file, &mut out)?;
+    }
+}

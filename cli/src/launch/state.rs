@@ -1,0 +1,90 @@
+//! `<run_dir>/state.json`: what a testnet runs — processes, ports, chain addresses,
+//! wallets — so `down`, `status` and `logs` work from any terminal.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use super::process;
+
+pub const STATE_FILE: &str = "state.json";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RunState {
+    pub name: String,
+    pub spec: String,
+    /// Processes in start order; `down` stops them in reverse.
+    pub processes: Vec<ProcessRecord>,
+    pub chain: Option<ChainRecord>,
+    pub registry: Option<String>,
+    pub model_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProcessRecord {
+    pub name: String,
+    pub kind: String,
+    pub pid: u32,
+    pub port: Option<u16>,
+    pub log: PathBuf,
+    pub shard: Option<usize>,
+    pub eth_address: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChainRecord {
+    pub rpc_url: String,
+    pub chain_id: u64,
+    pub token: Option<String>,
+    pub escrow: Option<String>,
+    pub operator: Option<String>,
+    pub client: Option<String>,
+    /// Staked node wallets: name, address, stake (token units).
+    pub wallets: Vec<WalletRecord>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WalletRecord {
+    pub node: String,
+    pub address: String,
+    pub stake: String,
+    pub key_file: PathBuf,
+}
+
+impl RunState {
+    pub fn path(run_dir: &Path) -> PathBuf {
+        run_dir.join(STATE_FILE)
+    }
+
+    /// None when the testnet has never run (or was cleaned up).
+    pub fn load(run_dir: &Path) -> anyhow::Result<Option<Self>> {
+        let path = Self::path(run_dir);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).map(Some).with_context(|| {
+                format!(
+                    "{} is not a valid state file; remove it if no testnet runs",
+                    path.display()
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
+    }
+
+    /// Written to a temporary file and renamed, so a crash never leaves half a state file.
+    pub fn save(&self, run_dir: &Path) -> anyhow::Result<()> {
+        let path = Self::path(run_dir);
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    pub fn alive(&self) -> Vec<&ProcessRecord> {
+        self.processes
+            .iter()
+            .filter(|p| process::alive(p.pid))
+            .collect()
+    }
+}

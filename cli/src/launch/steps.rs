@@ -1,0 +1,452 @@
+//! What each kind of step does when `up` reaches it.
+
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use unfed_chain::{
+    Address, Chain, Deployment, EscrowParams, PrivateKeySigner, SlashDestination, U256,
+};
+
+use super::node_cmd::NodeCommand;
+use super::process;
+use super::state::{ChainRecord, ProcessRecord, WalletRecord};
+use crate::plan::{LaunchPlan, Step, StepKind};
+use crate::spec::{LoadedSpec, TokenAmount};
+
+/// Gas money each dev wallet gets on a chain where it has none.
+const GAS_ETH_WEI: u128 = 1_000_000_000_000_000_000;
+
+/// Everything steps share while `up` runs.
+pub struct Context {
+    pub loaded: LoadedSpec,
+    pub plan: LaunchPlan,
+    pub node: NodeCommand,
+    pub ready_timeout: Duration,
+}
+
+impl Context {
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.plan.run_dir.join("logs").join(format!("{name}.log"))
+    }
+    pub fn key_path(&self, name: &str) -> PathBuf {
+        self.plan.run_dir.join("keys").join(format!("{name}.key"))
+    }
+}
+
+/// What a finished step leaves behind.
+#[derive(Default)]
+pub struct Outcome {
+    pub process: Option<(ProcessRecord, Option<Child>)>,
+    pub chain: Option<ChainRecord>,
+    pub registry: Option<String>,
+    pub model_id: Option<String>,
+}
+
+/// What earlier steps produced that later ones need.
+#[derive(Clone, Default)]
+pub struct Inputs {
+    pub chain: Option<ChainRecord>,
+    pub registry: Option<String>,
+}
+
+pub async fn run(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::Result<Outcome> {
+    match step.kind {
+        StepKind::Anvil => start_anvil(ctx, step).await,
+        StepKind::Contracts => deploy(ctx, inputs).await,
+        StepKind::FundStake => fund_and_stake(ctx, inputs).await,
+        StepKind::Split => {
+            let dir = ctx.plan.shards_dir.clone();
+            let loaded = ctx.loaded.clone();
+            let model_id =
+                tokio::task::spawn_blocking(move || split_cached(&loaded, &dir)).await??;
+            Ok(Outcome {
+                model_id: Some(model_id),
+                ..Outcome::default()
+            })
+        }
+        StepKind::Registry => start_registry(ctx, step, inputs).await,
+        StepKind::Compute => start_compute(ctx, step, inputs).await,
+        StepKind::Daemon | StepKind::MpcA | StepKind::MpcB | StepKind::Vision | StepKind::Web => {
+            bail!(
+                "{} cannot be started yet (see `unfedctl up --help`)",
+                step.name
+            )
+        }
+    }
+}
+
+async fn start_anvil(ctx: &Context, step: &Step) -> anyhow::Result<Outcome> {
+    let chain = &ctx.loaded.spec.chain;
+    let wallets = ctx.plan.steps.iter().filter(|s| s.wallet.is_some()).count() as u32 + 2;
+    let log = ctx.log_path(&step.name);
+    let anvil = unfed_chain::Anvil::start(&unfed_chain::AnvilOptions {
+        port: step.port,
+        block_time: (chain.block_time > 0).then_some(chain.block_time),
+        chain_id: Some(chain.chain_id),
+        accounts: Some(wallets.max(10)),
+        log_file: Some(log.clone()),
+    })
+    .await?;
+    let record = ChainRecord {
+        rpc_url: anvil.endpoint(),
+        chain_id: anvil.chain_id(),
+        token: None,
+        escrow: None,
+        operator: None,
+        client: None,
+        wallets: Vec::new(),
+    };
+    let port = anvil.port();
+    let pid = anvil.detach();
+    let process = ProcessRecord {
+        name: step.name.clone(),
+        kind: "anvil".into(),
+        pid,
+        port: Some(port),
+        log,
+        shard: None,
+        eth_address: None,
+    };
+    Ok(Outcome {
+        process: Some((process, None)),
+        chain: Some(record),
+        ..Outcome::default()
+    })
+}
+
+fn operator(ctx: &Context) -> anyhow::Result<PrivateKeySigner> {
+    match &ctx.loaded.spec.chain.operator_key_file {
+        Some(file) => unfed_chain::read_key_file(&ctx.loaded.resolve(file)),
+        None => unfed_chain::dev_signer(ctx.plan.operator_wallet.unwrap_or(0) as u32),
+    }
+}
+
+fn wei(amount: TokenAmount) -> U256 {
+    U256::from(amount.wei())
+}
+
+fn deployment(record: &ChainRecord) -> anyhow::Result<Deployment> {
+    let parse = |a: &Option<String>, what: &str| -> anyhow::Result<Address> {
+        a.as_deref()
+            .with_context(|| format!("the {what} is not deployed yet"))?
+            .parse()
+            .context("bad address")
+    };
+    Ok(Deployment {
+        token: parse(&record.token, "token")?,
+        escrow: parse(&record.escrow, "escrow")?,
+    })
+}
+
+fn chain_input(inputs: &Inputs, ctx: &Context) -> anyhow::Result<ChainRecord> {
+    if let Some(chain) = &inputs.chain {
+        return Ok(chain.clone());
+    }
+    let spec = &ctx.loaded.spec.chain;
+    let rpc_url = spec
+        .rpc_url
+        .clone()
+        .context("no chain: chain.rpc_url is not set")?;
+    Ok(ChainRecord {
+        rpc_url,
+        chain_id: 0,
+        token: None,
+        escrow: None,
+        operator: None,
+        client: None,
+        wallets: Vec::new(),
+    })
+}
+
+async fn deploy(ctx: &Context, inputs: Inputs) -> anyhow::Result<Outcome> {
+    let mut record = chain_input(&inputs, ctx)?;
+    let econ = &ctx.loaded.spec.economics;
+    let operator = operator(ctx)?;
+    let chain = Chain::connect(&record.rpc_url, operator)?;
+    if record.chain_id == 0 {
+        record.chain_id = chain.chain_id().await?;
+    }
+    let deployment = chain
+        .deploy(&EscrowParams {
+            min_stake: wei(econ.min_stake),
+            cooldown_secs: econ.cooldown_seconds,
+            challenge_window_secs: econ.challenge_window_seconds,
+            slash_destination: SlashDestination::Pool,
+            slash_bps: econ.slash_bps(),
+            ..EscrowParams::default()
+        })
+        .await
+        .context("deploying UnfedToken + UnfedEscrow")?;
+    record.token = Some(deployment.token.to_string());
+    record.escrow = Some(deployment.escrow.to_string());
+    record.operator = Some(chain.address().to_string());
+    Ok(Outcome {
+        chain: Some(record),
+        ..Outcome::default()
+    })
+}
+
+/// The signer of a node's stake wallet; dev keys are written to keys/<name>.key (0600).
+fn node_signer(ctx: &Context, step: &Step) -> anyhow::Result<(PrivateKeySigner, PathBuf)> {
+    if let Some(file) = &step.eth_key {
+        return Ok((unfed_chain::read_key_file(file)?, file.clone()));
+    }
+    let index = step.wallet.context("node without a wallet")? as u32;
+    let signer = unfed_chain::dev_signer(index)?;
+    let path = ctx.key_path(&step.name);
+    unfed_chain::write_key_file(&path, &signer)?;
+    Ok((signer, path))
+}
+
+async fn fund_and_stake(ctx: &Context, inputs: Inputs) -> anyhow::Result<Outcome> {
+    let mut record = inputs.chain.clone().context("no chain to stake on")?;
+    let deployment = deployment(&record)?;
+    let operator = Chain::connect(&record.rpc_url, operator(ctx)?)?;
+    let mut wallets = Vec::new();
+    for step in ctx.plan.steps.iter().filter(|s| s.wallet.is_some()) {
+        let (signer, key_file) = node_signer(ctx, step)?;
+        let stake = step.stake.unwrap_or(ctx.loaded.spec.nodes.stake);
+        let who = signer.address();
+        let eth = gas_needed(&operator, who).await?;
+        operator
+            .fund(&deployment, who, wei(stake), eth)
+            .await
+            .with_context(|| format!("funding {} ({who})", step.name))?;
+        let node = operator.as_wallet(signer)?;
+        node.stake(&deployment, wei(stake))
+            .await
+            .with_context(|| format!("staking for {} ({who})", step.name))?;
+        wallets.push(WalletRecord {
+            node: step.name.clone(),
+            address: who.to_string(),
+            stake: stake.to_string(),
+            key_file,
+        });
+    }
+    if let Some(index) = ctx.plan.client_wallet {
+        let client = unfed_chain::dev_signer(index as u32)?;
+        let who = client.address();
+        let deposit = wei(ctx.loaded.spec.economics.client_deposit);
+        unfed_chain::write_key_file(&ctx.key_path("client"), &client)?;
+        let eth = gas_needed(&operator, who).await?;
+        operator
+            .fund(&deployment, who, deposit, eth)
+            .await
+            .context("funding the dev client")?;
+        operator
+            .as_wallet(client)?
+            .deposit(&deployment, deposit)
+            .await
+            .context("the dev client's deposit")?;
+        record.client = Some(who.to_string());
+    }
+    record.wallets = wallets;
+    Ok(Outcome {
+        chain: Some(record),
+        ..Outcome::default()
+    })
+}
+
+/// ETH to send `who` so it can pay for its own transactions (Anvil's dev wallets have plenty).
+async fn gas_needed(chain: &Chain, who: Address) -> anyhow::Result<U256> {
+    let gas = U256::from(GAS_ETH_WEI);
+    Ok(if chain.eth_balance(who).await? >= gas {
+        U256::ZERO
+    } else {
+        gas
+    })
+}
+
+/// Split the spec's model into `dir`, unless `dir` already holds a split of the same source.
+fn split_cached(loaded: &LoadedSpec, dir: &Path) -> anyhow::Result<String> {
+    let spec = &loaded.spec;
+    let source_dir = match &spec.model.path {
+        Some(path) => loaded.resolve(path),
+        None => {
+            let dir = dir.with_file_name("builtin-tiny");
+            unfed_model::builtin::write_tiny(&dir).context("writing the built-in model")?;
+            dir
+        }
+    };
+    let stamp = source_stamp(
+        &source_dir,
+        spec.model.text_shards,
+        spec.model.vision_shards,
+    )?;
+    let stamp_file = dir.join(".source-stamp");
+    let manifest_file = dir.join(unfed_model::manifest::MANIFEST_FILE);
+    if std::fs::read_to_string(&stamp_file).ok().as_deref() == Some(stamp.as_str())
+        && manifest_file.is_file()
+    {
+        let manifest: unfed_model::Manifest =
+            serde_json::from_slice(&std::fs::read(&manifest_file)?)?;
+        return Ok(manifest.model_id);
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)
+            .with_context(|| format!("removing the stale split {}", dir.display()))?;
+    }
+    let manifest = unfed_model::split::split(
+        &source_dir,
+        dir,
+        &unfed_model::split::SplitOptions {
+            text_shards: spec.model.text_shards,
+            vision_shards: Some(spec.model.vision_shards),
+            model_id: None,
+            progress: false,
+        },
+    )?;
+    std::fs::write(&stamp_file, stamp)?;
+    Ok(manifest.model_id)
+}
+
+/// Identifies a split's input: the source files' names, sizes and mtimes, and the shard counts.
+fn source_stamp(dir: &Path, text: usize, vision: usize) -> anyhow::Result<String> {
+    let mut entries: Vec<String> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read the model directory {}", dir.display()))?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let meta = e.metadata().ok()?;
+            let mtime = meta
+                .modified()
+                .ok()?
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()?
+                .as_nanos();
+            Some(format!(
+                "{}:{}:{mtime}",
+                e.file_name().to_string_lossy(),
+                meta.len()
+            ))
+        })
+        .collect();
+    entries.sort();
+    Ok(format!(
+        "text={text} vision={vision}\n{}\n",
+        entries.join("\n")
+    ))
+}
+
+/// Start a node process and wait until it prints the address it listens on.
+async fn spawn_node(
+    ctx: &Context,
+    step: &Step,
+    kind: &str,
+    mut cmd: std::process::Command,
+    eth_address: Option<String>,
+) -> anyhow::Result<(ProcessRecord, Child, String)> {
+    let log = ctx.log_path(&step.name);
+    cmd.arg("--port").arg(step.port.unwrap_or(0).to_string());
+    cmd.arg("--log-format")
+        .arg(&ctx.loaded.spec.testnet.log_format);
+    let mut child = process::spawn(cmd, &log)?;
+    let record = ProcessRecord {
+        name: step.name.clone(),
+        kind: kind.into(),
+        pid: child.id(),
+        port: step.port,
+        log: log.clone(),
+        shard: step.shard,
+        eth_address,
+    };
+    let deadline = Instant::now() + ctx.ready_timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!(StepFailed {
+                log,
+                message: format!("{} exited ({status}) before it was ready", step.name)
+            });
+        }
+        if let Some(addr) = listening_address(&log) {
+            let mut record = record;
+            record.port = addr.rsplit(':').next().and_then(|p| p.parse().ok());
+            return Ok((record, child, addr));
+        }
+        if Instant::now() > deadline {
+            let _ = process::stop(child.id(), Duration::from_secs(2));
+            let _ = child.wait();
+            bail!(StepFailed {
+                log,
+                message: format!(
+                    "{} did not start listening within {:?}",
+                    step.name, ctx.ready_timeout
+                )
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Nodes print `listening HOST:PORT` once bound (the port is real even for --port 0).
+fn listening_address(log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("listening ").map(|a| a.trim().to_string()))
+}
+
+/// A step failure whose log the user should read.
+#[derive(Debug)]
+pub struct StepFailed {
+    pub log: PathBuf,
+    pub message: String,
+}
+
+impl std::fmt::Display for StepFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for StepFailed {}
+
+async fn start_registry(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::Result<Outcome> {
+    let mut cmd = ctx.node.role("registry");
+    cmd.arg("--shards-dir").arg(&ctx.plan.shards_dir);
+    cmd.arg("--heartbeat-secs")
+        .arg(ctx.loaded.spec.nodes.heartbeat_seconds.to_string());
+    cmd.arg("--daemon-required-count").arg("0");
+    if let Some(chain) = &inputs.chain {
+        cmd.arg("--chain-rpc").arg(&chain.rpc_url);
+        cmd.arg("--escrow")
+            .arg(chain.escrow.as_deref().context("escrow not deployed")?);
+    }
+    let (record, child, addr) = spawn_node(ctx, step, "registry", cmd, None).await?;
+    Ok(Outcome {
+        process: Some((record, Some(child))),
+        registry: Some(addr),
+        ..Outcome::default()
+    })
+}
+
+async fn start_compute(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::Result<Outcome> {
+    let registry = inputs.registry.context("the registry is not running")?;
+    let mut cmd = ctx.node.role("compute");
+    cmd.arg("--shard-index")
+        .arg(step.shard.unwrap_or(0).to_string());
+    cmd.arg("--shards-dir").arg(&ctx.plan.shards_dir);
+    cmd.arg("--registry").arg(&registry);
+    cmd.arg("--heartbeat-secs")
+        .arg(ctx.loaded.spec.nodes.heartbeat_seconds.to_string());
+    let wallet = inputs
+        .chain
+        .as_ref()
+        .and_then(|c| c.wallets.iter().find(|w| w.node == step.name));
+    let eth_address = wallet.map(|w| w.address.clone());
+    match wallet {
+        Some(w) => {
+            cmd.arg("--eth-address").arg(&w.address);
+            cmd.env(unfed_chain::STAKE_KEY_FILE_ENV, &w.key_file);
+        }
+        None => {
+            cmd.arg("--node-id").arg(&step.name);
+        }
+    }
+    cmd.env_remove(unfed_chain::STAKE_KEY_ENV);
+    let (record, child, _) = spawn_node(ctx, step, "compute", cmd, eth_address).await?;
+    Ok(Outcome {
+        process: Some((record, Some(child))),
+        ..Outcome::default()
+    })
+}
