@@ -161,21 +161,28 @@ impl Checkpoint {
     /// so streaming a whole checkpoint keeps RSS near one tensor (the page cache keeps
     /// them; a later read faults them back in).
     pub fn release(&self, info: &TensorInfo) {
+        self.release_range(info, 0, info.nbytes());
+    }
+
+    /// [`Checkpoint::release`] for `len` bytes at `offset` within the tensor, so that even
+    /// one large tensor (an embedding) need not be resident at once.
+    pub fn release_range(&self, info: &TensorInfo, offset: usize, len: usize) {
         #[cfg(unix)]
         {
             let mmap = &self.files[info.file].1;
+            let len = len.min(info.nbytes().saturating_sub(offset));
             // SAFETY: the mapping is read-only and file-backed, so DONTNEED discards
             // nothing: the bytes are re-read from the file if touched again.
             let _ = unsafe {
                 mmap.unchecked_advise_range(
                     memmap2::UncheckedAdvice::DontNeed,
-                    info.start,
-                    info.nbytes(),
+                    info.start + offset,
+                    len,
                 )
             };
         }
         #[cfg(not(unix))]
-        let _ = info;
+        let _ = (info, offset, len);
     }
 
     pub fn parameter_count(&self) -> u64 {

@@ -1,8 +1,8 @@
 //! `split`: cut a HuggingFace checkpoint into per-shard safetensors files plus a manifest.
 //!
 //! Tensors are streamed from the memory-mapped checkpoint into each shard file (header
-//! first, then each tensor's bytes in its own dtype) and their pages released after the
-//! copy, so memory stays near one tensor. Everything is written into a temporary
+//! first, then each tensor's bytes in its own dtype) in 4 MiB pieces whose pages are
+//! released after the copy, so memory stays at a few MiB whatever the tensor sizes. Everything is written into a temporary
 //! directory beside the output and renamed into place at the end: a failure leaves no
 //! half-written output.
 
@@ -324,14 +324,15 @@ fn write_shard(
     let planned: Vec<PlannedTensor> = sources.iter().map(|(p, _)| p.clone()).collect();
     let result = (|| -> std::io::Result<()> {
         write_header(&mut out, &planned)?;
+        const PIECE: usize = 4 << 20;
         for (_, info) in sources {
-            for piece in ckpt.bytes(info).chunks(1 << 20) {
+            for (i, piece) in ckpt.bytes(info).chunks(PIECE).enumerate() {
                 out.write_all(piece)?;
+                ckpt.release_range(info, i * PIECE, piece.len());
                 if let Some(bar) = bar {
                     bar.inc(piece.len() as u64);
                 }
             }
-            ckpt.release(info);
         }
         Ok(())
     })();
