@@ -86,6 +86,7 @@ struct Inner {
     sessions: SessionStore,
     hop_timeout: Duration,
     channels: Mutex<HashMap<String, Channel>>,
+    forwards: std::sync::atomic::AtomicU64,
 }
 
 fn sampling_of(p: Option<&SamplingParams>) -> SamplingConfig {
@@ -108,6 +109,7 @@ impl ComputeService {
                 sessions: SessionStore::new(cfg.session_idle, cfg.kv_cap_bytes),
                 hop_timeout: cfg.hop_timeout,
                 channels: Mutex::new(HashMap::new()),
+                forwards: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -225,6 +227,7 @@ impl Compute for ComputeService {
             )));
         }
         let out = self.run_local(&req).await?;
+        self.inner.forwards.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let compute_ms = started.elapsed().as_secs_f64() * 1e3;
         let me = |total_ms: f64| HopTiming {
             node_id: self.inner.node_id.clone(),
@@ -299,6 +302,7 @@ impl Compute for ComputeService {
             sessions: sessions as u32,
             kv_cache_bytes: bytes as u64,
             serving: true,
+            forwards: self.inner.forwards.load(std::sync::atomic::Ordering::Relaxed),
         }))
     }
 }
@@ -440,6 +444,7 @@ pub async fn run(
     };
     let server = tokio::spawn(
         tonic::transport::Server::builder()
+            .tcp_nodelay(true)
             .add_service(ComputeServer::new(service.clone()))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown),
     );

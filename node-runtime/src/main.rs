@@ -114,9 +114,12 @@ fn init_logging(format: LogFormat) {
 
 async fn bind(host: &str, port: u16) -> Result<TcpListener> {
     let addr: SocketAddr = format!("{host}:{port}").parse().with_context(|| format!("--host {host} is not an IP address"))?;
-    TcpListener::bind(addr)
+    let listener = TcpListener::bind(addr)
         .await
-        .with_context(|| format!("cannot listen on {addr}: is another process using port {port}? pick another --port"))
+        .with_context(|| format!("cannot listen on {addr}: is another process using port {port}? pick another --port"))?;
+    // One machine-readable line, so a launcher that passed --port 0 learns the port.
+    println!("listening {}", listener.local_addr()?);
+    Ok(listener)
 }
 
 async fn run_registry(a: RegistryArgs) -> Result<()> {

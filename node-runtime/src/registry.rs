@@ -124,6 +124,7 @@ fn load_models(dir: &Path) -> Result<BTreeMap<String, ServedModel>> {
             tokenizer_json: read("tokenizer.json"),
             tokenizer_config_json: read("tokenizer_config.json"),
             generation_config_json: read("generation_config.json"),
+            chat_template: read("chat_template.jinja"),
         };
         models.insert(manifest.model_id.clone(), ServedModel { manifest, response });
     }
@@ -437,6 +438,7 @@ pub async fn run(
     };
     tracing::info!(address = %listener.local_addr()?, "registry serving");
     let result = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
         .add_service(RegistryServer::new(service))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;

@@ -1,1 +1,241 @@
-//! Client library: discover, route, tokenize, generate.
+//! The client library `unfedctl chat` and the web dashboard share: discover the nodes
+//! of a model, pick a route (one replica per shard), and generate token by token.
+
+pub mod text;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use rand::seq::IndexedRandom;
+use tonic::transport::{Channel, Endpoint};
+use unfed_model::Manifest;
+use unfed_proto::compute_client::ComputeClient;
+use unfed_proto::registry_client::RegistryClient;
+use unfed_proto::*;
+
+pub use text::TextCodec;
+
+/// Sampling and stopping of one generation.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Stop after an EOS token (it is included in the output).
+    pub stop_on_eos: bool,
+    pub hidden_dtype: DType,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            max_tokens: 128,
+            sampling: SamplingParams::default(),
+            stop_on_eos: true,
+            hidden_dtype: DType::DtypeF32,
+        }
+    }
+}
+
+/// What a generation produced and how fast.
+#[derive(Debug, Clone, Default)]
+pub struct GenerateOutput {
+    pub tokens: Vec<u32>,
+    pub prompt_tokens: usize,
+    /// Request sent → first token back (the prompt step).
+    pub ttft_ms: f64,
+    pub total_ms: f64,
+    /// Sum over steps, per hop (route order).
+    pub hops: Vec<HopTiming>,
+    pub route: Vec<Hop>,
+    pub stopped_on_eos: bool,
+}
+
+impl GenerateOutput {
+    /// Tokens per second after the first one (decode speed).
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        let n = self.tokens.len().saturating_sub(1);
+        let ms = self.total_ms - self.ttft_ms;
+        if n == 0 || ms <= 0.0 { 0.0 } else { n as f64 * 1e3 / ms }
+    }
+
+    /// Tokens per second over the whole request.
+    pub fn tokens_per_s(&self) -> f64 {
+        if self.total_ms <= 0.0 { 0.0 } else { self.tokens.len() as f64 * 1e3 / self.total_ms }
+    }
+}
+
+pub struct Client {
+    registry_addr: String,
+    registry: RegistryClient<Channel>,
+    /// Timeout of one step through the whole route.
+    pub step_timeout: Duration,
+}
+
+fn endpoint(addr: &str, timeout: Duration) -> Result<Endpoint> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))
+        .with_context(|| format!("{addr} is not a host:port address"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(timeout)
+        .tcp_nodelay(true))
+}
+
+impl Client {
+    pub async fn connect(registry: &str) -> Result<Self> {
+        let channel = endpoint(registry, Duration::from_secs(10))?.connect().await.with_context(|| {
+            format!("cannot reach the registry at {registry}; is `unfed-node registry` running there?")
+        })?;
+        Ok(Self {
+            registry_addr: registry.to_string(),
+            registry: RegistryClient::new(channel),
+            step_timeout: Duration::from_secs(60),
+        })
+    }
+
+    pub async fn list_models(&mut self) -> Result<Vec<ModelStatus>> {
+        Ok(self.registry.list_models(ListModelsRequest {}).await.context("ListModels failed")?.into_inner().models)
+    }
+
+    pub async fn pool_health(&mut self, model: &str) -> Result<Vec<ShardHealth>> {
+        let req = GetPoolHealthRequest { model: model.to_string() };
+        Ok(self.registry.get_pool_health(req).await.context("GetPoolHealth failed")?.into_inner().shards)
+    }
+
+    /// The model's status, or an error saying why it cannot serve.
+    pub async fn require_ready(&mut self, model: &str) -> Result<ModelStatus> {
+        let models = self.list_models().await?;
+        let Some(status) = models.iter().find(|m| m.model == model) else {
+            let known: Vec<&str> = models.iter().map(|m| m.model.as_str()).collect();
+            bail!(
+                "unknown model `{model}`: the registry at {} serves {}; pick one with --model",
+                self.registry_addr,
+                if known.is_empty() { "no model yet".to_string() } else { known.join(", ") }
+            );
+        };
+        if status.state != ModelState::Ready as i32 {
+            bail!(
+                "model `{model}` is INCOMPLETE ({}): {}; start the missing nodes and check `unfedctl models --registry {}`",
+                status.reason,
+                status.message,
+                self.registry_addr
+            );
+        }
+        Ok(status.clone())
+    }
+
+    /// One live replica per text shard, in shard order (chosen at random among replicas).
+    pub async fn route(&mut self, model: &str) -> Result<Vec<Hop>> {
+        let status = self.require_ready(model).await?;
+        let nodes = self
+            .registry
+            .discover(DiscoverRequest { model: model.to_string() })
+            .await
+            .context("Discover failed")?
+            .into_inner()
+            .nodes;
+        let mut by_shard: BTreeMap<u32, Vec<&NodeInfo>> = BTreeMap::new();
+        for n in nodes.iter().filter(|n| n.role == "compute" && n.stack == Stack::Text as i32 && n.model == model) {
+            by_shard.entry(n.shard_index).or_default().push(n);
+        }
+        let mut route = Vec::new();
+        for i in 0..status.text_shards_total {
+            let Some(n) = by_shard.get(&i).and_then(|v| v.choose(&mut rand::rng())) else {
+                bail!("text shard {i} of `{model}` has no live node; the registry's view changed, retry");
+            };
+            route.push(Hop { node_id: n.node_id.clone(), address: n.address.clone(), shard_index: i });
+        }
+        Ok(route)
+    }
+
+    pub async fn manifest(&mut self, model: &str) -> Result<(Manifest, GetManifestResponse)> {
+        let resp = self
+            .registry
+            .get_manifest(GetManifestRequest { model: model.to_string() })
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+            .into_inner();
+        let manifest: Manifest =
+            serde_json::from_str(&resp.manifest_json).context("the registry served a manifest that does not parse")?;
+        Ok((manifest, resp))
+    }
+
+    /// Generates from `prompt_ids`, calling `on_token` as each token arrives.
+    pub async fn generate(
+        &mut self,
+        model: &str,
+        prompt_ids: &[u32],
+        opts: &GenerateOptions,
+        mut on_token: impl FnMut(u32),
+    ) -> Result<GenerateOutput> {
+        if prompt_ids.is_empty() {
+            bail!("the prompt is empty: nothing to generate from");
+        }
+        if let Ok((manifest, _)) = self.manifest(model).await {
+            let ctx = manifest.config.text.max_position_embeddings;
+            if prompt_ids.len() + opts.max_tokens > ctx {
+                bail!(
+                    "the prompt has {} tokens and --max-tokens is {}, together more than the model's context of {ctx} tokens; shorten the prompt or lower --max-tokens",
+                    prompt_ids.len(),
+                    opts.max_tokens
+                );
+            }
+        }
+        let route = self.route(model).await?;
+        let entry = route[0].clone();
+        let channel = endpoint(&entry.address, self.step_timeout)?.connect_lazy();
+        let mut compute = ComputeClient::new(channel);
+        let session_id = hex::encode(rand::random::<[u8; 16]>());
+        let penalty = opts.sampling.repetition_penalty > 0.0 && opts.sampling.repetition_penalty != 1.0;
+        let mut out = GenerateOutput { prompt_tokens: prompt_ids.len(), route: route.clone(), ..Default::default() };
+        let start = Instant::now();
+        let mut input = prompt_ids.to_vec();
+        let mut position = 0u32;
+        for step in 0..opts.max_tokens as u32 {
+            let req = ForwardRequest {
+                model_id: model.to_string(),
+                session_id: session_id.clone(),
+                step,
+                position,
+                input: Some(forward_request::Input::Tokens(TokenIds { ids: input.clone() })),
+                sampling: Some(opts.sampling),
+                route: route[1..].to_vec(),
+                penalty_tokens: if penalty { input.clone() } else { Vec::new() },
+                hidden_dtype: opts.hidden_dtype as i32,
+            };
+            let resp = match compute.forward(req).await {
+                Ok(r) => r.into_inner(),
+                Err(s) => {
+                    let msg = if s.message().starts_with("node ") {
+                        s.message().to_string()
+                    } else {
+                        format!("node {} (shard 0) at {}: {}", entry.node_id, entry.address, s.message())
+                    };
+                    bail!("generation failed at step {step}: {msg}");
+                }
+            };
+            if step == 0 {
+                out.ttft_ms = start.elapsed().as_secs_f64() * 1e3;
+            }
+            if out.hops.is_empty() {
+                out.hops = resp.timings.clone();
+            } else {
+                for (acc, t) in out.hops.iter_mut().zip(&resp.timings) {
+                    acc.compute_ms += t.compute_ms;
+                    acc.total_ms += t.total_ms;
+                }
+            }
+            position += input.len() as u32;
+            out.tokens.push(resp.token_id);
+            on_token(resp.token_id);
+            if opts.stop_on_eos && resp.is_eos {
+                out.stopped_on_eos = true;
+                break;
+            }
+            input = vec![resp.token_id];
+        }
+        out.total_ms = start.elapsed().as_secs_f64() * 1e3;
+        // Free the KV caches now rather than at the idle timeout; failures only delay that.
+        let _ = compute.end_session(EndSessionRequest { session_id, route: route[1..].to_vec() }).await;
+        Ok(out)
+    }
+}

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub mod net;
+
 #[derive(Deserialize)]
 pub struct Reference {
     pub cases: Vec<Case>,

@@ -1,0 +1,112 @@
+//! Text in and out: the tokenizer, the chat template, and incremental decoding.
+
+use anyhow::{Context, Result, anyhow};
+use tokenizers::Tokenizer;
+use unfed_proto::GetManifestResponse;
+
+pub struct TextCodec {
+    tokenizer: Tokenizer,
+    chat_template: Option<String>,
+    bos_token: String,
+    eos_token: String,
+}
+
+/// A special token from tokenizer_config.json: a string or `{ "content": ... }`.
+fn special(cfg: &serde_json::Value, key: &str) -> String {
+    match cfg.get(key) {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(v) => v.get("content").and_then(|c| c.as_str()).unwrap_or_default().to_string(),
+        None => String::new(),
+    }
+}
+
+impl TextCodec {
+    /// From the files the registry serves beside the manifest.
+    pub fn from_manifest_files(files: &GetManifestResponse, model: &str) -> Result<Self> {
+        if files.tokenizer_json.is_empty() {
+            anyhow::bail!(
+                "the registry has no tokenizer.json for `{model}`: copy the checkpoint's tokenizer.json into the split directory"
+            );
+        }
+        let tokenizer = Tokenizer::from_bytes(files.tokenizer_json.as_bytes())
+            .map_err(|e| anyhow!("tokenizer.json of `{model}` does not load: {e}"))?;
+        let cfg: serde_json::Value = if files.tokenizer_config_json.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_str(&files.tokenizer_config_json).context("tokenizer_config.json does not parse")?
+        };
+        let chat_template = if !files.chat_template.is_empty() {
+            Some(files.chat_template.clone())
+        } else {
+            cfg.get("chat_template").and_then(|t| t.as_str()).map(str::to_string)
+        };
+        Ok(Self { tokenizer, chat_template, bos_token: special(&cfg, "bos_token"), eos_token: special(&cfg, "eos_token") })
+    }
+
+    pub fn has_chat_template(&self) -> bool {
+        self.chat_template.is_some()
+    }
+
+    /// The prompt as the model expects it: wrapped in the chat template for instruct
+    /// models (one user turn, generation prompt added) unless `raw`.
+    pub fn render_prompt(&self, user: &str, raw: bool) -> Result<String> {
+        match (&self.chat_template, raw) {
+            (Some(t), false) => {
+                let mut env = minijinja::Environment::new();
+                minijinja_contrib::add_to_environment(&mut env);
+                env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+                env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
+                    Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+                });
+                env.add_template("chat", t).context("the model's chat template does not parse")?;
+                let ctx = minijinja::context! {
+                    messages => vec![minijinja::context! { role => "user", content => user }],
+                    add_generation_prompt => true,
+                    bos_token => self.bos_token.clone(),
+                    eos_token => self.eos_token.clone(),
+                };
+                Ok(env.get_template("chat")?.render(ctx).context("rendering the chat template failed")?)
+            }
+            _ => Ok(user.to_string()),
+        }
+    }
+
+    /// Token ids of a prompt. The chat template writes its own special tokens; a raw
+    /// prompt gets the tokenizer's post-processing (as `tokenizer(prompt)` does).
+    pub fn encode_prompt(&self, user: &str, raw: bool) -> Result<Vec<u32>> {
+        let text = self.render_prompt(user, raw)?;
+        let templated = self.chat_template.is_some() && !raw;
+        let enc = self.tokenizer.encode(text, !templated).map_err(|e| anyhow!("tokenizing the prompt failed: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer.decode(ids, true).map_err(|e| anyhow!("decoding tokens failed: {e}"))
+    }
+}
+
+/// Turns a growing token list into text deltas, holding back an incomplete UTF-8
+/// sequence (shown as U+FFFD) until the next token completes it.
+pub struct IncrementalDecoder<'a> {
+    codec: &'a TextCodec,
+    ids: Vec<u32>,
+    emitted: usize,
+}
+
+impl<'a> IncrementalDecoder<'a> {
+    pub fn new(codec: &'a TextCodec) -> Self {
+        Self { codec, ids: Vec::new(), emitted: 0 }
+    }
+
+    /// The new text after adding `id` (possibly empty).
+    pub fn push(&mut self, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let text = self.codec.decode(&self.ids)?;
+        if text.ends_with('\u{FFFD}') || text.len() < self.emitted || !text.is_char_boundary(self.emitted) {
+            return Ok(String::new());
+        }
+        let delta = text[self.emitted..].to_string();
+        self.emitted = text.len();
+        Ok(delta)
+    }
+}

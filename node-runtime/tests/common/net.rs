@@ -1,0 +1,168 @@
+//! Real `unfed-node` processes on loopback for the network tests.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use unfed_model::split::{SplitOptions, split};
+use unfed_node::client::Client;
+use unfed_proto::ModelState;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_unfed-node");
+
+/// A child process killed when dropped; stderr goes to a log file kept for failures.
+pub struct Node {
+    pub child: Child,
+    pub address: String,
+    pub log: PathBuf,
+    pub args: Vec<String>,
+}
+
+impl Node {
+    /// Starts `unfed-node ARGS` and waits for its "listening ADDR" line.
+    pub fn start(args: &[String], log: PathBuf) -> Node {
+        let err = std::fs::File::create(&log).unwrap();
+        let mut child = Command::new(BIN)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(err)
+            .spawn()
+            .expect("spawn unfed-node");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let Some(address) = line.trim().strip_prefix("listening ") else {
+            let _ = child.kill();
+            panic!("unfed-node {args:?} did not start: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        };
+        Node { address: address.to_string(), child, log, args: args.to_vec() }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "node did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn port(&self) -> String {
+        self.address.rsplit(':').next().unwrap().to_string()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A registry and compute nodes over a temp dir of splits.
+pub struct Net {
+    pub dir: tempfile::TempDir,
+    pub registry: Node,
+    pub computes: Vec<Node>,
+}
+
+pub fn s(v: &str) -> String {
+    v.to_string()
+}
+
+/// Splits `checkpoint` into `shards` text shards under `root/model_id`.
+pub fn split_into(checkpoint: &Path, root: &Path, model_id: &str, shards: usize) -> PathBuf {
+    let out = root.join(model_id);
+    let opts = SplitOptions { text_shards: shards, model_id: Some(model_id.to_string()), ..Default::default() };
+    split(checkpoint, &out, &opts).unwrap_or_else(|e| panic!("split {} into {shards}: {e}", checkpoint.display()));
+    out
+}
+
+impl Net {
+    /// A temp dir whose `splits/` the registry will serve; split models into it first.
+    pub fn prepare() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("splits")).unwrap();
+        dir
+    }
+
+    /// A registry over `dir/splits` (every split under it is served).
+    pub fn registry(dir: tempfile::TempDir) -> Net {
+        let splits = dir.path().join("splits");
+        let args = vec![
+            s("registry"),
+            s("--port"),
+            s("0"),
+            s("--heartbeat-secs"),
+            s("1"),
+            s("--shards-dir"),
+            splits.display().to_string(),
+        ];
+        let registry = Node::start(&args, dir.path().join("registry.log"));
+        Net { dir, registry, computes: Vec::new() }
+    }
+
+    pub fn splits(&self) -> PathBuf {
+        self.dir.path().join("splits")
+    }
+
+    pub fn compute_args(&self, model_id: &str, shard: usize, port: &str) -> Vec<String> {
+        vec![
+            s("compute"),
+            s("--shard-index"),
+            shard.to_string(),
+            s("--port"),
+            s(port),
+            s("--shards-dir"),
+            self.splits().join(model_id).display().to_string(),
+            s("--registry"),
+            self.registry.address.clone(),
+            s("--heartbeat-secs"),
+            s("1"),
+            s("--hop-timeout-secs"),
+            s("4"),
+        ]
+    }
+
+    /// Starts a compute node for `shard` of `model_id`; returns its index in `computes`.
+    pub fn compute(&mut self, model_id: &str, shard: usize) -> usize {
+        let args = self.compute_args(model_id, shard, "0");
+        let log = self.dir.path().join(format!("{model_id}-{shard}-{}.log", self.computes.len()));
+        self.computes.push(Node::start(&args, log));
+        self.computes.len() - 1
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.registry.address).await.unwrap()
+    }
+
+    /// Polls until the registry reports `model` READY with `nodes` nodes.
+    pub async fn wait_ready(&self, model: &str, nodes: u32) {
+        let mut client = self.client().await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let models = client.list_models().await.unwrap();
+            if models.iter().any(|m| m.model == model && m.state == ModelState::Ready as i32 && m.nodes == nodes) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{model} never became READY with {nodes} nodes: {models:?}\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for n in std::iter::once(&self.registry).chain(&self.computes) {
+            out += &format!("--- {}\n{}\n", n.log.display(), std::fs::read_to_string(&n.log).unwrap_or_default());
+        }
+        out
+    }
+}
