@@ -21,6 +21,7 @@ const FIXTURES: &[&str] = &[
     "llama-f32",
     "llama-bf16",
     "mistral-f32",
+    "idefics3-f32",
 ];
 
 fn opts(n: usize) -> SplitOptions {
@@ -54,14 +55,12 @@ fn every_fixture_splits_and_verifies() {
         assert_eq!(m.model_id, *name);
         assert_eq!(m.text_shards().count(), 3, "never changes N");
         let layers = cfg.text.num_hidden_layers;
-        let covered: usize = m.shards.iter().map(|s| s.layer_end - s.layer_start).sum();
-        assert_eq!(covered, layers);
-        // Uneven split (4 or 5 or 6 layers into 3): the first shards take the extra.
         let sizes: Vec<usize> = m
-            .shards
-            .iter()
+            .text_shards()
             .map(|s| s.layer_end - s.layer_start)
             .collect();
+        assert_eq!(sizes.iter().sum::<usize>(), layers);
+        // Uneven split (4 or 5 or 6 layers into 3): the first shards take the extra.
         assert!(
             sizes.windows(2).all(|w| w[0] >= w[1] && w[0] - w[1] <= 1),
             "{sizes:?}"
@@ -282,4 +281,75 @@ fn manifest_has_no_paths_and_lists_vision_none() {
     let text = std::fs::read_to_string(out.join("manifest.json")).unwrap();
     assert!(!text.contains(tmp.path().to_str().unwrap()));
     assert!(!text.contains("fixtures"));
+}
+
+#[test]
+fn idefics3_vision_shards_hold_embeddings_encoder_and_connector() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let m = split(
+        &fixture("idefics3-f32"),
+        &out,
+        &SplitOptions {
+            text_shards: 2,
+            vision_shards: Some(2),
+            ..SplitOptions::default()
+        },
+    )
+    .unwrap();
+    assert!(verify(&out).is_empty(), "{:?}", verify(&out));
+    let vision: Vec<_> = m.vision_shards().collect();
+    assert_eq!(vision.len(), 2);
+    assert_eq!((vision[0].layer_start, vision[0].layer_end), (0, 2));
+    assert_eq!((vision[1].layer_start, vision[1].layer_end), (2, 3));
+    assert_eq!(vision[0].file, "vision_shard_0.safetensors");
+    let has = |s: &unfed_model::ShardEntry, n: &str| s.tensors.iter().any(|t| t.name == n);
+    assert!(has(
+        vision[0],
+        "model.vision_model.embeddings.patch_embedding.weight"
+    ));
+    assert!(has(
+        vision[0],
+        "model.vision_model.embeddings.position_embedding.weight"
+    ));
+    assert!(has(
+        vision[0],
+        "model.vision_model.encoder.layers.1.mlp.fc2.bias"
+    ));
+    assert!(!has(
+        vision[0],
+        "model.vision_model.encoder.layers.2.mlp.fc2.bias"
+    ));
+    assert!(has(vision[1], "model.vision_model.post_layernorm.weight"));
+    assert!(has(
+        vision[1],
+        "model.connector.modality_projection.proj.weight"
+    ));
+    let text: Vec<_> = m.text_shards().collect();
+    assert!(has(text[0], "model.text_model.embed_tokens.weight"));
+    assert!(has(text[1], "model.text_model.norm.weight"));
+    assert!(has(text[1], "lm_head.weight"));
+    // Every source tensor is in exactly one shard.
+    let src = Checkpoint::open(&fixture("idefics3-f32")).unwrap();
+    let total: usize = m.shards.iter().map(|s| s.tensors.len()).sum();
+    assert_eq!(total, src.tensors().count());
+    let v = m.config.vision.as_ref().unwrap();
+    assert_eq!((v.scale_factor, v.image_size, v.patch_size), (2, 64, 16));
+
+    // More vision shards than encoder layers is refused.
+    let err = split(
+        &fixture("idefics3-f32"),
+        &tmp.path().join("out2"),
+        &SplitOptions {
+            text_shards: 1,
+            vision_shards: Some(4),
+            ..SplitOptions::default()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("--vision-shards 4: the model has only 3 vision encoder layers"),
+        "{err}"
+    );
 }
