@@ -7,7 +7,7 @@ pub mod process;
 pub mod state;
 pub mod steps;
 
-use std::process::{Child, ExitCode};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -49,71 +49,65 @@ fn unsupported(plan: &LaunchPlan) -> Vec<String> {
     out
 }
 
-/// A started testnet: its processes in start order, for teardown.
-struct Running {
-    state: RunState,
-    children: Vec<Option<Child>>,
+/// Record what a step produced and persist it, with every process started so far.
+fn record(ctx: &Context, state: &mut RunState, outcome: Outcome) -> anyhow::Result<()> {
+    if let Some(chain) = outcome.chain {
+        state.chain = Some(chain);
+    }
+    if let Some(registry) = outcome.registry {
+        state.registry = Some(registry);
+    }
+    if let Some(model) = outcome.model_id {
+        state.model_id = Some(model);
+    }
+    state.processes = ctx.running.lock().unwrap().processes.clone();
+    state.save(&ctx.plan.run_dir)
 }
 
-impl Running {
-    fn record(&mut self, run_dir: &std::path::Path, outcome: Outcome) -> anyhow::Result<()> {
-        if let Some((record, child)) = outcome.process {
-            self.state.processes.push(record);
-            self.children.push(child);
+/// Stop every process, newest first, and reap our children.
+fn teardown(ctx: &Context, state: &mut RunState) {
+    let mut running = ctx.running.lock().unwrap();
+    let running = &mut *running;
+    for (record, child) in running
+        .processes
+        .iter()
+        .zip(running.children.iter_mut())
+        .rev()
+    {
+        let killed = process::stop(record.pid, STOP_GRACE);
+        if let Some(child) = child {
+            let _ = child.wait();
         }
-        if let Some(chain) = outcome.chain {
-            self.state.chain = Some(chain);
-        }
-        if let Some(registry) = outcome.registry {
-            self.state.registry = Some(registry);
-        }
-        if let Some(model) = outcome.model_id {
-            self.state.model_id = Some(model);
-        }
-        self.state.save(run_dir)
-    }
-
-    /// Stop every process, newest first, and reap our children.
-    fn teardown(&mut self, run_dir: &std::path::Path) {
-        for (record, child) in self
-            .state
-            .processes
-            .iter()
-            .zip(self.children.iter_mut())
-            .rev()
-        {
-            let killed = process::stop(record.pid, STOP_GRACE);
-            if let Some(child) = child {
-                let _ = child.wait();
+        println!(
+            "  stopped {}{}",
+            record.name,
+            if killed {
+                " (killed after the grace period)"
+            } else {
+                ""
             }
-            println!(
-                "  stopped {}{}",
-                record.name,
-                if killed {
-                    " (killed after the grace period)"
-                } else {
-                    ""
-                }
-            );
-        }
-        self.state.processes.clear();
-        self.children.clear();
-        let _ = self.state.save(run_dir);
+        );
     }
+    running.processes.clear();
+    running.children.clear();
+    state.processes.clear();
+    let _ = state.save(&ctx.plan.run_dir);
+}
 
-    /// The first child that exited on its own, if any.
-    fn exited(&mut self) -> Option<(String, std::path::PathBuf)> {
-        for (record, child) in self.state.processes.iter().zip(self.children.iter_mut()) {
-            let gone = match child {
-                Some(c) => !matches!(c.try_wait(), Ok(None)),
-                None => !process::alive(record.pid),
-            };
-            if gone {
-                return Some((record.name.clone(), record.log.clone()));
-            }
+/// The first process that exited on its own, if any.
+fn exited(ctx: &Context) -> Option<(String, std::path::PathBuf)> {
+    let mut running = ctx.running.lock().unwrap();
+    let running = &mut *running;
+    for (record, child) in running.processes.iter().zip(running.children.iter_mut()) {
+        let gone = match child {
+            Some(c) => !matches!(c.try_wait(), Ok(None)),
+            None => !process::alive(record.pid),
+        };
+        if gone {
+            return Some((record.name.clone(), record.log.clone()));
         }
-        None
     }
+    None
 }
 
 pub async fn up(loaded: LoadedSpec, plan: LaunchPlan, opts: UpOptions) -> anyhow::Result<ExitCode> {
@@ -151,34 +145,32 @@ pub async fn up(loaded: LoadedSpec, plan: LaunchPlan, opts: UpOptions) -> anyhow
         loaded,
         plan,
         ready_timeout: opts.wait_timeout,
+        running: Default::default(),
     };
     let started = Instant::now();
-    let mut running = Running {
-        state: RunState {
-            name: ctx.plan.name.clone(),
-            spec: ctx.plan.spec.clone(),
-            ..RunState::default()
-        },
-        children: Vec::new(),
+    let mut state = RunState {
+        name: ctx.plan.name.clone(),
+        spec: ctx.plan.spec.clone(),
+        ..RunState::default()
     };
-    running.state.save(&run_dir)?;
+    state.save(&run_dir)?;
     println!(
         "starting testnet '{}' (run dir {})",
         ctx.plan.name,
         run_dir.display()
     );
 
-    let walk = walk(&ctx, &mut running, started);
+    let walk = walk(&ctx, &mut state, started);
     let result = tokio::select! {
         r = walk => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
     if let Err(err) = result {
         println!("tearing down");
-        running.teardown(&run_dir);
+        teardown(&ctx, &mut state);
         return Err(err);
     }
-    print_summary(&ctx, &running.state, started.elapsed());
+    print_summary(&ctx, &state, started.elapsed());
     if opts.detach {
         return Ok(ExitCode::SUCCESS);
     }
@@ -187,14 +179,14 @@ pub async fn up(loaded: LoadedSpec, plan: LaunchPlan, opts: UpOptions) -> anyhow
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break None,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                if let Some(exited) = running.exited() {
+                if let Some(exited) = exited(&ctx) {
                     break Some(exited);
                 }
             }
         }
     };
     println!("\nstopping");
-    running.teardown(&run_dir);
+    teardown(&ctx, &mut state);
     match why {
         None => Ok(ExitCode::SUCCESS),
         Some((name, log)) => {
@@ -209,11 +201,11 @@ pub async fn up(loaded: LoadedSpec, plan: LaunchPlan, opts: UpOptions) -> anyhow
 }
 
 /// Run every wave; the steps of a wave run concurrently.
-async fn walk(ctx: &Context, running: &mut Running, started: Instant) -> anyhow::Result<()> {
+async fn walk(ctx: &Context, state: &mut RunState, started: Instant) -> anyhow::Result<()> {
     for (_, wave) in ctx.plan.waves() {
         let inputs = Inputs {
-            chain: running.state.chain.clone(),
-            registry: running.state.registry.clone(),
+            chain: state.chain.clone(),
+            registry: state.registry.clone(),
         };
         let results = join_all(wave.iter().map(|step| {
             let inputs = inputs.clone();
@@ -227,19 +219,14 @@ async fn walk(ctx: &Context, running: &mut Running, started: Instant) -> anyhow:
         for (step, result, took) in results {
             match result {
                 Ok(outcome) => {
-                    let port = outcome
-                        .process
-                        .as_ref()
-                        .and_then(|(p, _)| p.port)
-                        .map(|p| format!(" :{p}"))
-                        .unwrap_or_default();
+                    let port = outcome.port.map(|p| format!(" :{p}")).unwrap_or_default();
                     println!(
                         "  [{:>6.2}s] {:<12} ready in {:.2}s{port}",
                         started.elapsed().as_secs_f64(),
                         step.name,
                         took.as_secs_f64()
                     );
-                    running.record(&ctx.plan.run_dir, outcome)?;
+                    record(ctx, state, outcome)?;
                 }
                 Err(err) => {
                     let mut message = format!("step '{}' failed: {err:#}", step.name);
@@ -258,12 +245,12 @@ async fn walk(ctx: &Context, running: &mut Running, started: Instant) -> anyhow:
             bail!(message);
         }
     }
-    wait_ready(ctx, running).await
+    wait_ready(ctx, state).await
 }
 
 /// The launch is done when the registry says the model is READY.
-async fn wait_ready(ctx: &Context, running: &Running) -> anyhow::Result<()> {
-    let (Some(registry), Some(model)) = (&running.state.registry, &running.state.model_id) else {
+async fn wait_ready(ctx: &Context, state: &RunState) -> anyhow::Result<()> {
+    let (Some(registry), Some(model)) = (&state.registry, &state.model_id) else {
         return Ok(());
     };
     let mut client = unfed_node::client::Client::connect(registry).await?;

@@ -9,6 +9,9 @@ use unfed_chain::{
     Address, Chain, Deployment, EscrowParams, PrivateKeySigner, SlashDestination, U256,
 };
 
+use unfed_proto::registry_client::RegistryClient;
+use unfed_proto::{DiscoverRequest, ListModelsRequest};
+
 use super::node_cmd::NodeCommand;
 use super::process;
 use super::state::{ChainRecord, ProcessRecord, WalletRecord};
@@ -24,6 +27,24 @@ pub struct Context {
     pub plan: LaunchPlan,
     pub node: NodeCommand,
     pub ready_timeout: Duration,
+    /// Every process started so far, recorded the moment it is spawned (before it is
+    /// ready), so an interrupted or failed launch can stop it too.
+    pub running: std::sync::Mutex<Running>,
+}
+
+/// Started processes in start order, with the child handles we can reap.
+#[derive(Default)]
+pub struct Running {
+    pub processes: Vec<ProcessRecord>,
+    pub children: Vec<Option<Child>>,
+}
+
+impl Running {
+    fn add(&mut self, record: ProcessRecord, child: Option<Child>) -> usize {
+        self.processes.push(record);
+        self.children.push(child);
+        self.processes.len() - 1
+    }
 }
 
 impl Context {
@@ -35,10 +56,10 @@ impl Context {
     }
 }
 
-/// What a finished step leaves behind.
+/// What a finished step leaves behind (its process, if any, is already in `Context::running`).
 #[derive(Default)]
 pub struct Outcome {
-    pub process: Option<(ProcessRecord, Option<Child>)>,
+    pub port: Option<u16>,
     pub chain: Option<ChainRecord>,
     pub registry: Option<String>,
     pub model_id: Option<String>,
@@ -109,8 +130,9 @@ async fn start_anvil(ctx: &Context, step: &Step) -> anyhow::Result<Outcome> {
         shard: None,
         eth_address: None,
     };
+    ctx.running.lock().unwrap().add(process, None);
     Ok(Outcome {
-        process: Some((process, None)),
+        port: Some(port),
         chain: Some(record),
         ..Outcome::default()
     })
@@ -262,48 +284,61 @@ async fn gas_needed(chain: &Chain, who: Address) -> anyhow::Result<U256> {
 /// Split the spec's model into `dir`, unless `dir` already holds a split of the same source.
 fn split_cached(loaded: &LoadedSpec, dir: &Path) -> anyhow::Result<String> {
     let spec = &loaded.spec;
-    let source_dir = match &spec.model.path {
-        Some(path) => loaded.resolve(path),
+    let shape = format!(
+        "text={} vision={}\n",
+        spec.model.text_shards, spec.model.vision_shards
+    );
+    let (source_dir, stamp) = match &spec.model.path {
+        Some(path) => {
+            let source = loaded.resolve(path);
+            let stamp = shape + &source_stamp(&source)?;
+            (source, stamp)
+        }
+        // Deterministic for a given unfedctl version, so the version is its identity.
         None => {
-            let dir = dir.with_file_name("builtin-tiny");
-            unfed_model::builtin::write_tiny(&dir).context("writing the built-in model")?;
-            dir
+            let version = env!("CARGO_PKG_VERSION");
+            (
+                dir.with_file_name("builtin-tiny"),
+                format!("{shape}builtin:tiny {version}\n"),
+            )
         }
     };
-    let stamp = source_stamp(
-        &source_dir,
-        spec.model.text_shards,
-        spec.model.vision_shards,
-    )?;
     let stamp_file = dir.join(".source-stamp");
     let manifest_file = dir.join(unfed_model::manifest::MANIFEST_FILE);
-    if std::fs::read_to_string(&stamp_file).ok().as_deref() == Some(stamp.as_str())
-        && manifest_file.is_file()
-    {
+    let cached = std::fs::read_to_string(&stamp_file).ok().as_deref() == Some(stamp.as_str());
+    if cached && manifest_file.is_file() {
         let manifest: unfed_model::Manifest =
             serde_json::from_slice(&std::fs::read(&manifest_file)?)?;
         return Ok(manifest.model_id);
     }
-    if dir.exists() {
-        std::fs::remove_dir_all(dir)
-            .with_context(|| format!("removing the stale split {}", dir.display()))?;
+    for stale in [
+        Some(dir),
+        spec.model.path.is_none().then_some(source_dir.as_path()),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if stale.exists() {
+            std::fs::remove_dir_all(stale)
+                .with_context(|| format!("removing {}", stale.display()))?;
+        }
     }
-    let manifest = unfed_model::split::split(
-        &source_dir,
-        dir,
-        &unfed_model::split::SplitOptions {
-            text_shards: spec.model.text_shards,
-            vision_shards: Some(spec.model.vision_shards),
-            model_id: None,
-            progress: false,
-        },
-    )?;
+    if spec.model.path.is_none() {
+        unfed_model::builtin::write_tiny(&source_dir).context("writing the built-in model")?;
+    }
+    let options = unfed_model::split::SplitOptions {
+        text_shards: spec.model.text_shards,
+        vision_shards: Some(spec.model.vision_shards),
+        model_id: None,
+        progress: false,
+    };
+    let manifest = unfed_model::split::split(&source_dir, dir, &options)?;
     std::fs::write(&stamp_file, stamp)?;
     Ok(manifest.model_id)
 }
 
-/// Identifies a split's input: the source files' names, sizes and mtimes, and the shard counts.
-fn source_stamp(dir: &Path, text: usize, vision: usize) -> anyhow::Result<String> {
+/// Identifies a checkpoint directory by its files' names, sizes and mtimes.
+fn source_stamp(dir: &Path) -> anyhow::Result<String> {
     let mut entries: Vec<String> = std::fs::read_dir(dir)
         .with_context(|| format!("cannot read the model directory {}", dir.display()))?
         .filter_map(Result::ok)
@@ -313,30 +348,60 @@ fn source_stamp(dir: &Path, text: usize, vision: usize) -> anyhow::Result<String
                 .modified()
                 .ok()?
                 .duration_since(std::time::UNIX_EPOCH)
-                .ok()?
-                .as_nanos();
+                .ok()?;
+            let name = e.file_name();
             Some(format!(
-                "{}:{}:{mtime}",
-                e.file_name().to_string_lossy(),
-                meta.len()
+                "{}:{}:{}",
+                name.to_string_lossy(),
+                meta.len(),
+                mtime.as_nanos()
             ))
         })
         .collect();
     entries.sort();
-    Ok(format!(
-        "text={text} vision={vision}\n{}\n",
-        entries.join("\n")
-    ))
+    Ok(entries.join("\n") + "\n")
 }
 
-/// Start a node process and wait until it prints the address it listens on.
+/// When a node counts as ready, beyond listening on its port.
+enum Readiness {
+    /// The registry answers ListModels.
+    Answers,
+    /// The registry at this address lists the node (admitted, stake checked).
+    ListedBy(String),
+}
+
+impl Readiness {
+    async fn reached(&self, addr: &str) -> bool {
+        let registry = match self {
+            Readiness::Answers => addr,
+            Readiness::ListedBy(registry) => registry,
+        };
+        let Ok(mut client) = RegistryClient::connect(format!("http://{registry}")).await else {
+            return false;
+        };
+        match self {
+            Readiness::Answers => client.list_models(ListModelsRequest {}).await.is_ok(),
+            Readiness::ListedBy(_) => client
+                .discover(DiscoverRequest {
+                    model: String::new(),
+                })
+                .await
+                .map(|r| r.into_inner().nodes.iter().any(|n| n.address == addr))
+                .unwrap_or(false),
+        }
+    }
+}
+
+/// Start a node process and wait until it listens and `readiness` holds; the process is
+/// recorded in `ctx.running` as soon as it exists.
 async fn spawn_node(
     ctx: &Context,
     step: &Step,
     kind: &str,
     mut cmd: std::process::Command,
     eth_address: Option<String>,
-) -> anyhow::Result<(ProcessRecord, Child, String)> {
+    readiness: Readiness,
+) -> anyhow::Result<(u16, String)> {
     let log = ctx.log_path(&step.name);
     cmd.arg("--port").arg(step.port.unwrap_or(0).to_string());
     cmd.arg("--log-format")
@@ -351,32 +416,49 @@ async fn spawn_node(
         shard: step.shard,
         eth_address,
     };
+    let slot = ctx.running.lock().unwrap().add(record, None);
     let deadline = Instant::now() + ctx.ready_timeout;
-    loop {
+    let result = loop {
         if let Some(status) = child.try_wait()? {
-            bail!(StepFailed {
-                log,
-                message: format!("{} exited ({status}) before it was ready", step.name)
-            });
+            let message = format!("{} exited ({status}) before it was ready", step.name);
+            break Err(StepFailed { log, message });
         }
-        if let Some(addr) = listening_address(&log) {
-            let mut record = record;
-            record.port = addr.rsplit(':').next().and_then(|p| p.parse().ok());
-            return Ok((record, child, addr));
+        if let Some(addr) = listening_address(&log)
+            && readiness.reached(&addr).await
+        {
+            break Ok(addr);
         }
         if Instant::now() > deadline {
-            let _ = process::stop(child.id(), Duration::from_secs(2));
-            let _ = child.wait();
-            bail!(StepFailed {
-                log,
-                message: format!(
+            let message = match (listening_address(&log), &readiness) {
+                (None, _) => format!(
                     "{} did not start listening within {:?}",
                     step.name, ctx.ready_timeout
-                )
-            });
+                ),
+                (Some(_), Readiness::Answers) => {
+                    format!(
+                        "{} did not answer within {:?}",
+                        step.name, ctx.ready_timeout
+                    )
+                }
+                (Some(_), Readiness::ListedBy(r)) => format!(
+                    "{} was not admitted by the registry at {r} within {:?} (see the registry's log too)",
+                    step.name, ctx.ready_timeout
+                ),
+            };
+            break Err(StepFailed { log, message });
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    };
+    let mut running = ctx.running.lock().unwrap();
+    running.children[slot] = Some(child);
+    let addr = result?;
+    let port = addr
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_default();
+    running.processes[slot].port = Some(port);
+    Ok((port, addr))
 }
 
 /// Nodes print `listening HOST:PORT` once bound (the port is real even for --port 0).
@@ -412,9 +494,9 @@ async fn start_registry(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::R
         cmd.arg("--escrow")
             .arg(chain.escrow.as_deref().context("escrow not deployed")?);
     }
-    let (record, child, addr) = spawn_node(ctx, step, "registry", cmd, None).await?;
+    let (port, addr) = spawn_node(ctx, step, "registry", cmd, None, Readiness::Answers).await?;
     Ok(Outcome {
-        process: Some((record, Some(child))),
+        port: Some(port),
         registry: Some(addr),
         ..Outcome::default()
     })
@@ -444,9 +526,10 @@ async fn start_compute(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::Re
         }
     }
     cmd.env_remove(unfed_chain::STAKE_KEY_ENV);
-    let (record, child, _) = spawn_node(ctx, step, "compute", cmd, eth_address).await?;
+    let readiness = Readiness::ListedBy(registry);
+    let (port, _) = spawn_node(ctx, step, "compute", cmd, eth_address, readiness).await?;
     Ok(Outcome {
-        process: Some((record, Some(child))),
+        port: Some(port),
         ..Outcome::default()
     })
 }

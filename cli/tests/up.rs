@@ -1,0 +1,246 @@
+//! `unfedctl up` / `down` / `status` against real processes: Anvil, contracts, stakes, the
+//! registry and compute nodes. Every testnet uses free ports and its own temp dir.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn unfedctl() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_unfedctl"))
+}
+
+/// A spec in a fresh temp dir: free ports, no daemon or web (not built yet).
+fn testnet(extra: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("net.toml");
+    let text = format!(
+        "[testnet]\nname = \"net\"\nbase_port = 0\n[daemon]\nenabled = false\n[web]\nenabled = false\n{extra}"
+    );
+    std::fs::write(&spec, text).unwrap();
+    (dir, spec)
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null()).output().unwrap()
+}
+
+fn text(out: &[u8]) -> String {
+    String::from_utf8_lossy(out).into_owned()
+}
+
+fn state(spec: &Path) -> Value {
+    let path = spec.parent().unwrap().join(".unfed/net/state.json");
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+fn pids(state: &Value) -> Vec<i32> {
+    state["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["pid"].as_i64().unwrap() as i32)
+        .collect()
+}
+
+fn alive(pid: i32) -> bool {
+    // Not a zombie and still there.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next())
+                != Some("Z")
+        })
+        .unwrap_or(false)
+}
+
+fn wait_all_gone(pids: &[i32]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids.iter().any(|p| alive(*p)) {
+        assert!(
+            Instant::now() < deadline,
+            "processes still alive: {:?}",
+            pids.iter().filter(|p| alive(**p)).collect::<Vec<_>>()
+        );
+        std::thread::yield_now();
+    }
+}
+
+fn port_free(port: u16) -> bool {
+    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+#[test]
+fn up_detach_then_status_then_down_leaves_nothing_running() {
+    let (_dir, spec) = testnet("");
+    let out = run(unfedctl().arg("up").arg(&spec).arg("--detach"));
+    assert!(
+        out.status.success(),
+        "up failed:\n{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("model      builtin-tiny (READY)"),
+        "{stdout}"
+    );
+
+    let st = state(&spec);
+    let names: Vec<&str> = st["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["anvil", "registry", "compute-0", "compute-1"]);
+    assert_eq!(st["chain"]["wallets"].as_array().unwrap().len(), 2);
+    let key = PathBuf::from(st["chain"]["wallets"][0]["key_file"].as_str().unwrap());
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    // A second `up` reports the running testnet instead of starting another.
+    let again = run(unfedctl().arg("up").arg(&spec).arg("--detach"));
+    assert!(!again.status.success());
+    assert!(
+        text(&again.stderr).contains("testnet 'net' is already running"),
+        "{}",
+        text(&again.stderr)
+    );
+
+    let status = run(unfedctl().arg("status").arg(&spec).arg("--json"));
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert!(
+        status["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["alive"] == true)
+    );
+    assert_eq!(status["models"][0]["ready"], true);
+
+    let pids = pids(&st);
+    let ports: Vec<u16> = st["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["port"].as_u64().unwrap() as u16)
+        .collect();
+    let down = run(unfedctl().arg("down").arg(&spec));
+    assert!(down.status.success(), "{}", text(&down.stderr));
+    wait_all_gone(&pids);
+    assert!(
+        ports.iter().all(|p| port_free(*p)),
+        "a port is still in use: {ports:?}"
+    );
+    // down is idempotent.
+    assert!(run(unfedctl().arg("down").arg(&spec)).status.success());
+}
+
+#[test]
+fn a_node_that_fails_to_start_tears_everything_down_and_shows_its_log() {
+    let (_dir, spec) = testnet("");
+    // First run splits the model; then damage shard 1 so its node cannot load it.
+    let out = run(unfedctl().arg("up").arg(&spec).arg("--detach"));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(run(unfedctl().arg("down").arg(&spec)).status.success());
+    let shard = spec
+        .parent()
+        .unwrap()
+        .join(".unfed/net/shards/text_shard_1.safetensors");
+    std::fs::write(&shard, b"not a safetensors file").unwrap();
+
+    let out = run(unfedctl()
+        .arg("up")
+        .arg(&spec)
+        .arg("--detach")
+        .args(["--wait-timeout", "20"]));
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("step 'compute-1' failed"), "{stderr}");
+    assert!(stderr.contains("last lines of"), "{stderr}");
+    assert!(
+        text(&out.stdout).contains("tearing down"),
+        "{}",
+        text(&out.stdout)
+    );
+    let st = state(&spec);
+    assert!(st["processes"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn a_taken_port_is_a_no_go_naming_the_port() {
+    let blocker = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = blocker.local_addr().unwrap().port();
+    let (_dir, spec) = testnet(&format!(
+        "[[node]]\nrole = \"compute\"\nshard = 1\nport = {port}\n"
+    ));
+    let out = run(unfedctl().arg("up").arg(&spec).arg("--detach"));
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "[FAIL] port {port} for compute-1 is already in use"
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("[NO-GO] 1 check(s) failed"), "{stderr}");
+    assert!(
+        !spec
+            .parent()
+            .unwrap()
+            .join(".unfed/net/state.json")
+            .exists(),
+        "nothing may start"
+    );
+}
+
+#[test]
+fn ctrl_c_in_the_foreground_stops_every_process() {
+    let (_dir, spec) = testnet("");
+    let mut child = unfedctl()
+        .arg("up")
+        .arg(&spec)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let state_file = spec.parent().unwrap().join(".unfed/net/state.json");
+    // Wait until some processes have started, then interrupt mid-way or once up.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let started = loop {
+        if let Ok(bytes) = std::fs::read(&state_file)
+            && let Ok(st) = serde_json::from_slice::<Value>(&bytes)
+            && pids(&st).len() >= 2
+        {
+            break pids(&st);
+        }
+        assert!(Instant::now() < deadline, "up never started two processes");
+        std::thread::yield_now();
+    };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    let mut all = started;
+    all.extend(pids(&state(&spec)));
+    wait_all_gone(&all);
+    let mut out = String::new();
+    use std::io::Read;
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(out.contains("stopped anvil"), "{out}");
+    let _ = status;
+}
