@@ -28,6 +28,15 @@ fn inspect_prints_a_table_and_json() {
             "heads            4 query, 2 key/value",
         ))
         .stdout(predicate::str::contains("tied embeddings  yes"));
+    unfedctl()
+        .arg("inspect")
+        .arg(fixture("idefics3-f32"))
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("architecture     idefics3"))
+        .stdout(predicate::str::contains(
+            "vision tower     3 layers, hidden 32, 4 heads, image 64px, patch 16, scale factor 2",
+        ));
     let out = unfedctl()
         .args(["inspect", "--json"])
         .arg(fixture("llama-f32"))
