@@ -1,2 +1,371 @@
-pub struct Anvil;
-pub struct AnvilOptions;
+//! A local Anvil chain: find the binary (PATH, or the npm package installed once into a
+//! cache dir), start it on a chosen or free port in its own process group, wait until
+//! it answers `eth_chainId`, and stop it by PID (SIGTERM, then SIGKILL).
+
+use std::fs::{File, OpenOptions};
+use std::net::TcpListener;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use alloy::providers::{Provider, ProviderBuilder};
+use anyhow::{Context, bail};
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+
+/// The npm package that ships the real Anvil binary for linux x86-64, pinned.
+pub const ANVIL_NPM_PACKAGE: &str = "@foundry-rs/anvil-linux-amd64";
+pub const ANVIL_NPM_VERSION: &str = "1.7.1";
+/// Overrides binary discovery with an explicit path.
+pub const ANVIL_BIN_ENV: &str = "UNFED_ANVIL_BIN";
+
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// How to start Anvil.
+#[derive(Debug, Clone, Default)]
+pub struct AnvilOptions {
+    /// Port on 127.0.0.1; `None` picks a free one.
+    pub port: Option<u16>,
+    /// Seconds between blocks; `None` mines every transaction at once (tests).
+    pub block_time: Option<u64>,
+    pub chain_id: Option<u64>,
+    /// Dev accounts to create and fund (Anvil's default is 10).
+    pub accounts: Option<u32>,
+    /// Where Anvil's stdout/stderr go; `None` discards them.
+    pub log_file: Option<PathBuf>,
+}
+
+/// A running Anvil. Dropping it stops the process unless it was `detach`ed.
+#[derive(Debug)]
+pub struct Anvil {
+    child: Option<Child>,
+    pid: u32,
+    port: u16,
+    chain_id: u64,
+}
+
+impl Anvil {
+    /// Starts Anvil and returns once its RPC answers.
+    pub async fn start(opts: &AnvilOptions) -> anyhow::Result<Self> {
+        let bin = anvil_binary()?;
+        // A free port picked here can be taken before Anvil binds it (parallel tests):
+        // Anvil then exits at once, and we try another.
+        let attempts = if opts.port.is_some() { 1 } else { 3 };
+        let mut last_err = None;
+        for _ in 0..attempts {
+            let port = match opts.port {
+                Some(p) => p,
+                None => free_port()?,
+            };
+            match Self::start_on(&bin, port, opts).await {
+                Ok(a) => return Ok(a),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.expect("at least one attempt"))
+    }
+
+    async fn start_on(bin: &Path, port: u16, opts: &AnvilOptions) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(bin);
+        cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--accounts", &opts.accounts.unwrap_or(20).to_string()])
+            .stdin(Stdio::null())
+            .process_group(0);
+        if let Some(bt) = opts.block_time.filter(|b| *b > 0) {
+            cmd.args(["--block-time", &bt.to_string()]);
+        }
+        if let Some(id) = opts.chain_id {
+            cmd.args(["--chain-id", &id.to_string()]);
+        }
+        match &opts.log_file {
+            Some(path) => {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                let log = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .with_context(|| format!("opening Anvil log {}", path.display()))?;
+                cmd.stdout(log.try_clone()?).stderr(log);
+            }
+            None => {
+                cmd.stdout(Stdio::null()).stderr(Stdio::null());
+            }
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut anvil = Anvil {
+            pid: child.id(),
+            child: Some(child),
+            port,
+            chain_id: 0,
+        };
+        anvil.chain_id = anvil.wait_ready(opts.log_file.as_deref()).await?;
+        Ok(anvil)
+    }
+
+    /// Polls `eth_chainId` until it answers, the process dies, or the deadline passes.
+    async fn wait_ready(&mut self, log: Option<&Path>) -> anyhow::Result<u64> {
+        let provider = ProviderBuilder::new().connect_http(self.endpoint().parse()?);
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let see_log = log
+            .map(|l| format!("; see {}", l.display()))
+            .unwrap_or_default();
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                self.child = None;
+                bail!(
+                    "anvil exited ({status}) before answering on port {}{see_log}",
+                    self.port
+                );
+            }
+            if let Ok(id) = provider.get_chain_id().await {
+                return Ok(id);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "anvil did not answer eth_chainId on {} within {}s{see_log}",
+                    self.endpoint(),
+                    READY_TIMEOUT.as_secs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn chain_id(&self) -> u64 {
+        self.chain_id
+    }
+
+    /// Leaves Anvil running after this handle is dropped (`unfedctl chain up`); stop it
+    /// later with [`stop_pid`].
+    pub fn detach(mut self) -> u32 {
+        self.child = None;
+        self.pid
+    }
+
+    /// Stops Anvil (SIGTERM to its process group, SIGKILL after a grace period).
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            terminate_group(self.pid, STOP_GRACE, || {
+                matches!(child.try_wait(), Ok(Some(_)) | Err(_))
+            })?;
+            let _ = child.wait();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Anvil {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            tracing::warn!(pid = self.pid, "stopping anvil: {e:#}");
+        }
+    }
+}
+
+/// Stops a detached Anvil by PID: SIGTERM to its process group, SIGKILL if it is
+/// still alive after the grace period. A PID that is already gone is not an error.
+pub fn stop_pid(pid: u32) -> anyhow::Result<()> {
+    terminate_group(pid, STOP_GRACE, || !pid_alive(pid))
+}
+
+/// Whether a process with this PID exists (and is not a zombie we could reap).
+pub fn pid_alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return kill(Pid::from_raw(pid as i32), None).is_ok();
+    };
+    // The state letter follows the parenthesised command name.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, r)| r.trim().chars().next());
+    !matches!(state, Some('Z') | Some('X'))
+}
+
+fn terminate_group(
+    pid: u32,
+    grace: Duration,
+    mut gone: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let pgid = Pid::from_raw(pid as i32);
+    if gone() {
+        return Ok(());
+    }
+    if killpg(pgid, Signal::SIGTERM).is_err() {
+        // Not a group leader (or already gone): signal the process itself.
+        let _ = kill(pgid, Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if gone() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = killpg(pgid, Signal::SIGKILL);
+    let _ = kill(pgid, Signal::SIGKILL);
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if gone() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("anvil (pid {pid}) did not exit after SIGKILL")
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("finding a free port for anvil")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// The directory for downloaded tools: `$UNFED_CACHE_DIR`, else `$XDG_CACHE_HOME/unfed`,
+/// else `~/.cache/unfed`.
+pub fn cache_dir() -> anyhow::Result<PathBuf> {
+    let non_empty = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(d) = non_empty("UNFED_CACHE_DIR") {
+        return Ok(d);
+    }
+    if let Some(d) = non_empty("XDG_CACHE_HOME") {
+        return Ok(d.join("unfed"));
+    }
+    match non_empty("HOME") {
+        Some(h) => Ok(h.join(".cache").join("unfed")),
+        None => bail!("cannot choose a cache directory: set UNFED_CACHE_DIR (or HOME)"),
+    }
+}
+
+/// The Anvil binary: `$UNFED_ANVIL_BIN`, else `anvil` on PATH, else the pinned npm
+/// package in the cache dir, installed on first use.
+pub fn anvil_binary() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os(ANVIL_BIN_ENV).filter(|v| !v.is_empty()) {
+        let p = PathBuf::from(p);
+        if !p.is_file() {
+            bail!("{ANVIL_BIN_ENV}={} does not name a file", p.display());
+        }
+        return Ok(p);
+    }
+    if let Some(p) = find_on_path("anvil") {
+        return Ok(p);
+    }
+    install_anvil(&cache_dir()?)
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| {
+            p.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+/// Installs the npm package into `<cache>/anvil-<version>` once. An exclusive file lock
+/// serialises parallel callers; the install happens in a temp dir renamed into place,
+/// so a half-finished install is never used.
+pub fn install_anvil(cache: &Path) -> anyhow::Result<PathBuf> {
+    let dir = cache.join(format!("anvil-{ANVIL_NPM_VERSION}"));
+    let bin = dir
+        .join("node_modules")
+        .join(ANVIL_NPM_PACKAGE)
+        .join("bin")
+        .join("anvil");
+    if bin.is_file() {
+        return Ok(bin);
+    }
+    if !(cfg!(target_os = "linux") && cfg!(target_arch = "x86_64")) {
+        bail!(
+            "anvil is not on PATH and {ANVIL_NPM_PACKAGE} only serves linux x86-64: install \
+             Foundry (https://book.getfoundry.sh) or set {ANVIL_BIN_ENV}"
+        );
+    }
+    std::fs::create_dir_all(cache)
+        .with_context(|| format!("creating cache directory {}", cache.display()))?;
+    let lock_path = cache.join("anvil.lock");
+    let lock = File::create(&lock_path)
+        .with_context(|| format!("creating lock file {}", lock_path.display()))?;
+    // SAFETY: flock on a file descriptor we own; released when `lock` is dropped.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("locking {}", lock_path.display()));
+    }
+    if bin.is_file() {
+        return Ok(bin); // another process installed it while we waited
+    }
+    let staging = cache.join(format!(
+        "anvil-{ANVIL_NPM_VERSION}.partial-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging)?;
+    tracing::info!(
+        "installing {ANVIL_NPM_PACKAGE}@{ANVIL_NPM_VERSION} into {}",
+        dir.display()
+    );
+    let out = Command::new("npm")
+        .args(["install", "--prefix"])
+        .arg(&staging)
+        .args([
+            "--no-save",
+            "--no-audit",
+            "--no-fund",
+            "--no-package-lock",
+            "--loglevel=error",
+        ])
+        .arg(format!("{ANVIL_NPM_PACKAGE}@{ANVIL_NPM_VERSION}"))
+        .stdin(Stdio::null())
+        .output()
+        .context(
+            "anvil is not on PATH and npm could not be run to install it: install Node.js \
+             (npm) or Foundry, or set UNFED_ANVIL_BIN",
+        )?;
+    if !out.status.success() {
+        let _ = std::fs::remove_dir_all(&staging);
+        bail!(
+            "npm install {ANVIL_NPM_PACKAGE}@{ANVIL_NPM_VERSION} failed ({}):\n{}\nFix: install \
+             Foundry's anvil on PATH, or set UNFED_ANVIL_BIN",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let staged_bin = staging
+        .join("node_modules")
+        .join(ANVIL_NPM_PACKAGE)
+        .join("bin")
+        .join("anvil");
+    if !staged_bin.is_file() {
+        bail!(
+            "{ANVIL_NPM_PACKAGE} installed but has no bin/anvil (looked at {})",
+            staged_bin.display()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&staging, &dir)
+        .with_context(|| format!("moving {} to {}", staging.display(), dir.display()))?;
+    Ok(bin)
+}
