@@ -75,6 +75,19 @@ enum Command {
         #[arg(long, short)]
         follow: bool,
     },
+    /// What CI runs: an ephemeral copy of the testnet (free ports, temporary run dir), a
+    /// conformance pass (model READY, nodes admitted, stakes on-chain, a chat identical to
+    /// the single-process engine), a report, teardown. Exit 0 only if every check passed.
+    Test {
+        /// Testnet spec (TOML). Default: the embedded specs/tiny.toml.
+        spec: Option<PathBuf>,
+        /// Also write the results as JUnit XML.
+        #[arg(long)]
+        junit: Option<PathBuf>,
+        /// Seconds one step may take to become ready.
+        #[arg(long, default_value_t = 120)]
+        wait_timeout: u64,
+    },
     #[command(flatten)]
     Model(model_cmd::Commands),
     #[command(flatten)]
@@ -117,6 +130,16 @@ fn main() -> ExitCode {
         Command::Logs { spec, node, follow } => plan::load_plan(spec.as_deref())
             .map_err(Into::into)
             .and_then(|p| launch::logs(&p, node.as_deref(), follow)),
+        Command::Test {
+            spec,
+            junit,
+            wait_timeout,
+        } => spec::load(spec.as_deref())
+            .map_err(Into::into)
+            .and_then(|loaded| {
+                let timeout = std::time::Duration::from_secs(wait_timeout);
+                runtime()?.block_on(launch::conformance::test(loaded, junit, timeout))
+            }),
         Command::Model(cmd) => model_cmd::run(cmd),
         Command::Chain(cmd) => chain_cmd::run(cmd),
         Command::Client(cmd) => client_cmd::run(cmd),

@@ -244,3 +244,37 @@ fn ctrl_c_in_the_foreground_stops_every_process() {
     assert!(out.contains("stopped anvil"), "{out}");
     let _ = status;
 }
+
+#[test]
+fn two_conformance_runs_side_by_side_both_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let junit = |i: usize| dir.path().join(format!("junit-{i}.xml"));
+    let runs: Vec<_> = (0..2)
+        .map(|i| {
+            unfedctl()
+                .args(["test", "../specs/tiny.toml", "--junit"])
+                .arg(junit(i))
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (i, run) in runs.into_iter().enumerate() {
+        let out = run.wait_with_output().unwrap();
+        let stdout = text(&out.stdout);
+        assert!(
+            out.status.success(),
+            "run {i}:\n{stdout}\n{}",
+            text(&out.stderr)
+        );
+        assert!(
+            stdout.contains("[PASS] chat_matches_single_process_engine"),
+            "{stdout}"
+        );
+        assert!(stdout.contains("4 passed, 0 failed"), "{stdout}");
+        let xml = std::fs::read_to_string(junit(i)).unwrap();
+        assert!(xml.contains("tests=\"4\" failures=\"0\""), "{xml}");
+    }
+}

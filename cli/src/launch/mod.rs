@@ -2,6 +2,7 @@
 //! each step only once everything it depends on is ready, and tear it all down in reverse
 //! on failure or Ctrl-C.
 
+pub mod conformance;
 pub mod node_cmd;
 pub mod process;
 pub mod state;
@@ -110,7 +111,26 @@ fn exited(ctx: &Context) -> Option<(String, std::path::PathBuf)> {
     None
 }
 
-pub async fn up(loaded: LoadedSpec, plan: LaunchPlan, opts: UpOptions) -> anyhow::Result<ExitCode> {
+/// A testnet started by this process.
+pub struct Testnet {
+    pub ctx: Context,
+    pub state: RunState,
+    pub took: Duration,
+}
+
+impl Testnet {
+    /// Stop every process, newest first.
+    pub fn teardown(&mut self) {
+        teardown(&self.ctx, &mut self.state);
+    }
+}
+
+/// Start everything the plan lists, wave by wave; on failure or Ctrl-C, stop what started.
+pub async fn start(
+    loaded: LoadedSpec,
+    plan: LaunchPlan,
+    wait_timeout: Duration,
+) -> anyhow::Result<Testnet> {
     let problems = unsupported(&plan);
     if !problems.is_empty() {
         for p in &problems {
@@ -144,7 +164,7 @@ pub async fn up(loaded: LoadedSpec, plan: LaunchPlan, opts: UpOptions) -> anyhow
         node: node_cmd::NodeCommand::locate()?,
         loaded,
         plan,
-        ready_timeout: opts.wait_timeout,
+        ready_timeout: wait_timeout,
         running: Default::default(),
     };
     let started = Instant::now();
@@ -170,7 +190,20 @@ pub async fn up(loaded: LoadedSpec, plan: LaunchPlan, opts: UpOptions) -> anyhow
         teardown(&ctx, &mut state);
         return Err(err);
     }
-    print_summary(&ctx, &state, started.elapsed());
+    Ok(Testnet {
+        ctx,
+        state,
+        took: started.elapsed(),
+    })
+}
+
+pub async fn up(loaded: LoadedSpec, plan: LaunchPlan, opts: UpOptions) -> anyhow::Result<ExitCode> {
+    let Testnet {
+        ctx,
+        mut state,
+        took,
+    } = start(loaded, plan, opts.wait_timeout).await?;
+    print_summary(&ctx, &state, took);
     if opts.detach {
         return Ok(ExitCode::SUCCESS);
     }

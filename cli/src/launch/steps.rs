@@ -78,10 +78,13 @@ pub async fn run(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::Result<O
         StepKind::Contracts => deploy(ctx, inputs).await,
         StepKind::FundStake => fund_and_stake(ctx, inputs).await,
         StepKind::Split => {
-            let dir = ctx.plan.shards_dir.clone();
+            let (dir, source) = (
+                ctx.plan.shards_dir.clone(),
+                model_source_dir(&ctx.loaded, &ctx.plan),
+            );
             let loaded = ctx.loaded.clone();
             let model_id =
-                tokio::task::spawn_blocking(move || split_cached(&loaded, &dir)).await??;
+                tokio::task::spawn_blocking(move || split_cached(&loaded, &source, &dir)).await??;
             Ok(Outcome {
                 model_id: Some(model_id),
                 ..Outcome::default()
@@ -281,27 +284,25 @@ async fn gas_needed(chain: &Chain, who: Address) -> anyhow::Result<U256> {
     })
 }
 
+/// Where the unsplit model is: the spec's HF directory, or where the built-in one is written.
+pub fn model_source_dir(loaded: &LoadedSpec, plan: &LaunchPlan) -> PathBuf {
+    match &loaded.spec.model.path {
+        Some(path) => loaded.resolve(path),
+        None => plan.shards_dir.with_file_name("builtin-tiny"),
+    }
+}
+
 /// Split the spec's model into `dir`, unless `dir` already holds a split of the same source.
-fn split_cached(loaded: &LoadedSpec, dir: &Path) -> anyhow::Result<String> {
+fn split_cached(loaded: &LoadedSpec, source_dir: &Path, dir: &Path) -> anyhow::Result<String> {
     let spec = &loaded.spec;
     let shape = format!(
         "text={} vision={}\n",
         spec.model.text_shards, spec.model.vision_shards
     );
-    let (source_dir, stamp) = match &spec.model.path {
-        Some(path) => {
-            let source = loaded.resolve(path);
-            let stamp = shape + &source_stamp(&source)?;
-            (source, stamp)
-        }
+    let stamp = match &spec.model.path {
+        Some(_) => shape + &source_stamp(source_dir)?,
         // Deterministic for a given unfedctl version, so the version is its identity.
-        None => {
-            let version = env!("CARGO_PKG_VERSION");
-            (
-                dir.with_file_name("builtin-tiny"),
-                format!("{shape}builtin:tiny {version}\n"),
-            )
-        }
+        None => format!("{shape}builtin:tiny {}\n", env!("CARGO_PKG_VERSION")),
     };
     let stamp_file = dir.join(".source-stamp");
     let manifest_file = dir.join(unfed_model::manifest::MANIFEST_FILE);
@@ -311,12 +312,9 @@ fn split_cached(loaded: &LoadedSpec, dir: &Path) -> anyhow::Result<String> {
             serde_json::from_slice(&std::fs::read(&manifest_file)?)?;
         return Ok(manifest.model_id);
     }
-    for stale in [
-        Some(dir),
-        spec.model.path.is_none().then_some(source_dir.as_path()),
-    ]
-    .into_iter()
-    .flatten()
+    for stale in [Some(dir), spec.model.path.is_none().then_some(source_dir)]
+        .into_iter()
+        .flatten()
     {
         if stale.exists() {
             std::fs::remove_dir_all(stale)
@@ -324,7 +322,7 @@ fn split_cached(loaded: &LoadedSpec, dir: &Path) -> anyhow::Result<String> {
         }
     }
     if spec.model.path.is_none() {
-        unfed_model::builtin::write_tiny(&source_dir).context("writing the built-in model")?;
+        unfed_model::builtin::write_tiny(source_dir).context("writing the built-in model")?;
     }
     let options = unfed_model::split::SplitOptions {
         text_shards: spec.model.text_shards,
@@ -332,7 +330,7 @@ fn split_cached(loaded: &LoadedSpec, dir: &Path) -> anyhow::Result<String> {
         model_id: None,
         progress: false,
     };
-    let manifest = unfed_model::split::split(&source_dir, dir, &options)?;
+    let manifest = unfed_model::split::split(source_dir, dir, &options)?;
     std::fs::write(&stamp_file, stamp)?;
     Ok(manifest.model_id)
 }

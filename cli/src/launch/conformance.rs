@@ -1,0 +1,233 @@
+//! `unfedctl test`: an ephemeral testnet (free ports, temporary run dir) and a conformance
+//! pass over it — what CI runs. Several can run side by side.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use unfed_node::client::{Client, GenerateOptions, TextCodec};
+use unfed_node::engine::SamplingConfig;
+use unfed_node::engine::generate::{generate, load_checkpoint};
+
+use super::{Testnet, start};
+use crate::plan::{LaunchPlan, StepKind, model_facts};
+use crate::spec::LoadedSpec;
+
+/// The prompt every conformance run sends, raw (no chat template), greedy.
+const PROMPT: &str = "The quick brown fox";
+const MAX_TOKENS: usize = 16;
+
+struct CaseResult {
+    name: &'static str,
+    took: Duration,
+    failure: Option<String>,
+}
+
+/// Run the conformance pass on an ephemeral copy of `loaded`'s testnet.
+pub async fn test(
+    mut loaded: LoadedSpec,
+    junit: Option<PathBuf>,
+    wait_timeout: Duration,
+) -> anyhow::Result<ExitCode> {
+    let run_dir = tempfile::Builder::new().prefix("unfed-test-").tempdir()?;
+    make_ephemeral(&mut loaded, run_dir.path());
+    let plan = LaunchPlan::build(&loaded, model_facts(&loaded))?;
+    let started = Instant::now();
+    let mut net = start(loaded, plan, wait_timeout).await?;
+    println!(
+        "testnet up in {:.2}s; running conformance checks",
+        net.took.as_secs_f64()
+    );
+    let results = run_cases(&net).await;
+    net.teardown();
+
+    let failed = results.iter().filter(|r| r.failure.is_some()).count();
+    for r in &results {
+        match &r.failure {
+            None => println!("[PASS] {} ({} ms)", r.name, r.took.as_millis()),
+            Some(why) => println!("[FAIL] {}: {why}", r.name),
+        }
+    }
+    println!("{} passed, {failed} failed", results.len() - failed);
+    if let Some(path) = junit {
+        std::fs::write(
+            &path,
+            junit_xml(&net.ctx.plan.name, &results, started.elapsed()),
+        )
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if failed > 0 {
+        let kept = run_dir.keep();
+        eprintln!("logs kept in {}", kept.join("logs").display());
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Free ports everywhere and a private run directory, so runs never collide.
+fn make_ephemeral(loaded: &mut LoadedSpec, run_dir: &Path) {
+    let spec = &mut loaded.spec;
+    spec.testnet.base_port = 0;
+    spec.testnet.run_dir = run_dir.display().to_string();
+    spec.chain.port = None;
+    spec.web.port = None;
+    for node in &mut spec.node_overrides {
+        node.port = None;
+    }
+}
+
+async fn run_cases(net: &Testnet) -> Vec<CaseResult> {
+    let mut results = Vec::new();
+    macro_rules! case {
+        ($name:literal, $body:expr) => {{
+            let t = Instant::now();
+            let failure = $body.await.err().map(|e: anyhow::Error| format!("{e:#}"));
+            results.push(CaseResult {
+                name: $name,
+                took: t.elapsed(),
+                failure,
+            });
+        }};
+    }
+    case!("model_ready", model_ready(net));
+    case!("nodes_admitted", nodes_admitted(net));
+    case!("stakes_on_chain", stakes_on_chain(net));
+    case!(
+        "chat_matches_single_process_engine",
+        chat_matches_engine(net)
+    );
+    results
+}
+
+fn registry_and_model(net: &Testnet) -> anyhow::Result<(&str, &str)> {
+    let registry = net
+        .state
+        .registry
+        .as_deref()
+        .context("no registry in this testnet")?;
+    let model = net
+        .state
+        .model_id
+        .as_deref()
+        .context("no model in this testnet")?;
+    Ok((registry, model))
+}
+
+async fn model_ready(net: &Testnet) -> anyhow::Result<()> {
+    let (registry, model) = registry_and_model(net)?;
+    Client::connect(registry)
+        .await?
+        .require_ready(model)
+        .await
+        .map(drop)
+}
+
+async fn nodes_admitted(net: &Testnet) -> anyhow::Result<()> {
+    let (registry, model) = registry_and_model(net)?;
+    let route = Client::connect(registry).await?.route(model).await?;
+    let shards = net
+        .ctx
+        .plan
+        .steps
+        .iter()
+        .filter(|s| s.kind == StepKind::Compute)
+        .filter_map(|s| s.shard);
+    let expected = shards.max().map_or(0, |m| m + 1);
+    ensure!(
+        route.len() == expected,
+        "the route has {} hops, the plan {expected} text shards",
+        route.len()
+    );
+    Ok(())
+}
+
+async fn stakes_on_chain(net: &Testnet) -> anyhow::Result<()> {
+    let Some(chain) = &net.state.chain else {
+        return Ok(());
+    };
+    let token = chain.token.as_deref().context("no token")?.parse()?;
+    let escrow = chain.escrow.as_deref().context("no escrow")?.parse()?;
+    let deployment = unfed_chain::Deployment { token, escrow };
+    let reader = unfed_chain::Chain::connect(&chain.rpc_url, unfed_chain::dev_signer(0)?)?;
+    for wallet in &chain.wallets {
+        let info = reader
+            .stake_info(&deployment, wallet.address.parse()?)
+            .await?;
+        let expected: crate::spec::TokenAmount =
+            wallet.stake.parse().map_err(anyhow::Error::msg)?;
+        ensure!(
+            info.active == unfed_chain::U256::from(expected.wei()) && info.eligible,
+            "{} ({}) has {} staked (eligible: {}), expected {}",
+            wallet.node,
+            wallet.address,
+            unfed_chain::format_amount(info.active),
+            info.eligible,
+            wallet.stake
+        );
+    }
+    Ok(())
+}
+
+/// Greedy generation through the testnet equals the unsplit model in this process.
+async fn chat_matches_engine(net: &Testnet) -> anyhow::Result<()> {
+    let (registry, model) = registry_and_model(net)?;
+    let mut client = Client::connect(registry).await?;
+    let (_, files) = client.manifest(model).await?;
+    let prompt = TextCodec::from_manifest_files(&files, model)?.encode_prompt(PROMPT, true)?;
+    let opts = GenerateOptions {
+        max_tokens: MAX_TOKENS,
+        ..GenerateOptions::default()
+    };
+    let network = client.generate(model, &prompt, &opts, |_| {}).await?.tokens;
+
+    let source = super::steps::model_source_dir(&net.ctx.loaded, &net.ctx.plan);
+    let reference = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<u32>> {
+        let (_, whole) = load_checkpoint(&source)?;
+        Ok(generate(&whole, &prompt, MAX_TOKENS, SamplingConfig::default(), true)?.tokens)
+    })
+    .await??;
+    if network != reference {
+        bail!("the testnet generated {network:?}, the single-process engine {reference:?}");
+    }
+    Ok(())
+}
+
+fn junit_xml(suite: &str, results: &[CaseResult], took: Duration) -> String {
+    let escape = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+            .replace('"', "&quot;")
+    };
+    let failed = results.iter().filter(|r| r.failure.is_some()).count();
+    let mut xml = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
+    let _ = writeln!(
+        xml,
+        "<testsuite name=\"unfed.{}\" tests=\"{}\" failures=\"{failed}\" time=\"{:.3}\">",
+        escape(suite),
+        results.len(),
+        took.as_secs_f64()
+    );
+    for r in results {
+        let _ = write!(
+            xml,
+            "  <testcase name=\"{}\" time=\"{:.3}\"",
+            r.name,
+            r.took.as_secs_f64()
+        );
+        match &r.failure {
+            None => xml.push_str("/>\n"),
+            Some(why) => {
+                let _ = writeln!(
+                    xml,
+                    ">\n    <failure message=\"{}\"/>\n  </testcase>",
+                    escape(why)
+                );
+            }
+        }
+    }
+    xml.push_str("</testsuite>\n");
+    xml
+}
