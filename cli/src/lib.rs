@@ -6,4 +6,5 @@ pub mod init;
 pub mod launch;
 pub mod model_cmd;
 pub mod plan;
+pub mod preflight;
 pub mod spec;

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use unfedctl::{chain_cmd, client_cmd, init, launch, model_cmd, plan, spec};
+use unfedctl::{chain_cmd, client_cmd, init, launch, model_cmd, plan, preflight, spec};
 
 /// One testnet spec in, one running UNFED network out.
 ///
@@ -88,12 +88,93 @@ enum Command {
         #[arg(long, default_value_t = 120)]
         wait_timeout: u64,
     },
+    /// Go/No-Go checks: one [PASS]/[FAIL] line per check, then [GO] (exit 0) or [NO-GO] (exit 1).
+    #[command(subcommand)]
+    Preflight(PreflightCommand),
     #[command(flatten)]
     Model(model_cmd::Commands),
     #[command(flatten)]
     Chain(chain_cmd::Commands),
     #[command(flatten)]
     Client(client_cmd::Commands),
+}
+
+#[derive(Subcommand)]
+enum PreflightCommand {
+    /// Static checks of a spec: valid, ports free, key files private, stakes, cached split.
+    Spec {
+        /// Testnet spec (TOML). Default: the embedded specs/tiny.toml.
+        spec: Option<PathBuf>,
+    },
+    /// A node about to go public: TLS complete, and present for a public address.
+    Node {
+        /// HOST:PORT other processes will dial.
+        #[arg(long)]
+        advertise: String,
+        #[arg(long)]
+        tls_cert: Option<PathBuf>,
+        #[arg(long)]
+        tls_key: Option<PathBuf>,
+        /// Accept a public address without TLS (not for production).
+        #[arg(long)]
+        allow_insecure_public: bool,
+    },
+    /// The dashboard's safe defaults (auth bypasses off, faucet guarded, loopback bind).
+    Web {
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+    },
+    /// Checks against a running testnet: registry answers, model READY.
+    Runtime {
+        /// Registry host:port. Default: the one in the spec's run directory.
+        #[arg(long)]
+        registry: Option<String>,
+        /// Only this model.
+        #[arg(long)]
+        model: Option<String>,
+        /// Testnet spec whose running registry to check.
+        spec: Option<PathBuf>,
+    },
+}
+
+fn run_preflight(cmd: PreflightCommand) -> anyhow::Result<ExitCode> {
+    let checks = match cmd {
+        PreflightCommand::Spec { spec } => {
+            let loaded = spec::load(spec.as_deref())?;
+            let plan = plan::LaunchPlan::build(&loaded, plan::model_facts(&loaded))?;
+            preflight::spec_checks(&loaded, &plan, true)
+        }
+        PreflightCommand::Node {
+            advertise,
+            tls_cert,
+            tls_key,
+            allow_insecure_public,
+        } => preflight::node_checks(
+            &advertise,
+            tls_cert.as_deref(),
+            tls_key.as_deref(),
+            allow_insecure_public,
+        ),
+        PreflightCommand::Web { host } => preflight::web_checks(&host, &std::env::vars().collect()),
+        PreflightCommand::Runtime {
+            registry,
+            model,
+            spec,
+        } => {
+            let registry = match registry {
+                Some(r) => r,
+                None => {
+                    let plan = plan::load_plan(spec.as_deref())?;
+                    let state = launch::state::RunState::load(&plan.run_dir)?;
+                    state.and_then(|s| s.registry).ok_or_else(|| {
+                        anyhow::anyhow!("testnet '{}' is not running; pass --registry or start it with `unfedctl up`", plan.name)
+                    })?
+                }
+            };
+            runtime()?.block_on(preflight::runtime_checks(&registry, model.as_deref()))
+        }
+    };
+    Ok(preflight::report(&checks))
 }
 
 /// Exit status for input the user must fix (bad spec, bad flag value).
@@ -140,6 +221,7 @@ fn main() -> ExitCode {
                 let timeout = std::time::Duration::from_secs(wait_timeout);
                 runtime()?.block_on(launch::conformance::test(loaded, junit, timeout))
             }),
+        Command::Preflight(cmd) => run_preflight(cmd),
         Command::Model(cmd) => model_cmd::run(cmd),
         Command::Chain(cmd) => chain_cmd::run(cmd),
         Command::Client(cmd) => client_cmd::run(cmd),

@@ -91,3 +91,37 @@ fn the_tiny_template_documents_every_key() {
         }
     }
 }
+
+#[test]
+fn preflight_prints_one_line_per_check_and_a_verdict() {
+    unfedctl()
+        .args(["preflight", "node", "--advertise", "203.0.113.42:50051"])
+        .assert()
+        .code(1)
+        .stdout(predicate::str::contains(
+            "[FAIL] public address 203.0.113.42 has the TLS it needs",
+        ))
+        .stdout(predicate::str::ends_with("[NO-GO] 1 check(s) failed\n"));
+    unfedctl()
+        .args(["preflight", "web"])
+        .env_remove("UNFED_DEV_AUTH_BYPASS")
+        .env_remove("UNFED_DEMO_AUTH")
+        .env_remove("UNFED_FAUCET_ENABLED")
+        .assert()
+        .success()
+        .stdout(predicate::str::ends_with("[GO]\n"));
+    unfedctl()
+        .args(["preflight", "web"])
+        .env("UNFED_DEV_AUTH_BYPASS", "1")
+        .assert()
+        .code(1)
+        .stdout(predicate::str::contains(
+            "[FAIL] web: dev auth bypass is off: UNFED_DEV_AUTH_BYPASS is on; unset it",
+        ));
+    unfedctl()
+        .args(["preflight", "spec", "../specs/tiny.toml"])
+        .assert()
+        .stdout(predicate::str::contains(
+            "[PASS] spec ../specs/tiny.toml is valid",
+        ));
+}

@@ -182,14 +182,12 @@ fn a_taken_port_is_a_no_go_naming_the_port() {
     ));
     let out = run(unfedctl().arg("up").arg(&spec).arg("--detach"));
     assert!(!out.status.success());
-    let stderr = text(&out.stderr);
-    assert!(
-        stderr.contains(&format!(
-            "[FAIL] port {port} for compute-1 is already in use"
-        )),
-        "{stderr}"
-    );
-    assert!(stderr.contains("[NO-GO] 1 check(s) failed"), "{stderr}");
+    let stdout = text(&out.stdout);
+    let expected =
+        format!("[FAIL] port {port} for compute-1 is free: port {port} is already in use");
+    assert!(stdout.contains(&expected), "{stdout}");
+    assert!(stdout.contains("[NO-GO] 1 check(s) failed"), "{stdout}");
+    assert!(text(&out.stderr).contains("preflight is NO-GO; nothing was started"));
     assert!(
         !spec
             .parent()

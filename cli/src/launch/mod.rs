@@ -156,7 +156,11 @@ pub async fn start(
             );
         }
     }
-    preflight_ports(&plan)?;
+    let checks = crate::preflight::spec_checks(&loaded, &plan, false);
+    if crate::preflight::failures(&checks) > 0 {
+        crate::preflight::report(&checks);
+        bail!("preflight is NO-GO; nothing was started");
+    }
     std::fs::create_dir_all(run_dir.join("logs"))
         .with_context(|| format!("cannot create {}", run_dir.display()))?;
 
@@ -298,27 +302,6 @@ async fn wait_ready(ctx: &Context, state: &RunState) -> anyhow::Result<()> {
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
-}
-
-/// Static check before anything starts: every fixed port must be free.
-fn preflight_ports(plan: &LaunchPlan) -> anyhow::Result<()> {
-    let taken: Vec<String> = plan
-        .steps
-        .iter()
-        .filter_map(|s| s.port.map(|p| (s, p)))
-        .filter(|(_, port)| std::net::TcpListener::bind(("127.0.0.1", *port)).is_err())
-        .map(|(s, port)| format!("[FAIL] port {port} for {} is already in use", s.name))
-        .collect();
-    if taken.is_empty() {
-        return Ok(());
-    }
-    for line in &taken {
-        eprintln!("{line}");
-    }
-    bail!(
-        "[NO-GO] {} check(s) failed: stop what uses the port(s), or set testnet.base_port (0 picks free ports)",
-        taken.len()
-    )
 }
 
 fn print_summary(ctx: &Context, state: &RunState, took: Duration) {

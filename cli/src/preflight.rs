@@ -1,0 +1,421 @@
+//! Go/No-Go checks, as the original's `testnet_preflight`: one `[PASS]`/`[FAIL]` line per
+//! check, then `[GO]` (exit 0) or `[NO-GO] N check(s) failed` (exit 1). `up` runs the spec
+//! checks before it starts anything and the runtime checks once the network is up.
+
+use std::net::{IpAddr, TcpListener};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::ExitCode;
+
+use crate::plan::LaunchPlan;
+use crate::spec::{ChainMode, LoadedSpec};
+
+/// Dashboard switches the web checks read (the same variables the dashboard honours).
+pub const DEV_AUTH_BYPASS_ENV: &str = "UNFED_DEV_AUTH_BYPASS";
+pub const DEMO_AUTH_ENV: &str = "UNFED_DEMO_AUTH";
+pub const FAUCET_ENABLED_ENV: &str = "UNFED_FAUCET_ENABLED";
+pub const FAUCET_REQUIRE_AUTH_ENV: &str = "UNFED_FAUCET_REQUIRE_AUTH";
+
+pub struct Check {
+    pub name: String,
+    /// Err holds the reason and the fix.
+    pub result: Result<(), String>,
+}
+
+impl Check {
+    fn new(name: impl Into<String>, result: Result<(), String>) -> Self {
+        Self {
+            name: name.into(),
+            result,
+        }
+    }
+}
+
+/// Print the checks and the verdict; the exit code `preflight` returns.
+pub fn report(checks: &[Check]) -> ExitCode {
+    let failed = failures(checks);
+    for c in checks {
+        match &c.result {
+            Ok(()) => println!("[PASS] {}", c.name),
+            Err(why) => println!("[FAIL] {}: {why}", c.name),
+        }
+    }
+    if failed == 0 {
+        println!("[GO]");
+        ExitCode::SUCCESS
+    } else {
+        println!("[NO-GO] {failed} check(s) failed");
+        ExitCode::FAILURE
+    }
+}
+
+pub fn failures(checks: &[Check]) -> usize {
+    checks.iter().filter(|c| c.result.is_err()).count()
+}
+
+/// Static checks of a spec's plan, before anything starts. `verify_split` also re-hashes a
+/// cached split (thorough, but seconds on a large model; `up` leaves it to the nodes, which
+/// check their own shard's size on load).
+pub fn spec_checks(loaded: &LoadedSpec, plan: &LaunchPlan, verify_split: bool) -> Vec<Check> {
+    let mut checks = vec![Check::new(
+        format!("spec {} is valid", loaded.display_path),
+        Ok(()),
+    )];
+    for step in plan.steps.iter() {
+        if let Some(port) = step.port {
+            let free = TcpListener::bind(("127.0.0.1", port))
+                .map(drop)
+                .map_err(|_| format!("port {port} is already in use; stop what uses it or set testnet.base_port = 0"));
+            checks.push(Check::new(
+                format!("port {port} for {} is free", step.name),
+                free,
+            ));
+        }
+        if let Some(key) = &step.eth_key {
+            checks.push(Check::new(
+                format!("key file of {} is private", step.name),
+                private_file(key),
+            ));
+        }
+    }
+    if let Some(key) = &loaded.spec.chain.operator_key_file {
+        checks.push(Check::new(
+            "operator key file is private",
+            private_file(&loaded.resolve(key)),
+        ));
+    }
+    if loaded.spec.chain.mode != ChainMode::None {
+        let min = loaded.spec.economics.min_stake;
+        let low: Vec<String> = plan
+            .steps
+            .iter()
+            .filter(|s| s.stake.is_some_and(|st| st < min))
+            .map(|s| s.name.clone())
+            .collect();
+        let ok = if low.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("below min_stake {min}: {}", low.join(", ")))
+        };
+        checks.push(Check::new(
+            format!("every node stakes at least min_stake ({min})"),
+            ok,
+        ));
+    }
+    if plan
+        .steps
+        .iter()
+        .any(|s| s.kind == crate::plan::StepKind::Web)
+    {
+        checks.extend(web_checks(
+            &loaded.spec.web.host,
+            &std::env::vars().collect(),
+        ));
+    }
+    let manifest = plan.shards_dir.join(unfed_model::manifest::MANIFEST_FILE);
+    if verify_split && manifest.is_file() {
+        let problems = unfed_model::verify::verify(&plan.shards_dir);
+        let ok = match problems.first() {
+            None => Ok(()),
+            Some(p) => Err(format!(
+                "{p} ({} problem(s)); remove {} and `up` splits the model again",
+                problems.len(),
+                plan.shards_dir.display()
+            )),
+        };
+        checks.push(Check::new(
+            format!("cached split in {} verifies", plan.shards_dir.display()),
+            ok,
+        ));
+    }
+    checks
+}
+
+/// A key file must exist and be readable by its owner only.
+pub fn private_file(path: &Path) -> Result<(), String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{} has mode {mode:o}; run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Loopback, private and link-local addresses are local; anything else, hostnames
+/// included, is public.
+pub fn is_local_host(host: &str) -> bool {
+    if host == "localhost" {
+        return true;
+    }
+    match host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+    {
+        Ok(IpAddr::V4(ip)) => {
+            ip.is_loopback() || ip.is_private() || ip.is_link_local() || ip.is_unspecified()
+        }
+        Ok(IpAddr::V6(ip)) => {
+            ip.is_loopback()
+                || ip.is_unique_local()
+                || ip.is_unicast_link_local()
+                || ip.is_unspecified()
+        }
+        Err(_) => false,
+    }
+}
+
+fn truthy(env: &std::collections::HashMap<String, String>, key: &str, default: bool) -> bool {
+    env.get(key).map_or(default, |v| {
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "1" | "true" | "yes" | "on"
+        )
+    })
+}
+
+/// The dashboard's safe defaults, for `host` and the given environment.
+pub fn web_checks(host: &str, env: &std::collections::HashMap<String, String>) -> Vec<Check> {
+    let bypass = truthy(env, DEV_AUTH_BYPASS_ENV, false);
+    let demo = truthy(env, DEMO_AUTH_ENV, false);
+    let faucet = truthy(env, FAUCET_ENABLED_ENV, false);
+    let faucet_auth = truthy(env, FAUCET_REQUIRE_AUTH_ENV, true);
+    let off = |on: bool, var: &str| {
+        if on {
+            Err(format!("{var} is on; unset it"))
+        } else {
+            Ok(())
+        }
+    };
+    let loopback = host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    vec![
+        Check::new(
+            "web: dev auth bypass is off",
+            off(bypass, DEV_AUTH_BYPASS_ENV),
+        ),
+        Check::new("web: demo auth is off", off(demo, DEMO_AUTH_ENV)),
+        Check::new(
+            "web: faucet is off, or on with wallet auth required",
+            if faucet && !faucet_auth {
+                Err(format!(
+                    "{FAUCET_ENABLED_ENV}=1 with {FAUCET_REQUIRE_AUTH_ENV}=0; require auth or turn the faucet off"
+                ))
+            } else {
+                Ok(())
+            },
+        ),
+        Check::new(
+            format!("web: host {host} is loopback, or public with no auth bypass"),
+            if !loopback && (bypass || demo) {
+                Err(format!(
+                    "binding {host} with an auth bypass on exposes the wallet flows; bind 127.0.0.1 or turn the bypass off"
+                ))
+            } else {
+                Ok(())
+            },
+        ),
+    ]
+}
+
+/// A node about to advertise `advertise`: TLS must be complete, and present for a public address.
+pub fn node_checks(
+    advertise: &str,
+    cert: Option<&Path>,
+    key: Option<&Path>,
+    allow_insecure_public: bool,
+) -> Vec<Check> {
+    let host = advertise.rsplit_once(':').map_or(advertise, |(h, _)| h);
+    let port_ok = advertise
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u16>().ok())
+        .filter(|p| *p != 0)
+        .map(drop)
+        .ok_or_else(|| format!("--advertise {advertise} must be HOST:PORT with a non-zero port"));
+    let mut checks = vec![Check::new(
+        format!("advertise address {advertise} is HOST:PORT"),
+        port_ok,
+    )];
+    let pair = match (cert, key) {
+        (Some(_), None) | (None, Some(_)) => {
+            Err("give --tls-cert and --tls-key together".to_string())
+        }
+        _ => Ok(()),
+    };
+    checks.push(Check::new("TLS certificate and key come together", pair));
+    for (what, file) in [("certificate", cert), ("key", key)] {
+        if let Some(file) = file {
+            let exists = if file.is_file() {
+                Ok(())
+            } else {
+                Err(format!("{} does not exist", file.display()))
+            };
+            checks.push(Check::new(
+                format!("TLS {what} {} exists", file.display()),
+                exists,
+            ));
+        }
+    }
+    if let Some(key) = key.filter(|k| k.is_file()) {
+        checks.push(Check::new("TLS key is private", private_file(key)));
+    }
+    let public = !is_local_host(host);
+    let tls = if public && cert.is_none() && !allow_insecure_public {
+        Err(format!(
+            "{host} is a public address: serve it with --tls-cert/--tls-key (or pass --allow-insecure-public)"
+        ))
+    } else {
+        Ok(())
+    };
+    let scope = if public { "public" } else { "local" };
+    checks.push(Check::new(
+        format!("{scope} address {host} has the TLS it needs"),
+        tls,
+    ));
+    checks
+}
+
+/// Checks against a running testnet: the model is READY at the registry.
+pub async fn runtime_checks(registry: &str, model: Option<&str>) -> Vec<Check> {
+    let mut client = match unfed_node::client::Client::connect(registry).await {
+        Ok(c) => c,
+        Err(e) => {
+            return vec![Check::new(
+                format!("registry {registry} answers"),
+                Err(format!("{e:#}")),
+            )];
+        }
+    };
+    let mut checks = vec![Check::new(format!("registry {registry} answers"), Ok(()))];
+    let models = match client.list_models().await {
+        Ok(m) => m,
+        Err(e) => {
+            checks.push(Check::new("registry lists models", Err(format!("{e:#}"))));
+            return checks;
+        }
+    };
+    let names: Vec<String> = match model {
+        Some(m) => vec![m.to_string()],
+        None => models.iter().map(|m| m.model.clone()).collect(),
+    };
+    if names.is_empty() {
+        checks.push(Check::new(
+            "a model is served",
+            Err("the registry serves no model yet".into()),
+        ));
+    }
+    for name in names {
+        let ready = client
+            .require_ready(&name)
+            .await
+            .map(drop)
+            .map_err(|e| format!("{e:#}"));
+        checks.push(Check::new(format!("model {name} is READY"), ready));
+    }
+    checks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn web_defaults_pass_and_each_bypass_fails() {
+        assert_eq!(failures(&web_checks("127.0.0.1", &env(&[]))), 0);
+        assert_eq!(
+            failures(&web_checks(
+                "127.0.0.1",
+                &env(&[(DEV_AUTH_BYPASS_ENV, "1")])
+            )),
+            1
+        );
+        assert_eq!(
+            failures(&web_checks("0.0.0.0", &env(&[(DEMO_AUTH_ENV, "true")]))),
+            2
+        );
+        assert_eq!(
+            failures(&web_checks("127.0.0.1", &env(&[(FAUCET_ENABLED_ENV, "1")]))),
+            0
+        );
+        let open_faucet = env(&[(FAUCET_ENABLED_ENV, "1"), (FAUCET_REQUIRE_AUTH_ENV, "0")]);
+        assert_eq!(failures(&web_checks("127.0.0.1", &open_faucet)), 1);
+    }
+
+    #[test]
+    fn public_addresses_need_tls() {
+        assert_eq!(
+            failures(&node_checks("127.0.0.1:50051", None, None, false)),
+            0
+        );
+        assert_eq!(
+            failures(&node_checks("192.168.1.4:50051", None, None, false)),
+            0
+        );
+        assert_eq!(
+            failures(&node_checks("203.0.113.42:50051", None, None, false)),
+            1
+        );
+        assert_eq!(
+            failures(&node_checks("node.example.org:50051", None, None, false)),
+            1
+        );
+        assert_eq!(
+            failures(&node_checks("203.0.113.42:50051", None, None, true)),
+            0
+        );
+        let cert = Path::new("/nonexistent/server.crt");
+        // A lone cert: the pair is incomplete and the file is missing.
+        assert_eq!(
+            failures(&node_checks("203.0.113.42:50051", Some(cert), None, false)),
+            2
+        );
+        assert_eq!(
+            failures(&node_checks("203.0.113.42:0", None, None, true)),
+            1
+        );
+    }
+
+    #[test]
+    fn local_hosts() {
+        for h in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "169.254.1.1",
+            "localhost",
+            "::1",
+            "[fe80::1]",
+            "fd00::1",
+        ] {
+            assert!(is_local_host(h), "{h}");
+        }
+        for h in ["203.0.113.42", "8.8.8.8", "example.org", "2001:db8::1"] {
+            assert!(!is_local_host(h), "{h}");
+        }
+    }
+
+    #[test]
+    fn key_files_must_be_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k.key");
+        std::fs::write(&key, "x").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = private_file(&key).unwrap_err();
+        assert!(
+            err.contains("has mode 644") && err.contains("chmod 600"),
+            "{err}"
+        );
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(private_file(&key).is_ok());
+    }
+}
