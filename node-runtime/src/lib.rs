@@ -1,5 +1,6 @@
 //! The node runtime: one module per role over shared engine, wire and client modules.
 
+pub mod cli;
 pub mod client;
 pub mod compute;
 pub mod engine;
