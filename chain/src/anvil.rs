@@ -126,7 +126,11 @@ impl Anvil {
                     self.port
                 );
             }
-            if let Ok(id) = provider.get_chain_id().await {
+            // Bounded per attempt: something else holding the port may accept the
+            // connection and never answer, and Anvil's own exit must still be noticed.
+            if let Ok(Ok(id)) =
+                tokio::time::timeout(Duration::from_millis(500), provider.get_chain_id()).await
+            {
                 return Ok(id);
             }
             if Instant::now() > deadline {
