@@ -88,6 +88,13 @@ enum Command {
         #[arg(long, default_value_t = 120)]
         wait_timeout: u64,
     },
+    /// Run one node role in this process, exactly as `unfed-node ROLE ...` does (how `up`
+    /// starts nodes, so one binary is enough).
+    #[command(hide = true, disable_help_flag = true)]
+    Node {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Go/No-Go checks: one [PASS]/[FAIL] line per check, then [GO] (exit 0) or [NO-GO] (exit 1).
     #[command(subcommand)]
     Preflight(PreflightCommand),
@@ -182,6 +189,10 @@ const EXIT_USAGE: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Node { args } = cli.command {
+        let program = std::ffi::OsString::from("unfedctl node");
+        return unfed_node::cli::main_from(std::iter::once(program).chain(args));
+    }
     let result = match cli.command {
         Command::Plan { spec, json } => run_plan(spec, json),
         Command::Init {
@@ -221,6 +232,7 @@ fn main() -> ExitCode {
                 let timeout = std::time::Duration::from_secs(wait_timeout);
                 runtime()?.block_on(launch::conformance::test(loaded, junit, timeout))
             }),
+        Command::Node { .. } => unreachable!("handled above"),
         Command::Preflight(cmd) => run_preflight(cmd),
         Command::Model(cmd) => model_cmd::run(cmd),
         Command::Chain(cmd) => chain_cmd::run(cmd),

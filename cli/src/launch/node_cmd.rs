@@ -1,5 +1,5 @@
-//! How `up` runs a node role: the `unfed-node` binary beside `unfedctl` when there is
-//! one, else `unfedctl node ...` (the same roles, linked into this binary).
+//! How `up` runs a node role: `unfedctl node ROLE ...` (the roles are linked into this
+//! binary, so a sibling `unfed-node` can never be stale), or `$UNFED_NODE_BIN ROLE ...`.
 
 use std::path::PathBuf;
 use std::process::Command;
