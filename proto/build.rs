@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "unfed/v1/common.proto",
         "unfed/v1/compute.proto",
         "unfed/v1/registry.proto",
+        "unfed/v1/daemon.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

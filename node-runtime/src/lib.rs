@@ -3,8 +3,10 @@
 pub mod cli;
 pub mod client;
 pub mod compute;
+pub mod daemon;
 pub mod engine;
 pub mod registry;
+pub mod shares;
 pub mod wire;
 
 /// Completes on SIGINT or SIGTERM: the shutdown signal every role serves until.

@@ -317,6 +317,7 @@ impl Registry for RegistryService {
             layer_end: r.layer_end,
             shards_total: r.shards_total,
             last_seen_ms_ago: 0,
+            share_key: r.share_key.clone(),
         };
         tracing::info!(node = %r.node_id, role = %r.role, model = %r.model, shard = r.shard_index, address = %r.address, "node registered");
         self.state()

@@ -201,6 +201,8 @@ impl Client {
                 route: route[1..].to_vec(),
                 penalty_tokens: if penalty { input.clone() } else { Vec::new() },
                 hidden_dtype: opts.hidden_dtype as i32,
+                // The daemon bills its default client (issue 6).
+                client: String::new(),
             };
             let resp = match compute.forward(req).await {
                 Ok(r) => r.into_inner(),

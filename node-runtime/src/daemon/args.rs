@@ -1,0 +1,162 @@
+//! `unfed-node daemon`: command-line flags, turned into a [`DaemonConfig`] and run.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use unfed_chain::{Address, Chain, Deployment};
+
+use super::{DaemonConfig, Limits, Prices, Settler};
+
+/// Environment variable naming the operator key file (the escrow's operator wallet).
+pub const OPERATOR_KEY_FILE_ENV: &str = "UNFED_OPERATOR_KEY_FILE";
+
+#[derive(clap::Args)]
+pub struct DaemonArgs {
+    #[arg(long, default_value_t = 50070)]
+    port: u16,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Registry host:port (the daemon registers there and reads nodes' share keys).
+    #[arg(long)]
+    registry: String,
+    /// The daemon's staked wallet (its node id); must match the stake key when one is set.
+    #[arg(long)]
+    eth_address: Option<String>,
+    /// Node id when no --eth-address is given.
+    #[arg(long)]
+    node_id: Option<String>,
+    /// The share chain's SQLite database (created if missing).
+    #[arg(long, default_value = "chain.db")]
+    db: PathBuf,
+    /// host:port other processes dial (default: the bound address).
+    #[arg(long)]
+    advertise: Option<String>,
+    #[arg(long, default_value_t = 10)]
+    heartbeat_secs: u64,
+    /// A block is cut this often when shares are pending.
+    #[arg(long, default_value_t = 10.0)]
+    block_interval_secs: f64,
+    /// A settlement summary covers this many blocks.
+    #[arg(long, default_value_t = 6)]
+    settlement_blocks: u64,
+    /// Shares whose timestamp is further than this from the daemon's clock are refused.
+    #[arg(long, default_value_t = 120)]
+    max_skew_secs: u64,
+    #[arg(long, default_value_t = 100_000)]
+    max_shares_per_session: u64,
+    /// Shares one node may submit per --window-secs.
+    #[arg(long, default_value_t = 100_000)]
+    max_shares_per_window: u64,
+    #[arg(long, default_value_t = 60)]
+    window_secs: u64,
+    /// Price per input (prompt) token, in token units.
+    #[arg(long, default_value = "0.0001")]
+    price_per_input_token: String,
+    /// Price per output (generated) token, in token units.
+    #[arg(long, default_value = "0.001")]
+    price_per_output_token: String,
+    /// EVM address billed for shares that name no client (the dev client on a testnet).
+    #[arg(long)]
+    default_client: Option<String>,
+    /// Chain RPC URL; with --escrow and an operator key, settlements are posted on-chain.
+    #[arg(long)]
+    chain_rpc: Option<String>,
+    #[arg(long)]
+    escrow: Option<String>,
+    /// Token contract (informational; the escrow knows its token).
+    #[arg(long)]
+    token: Option<String>,
+    /// File holding the escrow operator's private key (mode 0600).
+    #[arg(long, env = OPERATOR_KEY_FILE_ENV)]
+    operator_key_file: Option<PathBuf>,
+    /// How often unfinished settlements are advanced.
+    #[arg(long, default_value_t = 1.0)]
+    settle_poll_secs: f64,
+}
+
+fn addr(flag: &str, v: &str) -> Result<Address> {
+    v.parse().with_context(|| format!("{flag} {v:?} is not an EVM address (0x followed by 40 hex digits)"))
+}
+
+fn secs(flag: &str, v: f64) -> Result<Duration> {
+    if !(v.is_finite() && v > 0.0) {
+        bail!("{flag} must be a positive number of seconds, got {v}");
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+/// Binds `host:port` and prints `listening HOST:PORT`, the line launchers read to
+/// learn the port (like every role).
+async fn listen(host: &str, port: u16) -> Result<tokio::net::TcpListener> {
+    let at: std::net::SocketAddr = format!("{host}:{port}").parse().with_context(|| format!("--host {host} is not an IP address"))?;
+    let listener = tokio::net::TcpListener::bind(at)
+        .await
+        .with_context(|| format!("cannot listen on {at}: is another process using port {port}? pick another --port"))?;
+    println!("listening {}", listener.local_addr()?);
+    Ok(listener)
+}
+
+impl DaemonArgs {
+    fn settler(&self) -> Result<Option<Settler>> {
+        match (&self.chain_rpc, &self.escrow, &self.operator_key_file) {
+            (None, None, None) => Ok(None),
+            (Some(rpc), Some(escrow), Some(key)) => {
+                let signer = unfed_chain::read_key_file(key).with_context(|| format!("--operator-key-file {}", key.display()))?;
+                let token = match &self.token {
+                    Some(t) => addr("--token", t)?,
+                    None => Address::ZERO,
+                };
+                let deployment = Deployment { token, escrow: addr("--escrow", escrow)? };
+                Ok(Some(Settler { chain: Chain::connect(rpc, signer)?, deployment }))
+            }
+            _ => bail!(
+                "on-chain settlement needs --chain-rpc, --escrow and the operator key (--operator-key-file or {OPERATOR_KEY_FILE_ENV}); pass all three, or none to only record settlements"
+            ),
+        }
+    }
+
+    /// Binds the port (printing `listening HOST:PORT`) and serves until SIGINT/SIGTERM.
+    pub async fn run(self) -> Result<()> {
+        let stake_key = unfed_chain::load_stake_key_from_env()?;
+        if let (Some(key), Some(a)) = (&stake_key, &self.eth_address) {
+            unfed_chain::keys::ensure_key_matches(key, a)?;
+        }
+        if stake_key.is_some() && self.eth_address.is_none() {
+            bail!("a stake key is configured but --eth-address is missing; pass the staked wallet's address");
+        }
+        let prices = Prices {
+            input: unfed_chain::parse_amount(&self.price_per_input_token).context("--price-per-input-token")?,
+            output: unfed_chain::parse_amount(&self.price_per_output_token).context("--price-per-output-token")?,
+        };
+        let default_client = self.default_client.as_deref().map(|c| addr("--default-client", c)).transpose()?;
+        let settler = self.settler()?;
+        let limits = Limits {
+            max_skew: Duration::from_secs(self.max_skew_secs),
+            max_shares_per_session: self.max_shares_per_session,
+            max_shares_per_window: self.max_shares_per_window,
+            window: Duration::from_secs(self.window_secs.max(1)),
+            ..Limits::default()
+        };
+        let listener = listen(&self.host, self.port).await?;
+        let bound = listener.local_addr()?;
+        let advertise = self.advertise.unwrap_or_else(|| bound.to_string());
+        let node_id = self.eth_address.or(self.node_id).unwrap_or_else(|| format!("daemon@{advertise}"));
+        let cfg = DaemonConfig {
+            db: self.db,
+            node_id,
+            advertise,
+            registry: self.registry,
+            heartbeat: Duration::from_secs(self.heartbeat_secs.max(1)),
+            block_interval: secs("--block-interval-secs", self.block_interval_secs)?,
+            settlement_blocks: self.settlement_blocks.max(1),
+            limits,
+            prices,
+            default_client,
+            settler,
+            settle_poll: secs("--settle-poll-secs", self.settle_poll_secs)?,
+            stake_key,
+        };
+        super::run(cfg, listener, crate::shutdown_signal()).await
+    }
+}

@@ -1,0 +1,213 @@
+//! The daemon role: validates compute shares, chains them into blocks in SQLite, and
+//! settles the work on-chain. Submodules: `store` (SQLite), `validate` (the checks),
+//! `settle` (pricing and the escrow lifecycle), `service` (gRPC, key lookup).
+
+pub mod args;
+pub mod service;
+pub mod settle;
+pub mod store;
+pub mod validate;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Channel, Endpoint};
+use unfed_chain::Address;
+use unfed_proto::daemon_server::DaemonServer;
+use unfed_proto::registry_client::RegistryClient;
+use unfed_proto::*;
+
+pub use settle::{Prices, Settler};
+pub use store::Store;
+pub use validate::{Limits, Reject};
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+pub struct DaemonConfig {
+    pub db: PathBuf,
+    /// Node id (the daemon's staked wallet address, or a free name with open admission).
+    pub node_id: String,
+    /// host:port other processes dial.
+    pub advertise: String,
+    pub registry: String,
+    pub heartbeat: Duration,
+    pub block_interval: Duration,
+    /// A settlement summary every this many blocks.
+    pub settlement_blocks: u64,
+    pub limits: Limits,
+    pub prices: Prices,
+    /// Who pays for shares that name no client.
+    pub default_client: Option<Address>,
+    /// Operator connection to the escrow; `None` records settlements without posting.
+    pub settler: Option<Settler>,
+    pub settle_poll: Duration,
+    /// EVM stake key: the registration is signed with it when set.
+    pub stake_key: Option<unfed_chain::PrivateKeySigner>,
+}
+
+/// Cuts a block when shares are pending, then a settlement summary every K blocks.
+fn produce(store: &Mutex<Store>, cfg_blocks: u64, prices: &Prices, default_client: Option<Address>) -> Result<()> {
+    let mut st = store.lock().expect("store poisoned");
+    if let Some(b) = st.produce_block(now_ms())? {
+        tracing::info!(height = b.height, shares = b.share_count, hash = %hex::encode(b.hash), "block produced");
+    }
+    let (_, height) = st.tip()?;
+    let settled = st.settled_height()?;
+    if height >= settled + cfg_blocks.max(1) {
+        let shares = st.shares_in_blocks(settled + 1, height)?;
+        let rows = settle::summarize(&st.chain_id()?, settled + 1, height, &shares, prices, default_client);
+        for r in &rows {
+            tracing::info!(from = settled + 1, to = height, client = %r.client, total = %r.total, nodes = r.nodes.len(), "settlement summary");
+        }
+        st.record_settlements(height, &rows)?;
+    }
+    Ok(())
+}
+
+async fn registry_client(addr: &str) -> Result<RegistryClient<Channel>> {
+    let ep = Endpoint::from_shared(format!("http://{addr}"))
+        .with_context(|| format!("--registry {addr} is not a host:port"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10));
+    Ok(RegistryClient::new(ep.connect_lazy()))
+}
+
+fn registration(cfg: &DaemonConfig) -> Result<RegisterRequest> {
+    let p = unfed_chain::RegistrationPayload::new_now(&cfg.node_id, "daemon", &cfg.advertise, "", -1, "");
+    let signature = match &cfg.stake_key {
+        Some(k) => unfed_chain::sign_registration(k, &p)?,
+        None => Vec::new(),
+    };
+    Ok(RegisterRequest {
+        node_id: p.node_id,
+        role: p.role,
+        address: p.address,
+        model: p.model,
+        shard_index: p.shard_index,
+        share_key: p.share_key,
+        timestamp: p.timestamp,
+        nonce: p.nonce,
+        signature,
+        ..Default::default()
+    })
+}
+
+/// Registers as role "daemon", then heartbeats (re-registering when forgotten). The
+/// first outcome is reported on `ready`; a refusal then is fatal.
+async fn membership(cfg: Arc<DaemonConfig>, ready: tokio::sync::oneshot::Sender<Result<()>>) {
+    let mut ready = Some(ready);
+    let mut client = match registry_client(&cfg.registry).await {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = ready.take().map(|r| r.send(Err(e)));
+            return;
+        }
+    };
+    let mut registered = false;
+    loop {
+        if !registered {
+            let req = match registration(&cfg) {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = ready.take().map(|r| r.send(Err(e)));
+                    return;
+                }
+            };
+            match client.register(req).await.map(|r| r.into_inner()) {
+                Ok(r) if r.accepted => {
+                    tracing::info!(registry = %cfg.registry, "registered as daemon");
+                    registered = true;
+                    let _ = ready.take().map(|r| r.send(Ok(())));
+                }
+                Ok(r) => {
+                    let err = anyhow::anyhow!("the registry at {} refused this daemon ({}): {}", cfg.registry, r.reason, r.message);
+                    match ready.take() {
+                        Some(tx) => {
+                            let _ = tx.send(Err(err));
+                            return;
+                        }
+                        None => tracing::error!("{err:#}"),
+                    }
+                }
+                Err(e) => tracing::warn!(registry = %cfg.registry, "registry unreachable, retrying: {}", e.message()),
+            }
+        } else {
+            match client.heartbeat(HeartbeatRequest { node_id: cfg.node_id.clone() }).await {
+                Ok(r) if !r.get_ref().known => {
+                    tracing::warn!("the registry forgot this daemon; registering again");
+                    registered = false;
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("heartbeat failed: {}", e.message()),
+            }
+        }
+        tokio::time::sleep(if registered { cfg.heartbeat } else { Duration::from_millis(500) }).await;
+    }
+}
+
+/// Serves the daemon on `listener` until `shutdown`: gRPC, block production,
+/// settlement and registry membership. A final block is cut on shutdown.
+pub async fn run(mut cfg: DaemonConfig, listener: TcpListener, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
+    let store = Arc::new(Mutex::new(Store::open(&cfg.db)?));
+    {
+        let st = store.lock().expect("store poisoned");
+        let (tip, height) = st.tip()?;
+        let (shares, pending) = st.share_counts()?;
+        tracing::info!(db = %cfg.db.display(), height, tip = %hex::encode(tip), shares, pending, "share chain opened");
+    }
+    let service = service::DaemonService::new(store.clone(), cfg.limits.clone(), cfg.registry.clone());
+    let settler = cfg.settler.take();
+    let cfg = Arc::new(cfg);
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(DaemonServer::new(service))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown),
+    );
+    let producer = {
+        let (store, cfg) = (store.clone(), cfg.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(cfg.block_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let (store, prices, k, dc) = (store.clone(), cfg.prices, cfg.settlement_blocks, cfg.default_client);
+                match tokio::task::spawn_blocking(move || produce(&store, k, &prices, dc)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::error!("block production failed: {e:#}"),
+                    Err(e) => tracing::error!("block production task panicked: {e}"),
+                }
+            }
+        })
+    };
+    let settling = settler.map(|s| tokio::spawn(settle::run(s, store.clone(), cfg.settle_poll)));
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let member = tokio::spawn(membership(cfg.clone(), tx));
+    if let Ok(Err(e)) = rx.await {
+        server.abort();
+        producer.abort();
+        return Err(e);
+    }
+    tracing::info!(node = %cfg.node_id, address = %cfg.advertise, "daemon serving");
+    let result = server.await.context("daemon server task failed")?;
+    producer.abort();
+    member.abort();
+    if let Some(s) = settling {
+        s.abort();
+    }
+    // Shares accepted since the last tick go into a block now rather than at restart.
+    if let Err(e) = produce(&store, cfg.settlement_blocks, &cfg.prices, cfg.default_client) {
+        tracing::error!("final block failed: {e:#}");
+    }
+    if let Ok(mut c) = registry_client(&cfg.registry).await {
+        let _ = c.unregister(UnregisterRequest { node_id: cfg.node_id.clone() }).await;
+    }
+    result.context("daemon gRPC server failed")
+}
