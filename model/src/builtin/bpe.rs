@@ -144,6 +144,43 @@ impl Bpe {
             .map(|i| i as u32)
     }
 
+    /// Encodes `text` by applying the merges in rank order within each pre-token (what
+    /// the HF BPE model does, up to the approximate pre-tokenizer).
+    pub fn encode(&self, text: &str) -> Vec<u32> {
+        let base = self.specials.len() as u32;
+        let ids: HashMap<&str, u32> = self
+            .tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.as_str(), i as u32))
+            .collect();
+        let rank: HashMap<(u32, u32), usize> = self
+            .merges
+            .iter()
+            .enumerate()
+            .map(|(r, (a, b))| ((ids[a.as_str()], ids[b.as_str()]), r))
+            .collect();
+        let mut out = Vec::new();
+        for word in pre_tokenize(text) {
+            let mut w: Vec<u32> = word.bytes().map(|b| base + b as u32).collect();
+            while let Some((pos, _)) = w
+                .windows(2)
+                .enumerate()
+                .filter_map(|(i, p)| rank.get(&(p[0], p[1])).map(|r| (i, *r)))
+                .min_by_key(|(_, r)| *r)
+            {
+                let merged = format!(
+                    "{}{}",
+                    self.tokens[w[pos] as usize],
+                    self.tokens[w[pos + 1] as usize]
+                );
+                w.splice(pos..pos + 2, [ids[merged.as_str()]]);
+            }
+            out.extend(w);
+        }
+        out
+    }
+
     /// The HuggingFace `tokenizer.json` document.
     pub fn to_json(&self) -> Value {
         let byte_level = |prefix: bool| json!({ "type": "ByteLevel", "add_prefix_space": prefix, "trim_offsets": true, "use_regex": true });

@@ -1,9 +1,11 @@
 //! `builtin:tiny`: a small Qwen2-layout checkpoint in HuggingFace format, built
 //! deterministically (same bytes on every run and machine) so the default testnet needs
-//! no download. Weights are random from a seeded generator; the tokenizer is a real
-//! byte-level BPE learned from an embedded corpus.
+//! no download. The tokenizer is a real byte-level BPE learned from an embedded corpus;
+//! the layers are random from a seeded generator; the LM head is solved so that the
+//! model continues text like the corpus's bigram statistics (see `head`).
 
 mod bpe;
+mod head;
 mod rng;
 
 use std::collections::BTreeMap;
@@ -70,7 +72,7 @@ pub fn write_tiny(dir: &Path) -> Result<()> {
             "tokenizer_class": "PreTrainedTokenizerFast"
         }),
     )?;
-    write_weights(&dir.join("model.safetensors"))
+    write_weights(&dir.join("model.safetensors"), &bpe)
 }
 
 fn config_json(eos: u32) -> Value {
@@ -89,7 +91,7 @@ fn config_json(eos: u32) -> Value {
         "rms_norm_eps": 1e-6,
         "rope_theta": 10000.0,
         "vocab_size": VOCAB,
-        "tie_word_embeddings": true,
+        "tie_word_embeddings": false,
         "use_sliding_window": false,
         "bos_token_id": eos,
         "eos_token_id": eos,
@@ -98,20 +100,22 @@ fn config_json(eos: u32) -> Value {
     })
 }
 
-/// Every tensor name -> (shape, std, mean), in file order (sorted by name).
-fn tensors() -> BTreeMap<String, (Vec<usize>, f32, f32)> {
+/// Every random tensor: name -> (shape, std, mean), drawn in name order.
+fn random_tensors() -> BTreeMap<String, (Vec<usize>, f32, f32)> {
     let mut t = BTreeMap::new();
     let (q, kv) = (HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM);
     let mut add = |name: String, shape: &[usize], std: f32, mean: f32| {
         t.insert(name, (shape.to_vec(), std, mean));
     };
-    // Large-ish init so logits have clear margins (greedy decoding is then stable across
-    // implementations); norms near 1.
-    let w = 0.1;
+    // The layers are real and random, but their outputs into the residual stream
+    // (o_proj, down_proj) are small, so the bigram head below still reads mostly the
+    // current token's embedding: the model says corpus-like text, and every layer still
+    // moves the logits (a wrong layer implementation changes tokens).
+    let (w, out) = (0.1, 0.004);
     add(
         "model.embed_tokens.weight".into(),
         &[VOCAB, HIDDEN],
-        0.5,
+        1.0,
         0.0,
     );
     add("model.norm.weight".into(), &[HIDDEN], 0.05, 1.0);
@@ -130,7 +134,12 @@ fn tensors() -> BTreeMap<String, (Vec<usize>, f32, f32)> {
         add(format!("{p}self_attn.k_proj.bias"), &[kv], 0.05, 0.0);
         add(format!("{p}self_attn.v_proj.weight"), &[kv, HIDDEN], w, 0.0);
         add(format!("{p}self_attn.v_proj.bias"), &[kv], 0.05, 0.0);
-        add(format!("{p}self_attn.o_proj.weight"), &[HIDDEN, q], w, 0.0);
+        add(
+            format!("{p}self_attn.o_proj.weight"),
+            &[HIDDEN, q],
+            out,
+            0.0,
+        );
         add(
             format!("{p}mlp.gate_proj.weight"),
             &[INTERMEDIATE, HIDDEN],
@@ -146,18 +155,44 @@ fn tensors() -> BTreeMap<String, (Vec<usize>, f32, f32)> {
         add(
             format!("{p}mlp.down_proj.weight"),
             &[HIDDEN, INTERMEDIATE],
-            w,
+            out,
             0.0,
         );
     }
     t
 }
 
-fn write_weights(path: &Path) -> Result<()> {
-    let specs = tensors();
-    let planned: Vec<PlannedTensor> = specs
+fn bf16_round(x: f32) -> f32 {
+    half::bf16::from_f32(x).to_f32()
+}
+
+/// All tensors (values already rounded to bf16), sorted by name.
+fn weights(bpe: &bpe::Bpe) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let mut rng = SplitMix64::new(SEED);
+    let mut out = BTreeMap::new();
+    for (name, (shape, std, mean)) in random_tensors() {
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = (0..n)
+            .map(|_| bf16_round(mean + std * rng.normal() as f32))
+            .collect();
+        out.insert(name, (shape, values));
+    }
+    let head = head::bigram_head(
+        &out["model.embed_tokens.weight"].1,
+        &out["model.norm.weight"].1,
+        &head::bigram_targets(&bpe.encode(CORPUS), VOCAB),
+        HIDDEN,
+    );
+    let head = head.into_iter().map(bf16_round).collect();
+    out.insert("lm_head.weight".into(), (vec![VOCAB, HIDDEN], head));
+    out
+}
+
+fn write_weights(path: &Path, bpe: &bpe::Bpe) -> Result<()> {
+    let tensors = weights(bpe);
+    let planned: Vec<PlannedTensor> = tensors
         .iter()
-        .map(|(name, (shape, _, _))| PlannedTensor {
+        .map(|(name, (shape, _))| PlannedTensor {
             name: name.clone(),
             dtype: DType::Bf16,
             shape: shape.clone(),
@@ -165,15 +200,14 @@ fn write_weights(path: &Path) -> Result<()> {
         .collect();
     let file = File::create(path).map_err(io_err(path))?;
     let mut out = BufWriter::new(file);
-    let mut rng = SplitMix64::new(SEED);
     let result = (|| -> std::io::Result<()> {
         write_header(&mut out, &planned)?;
-        for (shape, std, mean) in specs.values() {
-            let n: usize = shape.iter().product();
-            for _ in 0..n {
-                let x = mean + std * rng.normal() as f32;
-                out.write_all(&half::bf16::from_f32(x).to_bits().to_le_bytes())?;
-            }
+        for (_, values) in tensors.values() {
+            let bytes: Vec<u8> = values
+                .iter()
+                .flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes())
+                .collect();
+            out.write_all(&bytes)?;
         }
         out.flush()
     })();

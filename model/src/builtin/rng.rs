@@ -21,10 +21,11 @@ impl SplitMix64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 
-    /// Approximately standard normal (Irwin–Hall: sum of 12 uniforms minus 6). Only
-    /// additions, so the result is bit-identical on every platform, unlike ln/cos.
+    /// Approximately standard normal (Irwin–Hall: 4 uniforms, centred and scaled to unit
+    /// variance). Only basic arithmetic, so the result is bit-identical on every platform,
+    /// unlike ln/cos.
     pub fn normal(&mut self) -> f64 {
-        (0..12).map(|_| self.uniform()).sum::<f64>() - 6.0
+        ((0..4).map(|_| self.uniform()).sum::<f64>() - 2.0) * 3f64.sqrt()
     }
 }
 
