@@ -230,6 +230,38 @@ impl Chain {
         Ok(())
     }
 
+    /// Sends `who` enough ETH to hold at least `min_wei` (nothing if it already does);
+    /// returns what was sent.
+    pub async fn top_up_gas(&self, who: Address, min_wei: U256) -> Result<U256, ChainError> {
+        let have = self.eth_balance(who).await?;
+        if have >= min_wei {
+            return Ok(U256::ZERO);
+        }
+        let missing = min_wei - have;
+        let tx = TransactionRequest::default().with_to(who).with_value(missing);
+        let call = "send ETH";
+        let pending = self
+            .provider
+            .send_transaction(tx)
+            .await
+            .map_err(|e| failed(call, e))?;
+        let receipt = pending.get_receipt().await.map_err(|e| failed(call, e))?;
+        check_status(call, &receipt)?;
+        Ok(missing)
+    }
+
+    /// Stakes whatever this wallet lacks to reach `target` active stake (idempotent);
+    /// returns the amount staked now.
+    pub async fn stake_up_to(&self, d: &Deployment, target: U256) -> Result<U256, ChainError> {
+        let active = self.stake_info(d, self.address()).await?.active;
+        if active >= target {
+            return Ok(U256::ZERO);
+        }
+        let missing = target - active;
+        self.stake(d, missing).await?;
+        Ok(missing)
+    }
+
     /// Approves the escrow for `amount` and stakes it.
     pub async fn stake(&self, d: &Deployment, amount: U256) -> Result<(), ChainError> {
         send(
@@ -401,6 +433,16 @@ impl Chain {
             nodes: r.nodes,
             amounts: r.amounts,
         })
+    }
+
+    /// Whether `addr` holds contract code (a recorded deployment still exists).
+    pub async fn has_code(&self, addr: Address) -> anyhow::Result<bool> {
+        let code = self
+            .provider
+            .get_code_at(addr)
+            .await
+            .with_context(|| format!("cannot reach the chain at {}", self.rpc_url))?;
+        Ok(!code.is_empty())
     }
 
     /// Timestamp of the latest block (the chain's clock).
