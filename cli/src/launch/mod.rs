@@ -239,6 +239,7 @@ pub async fn up(loaded: LoadedSpec, plan: LaunchPlan, opts: UpOptions) -> anyhow
 
 /// Run every wave; the steps of a wave run concurrently.
 async fn walk(ctx: &Context, state: &mut RunState, started: Instant) -> anyhow::Result<()> {
+    let progress = &Progress::new();
     for (_, wave) in ctx.plan.waves() {
         let inputs = Inputs {
             chain: state.chain.clone(),
@@ -246,25 +247,32 @@ async fn walk(ctx: &Context, state: &mut RunState, started: Instant) -> anyhow::
         };
         let results = join_all(wave.iter().map(|step| {
             let inputs = inputs.clone();
+            let bar = progress.begin(&step.name);
             async move {
                 let t = Instant::now();
-                (step, steps::run(ctx, step, inputs).await, t.elapsed())
+                let result = steps::run(ctx, step, inputs).await;
+                let port = result
+                    .as_ref()
+                    .ok()
+                    .and_then(|o| o.port)
+                    .map(|p| format!(" :{p}"))
+                    .unwrap_or_default();
+                let verdict = if result.is_ok() { "ready" } else { "FAILED" };
+                let line = format!(
+                    "  [{:>6.2}s] {:<12} {verdict} in {:.2}s{port}",
+                    started.elapsed().as_secs_f64(),
+                    step.name,
+                    t.elapsed().as_secs_f64()
+                );
+                progress.finish(bar, line);
+                (step, result)
             }
         }))
         .await;
         let mut failure = None;
-        for (step, result, took) in results {
+        for (step, result) in results {
             match result {
-                Ok(outcome) => {
-                    let port = outcome.port.map(|p| format!(" :{p}")).unwrap_or_default();
-                    println!(
-                        "  [{:>6.2}s] {:<12} ready in {:.2}s{port}",
-                        started.elapsed().as_secs_f64(),
-                        step.name,
-                        took.as_secs_f64()
-                    );
-                    record(ctx, state, outcome)?;
-                }
+                Ok(outcome) => record(ctx, state, outcome)?,
                 Err(err) => {
                     let mut message = format!("step '{}' failed: {err:#}", step.name);
                     if let Some(failed) = err.downcast_ref::<StepFailed>() {
@@ -283,6 +291,40 @@ async fn walk(ctx: &Context, state: &mut RunState, started: Instant) -> anyhow::
         }
     }
     wait_ready(ctx, state).await
+}
+
+/// One line per step with its timing; on a terminal, a spinner while the step runs.
+struct Progress {
+    bars: Option<indicatif::MultiProgress>,
+}
+
+impl Progress {
+    fn new() -> Self {
+        use std::io::IsTerminal;
+        Self {
+            bars: std::io::stdout()
+                .is_terminal()
+                .then(indicatif::MultiProgress::new),
+        }
+    }
+
+    fn begin(&self, name: &str) -> Option<indicatif::ProgressBar> {
+        let bars = self.bars.as_ref()?;
+        let bar = bars.add(indicatif::ProgressBar::new_spinner());
+        bar.set_message(format!("{name} starting"));
+        bar.enable_steady_tick(Duration::from_millis(80));
+        Some(bar)
+    }
+
+    fn finish(&self, bar: Option<indicatif::ProgressBar>, line: String) {
+        match bar {
+            Some(bar) => {
+                bar.finish_and_clear();
+                let _ = self.bars.as_ref().map(|b| b.println(line));
+            }
+            None => println!("{line}"),
+        }
+    }
 }
 
 /// The launch is done when the registry says the model is READY.
