@@ -283,6 +283,25 @@ fn check_tensors(dir: &Path, m: &Manifest, shard: &ShardEntry, p: &mut Problems)
             Some(_) => {}
         }
     }
+    for t in &tensors {
+        if !shard.tensors.iter().any(|l| l.name == t.name) {
+            p.add(
+                &shard.file,
+                format!("tensor `{}` is in the file but not in the manifest", t.name),
+            );
+        }
+        if let Some(layer) = layer_of(&m.config, shard.stack, &t.name)
+            && !(shard.layer_start..shard.layer_end).contains(&layer)
+        {
+            p.add(
+                &shard.file,
+                format!(
+                    "tensor `{}` belongs to layer {layer}, outside this shard's layers {}..{}",
+                    t.name, shard.layer_start, shard.layer_end
+                ),
+            );
+        }
+    }
     for want in layout::shard_tensors(&m.config, shard) {
         match find(&want.name) {
             None => p.add(
@@ -302,4 +321,11 @@ fn check_tensors(dir: &Path, m: &Manifest, shard: &ShardEntry, p: &mut Problems)
             Some(_) => {}
         }
     }
+}
+
+/// The layer index in a `{prefix}layers.{i}.…` tensor name of `stack`.
+fn layer_of(cfg: &crate::config::ModelConfig, stack: Stack, name: &str) -> Option<usize> {
+    let prefix = layout::layer_prefix(cfg, stack, 0);
+    let stem = prefix.strip_suffix("0.")?;
+    name.strip_prefix(stem)?.split('.').next()?.parse().ok()
 }

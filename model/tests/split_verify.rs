@@ -353,3 +353,42 @@ fn idefics3_vision_shards_hold_embeddings_encoder_and_connector() {
         "{err}"
     );
 }
+
+#[test]
+fn verify_reports_tensors_outside_the_shard_or_unlisted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    split(&fixture("llama-f32"), &out, &opts(2)).unwrap();
+    // Claim shard 0 covers one layer less: its layer-1 tensors are now out of range.
+    let mut m = Manifest::load(&out).unwrap();
+    m.shards[0].layer_end = 1;
+    m.shards[1].layer_start = 1;
+    m.shards[0]
+        .tensors
+        .retain(|t| !t.name.ends_with("mlp.up_proj.weight"));
+    std::fs::write(
+        out.join("manifest.json"),
+        serde_json::to_string(&m).unwrap(),
+    )
+    .unwrap();
+    let lines: Vec<String> = verify(&out).iter().map(ToString::to_string).collect();
+    let has = |s: &str| lines.iter().any(|l| l.contains(s));
+    assert!(
+        has(
+            "text_shard_0.safetensors: tensor `model.layers.1.mlp.down_proj.weight` belongs to layer 1, outside this shard's layers 0..1"
+        ),
+        "{lines:?}"
+    );
+    assert!(
+        has(
+            "text_shard_0.safetensors: tensor `model.layers.0.mlp.up_proj.weight` is in the file but not in the manifest"
+        ),
+        "{lines:?}"
+    );
+    assert!(
+        has(
+            "text_shard_1.safetensors: tensor `model.layers.1.input_layernorm.weight` needed for layers 1..4 is missing"
+        ),
+        "{lines:?}"
+    );
+}
