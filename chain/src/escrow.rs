@@ -214,15 +214,7 @@ impl Chain {
         eth: U256,
     ) -> Result<(), ChainError> {
         if !eth.is_zero() {
-            let tx = TransactionRequest::default().with_to(to).with_value(eth);
-            let call = "send ETH";
-            let pending = self
-                .provider
-                .send_transaction(tx)
-                .await
-                .map_err(|e| failed(call, e))?;
-            let receipt = pending.get_receipt().await.map_err(|e| failed(call, e))?;
-            check_status(call, &receipt)?;
+            self.send_eth(to, eth).await?;
         }
         if !tokens.is_zero() {
             send("UnfedToken.transfer", self.token(d).transfer(to, tokens)).await?;
@@ -238,15 +230,7 @@ impl Chain {
             return Ok(U256::ZERO);
         }
         let missing = min_wei - have;
-        let tx = TransactionRequest::default().with_to(who).with_value(missing);
-        let call = "send ETH";
-        let pending = self
-            .provider
-            .send_transaction(tx)
-            .await
-            .map_err(|e| failed(call, e))?;
-        let receipt = pending.get_receipt().await.map_err(|e| failed(call, e))?;
-        check_status(call, &receipt)?;
+        self.send_eth(who, missing).await?;
         Ok(missing)
     }
 
@@ -260,6 +244,18 @@ impl Chain {
         let missing = target - active;
         self.stake(d, missing).await?;
         Ok(missing)
+    }
+
+    async fn send_eth(&self, to: Address, wei: U256) -> Result<(), ChainError> {
+        let call = "send ETH";
+        let tx = TransactionRequest::default().with_to(to).with_value(wei);
+        let pending = self
+            .provider
+            .send_transaction(tx)
+            .await
+            .map_err(|e| failed(call, e))?;
+        let receipt = pending.get_receipt().await.map_err(|e| failed(call, e))?;
+        check_status(call, &receipt)
     }
 
     /// Approves the escrow for `amount` and stakes it.

@@ -4,7 +4,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use alloy::signers::local::{MnemonicBuilder, PrivateKeySigner};
@@ -48,7 +48,11 @@ pub fn parse_private_key(text: &str) -> anyhow::Result<PrivateKeySigner> {
 /// it is private and holds the same key, so re-running a setup step is harmless.
 pub fn write_key_file(path: &Path, signer: &PrivateKeySigner) -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
+        // Owner-only from creation, like the keys in it.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
             .with_context(|| format!("creating key directory {}", dir.display()))?;
     }
     let encoded = format!("0x{}", hex::encode(signer.to_bytes()));
@@ -149,6 +153,11 @@ mod tests {
         write_key_file(&path, &s).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+        let dir_mode = std::fs::metadata(path.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(dir_mode & 0o777, 0o700);
         assert_eq!(read_key_file(&path).unwrap().address(), s.address());
         // Same key again is fine; a different key is refused.
         write_key_file(&path, &s).unwrap();
