@@ -6,6 +6,7 @@ pub mod compute;
 pub mod daemon;
 pub mod engine;
 pub mod registry;
+pub mod vision;
 pub mod shares;
 pub mod wire;
 

@@ -1,6 +1,7 @@
 //! The client library `unfedctl chat` and the web dashboard share: discover the nodes
 //! of a model, pick a route (one replica per shard), and generate token by token.
 
+pub mod image;
 pub mod text;
 
 use std::collections::BTreeMap;

@@ -85,6 +85,13 @@ impl WeightFiles {
         })
     }
 
+    /// Any tensor as f32 with its shape: conv kernels and other weights that are
+    /// neither a matrix nor a vector.
+    pub fn tensor_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+        let (dtype, shape, bytes) = self.view(name)?;
+        Ok((shape, to_f32(name, dtype, bytes)?))
+    }
+
     /// A vector (norm weight, bias) as f32.
     pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
         let (dtype, shape, bytes) = self.view(name)?;
