@@ -34,10 +34,10 @@ pub enum Commands {
         #[arg(short, long, value_name = "DIR")]
         output: PathBuf,
         /// Number of text shards (1 ..= number of decoder layers).
-        #[arg(long, alias = "num-text-shards", value_name = "N")]
+        #[arg(long, visible_alias = "num-text-shards", value_name = "N")]
         text_shards: usize,
         /// Number of vision shards (vision-language models only; default 1 for them).
-        #[arg(long, alias = "num-vision-shards", value_name = "M")]
+        #[arg(long, visible_alias = "num-vision-shards", value_name = "M")]
         vision_shards: Option<usize>,
         /// Model id recorded in the manifest [default: `_name_or_path` or the directory name].
         #[arg(long)]
