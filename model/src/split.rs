@@ -4,7 +4,8 @@
 //! first, then each tensor's bytes in its own dtype) in 4 MiB pieces whose pages are
 //! released after the copy, so memory stays at a few MiB whatever the tensor sizes. Everything is written into a temporary
 //! directory beside the output and renamed into place at the end: a failure leaves no
-//! half-written output.
+//! half-written output (and a staging directory left by a killed run is removed by the
+//! next split to the same output).
 
 use std::fs::File;
 use std::io::{BufWriter, IsTerminal, Write};
@@ -408,8 +409,10 @@ impl Staging {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "split".into());
+        let prefix = format!(".{name}.partial-");
+        remove_abandoned(&parent, &prefix);
         let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{name}.partial-"))
+            .prefix(&format!("{prefix}{}-", std::process::id()))
             .tempdir_in(&parent)
             .map_err(io_err(&parent))?;
         Ok(Self {
@@ -441,5 +444,26 @@ impl Staging {
             let _ = std::fs::set_permissions(&self.out, std::fs::Permissions::from_mode(0o755));
         }
         Ok(())
+    }
+}
+
+/// Removes staging directories of earlier splits to the same output whose process is
+/// gone (killed before it could clean up). Directories of live processes are left alone.
+fn remove_abandoned(parent: &Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if cfg!(target_os = "linux") && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }

@@ -392,3 +392,23 @@ fn verify_reports_tensors_outside_the_shard_or_unlisted() {
         "{lines:?}"
     );
 }
+
+#[cfg(target_os = "linux")]
+#[test]
+fn staging_left_by_a_killed_split_is_cleaned_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    // No process has this pid (above the kernel's maximum).
+    let dead = tmp.path().join(".out.partial-4999999-abc");
+    std::fs::create_dir(&dead).unwrap();
+    std::fs::write(dead.join("text_shard_0.safetensors"), "half").unwrap();
+    let live = tmp
+        .path()
+        .join(format!(".out.partial-{}-xyz", std::process::id()));
+    std::fs::create_dir(&live).unwrap();
+    split(&fixture("qwen2-f32"), &tmp.path().join("out"), &opts(1)).unwrap();
+    assert!(!dead.exists());
+    assert!(
+        live.exists(),
+        "a live process's staging dir must be left alone"
+    );
+}
