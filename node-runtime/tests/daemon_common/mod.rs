@@ -1,0 +1,159 @@
+//! Helpers of the daemon tests: a registry process, fake compute nodes that sign
+//! shares with registered keys, and polling of the daemon's status.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::SigningKey;
+use unfed_node::shares;
+use unfed_proto::daemon_client::DaemonClient;
+use unfed_proto::registry_client::RegistryClient;
+use unfed_proto::*;
+
+use crate::common::net::{Node, s};
+
+pub type Daemon = DaemonClient<tonic::transport::Channel>;
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// A fake compute node: its share key, registered with the registry, and the
+/// per-session link state a real node keeps.
+pub struct Signer {
+    pub node: String,
+    pub key: SigningKey,
+    pub prev: HashMap<String, (Vec<u8>, u32)>,
+    pub nonce: u64,
+    /// Copied into every share (empty: the daemon's default client).
+    pub client: String,
+    pub shard_index: u32,
+    pub shards_total: u32,
+}
+
+impl Signer {
+    pub async fn register(registry: &str, node: &str) -> Signer {
+        let key = shares::generate_key();
+        let mut c = RegistryClient::connect(format!("http://{registry}")).await.unwrap();
+        let r = c
+            .register(RegisterRequest {
+                node_id: node.into(),
+                role: "compute".into(),
+                address: "127.0.0.1:1".into(),
+                model: "m".into(),
+                shard_index: 0,
+                share_key: shares::public_key_hex(&key),
+                timestamp: now_ms() / 1000,
+                nonce: "n".into(),
+                shards_total: 1,
+                layer_end: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.accepted, "{r:?}");
+        Signer { node: node.into(), key, prev: HashMap::new(), nonce: 0, client: String::new(), shard_index: 0, shards_total: 1 }
+    }
+
+    /// The next share of `session` (step after the previous one), signed, linked.
+    pub fn next(&mut self, session: &str) -> ComputeShare {
+        let (prev, step) = match self.prev.get(session) {
+            Some((h, st)) => (h.clone(), st + 1),
+            None => (Vec::new(), 0),
+        };
+        self.nonce += 1;
+        let mut sh = ComputeShare {
+            node_id: self.node.clone(),
+            model: "m".into(),
+            shard_index: self.shard_index,
+            shards_total: self.shards_total,
+            session_id: session.into(),
+            step,
+            input_tokens: if step == 0 { 5 } else { 0 },
+            output_tokens: 1,
+            activation_hash: rand::random::<[u8; 32]>().to_vec(),
+            timestamp_ms: now_ms(),
+            nonce: self.nonce,
+            prev_share_hash: prev,
+            chain_tip: shares::GENESIS.to_vec(),
+            client: self.client.clone(),
+            signature: Vec::new(),
+        };
+        shares::sign(&self.key, &mut sh);
+        self.prev.insert(session.into(), (shares::share_hash(&sh).to_vec(), step));
+        sh
+    }
+
+    pub fn resign(&self, sh: &mut ComputeShare) {
+        shares::sign(&self.key, sh);
+    }
+}
+
+/// A temp dir and a registry with open admission (no model served: the daemon tests
+/// register their nodes by hand).
+pub struct Net {
+    pub dir: tempfile::TempDir,
+    pub registry: Node,
+}
+
+pub fn registry() -> Net {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [s("registry"), s("--port"), s("0"), s("--heartbeat-secs"), s("1")];
+    let registry = Node::start(&args, dir.path().join("registry.log"));
+    Net { dir, registry }
+}
+
+pub fn daemon_args(net: &Net, db: &std::path::Path, port: &str, extra: &[&str]) -> Vec<String> {
+    let mut a = vec![
+        s("daemon"),
+        s("--port"),
+        s(port),
+        s("--registry"),
+        net.registry.address.clone(),
+        s("--db"),
+        db.display().to_string(),
+        s("--block-interval-secs"),
+        s("0.1"),
+        s("--heartbeat-secs"),
+        s("1"),
+    ];
+    a.extend(extra.iter().map(|x| x.to_string()));
+    a
+}
+
+pub async fn daemon(addr: &str) -> Daemon {
+    DaemonClient::connect(format!("http://{addr}")).await.unwrap()
+}
+
+pub async fn submit(d: &mut Daemon, submitter: &str, shares: Vec<ComputeShare>) -> Vec<ShareResult> {
+    d.submit_shares(SubmitSharesRequest { submitter: submitter.into(), shares }).await.unwrap().into_inner().results
+}
+
+pub async fn one(d: &mut Daemon, submitter: &str, share: ComputeShare) -> ShareResult {
+    submit(d, submitter, vec![share]).await.remove(0)
+}
+
+#[track_caller]
+pub fn rejected(r: &ShareResult, reason: &str) {
+    assert!(!r.accepted && r.reason == reason, "expected rejection {reason}, got {r:?}");
+}
+
+/// Polls GetChainStatus until `pred` holds.
+pub async fn wait_status(
+    d: &mut Daemon,
+    what: &str,
+    pred: impl Fn(&GetChainStatusResponse) -> bool,
+) -> GetChainStatusResponse {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = d.get_chain_status(GetChainStatusRequest {}).await.unwrap().into_inner();
+        if pred(&st) {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}: {st:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
