@@ -260,7 +260,13 @@ impl AdmissionVerifier {
     /// Whether `node_id` is currently eligible (the registry's periodic re-check).
     pub async fn is_eligible(&self, node_id: &str) -> anyhow::Result<bool> {
         let node = parse_node_id(node_id).map_err(|r| anyhow::anyhow!(r.message))?;
-        Ok(self.stake_status(node).await?.eligible)
+        // One call: this runs for every admitted node on each re-check interval.
+        Ok(self
+            .escrow
+            .isEligible(node)
+            .call()
+            .await
+            .context("isEligible")?)
     }
 
     /// Stake, minimum stake and eligibility of `node`, read from the escrow.

@@ -485,7 +485,8 @@ fn check_status(call: &str, receipt: &TransactionReceipt) -> Result<(), ChainErr
     }
 }
 
-fn contract_error(call: &str, e: alloy::contract::Error) -> ChainError {
+/// Turns a contract call's error into a [`ChainError`], decoding the revert reason.
+pub fn contract_error(call: &str, e: alloy::contract::Error) -> ChainError {
     if let Some(data) = e.as_revert_data() {
         let reason = alloy::sol_types::decode_revert_reason(&data)
             .map(|r| r.strip_prefix("revert: ").map(str::to_string).unwrap_or(r))
