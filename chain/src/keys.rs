@@ -183,6 +183,37 @@ mod tests {
         assert!(err.contains("644"), "{err}");
     }
 
+    // The only test that touches these variables (they are process-wide).
+    #[test]
+    fn stake_key_comes_from_the_file_first_then_the_variable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys/stake.key");
+        write_key_file(&path, &dev_signer(5).unwrap()).unwrap();
+        let raw = format!("0x{}", hex::encode(dev_signer(6).unwrap().to_bytes()));
+        // SAFETY: no other test in this binary reads or writes these variables.
+        unsafe {
+            std::env::remove_var(STAKE_KEY_FILE_ENV);
+            std::env::remove_var(STAKE_KEY_ENV);
+        }
+        assert!(load_stake_key_from_env().unwrap().is_none());
+        unsafe { std::env::set_var(STAKE_KEY_ENV, &raw) };
+        let got = load_stake_key_from_env().unwrap().unwrap();
+        assert_eq!(got.address(), dev_signer(6).unwrap().address());
+        unsafe { std::env::set_var(STAKE_KEY_FILE_ENV, &path) };
+        let got = load_stake_key_from_env().unwrap().unwrap();
+        assert_eq!(got.address(), dev_signer(5).unwrap().address());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let err = format!("{:#}", load_stake_key_from_env().unwrap_err());
+        assert!(
+            err.contains(STAKE_KEY_FILE_ENV) && err.contains("chmod 600"),
+            "{err}"
+        );
+        unsafe {
+            std::env::remove_var(STAKE_KEY_FILE_ENV);
+            std::env::remove_var(STAKE_KEY_ENV);
+        }
+    }
+
     #[test]
     fn malformed_key_error_does_not_echo_the_text() {
         let err = parse_private_key("0xdeadbeefsecret")
