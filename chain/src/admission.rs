@@ -261,12 +261,11 @@ impl AdmissionVerifier {
     pub async fn is_eligible(&self, node_id: &str) -> anyhow::Result<bool> {
         let node = parse_node_id(node_id).map_err(|r| anyhow::anyhow!(r.message))?;
         // One call: this runs for every admitted node on each re-check interval.
-        Ok(self
-            .escrow
+        self.escrow
             .isEligible(node)
             .call()
             .await
-            .context("isEligible")?)
+            .context("isEligible")
     }
 
     /// Stake, minimum stake and eligibility of `node`, read from the escrow.
