@@ -58,11 +58,16 @@ pub fn verify(key: &VerifyingKey, share: &ComputeShare) -> Result<()> {
 
 /// Parses a hex Ed25519 public key as the registry stores it.
 pub fn parse_public_key(hex_key: &str) -> Result<VerifyingKey> {
-    let bytes = hex::decode(hex_key.trim_start_matches("0x")).with_context(|| format!("share key {hex_key:?} is not hex"))?;
+    let bytes = hex::decode(hex_key.trim_start_matches("0x"))
+        .with_context(|| format!("share key {hex_key:?} is not hex"))?;
     let Ok(arr) = <[u8; 32]>::try_from(bytes.as_slice()) else {
-        bail!("share key {hex_key:?} is {} bytes, an Ed25519 public key is 32", bytes.len());
+        bail!(
+            "share key {hex_key:?} is {} bytes, an Ed25519 public key is 32",
+            bytes.len()
+        );
     };
-    VerifyingKey::from_bytes(&arr).with_context(|| format!("share key {hex_key:?} is not a valid Ed25519 point"))
+    VerifyingKey::from_bytes(&arr)
+        .with_context(|| format!("share key {hex_key:?} is not a valid Ed25519 point"))
 }
 
 /// A fresh share-signing key from the OS random generator.
@@ -122,6 +127,9 @@ mod tests {
         assert_ne!(canonical_bytes(&a), canonical_bytes(&b));
         let other = generate_key();
         assert!(verify(&other.verifying_key(), &s).is_err());
-        assert_eq!(parse_public_key(&public_key_hex(&key)).unwrap(), key.verifying_key());
+        assert_eq!(
+            parse_public_key(&public_key_hex(&key)).unwrap(),
+            key.verifying_key()
+        );
     }
 }

@@ -19,7 +19,19 @@ use unfed_proto::*;
 async fn every_rejection_reason_and_blocks_only_when_shares_are_pending() {
     let net = registry();
     let db = net.dir.path().join("chain.db");
-    let args = daemon_args(&net, &db, "0", &["--max-shares-per-session", "4", "--max-shares-per-window", "7", "--window-secs", "600"]);
+    let args = daemon_args(
+        &net,
+        &db,
+        "0",
+        &[
+            "--max-shares-per-session",
+            "4",
+            "--max-shares-per-window",
+            "7",
+            "--window-secs",
+            "600",
+        ],
+    );
     let dnode = Node::start(&args, net.dir.path().join("daemon.log"));
     let mut d = daemon(&dnode.address).await;
     let mut a = Signer::register(&net.registry.address, "node-a").await;
@@ -27,17 +39,26 @@ async fn every_rejection_reason_and_blocks_only_when_shares_are_pending() {
 
     let first = a.next("s1");
     let r = one(&mut d, "node-a", first.clone()).await;
-    assert!(r.accepted, "{r:?}\n{}", std::fs::read_to_string(&dnode.log).unwrap());
+    assert!(
+        r.accepted,
+        "{r:?}\n{}",
+        std::fs::read_to_string(&dnode.log).unwrap()
+    );
     assert_eq!(r.share_hash, shares::share_hash(&first).to_vec());
 
     // Forged: node-b's key signs a share claiming to be node-a's.
     let mut forged = a.next("s1");
     b.resign(&mut forged);
     rejected(&one(&mut d, "node-a", forged).await, "bad_signature");
-    a.prev.insert("s1".into(), (shares::share_hash(&first).to_vec(), 0));
+    a.prev
+        .insert("s1".into(), (shares::share_hash(&first).to_vec(), 0));
 
-    rejected(&one(&mut d, "node-b", a.next("s1")).await, "submitter_mismatch");
-    a.prev.insert("s1".into(), (shares::share_hash(&first).to_vec(), 0));
+    rejected(
+        &one(&mut d, "node-b", a.next("s1")).await,
+        "submitter_mismatch",
+    );
+    a.prev
+        .insert("s1".into(), (shares::share_hash(&first).to_vec(), 0));
 
     let mut missing = a.next("s1");
     missing.activation_hash.clear();
@@ -49,8 +70,19 @@ async fn every_rejection_reason_and_blocks_only_when_shares_are_pending() {
     a.resign(&mut stale);
     rejected(&one(&mut d, "node-a", stale).await, "timestamp_skew");
 
-    let mut ghost = Signer { node: "ghost".into(), key: shares::generate_key(), prev: HashMap::new(), nonce: 0, client: String::new(), shard_index: 0, shards_total: 1 };
-    rejected(&one(&mut d, "ghost", ghost.next("s1")).await, "unknown_node");
+    let mut ghost = Signer {
+        node: "ghost".into(),
+        key: shares::generate_key(),
+        prev: HashMap::new(),
+        nonce: 0,
+        client: String::new(),
+        shard_index: 0,
+        shards_total: 1,
+    };
+    rejected(
+        &one(&mut d, "ghost", ghost.next("s1")).await,
+        "unknown_node",
+    );
 
     rejected(&one(&mut d, "node-a", first.clone()).await, "replay");
 
@@ -65,14 +97,19 @@ async fn every_rejection_reason_and_blocks_only_when_shares_are_pending() {
     rejected(&one(&mut d, "node-a", unlinked).await, "broken_prev_link");
 
     // Out of order: correctly linked to step 0 but claiming step 0 again.
-    a.prev.insert("s1".into(), (shares::share_hash(&first).to_vec(), 0));
+    a.prev
+        .insert("s1".into(), (shares::share_hash(&first).to_vec(), 0));
     let mut backwards = a.next("s1");
     backwards.step = 0;
     a.resign(&mut backwards);
-    rejected(&one(&mut d, "node-a", backwards).await, "non_monotonic_step");
+    rejected(
+        &one(&mut d, "node-a", backwards).await,
+        "non_monotonic_step",
+    );
 
     // Session cap 4: steps 1..3 accepted (4 shares), the 5th refused.
-    a.prev.insert("s1".into(), (shares::share_hash(&first).to_vec(), 0));
+    a.prev
+        .insert("s1".into(), (shares::share_hash(&first).to_vec(), 0));
     let batch: Vec<_> = (0..3).map(|_| a.next("s1")).collect();
     let rs = submit(&mut d, "node-a", batch).await;
     assert!(rs.iter().all(|r| r.accepted), "{rs:?}");
@@ -84,14 +121,27 @@ async fn every_rejection_reason_and_blocks_only_when_shares_are_pending() {
     rejected(&one(&mut d, "node-a", a.next("s2")).await, "window_cap");
 
     // All 7 accepted shares end up in blocks; then no more blocks without shares.
-    let st = wait_status(&mut d, "every share in a block", |st| st.shares == 7 && st.pending_shares == 0).await;
+    let st = wait_status(&mut d, "every share in a block", |st| {
+        st.shares == 7 && st.pending_shares == 0
+    })
+    .await;
     assert_eq!(st.nodes.len(), 1);
-    assert_eq!((st.nodes[0].shares, st.nodes[0].input_tokens, st.nodes[0].output_tokens), (7, 10, 7));
+    assert_eq!(
+        (
+            st.nodes[0].shares,
+            st.nodes[0].input_tokens,
+            st.nodes[0].output_tokens
+        ),
+        (7, 10, 7)
+    );
     let height = st.height;
     let deadline = Instant::now() + Duration::from_millis(800);
     while Instant::now() < deadline {
         let tip = d.get_tip(GetTipRequest {}).await.unwrap().into_inner();
-        assert_eq!(tip.tip_height, height, "a block was produced with no shares pending");
+        assert_eq!(
+            tip.tip_height, height,
+            "a block was produced with no shares pending"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Anchoring to the real tip is accepted.
@@ -125,7 +175,16 @@ fn verify_chain(store: &Store) -> Vec<Block> {
             root.update(h);
         }
         assert_eq!(<[u8; 32]>::from(root.finalize()), b.shares_root);
-        assert_eq!(Block::compute_hash(b.height, &b.prev_hash, &b.shares_root, b.share_count, b.timestamp_ms), b.hash);
+        assert_eq!(
+            Block::compute_hash(
+                b.height,
+                &b.prev_hash,
+                &b.shares_root,
+                b.share_count,
+                b.timestamp_ms
+            ),
+            b.hash
+        );
         prev = b.hash;
     }
     blocks
@@ -135,10 +194,13 @@ fn verify_chain(store: &Store) -> Vec<Block> {
 async fn kill_9_mid_stream_then_restart_loses_nothing_and_counts_nothing_twice() {
     let net = registry();
     let db = net.dir.path().join("chain.db");
-    let mut dnode = Node::start(&daemon_args(&net, &db, "0", &[]), net.dir.path().join("daemon.log"));
+    let mut dnode = Node::start(
+        &daemon_args(&net, &db, "0", &[]),
+        net.dir.path().join("daemon.log"),
+    );
     let port = dnode.port();
     let addr = dnode.address.clone();
-    let mut signers = vec![
+    let mut signers = [
         Signer::register(&net.registry.address, "node-a").await,
         Signer::register(&net.registry.address, "node-b").await,
     ];
@@ -160,8 +222,15 @@ async fn kill_9_mid_stream_then_restart_loses_nothing_and_counts_nothing_twice()
                     let results = loop {
                         let attempt = async {
                             let mut d = DaemonClient::connect(format!("http://{addr}")).await?;
-                            let r = d.submit_shares(SubmitSharesRequest { submitter: sg.node.clone(), shares: batch.clone() }).await?;
-                            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(r.into_inner().results)
+                            let r = d
+                                .submit_shares(SubmitSharesRequest {
+                                    submitter: sg.node.clone(),
+                                    shares: batch.clone(),
+                                })
+                                .await?;
+                            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                                r.into_inner().results,
+                            )
                         };
                         match attempt.await {
                             Ok(r) => break r,
@@ -196,14 +265,23 @@ async fn kill_9_mid_stream_then_restart_loses_nothing_and_counts_nothing_twice()
     assert_eq!(delivered.len(), 60 * 2 * 5);
     assert_eq!(accepted + replays, delivered.len());
     let mut d = daemon(&dnode2.address).await;
-    let st = wait_status(&mut d, "every share in a block", |st| st.pending_shares == 0 && st.shares as usize == delivered.len()).await;
-    assert_eq!(st.nodes.iter().map(|n| n.shares).sum::<u64>() as usize, delivered.len());
+    let st = wait_status(&mut d, "every share in a block", |st| {
+        st.pending_shares == 0 && st.shares as usize == delivered.len()
+    })
+    .await;
+    assert_eq!(
+        st.nodes.iter().map(|n| n.shares).sum::<u64>() as usize,
+        delivered.len()
+    );
     drop(d);
     let mut dnode2 = dnode2;
     assert!(dnode2.terminate().success());
     let store = Store::open(&db).unwrap();
     let blocks = verify_chain(&store);
-    assert_eq!(blocks.iter().map(|b| b.share_count).sum::<u64>() as usize, delivered.len());
+    assert_eq!(
+        blocks.iter().map(|b| b.share_count).sum::<u64>() as usize,
+        delivered.len()
+    );
     let mut stored = HashSet::new();
     for b in &blocks {
         for h in store.block_share_hashes(b.height).unwrap() {
@@ -211,5 +289,9 @@ async fn kill_9_mid_stream_then_restart_loses_nothing_and_counts_nothing_twice()
         }
     }
     assert_eq!(stored, delivered);
-    eprintln!("{} blocks, {} shares, {replays} replays answered after the restart", blocks.len(), stored.len());
+    eprintln!(
+        "{} blocks, {} shares, {replays} replays answered after the restart",
+        blocks.len(),
+        stored.len()
+    );
 }

@@ -17,7 +17,11 @@ use unfed_proto::*;
 fn hop_amount(input: u64, output: u64, shard: u32, shards: u32, p_in: u64, p_out: u64) -> U256 {
     let price = input * p_in + output * p_out;
     let base = price / shards as u64;
-    U256::from(if shard + 1 == shards { base + price % shards as u64 } else { base })
+    U256::from(if shard + 1 == shards {
+        base + price % shards as u64
+    } else {
+        base
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -25,14 +29,31 @@ async fn usage_is_paid_exactly_and_a_refused_settlement_is_retried_until_paid() 
     let net = registry();
     let anvil = Anvil::start(&AnvilOptions::default()).await.unwrap();
     let operator = Chain::connect(&anvil.endpoint(), dev_signer(0).unwrap()).unwrap();
-    let d = operator.deploy(&EscrowParams { challenge_window_secs: 1, ..Default::default() }).await.unwrap();
+    let d = operator
+        .deploy(&EscrowParams {
+            challenge_window_secs: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     let deposit = parse_amount("1000").unwrap();
     let gas = parse_amount("1").unwrap();
     let client = dev_signer(1).unwrap();
     let poor = dev_signer(4).unwrap();
-    operator.fund(&d, client.address(), deposit, gas).await.unwrap();
-    operator.fund(&d, poor.address(), deposit, gas).await.unwrap();
-    operator.as_wallet(client.clone()).unwrap().deposit(&d, deposit).await.unwrap();
+    operator
+        .fund(&d, client.address(), deposit, gas)
+        .await
+        .unwrap();
+    operator
+        .fund(&d, poor.address(), deposit, gas)
+        .await
+        .unwrap();
+    operator
+        .as_wallet(client.clone())
+        .unwrap()
+        .deposit(&d, deposit)
+        .await
+        .unwrap();
     let key_file = net.dir.path().join("keys/operator.key");
     unfed_chain::write_key_file(&key_file, &dev_signer(0).unwrap()).unwrap();
 
@@ -58,11 +79,17 @@ async fn usage_is_paid_exactly_and_a_refused_settlement_is_retried_until_paid() 
     ];
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     let db = net.dir.path().join("chain.db");
-    let dnode = Node::start(&daemon_args(&net, &db, "0", &extra), net.dir.path().join("daemon.log"));
+    let dnode = Node::start(
+        &daemon_args(&net, &db, "0", &extra),
+        net.dir.path().join("daemon.log"),
+    );
     let log = || std::fs::read_to_string(&dnode.log).unwrap_or_default();
     let mut dm = daemon(&dnode.address).await;
 
-    let (wa, wb) = (dev_signer(2).unwrap().address(), dev_signer(3).unwrap().address());
+    let (wa, wb) = (
+        dev_signer(2).unwrap().address(),
+        dev_signer(3).unwrap().address(),
+    );
     let mut a = Signer::register(&net.registry.address, &wa.to_string()).await;
     let mut b = Signer::register(&net.registry.address, &wb.to_string()).await;
     b.shard_index = 1;
@@ -72,15 +99,31 @@ async fn usage_is_paid_exactly_and_a_refused_settlement_is_retried_until_paid() 
     // default client, and one of 3 steps for the poor client, across two blocks.
     let (mut expect_a, mut expect_b, mut expect_poor) = (U256::ZERO, U256::ZERO, U256::ZERO);
     for (round, sessions) in [["s1", "s2"], ["s3", "s4"]].into_iter().enumerate() {
-        let height = dm.get_tip(GetTipRequest {}).await.unwrap().into_inner().tip_height;
+        let height = dm
+            .get_tip(GetTipRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .tip_height;
         for sess in sessions {
             let poor_session = sess == "s4";
             let steps = if poor_session { 3 } else { 4 };
             for sg in [&mut a, &mut b] {
-                sg.client = if poor_session { poor.address().to_string() } else { String::new() };
+                sg.client = if poor_session {
+                    poor.address().to_string()
+                } else {
+                    String::new()
+                };
                 let batch: Vec<_> = (0..steps).map(|_| sg.next(sess)).collect();
                 for sh in &batch {
-                    let amt = hop_amount(sh.input_tokens as u64, sh.output_tokens as u64, sh.shard_index, 2, p_in, p_out);
+                    let amt = hop_amount(
+                        sh.input_tokens as u64,
+                        sh.output_tokens as u64,
+                        sh.shard_index,
+                        2,
+                        p_in,
+                        p_out,
+                    );
                     match (poor_session, sh.shard_index) {
                         (true, _) => expect_poor += amt,
                         (false, 0) => expect_a += amt,
@@ -91,54 +134,95 @@ async fn usage_is_paid_exactly_and_a_refused_settlement_is_retried_until_paid() 
                 assert!(rs.iter().all(|r| r.accepted), "{rs:?}\n{}", log());
             }
         }
-        wait_status(&mut dm, &format!("block of round {round}"), |st| st.height > height && st.pending_shares == 0).await;
+        wait_status(&mut dm, &format!("block of round {round}"), |st| {
+            st.height > height && st.pending_shares == 0
+        })
+        .await;
     }
     // The prompt step's remainder went to the last shard.
     assert_eq!(hop_amount(5, 1, 0, 2, p_in, p_out), U256::from(10));
     assert_eq!(hop_amount(5, 1, 1, 2, p_in, p_out), U256::from(10));
-    assert_eq!(hop_amount(0, 1, 0, 2, p_in, p_out) + hop_amount(0, 1, 1, 2, p_in, p_out), U256::from(5));
+    assert_eq!(
+        hop_amount(0, 1, 0, 2, p_in, p_out) + hop_amount(0, 1, 1, 2, p_in, p_out),
+        U256::from(5)
+    );
 
     // The poor client's settlement is refused by the escrow: recorded as an error with
     // the revert reason, retried, still pending.
     let st = wait_status(&mut dm, "the poor client's settlement to fail", |st| {
-        st.settlements.iter().any(|s| s.client == poor.address().to_string() && s.attempts >= 2)
+        st.settlements
+            .iter()
+            .any(|s| s.client == poor.address().to_string() && s.attempts >= 2)
     })
     .await;
-    let refused = st.settlements.iter().find(|s| s.client == poor.address().to_string()).unwrap();
+    let refused = st
+        .settlements
+        .iter()
+        .find(|s| s.client == poor.address().to_string())
+        .unwrap();
     assert_eq!(refused.status, "pending");
-    assert!(refused.last_error.contains("insufficient client balance"), "{refused:?}");
+    assert!(
+        refused.last_error.contains("insufficient client balance"),
+        "{refused:?}"
+    );
     assert_eq!(refused.total, expect_poor.to_string());
 
     // The paying client's settlement is posted and finalized after the window.
     let st = wait_status(&mut dm, "the client's settlement to finalize", |st| {
-        st.settlements.iter().any(|s| s.client == client.address().to_string() && s.status == "finalized")
+        st.settlements
+            .iter()
+            .any(|s| s.client == client.address().to_string() && s.status == "finalized")
     })
     .await;
-    let paid = st.settlements.iter().find(|s| s.client == client.address().to_string()).unwrap();
+    let paid = st
+        .settlements
+        .iter()
+        .find(|s| s.client == client.address().to_string())
+        .unwrap();
     assert_eq!(paid.total, (expect_a + expect_b).to_string());
     assert_eq!(operator.earnings(&d, wa).await.unwrap(), expect_a);
     assert_eq!(operator.earnings(&d, wb).await.unwrap(), expect_b);
-    assert_eq!(operator.client_balance(&d, client.address()).await.unwrap(), deposit - expect_a - expect_b);
+    assert_eq!(
+        operator.client_balance(&d, client.address()).await.unwrap(),
+        deposit - expect_a - expect_b
+    );
     let hash = <[u8; 32]>::try_from(paid.hash.as_slice()).unwrap();
     let on_chain = operator.settlement(&d, hash.into()).await.unwrap();
     assert!(on_chain.finalized && !on_chain.challenged);
     assert_eq!(on_chain.nodes, vec![wa, wb]);
 
     // Funding the poor client lets the retried settlement through.
-    operator.as_wallet(poor.clone()).unwrap().deposit(&d, deposit).await.unwrap();
+    operator
+        .as_wallet(poor.clone())
+        .unwrap()
+        .deposit(&d, deposit)
+        .await
+        .unwrap();
     wait_status(&mut dm, "the retried settlement to finalize", |st| {
-        st.settlements.iter().any(|s| s.client == poor.address().to_string() && s.status == "finalized")
+        st.settlements
+            .iter()
+            .any(|s| s.client == poor.address().to_string() && s.status == "finalized")
     })
     .await;
-    assert_eq!(operator.client_balance(&d, poor.address()).await.unwrap(), deposit - expect_poor);
-    let poor_a = hop_amount(5, 1, 0, 2, p_in, p_out) + hop_amount(0, 1, 0, 2, p_in, p_out) * U256::from(2);
+    assert_eq!(
+        operator.client_balance(&d, poor.address()).await.unwrap(),
+        deposit - expect_poor
+    );
+    let poor_a =
+        hop_amount(5, 1, 0, 2, p_in, p_out) + hop_amount(0, 1, 0, 2, p_in, p_out) * U256::from(2);
     assert_eq!(operator.earnings(&d, wa).await.unwrap(), expect_a + poor_a);
-    assert_eq!(operator.earnings(&d, wb).await.unwrap(), expect_b + expect_poor - poor_a);
+    assert_eq!(
+        operator.earnings(&d, wb).await.unwrap(),
+        expect_b + expect_poor - poor_a
+    );
 
     // Nodes claim: earnings move to their wallets.
     let node_a = operator.as_wallet(dev_signer(2).unwrap()).unwrap();
     let before = node_a.token_balance(&d, wa).await.unwrap();
     node_a.claim_earnings(&d).await.unwrap();
-    assert_eq!(node_a.token_balance(&d, wa).await.unwrap(), before + expect_a + poor_a);
+    assert_eq!(
+        node_a.token_balance(&d, wa).await.unwrap(),
+        before + expect_a + poor_a
+    );
     assert_eq!(operator.earnings(&d, wa).await.unwrap(), U256::ZERO);
 }

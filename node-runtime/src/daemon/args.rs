@@ -76,7 +76,9 @@ pub struct DaemonArgs {
 }
 
 fn addr(flag: &str, v: &str) -> Result<Address> {
-    v.parse().with_context(|| format!("{flag} {v:?} is not an EVM address (0x followed by 40 hex digits)"))
+    v.parse().with_context(|| {
+        format!("{flag} {v:?} is not an EVM address (0x followed by 40 hex digits)")
+    })
 }
 
 fn secs(flag: &str, v: f64) -> Result<Duration> {
@@ -89,10 +91,12 @@ fn secs(flag: &str, v: f64) -> Result<Duration> {
 /// Binds `host:port` and prints `listening HOST:PORT`, the line launchers read to
 /// learn the port (like every role).
 async fn listen(host: &str, port: u16) -> Result<tokio::net::TcpListener> {
-    let at: std::net::SocketAddr = format!("{host}:{port}").parse().with_context(|| format!("--host {host} is not an IP address"))?;
-    let listener = tokio::net::TcpListener::bind(at)
-        .await
-        .with_context(|| format!("cannot listen on {at}: is another process using port {port}? pick another --port"))?;
+    let at: std::net::SocketAddr = format!("{host}:{port}")
+        .parse()
+        .with_context(|| format!("--host {host} is not an IP address"))?;
+    let listener = tokio::net::TcpListener::bind(at).await.with_context(|| {
+        format!("cannot listen on {at}: is another process using port {port}? pick another --port")
+    })?;
     println!("listening {}", listener.local_addr()?);
     Ok(listener)
 }
@@ -102,13 +106,20 @@ impl DaemonArgs {
         match (&self.chain_rpc, &self.escrow, &self.operator_key_file) {
             (None, None, None) => Ok(None),
             (Some(rpc), Some(escrow), Some(key)) => {
-                let signer = unfed_chain::read_key_file(key).with_context(|| format!("--operator-key-file {}", key.display()))?;
+                let signer = unfed_chain::read_key_file(key)
+                    .with_context(|| format!("--operator-key-file {}", key.display()))?;
                 let token = match &self.token {
                     Some(t) => addr("--token", t)?,
                     None => Address::ZERO,
                 };
-                let deployment = Deployment { token, escrow: addr("--escrow", escrow)? };
-                Ok(Some(Settler { chain: Chain::connect(rpc, signer)?, deployment }))
+                let deployment = Deployment {
+                    token,
+                    escrow: addr("--escrow", escrow)?,
+                };
+                Ok(Some(Settler {
+                    chain: Chain::connect(rpc, signer)?,
+                    deployment,
+                }))
             }
             _ => bail!(
                 "on-chain settlement needs --chain-rpc, --escrow and the operator key (--operator-key-file or {OPERATOR_KEY_FILE_ENV}); pass all three, or none to only record settlements"
@@ -123,13 +134,21 @@ impl DaemonArgs {
             unfed_chain::keys::ensure_key_matches(key, a)?;
         }
         if stake_key.is_some() && self.eth_address.is_none() {
-            bail!("a stake key is configured but --eth-address is missing; pass the staked wallet's address");
+            bail!(
+                "a stake key is configured but --eth-address is missing; pass the staked wallet's address"
+            );
         }
         let prices = Prices {
-            input: unfed_chain::parse_amount(&self.price_per_input_token).context("--price-per-input-token")?,
-            output: unfed_chain::parse_amount(&self.price_per_output_token).context("--price-per-output-token")?,
+            input: unfed_chain::parse_amount(&self.price_per_input_token)
+                .context("--price-per-input-token")?,
+            output: unfed_chain::parse_amount(&self.price_per_output_token)
+                .context("--price-per-output-token")?,
         };
-        let default_client = self.default_client.as_deref().map(|c| addr("--default-client", c)).transpose()?;
+        let default_client = self
+            .default_client
+            .as_deref()
+            .map(|c| addr("--default-client", c))
+            .transpose()?;
         let settler = self.settler()?;
         let limits = Limits {
             max_skew: Duration::from_secs(self.max_skew_secs),
@@ -141,7 +160,10 @@ impl DaemonArgs {
         let listener = listen(&self.host, self.port).await?;
         let bound = listener.local_addr()?;
         let advertise = self.advertise.unwrap_or_else(|| bound.to_string());
-        let node_id = self.eth_address.or(self.node_id).unwrap_or_else(|| format!("daemon@{advertise}"));
+        let node_id = self
+            .eth_address
+            .or(self.node_id)
+            .unwrap_or_else(|| format!("daemon@{advertise}"));
         let cfg = DaemonConfig {
             db: self.db,
             node_id,

@@ -26,7 +26,10 @@ pub use store::Store;
 pub use validate::{Limits, Reject};
 
 pub(crate) fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 pub struct DaemonConfig {
@@ -52,7 +55,12 @@ pub struct DaemonConfig {
 }
 
 /// Cuts a block when shares are pending, then a settlement summary every K blocks.
-fn produce(store: &Mutex<Store>, cfg_blocks: u64, prices: &Prices, default_client: Option<Address>) -> Result<()> {
+fn produce(
+    store: &Mutex<Store>,
+    cfg_blocks: u64,
+    prices: &Prices,
+    default_client: Option<Address>,
+) -> Result<()> {
     let mut st = store.lock().expect("store poisoned");
     if let Some(b) = st.produce_block(now_ms())? {
         tracing::info!(height = b.height, shares = b.share_count, hash = %hex::encode(b.hash), "block produced");
@@ -61,7 +69,14 @@ fn produce(store: &Mutex<Store>, cfg_blocks: u64, prices: &Prices, default_clien
     let settled = st.settled_height()?;
     if height >= settled + cfg_blocks.max(1) {
         let shares = st.shares_in_blocks(settled + 1, height)?;
-        let rows = settle::summarize(&st.chain_id()?, settled + 1, height, &shares, prices, default_client);
+        let rows = settle::summarize(
+            &st.chain_id()?,
+            settled + 1,
+            height,
+            &shares,
+            prices,
+            default_client,
+        );
         for r in &rows {
             tracing::info!(from = settled + 1, to = height, client = %r.client, total = %r.total, nodes = r.nodes.len(), "settlement summary");
         }
@@ -79,7 +94,14 @@ async fn registry_client(addr: &str) -> Result<RegistryClient<Channel>> {
 }
 
 fn registration(cfg: &DaemonConfig) -> Result<RegisterRequest> {
-    let p = unfed_chain::RegistrationPayload::new_now(&cfg.node_id, "daemon", &cfg.advertise, "", -1, "");
+    let p = unfed_chain::RegistrationPayload::new_now(
+        &cfg.node_id,
+        "daemon",
+        &cfg.advertise,
+        "",
+        -1,
+        "",
+    );
     let signature = match &cfg.stake_key {
         Some(k) => unfed_chain::sign_registration(k, &p)?,
         None => Vec::new(),
@@ -126,7 +148,12 @@ async fn membership(cfg: Arc<DaemonConfig>, ready: tokio::sync::oneshot::Sender<
                     let _ = ready.take().map(|r| r.send(Ok(())));
                 }
                 Ok(r) => {
-                    let err = anyhow::anyhow!("the registry at {} refused this daemon ({}): {}", cfg.registry, r.reason, r.message);
+                    let err = anyhow::anyhow!(
+                        "the registry at {} refused this daemon ({}): {}",
+                        cfg.registry,
+                        r.reason,
+                        r.message
+                    );
                     match ready.take() {
                         Some(tx) => {
                             let _ = tx.send(Err(err));
@@ -135,10 +162,17 @@ async fn membership(cfg: Arc<DaemonConfig>, ready: tokio::sync::oneshot::Sender<
                         None => tracing::error!("{err:#}"),
                     }
                 }
-                Err(e) => tracing::warn!(registry = %cfg.registry, "registry unreachable, retrying: {}", e.message()),
+                Err(e) => {
+                    tracing::warn!(registry = %cfg.registry, "registry unreachable, retrying: {}", e.message())
+                }
             }
         } else {
-            match client.heartbeat(HeartbeatRequest { node_id: cfg.node_id.clone() }).await {
+            match client
+                .heartbeat(HeartbeatRequest {
+                    node_id: cfg.node_id.clone(),
+                })
+                .await
+            {
                 Ok(r) if !r.get_ref().known => {
                     tracing::warn!("the registry forgot this daemon; registering again");
                     registered = false;
@@ -148,13 +182,22 @@ async fn membership(cfg: Arc<DaemonConfig>, ready: tokio::sync::oneshot::Sender<
                 Err(e) => tracing::warn!("heartbeat failed: {}", e.message()),
             }
         }
-        tokio::time::sleep(if registered { cfg.heartbeat } else { Duration::from_millis(500) }).await;
+        tokio::time::sleep(if registered {
+            cfg.heartbeat
+        } else {
+            Duration::from_millis(500)
+        })
+        .await;
     }
 }
 
 /// Serves the daemon on `listener` until `shutdown`: gRPC, block production,
 /// settlement and registry membership. A final block is cut on shutdown.
-pub async fn run(mut cfg: DaemonConfig, listener: TcpListener, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
+pub async fn run(
+    mut cfg: DaemonConfig,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let store = Arc::new(Mutex::new(Store::open(&cfg.db)?));
     {
         let st = store.lock().expect("store poisoned");
@@ -162,7 +205,8 @@ pub async fn run(mut cfg: DaemonConfig, listener: TcpListener, shutdown: impl st
         let (shares, pending) = st.share_counts()?;
         tracing::info!(db = %cfg.db.display(), height, tip = %hex::encode(tip), shares, pending, "share chain opened");
     }
-    let service = service::DaemonService::new(store.clone(), cfg.limits.clone(), cfg.registry.clone());
+    let service =
+        service::DaemonService::new(store.clone(), cfg.limits.clone(), cfg.registry.clone());
     let settler = cfg.settler.take();
     let cfg = Arc::new(cfg);
     let server = tokio::spawn(
@@ -178,7 +222,12 @@ pub async fn run(mut cfg: DaemonConfig, listener: TcpListener, shutdown: impl st
             tick.tick().await;
             loop {
                 tick.tick().await;
-                let (store, prices, k, dc) = (store.clone(), cfg.prices, cfg.settlement_blocks, cfg.default_client);
+                let (store, prices, k, dc) = (
+                    store.clone(),
+                    cfg.prices,
+                    cfg.settlement_blocks,
+                    cfg.default_client,
+                );
                 match tokio::task::spawn_blocking(move || produce(&store, k, &prices, dc)).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => tracing::error!("block production failed: {e:#}"),
@@ -203,11 +252,20 @@ pub async fn run(mut cfg: DaemonConfig, listener: TcpListener, shutdown: impl st
         s.abort();
     }
     // Shares accepted since the last tick go into a block now rather than at restart.
-    if let Err(e) = produce(&store, cfg.settlement_blocks, &cfg.prices, cfg.default_client) {
+    if let Err(e) = produce(
+        &store,
+        cfg.settlement_blocks,
+        &cfg.prices,
+        cfg.default_client,
+    ) {
         tracing::error!("final block failed: {e:#}");
     }
     if let Ok(mut c) = registry_client(&cfg.registry).await {
-        let _ = c.unregister(UnregisterRequest { node_id: cfg.node_id.clone() }).await;
+        let _ = c
+            .unregister(UnregisterRequest {
+                node_id: cfg.node_id.clone(),
+            })
+            .await;
     }
     result.context("daemon gRPC server failed")
 }

@@ -44,7 +44,13 @@ impl KeyCache {
 
     async fn fetch(&self) -> anyhow::Result<HashMap<String, VerifyingKey>> {
         let mut c = registry_client(&self.registry).await?;
-        let nodes = c.discover(DiscoverRequest { model: String::new() }).await?.into_inner().nodes;
+        let nodes = c
+            .discover(DiscoverRequest {
+                model: String::new(),
+            })
+            .await?
+            .into_inner()
+            .nodes;
         Ok(nodes
             .into_iter()
             .filter(|n| !n.share_key.is_empty())
@@ -67,13 +73,26 @@ pub struct DaemonService {
 
 impl DaemonService {
     pub fn new(store: Arc<Mutex<Store>>, limits: Limits, registry: String) -> Self {
-        Self { store, limits, keys: KeyCache { registry, keys: tokio::sync::Mutex::new((HashMap::new(), None)) } }
+        Self {
+            store,
+            limits,
+            keys: KeyCache {
+                registry,
+                keys: tokio::sync::Mutex::new((HashMap::new(), None)),
+            },
+        }
     }
 
     /// Signature check with one key refresh on failure.
     async fn check_key(&self, s: &ComputeShare) -> validate::Verdict {
         let Some(key) = self.keys.get(&s.node_id, false).await else {
-            return Err((Reject::UnknownNode, format!("the registry has no share key for node {:?}; is it registered?", s.node_id)));
+            return Err((
+                Reject::UnknownNode,
+                format!(
+                    "the registry has no share key for node {:?}; is it registered?",
+                    s.node_id
+                ),
+            ));
         };
         if validate::check_signature(&key, s).is_ok() {
             return Ok(());
@@ -85,7 +104,11 @@ impl DaemonService {
     }
 
     fn tip(&self) -> Result<([u8; 32], u64), Status> {
-        self.store.lock().expect("store poisoned").tip().map_err(internal)
+        self.store
+            .lock()
+            .expect("store poisoned")
+            .tip()
+            .map_err(internal)
     }
 }
 
@@ -96,14 +119,26 @@ fn internal(e: anyhow::Error) -> Status {
 
 fn result(hash: [u8; 32], v: validate::Verdict) -> ShareResult {
     match v {
-        Ok(()) => ShareResult { share_hash: hash.to_vec(), accepted: true, ..Default::default() },
-        Err((r, message)) => ShareResult { share_hash: hash.to_vec(), accepted: false, reason: r.as_str().to_string(), message },
+        Ok(()) => ShareResult {
+            share_hash: hash.to_vec(),
+            accepted: true,
+            ..Default::default()
+        },
+        Err((r, message)) => ShareResult {
+            share_hash: hash.to_vec(),
+            accepted: false,
+            reason: r.as_str().to_string(),
+            message,
+        },
     }
 }
 
 #[tonic::async_trait]
 impl Daemon for DaemonService {
-    async fn submit_shares(&self, req: Request<SubmitSharesRequest>) -> Result<Response<SubmitSharesResponse>, Status> {
+    async fn submit_shares(
+        &self,
+        req: Request<SubmitSharesRequest>,
+    ) -> Result<Response<SubmitSharesResponse>, Status> {
         let req = req.into_inner();
         let now = now_ms();
         // Stateless checks and signatures first (they may call the registry), then
@@ -142,22 +177,40 @@ impl Daemon for DaemonService {
         .await
         .map_err(|e| Status::internal(format!("share validation task failed: {e}")))?
         .map_err(internal)?;
-        Ok(Response::new(SubmitSharesResponse { results, tip_hash: tip.0.to_vec(), tip_height: tip.1 }))
+        Ok(Response::new(SubmitSharesResponse {
+            results,
+            tip_hash: tip.0.to_vec(),
+            tip_height: tip.1,
+        }))
     }
 
     async fn get_tip(&self, _: Request<GetTipRequest>) -> Result<Response<GetTipResponse>, Status> {
         let (hash, height) = self.tip()?;
-        Ok(Response::new(GetTipResponse { tip_hash: hash.to_vec(), tip_height: height }))
+        Ok(Response::new(GetTipResponse {
+            tip_hash: hash.to_vec(),
+            tip_height: height,
+        }))
     }
 
-    async fn get_chain_status(&self, _: Request<GetChainStatusRequest>) -> Result<Response<GetChainStatusResponse>, Status> {
+    async fn get_chain_status(
+        &self,
+        _: Request<GetChainStatusRequest>,
+    ) -> Result<Response<GetChainStatusResponse>, Status> {
         let st = self.store.lock().expect("store poisoned");
-        let ((hash, height), (shares, pending)) = (st.tip().map_err(internal)?, st.share_counts().map_err(internal)?);
+        let ((hash, height), (shares, pending)) = (
+            st.tip().map_err(internal)?,
+            st.share_counts().map_err(internal)?,
+        );
         let nodes = st
             .node_totals()
             .map_err(internal)?
             .into_iter()
-            .map(|n| NodeShares { node_id: n.node_id, shares: n.shares, input_tokens: n.input_tokens, output_tokens: n.output_tokens })
+            .map(|n| NodeShares {
+                node_id: n.node_id,
+                shares: n.shares,
+                input_tokens: n.input_tokens,
+                output_tokens: n.output_tokens,
+            })
             .collect();
         let settlements = st
             .settlements()
@@ -176,6 +229,13 @@ impl Daemon for DaemonService {
                 amounts: s.amounts,
             })
             .collect();
-        Ok(Response::new(GetChainStatusResponse { height, tip_hash: hash.to_vec(), shares, pending_shares: pending, nodes, settlements }))
+        Ok(Response::new(GetChainStatusResponse {
+            height,
+            tip_hash: hash.to_vec(),
+            shares,
+            pending_shares: pending,
+            nodes,
+            settlements,
+        }))
     }
 }

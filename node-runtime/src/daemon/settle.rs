@@ -22,7 +22,10 @@ pub struct Prices {
 impl Default for Prices {
     /// The original's cluster defaults: 0.0001 per input token, 0.001 per output token.
     fn default() -> Self {
-        Self { input: U256::from(100_000_000_000_000u64), output: U256::from(1_000_000_000_000_000u64) }
+        Self {
+            input: U256::from(100_000_000_000_000u64),
+            output: U256::from(1_000_000_000_000_000u64),
+        }
     }
 }
 
@@ -32,29 +35,54 @@ pub fn share_amount(s: &SettledShare, p: &Prices) -> U256 {
     let price = U256::from(s.input_tokens) * p.input + U256::from(s.output_tokens) * p.output;
     let n = U256::from(s.shards_total.max(1));
     let base = price / n;
-    if s.shard_index + 1 == s.shards_total { base + price % n } else { base }
+    if s.shard_index + 1 == s.shards_total {
+        base + price % n
+    } else {
+        base
+    }
 }
 
 /// Groups the shares of blocks `from..=to` into one settlement per client. Shares of
 /// nodes whose id is not an EVM address cannot be paid and are left out (logged).
-pub fn summarize(chain_id: &str, from: u64, to: u64, shares: &[SettledShare], prices: &Prices, default_client: Option<Address>) -> Vec<Settlement> {
+pub fn summarize(
+    chain_id: &str,
+    from: u64,
+    to: u64,
+    shares: &[SettledShare],
+    prices: &Prices,
+    default_client: Option<Address>,
+) -> Vec<Settlement> {
     let mut per_client: BTreeMap<Address, BTreeMap<Address, U256>> = BTreeMap::new();
     let mut unpaid = 0usize;
     for s in shares {
-        let client = if s.client.is_empty() { default_client } else { s.client.parse().ok() };
+        let client = if s.client.is_empty() {
+            default_client
+        } else {
+            s.client.parse().ok()
+        };
         let (Some(client), Ok(node)) = (client, s.node_id.parse::<Address>()) else {
             unpaid += 1;
             continue;
         };
-        *per_client.entry(client).or_default().entry(node).or_default() += share_amount(s, prices);
+        *per_client
+            .entry(client)
+            .or_default()
+            .entry(node)
+            .or_default() += share_amount(s, prices);
     }
     if unpaid > 0 {
-        tracing::warn!(shares = unpaid, from, to, "shares without a payable node address or client are not settled");
+        tracing::warn!(
+            shares = unpaid,
+            from,
+            to,
+            "shares without a payable node address or client are not settled"
+        );
     }
     per_client
         .into_iter()
         .filter_map(|(client, nodes)| {
-            let nodes: Vec<(Address, U256)> = nodes.into_iter().filter(|(_, a)| !a.is_zero()).collect();
+            let nodes: Vec<(Address, U256)> =
+                nodes.into_iter().filter(|(_, a)| !a.is_zero()).collect();
             if nodes.is_empty() {
                 return None;
             }
@@ -107,47 +135,95 @@ impl Settler {
     /// row (and logged as errors) and retried later.
     pub async fn tick(&self, store: &Arc<Mutex<Store>>, window_secs: u64) -> Result<()> {
         let rows = store.lock().expect("store poisoned").settlements()?;
-        for s in rows.into_iter().filter(|s| s.status != "finalized" && s.next_attempt_ms <= now_ms()) {
+        for s in rows
+            .into_iter()
+            .filter(|s| s.status != "finalized" && s.next_attempt_ms <= now_ms())
+        {
             let result = self.advance(store, &s, window_secs).await;
             if let Err(e) = result {
                 let msg = format!("{e:#}");
                 tracing::error!(settlement = %hex::encode(s.hash), attempts = s.attempts + 1, "settlement step failed, will retry: {msg}");
-                store.lock().expect("store poisoned").settlement_failed(&s.hash, &msg, now_ms() + backoff(s.attempts))?;
+                store.lock().expect("store poisoned").settlement_failed(
+                    &s.hash,
+                    &msg,
+                    now_ms() + backoff(s.attempts),
+                )?;
             }
         }
         Ok(())
     }
 
-    async fn advance(&self, store: &Arc<Mutex<Store>>, s: &Settlement, window_secs: u64) -> Result<()> {
+    async fn advance(
+        &self,
+        store: &Arc<Mutex<Store>>,
+        s: &Settlement,
+        window_secs: u64,
+    ) -> Result<()> {
         let hash = s.hash.into();
         // The chain is the truth: a post or finalize whose receipt we never recorded
         // (crash, timeout) is picked up here instead of being sent twice.
         let on_chain = self.chain.settlement(&self.deployment, hash).await?;
         if on_chain.finalized {
-            store.lock().expect("store poisoned").settlement_advanced(&s.hash, "finalized", on_chain.posted_at)?;
+            store.lock().expect("store poisoned").settlement_advanced(
+                &s.hash,
+                "finalized",
+                on_chain.posted_at,
+            )?;
             tracing::info!(settlement = %hex::encode(s.hash), total = %s.total, "settlement finalized");
             return Ok(());
         }
         if on_chain.challenged {
-            anyhow::bail!("settlement was challenged on-chain; the client was refunded and it will not be paid");
+            anyhow::bail!(
+                "settlement was challenged on-chain; the client was refunded and it will not be paid"
+            );
         }
         if on_chain.posted_at == 0 {
             let client: Address = s.client.parse().context("settlement client")?;
-            let nodes = s.nodes.iter().map(|n| n.parse::<Address>()).collect::<Result<Vec<_>, _>>().context("settlement node")?;
-            let amounts = s.amounts.iter().map(|a| a.parse::<U256>()).collect::<Result<Vec<_>, _>>().context("settlement amount")?;
-            self.chain.post_settlement(&self.deployment, hash, client, nodes, amounts).await?;
+            let nodes = s
+                .nodes
+                .iter()
+                .map(|n| n.parse::<Address>())
+                .collect::<Result<Vec<_>, _>>()
+                .context("settlement node")?;
+            let amounts = s
+                .amounts
+                .iter()
+                .map(|a| a.parse::<U256>())
+                .collect::<Result<Vec<_>, _>>()
+                .context("settlement amount")?;
+            self.chain
+                .post_settlement(&self.deployment, hash, client, nodes, amounts)
+                .await?;
             let posted = self.chain.settlement(&self.deployment, hash).await?;
-            store.lock().expect("store poisoned").settlement_advanced(&s.hash, "posted", posted.posted_at)?;
+            store.lock().expect("store poisoned").settlement_advanced(
+                &s.hash,
+                "posted",
+                posted.posted_at,
+            )?;
             tracing::info!(settlement = %hex::encode(s.hash), client = %s.client, total = %s.total, "settlement posted");
             return Ok(());
         }
         if s.status != "posted" {
-            store.lock().expect("store poisoned").settlement_advanced(&s.hash, "posted", on_chain.posted_at)?;
+            store.lock().expect("store poisoned").settlement_advanced(
+                &s.hash,
+                "posted",
+                on_chain.posted_at,
+            )?;
         }
-        let chain_now = self.chain.block_timestamp().await?.max(super::now_ms() / 1000);
+        let chain_now = self
+            .chain
+            .block_timestamp()
+            .await?
+            .max(super::now_ms() / 1000);
         if chain_now >= on_chain.posted_at + window_secs {
-            self.chain.finalize_settlement(&self.deployment, hash).await?;
-            store.lock().expect("store poisoned").settlement_advanced(&s.hash, "finalized", on_chain.posted_at)?;
+            self.chain
+                .finalize_settlement(&self.deployment, hash)
+                .await?;
+            store.lock().expect("store poisoned").settlement_advanced(
+                &s.hash,
+                "finalized",
+                on_chain.posted_at,
+            )?;
             tracing::info!(settlement = %hex::encode(s.hash), total = %s.total, "settlement finalized");
         }
         Ok(())
@@ -155,7 +231,13 @@ impl Settler {
 
     /// The escrow's challenge window in seconds.
     pub async fn challenge_window(&self) -> Result<u64> {
-        let w = self.chain.escrow(&self.deployment).challengeWindow().call().await.context("reading the escrow's challengeWindow")?;
+        let w = self
+            .chain
+            .escrow(&self.deployment)
+            .challengeWindow()
+            .call()
+            .await
+            .context("reading the escrow's challengeWindow")?;
         Ok(w.to::<u64>())
     }
 }
@@ -186,8 +268,18 @@ mod tests {
 
     #[test]
     fn hops_of_a_step_sum_to_its_price() {
-        let p = Prices { input: U256::from(7), output: U256::from(10) };
-        let hop = |i, n, inp| SettledShare { node_id: String::new(), client: String::new(), shard_index: i, shards_total: n, input_tokens: inp, output_tokens: 1 };
+        let p = Prices {
+            input: U256::from(7),
+            output: U256::from(10),
+        };
+        let hop = |i, n, inp| SettledShare {
+            node_id: String::new(),
+            client: String::new(),
+            shard_index: i,
+            shards_total: n,
+            input_tokens: inp,
+            output_tokens: 1,
+        };
         let total: U256 = (0..3).map(|i| share_amount(&hop(i, 3, 5), &p)).sum();
         assert_eq!(total, U256::from(45));
         assert_eq!(share_amount(&hop(0, 3, 5), &p), U256::from(15));

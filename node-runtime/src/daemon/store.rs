@@ -69,7 +69,13 @@ pub struct Block {
 
 impl Block {
     /// The block's hash commits to its height, parent, shares and time.
-    pub fn compute_hash(height: u64, prev: &[u8; 32], root: &[u8; 32], count: u64, ts: u64) -> [u8; 32] {
+    pub fn compute_hash(
+        height: u64,
+        prev: &[u8; 32],
+        root: &[u8; 32],
+        count: u64,
+        ts: u64,
+    ) -> [u8; 32] {
         let mut h = Sha256::new();
         h.update(b"unfed.v1.block\0");
         h.update(height.to_be_bytes());
@@ -133,22 +139,35 @@ pub struct Store {
 }
 
 fn to32(v: Vec<u8>) -> rusqlite::Result<[u8; 32]> {
-    <[u8; 32]>::try_from(v.as_slice()).map_err(|_| rusqlite::Error::InvalidColumnType(0, "hash".into(), rusqlite::types::Type::Blob))
+    <[u8; 32]>::try_from(v.as_slice()).map_err(|_| {
+        rusqlite::Error::InvalidColumnType(0, "hash".into(), rusqlite::types::Type::Blob)
+    })
 }
 
 impl Store {
     /// Opens (or creates) the chain db at `path` in WAL mode.
     pub fn open(path: &Path) -> Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create the directory of --db {}", path.display()))?;
+            std::fs::create_dir_all(dir).with_context(|| {
+                format!("cannot create the directory of --db {}", path.display())
+            })?;
         }
-        let conn = Connection::open(path).with_context(|| format!("cannot open the chain db {}", path.display()))?;
+        let conn = Connection::open(path)
+            .with_context(|| format!("cannot open the chain db {}", path.display()))?;
         let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
-        anyhow::ensure!(mode.eq_ignore_ascii_case("wal"), "{} cannot use WAL journaling (got {mode}); put --db on a local disk", path.display());
+        anyhow::ensure!(
+            mode.eq_ignore_ascii_case("wal"),
+            "{} cannot use WAL journaling (got {mode}); put --db on a local disk",
+            path.display()
+        );
         // FULL: a commit is on disk before the daemon acknowledges the shares in it.
         conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")?;
-        conn.execute_batch(SCHEMA)
-            .with_context(|| format!("{} is not a chain db this daemon can use (schema creation failed)", path.display()))?;
+        conn.execute_batch(SCHEMA).with_context(|| {
+            format!(
+                "{} is not a chain db this daemon can use (schema creation failed)",
+                path.display()
+            )
+        })?;
         let store = Self { conn };
         if store.meta("chain_id")?.is_none() {
             store.set_meta("chain_id", &hex::encode(rand::random::<[u8; 16]>()))?;
@@ -157,7 +176,10 @@ impl Store {
     }
 
     pub fn meta(&self, key: &str) -> Result<Option<String>> {
-        Ok(self.conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()?)
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
     }
 
     fn set_meta(&self, key: &str, value: &str) -> Result<()> {
@@ -174,17 +196,31 @@ impl Store {
     pub fn tip(&self) -> Result<Tip> {
         let row = self
             .conn
-            .query_row("SELECT hash, height FROM blocks ORDER BY height DESC LIMIT 1", [], |r| Ok((to32(r.get(0)?)?, r.get::<_, u64>(1)?)))
+            .query_row(
+                "SELECT hash, height FROM blocks ORDER BY height DESC LIMIT 1",
+                [],
+                |r| Ok((to32(r.get(0)?)?, r.get::<_, u64>(1)?)),
+            )
             .optional()?;
         Ok(row.unwrap_or((GENESIS, 0)))
     }
 
     pub fn block_exists(&self, hash: &[u8]) -> Result<bool> {
-        Ok(self.conn.query_row("SELECT 1 FROM blocks WHERE hash = ?1", [hash], |_| Ok(())).optional()?.is_some())
+        Ok(self
+            .conn
+            .query_row("SELECT 1 FROM blocks WHERE hash = ?1", [hash], |_| Ok(()))
+            .optional()?
+            .is_some())
     }
 
     pub fn share_exists(&self, hash: &[u8; 32]) -> Result<bool> {
-        Ok(self.conn.query_row("SELECT 1 FROM shares WHERE hash = ?1", [&hash[..]], |_| Ok(())).optional()?.is_some())
+        Ok(self
+            .conn
+            .query_row("SELECT 1 FROM shares WHERE hash = ?1", [&hash[..]], |_| {
+                Ok(())
+            })
+            .optional()?
+            .is_some())
     }
 
     pub fn last_share(&self, node: &str, session: &str) -> Result<Option<LastShare>> {
@@ -196,17 +232,23 @@ impl Store {
                 |r| Ok((to32(r.get(0)?)?, r.get::<_, u32>(1)?)),
             )
             .optional()?;
-        let Some((hash, step)) = last else { return Ok(None) };
-        let count = self
-            .conn
-            .query_row("SELECT COUNT(*) FROM shares WHERE node_id = ?1 AND session_id = ?2", [node, session], |r| r.get(0))?;
+        let Some((hash, step)) = last else {
+            return Ok(None);
+        };
+        let count = self.conn.query_row(
+            "SELECT COUNT(*) FROM shares WHERE node_id = ?1 AND session_id = ?2",
+            [node, session],
+            |r| r.get(0),
+        )?;
         Ok(Some(LastShare { hash, step, count }))
     }
 
     pub fn shares_since(&self, node: &str, since_ms: u64) -> Result<u64> {
-        Ok(self
-            .conn
-            .query_row("SELECT COUNT(*) FROM shares WHERE node_id = ?1 AND received_ms >= ?2", params![node, since_ms], |r| r.get(0))?)
+        Ok(self.conn.query_row(
+            "SELECT COUNT(*) FROM shares WHERE node_id = ?1 AND received_ms >= ?2",
+            params![node, since_ms],
+            |r| r.get(0),
+        )?)
     }
 
     /// Runs `f` in one transaction (a batch of shares is validated and stored atomically).
@@ -243,8 +285,10 @@ impl Store {
     pub fn produce_block(&mut self, now_ms: u64) -> Result<Option<Block>> {
         let tx = self.conn.transaction()?;
         let pending: Vec<(i64, [u8; 32])> = {
-            let mut st = tx.prepare("SELECT seq, hash FROM shares WHERE block_height IS NULL ORDER BY seq")?;
-            st.query_map([], |r| Ok((r.get(0)?, to32(r.get(1)?)?)))?.collect::<rusqlite::Result<_>>()?
+            let mut st =
+                tx.prepare("SELECT seq, hash FROM shares WHERE block_height IS NULL ORDER BY seq")?;
+            st.query_map([], |r| Ok((r.get(0)?, to32(r.get(1)?)?)))?
+                .collect::<rusqlite::Result<_>>()?
         };
         if pending.is_empty() {
             return Ok(None);
@@ -263,9 +307,19 @@ impl Store {
             params![height, &hash[..], &prev[..], &root[..], count, now_ms],
         )?;
         let last_seq = pending.last().map(|p| p.0).unwrap_or(0);
-        tx.execute("UPDATE shares SET block_height = ?1 WHERE block_height IS NULL AND seq <= ?2", params![height, last_seq])?;
+        tx.execute(
+            "UPDATE shares SET block_height = ?1 WHERE block_height IS NULL AND seq <= ?2",
+            params![height, last_seq],
+        )?;
         tx.commit()?;
-        Ok(Some(Block { height, hash, prev_hash: prev, shares_root: root, share_count: count, timestamp_ms: now_ms }))
+        Ok(Some(Block {
+            height,
+            hash,
+            prev_hash: prev,
+            shares_root: root,
+            share_count: count,
+            timestamp_ms: now_ms,
+        }))
     }
 
     pub fn blocks(&self) -> Result<Vec<Block>> {
@@ -285,26 +339,43 @@ impl Store {
 
     /// Hashes of the shares of block `height`, in order.
     pub fn block_share_hashes(&self, height: u64) -> Result<Vec<[u8; 32]>> {
-        let mut st = self.conn.prepare("SELECT hash FROM shares WHERE block_height = ?1 ORDER BY seq")?;
+        let mut st = self
+            .conn
+            .prepare("SELECT hash FROM shares WHERE block_height = ?1 ORDER BY seq")?;
         let rows = st.query_map([height], |r| to32(r.get(0)?))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     pub fn share_counts(&self) -> Result<(u64, u64)> {
-        Ok(self.conn.query_row("SELECT COUNT(*), COUNT(*) - COUNT(block_height) FROM shares", [], |r| Ok((r.get(0)?, r.get(1)?)))?)
+        Ok(self.conn.query_row(
+            "SELECT COUNT(*), COUNT(*) - COUNT(block_height) FROM shares",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?)
     }
 
     pub fn node_totals(&self) -> Result<Vec<NodeTotals>> {
         let mut st = self
             .conn
             .prepare("SELECT node_id, COUNT(*), SUM(input_tokens), SUM(output_tokens) FROM shares GROUP BY node_id ORDER BY node_id")?;
-        let rows = st.query_map([], |r| Ok(NodeTotals { node_id: r.get(0)?, shares: r.get(1)?, input_tokens: r.get(2)?, output_tokens: r.get(3)? }))?;
+        let rows = st.query_map([], |r| {
+            Ok(NodeTotals {
+                node_id: r.get(0)?,
+                shares: r.get(1)?,
+                input_tokens: r.get(2)?,
+                output_tokens: r.get(3)?,
+            })
+        })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// Height up to which blocks have been summarised into settlements.
     pub fn settled_height(&self) -> Result<u64> {
-        Ok(self.meta("settled_height")?.map(|v| v.parse()).transpose()?.unwrap_or(0))
+        Ok(self
+            .meta("settled_height")?
+            .map(|v| v.parse())
+            .transpose()?
+            .unwrap_or(0))
     }
 
     pub fn shares_in_blocks(&self, from: u64, to: u64) -> Result<Vec<SettledShare>> {
@@ -387,7 +458,11 @@ impl Store {
 
 fn tip_in(tx: &Transaction) -> Result<Tip> {
     let row = tx
-        .query_row("SELECT hash, height FROM blocks ORDER BY height DESC LIMIT 1", [], |r| Ok((to32(r.get(0)?)?, r.get::<_, u64>(1)?)))
+        .query_row(
+            "SELECT hash, height FROM blocks ORDER BY height DESC LIMIT 1",
+            [],
+            |r| Ok((to32(r.get(0)?)?, r.get::<_, u64>(1)?)),
+        )
         .optional()?;
     Ok(row.unwrap_or((GENESIS, 0)))
 }

@@ -74,7 +74,10 @@ fn fail(r: Reject, msg: impl Into<String>) -> Verdict {
 /// Checks that need neither the store nor the key: submitter, fields, clock.
 pub fn check_stateless(submitter: &str, s: &ComputeShare, limits: &Limits, now_ms: u64) -> Verdict {
     if s.node_id != submitter {
-        return fail(Reject::SubmitterMismatch, format!("share of node {:?} submitted by {submitter:?}", s.node_id));
+        return fail(
+            Reject::SubmitterMismatch,
+            format!("share of node {:?} submitted by {submitter:?}", s.node_id),
+        );
     }
     let missing = [
         (s.node_id.is_empty(), "node_id"),
@@ -82,20 +85,36 @@ pub fn check_stateless(submitter: &str, s: &ComputeShare, limits: &Limits, now_m
         (s.session_id.is_empty(), "session_id"),
         (s.activation_hash.len() != 32, "activation_hash (32 bytes)"),
         (s.chain_tip.len() != 32, "chain_tip (32 bytes)"),
-        (!(s.prev_share_hash.is_empty() || s.prev_share_hash.len() == 32), "prev_share_hash (empty or 32 bytes)"),
+        (
+            !(s.prev_share_hash.is_empty() || s.prev_share_hash.len() == 32),
+            "prev_share_hash (empty or 32 bytes)",
+        ),
         (s.timestamp_ms == 0, "timestamp_ms"),
-        (s.shards_total == 0 || s.shard_index >= s.shards_total, "shard_index < shards_total"),
-        (s.output_tokens > 1 || s.input_tokens > limits.max_input_tokens, "token counts (output <= 1, input within the cap)"),
+        (
+            s.shards_total == 0 || s.shard_index >= s.shards_total,
+            "shard_index < shards_total",
+        ),
+        (
+            s.output_tokens > 1 || s.input_tokens > limits.max_input_tokens,
+            "token counts (output <= 1, input within the cap)",
+        ),
         (s.signature.is_empty(), "signature"),
     ];
     if let Some((_, field)) = missing.iter().find(|(bad, _)| *bad) {
-        return fail(Reject::MissingField, format!("missing or malformed field: {field}"));
+        return fail(
+            Reject::MissingField,
+            format!("missing or malformed field: {field}"),
+        );
     }
     let skew = now_ms.abs_diff(s.timestamp_ms);
     if skew > limits.max_skew.as_millis() as u64 {
         return fail(
             Reject::TimestampSkew,
-            format!("timestamp is {:.1} s away from the daemon's clock (max {} s); check the node's clock", skew as f64 / 1e3, limits.max_skew.as_secs()),
+            format!(
+                "timestamp is {:.1} s away from the daemon's clock (max {} s); check the node's clock",
+                skew as f64 / 1e3,
+                limits.max_skew.as_secs()
+            ),
         );
     }
     Ok(())
@@ -107,32 +126,59 @@ pub fn check_signature(key: &VerifyingKey, s: &ComputeShare) -> Verdict {
 
 /// Checks against the chain: replay, anchor, link, order, caps. Storage errors are
 /// the daemon's fault and surface as `Err` of the outer result.
-pub fn check_chain(store: &Store, hash: &[u8; 32], s: &ComputeShare, limits: &Limits, now_ms: u64) -> anyhow::Result<Verdict> {
+pub fn check_chain(
+    store: &Store,
+    hash: &[u8; 32],
+    s: &ComputeShare,
+    limits: &Limits,
+    now_ms: u64,
+) -> anyhow::Result<Verdict> {
     if store.share_exists(hash)? {
         return Ok(fail(Reject::Replay, "this share was already accepted"));
     }
     if s.chain_tip != shares::GENESIS && !store.block_exists(&s.chain_tip)? {
-        return Ok(fail(Reject::UnknownAnchor, format!("chain tip {} is not a block of this chain", hex::encode(&s.chain_tip))));
+        return Ok(fail(
+            Reject::UnknownAnchor,
+            format!(
+                "chain tip {} is not a block of this chain",
+                hex::encode(&s.chain_tip)
+            ),
+        ));
     }
     let last = store.last_share(&s.node_id, &s.session_id)?;
     match &last {
         None if !s.prev_share_hash.is_empty() => {
-            return Ok(fail(Reject::BrokenPrevLink, "first share of the session must have an empty prev_share_hash"));
+            return Ok(fail(
+                Reject::BrokenPrevLink,
+                "first share of the session must have an empty prev_share_hash",
+            ));
         }
         Some(l) if s.prev_share_hash != l.hash => {
             return Ok(fail(
                 Reject::BrokenPrevLink,
-                format!("prev_share_hash does not name the node's last accepted share of the session ({})", hex::encode(l.hash)),
+                format!(
+                    "prev_share_hash does not name the node's last accepted share of the session ({})",
+                    hex::encode(l.hash)
+                ),
             ));
         }
         _ => {}
     }
     if let Some(l) = &last {
         if s.step <= l.step {
-            return Ok(fail(Reject::NonMonotonicStep, format!("step {} does not follow step {}", s.step, l.step)));
+            return Ok(fail(
+                Reject::NonMonotonicStep,
+                format!("step {} does not follow step {}", s.step, l.step),
+            ));
         }
         if l.count >= limits.max_shares_per_session {
-            return Ok(fail(Reject::SessionCap, format!("session already has {} shares from this node (cap {})", l.count, limits.max_shares_per_session)));
+            return Ok(fail(
+                Reject::SessionCap,
+                format!(
+                    "session already has {} shares from this node (cap {})",
+                    l.count, limits.max_shares_per_session
+                ),
+            ));
         }
     }
     let since = now_ms.saturating_sub(limits.window.as_millis() as u64);
@@ -140,7 +186,11 @@ pub fn check_chain(store: &Store, hash: &[u8; 32], s: &ComputeShare, limits: &Li
     if recent >= limits.max_shares_per_window {
         return Ok(fail(
             Reject::WindowCap,
-            format!("{recent} shares from this node in the last {} s (cap {})", limits.window.as_secs(), limits.max_shares_per_window),
+            format!(
+                "{recent} shares from this node in the last {} s (cap {})",
+                limits.window.as_secs(),
+                limits.max_shares_per_window
+            ),
         ));
     }
     Ok(Ok(()))

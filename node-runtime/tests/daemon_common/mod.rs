@@ -16,7 +16,10 @@ use crate::common::net::{Node, s};
 pub type Daemon = DaemonClient<tonic::transport::Channel>;
 
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
 }
 
 /// A fake compute node: its share key, registered with the registry, and the
@@ -35,7 +38,9 @@ pub struct Signer {
 impl Signer {
     pub async fn register(registry: &str, node: &str) -> Signer {
         let key = shares::generate_key();
-        let mut c = RegistryClient::connect(format!("http://{registry}")).await.unwrap();
+        let mut c = RegistryClient::connect(format!("http://{registry}"))
+            .await
+            .unwrap();
         let r = c
             .register(RegisterRequest {
                 node_id: node.into(),
@@ -54,7 +59,15 @@ impl Signer {
             .unwrap()
             .into_inner();
         assert!(r.accepted, "{r:?}");
-        Signer { node: node.into(), key, prev: HashMap::new(), nonce: 0, client: String::new(), shard_index: 0, shards_total: 1 }
+        Signer {
+            node: node.into(),
+            key,
+            prev: HashMap::new(),
+            nonce: 0,
+            client: String::new(),
+            shard_index: 0,
+            shards_total: 1,
+        }
     }
 
     /// The next share of `session` (step after the previous one), signed, linked.
@@ -82,7 +95,8 @@ impl Signer {
             signature: Vec::new(),
         };
         shares::sign(&self.key, &mut sh);
-        self.prev.insert(session.into(), (shares::share_hash(&sh).to_vec(), step));
+        self.prev
+            .insert(session.into(), (shares::share_hash(&sh).to_vec(), step));
         sh
     }
 
@@ -100,7 +114,13 @@ pub struct Net {
 
 pub fn registry() -> Net {
     let dir = tempfile::tempdir().unwrap();
-    let args = [s("registry"), s("--port"), s("0"), s("--heartbeat-secs"), s("1")];
+    let args = [
+        s("registry"),
+        s("--port"),
+        s("0"),
+        s("--heartbeat-secs"),
+        s("1"),
+    ];
     let registry = Node::start(&args, dir.path().join("registry.log"));
     Net { dir, registry }
 }
@@ -124,11 +144,24 @@ pub fn daemon_args(net: &Net, db: &std::path::Path, port: &str, extra: &[&str]) 
 }
 
 pub async fn daemon(addr: &str) -> Daemon {
-    DaemonClient::connect(format!("http://{addr}")).await.unwrap()
+    DaemonClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
 }
 
-pub async fn submit(d: &mut Daemon, submitter: &str, shares: Vec<ComputeShare>) -> Vec<ShareResult> {
-    d.submit_shares(SubmitSharesRequest { submitter: submitter.into(), shares }).await.unwrap().into_inner().results
+pub async fn submit(
+    d: &mut Daemon,
+    submitter: &str,
+    shares: Vec<ComputeShare>,
+) -> Vec<ShareResult> {
+    d.submit_shares(SubmitSharesRequest {
+        submitter: submitter.into(),
+        shares,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .results
 }
 
 pub async fn one(d: &mut Daemon, submitter: &str, share: ComputeShare) -> ShareResult {
@@ -137,7 +170,10 @@ pub async fn one(d: &mut Daemon, submitter: &str, share: ComputeShare) -> ShareR
 
 #[track_caller]
 pub fn rejected(r: &ShareResult, reason: &str) {
-    assert!(!r.accepted && r.reason == reason, "expected rejection {reason}, got {r:?}");
+    assert!(
+        !r.accepted && r.reason == reason,
+        "expected rejection {reason}, got {r:?}"
+    );
 }
 
 /// Polls GetChainStatus until `pred` holds.
@@ -148,12 +184,18 @@ pub async fn wait_status(
 ) -> GetChainStatusResponse {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let st = d.get_chain_status(GetChainStatusRequest {}).await.unwrap().into_inner();
+        let st = d
+            .get_chain_status(GetChainStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
         if pred(&st) {
             return st;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}: {st:?}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {st:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
-
