@@ -71,7 +71,10 @@ fn chain_verbs_step_by_step_then_down() {
     let nodes: Vec<&Value> = wallets.iter().filter(|w| w["node"] != "client").collect();
     assert_eq!(nodes.len(), 2, "{s}");
     for w in &nodes {
-        assert_eq!((w["stake"].as_str(), w["eligible"].as_bool()), (Some("150"), Some(true)));
+        assert_eq!(
+            (w["stake"].as_str(), w["eligible"].as_bool()),
+            (Some("150"), Some(true))
+        );
         assert_eq!(w["min_stake"], "120");
     }
     let client = wallets.iter().find(|w| w["node"] == "client").unwrap();
@@ -94,7 +97,10 @@ fn chain_verbs_step_by_step_then_down() {
 
     let pid = s["anvil_pid"].as_u64().unwrap() as u32;
     ok(chain("down", &spec));
-    assert!(!unfed_chain::anvil::pid_alive(pid), "anvil {pid} still runs after down");
+    assert!(
+        !unfed_chain::anvil::pid_alive(pid),
+        "anvil {pid} still runs after down"
+    );
     let out = chain("status", &spec);
     assert!(!out.status.success());
 }
