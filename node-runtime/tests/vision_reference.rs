@@ -9,7 +9,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use unfed_node::client::image::{
     ImageError, ImageLimits, ImageProcessorConfig, ProcessedImage, RgbImage, decode_image,
-    expand_image_prompt, load_image,
+    expand_image_prompt, load_image, resize_lanczos,
 };
 use unfed_node::engine::{SamplingConfig, WeightFiles};
 use unfed_node::vision::{VisionInput, VisionLanguageModel, VisionModel, VisionOutput, VisionSpec};
@@ -19,7 +19,15 @@ struct Reference {
     prompt: String,
     image_seq_len: usize,
     jpeg: Jpeg,
+    resizes: Vec<Resize>,
     cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+struct Resize {
+    from: [usize; 2],
+    to: [usize; 2],
+    sha256: String,
 }
 
 #[derive(Deserialize)]
@@ -127,6 +135,29 @@ fn preprocessing_matches_the_transformers_processor() {
             b.pixel_mask.iter().map(|&m| m as u64).sum::<u64>(),
             case.pixel_attention_mask_sum,
             "{what}"
+        );
+    }
+}
+
+#[test]
+fn lanczos_resizes_are_bit_identical_to_pillow() {
+    for r in &reference().resizes {
+        let [w, h] = r.from;
+        let mut src = Vec::with_capacity(w * h * 3);
+        for y in 0..h {
+            for x in 0..w {
+                for c in 0..3 {
+                    src.push(((3 * x * x + 7 * y + 101 * c + (x * y) % 17) % 256) as u8);
+                }
+            }
+        }
+        let out = resize_lanczos(&src, w, h, 3, r.to[0], r.to[1]);
+        assert_eq!(
+            hex::encode(Sha256::digest(&out)),
+            r.sha256,
+            "{w}x{h} -> {}x{}",
+            r.to[0],
+            r.to[1]
         );
     }
 }
