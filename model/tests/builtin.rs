@@ -142,3 +142,44 @@ fn unknown_builtin_is_a_clear_error() {
     );
     assert!(materialise("models/x").unwrap().is_none());
 }
+
+/// The committed transformers reference (tests/fixtures/builtin-tiny.reference.json) was
+/// computed from exactly these weights, and the Rust tokenizer agrees with Python's.
+#[test]
+fn matches_the_committed_transformers_reference() {
+    use sha2::{Digest, Sha256};
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/builtin-tiny.reference.json");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny(dir.path()).unwrap();
+    let weights = std::fs::read(dir.path().join("model.safetensors")).unwrap();
+    assert_eq!(
+        hex::encode(Sha256::digest(&weights)),
+        reference["model_safetensors_sha256"].as_str().unwrap(),
+        "builtin:tiny's weights changed; regenerate the reference \
+         (see tests/fixtures/make_builtin_reference.py)"
+    );
+    let tok = tokenizers::Tokenizer::from_file(dir.path().join("tokenizer.json")).unwrap();
+    for case in reference["cases"].as_array().unwrap() {
+        let ids: Vec<u32> = case["prompt_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(tok.encode(text, false).unwrap().get_ids(), ids, "{text}");
+        let generated: Vec<u32> = case["generated_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(
+            tok.decode(&generated, false).unwrap(),
+            case["generated_text"].as_str().unwrap()
+        );
+    }
+}
