@@ -176,7 +176,10 @@ impl VisionModel {
                 cfg.num_attention_heads
             );
         }
-        if cfg.patch_size == 0 || !cfg.image_size.is_multiple_of(cfg.patch_size) || cfg.scale_factor == 0 {
+        if cfg.patch_size == 0
+            || !cfg.image_size.is_multiple_of(cfg.patch_size)
+            || cfg.scale_factor == 0
+        {
             bail!(
                 "vision config: image_size {} must be a multiple of patch_size {} (scale_factor {})",
                 cfg.image_size,
