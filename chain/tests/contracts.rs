@@ -246,9 +246,16 @@ async fn settlement_debits_the_client_and_pays_nodes_after_the_window() {
         "UnfedEscrow: insufficient client balance",
     );
 
-    op.post_settlement(&n.d, h, client.address(), nodes.clone(), amounts.clone())
+    let receipt = op
+        .post_settlement(&n.d, h, client.address(), nodes.clone(), amounts.clone())
         .await
         .unwrap();
+    let posted = receipt
+        .decoded_log::<unfed_chain::contracts::UnfedEscrow::SettlementPosted>()
+        .expect("SettlementPosted event");
+    assert_eq!(posted.settlementHash, h);
+    assert_eq!(posted.client, client.address());
+    assert_eq!(posted.total, tokens("42.5"));
     // The fix of the original's defect: the paying client's balance is debited.
     assert_eq!(
         op.client_balance(&n.d, client.address()).await.unwrap(),
