@@ -75,3 +75,30 @@ async fn taken_port_is_reported() {
     .unwrap_err();
     assert!(format!("{err:#}").contains(&port.to_string()), "{err:#}");
 }
+
+/// Installing from npm into an empty cache, from several threads at once: one installs,
+/// the others wait on the lock and reuse it. Ignored by default (downloads the package, ~43 MB unpacked);
+/// run with `cargo test -p unfed-chain --test anvil -- --ignored`.
+#[test]
+#[ignore = "downloads the anvil npm package"]
+fn concurrent_fresh_install_installs_once() {
+    let cache = tempfile::tempdir().unwrap();
+    let paths: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3)
+            .map(|_| s.spawn(|| unfed_chain::anvil::install_anvil(cache.path()).unwrap()))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(paths.windows(2).all(|w| w[0] == w[1]), "{paths:?}");
+    let out = std::process::Command::new(&paths[0])
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("anvil"));
+    let leftovers: Vec<_> = std::fs::read_dir(cache.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.contains("partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
