@@ -20,7 +20,17 @@ struct Reference {
     image_seq_len: usize,
     jpeg: Jpeg,
     resizes: Vec<Resize>,
+    padded_tile: Padded,
     cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+struct Padded {
+    image: String,
+    real_rows: usize,
+    real_cols: usize,
+    features_row_norms: Vec<f64>,
+    features_probe: f64,
 }
 
 #[derive(Deserialize)]
@@ -214,6 +224,50 @@ fn image_features_match_transformers_within_1e4_relative() {
             );
         }
     }
+}
+
+#[test]
+fn a_partly_padded_tile_matches_transformers_bucketed_positions_and_masking() {
+    let p = &reference().padded_tile;
+    let case = reference()
+        .cases
+        .iter()
+        .find(|c| c.image == p.image && !c.do_image_splitting)
+        .unwrap();
+    let mut batch = preprocess(case).batch;
+    let (h, w) = (batch.height, batch.width);
+    for (i, v) in batch.pixels.iter_mut().enumerate() {
+        let (y, x) = ((i / w) % h, i % w);
+        if y >= p.real_rows || x >= p.real_cols {
+            *v = 0.0;
+        }
+    }
+    for (i, m) in batch.pixel_mask.iter_mut().enumerate() {
+        if (i / w) % h >= p.real_rows || i % w >= p.real_cols {
+            *m = 0;
+        }
+    }
+    let feats = model().image_features(batch).unwrap();
+    let width = feats.len() / p.features_row_norms.len();
+    for (i, (row, &want)) in feats
+        .chunks_exact(width)
+        .zip(&p.features_row_norms)
+        .enumerate()
+    {
+        let norm = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
+        assert!(rel_close(norm, want, 1e-4), "row {i} norm {norm} vs {want}");
+    }
+    let probe: f64 = feats
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| v as f64 * (i as f64 * 0.37).cos())
+        .sum();
+    let scale = p.features_row_norms.iter().sum::<f64>();
+    assert!(
+        (probe - p.features_probe).abs() <= 1e-4 * scale,
+        "probe {probe} vs {}",
+        p.features_probe
+    );
 }
 
 #[test]
