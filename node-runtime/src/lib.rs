@@ -6,9 +6,12 @@ pub mod compute;
 pub mod daemon;
 pub mod engine;
 pub mod registry;
-pub mod vision;
 pub mod shares;
+pub mod vision;
 pub mod wire;
+
+/// The gRPC types, for users of the client library.
+pub use unfed_proto as proto;
 
 /// Completes on SIGINT or SIGTERM: the shutdown signal every role serves until.
 pub async fn shutdown_signal() {

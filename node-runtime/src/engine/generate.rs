@@ -15,8 +15,32 @@ use super::weights::WeightFiles;
 pub fn load_checkpoint(dir: &Path) -> Result<(ModelConfig, ShardModel)> {
     let cfg = ModelConfig::from_dir(dir)?;
     let files = WeightFiles::open_checkpoint_dir(dir)?;
-    let model = ShardModel::load(&cfg.text, &cfg.text_prefix, ShardSpec::whole(&cfg.text), &files)?;
+    let model = ShardModel::load(
+        &cfg.text,
+        &cfg.text_prefix,
+        ShardSpec::whole(&cfg.text),
+        &files,
+    )?;
     Ok((cfg, model))
+}
+
+/// Loads every text shard of a split directory into one process (the whole model),
+/// the baseline `unfedctl bench` compares a network of the same shards against.
+pub fn load_split(dir: &Path) -> Result<(unfed_model::Manifest, ShardModel)> {
+    let path = dir.join(unfed_model::manifest::MANIFEST_FILE);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let manifest: unfed_model::Manifest = serde_json::from_str(&text)?;
+    let files: Vec<_> = manifest.text_shards().map(|s| dir.join(&s.file)).collect();
+    let weights = WeightFiles::open(&files)?;
+    let cfg = &manifest.config;
+    let model = ShardModel::load(
+        &cfg.text,
+        &cfg.text_prefix,
+        ShardSpec::whole(&cfg.text),
+        &weights,
+    )?;
+    Ok((manifest, model))
 }
 
 /// Tokens and timings of one local generation.
@@ -47,7 +71,8 @@ pub fn generate(
     let start = Instant::now();
     let mut prefill_ms = 0.0;
     while tokens.len() < max_new {
-        let ShardOutput::Logits(logits) = model.forward(&mut cache, ShardInput::Tokens(&input))? else {
+        let ShardOutput::Logits(logits) = model.forward(&mut cache, ShardInput::Tokens(&input))?
+        else {
             bail!("the last shard returned hidden states");
         };
         let next = sampler.sample(logits).token;
@@ -61,5 +86,9 @@ pub fn generate(
         input = vec![next];
     }
     let decode_ms = start.elapsed().as_secs_f64() * 1e3 - prefill_ms;
-    Ok(Generation { tokens, prefill_ms, decode_ms })
+    Ok(Generation {
+        tokens,
+        prefill_ms,
+        decode_ms,
+    })
 }

@@ -206,7 +206,9 @@ mod tests {
         let mut y = vec![0f32; rows * out];
         for s in 0..rows {
             for o in 0..out {
-                y[s * out + o] = (0..inp).map(|i| w[o * inp + i] as f64 * x[s * inp + i] as f64).sum::<f64>() as f32;
+                y[s * out + o] = (0..inp)
+                    .map(|i| w[o * inp + i] as f64 * x[s * inp + i] as f64)
+                    .sum::<f64>() as f32;
             }
         }
         y
@@ -215,12 +217,24 @@ mod tests {
     #[test]
     fn bf16_and_f32_weights_agree_with_a_naive_matmul() {
         let (out, inp, rows) = (75, 37, 3);
-        let wf: Vec<f32> = (0..out * inp).map(|i| ((i * 7919 % 211) as f32 - 105.0) / 64.0).collect();
+        let wf: Vec<f32> = (0..out * inp)
+            .map(|i| ((i * 7919 % 211) as f32 - 105.0) / 64.0)
+            .collect();
         let wb: Vec<u16> = wf.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
         let wb_f: Vec<f32> = wb.iter().map(|&b| bf16_to_f32(b)).collect();
-        let x: Vec<f32> = (0..rows * inp).map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0).collect();
-        for (data, reference) in [(WeightData::F32(wf.clone()), &wf), (WeightData::Bf16(wb), &wb_f)] {
-            let lin = Linear { weight: data, out_dim: out, in_dim: inp, bias: Some(vec![0.5; out]) };
+        let x: Vec<f32> = (0..rows * inp)
+            .map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0)
+            .collect();
+        for (data, reference) in [
+            (WeightData::F32(wf.clone()), &wf),
+            (WeightData::Bf16(wb), &wb_f),
+        ] {
+            let lin = Linear {
+                weight: data,
+                out_dim: out,
+                in_dim: inp,
+                bias: Some(vec![0.5; out]),
+            };
             let y = lin.forward(&x, rows);
             let want = naive(reference, &x, rows, out, inp);
             for (a, b) in y.iter().zip(&want) {

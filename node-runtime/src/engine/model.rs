@@ -22,7 +22,12 @@ pub struct ShardSpec {
 
 impl ShardSpec {
     pub fn whole(cfg: &TextConfig) -> Self {
-        Self { layer_start: 0, layer_end: cfg.num_hidden_layers, has_embedding: true, has_head: true }
+        Self {
+            layer_start: 0,
+            layer_end: cfg.num_hidden_layers,
+            has_embedding: true,
+            has_head: true,
+        }
     }
 }
 
@@ -76,7 +81,8 @@ impl KvCache {
         self.layers
             .iter()
             .map(|l| {
-                l.k.as_ref().map_or(0, |t| t.elem_count() * 4) + l.v.as_ref().map_or(0, |t| t.elem_count() * 4)
+                l.k.as_ref().map_or(0, |t| t.elem_count() * 4)
+                    + l.v.as_ref().map_or(0, |t| t.elem_count() * 4)
             })
             .sum()
     }
@@ -97,9 +103,17 @@ pub struct ShardModel {
 
 impl ShardModel {
     /// Builds the shard's layers from `files`, reading only the tensors it needs.
-    pub fn load(cfg: &TextConfig, prefix: &str, spec: ShardSpec, files: &WeightFiles) -> Result<Self> {
+    pub fn load(
+        cfg: &TextConfig,
+        prefix: &str,
+        spec: ShardSpec,
+        files: &WeightFiles,
+    ) -> Result<Self> {
         if cfg.hidden_act != "silu" {
-            bail!("hidden_act `{}` is not supported: the engine runs SwiGLU (silu) decoders", cfg.hidden_act);
+            bail!(
+                "hidden_act `{}` is not supported: the engine runs SwiGLU (silu) decoders",
+                cfg.hidden_act
+            );
         }
         if spec.layer_start > spec.layer_end || spec.layer_end > cfg.num_hidden_layers {
             bail!(
@@ -119,7 +133,11 @@ impl ShardModel {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (q_dim, kv_dim) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
         let vec_t = |name: &str, len: usize| -> Result<Tensor> {
-            Ok(Tensor::from_vec(files.vector(name, len)?, len, &Device::Cpu)?)
+            Ok(Tensor::from_vec(
+                files.vector(name, len)?,
+                len,
+                &Device::Cpu,
+            )?)
         };
         let mut layers = Vec::new();
         for i in spec.layer_start..spec.layer_end {
@@ -143,8 +161,18 @@ impl ShardModel {
             layers.push(Layer {
                 input_norm: vec_t(&format!("{p}input_layernorm.weight"), h)?,
                 post_norm: vec_t(&format!("{p}post_attention_layernorm.weight"), h)?,
-                qkv: Linear { weight: qkv_w, out_dim: q_dim + 2 * kv_dim, in_dim: h, bias: qkv_b },
-                o: Linear { weight: files.matrix(&attn("o_proj.weight"), h, q_dim)?, out_dim: h, in_dim: q_dim, bias: None },
+                qkv: Linear {
+                    weight: qkv_w,
+                    out_dim: q_dim + 2 * kv_dim,
+                    in_dim: h,
+                    bias: qkv_b,
+                },
+                o: Linear {
+                    weight: files.matrix(&attn("o_proj.weight"), h, q_dim)?,
+                    out_dim: h,
+                    in_dim: q_dim,
+                    bias: None,
+                },
                 gate_up: Linear {
                     weight: WeightData::concat_rows(vec![
                         files.matrix(&mlp("gate_proj.weight"), inter, h)?,
@@ -154,20 +182,38 @@ impl ShardModel {
                     in_dim: h,
                     bias: None,
                 },
-                down: Linear { weight: files.matrix(&mlp("down_proj.weight"), h, inter)?, out_dim: h, in_dim: inter, bias: None },
+                down: Linear {
+                    weight: files.matrix(&mlp("down_proj.weight"), h, inter)?,
+                    out_dim: h,
+                    in_dim: inter,
+                    bias: None,
+                },
             });
         }
         let embed_name = format!("{prefix}embed_tokens.weight");
-        let embed = if spec.has_embedding { Some(files.matrix(&embed_name, cfg.vocab_size, h)?) } else { None };
+        let embed = if spec.has_embedding {
+            Some(files.matrix(&embed_name, cfg.vocab_size, h)?)
+        } else {
+            None
+        };
         let (final_norm, head) = if spec.has_head {
             // Split shards always carry lm_head; an unsplit tied checkpoint only has the embedding.
-            let head_name = if files.contains("lm_head.weight") { "lm_head.weight".to_string() } else { embed_name.clone() };
+            let head_name = if files.contains("lm_head.weight") {
+                "lm_head.weight".to_string()
+            } else {
+                embed_name.clone()
+            };
             let w = files
                 .matrix(&head_name, cfg.vocab_size, h)
                 .context("the last shard needs lm_head.weight (or the tied embedding)")?;
             (
                 Some(vec_t(&format!("{prefix}norm.weight"), h)?),
-                Some(Linear { weight: w, out_dim: cfg.vocab_size, in_dim: h, bias: None }),
+                Some(Linear {
+                    weight: w,
+                    out_dim: cfg.vocab_size,
+                    in_dim: h,
+                    bias: None,
+                }),
             )
         } else {
             (None, None)
@@ -175,11 +221,26 @@ impl ShardModel {
         let (cos, sin) = rope_tables(cfg)?;
         let weight_bytes = layers
             .iter()
-            .map(|l| l.qkv.weight.nbytes() + l.o.weight.nbytes() + l.gate_up.weight.nbytes() + l.down.weight.nbytes())
+            .map(|l| {
+                l.qkv.weight.nbytes()
+                    + l.o.weight.nbytes()
+                    + l.gate_up.weight.nbytes()
+                    + l.down.weight.nbytes()
+            })
             .sum::<usize>()
             + embed.as_ref().map_or(0, |e| e.nbytes())
             + head.as_ref().map_or(0, |l| l.weight.nbytes());
-        Ok(Self { cfg: cfg.clone(), spec, embed, layers, final_norm, head, cos, sin, weight_bytes })
+        Ok(Self {
+            cfg: cfg.clone(),
+            spec,
+            embed,
+            layers,
+            final_norm,
+            head,
+            cos,
+            sin,
+            weight_bytes,
+        })
     }
 
     pub fn config(&self) -> &TextConfig {
@@ -196,7 +257,12 @@ impl ShardModel {
     }
 
     pub fn new_cache(&self) -> KvCache {
-        KvCache { layers: (0..self.layers.len()).map(|_| LayerCache::default()).collect(), len: 0 }
+        KvCache {
+            layers: (0..self.layers.len())
+                .map(|_| LayerCache::default())
+                .collect(),
+            len: 0,
+        }
     }
 
     /// Runs the shard's layers on new positions `cache.len() ..`, extending the cache.
@@ -204,11 +270,17 @@ impl ShardModel {
         let h = self.cfg.hidden_size;
         let (x, seq) = match input {
             ShardInput::Tokens(ids) => {
-                let embed = self.embed.as_ref().context("token ids sent to a shard without the embedding (not shard 0)")?;
+                let embed = self
+                    .embed
+                    .as_ref()
+                    .context("token ids sent to a shard without the embedding (not shard 0)")?;
                 let mut x = vec![0f32; ids.len() * h];
                 for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
                     if id as usize >= self.cfg.vocab_size {
-                        bail!("token id {id} is outside the vocabulary of {} tokens", self.cfg.vocab_size);
+                        bail!(
+                            "token id {id} is outside the vocabulary of {} tokens",
+                            self.cfg.vocab_size
+                        );
                     }
                     embed.row_into(id as usize, h, row);
                 }
@@ -219,7 +291,10 @@ impl ShardModel {
                     bail!("hidden states sent to the first shard, which expects token ids");
                 }
                 if data.len() != seq * h {
-                    bail!("hidden state has {} values, expected {seq} rows of {h}", data.len());
+                    bail!(
+                        "hidden state has {} values, expected {seq} rows of {h}",
+                        data.len()
+                    );
                 }
                 (data, seq)
             }
@@ -244,15 +319,31 @@ impl ShardModel {
             (Some(norm), Some(head)) => {
                 let last = x.narrow(0, seq - 1, 1)?;
                 let normed = candle_nn::ops::rms_norm(&last, norm, self.cfg.rms_norm_eps as f32)?;
-                Ok(ShardOutput::Logits(head.forward(&normed.flatten_all()?.to_vec1()?, 1)))
+                Ok(ShardOutput::Logits(
+                    head.forward(&normed.flatten_all()?.to_vec1()?, 1),
+                ))
             }
-            _ => Ok(ShardOutput::Hidden { data: x.flatten_all()?.to_vec1()?, seq }),
+            _ => Ok(ShardOutput::Hidden {
+                data: x.flatten_all()?.to_vec1()?,
+                seq,
+            }),
         }
     }
 
-    fn layer_forward(&self, l: &Layer, lc: &mut LayerCache, x: Tensor, pos: usize, seq: usize) -> Result<Tensor> {
+    fn layer_forward(
+        &self,
+        l: &Layer,
+        lc: &mut LayerCache,
+        x: Tensor,
+        pos: usize,
+        seq: usize,
+    ) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
         let n_rep = nh / nkv;
         let eps = cfg.rms_norm_eps as f32;
 
@@ -260,11 +351,18 @@ impl ShardModel {
         let qkv = l.qkv.forward(&normed.flatten_all()?.to_vec1()?, seq);
         let qkv = Tensor::from_vec(qkv, (seq, nh * hd + 2 * nkv * hd), &Device::Cpu)?;
         let heads = |t: Tensor, n: usize| -> Result<Tensor> {
-            Ok(t.reshape((seq, n, hd))?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?)
+            Ok(t.reshape((seq, n, hd))?
+                .transpose(0, 1)?
+                .contiguous()?
+                .unsqueeze(0)?)
         };
         let q = heads(qkv.narrow(1, 0, nh * hd)?, nh)?;
         let k = heads(qkv.narrow(1, nh * hd, nkv * hd)?, nkv)?;
-        let v = qkv.narrow(1, (nh + nkv) * hd, nkv * hd)?.reshape((seq, nkv, hd))?.transpose(0, 1)?.contiguous()?;
+        let v = qkv
+            .narrow(1, (nh + nkv) * hd, nkv * hd)?
+            .reshape((seq, nkv, hd))?
+            .transpose(0, 1)?
+            .contiguous()?;
         let cos = self.cos.narrow(0, pos, seq)?;
         let sin = self.sin.narrow(0, pos, seq)?;
         let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?.squeeze(0)?;
@@ -306,7 +404,10 @@ impl ShardModel {
         let mut act = vec![0f32; seq * inter];
         for (s, row) in gu.chunks_exact(2 * inter).enumerate() {
             let (g, u) = row.split_at(inter);
-            for (a, (&g, &u)) in act[s * inter..(s + 1) * inter].iter_mut().zip(g.iter().zip(u)) {
+            for (a, (&g, &u)) in act[s * inter..(s + 1) * inter]
+                .iter_mut()
+                .zip(g.iter().zip(u))
+            {
                 *a = g / (1.0 + (-g).exp()) * u;
             }
         }
@@ -320,7 +421,9 @@ fn rope_tables(cfg: &TextConfig) -> Result<(Tensor, Tensor)> {
     let hd = cfg.head_dim;
     let half = hd / 2;
     let theta = cfg.rope_theta as f32;
-    let inv: Vec<f32> = (0..half).map(|i| 1.0 / theta.powf((2 * i) as f32 / hd as f32)).collect();
+    let inv: Vec<f32> = (0..half)
+        .map(|i| 1.0 / theta.powf((2 * i) as f32 / hd as f32))
+        .collect();
     let n = cfg.max_position_embeddings;
     let mut freqs = Vec::with_capacity(n * half);
     for p in 0..n {

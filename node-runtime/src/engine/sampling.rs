@@ -19,7 +19,13 @@ pub struct SamplingConfig {
 
 impl Default for SamplingConfig {
     fn default() -> Self {
-        Self { temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed: 0 }
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed: 0,
+        }
     }
 }
 
@@ -37,7 +43,11 @@ pub struct Sampled {
 
 impl Sampler {
     pub fn new(cfg: SamplingConfig) -> Self {
-        Self { rng: StdRng::seed_from_u64(cfg.seed), cfg, seen: Vec::new() }
+        Self {
+            rng: StdRng::seed_from_u64(cfg.seed),
+            cfg,
+            seen: Vec::new(),
+        }
     }
 
     fn penalty_active(&self) -> bool {
@@ -159,7 +169,13 @@ mod tests {
     use super::*;
 
     fn cfg(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplingConfig {
-        SamplingConfig { temperature, top_k, top_p, repetition_penalty: 1.0, seed }
+        SamplingConfig {
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty: 1.0,
+            seed,
+        }
     }
 
     fn draws(c: SamplingConfig, n: usize) -> Vec<u32> {
@@ -174,7 +190,11 @@ mod tests {
         assert!(g.iter().all(|&t| t == g[0]));
         let a = draws(cfg(1.5, 0, 1.0, 42), 40);
         assert_eq!(a, draws(cfg(1.5, 0, 1.0, 42), 40), "same seed, same tokens");
-        assert_ne!(a, draws(cfg(1.5, 0, 1.0, 43), 40), "another seed, other tokens");
+        assert_ne!(
+            a,
+            draws(cfg(1.5, 0, 1.0, 43), 40),
+            "another seed, other tokens"
+        );
         assert!(a.iter().any(|&t| t != a[0]), "temperature sampling varies");
     }
 
@@ -196,7 +216,10 @@ mod tests {
         let mut logits = vec![0.0f32; 10];
         logits[3] = 2.0;
         logits[4] = 1.5;
-        let mut s = Sampler::new(SamplingConfig { repetition_penalty: 2.0, ..Default::default() });
+        let mut s = Sampler::new(SamplingConfig {
+            repetition_penalty: 2.0,
+            ..Default::default()
+        });
         s.observe(&[3]);
         assert_eq!(s.sample(logits).token, 4);
     }

@@ -21,7 +21,9 @@ pub enum SessionError {
     Evicted { id: String, cap_mb: usize },
     #[error("session {id} expired after {idle_secs} s without a request; start a new session")]
     Expired { id: String, idle_secs: u64 },
-    #[error("session {id} is unknown on this node (step {step} > 0 needs the cached prompt; did the node restart?); start a new session")]
+    #[error(
+        "session {id} is unknown on this node (step {step} > 0 needs the cached prompt; did the node restart?); start a new session"
+    )]
     Unknown { id: String, step: u32 },
 }
 
@@ -56,7 +58,11 @@ const GONE_MEMORY: usize = 4096;
 impl SessionStore {
     pub fn new(idle: Duration, cap_bytes: usize) -> Self {
         Self {
-            inner: Mutex::new(Inner { live: HashMap::new(), gone: HashMap::new(), gone_order: VecDeque::new() }),
+            inner: Mutex::new(Inner {
+                live: HashMap::new(),
+                gone: HashMap::new(),
+                gone_order: VecDeque::new(),
+            }),
             idle,
             cap_bytes,
         }
@@ -73,7 +79,14 @@ impl SessionStore {
         let now = Instant::now();
         if step == 0 {
             let session = Arc::new(Mutex::new(create()));
-            inner.live.insert(id.to_string(), Entry { session: session.clone(), last_used: now, bytes: 0 });
+            inner.live.insert(
+                id.to_string(),
+                Entry {
+                    session: session.clone(),
+                    last_used: now,
+                    bytes: 0,
+                },
+            );
             return Ok(session);
         }
         if let Some(e) = inner.live.get_mut(id) {
@@ -81,9 +94,18 @@ impl SessionStore {
             return Ok(e.session.clone());
         }
         Err(match inner.gone.get(id) {
-            Some(Gone::Evicted) => SessionError::Evicted { id: id.to_string(), cap_mb: self.cap_bytes >> 20 },
-            Some(Gone::Expired) => SessionError::Expired { id: id.to_string(), idle_secs: self.idle.as_secs() },
-            None => SessionError::Unknown { id: id.to_string(), step },
+            Some(Gone::Evicted) => SessionError::Evicted {
+                id: id.to_string(),
+                cap_mb: self.cap_bytes >> 20,
+            },
+            Some(Gone::Expired) => SessionError::Expired {
+                id: id.to_string(),
+                idle_secs: self.idle.as_secs(),
+            },
+            None => SessionError::Unknown {
+                id: id.to_string(),
+                step,
+            },
         })
     }
 
@@ -113,7 +135,12 @@ impl SessionStore {
     }
 
     pub fn end(&self, id: &str) -> bool {
-        self.inner.lock().expect("session map poisoned").live.remove(id).is_some()
+        self.inner
+            .lock()
+            .expect("session map poisoned")
+            .live
+            .remove(id)
+            .is_some()
     }
 
     /// Drops sessions idle for longer than the timeout; returns how many.

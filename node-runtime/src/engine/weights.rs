@@ -58,7 +58,11 @@ impl WeightFiles {
 
     fn view(&self, name: &str) -> Result<(Dtype, Vec<usize>, &[u8])> {
         let Some(&i) = self.index.get(name) else {
-            let files: Vec<_> = self.maps.iter().map(|(p, _)| p.display().to_string()).collect();
+            let files: Vec<_> = self
+                .maps
+                .iter()
+                .map(|(p, _)| p.display().to_string())
+                .collect();
             bail!("tensor `{name}` is missing from {}", files.join(", "));
         };
         let (path, map) = &self.maps[i];
@@ -79,7 +83,10 @@ impl WeightFiles {
         }
         Ok(match dtype {
             Dtype::BF16 => WeightData::Bf16(
-                bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect(),
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                    .collect(),
             ),
             _ => WeightData::F32(to_f32(name, dtype, bytes)?),
         })

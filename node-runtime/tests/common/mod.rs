@@ -26,16 +26,26 @@ pub fn fixtures_root() -> PathBuf {
 pub fn fixtures() -> Vec<(String, PathBuf, Reference)> {
     let mut out = Vec::new();
     let root = fixtures_root();
-    let entries = std::fs::read_dir(&root).unwrap_or_else(|e| panic!("fixtures missing at {}: {e}", root.display()));
+    let entries = std::fs::read_dir(&root)
+        .unwrap_or_else(|e| panic!("fixtures missing at {}: {e}", root.display()));
     for e in entries {
         let dir = e.unwrap().path();
         let r = dir.join("reference.json");
         if r.is_file() {
-            let reference: Reference = serde_json::from_str(&std::fs::read_to_string(&r).unwrap()).unwrap();
-            out.push((dir.file_name().unwrap().to_string_lossy().into_owned(), dir, reference));
+            let reference: Reference =
+                serde_json::from_str(&std::fs::read_to_string(&r).unwrap()).unwrap();
+            out.push((
+                dir.file_name().unwrap().to_string_lossy().into_owned(),
+                dir,
+                reference,
+            ));
         }
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
-    assert!(!out.is_empty(), "no fixture with reference.json under {}", root.display());
+    assert!(
+        !out.is_empty(),
+        "no fixture with reference.json under {}",
+        root.display()
+    );
     out
 }

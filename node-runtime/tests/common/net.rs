@@ -30,12 +30,22 @@ impl Node {
             .spawn()
             .expect("spawn unfed-node");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         let Some(address) = line.trim().strip_prefix("listening ") else {
             let _ = child.kill();
-            panic!("unfed-node {args:?} did not start: {}", std::fs::read_to_string(&log).unwrap_or_default());
+            panic!(
+                "unfed-node {args:?} did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
         };
-        Node { address: address.to_string(), child, log, args: args.to_vec() }
+        Node {
+            address: address.to_string(),
+            child,
+            log,
+            args: args.to_vec(),
+        }
     }
 
     pub fn kill(&mut self) {
@@ -45,7 +55,11 @@ impl Node {
 
     /// SIGTERM, then wait for a clean exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(st) = self.child.try_wait().unwrap() {
@@ -81,8 +95,13 @@ pub fn s(v: &str) -> String {
 /// Splits `checkpoint` into `shards` text shards under `root/model_id`.
 pub fn split_into(checkpoint: &Path, root: &Path, model_id: &str, shards: usize) -> PathBuf {
     let out = root.join(model_id);
-    let opts = SplitOptions { text_shards: shards, model_id: Some(model_id.to_string()), ..Default::default() };
-    split(checkpoint, &out, &opts).unwrap_or_else(|e| panic!("split {} into {shards}: {e}", checkpoint.display()));
+    let opts = SplitOptions {
+        text_shards: shards,
+        model_id: Some(model_id.to_string()),
+        ..Default::default()
+    };
+    split(checkpoint, &out, &opts)
+        .unwrap_or_else(|e| panic!("split {} into {shards}: {e}", checkpoint.display()));
     out
 }
 
@@ -107,7 +126,11 @@ impl Net {
             splits.display().to_string(),
         ];
         let registry = Node::start(&args, dir.path().join("registry.log"));
-        Net { dir, registry, computes: Vec::new() }
+        Net {
+            dir,
+            registry,
+            computes: Vec::new(),
+        }
     }
 
     pub fn splits(&self) -> PathBuf {
@@ -135,7 +158,10 @@ impl Net {
     /// Starts a compute node for `shard` of `model_id`; returns its index in `computes`.
     pub fn compute(&mut self, model_id: &str, shard: usize) -> usize {
         let args = self.compute_args(model_id, shard, "0");
-        let log = self.dir.path().join(format!("{model_id}-{shard}-{}.log", self.computes.len()));
+        let log = self
+            .dir
+            .path()
+            .join(format!("{model_id}-{shard}-{}.log", self.computes.len()));
         self.computes.push(Node::start(&args, log));
         self.computes.len() - 1
     }
@@ -150,10 +176,16 @@ impl Net {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let models = client.list_models().await.unwrap();
-            if models.iter().any(|m| m.model == model && m.state == ModelState::Ready as i32 && m.nodes == nodes) {
+            if models.iter().any(|m| {
+                m.model == model && m.state == ModelState::Ready as i32 && m.nodes == nodes
+            }) {
                 return;
             }
-            assert!(Instant::now() < deadline, "{model} never became READY with {nodes} nodes: {models:?}\n{}", self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "{model} never became READY with {nodes} nodes: {models:?}\n{}",
+                self.logs()
+            );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
@@ -161,7 +193,11 @@ impl Net {
     pub fn logs(&self) -> String {
         let mut out = String::new();
         for n in std::iter::once(&self.registry).chain(&self.computes) {
-            out += &format!("--- {}\n{}\n", n.log.display(), std::fs::read_to_string(&n.log).unwrap_or_default());
+            out += &format!(
+                "--- {}\n{}\n",
+                n.log.display(),
+                std::fs::read_to_string(&n.log).unwrap_or_default()
+            );
         }
         out
     }
