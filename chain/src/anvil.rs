@@ -93,37 +93,51 @@ impl Anvil {
                 cmd.stdout(log.try_clone()?).stderr(log);
             }
             None => {
-                cmd.stdout(Stdio::null()).stderr(Stdio::null());
+                // Anvil logs to stdout; stderr carries only its errors, kept for messages.
+                cmd.stdout(Stdio::null()).stderr(Stdio::piped());
             }
         }
-        let child = cmd
+        let mut child = cmd
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
+        let stderr = child.stderr.take().map(keep_tail);
         let mut anvil = Anvil {
             pid: child.id(),
             child: Some(child),
             port,
             chain_id: 0,
         };
-        anvil.chain_id = anvil.wait_ready(opts.log_file.as_deref()).await?;
+        anvil.chain_id = anvil
+            .wait_ready(opts.log_file.as_deref(), stderr.as_ref())
+            .await?;
         Ok(anvil)
     }
 
     /// Polls `eth_chainId` until it answers, the process dies, or the deadline passes.
-    async fn wait_ready(&mut self, log: Option<&Path>) -> anyhow::Result<u64> {
+    async fn wait_ready(
+        &mut self,
+        log: Option<&Path>,
+        stderr: Option<&Tail>,
+    ) -> anyhow::Result<u64> {
         let provider = ProviderBuilder::new().connect_http(self.endpoint().parse()?);
         let deadline = Instant::now() + READY_TIMEOUT;
-        let see_log = log
-            .map(|l| format!("; see {}", l.display()))
-            .unwrap_or_default();
+        let see_log = || match (log, stderr) {
+            (Some(l), _) => format!("; see {}", l.display()),
+            (None, Some(tail)) => match tail_text(tail) {
+                t if t.is_empty() => String::new(),
+                t => format!(":\n{t}"),
+            },
+            (None, None) => String::new(),
+        };
         loop {
             if let Some(child) = self.child.as_mut()
                 && let Some(status) = child.try_wait()?
             {
                 self.child = None;
                 bail!(
-                    "anvil exited ({status}) before answering on port {}{see_log}",
-                    self.port
+                    "anvil exited ({status}) before answering on port {}{}",
+                    self.port,
+                    see_log()
                 );
             }
             // Bounded per attempt: something else holding the port may accept the
@@ -135,9 +149,10 @@ impl Anvil {
             }
             if Instant::now() > deadline {
                 bail!(
-                    "anvil did not answer eth_chainId on {} within {}s{see_log}",
+                    "anvil did not answer eth_chainId on {} within {}s{}",
                     self.endpoint(),
-                    READY_TIMEOUT.as_secs()
+                    READY_TIMEOUT.as_secs(),
+                    see_log()
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -235,6 +250,48 @@ fn terminate_group(
         std::thread::sleep(Duration::from_millis(20));
     }
     bail!("anvil (pid {pid}) did not exit after SIGKILL")
+}
+
+/// The last lines a child wrote to a pipe, and whether the pipe reached its end.
+#[derive(Default)]
+struct TailBuf {
+    lines: std::collections::VecDeque<String>,
+    closed: bool,
+}
+
+type Tail = std::sync::Arc<std::sync::Mutex<TailBuf>>;
+
+/// Drains `pipe` on a thread (so the child never blocks on a full pipe), keeping the
+/// last 20 lines.
+fn keep_tail(pipe: impl std::io::Read + Send + 'static) -> Tail {
+    use std::io::BufRead;
+    let tail = Tail::default();
+    let sink = tail.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+            let mut t = sink.lock().unwrap_or_else(|e| e.into_inner());
+            if t.lines.len() == 20 {
+                t.lines.pop_front();
+            }
+            t.lines.push_back(line);
+        }
+        sink.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+    });
+    tail
+}
+
+/// The captured lines once the writer has exited (waiting briefly for the reader to
+/// reach the end of the pipe).
+fn tail_text(tail: &Tail) -> String {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let t = tail.lock().unwrap_or_else(|e| e.into_inner());
+        if t.closed || Instant::now() > deadline {
+            return t.lines.iter().cloned().collect::<Vec<_>>().join("\n");
+        }
+        drop(t);
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn free_port() -> anyhow::Result<u16> {
