@@ -17,8 +17,10 @@ use unfed_proto::compute_server::{Compute, ComputeServer};
 use unfed_proto::registry_client::RegistryClient;
 use unfed_proto::*;
 
-use crate::engine::{Session, SessionStore, ShardInput, ShardModel, ShardOutput, ShardSpec, WeightFiles};
 use crate::engine::sampling::{Sampler, SamplingConfig};
+use crate::engine::{
+    Session, SessionStore, ShardInput, ShardModel, ShardOutput, ShardSpec, WeightFiles,
+};
 use crate::wire;
 
 pub struct ComputeConfig {
@@ -46,15 +48,29 @@ pub struct LoadedShard {
 /// Loads text shard `index` of the split in `dir` (only that shard's file).
 pub fn load_shard(dir: &Path, index: u32) -> Result<LoadedShard> {
     let path = dir.join(unfed_model::manifest::MANIFEST_FILE);
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read {}; is --shards-dir the output of `unfedctl split`?", path.display()))?;
-    let manifest: Manifest = serde_json::from_str(&text).with_context(|| format!("{} is not a valid manifest", path.display()))?;
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "cannot read {}; is --shards-dir the output of `unfedctl split`?",
+            path.display()
+        )
+    })?;
+    let manifest: Manifest = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a valid manifest", path.display()))?;
     let total = manifest.text_shards().count();
-    let Some(entry) = manifest.text_shards().find(|s| s.index == index as usize).cloned() else {
-        bail!("--shard-index {index} is out of range: {} has {total} text shard(s) (0..{total})", path.display());
+    let Some(entry) = manifest
+        .text_shards()
+        .find(|s| s.index == index as usize)
+        .cloned()
+    else {
+        bail!(
+            "--shard-index {index} is out of range: {} has {total} text shard(s) (0..{total})",
+            path.display()
+        );
     };
     let file = dir.join(&entry.file);
-    let size = std::fs::metadata(&file).with_context(|| format!("shard file {} is missing", file.display()))?.len();
+    let size = std::fs::metadata(&file)
+        .with_context(|| format!("shard file {} is missing", file.display()))?
+        .len();
     if size != entry.size {
         bail!(
             "{} is {size} bytes, the manifest says {}; the split is incomplete or corrupt (run `unfedctl verify {}`)",
@@ -70,9 +86,18 @@ pub fn load_shard(dir: &Path, index: u32) -> Result<LoadedShard> {
         has_embedding: entry.has_embedding,
         has_head: entry.has_head,
     };
-    let model = ShardModel::load(&manifest.config.text, &manifest.config.text_prefix, spec, &files)
-        .with_context(|| format!("loading text shard {index} of `{}`", manifest.model_id))?;
-    Ok(LoadedShard { manifest, entry, model })
+    let model = ShardModel::load(
+        &manifest.config.text,
+        &manifest.config.text_prefix,
+        spec,
+        &files,
+    )
+    .with_context(|| format!("loading text shard {index} of `{}`", manifest.model_id))?;
+    Ok(LoadedShard {
+        manifest,
+        entry,
+        model,
+    })
 }
 
 #[derive(Clone)]
@@ -95,7 +120,11 @@ fn sampling_of(p: Option<&SamplingParams>) -> SamplingConfig {
         temperature: p.temperature,
         top_k: p.top_k as usize,
         top_p: if p.top_p <= 0.0 { 1.0 } else { p.top_p },
-        repetition_penalty: if p.repetition_penalty <= 0.0 { 1.0 } else { p.repetition_penalty },
+        repetition_penalty: if p.repetition_penalty <= 0.0 {
+            1.0
+        } else {
+            p.repetition_penalty
+        },
         seed: p.seed,
     }
 }
@@ -137,20 +166,31 @@ impl ComputeService {
     async fn run_local(&self, req: &ForwardRequest) -> Result<ShardOutput, Status> {
         let spec = self.inner.shard.model.spec();
         let input = match &req.input {
-            Some(forward_request::Input::Tokens(t)) if spec.has_embedding => Input::Tokens(t.ids.clone()),
+            Some(forward_request::Input::Tokens(t)) if spec.has_embedding => {
+                Input::Tokens(t.ids.clone())
+            }
             Some(forward_request::Input::Hidden(t)) if !spec.has_embedding => {
-                let (data, shape) = wire::decode(t).map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+                let (data, shape) =
+                    wire::decode(t).map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
                 let h = self.inner.shard.model.config().hidden_size;
                 match shape[..] {
                     [1, seq, hh] | [seq, hh] if hh == h => Input::Hidden(data, seq),
-                    _ => return Err(Status::invalid_argument(format!("hidden state shape {shape:?} is not [1, seq, {h}]"))),
+                    _ => {
+                        return Err(Status::invalid_argument(format!(
+                            "hidden state shape {shape:?} is not [1, seq, {h}]"
+                        )));
+                    }
                 }
             }
             Some(_) => {
                 return Err(Status::invalid_argument(format!(
                     "shard {} expects {}",
                     self.shard_index(),
-                    if spec.has_embedding { "token ids" } else { "a hidden state" }
+                    if spec.has_embedding {
+                        "token ids"
+                    } else {
+                        "a hidden state"
+                    }
                 )));
             }
             None => return Err(Status::invalid_argument("forward request carries no input")),
@@ -159,9 +199,22 @@ impl ComputeService {
         let sampling = sampling_of(req.sampling.as_ref());
         let session = inner
             .sessions
-            .open(&req.session_id, req.step, || Session { cache: inner.shard.model.new_cache(), sampler: Some(Sampler::new(sampling)) })
-            .map_err(|e| Status::failed_precondition(format!("node {} (shard {}): {e}", inner.node_id, self.shard_index())))?;
-        let (sid, position, penalty) = (req.session_id.clone(), req.position as usize, req.penalty_tokens.clone());
+            .open(&req.session_id, req.step, || Session {
+                cache: inner.shard.model.new_cache(),
+                sampler: Some(Sampler::new(sampling)),
+            })
+            .map_err(|e| {
+                Status::failed_precondition(format!(
+                    "node {} (shard {}): {e}",
+                    inner.node_id,
+                    self.shard_index()
+                ))
+            })?;
+        let (sid, position, penalty) = (
+            req.session_id.clone(),
+            req.position as usize,
+            req.penalty_tokens.clone(),
+        );
         tokio::task::spawn_blocking(move || {
             let mut s = session.lock().expect("session poisoned");
             if s.cache.len() != position {
@@ -172,20 +225,32 @@ impl ComputeService {
             }
             let input = match &input {
                 Input::Tokens(ids) => ShardInput::Tokens(ids),
-                Input::Hidden(d, seq) => ShardInput::Hidden { data: d.clone(), seq: *seq },
+                Input::Hidden(d, seq) => ShardInput::Hidden {
+                    data: d.clone(),
+                    seq: *seq,
+                },
             };
             let out = inner
                 .shard
                 .model
                 .forward(&mut s.cache, input)
-                .map_err(|e| Status::invalid_argument(format!("node {} (shard {}): {e:#}", inner.node_id, inner.shard.entry.index)))?;
+                .map_err(|e| {
+                    Status::invalid_argument(format!(
+                        "node {} (shard {}): {e:#}",
+                        inner.node_id, inner.shard.entry.index
+                    ))
+                })?;
             if let Some(sampler) = s.sampler.as_mut() {
                 sampler.observe(&penalty);
             }
             let bytes = s.cache.nbytes();
             let out = match out {
                 ShardOutput::Logits(logits) => {
-                    let sampled = s.sampler.as_mut().expect("sampler created at step 0").sample(logits);
+                    let sampled = s
+                        .sampler
+                        .as_mut()
+                        .expect("sampler created at step 0")
+                        .sample(logits);
                     Ok(Sampled(sampled.token, sampled.logprob))
                 }
                 ShardOutput::Hidden { data, seq } => Ok(HiddenOut(data, seq)),
@@ -216,7 +281,10 @@ use LocalOut::*;
 
 #[tonic::async_trait]
 impl Compute for ComputeService {
-    async fn forward(&self, req: Request<ForwardRequest>) -> Result<Response<ForwardResponse>, Status> {
+    async fn forward(
+        &self,
+        req: Request<ForwardRequest>,
+    ) -> Result<Response<ForwardResponse>, Status> {
         let started = Instant::now();
         let mut req = req.into_inner();
         let model_id = &self.inner.shard.manifest.model_id;
@@ -227,7 +295,9 @@ impl Compute for ComputeService {
             )));
         }
         let out = self.run_local(&req).await?;
-        self.inner.forwards.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner
+            .forwards
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let compute_ms = started.elapsed().as_secs_f64() * 1e3;
         let me = |total_ms: f64| HopTiming {
             node_id: self.inner.node_id.clone(),
@@ -238,7 +308,13 @@ impl Compute for ComputeService {
         match out {
             ShardOutput::Logits(v) => {
                 let token = v[0] as u32;
-                let is_eos = self.inner.shard.model.config().eos_token_ids.contains(&token);
+                let is_eos = self
+                    .inner
+                    .shard
+                    .model
+                    .config()
+                    .eos_token_ids
+                    .contains(&token);
                 Ok(Response::new(ForwardResponse {
                     token_id: token,
                     logprob: v[1],
@@ -257,27 +333,45 @@ impl Compute for ComputeService {
                 let next = req.route.remove(0);
                 let h = self.inner.shard.model.config().hidden_size;
                 let dtype = DType::try_from(req.hidden_dtype).unwrap_or(DType::DtypeF32);
-                req.input = Some(forward_request::Input::Hidden(wire::encode(&data, &[1, seq, h], dtype)));
+                req.input = Some(forward_request::Input::Hidden(wire::encode(
+                    &data,
+                    &[1, seq, h],
+                    dtype,
+                )));
                 let mut client = ComputeClient::new(self.channel(&next.address)?);
                 let mut resp = match client.forward(req).await {
                     Ok(r) => r.into_inner(),
                     // A failure reported by a node further down already names that node.
-                    Err(s) if s.code() != tonic::Code::Unavailable && s.code() != tonic::Code::Cancelled && s.code() != tonic::Code::DeadlineExceeded && s.code() != tonic::Code::Unknown => return Err(s),
+                    Err(s)
+                        if s.code() != tonic::Code::Unavailable
+                            && s.code() != tonic::Code::Cancelled
+                            && s.code() != tonic::Code::DeadlineExceeded
+                            && s.code() != tonic::Code::Unknown =>
+                    {
+                        return Err(s);
+                    }
                     Err(s) if s.message().starts_with("node ") => return Err(s),
                     Err(s) => {
                         return Err(Status::unavailable(format!(
                             "node {} (shard {}) at {} is unreachable: {}",
-                            next.node_id, next.shard_index, next.address, s.message()
+                            next.node_id,
+                            next.shard_index,
+                            next.address,
+                            s.message()
                         )));
                     }
                 };
-                resp.timings.insert(0, me(started.elapsed().as_secs_f64() * 1e3));
+                resp.timings
+                    .insert(0, me(started.elapsed().as_secs_f64() * 1e3));
                 Ok(Response::new(resp))
             }
         }
     }
 
-    async fn end_session(&self, req: Request<EndSessionRequest>) -> Result<Response<EndSessionResponse>, Status> {
+    async fn end_session(
+        &self,
+        req: Request<EndSessionRequest>,
+    ) -> Result<Response<EndSessionResponse>, Status> {
         let mut req = req.into_inner();
         self.inner.sessions.end(&req.session_id);
         if !req.route.is_empty() {
@@ -302,17 +396,27 @@ impl Compute for ComputeService {
             sessions: sessions as u32,
             kv_cache_bytes: bytes as u64,
             serving: true,
-            forwards: self.inner.forwards.load(std::sync::atomic::Ordering::Relaxed),
+            forwards: self
+                .inner
+                .forwards
+                .load(std::sync::atomic::Ordering::Relaxed),
         }))
     }
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Builds this node's registration, signed when a stake key is configured.
-fn registration(cfg: &ComputeConfig, manifest: &Manifest, entry: &ShardEntry) -> Result<RegisterRequest> {
+fn registration(
+    cfg: &ComputeConfig,
+    manifest: &Manifest,
+    entry: &ShardEntry,
+) -> Result<RegisterRequest> {
     let payload = unfed_chain::admission::RegistrationPayload {
         node_id: cfg.node_id.clone(),
         role: "compute".to_string(),
@@ -394,7 +498,11 @@ async fn membership(
                 }
                 Ok(r) => {
                     let r = r.into_inner();
-                    let err = anyhow::anyhow!("the registry at {registry} refused this node ({}): {}", r.reason, r.message);
+                    let err = anyhow::anyhow!(
+                        "the registry at {registry} refused this node ({}): {}",
+                        r.reason,
+                        r.message
+                    );
                     match ready.take() {
                         Some(tx) => {
                             let _ = tx.send(Err(err));
@@ -403,10 +511,17 @@ async fn membership(
                         None => tracing::error!("{err:#}"),
                     }
                 }
-                Err(e) => tracing::warn!(registry = %registry, "registry unreachable, retrying: {}", e.message()),
+                Err(e) => {
+                    tracing::warn!(registry = %registry, "registry unreachable, retrying: {}", e.message())
+                }
             }
         } else {
-            match client.heartbeat(HeartbeatRequest { node_id: cfg.node_id.clone() }).await {
+            match client
+                .heartbeat(HeartbeatRequest {
+                    node_id: cfg.node_id.clone(),
+                })
+                .await
+            {
                 Ok(r) if !r.get_ref().known => {
                     tracing::warn!("the registry forgot this node; registering again");
                     registered = false;
@@ -416,7 +531,12 @@ async fn membership(
                 Err(e) => tracing::warn!(registry = %registry, "heartbeat failed: {}", e.message()),
             }
         }
-        tokio::time::sleep(if registered { cfg.heartbeat } else { Duration::from_millis(500) }).await;
+        tokio::time::sleep(if registered {
+            cfg.heartbeat
+        } else {
+            Duration::from_millis(500)
+        })
+        .await;
     }
 }
 
@@ -451,8 +571,17 @@ pub async fn run(
     let mut member = None;
     if let Some(registry) = cfg.registry.clone() {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let (manifest, entry) = (service.inner.shard.manifest.clone(), service.inner.shard.entry.clone());
-        member = Some(tokio::spawn(membership(cfg.clone(), manifest, entry, registry, tx)));
+        let (manifest, entry) = (
+            service.inner.shard.manifest.clone(),
+            service.inner.shard.entry.clone(),
+        );
+        member = Some(tokio::spawn(membership(
+            cfg.clone(),
+            manifest,
+            entry,
+            registry,
+            tx,
+        )));
         match rx.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -471,7 +600,12 @@ pub async fn run(
     if let Some(registry) = &cfg.registry
         && let Ok(mut c) = registry_client(registry).await
     {
-        match c.unregister(UnregisterRequest { node_id: cfg.node_id.clone() }).await {
+        match c
+            .unregister(UnregisterRequest {
+                node_id: cfg.node_id.clone(),
+            })
+            .await
+        {
             Ok(_) => tracing::info!("unregistered"),
             Err(e) => tracing::warn!("could not unregister: {}", e.message()),
         }

@@ -99,7 +99,9 @@ fn load_models(dir: &Path) -> Result<BTreeMap<String, ServedModel>> {
     if dir.join(unfed_model::manifest::MANIFEST_FILE).is_file() {
         dirs.push(dir.to_path_buf());
     } else {
-        for e in std::fs::read_dir(dir).with_context(|| format!("cannot read shards dir {}", dir.display()))? {
+        for e in std::fs::read_dir(dir)
+            .with_context(|| format!("cannot read shards dir {}", dir.display()))?
+        {
             let p = e?.path();
             if p.join(unfed_model::manifest::MANIFEST_FILE).is_file() {
                 dirs.push(p);
@@ -115,9 +117,10 @@ fn load_models(dir: &Path) -> Result<BTreeMap<String, ServedModel>> {
     let mut models = BTreeMap::new();
     for d in dirs {
         let path = d.join(unfed_model::manifest::MANIFEST_FILE);
-        let json = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        let manifest: Manifest =
-            serde_json::from_str(&json).with_context(|| format!("{} is not a valid manifest", path.display()))?;
+        let json = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let manifest: Manifest = serde_json::from_str(&json)
+            .with_context(|| format!("{} is not a valid manifest", path.display()))?;
         let read = |name: &str| std::fs::read_to_string(d.join(name)).unwrap_or_default();
         let response = GetManifestResponse {
             manifest_json: json,
@@ -126,7 +129,10 @@ fn load_models(dir: &Path) -> Result<BTreeMap<String, ServedModel>> {
             generation_config_json: read("generation_config.json"),
             chat_template: read("chat_template.jinja"),
         };
-        models.insert(manifest.model_id.clone(), ServedModel { manifest, response });
+        models.insert(
+            manifest.model_id.clone(),
+            ServedModel { manifest, response },
+        );
     }
     Ok(models)
 }
@@ -138,7 +144,10 @@ impl RegistryService {
             None => BTreeMap::new(),
         };
         Ok(Self {
-            state: Arc::new(Mutex::new(State { nodes: HashMap::new(), models })),
+            state: Arc::new(Mutex::new(State {
+                nodes: HashMap::new(),
+                models,
+            })),
             config: Arc::new(config),
         })
     }
@@ -160,7 +169,9 @@ impl RegistryService {
     }
 
     async fn recheck_stakes(&self) {
-        let Some(verifier) = &self.config.admission else { return };
+        let Some(verifier) = &self.config.admission else {
+            return;
+        };
         let ids: Vec<String> = self.state().nodes.keys().cloned().collect();
         for id in ids {
             match verifier.is_eligible(&id).await {
@@ -187,7 +198,12 @@ impl RegistryService {
         let served = state.models.get(model);
         let text_total = match served {
             Some(s) => s.manifest.text_shards().count() as u32,
-            None => nodes.iter().filter(|n| n.role == "compute").map(|n| n.shards_total).max().unwrap_or(0),
+            None => nodes
+                .iter()
+                .filter(|n| n.role == "compute")
+                .map(|n| n.shards_total)
+                .max()
+                .unwrap_or(0),
         };
         let covered: BTreeSet<u32> = nodes
             .iter()
@@ -205,37 +221,62 @@ impl RegistryService {
             message: String::new(),
         };
         let inconsistent = served.is_none()
-            && nodes.iter().filter(|n| n.role == "compute").any(|n| n.shards_total != text_total);
+            && nodes
+                .iter()
+                .filter(|n| n.role == "compute")
+                .any(|n| n.shards_total != text_total);
         let fail = |reason: &str, message: String| (reason.to_string(), message);
         let verdict = if text_total == 0 || inconsistent {
-            Some(fail("invalid_model", format!("model `{model}` has no valid manifest and its nodes disagree on the shard count")))
+            Some(fail(
+                "invalid_model",
+                format!(
+                    "model `{model}` has no valid manifest and its nodes disagree on the shard count"
+                ),
+            ))
         } else if nodes.is_empty() {
             Some(fail("no_nodes", format!("no live node serves `{model}`")))
         } else if (covered.len() as u32) < text_total {
-            let missing: Vec<String> =
-                (0..text_total).filter(|i| !covered.contains(i)).map(|i| i.to_string()).collect();
+            let missing: Vec<String> = (0..text_total)
+                .filter(|i| !covered.contains(i))
+                .map(|i| i.to_string())
+                .collect();
             Some(fail(
                 "incomplete_text_coverage",
-                format!("text shard(s) {} of {text_total} have no live compute node", missing.join(", ")),
+                format!(
+                    "text shard(s) {} of {text_total} have no live compute node",
+                    missing.join(", ")
+                ),
             ))
         } else if self.config.require_mpc && !nodes.iter().any(|n| n.role == "mpc") {
-            Some(fail("missing_mpc", "MPC is required and no MPC pair serves shard 0".to_string()))
+            Some(fail(
+                "missing_mpc",
+                "MPC is required and no MPC pair serves shard 0".to_string(),
+            ))
         } else if let Some(s) = served.filter(|s| {
             let vision_total = s.manifest.vision_shards().count();
-            let vision_covered: BTreeSet<u32> =
-                nodes.iter().filter(|n| n.stack == Stack::Vision as i32).map(|n| n.shard_index).collect();
+            let vision_covered: BTreeSet<u32> = nodes
+                .iter()
+                .filter(|n| n.stack == Stack::Vision as i32)
+                .map(|n| n.shard_index)
+                .collect();
             vision_covered.len() < vision_total
         }) {
             Some(fail(
                 "incomplete_vision_coverage",
-                format!("{} vision shard(s) need live vision nodes", s.manifest.vision_shards().count()),
+                format!(
+                    "{} vision shard(s) need live vision nodes",
+                    s.manifest.vision_shards().count()
+                ),
             ))
         } else {
             let daemons = Self::visible(state).filter(|n| n.role == "daemon").count() as u32;
             (daemons < self.config.daemon_required_count).then(|| {
                 fail(
                     "missing_daemon",
-                    format!("{daemons} healthy daemon(s), {} required", self.config.daemon_required_count),
+                    format!(
+                        "{daemons} healthy daemon(s), {} required",
+                        self.config.daemon_required_count
+                    ),
                 )
             })
         };
@@ -252,7 +293,10 @@ impl RegistryService {
 
 #[tonic::async_trait]
 impl Registry for RegistryService {
-    async fn register(&self, req: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+    async fn register(
+        &self,
+        req: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
         let r = req.into_inner();
         let reject = |reason: &str, message: String| {
             tracing::warn!(node = %r.node_id, reason, "registration refused: {message}");
@@ -264,7 +308,10 @@ impl Registry for RegistryService {
             }))
         };
         if r.node_id.is_empty() || r.address.is_empty() {
-            return reject("missing_fields", "node_id and address are required".to_string());
+            return reject(
+                "missing_fields",
+                "node_id and address are required".to_string(),
+            );
         }
         if let Some(verifier) = &self.config.admission {
             let payload = RegistrationPayload {
@@ -284,20 +331,39 @@ impl Registry for RegistryService {
         if r.role == "compute" || r.role == "vision" {
             let state = self.state();
             if let Some(served) = state.models.get(&r.model) {
-                let stack = if r.stack == Stack::Vision as i32 { unfed_model::Stack::Vision } else { unfed_model::Stack::Text };
-                let entry = served.manifest.shards.iter().find(|s| s.stack == stack && s.index as i64 == r.shard_index);
+                let stack = if r.stack == Stack::Vision as i32 {
+                    unfed_model::Stack::Vision
+                } else {
+                    unfed_model::Stack::Text
+                };
+                let entry = served
+                    .manifest
+                    .shards
+                    .iter()
+                    .find(|s| s.stack == stack && s.index as i64 == r.shard_index);
                 match entry {
                     None => {
                         drop(state);
                         return reject(
                             "invalid_shard",
-                            format!("model `{}` has no {:?} shard {}", r.model, stack, r.shard_index),
+                            format!(
+                                "model `{}` has no {:?} shard {}",
+                                r.model, stack, r.shard_index
+                            ),
                         );
                     }
-                    Some(e) if (e.layer_start, e.layer_end) != (r.layer_start as usize, r.layer_end as usize) => {
+                    Some(e)
+                        if (e.layer_start, e.layer_end)
+                            != (r.layer_start as usize, r.layer_end as usize) =>
+                    {
                         let msg = format!(
                             "shard {} of `{}` covers layers [{}, {}), the node claims [{}, {}); re-split or use the registry's manifest",
-                            r.shard_index, r.model, e.layer_start, e.layer_end, r.layer_start, r.layer_end
+                            r.shard_index,
+                            r.model,
+                            e.layer_start,
+                            e.layer_end,
+                            r.layer_start,
+                            r.layer_end
                         );
                         drop(state);
                         return reject("manifest_mismatch", msg);
@@ -320,9 +386,14 @@ impl Registry for RegistryService {
             share_key: r.share_key.clone(),
         };
         tracing::info!(node = %r.node_id, role = %r.role, model = %r.model, shard = r.shard_index, address = %r.address, "node registered");
-        self.state()
-            .nodes
-            .insert(r.node_id, NodeRecord { info, last_seen: Instant::now(), eligible: true });
+        self.state().nodes.insert(
+            r.node_id,
+            NodeRecord {
+                info,
+                last_seen: Instant::now(),
+                eligible: true,
+            },
+        );
         Ok(Response::new(RegisterResponse {
             accepted: true,
             reason: String::new(),
@@ -331,7 +402,10 @@ impl Registry for RegistryService {
         }))
     }
 
-    async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+    async fn heartbeat(
+        &self,
+        req: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
         let id = req.into_inner().node_id;
         let known = match self.state().nodes.get_mut(&id) {
             Some(n) => {
@@ -343,7 +417,10 @@ impl Registry for RegistryService {
         Ok(Response::new(HeartbeatResponse { known }))
     }
 
-    async fn unregister(&self, req: Request<UnregisterRequest>) -> Result<Response<UnregisterResponse>, Status> {
+    async fn unregister(
+        &self,
+        req: Request<UnregisterRequest>,
+    ) -> Result<Response<UnregisterResponse>, Status> {
         let id = req.into_inner().node_id;
         let removed = self.state().nodes.remove(&id).is_some();
         if removed {
@@ -352,47 +429,80 @@ impl Registry for RegistryService {
         Ok(Response::new(UnregisterResponse { removed }))
     }
 
-    async fn discover(&self, req: Request<DiscoverRequest>) -> Result<Response<DiscoverResponse>, Status> {
+    async fn discover(
+        &self,
+        req: Request<DiscoverRequest>,
+    ) -> Result<Response<DiscoverResponse>, Status> {
         let model = req.into_inner().model;
         let state = self.state();
         let mut nodes: Vec<NodeInfo> = state
             .nodes
             .values()
-            .filter(|n| n.eligible && (model.is_empty() || n.info.model == model || n.info.role == "daemon"))
-            .map(|n| NodeInfo { last_seen_ms_ago: n.last_seen.elapsed().as_millis() as u64, ..n.info.clone() })
+            .filter(|n| {
+                n.eligible && (model.is_empty() || n.info.model == model || n.info.role == "daemon")
+            })
+            .map(|n| NodeInfo {
+                last_seen_ms_ago: n.last_seen.elapsed().as_millis() as u64,
+                ..n.info.clone()
+            })
             .collect();
-        nodes.sort_by(|a, b| (a.stack, a.shard_index, &a.node_id).cmp(&(b.stack, b.shard_index, &b.node_id)));
+        nodes.sort_by(|a, b| {
+            (a.stack, a.shard_index, &a.node_id).cmp(&(b.stack, b.shard_index, &b.node_id))
+        });
         Ok(Response::new(DiscoverResponse { nodes }))
     }
 
-    async fn list_models(&self, _: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
+    async fn list_models(
+        &self,
+        _: Request<ListModelsRequest>,
+    ) -> Result<Response<ListModelsResponse>, Status> {
         let state = self.state();
         let mut names: BTreeSet<String> = state.models.keys().cloned().collect();
-        names.extend(Self::visible(&state).filter(|n| !n.model.is_empty()).map(|n| n.model.clone()));
+        names.extend(
+            Self::visible(&state)
+                .filter(|n| !n.model.is_empty())
+                .map(|n| n.model.clone()),
+        );
         let models = names.iter().map(|m| self.model_status(&state, m)).collect();
         Ok(Response::new(ListModelsResponse { models }))
     }
 
-    async fn get_pool_health(&self, req: Request<GetPoolHealthRequest>) -> Result<Response<GetPoolHealthResponse>, Status> {
+    async fn get_pool_health(
+        &self,
+        req: Request<GetPoolHealthRequest>,
+    ) -> Result<Response<GetPoolHealthResponse>, Status> {
         let model = req.into_inner().model;
         let state = self.state();
         let status = self.model_status(&state, &model);
         let mut shards = Vec::new();
         for i in 0..status.text_shards_total {
             let n = Self::visible(&state)
-                .filter(|n| n.model == model && n.role == "compute" && n.stack == Stack::Text as i32 && n.shard_index == i)
+                .filter(|n| {
+                    n.model == model
+                        && n.role == "compute"
+                        && n.stack == Stack::Text as i32
+                        && n.shard_index == i
+                })
                 .count() as u32;
             let st = match n {
                 0 => ShardState::Missing,
                 1 | 2 => ShardState::Degraded,
                 _ => ShardState::Healthy,
             };
-            shards.push(ShardHealth { stack: Stack::Text as i32, shard_index: i, nodes: n, state: st as i32 });
+            shards.push(ShardHealth {
+                stack: Stack::Text as i32,
+                shard_index: i,
+                nodes: n,
+                state: st as i32,
+            });
         }
         Ok(Response::new(GetPoolHealthResponse { shards }))
     }
 
-    async fn get_manifest(&self, req: Request<GetManifestRequest>) -> Result<Response<GetManifestResponse>, Status> {
+    async fn get_manifest(
+        &self,
+        req: Request<GetManifestRequest>,
+    ) -> Result<Response<GetManifestResponse>, Status> {
         let model = req.into_inner().model;
         let state = self.state();
         match state.models.get(&model) {
@@ -417,7 +527,8 @@ pub async fn run(
     let reaper = {
         let s = service.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval((s.config.heartbeat / 2).max(Duration::from_millis(100)));
+            let mut tick =
+                tokio::time::interval((s.config.heartbeat / 2).max(Duration::from_millis(100)));
             loop {
                 tick.tick().await;
                 s.reap();

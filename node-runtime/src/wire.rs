@@ -9,16 +9,29 @@ use unfed_proto::{DType, Tensor};
 pub fn encode(values: &[f32], shape: &[usize], dtype: DType) -> Tensor {
     let data = match dtype {
         DType::DtypeF32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        DType::DtypeF16 => values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
-        DType::DtypeBf16 => values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect(),
+        DType::DtypeF16 => values
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        DType::DtypeBf16 => values
+            .iter()
+            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+            .collect(),
     };
-    Tensor { data, shape: shape.iter().map(|&d| d as u64).collect(), dtype: dtype as i32 }
+    Tensor {
+        data,
+        shape: shape.iter().map(|&d| d as u64).collect(),
+        dtype: dtype as i32,
+    }
 }
 
 /// Decodes a tensor into f32 values, checking that the bytes match shape and dtype.
 pub fn decode(t: &Tensor) -> Result<(Vec<f32>, Vec<usize>)> {
     let Ok(dtype) = DType::try_from(t.dtype) else {
-        bail!("tensor has unknown dtype code {}; expected f32, f16 or bf16", t.dtype);
+        bail!(
+            "tensor has unknown dtype code {}; expected f32, f16 or bf16",
+            t.dtype
+        );
     };
     let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
     let n: usize = shape.iter().product();
@@ -35,9 +48,21 @@ pub fn decode(t: &Tensor) -> Result<(Vec<f32>, Vec<usize>)> {
         );
     }
     let values = match dtype {
-        DType::DtypeF32 => t.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        DType::DtypeF16 => t.data.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        DType::DtypeBf16 => t.data.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        DType::DtypeF32 => t
+            .data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        DType::DtypeF16 => t
+            .data
+            .chunks_exact(2)
+            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        DType::DtypeBf16 => t
+            .data
+            .chunks_exact(2)
+            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
     };
     Ok((values, shape))
 }
@@ -57,6 +82,11 @@ mod tests {
         }
         let mut t = encode(&v, &[1, 2, 3], DType::DtypeF32);
         t.data.pop();
-        assert!(decode(&t).unwrap_err().to_string().contains("needs 24 bytes, got 23"));
+        assert!(
+            decode(&t)
+                .unwrap_err()
+                .to_string()
+                .contains("needs 24 bytes, got 23")
+        );
     }
 }

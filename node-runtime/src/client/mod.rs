@@ -57,12 +57,20 @@ impl GenerateOutput {
     pub fn decode_tokens_per_s(&self) -> f64 {
         let n = self.tokens.len().saturating_sub(1);
         let ms = self.total_ms - self.ttft_ms;
-        if n == 0 || ms <= 0.0 { 0.0 } else { n as f64 * 1e3 / ms }
+        if n == 0 || ms <= 0.0 {
+            0.0
+        } else {
+            n as f64 * 1e3 / ms
+        }
     }
 
     /// Tokens per second over the whole request.
     pub fn tokens_per_s(&self) -> f64 {
-        if self.total_ms <= 0.0 { 0.0 } else { self.tokens.len() as f64 * 1e3 / self.total_ms }
+        if self.total_ms <= 0.0 {
+            0.0
+        } else {
+            self.tokens.len() as f64 * 1e3 / self.total_ms
+        }
     }
 }
 
@@ -94,12 +102,26 @@ impl Client {
     }
 
     pub async fn list_models(&mut self) -> Result<Vec<ModelStatus>> {
-        Ok(self.registry.list_models(ListModelsRequest {}).await.context("ListModels failed")?.into_inner().models)
+        Ok(self
+            .registry
+            .list_models(ListModelsRequest {})
+            .await
+            .context("ListModels failed")?
+            .into_inner()
+            .models)
     }
 
     pub async fn pool_health(&mut self, model: &str) -> Result<Vec<ShardHealth>> {
-        let req = GetPoolHealthRequest { model: model.to_string() };
-        Ok(self.registry.get_pool_health(req).await.context("GetPoolHealth failed")?.into_inner().shards)
+        let req = GetPoolHealthRequest {
+            model: model.to_string(),
+        };
+        Ok(self
+            .registry
+            .get_pool_health(req)
+            .await
+            .context("GetPoolHealth failed")?
+            .into_inner()
+            .shards)
     }
 
     /// The model's status, or an error saying why it cannot serve.
@@ -110,7 +132,11 @@ impl Client {
             bail!(
                 "unknown model `{model}`: the registry at {} serves {}; pick one with --model",
                 self.registry_addr,
-                if known.is_empty() { "no model yet".to_string() } else { known.join(", ") }
+                if known.is_empty() {
+                    "no model yet".to_string()
+                } else {
+                    known.join(", ")
+                }
             );
         };
         if status.state != ModelState::Ready as i32 {
@@ -129,21 +155,32 @@ impl Client {
         let status = self.require_ready(model).await?;
         let nodes = self
             .registry
-            .discover(DiscoverRequest { model: model.to_string() })
+            .discover(DiscoverRequest {
+                model: model.to_string(),
+            })
             .await
             .context("Discover failed")?
             .into_inner()
             .nodes;
         let mut by_shard: BTreeMap<u32, Vec<&NodeInfo>> = BTreeMap::new();
-        for n in nodes.iter().filter(|n| n.role == "compute" && n.stack == Stack::Text as i32 && n.model == model) {
+        for n in nodes
+            .iter()
+            .filter(|n| n.role == "compute" && n.stack == Stack::Text as i32 && n.model == model)
+        {
             by_shard.entry(n.shard_index).or_default().push(n);
         }
         let mut route = Vec::new();
         for i in 0..status.text_shards_total {
             let Some(n) = by_shard.get(&i).and_then(|v| v.choose(&mut rand::rng())) else {
-                bail!("text shard {i} of `{model}` has no live node; the registry's view changed, retry");
+                bail!(
+                    "text shard {i} of `{model}` has no live node; the registry's view changed, retry"
+                );
             };
-            route.push(Hop { node_id: n.node_id.clone(), address: n.address.clone(), shard_index: i });
+            route.push(Hop {
+                node_id: n.node_id.clone(),
+                address: n.address.clone(),
+                shard_index: i,
+            });
         }
         Ok(route)
     }
@@ -151,12 +188,14 @@ impl Client {
     pub async fn manifest(&mut self, model: &str) -> Result<(Manifest, GetManifestResponse)> {
         let resp = self
             .registry
-            .get_manifest(GetManifestRequest { model: model.to_string() })
+            .get_manifest(GetManifestRequest {
+                model: model.to_string(),
+            })
             .await
             .map_err(|s| anyhow::anyhow!("{}", s.message()))?
             .into_inner();
-        let manifest: Manifest =
-            serde_json::from_str(&resp.manifest_json).context("the registry served a manifest that does not parse")?;
+        let manifest: Manifest = serde_json::from_str(&resp.manifest_json)
+            .context("the registry served a manifest that does not parse")?;
         Ok((manifest, resp))
     }
 
@@ -186,8 +225,13 @@ impl Client {
         let channel = endpoint(&entry.address, self.step_timeout)?.connect_lazy();
         let mut compute = ComputeClient::new(channel);
         let session_id = hex::encode(rand::random::<[u8; 16]>());
-        let penalty = opts.sampling.repetition_penalty > 0.0 && opts.sampling.repetition_penalty != 1.0;
-        let mut out = GenerateOutput { prompt_tokens: prompt_ids.len(), route: route.clone(), ..Default::default() };
+        let penalty =
+            opts.sampling.repetition_penalty > 0.0 && opts.sampling.repetition_penalty != 1.0;
+        let mut out = GenerateOutput {
+            prompt_tokens: prompt_ids.len(),
+            route: route.clone(),
+            ..Default::default()
+        };
         let start = Instant::now();
         let mut input = prompt_ids.to_vec();
         let mut position = 0u32;
@@ -197,7 +241,9 @@ impl Client {
                 session_id: session_id.clone(),
                 step,
                 position,
-                input: Some(forward_request::Input::Tokens(TokenIds { ids: input.clone() })),
+                input: Some(forward_request::Input::Tokens(TokenIds {
+                    ids: input.clone(),
+                })),
                 sampling: Some(opts.sampling),
                 route: route[1..].to_vec(),
                 penalty_tokens: if penalty { input.clone() } else { Vec::new() },
@@ -211,7 +257,12 @@ impl Client {
                     let msg = if s.message().starts_with("node ") {
                         s.message().to_string()
                     } else {
-                        format!("node {} (shard 0) at {}: {}", entry.node_id, entry.address, s.message())
+                        format!(
+                            "node {} (shard 0) at {}: {}",
+                            entry.node_id,
+                            entry.address,
+                            s.message()
+                        )
                     };
                     bail!("generation failed at step {step}: {msg}");
                 }
@@ -238,7 +289,12 @@ impl Client {
         }
         out.total_ms = start.elapsed().as_secs_f64() * 1e3;
         // Free the KV caches now rather than at the idle timeout; failures only delay that.
-        let _ = compute.end_session(EndSessionRequest { session_id, route: route[1..].to_vec() }).await;
+        let _ = compute
+            .end_session(EndSessionRequest {
+                session_id,
+                route: route[1..].to_vec(),
+            })
+            .await;
         Ok(out)
     }
 }

@@ -15,7 +15,11 @@ pub struct TextCodec {
 fn special(cfg: &serde_json::Value, key: &str) -> String {
     match cfg.get(key) {
         Some(serde_json::Value::String(s)) => s.clone(),
-        Some(v) => v.get("content").and_then(|c| c.as_str()).unwrap_or_default().to_string(),
+        Some(v) => v
+            .get("content")
+            .and_then(|c| c.as_str())
+            .unwrap_or_default()
+            .to_string(),
         None => String::new(),
     }
 }
@@ -33,14 +37,22 @@ impl TextCodec {
         let cfg: serde_json::Value = if files.tokenizer_config_json.is_empty() {
             serde_json::Value::Null
         } else {
-            serde_json::from_str(&files.tokenizer_config_json).context("tokenizer_config.json does not parse")?
+            serde_json::from_str(&files.tokenizer_config_json)
+                .context("tokenizer_config.json does not parse")?
         };
         let chat_template = if !files.chat_template.is_empty() {
             Some(files.chat_template.clone())
         } else {
-            cfg.get("chat_template").and_then(|t| t.as_str()).map(str::to_string)
+            cfg.get("chat_template")
+                .and_then(|t| t.as_str())
+                .map(str::to_string)
         };
-        Ok(Self { tokenizer, chat_template, bos_token: special(&cfg, "bos_token"), eos_token: special(&cfg, "eos_token") })
+        Ok(Self {
+            tokenizer,
+            chat_template,
+            bos_token: special(&cfg, "bos_token"),
+            eos_token: special(&cfg, "eos_token"),
+        })
     }
 
     pub fn has_chat_template(&self) -> bool {
@@ -54,18 +66,30 @@ impl TextCodec {
             (Some(t), false) => {
                 let mut env = minijinja::Environment::new();
                 minijinja_contrib::add_to_environment(&mut env);
-                env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-                env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-                    Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-                });
-                env.add_template("chat", t).context("the model's chat template does not parse")?;
+                env.set_unknown_method_callback(
+                    minijinja_contrib::pycompat::unknown_method_callback,
+                );
+                env.add_function(
+                    "raise_exception",
+                    |msg: String| -> Result<String, minijinja::Error> {
+                        Err(minijinja::Error::new(
+                            minijinja::ErrorKind::InvalidOperation,
+                            msg,
+                        ))
+                    },
+                );
+                env.add_template("chat", t)
+                    .context("the model's chat template does not parse")?;
                 let ctx = minijinja::context! {
                     messages => vec![minijinja::context! { role => "user", content => user }],
                     add_generation_prompt => true,
                     bos_token => self.bos_token.clone(),
                     eos_token => self.eos_token.clone(),
                 };
-                Ok(env.get_template("chat")?.render(ctx).context("rendering the chat template failed")?)
+                Ok(env
+                    .get_template("chat")?
+                    .render(ctx)
+                    .context("rendering the chat template failed")?)
             }
             _ => Ok(user.to_string()),
         }
@@ -76,12 +100,17 @@ impl TextCodec {
     pub fn encode_prompt(&self, user: &str, raw: bool) -> Result<Vec<u32>> {
         let text = self.render_prompt(user, raw)?;
         let templated = self.chat_template.is_some() && !raw;
-        let enc = self.tokenizer.encode(text, !templated).map_err(|e| anyhow!("tokenizing the prompt failed: {e}"))?;
+        let enc = self
+            .tokenizer
+            .encode(text, !templated)
+            .map_err(|e| anyhow!("tokenizing the prompt failed: {e}"))?;
         Ok(enc.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer.decode(ids, true).map_err(|e| anyhow!("decoding tokens failed: {e}"))
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| anyhow!("decoding tokens failed: {e}"))
     }
 }
 
@@ -95,14 +124,21 @@ pub struct IncrementalDecoder<'a> {
 
 impl<'a> IncrementalDecoder<'a> {
     pub fn new(codec: &'a TextCodec) -> Self {
-        Self { codec, ids: Vec::new(), emitted: 0 }
+        Self {
+            codec,
+            ids: Vec::new(),
+            emitted: 0,
+        }
     }
 
     /// The new text after adding `id` (possibly empty).
     pub fn push(&mut self, id: u32) -> Result<String> {
         self.ids.push(id);
         let text = self.codec.decode(&self.ids)?;
-        if text.ends_with('\u{FFFD}') || text.len() < self.emitted || !text.is_char_boundary(self.emitted) {
+        if text.ends_with('\u{FFFD}')
+            || text.len() < self.emitted
+            || !text.is_char_boundary(self.emitted)
+        {
             return Ok(String::new());
         }
         let delta = text[self.emitted..].to_string();
