@@ -2,109 +2,16 @@
 //! (tests/fixtures/vision/reference.json, made by make_vision_fixtures.py): image
 //! preprocessing and prompt expansion, image features, and image + text greedy ids.
 
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+mod vision_common;
 
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use unfed_node::client::image::{
-    ImageError, ImageLimits, ImageProcessorConfig, ProcessedImage, RgbImage, decode_image,
-    expand_image_prompt, load_image, resize_lanczos,
+    ImageError, ImageLimits, RgbImage, decode_image, expand_image_prompt, load_image,
+    resize_lanczos,
 };
 use unfed_node::engine::{SamplingConfig, WeightFiles};
 use unfed_node::vision::{VisionInput, VisionLanguageModel, VisionModel, VisionOutput, VisionSpec};
-
-#[derive(Deserialize)]
-struct Reference {
-    prompt: String,
-    image_seq_len: usize,
-    jpeg: Jpeg,
-    resizes: Vec<Resize>,
-    padded_tile: Padded,
-    cases: Vec<Case>,
-}
-
-#[derive(Deserialize)]
-struct Padded {
-    image: String,
-    real_rows: usize,
-    real_cols: usize,
-    features_row_norms: Vec<f64>,
-    features_probe: f64,
-}
-
-#[derive(Deserialize)]
-struct Resize {
-    from: [usize; 2],
-    to: [usize; 2],
-    sha256: String,
-}
-
-#[derive(Deserialize)]
-struct Jpeg {
-    image: String,
-    size: [usize; 2],
-    pil_mean_rgb: [f64; 3],
-}
-
-#[derive(Deserialize)]
-struct Case {
-    image: String,
-    do_image_splitting: bool,
-    rows: usize,
-    cols: usize,
-    pixel_values_shape: Vec<usize>,
-    pixel_u8_sha256: String,
-    pixel_sum: f64,
-    pixel_attention_mask_sum: u64,
-    prompt_text: String,
-    input_ids: Vec<u32>,
-    features_shape: [usize; 2],
-    features_row_norms: Vec<f64>,
-    features_probe: f64,
-    features_first_16: Vec<f64>,
-    generated_ids: Vec<u32>,
-}
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-fn model_dir() -> PathBuf {
-    fixtures().join("models/idefics3-f32")
-}
-
-fn reference() -> &'static Reference {
-    static R: OnceLock<Reference> = OnceLock::new();
-    R.get_or_init(|| {
-        let path = fixtures().join("vision/reference.json");
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
-    })
-}
-
-fn model() -> &'static VisionLanguageModel {
-    static M: OnceLock<VisionLanguageModel> = OnceLock::new();
-    M.get_or_init(|| VisionLanguageModel::load_checkpoint(&model_dir()).unwrap())
-}
-
-fn preprocess(case: &Case) -> ProcessedImage {
-    let mut cfg = ImageProcessorConfig::from_dir(&model_dir()).unwrap();
-    cfg.do_image_splitting = case.do_image_splitting;
-    let img = load_image(
-        &fixtures().join("vision").join(&case.image),
-        ImageLimits::default(),
-    )
-    .unwrap();
-    cfg.preprocess(&img)
-}
-
-fn label(case: &Case) -> String {
-    format!(
-        "{} (splitting {})",
-        case.image,
-        if case.do_image_splitting { "on" } else { "off" }
-    )
-}
+use vision_common::{fixtures, label, model, model_dir, preprocess, reference};
 
 fn rel_close(got: f64, want: f64, tol: f64) -> bool {
     (got - want).abs() <= tol * want.abs().max(1e-3)
