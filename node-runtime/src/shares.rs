@@ -80,6 +80,277 @@ pub fn public_key_hex(key: &SigningKey) -> String {
     hex::encode(key.verifying_key().to_bytes())
 }
 
+/// One served hop, as the compute node reports it (the sink adds identity, links,
+/// anchor, time and signature).
+#[derive(Debug, Clone)]
+pub struct Hop {
+    pub session_id: String,
+    pub step: u32,
+    pub input_tokens: u32,
+    pub output_tokens: u32,
+    pub activation_hash: [u8; 32],
+    pub client: String,
+}
+
+/// Where the sink finds the daemon.
+#[derive(Debug, Clone)]
+pub enum DaemonSource {
+    /// A fixed host:port (`--daemon`).
+    Address(String),
+    /// The first node of role "daemon" the registry at host:port lists.
+    Registry(String),
+}
+
+pub struct SinkConfig {
+    pub node_id: String,
+    pub model: String,
+    pub shard_index: u32,
+    pub shards_total: u32,
+    pub key: SigningKey,
+    pub daemon: DaemonSource,
+    /// Shares per SubmitShares call.
+    pub batch: usize,
+    /// A partial batch is sent after this long.
+    pub flush_every: std::time::Duration,
+}
+
+/// Hops waiting in the channel before the sink falls behind; beyond it hops are
+/// counted as dropped rather than slowing inference down.
+const QUEUE: usize = 65_536;
+/// Signed shares kept while the daemon is unreachable.
+const BACKLOG: usize = 1_000_000;
+
+/// The compute node's handle: `record` never blocks; a background task signs, batches
+/// and submits the shares, retrying until the daemon answers.
+#[derive(Clone)]
+pub struct ShareSink {
+    tx: tokio::sync::mpsc::Sender<Hop>,
+    dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl ShareSink {
+    /// Starts the submission task (on the current tokio runtime).
+    pub fn spawn(cfg: SinkConfig) -> (ShareSink, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
+        let task = tokio::spawn(Submitter::new(cfg).run(rx));
+        (
+            ShareSink {
+                tx,
+                dropped: Default::default(),
+            },
+            task,
+        )
+    }
+
+    pub fn record(&self, hop: Hop) {
+        if self.tx.try_send(hop).is_err() {
+            let n = self
+                .dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1;
+            if n.is_power_of_two() {
+                tracing::error!(
+                    dropped = n,
+                    "share queue full or closed: hops are not being recorded"
+                );
+            }
+        }
+    }
+}
+
+struct Submitter {
+    cfg: SinkConfig,
+    /// Last share hash per session (the next share's prev link).
+    links: std::collections::HashMap<String, ([u8; 32], std::time::Instant)>,
+    tip: Vec<u8>,
+    nonce: u64,
+    backlog: std::collections::VecDeque<ComputeShare>,
+    daemon: Option<unfed_proto::daemon_client::DaemonClient<tonic::transport::Channel>>,
+    warned_no_daemon: bool,
+}
+
+/// Sessions idle this long lose their link state (the KV cache is gone too).
+const LINK_IDLE: std::time::Duration = std::time::Duration::from_secs(1800);
+
+impl Submitter {
+    fn new(cfg: SinkConfig) -> Self {
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        Self {
+            cfg,
+            links: Default::default(),
+            tip: GENESIS.to_vec(),
+            nonce,
+            backlog: Default::default(),
+            daemon: None,
+            warned_no_daemon: false,
+        }
+    }
+
+    fn sign_hop(&mut self, hop: Hop) {
+        let prev = self
+            .links
+            .get(&hop.session_id)
+            .map(|l| l.0.to_vec())
+            .unwrap_or_default();
+        self.nonce += 1;
+        let mut share = ComputeShare {
+            node_id: self.cfg.node_id.clone(),
+            model: self.cfg.model.clone(),
+            shard_index: self.cfg.shard_index,
+            shards_total: self.cfg.shards_total,
+            session_id: hop.session_id.clone(),
+            step: hop.step,
+            input_tokens: hop.input_tokens,
+            output_tokens: hop.output_tokens,
+            activation_hash: hop.activation_hash.to_vec(),
+            timestamp_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            nonce: self.nonce,
+            prev_share_hash: prev,
+            chain_tip: self.tip.clone(),
+            client: hop.client,
+            signature: Vec::new(),
+        };
+        sign(&self.cfg.key, &mut share);
+        self.links.insert(
+            hop.session_id,
+            (share_hash(&share), std::time::Instant::now()),
+        );
+        if self.backlog.len() >= BACKLOG {
+            self.backlog.pop_front();
+            tracing::error!(
+                "share backlog full (daemon unreachable for long): the oldest share is dropped"
+            );
+        }
+        self.backlog.push_back(share);
+    }
+
+    /// Connects to the daemon; `Ok(false)` when the registry lists none (a network
+    /// without a daemon records no work).
+    async fn connect(&mut self) -> Result<bool> {
+        if self.daemon.is_some() {
+            return Ok(true);
+        }
+        let addr = match &self.cfg.daemon {
+            DaemonSource::Address(a) => a.clone(),
+            DaemonSource::Registry(r) => {
+                let mut c =
+                    unfed_proto::registry_client::RegistryClient::connect(format!("http://{r}"))
+                        .await?;
+                let nodes = c
+                    .discover(unfed_proto::DiscoverRequest {
+                        model: String::new(),
+                    })
+                    .await?
+                    .into_inner()
+                    .nodes;
+                match nodes.into_iter().find(|n| n.role == "daemon") {
+                    Some(d) => d.address,
+                    None => return Ok(false),
+                }
+            }
+        };
+        let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(std::time::Duration::from_secs(2))
+            .timeout(std::time::Duration::from_secs(10));
+        self.daemon = Some(unfed_proto::daemon_client::DaemonClient::new(
+            ep.connect_lazy(),
+        ));
+        tracing::info!(daemon = %addr, "submitting compute shares");
+        Ok(true)
+    }
+
+    /// Sends the oldest batch of the backlog; it leaves the backlog only once answered.
+    async fn flush(&mut self) -> Result<()> {
+        while !self.backlog.is_empty() {
+            if !self.connect().await? {
+                if !self.warned_no_daemon {
+                    tracing::warn!("the registry lists no daemon: compute shares are not recorded");
+                    self.warned_no_daemon = true;
+                }
+                self.backlog.clear();
+                return Ok(());
+            }
+            let n = self.backlog.len().min(self.cfg.batch.max(1));
+            let shares: Vec<ComputeShare> = self.backlog.iter().take(n).cloned().collect();
+            let req = unfed_proto::SubmitSharesRequest {
+                submitter: self.cfg.node_id.clone(),
+                shares,
+            };
+            let resp = match self
+                .daemon
+                .as_mut()
+                .expect("connected")
+                .submit_shares(req)
+                .await
+            {
+                Ok(r) => r.into_inner(),
+                Err(e) => {
+                    // Re-resolve next time: the daemon may have moved.
+                    self.daemon = None;
+                    bail!("submitting {n} share(s): {}", e.message());
+                }
+            };
+            for r in &resp.results {
+                // A replay means an earlier attempt was stored: delivered.
+                if !r.accepted && r.reason != "replay" {
+                    tracing::warn!(reason = %r.reason, "daemon rejected a share: {}", r.message);
+                }
+            }
+            self.backlog.drain(..n);
+            if resp.tip_hash.len() == 32 {
+                self.tip = resp.tip_hash;
+            }
+        }
+        Ok(())
+    }
+
+    async fn run(mut self, mut rx: tokio::sync::mpsc::Receiver<Hop>) {
+        let mut tick = tokio::time::interval(self.cfg.flush_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failures = 0u32;
+        let mut retry_at = tokio::time::Instant::now();
+        loop {
+            // (channel closed, timer fired)
+            let (closed, ticked) = tokio::select! {
+                hop = rx.recv() => match hop {
+                    Some(h) => { self.sign_hop(h); (false, false) }
+                    None => (true, false),
+                },
+                _ = tick.tick() => (false, true),
+            };
+            if ticked {
+                self.links.retain(|_, (_, used)| used.elapsed() < LINK_IDLE);
+            }
+            let due = closed || ticked || self.backlog.len() >= self.cfg.batch;
+            if due && !self.backlog.is_empty() && tokio::time::Instant::now() >= retry_at {
+                match self.flush().await {
+                    Ok(()) => failures = 0,
+                    Err(e) => {
+                        failures += 1;
+                        retry_at = tokio::time::Instant::now()
+                            + std::time::Duration::from_millis(200 << failures.min(5));
+                        if failures.is_power_of_two() {
+                            tracing::warn!(
+                                pending = self.backlog.len(),
+                                "daemon unreachable, retrying: {e:#}"
+                            );
+                        }
+                    }
+                }
+            }
+            if closed {
+                return;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
