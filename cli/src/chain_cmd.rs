@@ -54,6 +54,17 @@ pub enum ChainCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Move AMOUNT of NODE's stake into cooldown (requestUnstake): below min_stake the
+    /// registry drops the node at its next stake re-check; `chain stake` restores it.
+    Unstake {
+        spec: Option<PathBuf>,
+        /// Node name as in the plan (e.g. compute-0).
+        #[arg(long)]
+        node: String,
+        /// Token amount, e.g. "150" or "0.5".
+        #[arg(long)]
+        amount: String,
+    },
     /// Stop the Anvil started by `chain up` and forget the chain (keys stay).
     Down { spec: Option<PathBuf> },
 }
@@ -66,6 +77,7 @@ pub fn run(cmd: Commands) -> anyhow::Result<ExitCode> {
         | ChainCommand::Fund { spec }
         | ChainCommand::Stake { spec }
         | ChainCommand::Status { spec, .. }
+        | ChainCommand::Unstake { spec, .. }
         | ChainCommand::Down { spec } => spec.clone(),
     };
     let loaded = spec::load(spec_path.as_deref())?;
@@ -86,6 +98,7 @@ pub fn run(cmd: Commands) -> anyhow::Result<ExitCode> {
             ChainCommand::Fund { .. } => verbs.fund().await,
             ChainCommand::Stake { .. } => verbs.stake().await,
             ChainCommand::Status { json, .. } => verbs.status(json).await,
+            ChainCommand::Unstake { node, amount, .. } => verbs.unstake(&node, &amount).await,
             ChainCommand::Down { .. } => verbs.down(),
         }
     })?;
@@ -417,6 +430,39 @@ impl Verbs {
                 );
             }
         }
+        Ok(())
+    }
+
+    async fn unstake(&self, node: &str, amount: &str) -> anyhow::Result<()> {
+        let amount = unfed_chain::parse_amount(amount).context("--amount")?;
+        let state = self.state()?;
+        let (_, d, operator) = self.deployed(&state)?;
+        let Some(step) = self.wallet_steps().find(|s| s.name == node) else {
+            let names: Vec<&str> = self.wallet_steps().map(|s| s.name.as_str()).collect();
+            bail!(
+                "no staked node named {node:?} in {}; staked nodes: {}",
+                self.spec_arg(),
+                names.join(", ")
+            );
+        };
+        let (signer, _) = self.node_signer(step)?;
+        let wallet = operator.as_wallet(signer)?;
+        wallet
+            .request_unstake(&d, amount)
+            .await
+            .with_context(|| format!("requestUnstake for {node} ({})", wallet.address()))?;
+        let info = wallet.stake_info(&d, wallet.address()).await?;
+        println!(
+            "{node} {}: stake {}, cooling {}, {}",
+            wallet.address(),
+            format_amount(info.active),
+            format_amount(info.cooling),
+            if info.eligible {
+                "eligible"
+            } else {
+                "NOT eligible"
+            }
+        );
         Ok(())
     }
 

@@ -95,6 +95,41 @@ fn chain_verbs_step_by_step_then_down() {
     assert_eq!(s2["escrow"], s["escrow"]);
     assert_eq!(s2["wallets"], s["wallets"]);
 
+    // Unstaking below min_stake makes the node ineligible; `stake` restores it.
+    let out = Command::new(env!("CARGO_BIN_EXE_unfedctl"))
+        .args([
+            "chain",
+            "unstake",
+            "--node",
+            "compute-0",
+            "--amount",
+            "40.5",
+        ])
+        .arg(&spec)
+        .output()
+        .unwrap();
+    let text = ok(out);
+    assert!(text.contains("NOT eligible"), "{text}");
+    let w = &status(&spec)["wallets"][0];
+    assert_eq!(
+        (w["stake"].as_str(), w["cooling"].as_str()),
+        (Some("109.5"), Some("40.5"))
+    );
+    assert_eq!(w["eligible"], false);
+    let out = Command::new(env!("CARGO_BIN_EXE_unfedctl"))
+        .args(["chain", "unstake", "--node", "nobody", "--amount", "1"])
+        .arg(&spec)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("staked nodes: compute-0, compute-1"));
+    ok(chain("fund", &spec));
+    ok(chain("stake", &spec));
+    let w = &status(&spec)["wallets"][0];
+    assert_eq!(
+        (w["stake"].as_str(), w["eligible"].as_bool()),
+        (Some("150"), Some(true))
+    );
+
     let pid = s["anvil_pid"].as_u64().unwrap() as u32;
     ok(chain("down", &spec));
     assert!(
