@@ -20,9 +20,8 @@ fn greedy(max_tokens: usize) -> GenerateOptions {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn greedy_through_1_2_3_shards_and_replicas_matches_transformers_for_every_fixture() {
-    let t0 = Instant::now();
     let tmp = Net::prepare();
-    let fixtures = common::fixtures();
+    let fixtures = common::text_fixtures();
     let mut expected_nodes = Vec::new();
     for (name, dir, _) in &fixtures {
         for shards in 1..=3 {
@@ -30,7 +29,6 @@ async fn greedy_through_1_2_3_shards_and_replicas_matches_transformers_for_every
             split_into(dir, &tmp.path().join("splits"), &id, shards);
         }
     }
-    eprintln!("split {:?}", t0.elapsed());
     let mut net = Net::registry(tmp);
     for (name, _, _) in &fixtures {
         for shards in 1..=3 {
@@ -47,11 +45,9 @@ async fn greedy_through_1_2_3_shards_and_replicas_matches_transformers_for_every
             expected_nodes.push((id, nodes));
         }
     }
-    eprintln!("started {:?}", t0.elapsed());
     for (id, nodes) in &expected_nodes {
         net.wait_ready(id, *nodes).await;
     }
-    eprintln!("ready {:?}", t0.elapsed());
     let mut client = net.client().await;
     let mut checked = 0;
     for (name, _, reference) in &fixtures {
@@ -81,7 +77,6 @@ async fn greedy_through_1_2_3_shards_and_replicas_matches_transformers_for_every
             }
         }
     }
-    eprintln!("generated {:?}", t0.elapsed());
     assert!(checked >= fixtures.len() * 3 * 4);
     // Every replica of every 3-shard route served steps.
     for node in &net.computes {

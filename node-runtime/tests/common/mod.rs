@@ -49,3 +49,11 @@ pub fn fixtures() -> Vec<(String, PathBuf, Reference)> {
     );
     out
 }
+
+/// Fixtures of text-only models (a vision-language model is READY only with vision nodes).
+pub fn text_fixtures() -> Vec<(String, PathBuf, Reference)> {
+    fixtures()
+        .into_iter()
+        .filter(|(_, dir, _)| unfed_model::ModelConfig::from_dir(dir).is_ok_and(|c| c.vision.is_none()))
+        .collect()
+}
