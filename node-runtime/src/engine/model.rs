@@ -123,7 +123,10 @@ impl ShardModel {
                 cfg.num_hidden_layers
             );
         }
-        if !cfg.num_attention_heads.is_multiple_of(cfg.num_key_value_heads) {
+        if !cfg
+            .num_attention_heads
+            .is_multiple_of(cfg.num_key_value_heads)
+        {
             bail!(
                 "{} attention heads are not a multiple of {} key/value heads",
                 cfg.num_attention_heads,

@@ -54,6 +54,8 @@ pub fn fixtures() -> Vec<(String, PathBuf, Reference)> {
 pub fn text_fixtures() -> Vec<(String, PathBuf, Reference)> {
     fixtures()
         .into_iter()
-        .filter(|(_, dir, _)| unfed_model::ModelConfig::from_dir(dir).is_ok_and(|c| c.vision.is_none()))
+        .filter(|(_, dir, _)| {
+            unfed_model::ModelConfig::from_dir(dir).is_ok_and(|c| c.vision.is_none())
+        })
         .collect()
 }
