@@ -11,15 +11,31 @@ fn unfedctl() -> Command {
     Command::new(env!("CARGO_BIN_EXE_unfedctl"))
 }
 
-/// A spec in a fresh temp dir: free ports, no daemon or web (not built yet).
-fn testnet(extra: &str) -> (tempfile::TempDir, PathBuf) {
+/// A spec in a fresh temp dir: free ports, no daemon or web (not built yet). Dropping it
+/// runs `unfedctl down`, so a failing assertion never leaves processes behind.
+struct Net {
+    _dir: tempfile::TempDir,
+    spec: PathBuf,
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        let _ = unfedctl()
+            .arg("down")
+            .arg(&self.spec)
+            .stdout(Stdio::null())
+            .status();
+    }
+}
+
+fn testnet(extra: &str) -> Net {
     let dir = tempfile::tempdir().unwrap();
     let spec = dir.path().join("net.toml");
     let text = format!(
         "[testnet]\nname = \"net\"\nbase_port = 0\n[daemon]\nenabled = false\n[web]\nenabled = false\n{extra}"
     );
     std::fs::write(&spec, text).unwrap();
-    (dir, spec)
+    Net { _dir: dir, spec }
 }
 
 fn run(cmd: &mut Command) -> Output {
@@ -74,7 +90,8 @@ fn port_free(port: u16) -> bool {
 
 #[test]
 fn up_detach_then_status_then_down_leaves_nothing_running() {
-    let (_dir, spec) = testnet("");
+    let net = testnet("");
+    let spec = &net.spec;
     let out = run(unfedctl().arg("up").arg(&spec).arg("--detach"));
     assert!(
         out.status.success(),
@@ -144,7 +161,8 @@ fn up_detach_then_status_then_down_leaves_nothing_running() {
 
 #[test]
 fn a_node_that_fails_to_start_tears_everything_down_and_shows_its_log() {
-    let (_dir, spec) = testnet("");
+    let net = testnet("");
+    let spec = &net.spec;
     // First run splits the model; then damage shard 1 so its node cannot load it.
     let out = run(unfedctl().arg("up").arg(&spec).arg("--detach"));
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -177,9 +195,10 @@ fn a_node_that_fails_to_start_tears_everything_down_and_shows_its_log() {
 fn a_taken_port_is_a_no_go_naming_the_port() {
     let blocker = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = blocker.local_addr().unwrap().port();
-    let (_dir, spec) = testnet(&format!(
+    let net = testnet(&format!(
         "[[node]]\nrole = \"compute\"\nshard = 1\nport = {port}\n"
     ));
+    let spec = &net.spec;
     let out = run(unfedctl().arg("up").arg(&spec).arg("--detach"));
     assert!(!out.status.success());
     let stdout = text(&out.stdout);
@@ -200,7 +219,8 @@ fn a_taken_port_is_a_no_go_naming_the_port() {
 
 #[test]
 fn ctrl_c_in_the_foreground_stops_every_process() {
-    let (_dir, spec) = testnet("");
+    let net = testnet("");
+    let spec = &net.spec;
     let mut child = unfedctl()
         .arg("up")
         .arg(&spec)
