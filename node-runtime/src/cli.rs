@@ -92,8 +92,9 @@ struct ComputeArgs {
     /// host:port other processes dial (default: the bound address).
     #[arg(long)]
     advertise: Option<String>,
-    /// Accepted for compatibility with the original (`smolvlm`, `qwen2`, ...); the
-    /// manifest decides the architecture.
+    /// `smolvlm_vision` serves vision shard --shard-index of a vision-language model;
+    /// other values (`smolvlm`, `qwen2`, ...) are accepted for compatibility with the
+    /// original and the manifest decides the architecture.
     #[arg(long)]
     model_type: Option<String>,
     #[arg(long, default_value_t = 10)]
@@ -163,7 +164,9 @@ async fn run_registry(a: RegistryArgs) -> Result<()> {
 }
 
 async fn run_compute(a: ComputeArgs) -> Result<()> {
-    if let Some(t) = &a.model_type {
+    // `smolvlm_vision` selects the vision role; other values are informational.
+    let vision = a.model_type.as_deref() == Some("smolvlm_vision");
+    if let Some(t) = a.model_type.as_ref().filter(|_| !vision) {
         tracing::info!(model_type = %t, "--model-type is informational; the manifest decides the architecture");
     }
     let stake_key = unfed_chain::load_stake_key_from_env()?;
@@ -179,14 +182,6 @@ async fn run_compute(a: ComputeArgs) -> Result<()> {
     let node_id = a.eth_address.or(a.node_id).unwrap_or_else(|| format!("compute-{}@{advertise}", a.shard_index));
     let dir = a.shards_dir.clone();
     let index = a.shard_index;
-    let shard = tokio::task::spawn_blocking(move || compute::load_shard(&dir, index)).await??;
-    tracing::info!(
-        model = %shard.manifest.model_id,
-        shard = index,
-        layers = format!("[{}, {})", shard.entry.layer_start, shard.entry.layer_end),
-        weight_mb = shard.model.weight_bytes() >> 20,
-        "shard loaded"
-    );
     let cfg = compute::ComputeConfig {
         shards_dir: a.shards_dir,
         shard_index: a.shard_index,
@@ -199,6 +194,27 @@ async fn run_compute(a: ComputeArgs) -> Result<()> {
         kv_cap_bytes: a.kv_cache_mb << 20,
         stake_key,
     };
+    if vision {
+        let shard = tokio::task::spawn_blocking(move || {
+            crate::vision::service::load_vision_shard(&dir, index as usize)
+        })
+        .await??;
+        tracing::info!(
+            model = %shard.manifest.model_id,
+            shard = index,
+            layers = format!("[{}, {})", shard.entry.layer_start, shard.entry.layer_end),
+            "vision shard loaded"
+        );
+        return crate::vision::service::run(cfg, shard, listener, shutdown_signal()).await;
+    }
+    let shard = tokio::task::spawn_blocking(move || compute::load_shard(&dir, index)).await??;
+    tracing::info!(
+        model = %shard.manifest.model_id,
+        shard = index,
+        layers = format!("[{}, {})", shard.entry.layer_start, shard.entry.layer_end),
+        weight_mb = shard.model.weight_bytes() >> 20,
+        "shard loaded"
+    );
     compute::run(cfg, shard, listener, shutdown_signal()).await
 }
 

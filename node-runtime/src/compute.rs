@@ -419,7 +419,12 @@ fn registration(
 ) -> Result<RegisterRequest> {
     let payload = unfed_chain::admission::RegistrationPayload {
         node_id: cfg.node_id.clone(),
-        role: "compute".to_string(),
+        role: if entry.stack == unfed_model::Stack::Vision {
+            "vision"
+        } else {
+            "compute"
+        }
+        .to_string(),
         address: cfg.advertise.clone(),
         model: manifest.model_id.clone(),
         shard_index: cfg.shard_index as i64,
@@ -441,10 +446,18 @@ fn registration(
         timestamp: payload.timestamp,
         nonce: payload.nonce,
         signature,
-        stack: Stack::Text as i32,
+        stack: if entry.stack == unfed_model::Stack::Vision {
+            Stack::Vision
+        } else {
+            Stack::Text
+        } as i32,
         layer_start: entry.layer_start as u32,
         layer_end: entry.layer_end as u32,
-        shards_total: manifest.text_shards().count() as u32,
+        shards_total: manifest
+            .shards
+            .iter()
+            .filter(|s| s.stack == entry.stack)
+            .count() as u32,
     })
 }
 
@@ -458,7 +471,7 @@ async fn registry_client(addr: &str) -> Result<RegistryClient<Channel>> {
 
 /// Registers, then heartbeats; re-registers when the registry forgot the node. A
 /// rejected registration is fatal: the node cannot serve without admission.
-async fn membership(
+pub(crate) async fn membership(
     cfg: Arc<ComputeConfig>,
     manifest: Manifest,
     entry: ShardEntry,
@@ -597,6 +610,12 @@ pub async fn run(
     if let Some(m) = member {
         m.abort();
     }
+    unregister(&cfg).await;
+    result.context("compute gRPC server failed")
+}
+
+/// Best-effort unregistration on the way out (the registry drops silent nodes anyway).
+pub(crate) async fn unregister(cfg: &ComputeConfig) {
     if let Some(registry) = &cfg.registry
         && let Ok(mut c) = registry_client(registry).await
     {
@@ -610,5 +629,4 @@ pub async fn run(
             Err(e) => tracing::warn!("could not unregister: {}", e.message()),
         }
     }
-    result.context("compute gRPC server failed")
 }

@@ -4,6 +4,7 @@
 
 pub mod generate;
 pub mod merge;
+pub mod service;
 pub mod tower;
 
 pub use generate::VisionLanguageModel;
