@@ -167,7 +167,19 @@ impl ComputeService {
         let spec = self.inner.shard.model.spec();
         let input = match &req.input {
             Some(forward_request::Input::Tokens(t)) if spec.has_embedding => {
-                Input::Tokens(t.ids.clone())
+                match &req.image_features {
+                    Some(f) => Input::Embedded(
+                        crate::vision::merge::image_prompt_rows(
+                            &self.inner.shard.model,
+                            &self.inner.shard.manifest.config,
+                            &t.ids,
+                            f,
+                        )
+                        .map_err(|e| Status::invalid_argument(format!("{e:#}")))?,
+                        t.ids.len(),
+                    ),
+                    None => Input::Tokens(t.ids.clone()),
+                }
             }
             Some(forward_request::Input::Hidden(t)) if !spec.has_embedding => {
                 let (data, shape) =
@@ -229,6 +241,10 @@ impl ComputeService {
                     data: d.clone(),
                     seq: *seq,
                 },
+                Input::Embedded(d, seq) => ShardInput::Embedded {
+                    data: d.clone(),
+                    seq: *seq,
+                },
             };
             let out = inner
                 .shard
@@ -271,6 +287,8 @@ impl ComputeService {
 enum Input {
     Tokens(Vec<u32>),
     Hidden(Vec<f32>, usize),
+    /// Prompt rows with image features in place of the image placeholders.
+    Embedded(Vec<f32>, usize),
 }
 
 enum LocalOut {
@@ -331,6 +349,8 @@ impl Compute for ComputeService {
                     )));
                 }
                 let next = req.route.remove(0);
+                // Consumed here: later shards see only hidden states.
+                req.image_features = None;
                 let h = self.inner.shard.model.config().hidden_size;
                 let dtype = DType::try_from(req.hidden_dtype).unwrap_or(DType::DtypeF32);
                 req.input = Some(forward_request::Input::Hidden(wire::encode(

@@ -205,6 +205,21 @@ impl Client {
         model: &str,
         prompt_ids: &[u32],
         opts: &GenerateOptions,
+        on_token: impl FnMut(u32),
+    ) -> Result<GenerateOutput> {
+        self.generate_with_image(model, prompt_ids, None, opts, on_token)
+            .await
+    }
+
+    /// `generate` for a vision-language prompt: `prompt_ids` is expanded with the image
+    /// placeholders (`client::image`) and `image_features` [rows, hidden] come from the
+    /// vision shards (`vision::service::encode_image`); the first shard merges them.
+    pub async fn generate_with_image(
+        &mut self,
+        model: &str,
+        prompt_ids: &[u32],
+        image_features: Option<&Tensor>,
+        opts: &GenerateOptions,
         mut on_token: impl FnMut(u32),
     ) -> Result<GenerateOutput> {
         if prompt_ids.is_empty() {
@@ -250,6 +265,11 @@ impl Client {
                 hidden_dtype: opts.hidden_dtype as i32,
                 // The daemon bills its default client (issue 6).
                 client: String::new(),
+                image_features: if step == 0 {
+                    image_features.cloned()
+                } else {
+                    None
+                },
             };
             let resp = match compute.forward(req).await {
                 Ok(r) => r.into_inner(),

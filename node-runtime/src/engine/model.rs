@@ -34,7 +34,16 @@ impl ShardSpec {
 /// Input of a shard: token ids on the first shard, hidden states `[seq, hidden]` after.
 pub enum ShardInput<'a> {
     Tokens(&'a [u32]),
-    Hidden { data: Vec<f32>, seq: usize },
+    Hidden {
+        data: Vec<f32>,
+        seq: usize,
+    },
+    /// First shard only: input rows already embedded (an image prompt whose placeholder
+    /// rows were replaced by image features; see `embed_tokens`).
+    Embedded {
+        data: Vec<f32>,
+        seq: usize,
+    },
 }
 
 /// Output of a shard: hidden states for the next hop, or the last row's logits.
@@ -269,25 +278,41 @@ impl ShardModel {
     }
 
     /// Runs the shard's layers on new positions `cache.len() ..`, extending the cache.
+    /// The embedding rows `[ids.len(), hidden]` of token ids (first shard only).
+    pub fn embed_tokens(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let h = self.cfg.hidden_size;
+        let embed = self
+            .embed
+            .as_ref()
+            .context("token ids sent to a shard without the embedding (not shard 0)")?;
+        let mut x = vec![0f32; ids.len() * h];
+        for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
+            if id as usize >= self.cfg.vocab_size {
+                bail!(
+                    "token id {id} is outside the vocabulary of {} tokens",
+                    self.cfg.vocab_size
+                );
+            }
+            embed.row_into(id as usize, h, row);
+        }
+        Ok(x)
+    }
+
     pub fn forward(&self, cache: &mut KvCache, input: ShardInput<'_>) -> Result<ShardOutput> {
         let h = self.cfg.hidden_size;
         let (x, seq) = match input {
-            ShardInput::Tokens(ids) => {
-                let embed = self
-                    .embed
-                    .as_ref()
-                    .context("token ids sent to a shard without the embedding (not shard 0)")?;
-                let mut x = vec![0f32; ids.len() * h];
-                for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
-                    if id as usize >= self.cfg.vocab_size {
-                        bail!(
-                            "token id {id} is outside the vocabulary of {} tokens",
-                            self.cfg.vocab_size
-                        );
-                    }
-                    embed.row_into(id as usize, h, row);
+            ShardInput::Tokens(ids) => (self.embed_tokens(ids)?, ids.len()),
+            ShardInput::Embedded { data, seq } => {
+                if !self.spec.has_embedding {
+                    bail!("embedded rows sent to a shard without the embedding (not shard 0)");
                 }
-                (x, ids.len())
+                if data.len() != seq * h {
+                    bail!(
+                        "embedded input has {} values, expected {seq} rows of {h}",
+                        data.len()
+                    );
+                }
+                (data, seq)
             }
             ShardInput::Hidden { data, seq } => {
                 if self.spec.has_embedding {

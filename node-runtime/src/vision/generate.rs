@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use unfed_model::ModelConfig;
 
-use super::merge::TokenEmbedder;
+use super::merge::replace_image_rows;
 use super::tower::{PixelBatch, VisionInput, VisionModel, VisionOutput, VisionSpec};
 use crate::engine::sampling::{Sampler, SamplingConfig};
 use crate::engine::{ShardInput, ShardModel, ShardOutput, ShardSpec, WeightFiles};
@@ -15,8 +15,7 @@ use crate::engine::{ShardInput, ShardModel, ShardOutput, ShardSpec, WeightFiles}
 pub struct VisionLanguageModel {
     config: ModelConfig,
     vision: VisionModel,
-    embedder: TokenEmbedder,
-    /// Every decoder layer and the head; its input rows come from `embedder`.
+    /// The whole decoder: embedding, every layer, the head.
     text: ShardModel,
 }
 
@@ -38,16 +37,15 @@ impl VisionLanguageModel {
             VisionSpec::whole(vcfg),
             &files,
         )?;
-        let embedder = TokenEmbedder::load(&config.text, &config.text_prefix, &files)?;
-        let spec = ShardSpec {
-            has_embedding: false,
-            ..ShardSpec::whole(&config.text)
-        };
-        let text = ShardModel::load(&config.text, &config.text_prefix, spec, &files)?;
+        let text = ShardModel::load(
+            &config.text,
+            &config.text_prefix,
+            ShardSpec::whole(&config.text),
+            &files,
+        )?;
         Ok(Self {
             config,
             vision,
-            embedder,
             text,
         })
     }
@@ -84,20 +82,22 @@ impl VisionLanguageModel {
             .as_ref()
             .map(|v| v.image_token_id)
             .context("not a vision model")?;
-        let rows = match features {
-            Some(f) => self.embedder.embed_with_image(prompt, image_token, f)?,
-            None => self.embedder.embed(prompt)?,
-        };
+        let h = self.config.text.hidden_size;
+        let mut rows = self.text.embed_tokens(prompt)?;
+        if let Some(f) = features {
+            replace_image_rows(&mut rows, h, prompt, image_token, f)?;
+        }
         let mut cache = self.text.new_cache();
         let mut sampler = Sampler::new(sampling);
         sampler.observe(prompt);
         let mut tokens = Vec::new();
-        let (mut data, mut seq) = (rows, prompt.len());
+        let mut input = ShardInput::Embedded {
+            data: rows,
+            seq: prompt.len(),
+        };
+        let mut last = [0u32];
         while tokens.len() < max_new {
-            let ShardOutput::Logits(logits) = self
-                .text
-                .forward(&mut cache, ShardInput::Hidden { data, seq })?
-            else {
+            let ShardOutput::Logits(logits) = self.text.forward(&mut cache, input)? else {
                 bail!("the decoder returned hidden states instead of logits");
             };
             let next = sampler.sample(logits).token;
@@ -105,7 +105,8 @@ impl VisionLanguageModel {
             if stop_on_eos && self.config.text.eos_token_ids.contains(&next) {
                 break;
             }
-            (data, seq) = (self.embedder.embed(&[next])?, 1);
+            last[0] = next;
+            input = ShardInput::Tokens(&last);
         }
         Ok(tokens)
     }

@@ -1,85 +1,67 @@
-//! The first text shard's side of a vision-language prompt: token embeddings with the
-//! `<image>` placeholder rows replaced, in order, by the vision stack's image features
-//! (transformers' `inputs_merger`).
+//! The first text shard's side of a vision-language prompt: the `<image>` placeholder
+//! rows of the prompt's embeddings are replaced, in order, by the vision stack's image
+//! features (transformers' `inputs_merger`).
 
 use anyhow::{Result, bail};
-use unfed_model::TextConfig;
+use unfed_model::ModelConfig;
+use unfed_proto::Tensor;
 
-use crate::engine::WeightFiles;
-use crate::engine::linear::WeightData;
+use crate::engine::ShardModel;
+use crate::wire;
 
-/// The decoder's token embedding table, for shards that build their own input rows.
-pub struct TokenEmbedder {
-    table: WeightData,
+/// Overwrites the rows of `image_token` in `rows` (`[ids.len(), hidden]`) with
+/// `features` (`[placeholders, hidden]`, in prompt order).
+pub fn replace_image_rows(
+    rows: &mut [f32],
     hidden: usize,
-    vocab: usize,
+    ids: &[u32],
+    image_token: u32,
+    features: &[f32],
+) -> Result<()> {
+    if !features.len().is_multiple_of(hidden) {
+        bail!(
+            "image features have {} values, not a whole number of {hidden}-wide rows",
+            features.len()
+        );
+    }
+    let placeholders = ids.iter().filter(|&&id| id == image_token).count();
+    let n = features.len() / hidden;
+    if placeholders != n {
+        bail!(
+            "the prompt has {placeholders} image placeholder tokens (id {image_token}) but the vision stack \
+             returned {n} feature rows; expand the prompt with the same image processor settings that \
+             produced the pixels"
+        );
+    }
+    let mut next = features.chunks_exact(hidden);
+    for (row, &id) in rows.chunks_exact_mut(hidden).zip(ids) {
+        if id == image_token {
+            row.copy_from_slice(next.next().expect("counted above"));
+        }
+    }
+    Ok(())
 }
 
-impl TokenEmbedder {
-    pub fn load(cfg: &TextConfig, text_prefix: &str, files: &WeightFiles) -> Result<Self> {
-        let table = files.matrix(
-            &format!("{text_prefix}embed_tokens.weight"),
-            cfg.vocab_size,
-            cfg.hidden_size,
-        )?;
-        Ok(Self {
-            table,
-            hidden: cfg.hidden_size,
-            vocab: cfg.vocab_size,
-        })
+/// The first shard's input rows for an image prompt: token embeddings with the image
+/// features (a wire tensor `[rows, hidden]`) in place of the placeholders.
+pub fn image_prompt_rows(
+    model: &ShardModel,
+    cfg: &ModelConfig,
+    ids: &[u32],
+    features: &Tensor,
+) -> Result<Vec<f32>> {
+    let Some(vision) = &cfg.vision else {
+        bail!(
+            "`{}` is a text-only model and takes no image; send the prompt without an image",
+            cfg.model_type
+        );
+    };
+    let (data, shape) = wire::decode(features)?;
+    let h = cfg.text.hidden_size;
+    if shape.len() != 2 || shape[1] != h {
+        bail!("image features have shape {shape:?}; expected [rows, {h}]");
     }
-
-    pub fn hidden(&self) -> usize {
-        self.hidden
-    }
-
-    /// `[ids.len(), hidden]` embeddings.
-    pub fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        let h = self.hidden;
-        let mut x = vec![0f32; ids.len() * h];
-        for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
-            if id as usize >= self.vocab {
-                bail!(
-                    "token id {id} is outside the vocabulary of {} tokens",
-                    self.vocab
-                );
-            }
-            self.table.row_into(id as usize, h, row);
-        }
-        Ok(x)
-    }
-
-    /// Embeds `ids` and overwrites the rows of `image_token` with `features`
-    /// (`[rows, hidden]`, one row per placeholder, in prompt order).
-    pub fn embed_with_image(
-        &self,
-        ids: &[u32],
-        image_token: u32,
-        features: &[f32],
-    ) -> Result<Vec<f32>> {
-        let h = self.hidden;
-        if !features.len().is_multiple_of(h) {
-            bail!(
-                "image features have {} values, not a whole number of {h}-wide rows",
-                features.len()
-            );
-        }
-        let placeholders = ids.iter().filter(|&&id| id == image_token).count();
-        let rows = features.len() / h;
-        if placeholders != rows {
-            bail!(
-                "the prompt has {placeholders} image placeholder tokens (id {image_token}) but the vision stack \
-                 returned {rows} feature rows; expand the prompt with the same image processor settings that \
-                 produced the pixels"
-            );
-        }
-        let mut x = self.embed(ids)?;
-        let mut next = features.chunks_exact(h);
-        for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
-            if id == image_token {
-                row.copy_from_slice(next.next().expect("counted above"));
-            }
-        }
-        Ok(x)
-    }
+    let mut rows = model.embed_tokens(ids)?;
+    replace_image_rows(&mut rows, h, ids, vision.image_token_id, &data)?;
+    Ok(rows)
 }

@@ -8,7 +8,7 @@ pub mod service;
 pub mod tower;
 
 pub use generate::VisionLanguageModel;
-pub use merge::TokenEmbedder;
+pub use merge::{image_prompt_rows, replace_image_rows};
 pub use tower::{
     PatchStates, PixelBatch, VisionInput, VisionModel, VisionOutput, VisionSpec, image_seq_len,
 };

@@ -1,0 +1,250 @@
+//! Vision shards over real gRPC: two in-process vision shards give the whole model's
+//! image features (and so transformers' tokens), and an `unfed-node compute
+//! --model-type smolvlm_vision` process registers, completing the model's READY, and
+//! image + text generation through the testnet is token-identical to transformers.
+
+mod common;
+mod vision_common;
+
+use std::time::{Duration, Instant};
+
+use common::net::{Net, s};
+use tokio::net::TcpListener;
+use unfed_model::split::{SplitOptions, split};
+use unfed_node::client::GenerateOptions;
+use unfed_node::engine::SamplingConfig;
+use unfed_node::engine::generate::load_checkpoint;
+use unfed_node::vision::image_prompt_rows;
+use unfed_node::vision::service::{
+    VisionNode, encode_image, load_vision_shard, serve, vision_addresses,
+};
+use unfed_node::wire;
+use unfed_proto::{DType, ModelState};
+use vision_common::{label, model, model_dir, preprocess, reference};
+
+const MODEL: &str = "smolvlm-tiny";
+
+fn split_vl(root: &std::path::Path, text: usize, vision: usize) -> std::path::PathBuf {
+    let out = root.join(MODEL);
+    let opts = SplitOptions {
+        text_shards: text,
+        vision_shards: Some(vision),
+        model_id: Some(MODEL.to_string()),
+        ..Default::default()
+    };
+    split(&model_dir(), &out, &opts).unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_vision_shards_over_grpc_give_the_reference_features_and_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let split_dir = split_vl(dir.path(), 1, 2);
+    let mut addresses = Vec::new();
+    let mut stops = Vec::new();
+    for i in 0..2 {
+        let shard = load_vision_shard(&split_dir, i).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        addresses.push(listener.local_addr().unwrap().to_string());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        stops.push(tx);
+        let node = VisionNode::new(shard.manifest.model_id.clone(), shard.model);
+        tokio::spawn(serve(listener, node, async move {
+            let _ = rx.await;
+        }));
+    }
+    for case in reference().cases.iter().filter(|c| c.do_image_splitting) {
+        let batch = preprocess(case).batch;
+        let (features, rows) = encode_image(&addresses, MODEL, &batch).await.unwrap();
+        assert_eq!(rows, case.features_shape[0]);
+        assert_eq!(
+            features,
+            model().image_features(batch).unwrap(),
+            "{}",
+            case.image
+        );
+        let got = model()
+            .generate(
+                &case.input_ids,
+                Some(&features),
+                case.generated_ids.len(),
+                SamplingConfig::default(),
+                true,
+            )
+            .unwrap();
+        assert_eq!(got, case.generated_ids, "{}", case.image);
+    }
+    let batch = preprocess(&reference().cases[0]).batch;
+    let err = encode_image(&addresses, "other-model", &batch)
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains(&format!("serves `{MODEL}`, not `other-model`")),
+        "{err:#}"
+    );
+    let reversed: Vec<String> = addresses.iter().rev().cloned().collect();
+    let err = encode_image(&reversed, MODEL, &batch).await.unwrap_err();
+    assert!(format!("{err:#}").contains("vision shard 0"), "{err:#}");
+    let err = encode_image(&[], MODEL, &batch).await.unwrap_err();
+    assert!(format!("{err:#}").contains("smolvlm_vision"), "{err:#}");
+}
+
+#[test]
+fn a_vision_shard_index_out_of_range_or_a_text_only_model_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let split_dir = split_vl(dir.path(), 1, 1);
+    let err = load_vision_shard(&split_dir, 1).err().unwrap();
+    assert!(
+        format!("{err:#}").contains("--shard-index 1 is out of range"),
+        "{err:#}"
+    );
+    let text_only = dir.path().join("qwen");
+    let opts = SplitOptions {
+        text_shards: 1,
+        ..Default::default()
+    };
+    split(
+        &vision_common::fixtures().join("models/qwen2-f32"),
+        &text_only,
+        &opts,
+    )
+    .unwrap();
+    let err = load_vision_shard(&text_only, 0).err().unwrap();
+    assert!(format!("{err:#}").contains("text-only model"), "{err:#}");
+}
+
+async fn model_status(net: &Net) -> unfed_proto::ModelStatus {
+    let mut client = net.client().await;
+    let models = client.list_models().await.unwrap();
+    models
+        .into_iter()
+        .find(|m| m.model == MODEL)
+        .expect("the registry lists the model")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vision_node_process_completes_the_model_and_serves_features() {
+    let dir = Net::prepare();
+    split_vl(&dir.path().join("splits"), 2, 1);
+    let mut net = Net::registry(dir);
+    net.compute(MODEL, 0);
+    net.compute(MODEL, 1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = model_status(&net).await;
+        if m.text_shards_covered == 2 {
+            assert_eq!(m.state, ModelState::Incomplete as i32);
+            assert_eq!(m.reason, "incomplete_vision_coverage", "{m:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "text shards never covered: {m:?}\n{}",
+            net.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let mut args = net.compute_args(MODEL, 0, "0");
+    args.extend([s("--model-type"), s("smolvlm_vision")]);
+    let log = net.dir.path().join("vision-0.log");
+    net.computes.push(common::net::Node::start(&args, log));
+    net.wait_ready(MODEL, 3).await;
+
+    let vision = vision_addresses(&net.registry.address, MODEL)
+        .await
+        .unwrap();
+    assert_eq!(vision.len(), 1);
+    let case = &reference().cases[0];
+    let batch = preprocess(case).batch;
+    let (features, _) = encode_image(&vision, MODEL, &batch).await.unwrap();
+    assert_eq!(features, model().image_features(batch).unwrap());
+
+    // SIGTERM: the vision node unregisters and the model is incomplete again.
+    let status = net.computes.last_mut().unwrap().terminate();
+    assert!(
+        status.success(),
+        "vision node exit: {status:?}\n{}",
+        net.logs()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = model_status(&net).await;
+        if m.reason == "incomplete_vision_coverage" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the model stayed {m:?} after the vision node left"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_and_text_greedy_generation_through_the_testnet_matches_transformers() {
+    let dir = Net::prepare();
+    split_vl(&dir.path().join("splits"), 2, 1);
+    let mut net = Net::registry(dir);
+    net.compute(MODEL, 0);
+    net.compute(MODEL, 1);
+    let mut args = net.compute_args(MODEL, 0, "0");
+    args.extend([s("--model-type"), s("smolvlm_vision")]);
+    let log = net.dir.path().join("vision-0.log");
+    net.computes.push(common::net::Node::start(&args, log));
+    net.wait_ready(MODEL, 3).await;
+    let vision = vision_addresses(&net.registry.address, MODEL)
+        .await
+        .unwrap();
+    let mut client = net.client().await;
+    for case in &reference().cases {
+        let batch = preprocess(case).batch;
+        let (features, rows) = encode_image(&vision, MODEL, &batch).await.unwrap();
+        let features = wire::encode(&features, &[rows, features.len() / rows], DType::DtypeF32);
+        let opts = GenerateOptions {
+            max_tokens: case.generated_ids.len(),
+            ..Default::default()
+        };
+        let out = client
+            .generate_with_image(MODEL, &case.input_ids, Some(&features), &opts, |_| {})
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e:#}\n{}", label(case), net.logs()));
+        assert_eq!(out.tokens, case.generated_ids, "{}", label(case));
+    }
+    // Features for five tiles with a one-tile prompt: the first shard names the mismatch.
+    let five = &reference().cases[0];
+    let one = reference()
+        .cases
+        .iter()
+        .find(|c| !c.do_image_splitting)
+        .unwrap();
+    let (features, rows) = encode_image(&vision, MODEL, &preprocess(five).batch)
+        .await
+        .unwrap();
+    let features = wire::encode(&features, &[rows, features.len() / rows], DType::DtypeF32);
+    let err = client
+        .generate_with_image(
+            MODEL,
+            &one.input_ids,
+            Some(&features),
+            &GenerateOptions::default(),
+            |_| {},
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("4 image placeholder tokens"),
+        "{err:#}"
+    );
+}
+
+#[test]
+fn image_features_for_a_text_only_model_are_refused() {
+    let (cfg, model) =
+        load_checkpoint(&vision_common::fixtures().join("models/qwen2-f32")).unwrap();
+    let features = wire::encode(&[0.0; 64], &[1, 64], DType::DtypeF32);
+    let err = image_prompt_rows(&model, &cfg, &[1, 2, 3], &features).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("text-only model and takes no image"),
+        "{err:#}"
+    );
+}
