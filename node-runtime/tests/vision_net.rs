@@ -12,6 +12,7 @@ use common::net::{Net, s};
 use tokio::net::TcpListener;
 use unfed_model::split::{SplitOptions, split};
 use unfed_node::client::GenerateOptions;
+use unfed_node::client::image::{ImageLimits, image_prompt};
 use unfed_node::engine::SamplingConfig;
 use unfed_node::engine::generate::load_checkpoint;
 use unfed_node::vision::image_prompt_rows;
@@ -184,6 +185,17 @@ async fn a_vision_node_process_completes_the_model_and_serves_features() {
 async fn image_and_text_greedy_generation_through_the_testnet_matches_transformers() {
     let dir = Net::prepare();
     split_vl(&dir.path().join("splits"), 2, 1);
+    let text_only = SplitOptions {
+        text_shards: 1,
+        model_id: Some("qwen".into()),
+        ..Default::default()
+    };
+    split(
+        &vision_common::fixtures().join("models/qwen2-f32"),
+        &dir.path().join("splits/qwen"),
+        &text_only,
+    )
+    .unwrap();
     let mut net = Net::registry(dir);
     net.compute(MODEL, 0);
     net.compute(MODEL, 1);
@@ -210,6 +222,72 @@ async fn image_and_text_greedy_generation_through_the_testnet_matches_transforme
             .unwrap_or_else(|e| panic!("{}: {e:#}\n{}", label(case), net.logs()));
         assert_eq!(out.tokens, case.generated_ids, "{}", label(case));
     }
+    // The client-side pipeline `chat --image` runs: the served preprocessor config
+    // (splitting on), the chat template, the expansion, the vision shards.
+    for case in reference().cases.iter().filter(|c| c.do_image_splitting) {
+        let image = vision_common::fixtures().join("vision").join(&case.image);
+        let p = image_prompt(
+            &mut client,
+            &net.registry.address,
+            MODEL,
+            &reference().prompt,
+            &image,
+            false,
+            ImageLimits::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(p.prompt_ids, case.input_ids, "{}", label(case));
+        let opts = GenerateOptions {
+            max_tokens: case.generated_ids.len(),
+            ..Default::default()
+        };
+        let out = client
+            .generate_with_image(MODEL, &p.prompt_ids, Some(&p.features), &opts, |_| {})
+            .await
+            .unwrap();
+        assert_eq!(
+            out.tokens,
+            case.generated_ids,
+            "{} via image_prompt",
+            label(case)
+        );
+    }
+    let image = vision_common::fixtures().join("vision/square.png");
+    let err = image_prompt(
+        &mut client,
+        &net.registry.address,
+        "qwen",
+        "hi",
+        &image,
+        false,
+        ImageLimits::default(),
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(
+        format!("{err:#}").contains("`qwen` is a text-only model (qwen2) and cannot take --image"),
+        "{err:#}"
+    );
+    let truncated = vision_common::fixtures().join("vision/truncated.png");
+    let err = image_prompt(
+        &mut client,
+        &net.registry.address,
+        MODEL,
+        "hi",
+        &truncated,
+        false,
+        ImageLimits::default(),
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(
+        format!("{err:#}").contains("check that the file is complete"),
+        "{err:#}"
+    );
+
     // Features for five tiles with a one-tile prompt: the first shard names the mismatch.
     let five = &reference().cases[0];
     let one = reference()

@@ -22,9 +22,14 @@ pub struct Node {
 impl Node {
     /// Starts `unfed-node ARGS` and waits for its "listening ADDR" line.
     pub fn start(args: &[String], log: PathBuf) -> Node {
+        Self::start_with_env(args, log, &[])
+    }
+
+    pub fn start_with_env(args: &[String], log: PathBuf, env: &[(&str, &Path)]) -> Node {
         let err = std::fs::File::create(&log).unwrap();
         let mut child = Command::new(BIN)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .stdout(Stdio::piped())
             .stderr(err)
             .spawn()
@@ -66,6 +71,21 @@ impl Node {
                 return st;
             }
             assert!(Instant::now() < deadline, "node did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits (with a deadline) for the process to exit on its own.
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node still running after {within:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
