@@ -128,6 +128,7 @@ fn load_models(dir: &Path) -> Result<BTreeMap<String, ServedModel>> {
             tokenizer_config_json: read("tokenizer_config.json"),
             generation_config_json: read("generation_config.json"),
             chat_template: read("chat_template.jinja"),
+            preprocessor_config_json: read("preprocessor_config.json"),
         };
         models.insert(
             manifest.model_id.clone(),

@@ -452,3 +452,59 @@ pub fn user_message_with_image(text: &str) -> String {
         format!("{IMAGE_TOKEN}{text}")
     }
 }
+
+/// An image + text prompt ready for `Client::generate_with_image`.
+pub struct ImagePrompt {
+    /// The chat prompt with the image expanded into its placeholder tokens.
+    pub prompt_ids: Vec<u32>,
+    /// `[rows, hidden]` image features from the vision shards, one row per placeholder.
+    pub features: unfed_proto::Tensor,
+    /// Tiles the image was cut into (including the global image).
+    pub tiles: usize,
+}
+
+/// Everything `chat --image` needs before generating: checks that `model` is a
+/// vision-language model, decodes and preprocesses the image with the model's
+/// preprocessor_config.json (as the registry serves it), renders and expands the prompt,
+/// and runs the image through the model's vision shards.
+pub async fn image_prompt(
+    client: &mut super::Client,
+    registry: &str,
+    model: &str,
+    user_text: &str,
+    image: &Path,
+    raw: bool,
+    limits: ImageLimits,
+) -> Result<ImagePrompt> {
+    let (manifest, files) = client.manifest(model).await?;
+    let Some(vision) = &manifest.config.vision else {
+        anyhow::bail!(
+            "`{model}` is a text-only model ({}) and cannot take --image; pick a vision-language model \
+             such as SmolVLM (`unfedctl models` lists them)",
+            manifest.config.model_type
+        );
+    };
+    let img = load_image(image, limits)?;
+    let processor = if files.preprocessor_config_json.is_empty() {
+        ImageProcessorConfig::default()
+    } else {
+        ImageProcessorConfig::from_json(&files.preprocessor_config_json).with_context(|| {
+            format!("the preprocessor_config.json the registry serves for `{model}`")
+        })?
+    };
+    let processed = processor.preprocess(&img);
+    let codec = super::text::TextCodec::from_manifest_files(&files, model)?;
+    let text = codec.render_prompt(&user_message_with_image(user_text), raw)?;
+    let expanded = expand_image_prompt(&text, &processed, crate::vision::image_seq_len(vision))?;
+    // transformers' processor tokenizes the expanded text with special tokens on.
+    let prompt_ids = codec.encode_prompt(&expanded, true)?;
+    let shards = crate::vision::service::vision_addresses(registry, model).await?;
+    let (data, rows) =
+        crate::vision::service::encode_image(&shards, model, &processed.batch).await?;
+    let width = data.len() / rows.max(1);
+    Ok(ImagePrompt {
+        prompt_ids,
+        features: crate::wire::encode(&data, &[rows, width], unfed_proto::DType::DtypeF32),
+        tiles: processed.batch.tiles,
+    })
+}
