@@ -86,6 +86,14 @@ impl KvCache {
         self.len == 0
     }
 
+    #[cfg(test)]
+    pub(crate) fn empty_for_tests() -> Self {
+        Self {
+            layers: Vec::new(),
+            len: 0,
+        }
+    }
+
     pub fn nbytes(&self) -> usize {
         self.layers
             .iter()

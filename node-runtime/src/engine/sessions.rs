@@ -176,3 +176,57 @@ impl SessionStore {
         (inner.live.len(), inner.live.values().map(|e| e.bytes).sum())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::sampling::SamplingConfig;
+
+    fn store(cap: usize, idle: Duration) -> SessionStore {
+        SessionStore::new(idle, cap)
+    }
+
+    fn open(s: &SessionStore, id: &str, step: u32) -> Result<Arc<Mutex<Session>>, SessionError> {
+        // A zero-layer cache is enough: the store accounts the bytes it is told.
+        s.open(id, step, || Session {
+            cache: KvCache::empty_for_tests(),
+            sampler: Some(Sampler::new(SamplingConfig::default())),
+        })
+    }
+
+    #[test]
+    fn the_least_recently_used_session_is_evicted_and_told_so() {
+        let s = store(3 << 20, Duration::from_secs(300));
+        for id in ["a", "b", "c"] {
+            open(&s, id, 0).unwrap();
+            s.account(id, 1 << 20);
+        }
+        open(&s, "a", 1).unwrap(); // "b" is now the least recently used
+        s.account("a", 1 << 20);
+        open(&s, "d", 0).unwrap();
+        s.account("d", 1 << 20);
+        let err = open(&s, "b", 1).err().expect("b evicted");
+        assert_eq!(
+            err.to_string(),
+            "session b was evicted (memory cap 3 MB); start a new session"
+        );
+        for live in ["a", "c", "d"] {
+            open(&s, live, 2).unwrap();
+        }
+        assert_eq!(s.usage(), (3, 3 << 20));
+    }
+
+    #[test]
+    fn idle_and_unknown_sessions_get_their_own_errors() {
+        let s = store(1 << 30, Duration::from_millis(0));
+        open(&s, "x", 0).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(s.sweep_idle(), 1);
+        assert!(matches!(
+            open(&s, "x", 1),
+            Err(SessionError::Expired { .. })
+        ));
+        let err = open(&s, "never", 3).err().unwrap();
+        assert!(err.to_string().contains("unknown on this node"), "{err}");
+    }
+}
