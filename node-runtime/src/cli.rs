@@ -108,6 +108,9 @@ struct ComputeArgs {
     /// Memory cap of all sessions' KV caches; the least recently used are evicted.
     #[arg(long, default_value_t = 2048)]
     kv_cache_mb: usize,
+    /// Daemon host:port for compute shares (default: the daemon the registry lists).
+    #[arg(long)]
+    daemon: Option<String>,
 }
 
 fn init_logging(format: LogFormat) {
@@ -193,6 +196,8 @@ async fn run_compute(a: ComputeArgs) -> Result<()> {
         session_idle: Duration::from_secs(a.session_idle_secs.max(1)),
         kv_cap_bytes: a.kv_cache_mb << 20,
         stake_key,
+        share_key: crate::shares::generate_key(),
+        daemon: a.daemon,
     };
     if vision {
         let shard = tokio::task::spawn_blocking(move || {

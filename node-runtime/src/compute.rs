@@ -36,6 +36,10 @@ pub struct ComputeConfig {
     pub kv_cap_bytes: usize,
     /// EVM stake key: registration is signed with it when set.
     pub stake_key: Option<unfed_chain::PrivateKeySigner>,
+    /// Ed25519 key that signs this node's compute shares (registered as `share_key`).
+    pub share_key: ed25519_dalek::SigningKey,
+    /// Daemon host:port for compute shares; `None`: the daemon the registry lists.
+    pub daemon: Option<String>,
 }
 
 /// The loaded shard and its manifest entry.
@@ -112,6 +116,8 @@ struct Inner {
     hop_timeout: Duration,
     channels: Mutex<HashMap<String, Channel>>,
     forwards: std::sync::atomic::AtomicU64,
+    /// One signed compute share per served hop, submitted in the background.
+    shares: Option<crate::shares::ShareSink>,
 }
 
 fn sampling_of(p: Option<&SamplingParams>) -> SamplingConfig {
@@ -131,6 +137,7 @@ fn sampling_of(p: Option<&SamplingParams>) -> SamplingConfig {
 
 impl ComputeService {
     pub fn new(shard: LoadedShard, cfg: &ComputeConfig) -> Self {
+        let shares = share_sink(cfg, &shard);
         Self {
             inner: Arc::new(Inner {
                 shard,
@@ -139,6 +146,7 @@ impl ComputeService {
                 hop_timeout: cfg.hop_timeout,
                 channels: Mutex::new(HashMap::new()),
                 forwards: std::sync::atomic::AtomicU64::new(0),
+                shares,
             }),
         }
     }
@@ -312,10 +320,25 @@ impl Compute for ComputeService {
                 self.inner.node_id, req.model_id
             )));
         }
+        let rows = input_rows(&req);
         let out = self.run_local(&req).await?;
         self.inner
             .forwards
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let hop = (req.session_id.clone(), req.step, req.client.clone());
+        let record = |activation: &[u8]| {
+            if let Some(sink) = &self.inner.shares {
+                sink.record(crate::shares::Hop {
+                    session_id: hop.0.clone(),
+                    step: hop.1,
+                    // The prompt is the input; every step yields one output token.
+                    input_tokens: if hop.1 == 0 { rows } else { 0 },
+                    output_tokens: 1,
+                    activation_hash: <sha2::Sha256 as sha2::Digest>::digest(activation).into(),
+                    client: hop.2.clone(),
+                });
+            }
+        };
         let compute_ms = started.elapsed().as_secs_f64() * 1e3;
         let me = |total_ms: f64| HopTiming {
             node_id: self.inner.node_id.clone(),
@@ -326,6 +349,7 @@ impl Compute for ComputeService {
         match out {
             ShardOutput::Logits(v) => {
                 let token = v[0] as u32;
+                record(&token.to_le_bytes());
                 let is_eos = self
                     .inner
                     .shard
@@ -353,11 +377,9 @@ impl Compute for ComputeService {
                 req.image_features = None;
                 let h = self.inner.shard.model.config().hidden_size;
                 let dtype = DType::try_from(req.hidden_dtype).unwrap_or(DType::DtypeF32);
-                req.input = Some(forward_request::Input::Hidden(wire::encode(
-                    &data,
-                    &[1, seq, h],
-                    dtype,
-                )));
+                let hidden = wire::encode(&data, &[1, seq, h], dtype);
+                record(&hidden.data);
+                req.input = Some(forward_request::Input::Hidden(hidden));
                 let mut client = ComputeClient::new(self.channel(&next.address)?);
                 let mut resp = match client.forward(req).await {
                     Ok(r) => r.into_inner(),
@@ -424,6 +446,41 @@ impl Compute for ComputeService {
     }
 }
 
+/// Rows (tokens) the request feeds this shard.
+fn input_rows(req: &ForwardRequest) -> u32 {
+    match &req.input {
+        Some(forward_request::Input::Tokens(t)) => t.ids.len() as u32,
+        Some(forward_request::Input::Hidden(t)) if t.shape.len() >= 2 => {
+            t.shape[t.shape.len() - 2] as u32
+        }
+        _ => 0,
+    }
+}
+
+/// The share sink of a node that knows a daemon or a registry to find one.
+fn share_sink(cfg: &ComputeConfig, shard: &LoadedShard) -> Option<crate::shares::ShareSink> {
+    let daemon = match (&cfg.daemon, &cfg.registry) {
+        (Some(d), _) => crate::shares::DaemonSource::Address(d.clone()),
+        (None, Some(r)) => crate::shares::DaemonSource::Registry(r.clone()),
+        (None, None) => return None,
+    };
+    // Vision hops are not priced per token yet: only the text route records shares.
+    if shard.entry.stack != unfed_model::Stack::Text {
+        return None;
+    }
+    let (sink, _task) = crate::shares::ShareSink::spawn(crate::shares::SinkConfig {
+        node_id: cfg.node_id.clone(),
+        model: shard.manifest.model_id.clone(),
+        shard_index: cfg.shard_index,
+        shards_total: shard.manifest.text_shards().count() as u32,
+        key: cfg.share_key.clone(),
+        daemon,
+        batch: 64,
+        flush_every: Duration::from_millis(200),
+    });
+    Some(sink)
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -448,7 +505,7 @@ fn registration(
         address: cfg.advertise.clone(),
         model: manifest.model_id.clone(),
         shard_index: cfg.shard_index as i64,
-        share_key: String::new(),
+        share_key: crate::shares::public_key_hex(&cfg.share_key),
         timestamp: unix_now(),
         nonce: hex::encode(rand::random::<[u8; 16]>()),
     };
