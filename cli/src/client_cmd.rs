@@ -62,6 +62,10 @@ pub struct ChatArgs {
     /// Tokenize the prompt as is, without the chat template.
     #[arg(long)]
     pub raw: bool,
+    /// PNG or JPEG image for a vision-language model (SmolVLM); the prompt places it with
+    /// `<image>`, or it goes before the text.
+    #[arg(long)]
+    pub image: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -203,9 +207,15 @@ async fn chat(a: ChatArgs) -> Result<ExitCode> {
         },
         ..Default::default()
     };
+    let image = a.image.as_deref().map(|i| (r.registry.as_str(), i));
     match &a.prompt {
         Some(p) => {
-            chat_once(&mut client, &codec, &model, p, a.raw, &opts, a.target.json).await?;
+            let turn = Turn {
+                prompt: p,
+                raw: a.raw,
+                image,
+            };
+            chat_once(&mut client, &codec, &model, turn, &opts, a.target.json).await?;
         }
         None => {
             let stdin = std::io::stdin();
@@ -226,36 +236,55 @@ async fn chat(a: ChatArgs) -> Result<ExitCode> {
                 if line == "/exit" || line == "/quit" {
                     break;
                 }
-                chat_once(
-                    &mut client,
-                    &codec,
-                    &model,
-                    line,
-                    a.raw,
-                    &opts,
-                    a.target.json,
-                )
-                .await?;
+                let turn = Turn {
+                    prompt: line,
+                    raw: a.raw,
+                    image,
+                };
+                chat_once(&mut client, &codec, &model, turn, &opts, a.target.json).await?;
             }
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// One user message of a chat.
+struct Turn<'a> {
+    prompt: &'a str,
+    raw: bool,
+    /// (registry address, image file) for an image prompt.
+    image: Option<(&'a str, &'a std::path::Path)>,
+}
+
 async fn chat_once(
     client: &mut Client,
     codec: &TextCodec,
     model: &str,
-    prompt: &str,
-    raw: bool,
+    turn: Turn<'_>,
     opts: &GenerateOptions,
     json_out: bool,
 ) -> Result<GenerateOutput> {
-    let ids = codec.encode_prompt(prompt, raw)?;
+    let Turn { prompt, raw, image } = turn;
+    let (ids, features) = match image {
+        Some((registry, path)) => {
+            let p = unfed_node::client::image::image_prompt(
+                client,
+                registry,
+                model,
+                prompt,
+                path,
+                raw,
+                unfed_node::client::image::ImageLimits::default(),
+            )
+            .await?;
+            (p.prompt_ids, Some(p.features))
+        }
+        None => (codec.encode_prompt(prompt, raw)?, None),
+    };
     let mut dec = IncrementalDecoder::new(codec);
     let mut stdout = std::io::stdout();
     let out = client
-        .generate(model, &ids, opts, |id| {
+        .generate_with_image(model, &ids, features.as_ref(), opts, |id| {
             if !json_out && let Ok(delta) = dec.push(id) {
                 let _ = write!(stdout, "{delta}");
                 let _ = stdout.flush();
