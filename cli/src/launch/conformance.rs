@@ -10,6 +10,8 @@ use anyhow::{Context as _, bail, ensure};
 use unfed_node::client::{Client, GenerateOptions, TextCodec};
 use unfed_node::engine::SamplingConfig;
 use unfed_node::engine::generate::{generate, load_checkpoint};
+use unfed_proto::GetChainStatusRequest;
+use unfed_proto::daemon_client::DaemonClient;
 
 use super::{Testnet, start};
 use crate::plan::{LaunchPlan, StepKind, model_facts};
@@ -83,7 +85,10 @@ async fn run_cases(net: &Testnet) -> Vec<CaseResult> {
     macro_rules! case {
         ($name:literal, $body:expr) => {{
             let t = Instant::now();
-            let failure = $body.await.err().map(|e: anyhow::Error| format!("{e:#}"));
+            let failure = match $body.await {
+                Ok(_) => None,
+                Err(e) => Some(format!("{e:#}")),
+            };
             results.push(CaseResult {
                 name: $name,
                 took: t.elapsed(),
@@ -94,10 +99,24 @@ async fn run_cases(net: &Testnet) -> Vec<CaseResult> {
     case!("model_ready", model_ready(net));
     case!("nodes_admitted", nodes_admitted(net));
     case!("stakes_on_chain", stakes_on_chain(net));
-    case!(
-        "chat_matches_single_process_engine",
-        chat_matches_engine(net)
-    );
+    let mut generated = None;
+    case!("chat_matches_single_process_engine", async {
+        let n = chat_matches_engine(net).await?;
+        generated = Some(n);
+        anyhow::Ok(())
+    });
+    if net
+        .ctx
+        .plan
+        .steps
+        .iter()
+        .any(|s| s.kind == StepKind::Daemon)
+    {
+        case!(
+            "one_share_per_hop_recorded",
+            shares_recorded(net, generated)
+        );
+    }
     results
 }
 
@@ -170,8 +189,9 @@ async fn stakes_on_chain(net: &Testnet) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Greedy generation through the testnet equals the unsplit model in this process.
-async fn chat_matches_engine(net: &Testnet) -> anyhow::Result<()> {
+/// Greedy generation through the testnet equals the unsplit model in this process;
+/// returns how many tokens it generated.
+async fn chat_matches_engine(net: &Testnet) -> anyhow::Result<usize> {
     let (registry, model) = registry_and_model(net)?;
     let mut client = Client::connect(registry).await?;
     let (_, files) = client.manifest(model).await?;
@@ -191,7 +211,7 @@ async fn chat_matches_engine(net: &Testnet) -> anyhow::Result<()> {
     if network != reference {
         bail!("the testnet generated {network:?}, the single-process engine {reference:?}");
     }
-    Ok(())
+    Ok(network.len())
 }
 
 fn junit_xml(suite: &str, results: &[CaseResult], took: Duration) -> String {
@@ -230,4 +250,49 @@ fn junit_xml(suite: &str, results: &[CaseResult], took: Duration) -> String {
     }
     xml.push_str("</testsuite>\n");
     xml
+}
+
+/// The daemon records exactly one share per hop of the chat: tokens × text shards.
+async fn shares_recorded(net: &Testnet, generated: Option<usize>) -> anyhow::Result<()> {
+    let tokens = generated.context("the chat check failed, so there is nothing to count")?;
+    let hops = net
+        .ctx
+        .plan
+        .steps
+        .iter()
+        .filter(|s| s.kind == StepKind::Compute)
+        .filter_map(|s| s.shard)
+        .max()
+        .map_or(0, |m| m + 1);
+    let expected = (tokens * hops) as u64;
+    let daemon = net
+        .state
+        .processes
+        .iter()
+        .find(|p| p.kind == "daemon")
+        .and_then(|p| p.port)
+        .context("no daemon port")?;
+    let mut client = DaemonClient::connect(format!("http://127.0.0.1:{daemon}")).await?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let status = client
+            .get_chain_status(GetChainStatusRequest {})
+            .await?
+            .into_inner();
+        // `shares` counts every accepted share, in a block or still pending.
+        let recorded = status.shares;
+        ensure!(
+            recorded <= expected,
+            "the daemon recorded {recorded} shares for {expected} hops (counted twice?)"
+        );
+        if recorded == expected {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the daemon recorded {recorded} of {expected} shares ({tokens} tokens × {hops} hops) within 15 s"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -33,11 +33,6 @@ pub struct UpOptions {
 fn unsupported(plan: &LaunchPlan) -> Vec<String> {
     let mut out = Vec::new();
     let has = |k: StepKind| plan.steps.iter().any(|s| s.kind == k);
-    if has(StepKind::Daemon) {
-        out.push(
-            "the daemon (share chain) is not implemented yet; set [daemon] enabled = false".into(),
-        );
-    }
     if has(StepKind::MpcA) || has(StepKind::MpcB) {
         out.push("MPC nodes are not implemented yet; set [mpc] pairs = 0".into());
     }

@@ -92,7 +92,8 @@ pub async fn run(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::Result<O
         }
         StepKind::Registry => start_registry(ctx, step, inputs).await,
         StepKind::Compute => start_compute(ctx, step, inputs).await,
-        StepKind::Daemon | StepKind::MpcA | StepKind::MpcB | StepKind::Vision | StepKind::Web => {
+        StepKind::Daemon => start_daemon(ctx, step, inputs).await,
+        StepKind::MpcA | StepKind::MpcB | StepKind::Vision | StepKind::Web => {
             bail!(
                 "{} cannot be started yet (see `unfedctl up --help`)",
                 step.name
@@ -486,7 +487,13 @@ async fn start_registry(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::R
     cmd.arg("--shards-dir").arg(&ctx.plan.shards_dir);
     cmd.arg("--heartbeat-secs")
         .arg(ctx.loaded.spec.nodes.heartbeat_seconds.to_string());
-    cmd.arg("--daemon-required-count").arg("0");
+    let daemons = ctx
+        .plan
+        .steps
+        .iter()
+        .filter(|s| s.kind == StepKind::Daemon)
+        .count();
+    cmd.arg("--daemon-required-count").arg(daemons.to_string());
     if let Some(chain) = &inputs.chain {
         cmd.arg("--chain-rpc").arg(&chain.rpc_url);
         cmd.arg("--escrow")
@@ -501,7 +508,10 @@ async fn start_registry(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::R
 }
 
 async fn start_compute(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::Result<Outcome> {
-    let registry = inputs.registry.context("the registry is not running")?;
+    let registry = inputs
+        .registry
+        .clone()
+        .context("the registry is not running")?;
     let mut cmd = ctx.node.role("compute");
     cmd.arg("--shard-index")
         .arg(step.shard.unwrap_or(0).to_string());
@@ -509,23 +519,80 @@ async fn start_compute(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::Re
     cmd.arg("--registry").arg(&registry);
     cmd.arg("--heartbeat-secs")
         .arg(ctx.loaded.spec.nodes.heartbeat_seconds.to_string());
+    let eth_address = stake_identity(&mut cmd, step, &inputs);
+    let readiness = Readiness::ListedBy(registry);
+    let (port, _) = spawn_node(ctx, step, "compute", cmd, eth_address, readiness).await?;
+    Ok(Outcome {
+        port: Some(port),
+        ..Outcome::default()
+    })
+}
+
+/// A staked node runs as its wallet (--eth-address + the key file in the environment);
+/// without a chain it is known by its step name.
+fn stake_identity(cmd: &mut std::process::Command, step: &Step, inputs: &Inputs) -> Option<String> {
+    cmd.env_remove(unfed_chain::STAKE_KEY_ENV);
     let wallet = inputs
         .chain
         .as_ref()
         .and_then(|c| c.wallets.iter().find(|w| w.node == step.name));
-    let eth_address = wallet.map(|w| w.address.clone());
     match wallet {
         Some(w) => {
             cmd.arg("--eth-address").arg(&w.address);
             cmd.env(unfed_chain::STAKE_KEY_FILE_ENV, &w.key_file);
+            Some(w.address.clone())
         }
         None => {
             cmd.arg("--node-id").arg(&step.name);
+            None
         }
     }
-    cmd.env_remove(unfed_chain::STAKE_KEY_ENV);
+}
+
+/// The share-chain daemon: records every hop's share, cuts blocks, and (with a chain)
+/// settles usage at the spec's prices from the dev client's deposit.
+async fn start_daemon(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::Result<Outcome> {
+    let registry = inputs
+        .registry
+        .clone()
+        .context("the registry is not running")?;
+    let spec = &ctx.loaded.spec;
+    let mut cmd = ctx.node.role("daemon");
+    cmd.arg("--registry").arg(&registry);
+    cmd.arg("--db").arg(ctx.plan.run_dir.join("chain.db"));
+    cmd.arg("--heartbeat-secs")
+        .arg(spec.nodes.heartbeat_seconds.to_string());
+    cmd.arg("--block-interval-secs")
+        .arg(spec.daemon.block_interval_seconds.to_string());
+    cmd.arg("--settlement-blocks")
+        .arg(spec.daemon.settlement_blocks.to_string());
+    cmd.arg("--price-per-input-token")
+        .arg(spec.economics.price_per_input_token.to_string());
+    cmd.arg("--price-per-output-token")
+        .arg(spec.economics.price_per_output_token.to_string());
+    if let Some(chain) = &inputs.chain {
+        cmd.arg("--chain-rpc").arg(&chain.rpc_url);
+        cmd.arg("--escrow")
+            .arg(chain.escrow.as_deref().context("escrow not deployed")?);
+        if let Some(token) = &chain.token {
+            cmd.arg("--token").arg(token);
+        }
+        if let Some(client) = &chain.client {
+            cmd.arg("--default-client").arg(client);
+        }
+        let key = match &spec.chain.operator_key_file {
+            Some(file) => ctx.loaded.resolve(file),
+            None => {
+                let path = ctx.key_path("operator");
+                unfed_chain::write_key_file(&path, &operator(ctx)?)?;
+                path
+            }
+        };
+        cmd.arg("--operator-key-file").arg(key);
+    }
+    let eth_address = stake_identity(&mut cmd, step, &inputs);
     let readiness = Readiness::ListedBy(registry);
-    let (port, _) = spawn_node(ctx, step, "compute", cmd, eth_address, readiness).await?;
+    let (port, _) = spawn_node(ctx, step, "daemon", cmd, eth_address, readiness).await?;
     Ok(Outcome {
         port: Some(port),
         ..Outcome::default()
