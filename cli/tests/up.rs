@@ -91,8 +91,8 @@ fn port_free(port: u16) -> bool {
 #[test]
 fn up_detach_then_status_then_down_leaves_nothing_running() {
     let net = testnet("");
-    let spec = &net.spec;
-    let out = run(unfedctl().arg("up").arg(&spec).arg("--detach"));
+    let spec = net.spec.as_path();
+    let out = run(unfedctl().arg("up").arg(spec).arg("--detach"));
     assert!(
         out.status.success(),
         "up failed:\n{}\n{}",
@@ -105,7 +105,7 @@ fn up_detach_then_status_then_down_leaves_nothing_running() {
         "{stdout}"
     );
 
-    let st = state(&spec);
+    let st = state(spec);
     let names: Vec<&str> = st["processes"]
         .as_array()
         .unwrap()
@@ -122,7 +122,7 @@ fn up_detach_then_status_then_down_leaves_nothing_running() {
     );
 
     // A second `up` reports the running testnet instead of starting another.
-    let again = run(unfedctl().arg("up").arg(&spec).arg("--detach"));
+    let again = run(unfedctl().arg("up").arg(spec).arg("--detach"));
     assert!(!again.status.success());
     assert!(
         text(&again.stderr).contains("testnet 'net' is already running"),
@@ -130,7 +130,7 @@ fn up_detach_then_status_then_down_leaves_nothing_running() {
         text(&again.stderr)
     );
 
-    let status = run(unfedctl().arg("status").arg(&spec).arg("--json"));
+    let status = run(unfedctl().arg("status").arg(spec).arg("--json"));
     let status: Value = serde_json::from_slice(&status.stdout).unwrap();
     assert!(
         status["processes"]
@@ -148,7 +148,7 @@ fn up_detach_then_status_then_down_leaves_nothing_running() {
         .iter()
         .map(|p| p["port"].as_u64().unwrap() as u16)
         .collect();
-    let down = run(unfedctl().arg("down").arg(&spec));
+    let down = run(unfedctl().arg("down").arg(spec));
     assert!(down.status.success(), "{}", text(&down.stderr));
     wait_all_gone(&pids);
     assert!(
@@ -156,17 +156,17 @@ fn up_detach_then_status_then_down_leaves_nothing_running() {
         "a port is still in use: {ports:?}"
     );
     // down is idempotent.
-    assert!(run(unfedctl().arg("down").arg(&spec)).status.success());
+    assert!(run(unfedctl().arg("down").arg(spec)).status.success());
 }
 
 #[test]
 fn a_node_that_fails_to_start_tears_everything_down_and_shows_its_log() {
     let net = testnet("");
-    let spec = &net.spec;
+    let spec = net.spec.as_path();
     // First run splits the model; then damage shard 1 so its node cannot load it.
-    let out = run(unfedctl().arg("up").arg(&spec).arg("--detach"));
+    let out = run(unfedctl().arg("up").arg(spec).arg("--detach"));
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(run(unfedctl().arg("down").arg(&spec)).status.success());
+    assert!(run(unfedctl().arg("down").arg(spec)).status.success());
     let shard = spec
         .parent()
         .unwrap()
@@ -175,7 +175,7 @@ fn a_node_that_fails_to_start_tears_everything_down_and_shows_its_log() {
 
     let out = run(unfedctl()
         .arg("up")
-        .arg(&spec)
+        .arg(spec)
         .arg("--detach")
         .args(["--wait-timeout", "20"]));
     assert!(!out.status.success());
@@ -187,7 +187,7 @@ fn a_node_that_fails_to_start_tears_everything_down_and_shows_its_log() {
         "{}",
         text(&out.stdout)
     );
-    let st = state(&spec);
+    let st = state(spec);
     assert!(st["processes"].as_array().unwrap().is_empty());
 }
 
@@ -198,8 +198,8 @@ fn a_taken_port_is_a_no_go_naming_the_port() {
     let net = testnet(&format!(
         "[[node]]\nrole = \"compute\"\nshard = 1\nport = {port}\n"
     ));
-    let spec = &net.spec;
-    let out = run(unfedctl().arg("up").arg(&spec).arg("--detach"));
+    let spec = net.spec.as_path();
+    let out = run(unfedctl().arg("up").arg(spec).arg("--detach"));
     assert!(!out.status.success());
     let stdout = text(&out.stdout);
     let expected =
@@ -220,10 +220,10 @@ fn a_taken_port_is_a_no_go_naming_the_port() {
 #[test]
 fn ctrl_c_in_the_foreground_stops_every_process() {
     let net = testnet("");
-    let spec = &net.spec;
+    let spec = net.spec.as_path();
     let mut child = unfedctl()
         .arg("up")
-        .arg(&spec)
+        .arg(spec)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -249,7 +249,7 @@ fn ctrl_c_in_the_foreground_stops_every_process() {
     .unwrap();
     let status = child.wait().unwrap();
     let mut all = started;
-    all.extend(pids(&state(&spec)));
+    all.extend(pids(&state(spec)));
     wait_all_gone(&all);
     let mut out = String::new();
     use std::io::Read;
