@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use serde_json::json;
+use unfed_node::client::image::ImageLimits;
 use unfed_node::client::text::IncrementalDecoder;
 use unfed_node::client::{Client, GenerateOptions, GenerateOutput, TextCodec};
 use unfed_node::engine::SamplingConfig;
@@ -66,6 +67,9 @@ pub struct ChatArgs {
     /// `<image>`, or it goes before the text.
     #[arg(long)]
     pub image: Option<PathBuf>,
+    /// Largest --image file accepted, in MiB (larger images are refused before decoding).
+    #[arg(long, default_value_t = 20)]
+    pub max_image_mb: u64,
 }
 
 #[derive(Args)]
@@ -207,7 +211,11 @@ async fn chat(a: ChatArgs) -> Result<ExitCode> {
         },
         ..Default::default()
     };
-    let image = a.image.as_deref().map(|i| (r.registry.as_str(), i));
+    let limits = ImageLimits {
+        max_bytes: a.max_image_mb << 20,
+        ..ImageLimits::default()
+    };
+    let image = a.image.as_deref().map(|i| (r.registry.as_str(), i, limits));
     match &a.prompt {
         Some(p) => {
             let turn = Turn {
@@ -252,8 +260,8 @@ async fn chat(a: ChatArgs) -> Result<ExitCode> {
 struct Turn<'a> {
     prompt: &'a str,
     raw: bool,
-    /// (registry address, image file) for an image prompt.
-    image: Option<(&'a str, &'a std::path::Path)>,
+    /// (registry address, image file, size limits) for an image prompt.
+    image: Option<(&'a str, &'a std::path::Path, ImageLimits)>,
 }
 
 async fn chat_once(
@@ -266,15 +274,9 @@ async fn chat_once(
 ) -> Result<GenerateOutput> {
     let Turn { prompt, raw, image } = turn;
     let (ids, features) = match image {
-        Some((registry, path)) => {
+        Some((registry, path, limits)) => {
             let p = unfed_node::client::image::image_prompt(
-                client,
-                registry,
-                model,
-                prompt,
-                path,
-                raw,
-                unfed_node::client::image::ImageLimits::default(),
+                client, registry, model, prompt, path, raw, limits,
             )
             .await?;
             (p.prompt_ids, Some(p.features))
