@@ -2,7 +2,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use unfedctl::{chain_cmd, client_cmd, init, launch, model_cmd, plan, preflight, spec};
+use unfedctl::{billing_cmd, chain_cmd, client_cmd, init, launch, model_cmd, plan, preflight, spec};
 
 /// One testnet spec in, one running UNFED network out.
 ///
@@ -102,6 +102,8 @@ enum Command {
     Model(model_cmd::Commands),
     #[command(flatten)]
     Chain(chain_cmd::Commands),
+    #[command(flatten)]
+    Billing(billing_cmd::Commands),
     #[command(flatten)]
     Client(client_cmd::Commands),
 }
@@ -236,6 +238,7 @@ fn main() -> ExitCode {
         Command::Preflight(cmd) => run_preflight(cmd),
         Command::Model(cmd) => model_cmd::run(cmd),
         Command::Chain(cmd) => chain_cmd::run(cmd),
+        Command::Billing(cmd) => billing_cmd::run(cmd),
         Command::Client(cmd) => client_cmd::run(cmd),
     };
     match result {
