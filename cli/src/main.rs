@@ -2,7 +2,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use unfedctl::{billing_cmd, chain_cmd, client_cmd, init, launch, model_cmd, plan, preflight, spec};
+use unfedctl::{
+    billing_cmd, chain_cmd, client_cmd, init, launch, model_cmd, plan, preflight, spec,
+};
 
 /// One testnet spec in, one running UNFED network out.
 ///
@@ -190,6 +192,14 @@ fn run_preflight(cmd: PreflightCommand) -> anyhow::Result<ExitCode> {
 const EXIT_USAGE: u8 = 2;
 
 fn main() -> ExitCode {
+    // Piping into `head` must end the program quietly, not panic on a closed stdout.
+    // SAFETY: set once at start-up, before any thread exists.
+    unsafe {
+        let _ = nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        );
+    }
     let cli = Cli::parse();
     if let Command::Node { args } = cli.command {
         let program = std::ffi::OsString::from("unfedctl node");
