@@ -231,9 +231,18 @@ fn main() -> ExitCode {
         Command::Status { spec, json } => plan::load_plan(spec.as_deref())
             .map_err(Into::into)
             .and_then(|p| runtime()?.block_on(launch::status(&p, json))),
-        Command::Logs { spec, node, follow } => plan::load_plan(spec.as_deref())
-            .map_err(Into::into)
-            .and_then(|p| launch::logs(&p, node.as_deref(), follow)),
+        Command::Logs { spec, node, follow } => {
+            // `unfedctl logs registry`: one argument that is no file is a node of the default testnet.
+            let (spec, node) = match (spec, node) {
+                (Some(s), None) if !s.exists() && s.extension().is_none() => {
+                    (None, s.to_str().map(String::from))
+                }
+                other => other,
+            };
+            plan::load_plan(spec.as_deref())
+                .map_err(Into::into)
+                .and_then(|p| launch::logs(&p, node.as_deref(), follow))
+        }
         Command::Test {
             spec,
             junit,

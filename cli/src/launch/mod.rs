@@ -368,13 +368,17 @@ fn print_summary(ctx: &Context, state: &RunState, took: Duration) {
             );
         }
     }
-    let spec = &ctx.plan.spec;
+    // The embedded default needs no spec argument.
+    let spec = match ctx.plan.spec.as_str() {
+        crate::spec::EMBEDDED_NAME => String::new(),
+        path => format!(" {path}"),
+    };
     println!("\nnext:");
+    println!("  unfedctl chat{spec} --prompt \"Hello\"");
     if let Some(registry) = &state.registry {
         println!("  unfedctl models --registry {registry}");
-        println!("  unfedctl chat --registry {registry} --prompt \"Hello\"");
     }
-    println!("  unfedctl status {spec}\n  unfedctl logs {spec} registry\n  unfedctl down {spec}");
+    println!("  unfedctl status{spec}\n  unfedctl logs{spec} registry\n  unfedctl down{spec}");
 }
 
 /// Stop a testnet's processes, newest first. Stopping a stopped testnet is fine.
