@@ -373,3 +373,42 @@ fn transparency_is_composited_onto_white() {
     let rgb: RgbImage = decode_image(&png, "alpha.png", ImageLimits::default()).unwrap();
     assert_eq!(rgb.data, vec![255, 0, 0, 255, 255, 255]);
 }
+
+fn codec_with_template(template: &str) -> unfed_node::client::TextCodec {
+    let files = unfed_node::proto::GetManifestResponse {
+        tokenizer_json: std::fs::read_to_string(model_dir().join("tokenizer.json")).unwrap(),
+        chat_template: template.to_string(),
+        ..Default::default()
+    };
+    unfed_node::client::TextCodec::from_manifest_files(&files, "idefics3-f32").unwrap()
+}
+
+#[test]
+fn image_prompts_render_as_typed_content_parts_for_multimodal_templates() {
+    // The shape of SmolVLM's template: it walks typed content parts.
+    let typed = "{% for m in messages %}{{ m['role'] | capitalize }}:{% for part in m['content'] %}\
+                 {% if part['type'] == 'image' %}<image>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}\
+                 {% endfor %}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}";
+    let codec = codec_with_template(typed);
+    assert_eq!(
+        codec.render_image_prompt("What is this?", false).unwrap(),
+        "User:<image>What is this?<end_of_utterance>\nAssistant:"
+    );
+    assert_eq!(
+        codec
+            .render_image_prompt("Look: <image> now", false)
+            .unwrap(),
+        "User:Look: <image> now<end_of_utterance>\nAssistant:"
+    );
+    // A template that prints the content as text (the fixture's) gets the marked text.
+    let plain = std::fs::read_to_string(model_dir().join("chat_template.jinja")).unwrap();
+    let codec = codec_with_template(&plain);
+    assert_eq!(
+        codec.render_image_prompt("What is this?", false).unwrap(),
+        codec.render_prompt("<image>What is this?", false).unwrap()
+    );
+    assert_eq!(
+        codec.render_image_prompt("What is this?", true).unwrap(),
+        "<image>What is this?"
+    );
+}

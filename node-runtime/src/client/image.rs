@@ -494,7 +494,7 @@ pub async fn image_prompt(
     };
     let processed = processor.preprocess(&img);
     let codec = super::text::TextCodec::from_manifest_files(&files, model)?;
-    let text = codec.render_prompt(&user_message_with_image(user_text), raw)?;
+    let text = codec.render_image_prompt(user_text, raw)?;
     let expanded = expand_image_prompt(&text, &processed, crate::vision::image_seq_len(vision))?;
     // transformers' processor tokenizes the expanded text with special tokens on.
     let prompt_ids = codec.encode_prompt(&expanded, true)?;

@@ -63,36 +63,66 @@ impl TextCodec {
     /// models (one user turn, generation prompt added) unless `raw`.
     pub fn render_prompt(&self, user: &str, raw: bool) -> Result<String> {
         match (&self.chat_template, raw) {
-            (Some(t), false) => {
-                let mut env = minijinja::Environment::new();
-                minijinja_contrib::add_to_environment(&mut env);
-                env.set_unknown_method_callback(
-                    minijinja_contrib::pycompat::unknown_method_callback,
-                );
-                env.add_function(
-                    "raise_exception",
-                    |msg: String| -> Result<String, minijinja::Error> {
-                        Err(minijinja::Error::new(
-                            minijinja::ErrorKind::InvalidOperation,
-                            msg,
-                        ))
-                    },
-                );
-                env.add_template("chat", t)
-                    .context("the model's chat template does not parse")?;
-                let ctx = minijinja::context! {
-                    messages => vec![minijinja::context! { role => "user", content => user }],
-                    add_generation_prompt => true,
-                    bos_token => self.bos_token.clone(),
-                    eos_token => self.eos_token.clone(),
-                };
-                Ok(env
-                    .get_template("chat")?
-                    .render(ctx)
-                    .context("rendering the chat template failed")?)
-            }
+            (Some(t), false) => self.render_user_turn(t, minijinja::Value::from(user)),
             _ => Ok(user.to_string()),
         }
+    }
+
+    /// `render_prompt` for a turn with one image, placed where `text` says `<image>` (or
+    /// first). Templates of multimodal models (SmolVLM's) read typed content parts, so
+    /// they get `[{type: image}, {type: text, text}]` as transformers' processors pass
+    /// them; other templates get the text with the `<image>` marker in it.
+    pub fn render_image_prompt(&self, text: &str, raw: bool) -> Result<String> {
+        let marked = super::image::user_message_with_image(text);
+        match (&self.chat_template, raw) {
+            (Some(t), false)
+                if ["'type'", "\"type\"", ".type"]
+                    .iter()
+                    .any(|k| t.contains(k)) =>
+            {
+                let (before, after) = marked
+                    .split_once(super::image::IMAGE_TOKEN)
+                    .expect("user_message_with_image adds the marker");
+                let text_part = |s: &str| minijinja::context! { type => "text", text => s };
+                let mut parts = Vec::new();
+                if !before.is_empty() {
+                    parts.push(text_part(before));
+                }
+                parts.push(minijinja::context! { type => "image" });
+                if !after.is_empty() {
+                    parts.push(text_part(after));
+                }
+                self.render_user_turn(t, minijinja::Value::from(parts))
+            }
+            _ => self.render_prompt(&marked, raw),
+        }
+    }
+
+    /// The chat template over one user turn with `content`, generation prompt added.
+    fn render_user_turn(&self, t: &str, content: minijinja::Value) -> Result<String> {
+        let mut env = minijinja::Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", t)
+            .context("the model's chat template does not parse")?;
+        let ctx = minijinja::context! {
+            messages => vec![minijinja::context! { role => "user", content => content }],
+            add_generation_prompt => true,
+            bos_token => self.bos_token.clone(),
+            eos_token => self.eos_token.clone(),
+        };
+        env.get_template("chat")?
+            .render(ctx)
+            .context("rendering the chat template failed")
     }
 
     /// Token ids of a prompt. The chat template writes its own special tokens; a raw
