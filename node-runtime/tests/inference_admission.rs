@@ -13,7 +13,7 @@ use unfed_chain::{
 use unfed_proto::ModelState;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn staked_nodes_are_admitted_unstaked_refused_and_unstaking_hides_a_node() {
+async fn staked_nodes_are_admitted_unstaked_refused_and_unstaking_hides_a_node_until_restaked() {
     let anvil = Anvil::start(&AnvilOptions::default())
         .await
         .expect("start anvil");
@@ -138,4 +138,33 @@ async fn staked_nodes_are_admitted_unstaked_refused_and_unstaking_hides_a_node()
             .unwrap_err()
     );
     assert!(err.contains("INCOMPLETE (no_nodes)"), "{err}");
+
+    // Staking again makes it eligible: the next re-check shows it, and it serves again.
+    operator
+        .fund(
+            &d,
+            staked.address(),
+            parse_amount("200").unwrap(),
+            U256::ZERO,
+        )
+        .await
+        .unwrap();
+    staked
+        .stake(&d, parse_amount("200").unwrap())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while client.require_ready(&name).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "re-staked node did not return within 15 s\n{}",
+            net.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = client
+        .generate(&name, &case.prompt_ids, &opts, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(out.tokens, case.generated_ids);
 }
