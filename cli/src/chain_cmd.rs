@@ -18,9 +18,9 @@ use unfed_chain::{
 use crate::launch::node_cmd::NodeCommand;
 use crate::launch::process;
 use crate::launch::state::{ChainRecord, RunState, WalletRecord};
-use crate::launch::steps::{self, Context, Inputs};
+use crate::launch::steps::{self, Context, Inputs, wei};
 use crate::plan::{LaunchPlan, Step, StepKind};
-use crate::spec::{self, ChainMode, LoadedSpec, TokenAmount};
+use crate::spec::{self, ChainMode, LoadedSpec};
 
 /// ETH each wallet holds for gas after `fund` (Anvil's dev wallets already have plenty).
 const GAS_WEI: u128 = 1_000_000_000_000_000_000;
@@ -210,7 +210,7 @@ impl Verbs {
             );
         }
         if let Some(record) = &state.chain
-            && let Ok(d) = deployment(record)
+            && let Ok(d) = record.deployment()
         {
             let chain = self.operator_chain(record)?;
             if chain.has_code(d.escrow).await? {
@@ -353,7 +353,7 @@ impl Verbs {
         let anvil = Self::anvil_alive(&state);
         let chain = self.operator_chain(record)?;
         let reachable = chain.chain_id().await.is_ok();
-        let d = deployment(record).ok();
+        let d = record.deployment().ok();
         let mut rows = Vec::new();
         if let (true, Some(d)) = (reachable, d) {
             let min = chain.min_stake(&d).await?;
@@ -493,7 +493,7 @@ impl Verbs {
                 self.spec_arg()
             )
         })?;
-        let d = deployment(&record)
+        let d = record.deployment()
             .with_context(|| format!("run `unfedctl chain deploy {}` first", self.spec_arg()))?;
         let chain = self.operator_chain(&record)?;
         Ok((record, d, chain))
@@ -535,19 +535,4 @@ impl Verbs {
     }
 }
 
-fn wei(amount: TokenAmount) -> U256 {
-    U256::from(amount.wei())
-}
 
-fn deployment(record: &ChainRecord) -> anyhow::Result<Deployment> {
-    let parse = |a: &Option<String>, what: &str| -> anyhow::Result<Address> {
-        a.as_deref()
-            .with_context(|| format!("the {what} is not deployed yet"))?
-            .parse()
-            .with_context(|| format!("the recorded {what} address is not an EVM address"))
-    };
-    Ok(Deployment {
-        token: parse(&record.token, "token")?,
-        escrow: parse(&record.escrow, "escrow")?,
-    })
-}

@@ -180,11 +180,7 @@ async fn models(t: Target) -> Result<ExitCode> {
         println!("No models registered at {}", r.registry);
     }
     for m in &models {
-        let status = if m.state == ModelState::Ready as i32 {
-            "READY".to_string()
-        } else {
-            format!("INCOMPLETE ({}: {})", m.reason, m.message)
-        };
+        let status = unfed_node::client::readiness_text(m);
         println!(
             "{}\n  Nodes: {} | Shards: {}/{} | Status: {status}",
             m.model, m.nodes, m.text_shards_covered, m.text_shards_total

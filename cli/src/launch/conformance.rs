@@ -166,9 +166,7 @@ async fn stakes_on_chain(net: &Testnet) -> anyhow::Result<()> {
     let Some(chain) = &net.state.chain else {
         return Ok(());
     };
-    let token = chain.token.as_deref().context("no token")?.parse()?;
-    let escrow = chain.escrow.as_deref().context("no escrow")?.parse()?;
-    let deployment = unfed_chain::Deployment { token, escrow };
+    let deployment = chain.deployment()?;
     let reader = unfed_chain::Chain::connect(&chain.rpc_url, unfed_chain::dev_signer(0)?)?;
     for wallet in &chain.wallets {
         let info = reader
@@ -177,7 +175,7 @@ async fn stakes_on_chain(net: &Testnet) -> anyhow::Result<()> {
         let expected: crate::spec::TokenAmount =
             wallet.stake.parse().map_err(anyhow::Error::msg)?;
         ensure!(
-            info.active == unfed_chain::U256::from(expected.wei()) && info.eligible,
+            info.active == super::steps::wei(expected) && info.eligible,
             "{} ({}) has {} staked (eligible: {}), expected {}",
             wallet.node,
             wallet.address,

@@ -70,19 +70,10 @@ fn teardown(ctx: &Context, state: &mut RunState) {
         .zip(running.children.iter_mut())
         .rev()
     {
-        let killed = process::stop(record.pid, STOP_GRACE);
+        stop_reporting(record);
         if let Some(child) = child {
             let _ = child.wait();
         }
-        println!(
-            "  stopped {}{}",
-            record.name,
-            if killed {
-                " (killed after the grace period)"
-            } else {
-                ""
-            }
-        );
     }
     running.processes.clear();
     running.children.clear();
@@ -381,6 +372,13 @@ fn print_summary(ctx: &Context, state: &RunState, took: Duration) {
     println!("  unfedctl status{spec}\n  unfedctl logs{spec} registry\n  unfedctl down{spec}");
 }
 
+/// Stop one process (SIGTERM, grace, SIGKILL) and say so.
+pub fn stop_reporting(record: &state::ProcessRecord) {
+    let killed = process::stop(record.pid, STOP_GRACE);
+    let how = if killed { " (killed after the grace period)" } else { "" };
+    println!("  stopped {}{how}", record.name);
+}
+
 /// Stop a testnet's processes, newest first. Stopping a stopped testnet is fine.
 pub fn down(plan: &LaunchPlan) -> anyhow::Result<ExitCode> {
     let Some(mut state) = RunState::load(&plan.run_dir)? else {
@@ -394,16 +392,7 @@ pub fn down(plan: &LaunchPlan) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     for record in state.processes.iter().rev() {
         if process::alive(record.pid) {
-            let killed = process::stop(record.pid, STOP_GRACE);
-            println!(
-                "  stopped {}{}",
-                record.name,
-                if killed {
-                    " (killed after the grace period)"
-                } else {
-                    ""
-                }
-            );
+            stop_reporting(record);
         }
     }
     state.processes.clear();
@@ -435,7 +424,7 @@ pub async fn status(plan: &LaunchPlan, json: bool) -> anyhow::Result<ExitCode> {
             .collect();
         let models: Vec<serde_json::Value> = models
             .iter()
-            .map(|m| serde_json::json!({"model": m.model, "ready": m.reason.is_empty(), "reason": m.reason, "nodes": m.nodes}))
+            .map(|m| serde_json::json!({"model": m.model, "ready": m.state == unfed_proto::ModelState::Ready as i32, "reason": m.reason, "nodes": m.nodes}))
             .collect();
         let out = serde_json::json!({"name": plan.name, "processes": processes, "models": models,
             "registry": state.registry, "chain": state.chain});
@@ -466,11 +455,7 @@ pub async fn status(plan: &LaunchPlan, json: bool) -> anyhow::Result<ExitCode> {
         );
     }
     for m in &models {
-        let status = if m.reason.is_empty() {
-            "READY".to_string()
-        } else {
-            format!("INCOMPLETE ({}: {})", m.reason, m.message)
-        };
+        let status = unfed_node::client::readiness_text(m);
         println!(
             "  model {}: {status}, {} node(s), shards {}/{}",
             m.model, m.nodes, m.text_shards_covered, m.text_shards_total

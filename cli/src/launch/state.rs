@@ -52,6 +52,22 @@ pub struct WalletRecord {
     pub key_file: PathBuf,
 }
 
+impl ChainRecord {
+    /// The token and escrow this chain record points at.
+    pub fn deployment(&self) -> anyhow::Result<unfed_chain::Deployment> {
+        let parse = |a: &Option<String>, what: &str| -> anyhow::Result<unfed_chain::Address> {
+            a.as_deref()
+                .with_context(|| format!("the {what} is not deployed yet"))?
+                .parse()
+                .with_context(|| format!("the recorded {what} address is not an EVM address"))
+        };
+        Ok(unfed_chain::Deployment {
+            token: parse(&self.token, "token")?,
+            escrow: parse(&self.escrow, "escrow")?,
+        })
+    }
+}
+
 impl RunState {
     pub fn path(run_dir: &Path) -> PathBuf {
         run_dir.join(STATE_FILE)

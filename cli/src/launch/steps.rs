@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use unfed_chain::{
-    Address, Chain, Deployment, EscrowParams, PrivateKeySigner, SlashDestination, U256,
+    Address, Chain, EscrowParams, PrivateKeySigner, SlashDestination, U256,
 };
 
 use unfed_proto::registry_client::RegistryClient;
@@ -149,22 +149,11 @@ fn operator(ctx: &Context) -> anyhow::Result<PrivateKeySigner> {
     }
 }
 
-fn wei(amount: TokenAmount) -> U256 {
+/// A spec amount in the token's smallest units.
+pub(crate) fn wei(amount: TokenAmount) -> U256 {
     U256::from(amount.wei())
 }
 
-fn deployment(record: &ChainRecord) -> anyhow::Result<Deployment> {
-    let parse = |a: &Option<String>, what: &str| -> anyhow::Result<Address> {
-        a.as_deref()
-            .with_context(|| format!("the {what} is not deployed yet"))?
-            .parse()
-            .context("bad address")
-    };
-    Ok(Deployment {
-        token: parse(&record.token, "token")?,
-        escrow: parse(&record.escrow, "escrow")?,
-    })
-}
 
 fn chain_input(inputs: &Inputs, ctx: &Context) -> anyhow::Result<ChainRecord> {
     if let Some(chain) = &inputs.chain {
@@ -228,7 +217,7 @@ fn node_signer(ctx: &Context, step: &Step) -> anyhow::Result<(PrivateKeySigner, 
 
 async fn fund_and_stake(ctx: &Context, inputs: Inputs) -> anyhow::Result<Outcome> {
     let mut record = inputs.chain.clone().context("no chain to stake on")?;
-    let deployment = deployment(&record)?;
+    let deployment = record.deployment()?;
     let operator = Chain::connect(&record.rpc_url, operator(ctx)?)?;
     let mut wallets = Vec::new();
     for step in ctx.plan.steps.iter().filter(|s| s.wallet.is_some()) {

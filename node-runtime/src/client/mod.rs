@@ -74,6 +74,15 @@ impl GenerateOutput {
     }
 }
 
+/// "READY", or "INCOMPLETE (reason: message)": how every tool shows a model's state.
+pub fn readiness_text(m: &ModelStatus) -> String {
+    if m.state == ModelState::Ready as i32 {
+        "READY".to_string()
+    } else {
+        format!("INCOMPLETE ({}: {})", m.reason, m.message)
+    }
+}
+
 pub struct Client {
     registry_addr: String,
     registry: RegistryClient<Channel>,
