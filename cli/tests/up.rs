@@ -296,3 +296,45 @@ fn two_conformance_runs_side_by_side_both_pass() {
         assert!(xml.contains("tests=\"5\" failures=\"0\""), "{xml}");
     }
 }
+
+#[test]
+fn a_vision_language_model_gets_its_vision_shard_after_the_text_shards() {
+    let fixture = std::fs::canonicalize("../tests/fixtures/models/idefics3-f32").unwrap();
+    let net = testnet(&format!(
+        "[model]\npath = \"{}\"\ntext_shards = 2\nvision_shards = 1\n",
+        fixture.display()
+    ));
+    let spec = net.spec.as_path();
+    let out = run(unfedctl().arg("up").arg(spec).arg("--detach"));
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(text(&out.stdout).contains("model      idefics3-f32 (READY)"));
+    let st = state(spec);
+    let names: Vec<&str> = st["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["anvil", "registry", "compute-0", "compute-1", "vision-0"]
+    );
+
+    let image = std::fs::canonicalize("../tests/fixtures/vision/square.png").unwrap();
+    let chat = run(unfedctl()
+        .arg("chat")
+        .arg(spec)
+        .arg("--image")
+        .arg(&image)
+        .args(["--prompt", "What is this?", "--max-tokens", "4", "--json"]));
+    assert!(chat.status.success(), "{}", text(&chat.stderr));
+    let answer: Value = serde_json::from_slice(&chat.stdout).unwrap();
+    assert_eq!(answer["token_ids"].as_array().unwrap().len(), 4);
+    // The image's placeholder rows are part of the prompt.
+    assert!(answer["prompt_tokens"].as_u64().unwrap() > 50, "{answer}");
+}

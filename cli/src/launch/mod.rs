@@ -36,9 +36,6 @@ fn unsupported(plan: &LaunchPlan) -> Vec<String> {
     if has(StepKind::MpcA) || has(StepKind::MpcB) {
         out.push("MPC nodes are not implemented yet; set [mpc] pairs = 0".into());
     }
-    if has(StepKind::Vision) {
-        out.push("vision shards are not implemented yet; set [model] vision_shards = 0".into());
-    }
     if has(StepKind::Web) {
         out.push("the web dashboard is not implemented yet; set [web] enabled = false".into());
     }
@@ -375,7 +372,11 @@ fn print_summary(ctx: &Context, state: &RunState, took: Duration) {
 /// Stop one process (SIGTERM, grace, SIGKILL) and say so.
 pub fn stop_reporting(record: &state::ProcessRecord) {
     let killed = process::stop(record.pid, STOP_GRACE);
-    let how = if killed { " (killed after the grace period)" } else { "" };
+    let how = if killed {
+        " (killed after the grace period)"
+    } else {
+        ""
+    };
     println!("  stopped {}{how}", record.name);
 }
 

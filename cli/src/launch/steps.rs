@@ -5,9 +5,7 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use unfed_chain::{
-    Address, Chain, EscrowParams, PrivateKeySigner, SlashDestination, U256,
-};
+use unfed_chain::{Address, Chain, EscrowParams, PrivateKeySigner, SlashDestination, U256};
 
 use unfed_proto::registry_client::RegistryClient;
 use unfed_proto::{DiscoverRequest, ListModelsRequest};
@@ -91,9 +89,10 @@ pub async fn run(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::Result<O
             })
         }
         StepKind::Registry => start_registry(ctx, step, inputs).await,
-        StepKind::Compute => start_compute(ctx, step, inputs).await,
+        StepKind::Compute => start_shard(ctx, step, inputs, false).await,
+        StepKind::Vision => start_shard(ctx, step, inputs, true).await,
         StepKind::Daemon => start_daemon(ctx, step, inputs).await,
-        StepKind::MpcA | StepKind::MpcB | StepKind::Vision | StepKind::Web => {
+        StepKind::MpcA | StepKind::MpcB | StepKind::Web => {
             bail!(
                 "{} cannot be started yet (see `unfedctl up --help`)",
                 step.name
@@ -153,7 +152,6 @@ fn operator(ctx: &Context) -> anyhow::Result<PrivateKeySigner> {
 pub(crate) fn wei(amount: TokenAmount) -> U256 {
     U256::from(amount.wei())
 }
-
 
 fn chain_input(inputs: &Inputs, ctx: &Context) -> anyhow::Result<ChainRecord> {
     if let Some(chain) = &inputs.chain {
@@ -496,7 +494,14 @@ async fn start_registry(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::R
     })
 }
 
-async fn start_compute(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::Result<Outcome> {
+/// A compute node for one text shard, or (`vision`) for one vision shard: the user
+/// guide's `--model-type smolvlm_vision`.
+async fn start_shard(
+    ctx: &Context,
+    step: &Step,
+    inputs: Inputs,
+    vision: bool,
+) -> anyhow::Result<Outcome> {
     let registry = inputs
         .registry
         .clone()
@@ -504,13 +509,17 @@ async fn start_compute(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::Re
     let mut cmd = ctx.node.role("compute");
     cmd.arg("--shard-index")
         .arg(step.shard.unwrap_or(0).to_string());
+    if vision {
+        cmd.args(["--model-type", "smolvlm_vision"]);
+    }
     cmd.arg("--shards-dir").arg(&ctx.plan.shards_dir);
     cmd.arg("--registry").arg(&registry);
     cmd.arg("--heartbeat-secs")
         .arg(ctx.loaded.spec.nodes.heartbeat_seconds.to_string());
     let eth_address = stake_identity(&mut cmd, step, &inputs);
     let readiness = Readiness::ListedBy(registry);
-    let (port, _) = spawn_node(ctx, step, "compute", cmd, eth_address, readiness).await?;
+    let kind = if vision { "vision" } else { "compute" };
+    let (port, _) = spawn_node(ctx, step, kind, cmd, eth_address, readiness).await?;
     Ok(Outcome {
         port: Some(port),
         ..Outcome::default()
