@@ -41,8 +41,12 @@ struct Testnet {
 }
 
 fn parse_addr(what: &str, v: &str, state: &Path) -> anyhow::Result<Address> {
-    v.parse()
-        .with_context(|| format!("{} records {what} {v:?}, which is not an EVM address", state.display()))
+    v.parse().with_context(|| {
+        format!(
+            "{} records {what} {v:?}, which is not an EVM address",
+            state.display()
+        )
+    })
 }
 
 fn testnet(spec_path: Option<&Path>) -> anyhow::Result<Testnet> {
@@ -58,10 +62,17 @@ fn testnet(spec_path: Option<&Path>) -> anyhow::Result<Testnet> {
         );
     };
     let Some(chain) = state.chain.clone() else {
-        bail!("testnet `{}` runs without a chain (chain.mode = \"none\"): there is nothing to earn or claim", plan.name);
+        bail!(
+            "testnet `{}` runs without a chain (chain.mode = \"none\"): there is nothing to earn or claim",
+            plan.name
+        );
     };
     let (Some(token), Some(escrow)) = (&chain.token, &chain.escrow) else {
-        bail!("testnet `{}` has no deployed contracts in {}; did `unfedctl up` finish?", plan.name, state_file.display());
+        bail!(
+            "testnet `{}` has no deployed contracts in {}; did `unfedctl up` finish?",
+            plan.name,
+            state_file.display()
+        );
     };
     let deployment = Deployment {
         token: parse_addr("the token", token, &state_file)?,
@@ -73,14 +84,21 @@ fn testnet(spec_path: Option<&Path>) -> anyhow::Result<Testnet> {
         .find(|p| p.kind == "daemon")
         .and_then(|p| p.port)
         .map(|port| format!("127.0.0.1:{port}"));
-    Ok(Testnet { display: loaded.display_path, chain, deployment, daemon })
+    Ok(Testnet {
+        display: loaded.display_path,
+        chain,
+        deployment,
+        daemon,
+    })
 }
 
 pub fn run(cmd: Commands) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     match cmd {
         Commands::Earnings { spec } => runtime.block_on(earnings(&testnet(spec.as_deref())?))?,
-        Commands::Claim { spec, node } => runtime.block_on(claim(&testnet(spec.as_deref())?, &node))?,
+        Commands::Claim { spec, node } => {
+            runtime.block_on(claim(&testnet(spec.as_deref())?, &node))?
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -93,26 +111,49 @@ fn reader(t: &Testnet) -> anyhow::Result<Chain> {
 async fn earnings(t: &Testnet) -> anyhow::Result<()> {
     let chain = reader(t)?;
     let d = &t.deployment;
-    println!("testnet {} (chain {} at {})", t.display, t.chain.chain_id, t.chain.rpc_url);
-    println!("{:<14} {:<44} {:>24} {:>24}", "NODE", "ADDRESS", "EARNINGS (unclaimed)", "WALLET");
+    println!(
+        "testnet {} (chain {} at {})",
+        t.display, t.chain.chain_id, t.chain.rpc_url
+    );
+    println!(
+        "{:<14} {:<44} {:>24} {:>24}",
+        "NODE", "ADDRESS", "EARNINGS (unclaimed)", "WALLET"
+    );
     for w in &t.chain.wallets {
-        let addr: Address = w.address.parse().with_context(|| format!("wallet of {} is not an address", w.node))?;
+        let addr: Address = w
+            .address
+            .parse()
+            .with_context(|| format!("wallet of {} is not an address", w.node))?;
         let earned = chain.earnings(d, addr).await?;
         let held = chain.token_balance(d, addr).await?;
-        println!("{:<14} {:<44} {:>24} {:>24}", w.node, w.address, format_amount(earned), format_amount(held));
+        println!(
+            "{:<14} {:<44} {:>24} {:>24}",
+            w.node,
+            w.address,
+            format_amount(earned),
+            format_amount(held)
+        );
     }
     if let Some(client) = &t.chain.client {
         let addr: Address = client.parse().context("the client address in state.json")?;
-        println!("client {client}: deposit left {}", format_amount(chain.client_balance(d, addr).await?));
+        println!(
+            "client {client}: deposit left {}",
+            format_amount(chain.client_balance(d, addr).await?)
+        );
     }
     let Some(daemon) = &t.daemon else {
         println!("no daemon runs in this testnet: no shares are recorded");
         return Ok(());
     };
     let st = match DaemonClient::connect(format!("http://{daemon}")).await {
-        Ok(mut c) => c.get_chain_status(GetChainStatusRequest {}).await.map(|r| r.into_inner()),
+        Ok(mut c) => c
+            .get_chain_status(GetChainStatusRequest {})
+            .await
+            .map(|r| r.into_inner()),
         Err(e) => {
-            println!("daemon at {daemon} is unreachable ({e}); is the testnet up? (`unfedctl status`)");
+            println!(
+                "daemon at {daemon} is unreachable ({e}); is the testnet up? (`unfedctl status`)"
+            );
             return Ok(());
         }
     };
@@ -125,11 +166,22 @@ async fn earnings(t: &Testnet) -> anyhow::Result<()> {
         st.pending_shares
     );
     for n in &st.nodes {
-        println!("  {:<44} {:>8} shares {:>10} input {:>10} output tokens", n.node_id, n.shares, n.input_tokens, n.output_tokens);
+        println!(
+            "  {:<44} {:>8} shares {:>10} input {:>10} output tokens",
+            n.node_id, n.shares, n.input_tokens, n.output_tokens
+        );
     }
     for s in &st.settlements {
-        let total = s.total.parse().map(format_amount).unwrap_or_else(|_| s.total.clone());
-        let error = if s.last_error.is_empty() { String::new() } else { format!(" (attempt {}: {})", s.attempts, s.last_error) };
+        let total = s
+            .total
+            .parse()
+            .map(format_amount)
+            .unwrap_or_else(|_| s.total.clone());
+        let error = if s.last_error.is_empty() {
+            String::new()
+        } else {
+            format!(" (attempt {}: {})", s.attempts, s.last_error)
+        };
         println!(
             "  settlement {} blocks {}..={} client {} total {} {}{error}",
             hex_short(&s.hash),
@@ -151,9 +203,14 @@ fn hex_short(b: &[u8]) -> String {
 async fn claim(t: &Testnet, node: &str) -> anyhow::Result<()> {
     let Some(w) = t.chain.wallets.iter().find(|w| w.node == node) else {
         let known: Vec<&str> = t.chain.wallets.iter().map(|w| w.node.as_str()).collect();
-        bail!("testnet {} has no node named `{node}`; its staked nodes are: {}", t.display, known.join(", "));
+        bail!(
+            "testnet {} has no node named `{node}`; its staked nodes are: {}",
+            t.display,
+            known.join(", ")
+        );
     };
-    let signer = unfed_chain::read_key_file(&w.key_file).with_context(|| format!("the wallet key of {node}"))?;
+    let signer = unfed_chain::read_key_file(&w.key_file)
+        .with_context(|| format!("the wallet key of {node}"))?;
     let chain = Chain::connect(&t.chain.rpc_url, signer)?;
     let d = &t.deployment;
     let due = chain.earnings(d, chain.address()).await?;
@@ -164,8 +221,16 @@ async fn claim(t: &Testnet, node: &str) -> anyhow::Result<()> {
             t.display
         );
     }
-    chain.claim_earnings(d).await.with_context(|| format!("claiming the earnings of {node}"))?;
+    chain
+        .claim_earnings(d)
+        .await
+        .with_context(|| format!("claiming the earnings of {node}"))?;
     let held = chain.token_balance(d, chain.address()).await?;
-    println!("{node} ({}) claimed {}; wallet now holds {}", w.address, format_amount(due), format_amount(held));
+    println!(
+        "{node} ({}) claimed {}; wallet now holds {}",
+        w.address,
+        format_amount(due),
+        format_amount(held)
+    );
     Ok(())
 }

@@ -493,7 +493,8 @@ impl Verbs {
                 self.spec_arg()
             )
         })?;
-        let d = record.deployment()
+        let d = record
+            .deployment()
             .with_context(|| format!("run `unfedctl chain deploy {}` first", self.spec_arg()))?;
         let chain = self.operator_chain(&record)?;
         Ok((record, d, chain))
@@ -534,5 +535,3 @@ impl Verbs {
         &self.ctx.loaded.display_path
     }
 }
-
-

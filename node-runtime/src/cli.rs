@@ -1,17 +1,17 @@
 //! The `unfed-node` command line: one subcommand per role.
 
-use std::net::SocketAddr;
 use std::ffi::OsString;
 use std::io::IsTerminal;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::{compute, registry, shutdown_signal};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::net::TcpListener;
-use crate::{compute, registry, shutdown_signal};
 
 /// UNFED node: run one role of the network (registry, compute, ...).
 #[derive(Parser)]
@@ -114,7 +114,8 @@ struct ComputeArgs {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -126,10 +127,14 @@ fn init_logging(format: LogFormat) {
 }
 
 pub(crate) async fn bind(host: &str, port: u16) -> Result<TcpListener> {
-    let addr: SocketAddr = format!("{host}:{port}").parse().with_context(|| format!("--host {host} is not an IP address"))?;
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr}: is another process using port {port}? pick another --port"))?;
+    let addr: SocketAddr = format!("{host}:{port}")
+        .parse()
+        .with_context(|| format!("--host {host} is not an IP address"))?;
+    let listener = TcpListener::bind(addr).await.with_context(|| {
+        format!(
+            "cannot listen on {addr}: is another process using port {port}? pick another --port"
+        )
+    })?;
     // One machine-readable line, so a launcher that passed --port 0 learns the port.
     println!("listening {}", listener.local_addr()?);
     Ok(listener)
@@ -140,25 +145,42 @@ async fn run_registry(a: RegistryArgs) -> Result<()> {
         Some(p) => registry::ClusterConfig::load(p)?,
         None => registry::ClusterConfig::default(),
     };
-    let rpc = a.chain_rpc.or(cluster.chain_rpc_url.clone()).filter(|s| !s.is_empty());
-    let escrow = a.escrow.or(cluster.escrow_contract_address.clone()).filter(|s| !s.is_empty());
+    let rpc = a
+        .chain_rpc
+        .or(cluster.chain_rpc_url.clone())
+        .filter(|s| !s.is_empty());
+    let escrow = a
+        .escrow
+        .or(cluster.escrow_contract_address.clone())
+        .filter(|s| !s.is_empty());
     let admission = match (rpc, escrow) {
         (Some(rpc), Some(escrow)) => {
-            let addr = escrow.parse().with_context(|| format!("escrow address {escrow:?} is not an EVM address"))?;
+            let addr = escrow
+                .parse()
+                .with_context(|| format!("escrow address {escrow:?} is not an EVM address"))?;
             tracing::info!(rpc = %rpc, escrow = %escrow, "stake-gated admission on");
-            Some(Arc::new(unfed_chain::AdmissionVerifier::new(&rpc, addr, Duration::from_secs(120))?))
+            Some(Arc::new(unfed_chain::AdmissionVerifier::new(
+                &rpc,
+                addr,
+                Duration::from_secs(120),
+            )?))
         }
         (None, None) => {
             tracing::info!("no chain configured: open admission");
             None
         }
-        _ => bail!("stake-gated admission needs both the chain RPC URL and the escrow address (--chain-rpc and --escrow, or chain_rpc_url and escrow_contract_address in the cluster config)"),
+        _ => bail!(
+            "stake-gated admission needs both the chain RPC URL and the escrow address (--chain-rpc and --escrow, or chain_rpc_url and escrow_contract_address in the cluster config)"
+        ),
     };
     let config = registry::RegistryConfig {
         heartbeat: Duration::from_secs(a.heartbeat_secs.max(1)),
         shards_dir: a.shards_dir,
         require_mpc: a.require_mpc.or(cluster.require_mpc).unwrap_or(false),
-        daemon_required_count: a.daemon_required_count.or(cluster.daemon_required_count).unwrap_or(0),
+        daemon_required_count: a
+            .daemon_required_count
+            .or(cluster.daemon_required_count)
+            .unwrap_or(0),
         admission,
         stake_recheck: Duration::from_secs(a.stake_recheck_secs.max(1)),
     };
@@ -177,12 +199,17 @@ async fn run_compute(a: ComputeArgs) -> Result<()> {
         unfed_chain::keys::ensure_key_matches(key, addr)?;
     }
     if stake_key.is_some() && a.eth_address.is_none() {
-        bail!("a stake key is configured but --eth-address is missing; pass the staked wallet's address");
+        bail!(
+            "a stake key is configured but --eth-address is missing; pass the staked wallet's address"
+        );
     }
     let listener = bind(&a.host, a.port).await?;
     let bound = listener.local_addr()?;
     let advertise = a.advertise.unwrap_or_else(|| bound.to_string());
-    let node_id = a.eth_address.or(a.node_id).unwrap_or_else(|| format!("compute-{}@{advertise}", a.shard_index));
+    let node_id = a
+        .eth_address
+        .or(a.node_id)
+        .unwrap_or_else(|| format!("compute-{}@{advertise}", a.shard_index));
     let dir = a.shards_dir.clone();
     let index = a.shard_index;
     let cfg = compute::ComputeConfig {
@@ -232,7 +259,10 @@ where
 {
     let cli = Cli::parse_from(args);
     init_logging(cli.log_format);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
