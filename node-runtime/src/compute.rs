@@ -14,7 +14,6 @@ use tonic::{Request, Response, Status};
 use unfed_model::{Manifest, ShardEntry};
 use unfed_proto::compute_client::ComputeClient;
 use unfed_proto::compute_server::{Compute, ComputeServer};
-use unfed_proto::registry_client::RegistryClient;
 use unfed_proto::*;
 
 use crate::engine::sampling::{Sampler, SamplingConfig};
@@ -538,14 +537,6 @@ fn registration(
     })
 }
 
-async fn registry_client(addr: &str) -> Result<RegistryClient<Channel>> {
-    let ep = Endpoint::from_shared(format!("http://{addr}"))
-        .with_context(|| format!("--registry {addr} is not a host:port"))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(10));
-    Ok(RegistryClient::new(ep.connect_lazy()))
-}
-
 /// Registers, then heartbeats; re-registers when the registry forgot the node. A
 /// rejected registration is fatal: the node cannot serve without admission.
 pub(crate) async fn membership(
@@ -555,79 +546,14 @@ pub(crate) async fn membership(
     registry: String,
     ready: tokio::sync::oneshot::Sender<Result<()>>,
 ) {
-    let mut ready = Some(ready);
-    let mut client = match registry_client(&registry).await {
-        Ok(c) => c,
-        Err(e) => {
-            if let Some(r) = ready.take() {
-                let _ = r.send(Err(e));
-            }
-            return;
-        }
+    let member = crate::membership::Member {
+        registry,
+        node_id: cfg.node_id.clone(),
+        what: "node",
+        heartbeat: cfg.heartbeat,
     };
-    let mut registered = false;
-    loop {
-        if !registered {
-            // Fresh timestamp and nonce on every registration.
-            let req = match registration(&cfg, &manifest, &entry) {
-                Ok(r) => r,
-                Err(e) => {
-                    if let Some(r) = ready.take() {
-                        let _ = r.send(Err(e));
-                    }
-                    return;
-                }
-            };
-            match client.register(req).await {
-                Ok(r) if r.get_ref().accepted => {
-                    tracing::info!(registry = %registry, "registered");
-                    registered = true;
-                    if let Some(r) = ready.take() {
-                        let _ = r.send(Ok(()));
-                    }
-                }
-                Ok(r) => {
-                    let r = r.into_inner();
-                    let err = anyhow::anyhow!(
-                        "the registry at {registry} refused this node ({}): {}",
-                        r.reason,
-                        r.message
-                    );
-                    match ready.take() {
-                        Some(tx) => {
-                            let _ = tx.send(Err(err));
-                            return;
-                        }
-                        None => tracing::error!("{err:#}"),
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(registry = %registry, "registry unreachable, retrying: {}", e.message())
-                }
-            }
-        } else {
-            match client
-                .heartbeat(HeartbeatRequest {
-                    node_id: cfg.node_id.clone(),
-                })
-                .await
-            {
-                Ok(r) if !r.get_ref().known => {
-                    tracing::warn!("the registry forgot this node; registering again");
-                    registered = false;
-                    continue;
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(registry = %registry, "heartbeat failed: {}", e.message()),
-            }
-        }
-        tokio::time::sleep(if registered {
-            cfg.heartbeat
-        } else {
-            Duration::from_millis(500)
-        })
-        .await;
-    }
+    crate::membership::keep_registered(member, || registration(&cfg, &manifest, &entry), ready)
+        .await
 }
 
 /// Serves the shard on `listener` until `shutdown`, registered with the registry while up.
@@ -694,7 +620,7 @@ pub async fn run(
 /// Best-effort unregistration on the way out (the registry drops silent nodes anyway).
 pub(crate) async fn unregister(cfg: &ComputeConfig) {
     if let Some(registry) = &cfg.registry
-        && let Ok(mut c) = registry_client(registry).await
+        && let Ok(mut c) = crate::membership::registry_client(registry)
     {
         match c
             .unregister(UnregisterRequest {

@@ -5,6 +5,7 @@ pub mod client;
 pub mod compute;
 pub mod daemon;
 pub mod engine;
+pub mod membership;
 pub mod registry;
 pub mod shares;
 pub mod vision;

@@ -88,19 +88,6 @@ fn secs(flag: &str, v: f64) -> Result<Duration> {
     Ok(Duration::from_secs_f64(v))
 }
 
-/// Binds `host:port` and prints `listening HOST:PORT`, the line launchers read to
-/// learn the port (like every role).
-async fn listen(host: &str, port: u16) -> Result<tokio::net::TcpListener> {
-    let at: std::net::SocketAddr = format!("{host}:{port}")
-        .parse()
-        .with_context(|| format!("--host {host} is not an IP address"))?;
-    let listener = tokio::net::TcpListener::bind(at).await.with_context(|| {
-        format!("cannot listen on {at}: is another process using port {port}? pick another --port")
-    })?;
-    println!("listening {}", listener.local_addr()?);
-    Ok(listener)
-}
-
 impl DaemonArgs {
     fn settler(&self) -> Result<Option<Settler>> {
         match (&self.chain_rpc, &self.escrow, &self.operator_key_file) {
@@ -157,7 +144,7 @@ impl DaemonArgs {
             window: Duration::from_secs(self.window_secs.max(1)),
             ..Limits::default()
         };
-        let listener = listen(&self.host, self.port).await?;
+        let listener = crate::cli::bind(&self.host, self.port).await?;
         let bound = listener.local_addr()?;
         let advertise = self.advertise.unwrap_or_else(|| bound.to_string());
         let node_id = self

@@ -15,10 +15,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Channel, Endpoint};
+
 use unfed_chain::Address;
 use unfed_proto::daemon_server::DaemonServer;
-use unfed_proto::registry_client::RegistryClient;
 use unfed_proto::*;
 
 pub use settle::{Prices, Settler};
@@ -85,14 +84,6 @@ fn produce(
     Ok(())
 }
 
-async fn registry_client(addr: &str) -> Result<RegistryClient<Channel>> {
-    let ep = Endpoint::from_shared(format!("http://{addr}"))
-        .with_context(|| format!("--registry {addr} is not a host:port"))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(10));
-    Ok(RegistryClient::new(ep.connect_lazy()))
-}
-
 fn registration(cfg: &DaemonConfig) -> Result<RegisterRequest> {
     let p = unfed_chain::RegistrationPayload::new_now(
         &cfg.node_id,
@@ -123,72 +114,13 @@ fn registration(cfg: &DaemonConfig) -> Result<RegisterRequest> {
 /// Registers as role "daemon", then heartbeats (re-registering when forgotten). The
 /// first outcome is reported on `ready`; a refusal then is fatal.
 async fn membership(cfg: Arc<DaemonConfig>, ready: tokio::sync::oneshot::Sender<Result<()>>) {
-    let mut ready = Some(ready);
-    let mut client = match registry_client(&cfg.registry).await {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = ready.take().map(|r| r.send(Err(e)));
-            return;
-        }
+    let member = crate::membership::Member {
+        registry: cfg.registry.clone(),
+        node_id: cfg.node_id.clone(),
+        what: "daemon",
+        heartbeat: cfg.heartbeat,
     };
-    let mut registered = false;
-    loop {
-        if !registered {
-            let req = match registration(&cfg) {
-                Ok(r) => r,
-                Err(e) => {
-                    let _ = ready.take().map(|r| r.send(Err(e)));
-                    return;
-                }
-            };
-            match client.register(req).await.map(|r| r.into_inner()) {
-                Ok(r) if r.accepted => {
-                    tracing::info!(registry = %cfg.registry, "registered as daemon");
-                    registered = true;
-                    let _ = ready.take().map(|r| r.send(Ok(())));
-                }
-                Ok(r) => {
-                    let err = anyhow::anyhow!(
-                        "the registry at {} refused this daemon ({}): {}",
-                        cfg.registry,
-                        r.reason,
-                        r.message
-                    );
-                    match ready.take() {
-                        Some(tx) => {
-                            let _ = tx.send(Err(err));
-                            return;
-                        }
-                        None => tracing::error!("{err:#}"),
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(registry = %cfg.registry, "registry unreachable, retrying: {}", e.message())
-                }
-            }
-        } else {
-            match client
-                .heartbeat(HeartbeatRequest {
-                    node_id: cfg.node_id.clone(),
-                })
-                .await
-            {
-                Ok(r) if !r.get_ref().known => {
-                    tracing::warn!("the registry forgot this daemon; registering again");
-                    registered = false;
-                    continue;
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!("heartbeat failed: {}", e.message()),
-            }
-        }
-        tokio::time::sleep(if registered {
-            cfg.heartbeat
-        } else {
-            Duration::from_millis(500)
-        })
-        .await;
-    }
+    crate::membership::keep_registered(member, || registration(&cfg), ready).await
 }
 
 /// Serves the daemon on `listener` until `shutdown`: gRPC, block production,
@@ -260,7 +192,7 @@ pub async fn run(
     ) {
         tracing::error!("final block failed: {e:#}");
     }
-    if let Ok(mut c) = registry_client(&cfg.registry).await {
+    if let Ok(mut c) = crate::membership::registry_client(&cfg.registry) {
         let _ = c
             .unregister(UnregisterRequest {
                 node_id: cfg.node_id.clone(),

@@ -10,9 +10,9 @@ use tonic::{Request, Response, Status};
 use unfed_proto::daemon_server::Daemon;
 use unfed_proto::*;
 
+use super::now_ms;
 use super::store::Store;
 use super::validate::{self, Limits, Reject};
-use super::{now_ms, registry_client};
 use crate::shares;
 
 /// Node id → share key, as registered; refreshed from the registry on a miss or a
@@ -43,7 +43,7 @@ impl KeyCache {
     }
 
     async fn fetch(&self) -> anyhow::Result<HashMap<String, VerifyingKey>> {
-        let mut c = registry_client(&self.registry).await?;
+        let mut c = crate::membership::registry_client(&self.registry)?;
         let nodes = c
             .discover(DiscoverRequest {
                 model: String::new(),
