@@ -441,6 +441,14 @@ impl Chain {
         Ok(!code.is_empty())
     }
 
+    /// Number of the latest block.
+    pub async fn block_number(&self) -> anyhow::Result<u64> {
+        self.provider
+            .get_block_number()
+            .await
+            .with_context(|| format!("cannot reach the chain at {}", self.rpc_url))
+    }
+
     /// Timestamp of the latest block (the chain's clock).
     pub async fn block_timestamp(&self) -> anyhow::Result<u64> {
         let block = self

@@ -133,13 +133,20 @@ fn up_detach_then_status_then_down_leaves_nothing_running() {
     let status = run(unfedctl().arg("status").arg(spec).arg("--json"));
     let status: Value = serde_json::from_slice(&status.stdout).unwrap();
     assert!(
-        status["processes"]
+        status["nodes"]
             .as_array()
             .unwrap()
             .iter()
             .all(|p| p["alive"] == true)
     );
     assert_eq!(status["models"][0]["ready"], true);
+    let compute = &status["nodes"][2];
+    assert_eq!(
+        (compute["name"].as_str(), compute["admitted"].as_bool()),
+        (Some("compute-0"), Some(true))
+    );
+    assert_eq!(compute["stake"], "200");
+    assert!(status["chain_height"].as_u64().unwrap() > 0);
 
     let pids = pids(&st);
     let ports: Vec<u16> = st["processes"]
@@ -337,4 +344,36 @@ fn a_vision_language_model_gets_its_vision_shard_after_the_text_shards() {
     assert_eq!(answer["token_ids"].as_array().unwrap().len(), 4);
     // The image's placeholder rows are part of the prompt.
     assert!(answer["prompt_tokens"].as_u64().unwrap() > 50, "{answer}");
+}
+
+#[test]
+fn without_a_chain_everything_runs_unstaked() {
+    let net = testnet("[chain]\nmode = \"none\"\n");
+    let spec = net.spec.as_path();
+    let out = run(unfedctl().arg("up").arg(spec).arg("--detach"));
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let st = state(spec);
+    let names: Vec<&str> = st["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["registry", "compute-0", "compute-1"]);
+    assert!(st["chain"].is_null());
+    let chat = run(unfedctl().arg("chat").arg(spec).args([
+        "--prompt",
+        "Hello",
+        "--max-tokens",
+        "4",
+        "--json",
+    ]));
+    assert!(chat.status.success(), "{}", text(&chat.stderr));
+    let answer: Value = serde_json::from_slice(&chat.stdout).unwrap();
+    assert_eq!(answer["token_ids"].as_array().unwrap().len(), 4);
 }

@@ -6,6 +6,9 @@ pub mod conformance;
 pub mod node_cmd;
 pub mod process;
 pub mod state;
+pub mod status;
+
+pub use status::status;
 pub mod steps;
 
 use std::process::ExitCode;
@@ -403,65 +406,6 @@ pub fn down(plan: &LaunchPlan) -> anyhow::Result<ExitCode> {
         plan.name,
         started.elapsed().as_secs_f64()
     );
-    Ok(ExitCode::SUCCESS)
-}
-
-pub async fn status(plan: &LaunchPlan, json: bool) -> anyhow::Result<ExitCode> {
-    let state = RunState::load(&plan.run_dir)?.unwrap_or_default();
-    let mut models = Vec::new();
-    if let Some(registry) = &state.registry
-        && let Ok(mut client) = unfed_node::client::Client::connect(registry).await
-    {
-        models = client.list_models().await.unwrap_or_default();
-    }
-    if json {
-        let processes: Vec<serde_json::Value> = state
-            .processes
-            .iter()
-            .map(|p| {
-                serde_json::json!({"name": p.name, "kind": p.kind, "pid": p.pid, "port": p.port,
-                    "shard": p.shard, "eth_address": p.eth_address, "alive": process::alive(p.pid)})
-            })
-            .collect();
-        let models: Vec<serde_json::Value> = models
-            .iter()
-            .map(|m| serde_json::json!({"model": m.model, "ready": m.state == unfed_proto::ModelState::Ready as i32, "reason": m.reason, "nodes": m.nodes}))
-            .collect();
-        let out = serde_json::json!({"name": plan.name, "processes": processes, "models": models,
-            "registry": state.registry, "chain": state.chain});
-        println!("{}", serde_json::to_string_pretty(&out)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    if state.processes.is_empty() {
-        println!("testnet '{}' is not running", plan.name);
-        return Ok(ExitCode::SUCCESS);
-    }
-    println!("testnet '{}'", plan.name);
-    for p in &state.processes {
-        let alive = if process::alive(p.pid) {
-            "alive"
-        } else {
-            "DEAD"
-        };
-        let port = p.port.map(|p| format!(":{p}")).unwrap_or_default();
-        let shard = p.shard.map(|s| format!("shard {s}")).unwrap_or_default();
-        println!(
-            "  {:<12} {:<9} {:<8} pid {:<7} {alive:<6} {} {}",
-            p.name,
-            p.kind,
-            port,
-            p.pid,
-            shard,
-            p.eth_address.as_deref().unwrap_or("")
-        );
-    }
-    for m in &models {
-        let status = unfed_node::client::readiness_text(m);
-        println!(
-            "  model {}: {status}, {} node(s), shards {}/{}",
-            m.model, m.nodes, m.text_shards_covered, m.text_shards_total
-        );
-    }
     Ok(ExitCode::SUCCESS)
 }
 

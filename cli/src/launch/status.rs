@@ -1,0 +1,193 @@
+//! `unfedctl status`: what runs, as the processes, the registry, the chain and the daemon
+//! see it.
+
+use std::process::ExitCode;
+
+use serde::Serialize;
+use unfed_proto::GetChainStatusRequest;
+use unfed_proto::daemon_client::DaemonClient;
+
+use super::process;
+use super::state::RunState;
+use crate::plan::LaunchPlan;
+
+#[derive(Serialize)]
+struct NodeStatus {
+    name: String,
+    kind: String,
+    shard: Option<usize>,
+    address: Option<String>,
+    pid: u32,
+    alive: bool,
+    /// Listed by the registry (admitted, stake still eligible); None for non-nodes.
+    admitted: Option<bool>,
+    last_heartbeat_ms_ago: Option<u64>,
+    eth_address: Option<String>,
+    stake: Option<String>,
+}
+
+#[derive(Serialize)]
+struct ModelLine {
+    model: String,
+    ready: bool,
+    status: String,
+    nodes: u32,
+    shards: String,
+}
+
+#[derive(Serialize)]
+struct Status {
+    name: String,
+    registry: Option<String>,
+    nodes: Vec<NodeStatus>,
+    models: Vec<ModelLine>,
+    chain_rpc: Option<String>,
+    chain_height: Option<u64>,
+    daemon_height: Option<u64>,
+}
+
+/// Roles the registry lists; everything else (anvil, registry) is not "admitted".
+const LISTED_KINDS: [&str; 3] = ["compute", "vision", "daemon"];
+
+async fn gather(plan: &LaunchPlan, state: &RunState) -> Status {
+    let mut listed = Vec::new();
+    let mut models = Vec::new();
+    if let Some(registry) = &state.registry
+        && let Ok(mut client) = unfed_node::membership::registry_client(registry)
+    {
+        let discover = unfed_proto::DiscoverRequest {
+            model: String::new(),
+        };
+        listed = client
+            .discover(discover)
+            .await
+            .map(|r| r.into_inner().nodes)
+            .unwrap_or_default();
+        let list = client.list_models(unfed_proto::ListModelsRequest {}).await;
+        models = list.map(|r| r.into_inner().models).unwrap_or_default();
+    }
+    let nodes = state
+        .processes
+        .iter()
+        .map(|p| {
+            let address = p.port.map(|port| format!("127.0.0.1:{port}"));
+            let entry = listed.iter().find(|n| Some(&n.address) == address.as_ref());
+            let wallet = state
+                .chain
+                .as_ref()
+                .and_then(|c| c.wallets.iter().find(|w| w.node == p.name));
+            NodeStatus {
+                name: p.name.clone(),
+                kind: p.kind.clone(),
+                shard: p.shard,
+                address,
+                pid: p.pid,
+                alive: process::alive(p.pid),
+                admitted: LISTED_KINDS
+                    .contains(&p.kind.as_str())
+                    .then_some(entry.is_some()),
+                last_heartbeat_ms_ago: entry.map(|n| n.last_seen_ms_ago),
+                eth_address: p.eth_address.clone(),
+                stake: wallet.map(|w| w.stake.clone()),
+            }
+        })
+        .collect();
+    let models = models
+        .iter()
+        .map(|m| ModelLine {
+            model: m.model.clone(),
+            ready: m.state == unfed_proto::ModelState::Ready as i32,
+            status: unfed_node::client::readiness_text(m),
+            nodes: m.nodes,
+            shards: format!("{}/{}", m.text_shards_covered, m.text_shards_total),
+        })
+        .collect();
+    let chain_height = match &state.chain {
+        Some(c) => chain_height(&c.rpc_url).await,
+        None => None,
+    };
+    let daemon = state
+        .processes
+        .iter()
+        .find(|p| p.kind == "daemon")
+        .and_then(|p| p.port);
+    let daemon_height = match daemon {
+        Some(port) => match DaemonClient::connect(format!("http://127.0.0.1:{port}")).await {
+            Ok(mut d) => d
+                .get_chain_status(GetChainStatusRequest {})
+                .await
+                .ok()
+                .map(|r| r.into_inner().height),
+            Err(_) => None,
+        },
+        None => None,
+    };
+    Status {
+        name: plan.name.clone(),
+        registry: state.registry.clone(),
+        nodes,
+        models,
+        chain_rpc: state.chain.as_ref().map(|c| c.rpc_url.clone()),
+        chain_height,
+        daemon_height,
+    }
+}
+
+async fn chain_height(rpc_url: &str) -> Option<u64> {
+    let chain = unfed_chain::Chain::connect(rpc_url, unfed_chain::dev_signer(0).ok()?).ok()?;
+    chain.block_number().await.ok()
+}
+
+pub async fn status(plan: &LaunchPlan, json: bool) -> anyhow::Result<ExitCode> {
+    let state = RunState::load(&plan.run_dir)?.unwrap_or_default();
+    let status = gather(plan, &state).await;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if status.nodes.is_empty() {
+        println!("testnet '{}' is not running", plan.name);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("testnet '{}'", plan.name);
+    println!(
+        "  {:<12} {:<9} {:<5} {:<16} {:<7} {:<5} {:<9} {:<9} {:<7} WALLET",
+        "NODE", "ROLE", "SHARD", "ADDRESS", "PID", "ALIVE", "ADMITTED", "HEARTBEAT", "STAKE"
+    );
+    for n in &status.nodes {
+        let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+        println!(
+            "  {:<12} {:<9} {:<5} {:<16} {:<7} {:<5} {:<9} {:<9} {:<7} {}",
+            n.name,
+            n.kind,
+            opt(n.shard.map(|s| s.to_string())),
+            opt(n.address.clone()),
+            n.pid,
+            if n.alive { "yes" } else { "DEAD" },
+            opt(n
+                .admitted
+                .map(|a| if a { "yes".into() } else { "NO".into() })),
+            opt(n
+                .last_heartbeat_ms_ago
+                .map(|ms| format!("{:.1}s ago", ms as f64 / 1e3))),
+            opt(n.stake.clone()),
+            n.eth_address.as_deref().unwrap_or("-"),
+        );
+    }
+    for m in &status.models {
+        println!(
+            "  model {}: {}, {} node(s), shards {}",
+            m.model, m.status, m.nodes, m.shards
+        );
+    }
+    if let Some(rpc) = &status.chain_rpc {
+        let height = status
+            .chain_height
+            .map_or("unreachable".into(), |h| format!("block {h}"));
+        println!("  chain {rpc}: {height}");
+    }
+    if let Some(h) = status.daemon_height {
+        println!("  share chain: height {h}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
