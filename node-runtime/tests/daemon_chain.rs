@@ -142,7 +142,7 @@ async fn every_rejection_reason_and_blocks_only_when_shares_are_pending() {
             tip.tip_height, height,
             "a block was produced with no shares pending"
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll again until the deadline
     }
     // Anchoring to the real tip is accepted.
     let mut anchored = a.next("s3");
@@ -237,7 +237,7 @@ async fn kill_9_mid_stream_then_restart_loses_nothing_and_counts_nothing_twice()
                             Err(_) => {
                                 failures += 1;
                                 assert!(Instant::now() < deadline, "daemon never came back");
-                                tokio::time::sleep(Duration::from_millis(20)).await;
+                                tokio::time::sleep(Duration::from_millis(20)).await; // poll again until the deadline
                             }
                         }
                     };

@@ -128,7 +128,7 @@ async fn staked_nodes_are_admitted_unstaked_refused_and_unstaking_hides_a_node_u
             "unstaked node still visible: {m:?}\n{}",
             net.logs()
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll again until the deadline
     }
     let err = format!(
         "{:#}",
@@ -160,7 +160,7 @@ async fn staked_nodes_are_admitted_unstaked_refused_and_unstaking_hides_a_node_u
             "re-staked node did not return within 15 s\n{}",
             net.logs()
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll again until the deadline
     }
     let out = client
         .generate(&name, &case.prompt_ids, &opts, |_| {})

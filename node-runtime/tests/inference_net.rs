@@ -249,7 +249,7 @@ async fn unknown_incomplete_and_too_long_requests_get_clear_errors_and_sigterm_u
             break m;
         }
         assert!(Instant::now() < deadline, "shard 0 never registered");
-        tokio::time::sleep(Duration::from_millis(25)).await;
+        tokio::time::sleep(Duration::from_millis(25)).await; // poll again until the deadline
     };
     assert_eq!(status.reason, "incomplete_text_coverage");
     assert_eq!(

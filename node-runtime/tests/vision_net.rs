@@ -143,7 +143,7 @@ async fn a_vision_node_process_completes_the_model_and_serves_features() {
             "text shards never covered: {m:?}\n{}",
             net.logs()
         );
-        tokio::time::sleep(Duration::from_millis(25)).await;
+        tokio::time::sleep(Duration::from_millis(25)).await; // poll again until the deadline
     }
     let mut args = net.compute_args(MODEL, 0, "0");
     args.extend([s("--model-type"), s("smolvlm_vision")]);
@@ -177,7 +177,7 @@ async fn a_vision_node_process_completes_the_model_and_serves_features() {
             Instant::now() < deadline,
             "the model stayed {m:?} after the vision node left"
         );
-        tokio::time::sleep(Duration::from_millis(25)).await;
+        tokio::time::sleep(Duration::from_millis(25)).await; // poll again until the deadline
     }
 }
 

@@ -71,7 +71,7 @@ impl Node {
                 return st;
             }
             assert!(Instant::now() < deadline, "node did not exit after SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(20)); // poll again until the deadline
         }
     }
 
@@ -86,7 +86,7 @@ impl Node {
                 Instant::now() < deadline,
                 "node still running after {within:?}"
             );
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(20)); // poll again until the deadline
         }
     }
 
@@ -206,7 +206,7 @@ impl Net {
                 "{model} never became READY with {nodes} nodes: {models:?}\n{}",
                 self.logs()
             );
-            tokio::time::sleep(Duration::from_millis(25)).await;
+            tokio::time::sleep(Duration::from_millis(25)).await; // poll again until the deadline
         }
     }
 

@@ -196,7 +196,7 @@ pub async fn wait_status(
             Instant::now() < deadline,
             "timed out waiting for {what}: {st:?}"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await; // poll again until the deadline
     }
 }
 
