@@ -377,54 +377,59 @@ async fn bench(a: BenchArgs) -> Result<ExitCode> {
         .collect();
     let runs = a.runs.max(1);
     let local = std::sync::Arc::new(local);
+    let opts = GenerateOptions {
+        max_tokens: a.tokens,
+        stop_on_eos: false,
+        ..Default::default()
+    };
+    // Single-process and network runs alternate, and the ratio is taken per pair, so a
+    // change in machine load during the benchmark hits both sides of each ratio alike.
     let mut single = Vec::new();
+    let mut network = Vec::new();
+    let mut overhead = Vec::new();
     for i in 0..=runs {
         let (m, p, n) = (local.clone(), prompt.clone(), a.tokens);
         let g = tokio::task::spawn_blocking(move || {
             unfed_node::engine::generate::generate(&m, &p, n, SamplingConfig::default(), false)
         })
         .await??;
-        if i > 0 {
-            single.push((g.prefill_ms, g.decode_ms, g.tokens.len().saturating_sub(1)));
+        let out = client.generate(&model, &prompt, &opts, |_| {}).await?;
+        if i == 0 {
+            continue; // warm-up
         }
+        single.push((g.prefill_ms, g.decode_ms, g.tokens.len().saturating_sub(1)));
+        network.push((
+            out.ttft_ms,
+            out.total_ms - out.ttft_ms,
+            out.tokens.len().saturating_sub(1),
+        ));
+        // Per hop: time in the handler not spent computing or waiting for the next hop.
+        let steps = out.tokens.len().max(1) as f64;
+        let hop_over: Vec<f64> = out
+            .hops
+            .iter()
+            .enumerate()
+            .map(|(k, h)| {
+                let downstream = out.hops.get(k + 1).map_or(0.0, |n| n.total_ms);
+                (h.total_ms - h.compute_ms - downstream) / steps
+            })
+            .collect();
+        let client_side = (out.total_ms - out.hops.first().map_or(0.0, |h| h.total_ms)) / steps;
+        overhead.push((hop_over, client_side));
     }
     drop(local);
-    let opts = GenerateOptions {
-        max_tokens: a.tokens,
-        stop_on_eos: false,
-        ..Default::default()
-    };
-    let mut network = Vec::new();
-    let mut overhead = Vec::new();
-    for i in 0..=runs {
-        let out = client.generate(&model, &prompt, &opts, |_| {}).await?;
-        if i > 0 {
-            network.push((
-                out.ttft_ms,
-                out.total_ms - out.ttft_ms,
-                out.tokens.len().saturating_sub(1),
-            ));
-            // Per hop: time in the handler not spent computing or waiting for the next hop.
-            let steps = out.tokens.len().max(1) as f64;
-            let hop_over: Vec<f64> = out
-                .hops
-                .iter()
-                .enumerate()
-                .map(|(k, h)| {
-                    let downstream = out.hops.get(k + 1).map_or(0.0, |n| n.total_ms);
-                    (h.total_ms - h.compute_ms - downstream) / steps
-                })
-                .collect();
-            let client_side = (out.total_ms - out.hops.first().map_or(0.0, |h| h.total_ms)) / steps;
-            overhead.push((hop_over, client_side));
-        }
-    }
+    let pair_ratios: Vec<f64> = single
+        .iter()
+        .zip(&network)
+        .filter(|(s, n)| s.1 > 0.0 && n.1 > 0.0)
+        .map(|(s, n)| (n.2 as f64 / n.1) / (s.2 as f64 / s.1))
+        .collect();
     let s = summarize(&single, prompt.len());
     let n = summarize(&network, prompt.len());
-    let ratio = if s.decode_tokens_per_s > 0.0 {
-        n.decode_tokens_per_s / s.decode_tokens_per_s
-    } else {
+    let ratio = if pair_ratios.is_empty() {
         0.0
+    } else {
+        median(pair_ratios)
     };
     let last = overhead.last().cloned().unwrap_or_default();
     if a.target.json {
@@ -451,7 +456,7 @@ async fn bench(a: BenchArgs) -> Result<ExitCode> {
                 sp.prefill_tokens_per_s, sp.decode_tokens_per_s, sp.ttft_ms
             );
         }
-        println!("decode ratio network/single: {ratio:.3}");
+        println!("decode ratio network/single (median of paired runs): {ratio:.3}");
         for (k, o) in last.0.iter().enumerate() {
             println!("hop {k} overhead: {o:.3} ms/token");
         }

@@ -149,96 +149,173 @@ fn rows_kernel_body<const FMA: bool>(
     rows: usize,
     out: &mut [f32],
 ) {
-    let mut buf = vec![0f32; cols];
-    for o in 0..n {
+    // Weight rows are widened once per group and reused by every token row.
+    let mut buf = vec![0f32; W_TILE * cols];
+    let mut o = 0;
+    while o < n {
+        let g = W_TILE.min(n - o);
         let r = first + o;
-        let wrow: &[f32] = match w {
-            WeightData::F32(v) => &v[r * cols..(r + 1) * cols],
+        let wrows: &[f32] = match w {
+            WeightData::F32(v) => &v[r * cols..(r + g) * cols],
             WeightData::Bf16(v) => {
-                widen(&v[r * cols..(r + 1) * cols], &mut buf);
-                &buf
+                widen(&v[r * cols..(r + g) * cols], &mut buf[..g * cols]);
+                &buf[..g * cols]
             }
         };
-        // Four token rows at a time share each load of the weight row (prefill).
-        let mut s = 0;
-        while s + 4 <= rows {
-            let x4 = [0, 1, 2, 3].map(|k| &x[(s + k) * cols..(s + k + 1) * cols]);
-            let d = dot4::<FMA>(wrow, x4);
-            out[o * rows + s..o * rows + s + 4].copy_from_slice(&d);
-            s += 4;
+        let out = &mut out[o * rows..(o + g) * rows];
+        if g == W_TILE {
+            let w4: [&[f32]; W_TILE] = std::array::from_fn(|k| &wrows[k * cols..(k + 1) * cols]);
+            tile_rows::<W_TILE, FMA>(w4, x, cols, rows, out);
+        } else {
+            for k in 0..g {
+                tile_rows::<1, FMA>(
+                    [&wrows[k * cols..(k + 1) * cols]],
+                    x,
+                    cols,
+                    rows,
+                    &mut out[k * rows..(k + 1) * rows],
+                );
+            }
         }
-        for s in s..rows {
-            out[o * rows + s] = dot::<FMA>(wrow, &x[s * cols..(s + 1) * cols]);
+        o += g;
+    }
+}
+
+/// Weight rows per register tile.
+const W_TILE: usize = 4;
+/// Token rows per register tile: 4 × 3 accumulators of 8 lanes plus the operands fit
+/// the 16 vector registers of AVX2, and each load feeds 3–4 FMAs (prefill is
+/// compute-bound; decode has one token row and stays bound by weight traffic).
+const X_TILE: usize = 3;
+
+/// `out[k * rows + s] = dot(w[k], x[s])` for every token row `s`.
+#[inline(always)]
+fn tile_rows<const R: usize, const FMA: bool>(
+    w: [&[f32]; R],
+    x: &[f32],
+    cols: usize,
+    rows: usize,
+    out: &mut [f32],
+) {
+    let xrow = |s: usize| &x[s * cols..(s + 1) * cols];
+    let mut s = 0;
+    while s + X_TILE <= rows {
+        let d = tile::<R, X_TILE, FMA>(w, std::array::from_fn(|t| xrow(s + t)));
+        for (k, dk) in d.iter().enumerate() {
+            out[k * rows + s..k * rows + s + X_TILE].copy_from_slice(dk);
+        }
+        s += X_TILE;
+    }
+    for s in s..rows {
+        let d = tile::<R, 1, FMA>(w, [xrow(s)]);
+        for (k, dk) in d.iter().enumerate() {
+            out[k * rows + s] = dk[0];
         }
     }
 }
 
-/// Dot products of `w` with four vectors, 8 lanes each.
+/// Dot products of `R` weight rows with `T` token rows, 8 lanes each, accumulated in
+/// registers; the pairwise lane reduction keeps rounding the same for every tile shape.
 #[inline(always)]
-fn dot4<const FMA: bool>(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
-    const L: usize = 8;
-    let mut acc = [[0f32; L]; 4];
-    let n = w.len() / L * L;
-    for i in (0..n).step_by(L) {
-        let wc = &w[i..i + L];
-        for k in 0..4 {
-            let xc = &x[k][i..i + L];
-            for j in 0..L {
-                acc[k][j] = if FMA {
-                    wc[j].mul_add(xc[j], acc[k][j])
-                } else {
-                    acc[k][j] + wc[j] * xc[j]
-                };
-            }
-        }
+fn tile<const R: usize, const T: usize, const FMA: bool>(
+    w: [&[f32]; R],
+    x: [&[f32]; T],
+) -> [[f32; T]; R] {
+    #[cfg(target_arch = "x86_64")]
+    if FMA {
+        // SAFETY: FMA is only true under `rows_kernel_avx2`, whose caller checked the CPU.
+        return unsafe { tile_avx2::<R, T>(w, x) };
     }
-    let mut out = [0f32; 4];
-    for k in 0..4 {
-        let mut a = acc[k];
-        let mut width = L;
-        while width > 1 {
-            width /= 2;
-            for i in 0..width {
-                a[i] += a[i + width];
+    tile_portable::<R, T, FMA>(w, x)
+}
+
+/// The AVX2 form of [`tile_portable`] (same FMA order per lane, same reduction, so the
+/// same bits): the compiler does not keep the portable form's 96 accumulators in registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn tile_avx2<const R: usize, const T: usize>(
+    w: [&[f32]; R],
+    x: [&[f32]; T],
+) -> [[f32; T]; R] {
+    use std::arch::x86_64::*;
+    const L: usize = 8;
+    let cols = w[0].len();
+    assert!(w.iter().all(|v| v.len() == cols) && x.iter().all(|v| v.len() == cols));
+    let n = cols / L * L;
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    let mut i = 0;
+    while i < n {
+        // SAFETY: i + L <= n <= cols, the length of every row (asserted above).
+        let xv: [__m256; T] =
+            std::array::from_fn(|t| unsafe { _mm256_loadu_ps(x[t].as_ptr().add(i)) });
+        for r in 0..R {
+            let wv = unsafe { _mm256_loadu_ps(w[r].as_ptr().add(i)) };
+            for t in 0..T {
+                acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
             }
         }
-        let tail: f32 = (n..w.len()).map(|i| w[i] * x[k][i]).sum();
-        out[k] = a[0] + tail;
+        i += L;
+    }
+    let mut out = [[0f32; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            let mut a = [0f32; L];
+            // SAFETY: `a` holds exactly L floats.
+            unsafe { _mm256_storeu_ps(a.as_mut_ptr(), acc[r][t]) };
+            out[r][t] = reduce_lanes(a) + (n..cols).map(|i| w[r][i] * x[t][i]).sum::<f32>();
+        }
     }
     out
 }
 
-/// Dot product with 16 independent accumulators so the compiler keeps two vector
-/// registers busy.
+/// Pairwise sum of the lanes: symmetric rounding, identical in both kernels.
 #[inline(always)]
-fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
-    const L: usize = 16;
-    let mut acc = [0f32; L];
-    let ca = a.chunks_exact(L);
-    let cb = b.chunks_exact(L);
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..L {
-            acc[i] = if FMA {
-                x[i].mul_add(y[i], acc[i])
-            } else {
-                acc[i] + x[i] * y[i]
-            };
-        }
-    }
-    let mut tail = 0f32;
-    for (x, y) in ra.iter().zip(rb) {
-        tail += x * y;
-    }
-    // Pairwise reduction keeps rounding symmetric.
-    let mut width = L;
+fn reduce_lanes(mut a: [f32; 8]) -> f32 {
+    let mut width = a.len();
     while width > 1 {
         width /= 2;
         for i in 0..width {
-            acc[i] += acc[i + width];
+            a[i] += a[i + width];
         }
     }
-    acc[0] + tail
+    a[0]
+}
+
+#[inline(always)]
+fn tile_portable<const R: usize, const T: usize, const FMA: bool>(
+    w: [&[f32]; R],
+    x: [&[f32]; T],
+) -> [[f32; T]; R] {
+    const L: usize = 8;
+    let cols = w[0].len();
+    let n = cols / L * L;
+    let wb: [&[f32]; R] = w.map(|v| &v[..n]);
+    let xb: [&[f32]; T] = x.map(|v| &v[..n]);
+    let mut acc = [[[0f32; L]; T]; R];
+    for i in (0..n).step_by(L) {
+        let xc: [&[f32; L]; T] = xb.map(|v| v[i..i + L].try_into().unwrap());
+        for r in 0..R {
+            let wc: &[f32; L] = wb[r][i..i + L].try_into().unwrap();
+            for t in 0..T {
+                for j in 0..L {
+                    acc[r][t][j] = if FMA {
+                        wc[j].mul_add(xc[t][j], acc[r][t][j])
+                    } else {
+                        acc[r][t][j] + wc[j] * xc[t][j]
+                    };
+                }
+            }
+        }
+    }
+    let mut out = [[0f32; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            let tail: f32 = (n..cols).map(|i| w[r][i] * x[t][i]).sum();
+            out[r][t] = reduce_lanes(acc[r][t]) + tail;
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -282,6 +359,40 @@ mod tests {
             let want = naive(reference, &x, rows, out, inp);
             for (a, b) in y.iter().zip(&want) {
                 assert!((a - (b + 0.5)).abs() < 1e-3, "{a} vs {}", b + 0.5);
+            }
+        }
+    }
+
+    /// Every output element is the same sequence of FMAs whatever the tile it falls in,
+    /// so a token's row is bit-identical whether it is computed in a prefill batch or
+    /// alone (decode) — replicas re-executing a hop reproduce it exactly.
+    #[test]
+    fn results_do_not_depend_on_the_batch() {
+        let (out, inp) = (11, 45);
+        let w: Vec<u16> = (0..out * inp)
+            .map(|i| ((((i * 7919 % 211) as f32 - 105.0) / 64.0).to_bits() >> 16) as u16)
+            .collect();
+        let lin = Linear {
+            weight: WeightData::Bf16(w),
+            out_dim: out,
+            in_dim: inp,
+            bias: None,
+        };
+        for rows in 1..=8 {
+            let x: Vec<f32> = (0..rows * inp)
+                .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
+                .collect();
+            let batch = lin.forward(&x, rows);
+            for s in 0..rows {
+                let alone = lin.forward(&x[s * inp..(s + 1) * inp], 1);
+                let same = batch[s * out..(s + 1) * out]
+                    .iter()
+                    .zip(&alone)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "row {s} of a {rows}-row batch differs from the row alone"
+                );
             }
         }
     }
