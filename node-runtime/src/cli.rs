@@ -68,6 +68,13 @@ struct RegistryArgs {
     /// A model is READY only with an MPC node serving shard 0.
     #[arg(long, env = "UNFED_REQUIRE_MPC", value_parser = clap::builder::BoolishValueParser::new())]
     require_mpc: Option<bool>,
+    /// he_dispute_rollout_stage: what a guilty fraud verdict does — shadow (record),
+    /// soft (also exclude the node), enforced (also slash its stake on-chain).
+    #[arg(long, value_enum, default_value = "enforced")]
+    dispute_stage: crate::verify::adjudicate::Stage,
+    /// The escrow operator's key file (0600), for slashing in the enforced stage.
+    #[arg(long, env = crate::daemon::args::OPERATOR_KEY_FILE_ENV)]
+    operator_key_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -111,6 +118,56 @@ struct ComputeArgs {
     /// Daemon host:port for compute shares (default: the daemon the registry lists).
     #[arg(long)]
     daemon: Option<String>,
+    /// Fraction of the neighbouring hops this node spot-checks by re-execution on an
+    /// independent replica (0 disables; needs --registry).
+    #[arg(long, default_value_t = 0.05, value_parser = fraction)]
+    spot_check: f64,
+    /// Test/demo only: cheat in this way. Refused unless --chain-rpc is a local Anvil.
+    #[arg(long, value_enum)]
+    cheat: Option<crate::verify::cheat::Cheat>,
+    /// Chain RPC URL (checked to be a local Anvil before --cheat is allowed).
+    #[arg(long)]
+    chain_rpc: Option<String>,
+}
+
+fn fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("`{s}` is not a fraction between 0 and 1")),
+    }
+}
+
+/// Cheating is for tests and demos against a throwaway chain: the RPC must be on this
+/// machine and answer with Anvil's chain id.
+async fn ensure_local_anvil(cheat: crate::verify::cheat::Cheat, rpc: Option<&str>) -> Result<()> {
+    let hint = "cheating modes only run against a local Anvil chain; start the testnet with [chain] mode = \"anvil\" and pass --chain-rpc http://127.0.0.1:PORT";
+    let Some(rpc) = rpc else {
+        bail!("--cheat {cheat:?} needs --chain-rpc: {hint}");
+    };
+    let host = rpc
+        .split("://")
+        .nth(1)
+        .unwrap_or(rpc)
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let local = matches!(host, "127.0.0.1" | "localhost" | "[::1]");
+    // Only reads the chain id: any key will do.
+    let chain = unfed_chain::Chain::connect(rpc, unfed_chain::keys::dev_signer(0)?)?;
+    let id = chain
+        .chain_id()
+        .await
+        .with_context(|| format!("asking {rpc} for its chain id"))?;
+    if !local || id != 31337 {
+        bail!(
+            "--chain-rpc {rpc} is chain {id} on {host}, not a local Anvil (31337 on loopback): {hint}"
+        );
+    }
+    Ok(())
 }
 
 fn init_logging(format: LogFormat) {
@@ -153,6 +210,28 @@ async fn run_registry(a: RegistryArgs) -> Result<()> {
         .escrow
         .or(cluster.escrow_contract_address.clone())
         .filter(|s| !s.is_empty());
+    let slasher = match (&rpc, &escrow, &a.operator_key_file) {
+        (Some(rpc), Some(escrow), Some(key)) => {
+            let signer = unfed_chain::read_key_file(key)
+                .with_context(|| format!("--operator-key-file {}", key.display()))?;
+            Some(crate::verify::adjudicate::Slasher {
+                chain: unfed_chain::Chain::connect(rpc, signer)?,
+                deployment: unfed_chain::Deployment {
+                    token: unfed_chain::Address::ZERO,
+                    escrow: escrow.parse().with_context(|| {
+                        format!("escrow address {escrow:?} is not an EVM address")
+                    })?,
+                },
+            })
+        }
+        (_, _, Some(_)) => bail!(
+            "--operator-key-file is for slashing on-chain and needs the chain RPC URL and the escrow address too"
+        ),
+        _ => None,
+    };
+    if a.dispute_stage == crate::verify::adjudicate::Stage::Enforced && slasher.is_none() {
+        tracing::info!("no operator key: guilty nodes are excluded but not slashed");
+    }
     let admission = match (rpc, escrow) {
         (Some(rpc), Some(escrow)) => {
             let addr = escrow
@@ -183,6 +262,10 @@ async fn run_registry(a: RegistryArgs) -> Result<()> {
             .unwrap_or(0),
         admission,
         stake_recheck: Duration::from_secs(a.stake_recheck_secs.max(1)),
+        adjudicator: Arc::new(crate::verify::adjudicate::Adjudicator::new(
+            a.dispute_stage,
+            slasher,
+        )),
     };
     let listener = bind(&a.host, a.port).await?;
     registry::run(config, listener, shutdown_signal()).await
@@ -202,6 +285,10 @@ async fn run_compute(a: ComputeArgs) -> Result<()> {
         bail!(
             "a stake key is configured but --eth-address is missing; pass the staked wallet's address"
         );
+    }
+    if let Some(cheat) = a.cheat {
+        ensure_local_anvil(cheat, a.chain_rpc.as_deref()).await?;
+        tracing::warn!(?cheat, "this node CHEATS (test/demo mode)");
     }
     let listener = bind(&a.host, a.port).await?;
     let bound = listener.local_addr()?;
@@ -225,6 +312,8 @@ async fn run_compute(a: ComputeArgs) -> Result<()> {
         stake_key,
         share_key: crate::shares::generate_key(),
         daemon: a.daemon,
+        spot_check: a.spot_check,
+        cheat: a.cheat,
     };
     if vision {
         let shard = tokio::task::spawn_blocking(move || {

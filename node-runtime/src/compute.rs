@@ -20,6 +20,10 @@ use crate::engine::sampling::{Sampler, SamplingConfig};
 use crate::engine::{
     Session, SessionStore, ShardInput, ShardModel, ShardOutput, ShardSpec, WeightFiles,
 };
+use crate::verify::attest;
+use crate::verify::cheat::Cheat;
+use crate::verify::reexec::{HopOutput, reexecute};
+use crate::verify::spot::{Peers, SpotChecker, Suspect, check_incoming};
 use crate::wire;
 
 pub struct ComputeConfig {
@@ -39,6 +43,10 @@ pub struct ComputeConfig {
     pub share_key: ed25519_dalek::SigningKey,
     /// Daemon host:port for compute shares; `None`: the daemon the registry lists.
     pub daemon: Option<String>,
+    /// Fraction of the neighbours' hops this node spot-checks (needs a registry).
+    pub spot_check: f64,
+    /// Test/demo only: how this node cheats.
+    pub cheat: Option<Cheat>,
 }
 
 /// The loaded shard and its manifest entry.
@@ -117,9 +125,64 @@ struct Inner {
     forwards: std::sync::atomic::AtomicU64,
     /// One signed compute share per served hop, submitted in the background.
     shares: Option<crate::shares::ShareSink>,
+    /// Signs this node's forward attestations (the registered share key).
+    key: ed25519_dalek::SigningKey,
+    cheat: Option<Cheat>,
+    /// Registered nodes (attestation keys); `None` when serving unregistered.
+    peers: Option<Arc<Peers>>,
+    checker: Option<Arc<SpotChecker>>,
+    inputs: InputLog,
 }
 
-fn sampling_of(p: Option<&SamplingParams>) -> SamplingConfig {
+/// Each session's inputs and sampling, kept so that a spot checker can have a hop
+/// re-executed; bounded like the KV caches they accompany.
+#[derive(Default)]
+struct InputLog {
+    sessions: Mutex<(
+        std::collections::VecDeque<String>,
+        HashMap<String, (Option<SamplingParams>, Vec<StepInput>)>,
+    )>,
+}
+
+/// Sessions whose inputs are kept (the oldest are forgotten first).
+const INPUT_LOG_SESSIONS: usize = 1024;
+
+impl InputLog {
+    fn record(&self, session: &str, step: u32, input: StepInput, sampling: Option<SamplingParams>) {
+        let mut g = self.sessions.lock().expect("input log poisoned");
+        let (order, map) = &mut *g;
+        if !map.contains_key(session) {
+            if order.len() >= INPUT_LOG_SESSIONS
+                && let Some(old) = order.pop_front()
+            {
+                map.remove(&old);
+            }
+            order.push_back(session.to_string());
+        }
+        let entry = map.entry(session.to_string()).or_default();
+        if step == 0 {
+            *entry = (sampling, Vec::new());
+        }
+        if entry.1.len() == step as usize {
+            entry.1.push(input);
+        }
+    }
+
+    fn get(&self, session: &str, up_to: u32) -> Option<(Option<SamplingParams>, Vec<StepInput>)> {
+        let g = self.sessions.lock().expect("input log poisoned");
+        let (sampling, inputs) = g.1.get(session)?;
+        let n = up_to as usize + 1;
+        (inputs.len() >= n).then(|| (sampling.clone(), inputs[..n].to_vec()))
+    }
+
+    fn forget(&self, session: &str) {
+        let mut g = self.sessions.lock().expect("input log poisoned");
+        g.1.remove(session);
+        g.0.retain(|s| s != session);
+    }
+}
+
+pub(crate) fn sampling_of(p: Option<&SamplingParams>) -> SamplingConfig {
     let p = p.cloned().unwrap_or_default();
     SamplingConfig {
         temperature: p.temperature,
@@ -137,6 +200,20 @@ fn sampling_of(p: Option<&SamplingParams>) -> SamplingConfig {
 impl ComputeService {
     pub fn new(shard: LoadedShard, cfg: &ComputeConfig) -> Self {
         let shares = share_sink(cfg, &shard);
+        let peers = cfg
+            .registry
+            .clone()
+            .map(|r| Arc::new(Peers::new(r, shard.manifest.model_id.clone())));
+        let checker = match (&peers, &cfg.registry) {
+            (Some(p), Some(r)) if cfg.spot_check > 0.0 => Some(Arc::new(SpotChecker::new(
+                cfg.spot_check,
+                cfg.node_id.clone(),
+                cfg.share_key.clone(),
+                r.clone(),
+                p.clone(),
+            ))),
+            _ => None,
+        };
         Self {
             inner: Arc::new(Inner {
                 shard,
@@ -146,6 +223,11 @@ impl ComputeService {
                 channels: Mutex::new(HashMap::new()),
                 forwards: std::sync::atomic::AtomicU64::new(0),
                 shares,
+                key: cfg.share_key.clone(),
+                cheat: cfg.cheat,
+                peers,
+                checker,
+                inputs: InputLog::default(),
             }),
         }
     }
@@ -167,6 +249,129 @@ impl ComputeService {
         let c = ep.connect_lazy();
         map.insert(address.to_string(), c.clone());
         Ok(c)
+    }
+
+    fn refuse_hop(&self, why: String) -> Status {
+        Status::permission_denied(format!(
+            "node {} (shard {}): {why}",
+            self.inner.node_id,
+            self.shard_index()
+        ))
+    }
+
+    /// This node's signed statement of the step it just computed.
+    fn attest(
+        &self,
+        (session, step): (&str, u32),
+        input: &StepInput,
+        output: &[u8],
+        shape: &[u64],
+        dtype: DType,
+    ) -> Attestation {
+        let mut a = Attestation {
+            node_id: self.inner.node_id.clone(),
+            model_id: self.inner.shard.manifest.model_id.clone(),
+            shard_index: self.shard_index(),
+            session_id: session.to_string(),
+            step,
+            input_digest: attest::input_digest(input),
+            output_digest: attest::digest(output),
+            output_shape: shape.to_vec(),
+            output_dtype: dtype as i32,
+            signature: Vec::new(),
+        };
+        if self.inner.cheat == Some(Cheat::ForgeAttestation) {
+            attest::sign(&crate::shares::generate_key(), &mut a);
+        } else {
+            attest::sign(&self.inner.key, &mut a);
+        }
+        a
+    }
+
+    /// Reports `a` when it fails its signature check under the signer's registered
+    /// key (other mismatches are refused but prove nothing to a third party).
+    fn suspect_forgery(&self, a: &Attestation) {
+        let (Some(peers), Some(checker)) = (self.inner.peers.clone(), self.inner.checker.clone())
+        else {
+            return;
+        };
+        let a = a.clone();
+        tokio::spawn(async move {
+            if let Ok(key) = peers.key(&a.node_id).await
+                && attest::verify(&key, &a).is_err()
+            {
+                checker.report_forgery(a);
+            }
+        });
+    }
+
+    fn cheat(&self, cheat: Cheat, out: ShardOutput, req: &ForwardRequest) -> ShardOutput {
+        let hidden = match &req.input {
+            Some(forward_request::Input::Hidden(h)) => wire::decode(h).ok().map(|d| d.0),
+            _ => None,
+        };
+        let tokens = match &req.input {
+            Some(forward_request::Input::Tokens(t)) => Some(t.ids.as_slice()),
+            _ => None,
+        };
+        cheat.corrupt(&self.inner.shard.model, out, hidden.as_deref(), tokens)
+    }
+
+    /// The last hop's token comes back through this node: its attestation must cover
+    /// the hidden state this node sent and the token returned; sampled ones are
+    /// spot-checked.
+    async fn check_last_hop(
+        &self,
+        next: &Hop,
+        resp: &ForwardResponse,
+        session: &str,
+        step: u32,
+        sent_digest: &[u8],
+        sampling: Option<SamplingParams>,
+    ) -> Result<(), Status> {
+        let Some(peers) = &self.inner.peers else {
+            return Ok(());
+        };
+        let bad = |why: String| {
+            self.refuse_hop(format!(
+                "the last hop {} (shard {}) returned {why}",
+                next.node_id, next.shard_index
+            ))
+        };
+        let a = resp
+            .last_attestation
+            .clone()
+            .ok_or_else(|| bad("no attestation".into()))?;
+        if a.node_id != next.node_id || a.session_id != session || a.step != step {
+            return Err(bad(format!(
+                "an attestation for another hop ({} step {})",
+                a.node_id, a.step
+            )));
+        }
+        let key = peers
+            .key(&a.node_id)
+            .await
+            .map_err(|e| bad(format!("{e:#}")))?;
+        if let Err(e) = attest::verify(&key, &a) {
+            self.suspect_forgery(&a);
+            return Err(bad(format!("an invalid attestation: {e:#}")));
+        }
+        if a.input_digest != sent_digest
+            || a.output_digest != attest::digest(&resp.token_id.to_le_bytes())
+        {
+            return Err(bad("an attestation of another input or token".into()));
+        }
+        if let Some(c) = &self.inner.checker
+            && let Some(attestations) = c.observe(&a)
+        {
+            c.spawn(Suspect {
+                attestations,
+                output: HopOutput::Token(resp.token_id),
+                sampling,
+                dtype: DType::DtypeF32,
+            });
+        }
+        Ok(())
     }
 
     /// Runs this shard's layers for one step.
@@ -320,10 +525,54 @@ impl Compute for ComputeService {
             )));
         }
         let rows = input_rows(&req);
-        let out = self.run_local(&req).await?;
+        let step_input = attest::step_input_of(&req.input, &req.penalty_tokens);
+        // The previous hop must have attested exactly the hidden state we received.
+        let prev = match (&req.input, &self.inner.peers) {
+            (Some(forward_request::Input::Hidden(h)), Some(peers)) => {
+                let a = req.attestations.last().cloned().ok_or_else(|| {
+                    self.refuse_hop("the previous hop sent no attestation".into())
+                })?;
+                check_incoming(
+                    peers,
+                    &a,
+                    model_id,
+                    self.shard_index(),
+                    &req.session_id,
+                    req.step,
+                    &h.data,
+                )
+                .await
+                .map_err(|e| {
+                    self.suspect_forgery(&a);
+                    self.refuse_hop(format!("rejected the hop from {}: {e:#}", a.node_id))
+                })?;
+                Some((a, h.clone()))
+            }
+            _ => None,
+        };
+        self.inner.inputs.record(
+            &req.session_id,
+            req.step,
+            step_input.clone(),
+            req.sampling.clone(),
+        );
+        let mut out = self.run_local(&req).await?;
+        if let Some(cheat) = self.inner.cheat {
+            out = self.cheat(cheat, out, &req);
+        }
         self.inner
             .forwards
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let (Some((a, h)), Some(c)) = (&prev, &self.inner.checker)
+            && let Some(attestations) = c.observe(a)
+        {
+            c.spawn(Suspect {
+                attestations,
+                output: HopOutput::Hidden(h.clone()),
+                sampling: req.sampling.clone(),
+                dtype: DType::try_from(h.dtype).unwrap_or(DType::DtypeF32),
+            });
+        }
         let hop = (req.session_id.clone(), req.step, req.client.clone());
         let record = |activation: &[u8]| {
             if let Some(sink) = &self.inner.shares {
@@ -356,11 +605,19 @@ impl Compute for ComputeService {
                     .config()
                     .eos_token_ids
                     .contains(&token);
+                let att = self.attest(
+                    (&req.session_id, req.step),
+                    &step_input,
+                    &token.to_le_bytes(),
+                    &[],
+                    DType::DtypeF32,
+                );
                 Ok(Response::new(ForwardResponse {
                     token_id: token,
                     logprob: v[1],
                     is_eos,
                     timings: vec![me(started.elapsed().as_secs_f64() * 1e3)],
+                    last_attestation: Some(att),
                 }))
             }
             ShardOutput::Hidden { data, seq } => {
@@ -372,13 +629,25 @@ impl Compute for ComputeService {
                     )));
                 }
                 let next = req.route.remove(0);
+                let next_is_last = req.route.is_empty();
                 // Consumed here: later shards see only hidden states.
                 req.image_features = None;
                 let h = self.inner.shard.model.config().hidden_size;
                 let dtype = DType::try_from(req.hidden_dtype).unwrap_or(DType::DtypeF32);
                 let hidden = wire::encode(&data, &[1, seq, h], dtype);
                 record(&hidden.data);
+                let att = self.attest(
+                    (&req.session_id, req.step),
+                    &step_input,
+                    &hidden.data,
+                    &hidden.shape,
+                    dtype,
+                );
+                let sent_digest = att.output_digest.clone();
+                req.attestations = vec![att];
                 req.input = Some(forward_request::Input::Hidden(hidden));
+                let sampling = req.sampling.clone();
+                let (session, step) = (req.session_id.clone(), req.step);
                 let mut client = ComputeClient::new(self.channel(&next.address)?);
                 let mut resp = match client.forward(req).await {
                     Ok(r) => r.into_inner(),
@@ -402,6 +671,10 @@ impl Compute for ComputeService {
                         )));
                     }
                 };
+                if next_is_last {
+                    self.check_last_hop(&next, &resp, &session, step, &sent_digest, sampling)
+                        .await?;
+                }
                 resp.timings
                     .insert(0, me(started.elapsed().as_secs_f64() * 1e3));
                 Ok(Response::new(resp))
@@ -415,6 +688,10 @@ impl Compute for ComputeService {
     ) -> Result<Response<EndSessionResponse>, Status> {
         let mut req = req.into_inner();
         self.inner.sessions.end(&req.session_id);
+        self.inner.inputs.forget(&req.session_id);
+        if let Some(c) = &self.inner.checker {
+            c.forget(&req.session_id);
+        }
         if !req.route.is_empty() {
             let next = req.route.remove(0);
             if let Ok(c) = self.channel(&next.address) {
@@ -423,6 +700,57 @@ impl Compute for ComputeService {
             }
         }
         Ok(Response::new(EndSessionResponse {}))
+    }
+
+    async fn session_inputs(
+        &self,
+        req: Request<SessionInputsRequest>,
+    ) -> Result<Response<SessionInputsResponse>, Status> {
+        let req = req.into_inner();
+        let (sampling, inputs) = self
+            .inner
+            .inputs
+            .get(&req.session_id, req.up_to_step)
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "node {}: no inputs of session {} up to step {}",
+                    self.inner.node_id, req.session_id, req.up_to_step
+                ))
+            })?;
+        Ok(Response::new(SessionInputsResponse { inputs, sampling }))
+    }
+
+    async fn reexecute(
+        &self,
+        req: Request<ReexecuteRequest>,
+    ) -> Result<Response<ReexecuteResponse>, Status> {
+        let req = req.into_inner();
+        let model_id = &self.inner.shard.manifest.model_id;
+        if req.model_id != *model_id {
+            return Err(Status::not_found(format!(
+                "node {} serves `{model_id}`, not `{}`",
+                self.inner.node_id, req.model_id
+            )));
+        }
+        let inner = self.inner.clone();
+        let sampling = sampling_of(req.sampling.as_ref());
+        let dtype = DType::try_from(req.hidden_dtype).unwrap_or(DType::DtypeF32);
+        let last = req.inputs.last().cloned().unwrap_or_default();
+        let step = req.inputs.len().saturating_sub(1) as u32;
+        let out = tokio::task::spawn_blocking(move || {
+            reexecute(&inner.shard.model, &req.inputs, sampling, dtype)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("re-execution worker failed: {e}")))?
+        .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        let (bytes, shape) = match &out {
+            HopOutput::Hidden(t) => (t.data.clone(), t.shape.clone()),
+            HopOutput::Token(t) => (t.to_le_bytes().to_vec(), Vec::new()),
+        };
+        let att = self.attest(("reexecute", step), &last, &bytes, &shape, dtype);
+        let mut resp = out.into_proto();
+        resp.attestation = Some(att);
+        Ok(Response::new(resp))
     }
 
     async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {

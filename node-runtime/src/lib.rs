@@ -8,6 +8,7 @@ pub mod engine;
 pub mod membership;
 pub mod registry;
 pub mod shares;
+pub mod verify;
 pub mod vision;
 pub mod wire;
 

@@ -16,6 +16,8 @@ use unfed_model::Manifest;
 use unfed_proto::registry_server::{Registry, RegistryServer};
 use unfed_proto::*;
 
+use crate::verify::adjudicate::{Adjudicator, Stage};
+
 /// Nodes silent for this many heartbeat intervals are dropped.
 const MISSED_HEARTBEATS: u32 = 3;
 
@@ -54,6 +56,8 @@ pub struct RegistryConfig {
     /// Signed, stake-gated admission; `None` admits every node (no chain).
     pub admission: Option<Arc<AdmissionVerifier>>,
     pub stake_recheck: Duration,
+    /// Rules on fraud reports (re-execution, exclusion, slashing).
+    pub adjudicator: Arc<Adjudicator>,
 }
 
 impl Default for RegistryConfig {
@@ -65,12 +69,15 @@ impl Default for RegistryConfig {
             daemon_required_count: 0,
             admission: None,
             stake_recheck: Duration::from_secs(30),
+            adjudicator: Arc::new(Adjudicator::new(Stage::Shadow, None)),
         }
     }
 }
 
 /// A manifest with the files served beside it.
 struct ServedModel {
+    /// The split's directory (the registry re-executes disputed hops from it).
+    dir: PathBuf,
     manifest: Manifest,
     response: GetManifestResponse,
 }
@@ -84,6 +91,8 @@ struct NodeRecord {
 
 struct State {
     nodes: HashMap<String, NodeRecord>,
+    /// Nodes found guilty of fraud (soft and enforced stages): never listed again.
+    excluded: BTreeSet<String>,
     models: BTreeMap<String, ServedModel>,
 }
 
@@ -132,7 +141,11 @@ fn load_models(dir: &Path) -> Result<BTreeMap<String, ServedModel>> {
         };
         models.insert(
             manifest.model_id.clone(),
-            ServedModel { manifest, response },
+            ServedModel {
+                dir: d.clone(),
+                manifest,
+                response,
+            },
         );
     }
     Ok(models)
@@ -147,6 +160,7 @@ impl RegistryService {
         Ok(Self {
             state: Arc::new(Mutex::new(State {
                 nodes: HashMap::new(),
+                excluded: BTreeSet::new(),
                 models,
             })),
             config: Arc::new(config),
@@ -191,7 +205,16 @@ impl RegistryService {
 
     /// Live, eligible nodes.
     fn visible(state: &State) -> impl Iterator<Item = &NodeInfo> {
-        state.nodes.values().filter(|n| n.eligible).map(|n| &n.info)
+        state
+            .nodes
+            .values()
+            .filter(|n| Self::listed(state, n))
+            .map(|n| &n.info)
+    }
+
+    /// Eligible by stake and not excluded for fraud.
+    fn listed(state: &State, n: &NodeRecord) -> bool {
+        n.eligible && !state.excluded.contains(&n.info.node_id)
     }
 
     fn model_status(&self, state: &State, model: &str) -> ModelStatus {
@@ -440,7 +463,8 @@ impl Registry for RegistryService {
             .nodes
             .values()
             .filter(|n| {
-                n.eligible && (model.is_empty() || n.info.model == model || n.info.role == "daemon")
+                Self::listed(&state, n)
+                    && (model.is_empty() || n.info.model == model || n.info.role == "daemon")
             })
             .map(|n| NodeInfo {
                 last_seen_ms_ago: n.last_seen.elapsed().as_millis() as u64,
@@ -451,6 +475,73 @@ impl Registry for RegistryService {
             (a.stack, a.shard_index, &a.node_id).cmp(&(b.stack, b.shard_index, &b.node_id))
         });
         Ok(Response::new(DiscoverResponse { nodes }))
+    }
+
+    async fn report_fraud(
+        &self,
+        req: Request<FraudReport>,
+    ) -> Result<Response<FraudVerdict>, Status> {
+        let r = req.into_inner();
+        let accused_id = r
+            .accused
+            .as_ref()
+            .map(|a| a.node_id.clone())
+            .unwrap_or_default();
+        let (reporter, accused, dir, excluded) = {
+            let st = self.state();
+            let info = |id: &str| st.nodes.get(id).map(|n| n.info.clone());
+            let dir = r
+                .accused
+                .as_ref()
+                .and_then(|a| st.models.get(&a.model_id))
+                .map(|m| m.dir.clone());
+            (
+                info(&r.reporter),
+                info(&accused_id),
+                dir,
+                st.excluded.contains(&accused_id),
+            )
+        };
+        let adj = &self.config.adjudicator;
+        if let Err(v) = adj.admit(&r, reporter.as_ref(), accused.as_ref()) {
+            tracing::warn!(reporter = %r.reporter, accused = %accused_id, reason = %v.reason, "fraud report refused: {}", v.message);
+            return Ok(Response::new(v));
+        }
+        if excluded {
+            return Ok(Response::new(FraudVerdict {
+                accepted: false,
+                reason: "excluded".into(),
+                guilty: true,
+                message: format!("{accused_id} is already excluded"),
+            }));
+        }
+        let Some(dir) = dir else {
+            return Ok(Response::new(FraudVerdict {
+                accepted: false,
+                reason: "unavailable".into(),
+                guilty: false,
+                message:
+                    "the registry has no split of this model to re-execute from (--shards-dir)"
+                        .into(),
+            }));
+        };
+        let v = adj
+            .rule(&r, &dir, accused.as_ref().expect("admitted"))
+            .await;
+        if v.guilty && adj.stage != Stage::Shadow {
+            tracing::warn!(node = %accused_id, "excluded from discovery after a guilty verdict");
+            self.state().excluded.insert(accused_id);
+        }
+        Ok(Response::new(v))
+    }
+
+    async fn list_verdicts(
+        &self,
+        _: Request<ListVerdictsRequest>,
+    ) -> Result<Response<ListVerdictsResponse>, Status> {
+        let mut out = self.config.adjudicator.list();
+        out.excluded = self.state().excluded.iter().cloned().collect();
+        Ok(Response::new(out))
     }
 
     async fn list_models(

@@ -279,6 +279,7 @@ impl Client {
                 } else {
                     None
                 },
+                attestations: Vec::new(),
             };
             let resp = match compute.forward(req).await {
                 Ok(r) => r.into_inner(),

@@ -1,0 +1,426 @@
+//! Spot checks run by a hop on its neighbour: the next hop checks the hop before it
+//! (it holds that hop's output and attestations), and the hop before the last checks
+//! the last (the token comes back through it). A sampled hop's inputs for steps 0..=t
+//! are fetched from the accused, matched against its own signed input digests, and
+//! re-executed by an independent replica of its shard; a mismatch becomes a signed
+//! fraud report to the registry, which re-executes again before it rules.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail};
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use tonic::transport::Endpoint;
+use unfed_proto::compute_client::ComputeClient;
+use unfed_proto::*;
+
+use super::attest;
+use super::reexec::{HopOutput, compare};
+
+/// Registered nodes by id, refreshed from the registry's Discover when a lookup misses.
+pub struct Peers {
+    registry: String,
+    model: String,
+    nodes: Mutex<(Instant, HashMap<String, NodeInfo>)>,
+}
+
+impl Peers {
+    pub fn new(registry: String, model: String) -> Self {
+        Self {
+            registry,
+            model,
+            nodes: Mutex::new((Instant::now() - Duration::from_secs(60), HashMap::new())),
+        }
+    }
+
+    async fn refresh(&self) -> Result<()> {
+        let mut c = crate::membership::registry_client(&self.registry)?;
+        let nodes = c
+            .discover(DiscoverRequest {
+                model: self.model.clone(),
+            })
+            .await
+            .map_err(|s| anyhow!("registry discover: {}", s.message()))?
+            .into_inner()
+            .nodes;
+        let mut g = self.nodes.lock().expect("peers poisoned");
+        *g = (
+            Instant::now(),
+            nodes.into_iter().map(|n| (n.node_id.clone(), n)).collect(),
+        );
+        Ok(())
+    }
+
+    /// The node's registration, refreshing at most once a second on a miss.
+    pub async fn get(&self, node_id: &str) -> Result<NodeInfo> {
+        let stale = {
+            let g = self.nodes.lock().expect("peers poisoned");
+            if let Some(n) = g.1.get(node_id) {
+                return Ok(n.clone());
+            }
+            g.0.elapsed() > Duration::from_secs(1)
+        };
+        if stale {
+            self.refresh().await?;
+        }
+        self.nodes
+            .lock()
+            .expect("peers poisoned")
+            .1
+            .get(node_id)
+            .cloned()
+            .ok_or_else(|| anyhow!("{node_id} is not a registered node of `{}`", self.model))
+    }
+
+    pub async fn key(&self, node_id: &str) -> Result<VerifyingKey> {
+        let n = self.get(node_id).await?;
+        crate::shares::parse_public_key(&n.share_key)
+            .with_context(|| format!("share key of {node_id}"))
+    }
+
+    /// Other live text nodes of `shard`, freshly discovered.
+    pub async fn replicas(&self, shard: u32, except: &[&str]) -> Result<Vec<NodeInfo>> {
+        self.refresh().await?;
+        let g = self.nodes.lock().expect("peers poisoned");
+        Ok(g.1
+            .values()
+            .filter(|n| {
+                n.role == "compute"
+                    && n.stack == Stack::Text as i32
+                    && n.shard_index == shard
+                    && !except.contains(&n.node_id.as_str())
+            })
+            .cloned()
+            .collect())
+    }
+}
+
+/// Checks that `a` is the previous hop's valid attestation of exactly `received`.
+pub async fn check_incoming(
+    peers: &Peers,
+    a: &Attestation,
+    model: &str,
+    shard: u32,
+    session: &str,
+    step: u32,
+    received: &[u8],
+) -> Result<()> {
+    if a.model_id != model || a.session_id != session || a.step != step {
+        bail!(
+            "attestation of {} is for {}/{}/step {}, not this hop ({model}/{session}/step {step})",
+            a.node_id,
+            a.model_id,
+            a.session_id,
+            a.step
+        );
+    }
+    let info = peers.get(&a.node_id).await?;
+    if info.shard_index != a.shard_index || a.shard_index + 1 != shard {
+        bail!(
+            "attestation signer {} serves shard {}, not shard {} (the hop before shard {shard})",
+            a.node_id,
+            info.shard_index,
+            shard.saturating_sub(1)
+        );
+    }
+    attest::verify(&peers.key(&a.node_id).await?, a)?;
+    if a.output_digest != attest::digest(received) {
+        bail!(
+            "the hidden state received differs from the one {} attested",
+            a.node_id
+        );
+    }
+    Ok(())
+}
+
+/// A hop to maybe spot-check: the accused's attestations of steps 0..=t (in order), what
+/// it sent at step t, and the request's sampling and wire dtype.
+pub struct Suspect {
+    pub attestations: Vec<Attestation>,
+    pub output: HopOutput,
+    pub sampling: Option<SamplingParams>,
+    pub dtype: DType,
+}
+
+pub struct SpotChecker {
+    pub fraction: f64,
+    pub node_id: String,
+    pub key: SigningKey,
+    pub registry: String,
+    pub peers: Arc<Peers>,
+    /// Attestations received from checked neighbours, per (session, node).
+    seen: Mutex<HashMap<(String, String), Vec<Attestation>>>,
+}
+
+/// Sessions whose neighbour attestations are kept; beyond this the log is reset (a
+/// spot check of an older session is skipped, never wrong).
+const MAX_SESSIONS: usize = 4096;
+
+impl SpotChecker {
+    pub fn new(
+        fraction: f64,
+        node_id: String,
+        key: SigningKey,
+        registry: String,
+        peers: Arc<Peers>,
+    ) -> Self {
+        Self {
+            fraction,
+            node_id,
+            key,
+            registry,
+            peers,
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Records the neighbour's attestation of this step; returns the suspect's
+    /// attestations 0..=step when this hop is sampled for a check.
+    pub fn observe(&self, a: &Attestation) -> Option<Vec<Attestation>> {
+        let mut seen = self.seen.lock().expect("spot log poisoned");
+        if seen.len() >= MAX_SESSIONS {
+            seen.clear();
+        }
+        let log = seen
+            .entry((a.session_id.clone(), a.node_id.clone()))
+            .or_default();
+        if a.step == 0 {
+            log.clear();
+        }
+        if log.len() != a.step as usize {
+            // A gap (e.g. this hop joined mid-session): nothing to check against.
+            return None;
+        }
+        log.push(a.clone());
+        (rand::random::<f64>() < self.fraction).then(|| log.clone())
+    }
+
+    pub fn forget(&self, session: &str) {
+        self.seen
+            .lock()
+            .expect("spot log poisoned")
+            .retain(|(s, _), _| s != session);
+    }
+
+    /// Runs one spot check in the background.
+    pub fn spawn(self: &Arc<Self>, s: Suspect) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let accused = s
+                .attestations
+                .last()
+                .map(|a| a.node_id.clone())
+                .unwrap_or_default();
+            match me.check(s).await {
+                Ok(None) => tracing::info!(node = %accused, "spot check passed"),
+                Ok(Some(v)) => {
+                    tracing::warn!(node = %accused, guilty = v.guilty, accepted = v.accepted, reason = %v.reason, "{}", v.message)
+                }
+                Err(e) => tracing::info!(node = %accused, "spot check skipped: {e:#}"),
+            }
+        });
+    }
+
+    /// Reports an attestation that fails its signature check; the registry probes the
+    /// accused itself, since bytes on an unsigned channel prove nothing on their own.
+    pub fn report_forgery(self: &Arc<Self>, a: Attestation) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let accused = a.node_id.clone();
+            let mut report = FraudReport {
+                reporter: me.node_id.clone(),
+                accused: Some(a),
+                kind: super::adjudicate::FORGED_ATTESTATION.into(),
+                timestamp: unix_now(),
+                ..Default::default()
+            };
+            attest::sign_report(&me.key, &mut report);
+            match me.send(report).await {
+                Ok(v) => {
+                    tracing::warn!(node = %accused, guilty = v.guilty, reason = %v.reason, "forged attestation reported: {}", v.message)
+                }
+                Err(e) => {
+                    tracing::warn!(node = %accused, "could not report a forged attestation: {e:#}")
+                }
+            }
+        });
+    }
+
+    async fn send(&self, report: FraudReport) -> Result<FraudVerdict> {
+        let mut c = crate::membership::registry_client(&self.registry)?;
+        Ok(c.report_fraud(report)
+            .await
+            .map_err(|st| anyhow!("registry refused the report: {}", st.message()))?
+            .into_inner())
+    }
+
+    /// `Ok(None)`: the hop re-executed identically. `Ok(Some(verdict))`: it did not,
+    /// and the registry ruled on the report.
+    pub async fn check(&self, s: Suspect) -> Result<Option<FraudVerdict>> {
+        let accused = s.attestations.last().context("no attestation")?.clone();
+        let info = self.peers.get(&accused.node_id).await?;
+        let inputs = fetch_inputs(&info.address, &accused.session_id, &s.attestations).await?;
+        let replicas = self
+            .peers
+            .replicas(accused.shard_index, &[&accused.node_id, &self.node_id])
+            .await?;
+        let Some(verifier) = replicas.first() else {
+            bail!(
+                "no independent replica of shard {} to re-execute on",
+                accused.shard_index
+            );
+        };
+        let recomputed = reexecute_on(&verifier.address, &accused.model_id, &inputs, &s).await?;
+        if compare(&s.output, &recomputed).is_ok() {
+            return Ok(None);
+        }
+        let mut report = FraudReport {
+            reporter: self.node_id.clone(),
+            accused: Some(accused),
+            inputs,
+            input_attestations: s.attestations.clone(),
+            sampling: s.sampling.clone(),
+            output: Some(match s.output {
+                HopOutput::Hidden(t) => fraud_report::Output::Hidden(t),
+                HopOutput::Token(t) => fraud_report::Output::TokenId(t),
+            }),
+            timestamp: unix_now(),
+            signature: Vec::new(),
+            kind: String::new(),
+        };
+        attest::sign_report(&self.key, &mut report);
+        Ok(Some(self.send(report).await?))
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+async fn compute_client(address: &str) -> Result<ComputeClient<tonic::transport::Channel>> {
+    let ch = Endpoint::from_shared(format!("http://{address}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(60))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {address}"))?;
+    Ok(ComputeClient::new(ch))
+}
+
+/// The accused's inputs for steps 0..=t, each matching its signed input digest.
+async fn fetch_inputs(
+    address: &str,
+    session: &str,
+    atts: &[Attestation],
+) -> Result<Vec<StepInput>> {
+    let up_to = atts.last().context("no attestation")?.step;
+    let inputs = compute_client(address)
+        .await?
+        .session_inputs(SessionInputsRequest {
+            session_id: session.to_string(),
+            up_to_step: up_to,
+        })
+        .await
+        .map_err(|s| anyhow!("the accused withheld its inputs: {}", s.message()))?
+        .into_inner()
+        .inputs;
+    if inputs.len() != atts.len() {
+        bail!(
+            "the accused returned {} inputs for {} steps",
+            inputs.len(),
+            atts.len()
+        );
+    }
+    for (i, a) in inputs.iter().zip(atts) {
+        if attest::input_digest(i) != a.input_digest {
+            bail!(
+                "input of step {} does not match the accused's attestation",
+                a.step
+            );
+        }
+    }
+    Ok(inputs)
+}
+
+async fn reexecute_on(
+    address: &str,
+    model: &str,
+    inputs: &[StepInput],
+    s: &Suspect,
+) -> Result<HopOutput> {
+    let r = compute_client(address)
+        .await?
+        .reexecute(ReexecuteRequest {
+            model_id: model.to_string(),
+            inputs: inputs.to_vec(),
+            sampling: s.sampling.clone(),
+            hidden_dtype: s.dtype as i32,
+        })
+        .await
+        .map_err(|st| {
+            anyhow!(
+                "replica at {address} could not re-execute: {}",
+                st.message()
+            )
+        })?;
+    HopOutput::from_proto(r.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// At 5 % per hop, how many requests until a cheater is first sampled: a cheater
+    /// serving half the routes, 16 steps per request, over the checker's own sampling.
+    #[test]
+    fn detection_at_five_percent_takes_a_few_requests() {
+        let peers = Arc::new(Peers::new("127.0.0.1:1".into(), "m".into()));
+        let checker = SpotChecker::new(
+            0.05,
+            "me".into(),
+            crate::shares::generate_key(),
+            "r".into(),
+            peers,
+        );
+        let mut counts = Vec::new();
+        for trial in 0..2000 {
+            let mut requests = 0u32;
+            'requests: loop {
+                requests += 1;
+                if rand::random::<bool>() {
+                    continue; // routed through the honest replica
+                }
+                let session = format!("{trial}-{requests}");
+                for step in 0..16 {
+                    let a = Attestation {
+                        node_id: "cheater".into(),
+                        session_id: session.clone(),
+                        step,
+                        ..Default::default()
+                    };
+                    if checker.observe(&a).is_some() {
+                        break 'requests;
+                    }
+                }
+            }
+            counts.push(requests);
+        }
+        counts.sort();
+        let mean = counts.iter().sum::<u32>() as f64 / counts.len() as f64;
+        let pct = |p: f64| counts[((counts.len() - 1) as f64 * p) as usize];
+        println!(
+            "requests to detection at 5%: mean {mean:.2}, p50 {}, p90 {}, p99 {}, max {}",
+            pct(0.5),
+            pct(0.9),
+            pct(0.99),
+            counts[counts.len() - 1]
+        );
+        // Expected 1 / (0.5 × (1 − 0.95^16)) ≈ 3.6 requests.
+        assert!((2.5..5.0).contains(&mean), "mean {mean}");
+        assert!(pct(0.99) <= 100);
+    }
+}
