@@ -72,6 +72,9 @@ pub struct Step {
     pub stake: Option<TokenAmount>,
     /// A key file from the spec instead of a dev key.
     pub eth_key: Option<PathBuf>,
+    /// Test/demo cheating mode (`[[node]] cheat`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cheat: Option<String>,
     /// The `[[node]]` entry that configured this step, for messages.
     #[serde(skip)]
     pub override_index: Option<usize>,
@@ -191,6 +194,7 @@ impl LaunchPlan {
             wallet: None,
             stake: None,
             eth_key: None,
+            cheat: None,
             override_index: None,
             ready_when: if kind.is_process() {
                 READY_PROCESS
@@ -500,6 +504,7 @@ fn apply_overrides(
         step.port = node.port;
         step.stake = node.stake;
         step.eth_key = node.eth_key.as_ref().map(|k| loaded.resolve(k));
+        step.cheat = node.cheat.clone();
     }
     // Renames must be followed by the steps that depend on the renamed ones.
     let renames: HashMap<String, String> = default_names(steps);

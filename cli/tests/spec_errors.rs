@@ -220,3 +220,20 @@ fn more_shards_than_layers_once_the_model_is_known() {
         "{problem}"
     );
 }
+
+#[test]
+fn cheating_is_for_compute_nodes_on_a_local_anvil_only() {
+    let compute = "[[node]]\nrole = \"compute\"\nshard = 1\ncheat = \"perturb\"\n";
+    assert_eq!(problems(compute), Vec::<String>::new());
+    assert_eq!(
+        one_problem(&format!("[chain]\nmode = \"none\"\n{compute}")),
+        "x.toml:6:9: [[node]] #1 cheat = \"perturb\" is refused on a none chain: cheating modes are for tests and demos on a local Anvil (chain.mode = \"anvil\")"
+    );
+    assert_eq!(
+        one_problem("[[node]]\nrole = \"daemon\"\ncheat = \"wrong-token\"\n"),
+        "x.toml:3:9: [[node]] #1 cheat = \"wrong-token\": only compute nodes cheat; set role = \"compute\" or remove cheat"
+    );
+    assert!(
+        one_problem("[[node]]\nrole = \"compute\"\ncheat = \"lie\"\n").contains("\"skip-layers\"")
+    );
+}

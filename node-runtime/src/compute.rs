@@ -299,6 +299,7 @@ impl ComputeService {
         tokio::spawn(async move {
             if let Ok(key) = peers.key(&a.node_id).await
                 && attest::verify(&key, &a).is_err()
+                && peers.verify(&a).await.is_err()
             {
                 checker.report_forgery(a);
             }
@@ -348,11 +349,7 @@ impl ComputeService {
                 a.node_id, a.step
             )));
         }
-        let key = peers
-            .key(&a.node_id)
-            .await
-            .map_err(|e| bad(format!("{e:#}")))?;
-        if let Err(e) = attest::verify(&key, &a) {
+        if let Err(e) = peers.verify(&a).await {
             self.suspect_forgery(&a);
             return Err(bad(format!("an invalid attestation: {e:#}")));
         }

@@ -487,6 +487,9 @@ impl Registry for RegistryService {
             .as_ref()
             .map(|a| a.node_id.clone())
             .unwrap_or_default();
+        // One ruling at a time: a cheater reported for several steps at once is judged
+        // (and slashed) once, and the operator's transactions do not race.
+        let _ruling = self.config.adjudicator.ruling.lock().await;
         let (reporter, accused, dir, excluded) = {
             let st = self.state();
             let info = |id: &str| st.nodes.get(id).map(|n| n.info.clone());

@@ -3,6 +3,9 @@
 //! re-executes before it rules, excludes the cheater and slashes its stake on-chain.
 
 mod common;
+mod daemon_common;
+
+use daemon_common::{daemon, wait_status};
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -23,6 +26,8 @@ struct Staked {
     d: Deployment,
     net: Net,
     next_wallet: u32,
+    /// The share-chain daemon (settles with the dev client's deposit), when started.
+    daemon: Option<Node>,
 }
 
 impl Staked {
@@ -38,7 +43,9 @@ impl Staked {
         let chain = Chain::connect(&anvil.endpoint(), dev_signer(0).unwrap()).unwrap();
         let d = chain
             .deploy(&EscrowParams {
-                challenge_window_secs: 1,
+                // Long enough that a settlement paying the cheater is still open when
+                // the verdict lands.
+                challenge_window_secs: 120,
                 ..Default::default()
             })
             .await
@@ -74,11 +81,12 @@ impl Staked {
             d,
             net,
             next_wallet: 2,
+            daemon: None,
         }
     }
 
-    /// Stakes a fresh wallet and starts a compute node for `shard` on it.
-    async fn compute(&mut self, shard: usize, extra: &[&str]) -> String {
+    /// A staked wallet `dev_signer(i)` with its key file.
+    async fn wallet(&mut self) -> (unfed_chain::PrivateKeySigner, PathBuf) {
         let i = self.next_wallet;
         self.next_wallet += 1;
         let w = dev_signer(i).unwrap();
@@ -95,6 +103,72 @@ impl Staked {
             .unwrap();
         let key: PathBuf = self.net.dir.path().join(format!("w{i}.key"));
         unfed_chain::write_key_file(&key, &w).unwrap();
+        (w, key)
+    }
+
+    /// Starts a daemon that settles every block from the dev client's deposit.
+    async fn start_daemon(&mut self) {
+        let client = dev_signer(1).unwrap();
+        let deposit = parse_amount("1000").unwrap();
+        self.chain
+            .fund(
+                &self.d,
+                client.address(),
+                deposit,
+                parse_amount("1").unwrap(),
+            )
+            .await
+            .unwrap();
+        self.chain
+            .as_wallet(client.clone())
+            .unwrap()
+            .deposit(&self.d, deposit)
+            .await
+            .unwrap();
+        let (w, key) = self.wallet().await;
+        let dir = self.net.dir.path();
+        let op_key = dir.join("operator.key");
+        let args: Vec<String> = [
+            "daemon",
+            "--port",
+            "0",
+            "--registry",
+            &self.net.registry.address,
+            "--eth-address",
+            &w.address().to_string(),
+            "--db",
+            &dir.join("chain.db").display().to_string(),
+            "--block-interval-secs",
+            "0.2",
+            "--settlement-blocks",
+            "1",
+            "--settle-poll-secs",
+            "0.2",
+            "--heartbeat-secs",
+            "1",
+            "--chain-rpc",
+            self.chain.rpc_url(),
+            "--escrow",
+            &self.d.escrow.to_string(),
+            "--operator-key-file",
+            &op_key.display().to_string(),
+            "--default-client",
+            &client.address().to_string(),
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        self.daemon = Some(Node::start_with_env(
+            &args,
+            dir.join("daemon.log"),
+            &[(unfed_chain::STAKE_KEY_FILE_ENV, key.as_path())],
+        ));
+    }
+
+    /// Stakes a fresh wallet and starts a compute node for `shard` on it.
+    async fn compute(&mut self, shard: usize, extra: &[&str]) -> String {
+        let (w, key) = self.wallet().await;
+        let i = self.next_wallet - 1;
         let mut a = self.net.compute_args("m", shard, "0");
         a.extend([
             s("--eth-address"),
@@ -182,6 +256,7 @@ impl Staked {
 async fn cheater_is_slashed(mode: &str, cheat_shard: usize) -> Vec<anyhow::Result<Vec<u32>>> {
     let mut t = Staked::start("qwen2-f32", 2).await;
     let other = 1 - cheat_shard;
+    t.start_daemon().await;
     let cheater = t.compute(cheat_shard, &["--cheat", mode]).await;
     let honest_twin = t.compute(cheat_shard, &[]).await;
     let honest_other = t.compute(other, &[]).await;
@@ -233,6 +308,25 @@ async fn cheater_is_slashed(mode: &str, cheat_shard: usize) -> Vec<anyhow::Resul
         .generate("m", &[1, 2, 3], &GenerateOptions::default(), |_| {})
         .await;
     assert!(out.is_ok(), "after the exclusion: {out:?}");
+    // What the cheater would have been paid is challenged (posted) or withheld.
+    let mut d = daemon(&t.daemon.as_ref().unwrap().address).await;
+    let st = wait_status(&mut d, "the cheater's settlement refused", |st| {
+        let pays = |x: &&unfed_proto::SettlementRecord| x.nodes.contains(&cheater);
+        st.settlements.iter().filter(pays).count() > 0
+            && st
+                .settlements
+                .iter()
+                .filter(pays)
+                .all(|x| x.status == "challenged" || x.status == "withheld")
+    })
+    .await;
+    assert!(
+        st.settlements
+            .iter()
+            .any(|x| x.nodes.contains(&cheater) && x.status == "challenged")
+            || st.settlements.iter().any(|x| x.status == "withheld"),
+        "{st:?}"
+    );
     chats
 }
 

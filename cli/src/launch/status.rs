@@ -23,7 +23,24 @@ struct NodeStatus {
     admitted: Option<bool>,
     last_heartbeat_ms_ago: Option<u64>,
     eth_address: Option<String>,
+    /// Stake on-chain now (active + cooling), or the configured stake if the chain
+    /// cannot be read.
     stake: Option<String>,
+    /// Excluded by the registry after a guilty fraud verdict.
+    excluded: bool,
+}
+
+/// A fraud verdict of the registry.
+#[derive(Serialize)]
+struct VerdictLine {
+    accused: String,
+    reporter: String,
+    shard: u32,
+    guilty: bool,
+    stage: String,
+    detail: String,
+    /// Tokens slashed on-chain, if any.
+    slashed: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -44,6 +61,7 @@ struct Status {
     chain_rpc: Option<String>,
     chain_height: Option<u64>,
     daemon_height: Option<u64>,
+    verdicts: Vec<VerdictLine>,
 }
 
 /// Roles the registry lists; everything else (anvil, registry) is not "admitted".
@@ -52,6 +70,7 @@ const LISTED_KINDS: [&str; 3] = ["compute", "vision", "daemon"];
 async fn gather(plan: &LaunchPlan, state: &RunState) -> Status {
     let mut listed = Vec::new();
     let mut models = Vec::new();
+    let mut verdicts = unfed_proto::ListVerdictsResponse::default();
     if let Some(registry) = &state.registry
         && let Ok(mut client) = unfed_node::membership::registry_client(registry)
     {
@@ -65,7 +84,14 @@ async fn gather(plan: &LaunchPlan, state: &RunState) -> Status {
             .unwrap_or_default();
         let list = client.list_models(unfed_proto::ListModelsRequest {}).await;
         models = list.map(|r| r.into_inner().models).unwrap_or_default();
+        if let Ok(v) = client
+            .list_verdicts(unfed_proto::ListVerdictsRequest {})
+            .await
+        {
+            verdicts = v.into_inner();
+        }
     }
+    let stakes = live_stakes(state).await;
     let nodes = state
         .processes
         .iter()
@@ -88,7 +114,16 @@ async fn gather(plan: &LaunchPlan, state: &RunState) -> Status {
                     .then_some(entry.is_some()),
                 last_heartbeat_ms_ago: entry.map(|n| n.last_seen_ms_ago),
                 eth_address: p.eth_address.clone(),
-                stake: wallet.map(|w| w.stake.clone()),
+                stake: p
+                    .eth_address
+                    .as_ref()
+                    .and_then(|a| stakes.get(a).cloned())
+                    .or_else(|| wallet.map(|w| w.stake.clone())),
+                excluded: p
+                    .eth_address
+                    .as_ref()
+                    .is_some_and(|a| verdicts.excluded.contains(a))
+                    || verdicts.excluded.contains(&p.name),
             }
         })
         .collect();
@@ -130,7 +165,54 @@ async fn gather(plan: &LaunchPlan, state: &RunState) -> Status {
         chain_rpc: state.chain.as_ref().map(|c| c.rpc_url.clone()),
         chain_height,
         daemon_height,
+        verdicts: verdicts
+            .verdicts
+            .into_iter()
+            .map(|v| VerdictLine {
+                accused: v.accused,
+                reporter: v.reporter,
+                shard: v.shard_index,
+                guilty: v.guilty,
+                stage: v.stage,
+                detail: v.detail,
+                slashed: v
+                    .slashed
+                    .parse::<unfed_chain::U256>()
+                    .ok()
+                    .map(unfed_chain::format_amount),
+            })
+            .collect(),
     }
+}
+
+/// Each wallet's stake on-chain (active + cooling), by address.
+async fn live_stakes(state: &RunState) -> std::collections::HashMap<String, String> {
+    let mut out = std::collections::HashMap::new();
+    let Some(c) = &state.chain else { return out };
+    let (Some(escrow), Ok(signer)) = (&c.escrow, unfed_chain::dev_signer(0)) else {
+        return out;
+    };
+    let (Ok(chain), Ok(escrow)) = (
+        unfed_chain::Chain::connect(&c.rpc_url, signer),
+        escrow.parse(),
+    ) else {
+        return out;
+    };
+    let d = unfed_chain::Deployment {
+        token: unfed_chain::Address::ZERO,
+        escrow,
+    };
+    for w in &c.wallets {
+        if let Ok(addr) = w.address.parse()
+            && let Ok(info) = chain.stake_info(&d, addr).await
+        {
+            out.insert(
+                w.address.clone(),
+                unfed_chain::format_amount(info.active + info.cooling),
+            );
+        }
+    }
+    out
 }
 
 async fn chain_height(rpc_url: &str) -> Option<u64> {
@@ -188,6 +270,24 @@ pub async fn status(plan: &LaunchPlan, json: bool) -> anyhow::Result<ExitCode> {
     }
     if let Some(h) = status.daemon_height {
         println!("  share chain: height {h}");
+    }
+    for n in status.nodes.iter().filter(|n| n.excluded) {
+        println!("  EXCLUDED {} (found cheating)", n.name);
+    }
+    for v in &status.verdicts {
+        println!(
+            "  verdict: {} (shard {}) {} [{}], reported by {}: {}{}",
+            v.accused,
+            v.shard,
+            if v.guilty { "GUILTY" } else { "not guilty" },
+            v.stage,
+            v.reporter,
+            v.detail,
+            v.slashed
+                .as_ref()
+                .map(|s| format!("; slashed {s}"))
+                .unwrap_or_default()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

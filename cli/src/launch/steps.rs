@@ -481,10 +481,14 @@ async fn start_registry(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::R
         .filter(|s| s.kind == StepKind::Daemon)
         .count();
     cmd.arg("--daemon-required-count").arg(daemons.to_string());
+    cmd.arg("--dispute-stage")
+        .arg(&ctx.loaded.spec.economics.he_dispute_rollout_stage);
     if let Some(chain) = &inputs.chain {
         cmd.arg("--chain-rpc").arg(&chain.rpc_url);
         cmd.arg("--escrow")
             .arg(chain.escrow.as_deref().context("escrow not deployed")?);
+        // The registry slashes proven cheaters as the escrow operator.
+        cmd.arg("--operator-key-file").arg(operator_key_file(ctx)?);
     }
     let (port, addr) = spawn_node(ctx, step, "registry", cmd, None, Readiness::Answers).await?;
     Ok(Outcome {
@@ -516,6 +520,16 @@ async fn start_shard(
     cmd.arg("--registry").arg(&registry);
     cmd.arg("--heartbeat-secs")
         .arg(ctx.loaded.spec.nodes.heartbeat_seconds.to_string());
+    if !vision {
+        cmd.arg("--spot-check")
+            .arg(ctx.loaded.spec.nodes.spot_check.to_string());
+    }
+    if let Some(cheat) = &step.cheat {
+        cmd.arg("--cheat").arg(cheat);
+        if let Some(chain) = &inputs.chain {
+            cmd.arg("--chain-rpc").arg(&chain.rpc_url);
+        }
+    }
     let eth_address = stake_identity(&mut cmd, step, &inputs);
     let readiness = Readiness::ListedBy(registry);
     let kind = if vision { "vision" } else { "compute" };
@@ -545,6 +559,18 @@ fn stake_identity(cmd: &mut std::process::Command, step: &Step, inputs: &Inputs)
             None
         }
     }
+}
+
+/// The operator's key file: the spec's, or the dev operator key written 0600 to keys/.
+fn operator_key_file(ctx: &Context) -> anyhow::Result<std::path::PathBuf> {
+    Ok(match &ctx.loaded.spec.chain.operator_key_file {
+        Some(file) => ctx.loaded.resolve(file),
+        None => {
+            let path = ctx.key_path("operator");
+            unfed_chain::write_key_file(&path, &operator(ctx)?)?;
+            path
+        }
+    })
 }
 
 /// The share-chain daemon: records every hop's share, cuts blocks, and (with a chain)
@@ -578,15 +604,7 @@ async fn start_daemon(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::Res
         if let Some(client) = &chain.client {
             cmd.arg("--default-client").arg(client);
         }
-        let key = match &spec.chain.operator_key_file {
-            Some(file) => ctx.loaded.resolve(file),
-            None => {
-                let path = ctx.key_path("operator");
-                unfed_chain::write_key_file(&path, &operator(ctx)?)?;
-                path
-            }
-        };
-        cmd.arg("--operator-key-file").arg(key);
+        cmd.arg("--operator-key-file").arg(operator_key_file(ctx)?);
     }
     let eth_address = stake_identity(&mut cmd, step, &inputs);
     let readiness = Readiness::ListedBy(registry);

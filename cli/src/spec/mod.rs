@@ -242,6 +242,27 @@ fn check_rules(loaded: &LoadedSpec, report: &mut Reporter) {
         }
     }
 
+    for (i, node) in spec.node_overrides.iter().enumerate() {
+        let Some(cheat) = &node.cheat else { continue };
+        let span = spans.get(&format!("node[{i}].cheat"));
+        if node.role != NodeRole::Compute {
+            report.at(
+                span.clone(),
+                format!("[[node]] #{} cheat = \"{cheat}\": only compute nodes cheat; set role = \"compute\" or remove cheat", i + 1),
+            );
+        }
+        if chain_mode_sound && chain.mode != ChainMode::Anvil {
+            report.at(
+                span,
+                format!(
+                    "[[node]] #{} cheat = \"{cheat}\" is refused on a {} chain: cheating modes are for tests and demos on a local Anvil (chain.mode = \"anvil\")",
+                    i + 1,
+                    mode_name(chain.mode)
+                ),
+            );
+        }
+    }
+
     let mpc = &spec.mpc;
     if !loaded.sound(&["mpc.output", "mpc.pairs", "mpc.layers", "model.text_shards"]) {
         return;
@@ -303,6 +324,7 @@ mod tests {
             port: Some(1),
             stake: Some(TokenAmount::whole(1)),
             eth_key: Some(String::new()),
+            cheat: Some(String::new()),
         });
         spec.chain.rpc_url = Some(String::new());
         spec.chain.operator_key_file = Some(String::new());

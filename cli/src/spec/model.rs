@@ -85,6 +85,8 @@ pub struct EconomicsSection {
     pub price_per_input_token: TokenAmount,
     pub price_per_output_token: TokenAmount,
     pub client_deposit: TokenAmount,
+    /// shadow | soft | enforced (see the schema).
+    pub he_dispute_rollout_stage: String,
 }
 
 impl Default for EconomicsSection {
@@ -97,6 +99,7 @@ impl Default for EconomicsSection {
             price_per_input_token: TokenAmount::from_wei(100_000_000_000_000),
             price_per_output_token: TokenAmount::from_wei(1_000_000_000_000_000),
             client_deposit: TokenAmount::whole(1000),
+            he_dispute_rollout_stage: "enforced".into(),
         }
     }
 }
@@ -164,6 +167,7 @@ pub struct NodesSection {
     pub stake: TokenAmount,
     pub replicas: usize,
     pub heartbeat_seconds: u64,
+    pub spot_check: f64,
 }
 
 impl Default for NodesSection {
@@ -172,6 +176,7 @@ impl Default for NodesSection {
             stake: TokenAmount::whole(200),
             replicas: 1,
             heartbeat_seconds: 10,
+            spot_check: 0.05,
         }
     }
 }
@@ -246,4 +251,6 @@ pub struct NodeOverride {
     pub port: Option<u16>,
     pub stake: Option<TokenAmount>,
     pub eth_key: Option<String>,
+    /// Test/demo cheating mode of a compute node (local Anvil only).
+    pub cheat: Option<String>,
 }

@@ -85,6 +85,8 @@ const SECONDS: Kind = Kind::Int {
 pub const CHAIN_MODES: &[&str] = &["anvil", "external", "none"];
 pub const MPC_OUTPUTS: &[&str] = &["off", "decode_client_sample", "full_output_2pc"];
 pub const NODE_ROLES: &[&str] = &["compute", "vision", "mpc_a", "mpc_b", "daemon"];
+pub const DISPUTE_STAGES: &[&str] = &["shadow", "soft", "enforced"];
+pub const CHEATS: &[&str] = &["skip-layers", "perturb", "wrong-token", "forge-attestation"];
 pub const LOG_FORMATS: &[&str] = &["text", "json"];
 
 macro_rules! key {
@@ -205,6 +207,11 @@ pub static SECTIONS: &[Section] = &[
                 Kind::Amount,
                 "Deposit made for the dev client wallet. Default \"1000\"."
             ),
+            key!(
+                "he_dispute_rollout_stage",
+                Kind::Enum(DISPUTE_STAGES),
+                "What a proven fraud does: \"shadow\" (record the verdict), \"soft\" (also exclude the node), \"enforced\" (also slash its stake on-chain). Default \"enforced\"."
+            ),
         ],
     },
     Section {
@@ -275,6 +282,11 @@ pub static SECTIONS: &[Section] = &[
                 "heartbeat_seconds",
                 Kind::Int { min: 1, max: 3600 },
                 "Heartbeat interval; a node silent for 3 intervals is dropped. Default 10."
+            ),
+            key!(
+                "spot_check",
+                Kind::Fraction,
+                "Fraction of its neighbours' hops a compute node has re-executed by an independent replica. Default 0.05."
             ),
         ],
     },
@@ -348,6 +360,11 @@ pub static SECTIONS: &[Section] = &[
                 "eth_key",
                 Kind::Str,
                 "Private key file (mode 0600) of this node's stake wallet, relative to the spec file; default: a dev key in <run_dir>/keys/."
+            ),
+            key!(
+                "cheat",
+                Kind::Enum(CHEATS),
+                "Test/demo only, compute nodes on a local Anvil chain: \"skip-layers\", \"perturb\", \"wrong-token\" or \"forge-attestation\"."
             ),
         ],
     },

@@ -168,7 +168,14 @@ pub async fn run(
             }
         })
     };
-    let settling = settler.map(|s| tokio::spawn(settle::run(s, store.clone(), cfg.settle_poll)));
+    let settling = settler.map(|s| {
+        tokio::spawn(settle::run(
+            s,
+            store.clone(),
+            cfg.settle_poll,
+            cfg.registry.clone(),
+        ))
+    });
     let (tx, rx) = tokio::sync::oneshot::channel();
     let member = tokio::spawn(membership(cfg.clone(), tx));
     if let Ok(Err(e)) = rx.await {

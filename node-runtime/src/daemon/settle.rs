@@ -2,7 +2,7 @@
 //! (post → wait for the challenge window → finalize). Failures are recorded on the row
 //! and retried with backoff; nothing is dropped.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -133,13 +133,23 @@ fn backoff(attempts: u32) -> u64 {
 impl Settler {
     /// Advances every unfinished settlement by one step. Errors are recorded on the
     /// row (and logged as errors) and retried later.
-    pub async fn tick(&self, store: &Arc<Mutex<Store>>, window_secs: u64) -> Result<()> {
+    /// `cheaters`: nodes the registry found guilty; a settlement paying one is
+    /// challenged (posted) or withheld (not yet posted) instead of paid.
+    pub async fn tick(
+        &self,
+        store: &Arc<Mutex<Store>>,
+        window_secs: u64,
+        cheaters: &BTreeSet<String>,
+    ) -> Result<()> {
         let rows = store.lock().expect("store poisoned").settlements()?;
         for s in rows
             .into_iter()
-            .filter(|s| s.status != "finalized" && s.next_attempt_ms <= now_ms())
+            .filter(|s| !DONE.contains(&s.status.as_str()) && s.next_attempt_ms <= now_ms())
         {
-            let result = self.advance(store, &s, window_secs).await;
+            let result = match s.nodes.iter().find(|n| cheaters.contains(*n)) {
+                Some(cheater) => self.refuse_payment(store, &s, cheater).await,
+                None => self.advance(store, &s, window_secs).await,
+            };
             if let Err(e) = result {
                 let msg = format!("{e:#}");
                 tracing::error!(settlement = %hex::encode(s.hash), attempts = s.attempts + 1, "settlement step failed, will retry: {msg}");
@@ -173,9 +183,14 @@ impl Settler {
             return Ok(());
         }
         if on_chain.challenged {
-            anyhow::bail!(
-                "settlement was challenged on-chain; the client was refunded and it will not be paid"
-            );
+            // Final: the client was refunded and nobody is paid; stop retrying.
+            store.lock().expect("store poisoned").settlement_advanced(
+                &s.hash,
+                "challenged",
+                on_chain.posted_at,
+            )?;
+            tracing::warn!(settlement = %hex::encode(s.hash), "settlement was challenged on-chain: the client is refunded, nobody is paid");
+            return Ok(());
         }
         if on_chain.posted_at == 0 {
             let client: Address = s.client.parse().context("settlement client")?;
@@ -229,6 +244,38 @@ impl Settler {
         Ok(())
     }
 
+    /// A settlement that pays a node found guilty of fraud: challenged on-chain if it
+    /// was posted (the client is refunded), withheld if it was not.
+    async fn refuse_payment(
+        &self,
+        store: &Arc<Mutex<Store>>,
+        s: &Settlement,
+        cheater: &str,
+    ) -> Result<()> {
+        let hash = s.hash.into();
+        let on_chain = self.chain.settlement(&self.deployment, hash).await?;
+        let status = if on_chain.finalized {
+            // Too late to stop: record it as paid.
+            "finalized"
+        } else if on_chain.posted_at == 0 {
+            "withheld"
+        } else {
+            if !on_chain.challenged {
+                self.chain
+                    .challenge_settlement(&self.deployment, hash)
+                    .await?;
+            }
+            "challenged"
+        };
+        store.lock().expect("store poisoned").settlement_advanced(
+            &s.hash,
+            status,
+            on_chain.posted_at,
+        )?;
+        tracing::warn!(settlement = %hex::encode(s.hash), node = cheater, status, "settlement pays a node found guilty of fraud");
+        Ok(())
+    }
+
     /// The escrow's challenge window in seconds.
     pub async fn challenge_window(&self) -> Result<u64> {
         let w = self
@@ -242,8 +289,25 @@ impl Settler {
     }
 }
 
+/// Settlement statuses that need no further chain step.
+const DONE: [&str; 3] = ["finalized", "challenged", "withheld"];
+
+/// Nodes the registry excluded after a guilty verdict (empty if it cannot be asked).
+async fn cheaters(registry: &str) -> BTreeSet<String> {
+    let Ok(mut c) = crate::membership::registry_client(registry) else {
+        return BTreeSet::new();
+    };
+    match c.list_verdicts(unfed_proto::ListVerdictsRequest {}).await {
+        Ok(r) => r.into_inner().excluded.into_iter().collect(),
+        Err(e) => {
+            tracing::debug!("cannot list verdicts: {}", e.message());
+            BTreeSet::new()
+        }
+    }
+}
+
 /// Runs the settler until the process stops, every `poll`.
-pub async fn run(settler: Settler, store: Arc<Mutex<Store>>, poll: Duration) {
+pub async fn run(settler: Settler, store: Arc<Mutex<Store>>, poll: Duration, registry: String) {
     let window = loop {
         match settler.challenge_window().await {
             Ok(w) => break w,
@@ -256,7 +320,8 @@ pub async fn run(settler: Settler, store: Arc<Mutex<Store>>, poll: Duration) {
     let mut tick = tokio::time::interval(poll);
     loop {
         tick.tick().await;
-        if let Err(e) = settler.tick(&store, window).await {
+        let cheaters = cheaters(&registry).await;
+        if let Err(e) = settler.tick(&store, window, &cheaters).await {
             tracing::error!("settlement loop: {e:#}");
         }
     }

@@ -54,6 +54,8 @@ pub struct Adjudicator {
     seen: Mutex<HashSet<Vec<u8>>>,
     recent: Mutex<HashMap<String, VecDeque<Instant>>>,
     verdicts: Mutex<Vec<Verdict>>,
+    /// Held by the registry for the whole of one report's ruling.
+    pub ruling: tokio::sync::Mutex<()>,
 }
 
 /// A refusal with its reason code.
@@ -75,6 +77,7 @@ impl Adjudicator {
             seen: Mutex::new(HashSet::new()),
             recent: Mutex::new(HashMap::new()),
             verdicts: Mutex::new(Vec::new()),
+            ruling: tokio::sync::Mutex::new(()),
         }
     }
 

@@ -79,6 +79,18 @@ impl Peers {
             .with_context(|| format!("share key of {node_id}"))
     }
 
+    /// Checks `a` against its signer's registered key, re-reading the registry once
+    /// when the cached key fails (a restarted node registers a new key).
+    pub async fn verify(&self, a: &Attestation) -> Result<()> {
+        if let Ok(k) = self.key(&a.node_id).await
+            && attest::verify(&k, a).is_ok()
+        {
+            return Ok(());
+        }
+        self.refresh().await?;
+        attest::verify(&self.key(&a.node_id).await?, a)
+    }
+
     /// Other live text nodes of `shard`, freshly discovered.
     pub async fn replicas(&self, shard: u32, except: &[&str]) -> Result<Vec<NodeInfo>> {
         self.refresh().await?;
@@ -124,7 +136,7 @@ pub async fn check_incoming(
             shard.saturating_sub(1)
         );
     }
-    attest::verify(&peers.key(&a.node_id).await?, a)?;
+    peers.verify(a).await?;
     if a.output_digest != attest::digest(received) {
         bail!(
             "the hidden state received differs from the one {} attested",
