@@ -140,9 +140,12 @@ struct Inner {
 struct InputLog {
     sessions: Mutex<(
         std::collections::VecDeque<String>,
-        HashMap<String, (Option<SamplingParams>, Vec<StepInput>)>,
+        HashMap<String, LoggedSession>,
     )>,
 }
+
+/// A session's sampling parameters and its inputs, step by step.
+type LoggedSession = (Option<SamplingParams>, Vec<StepInput>);
 
 /// Sessions whose inputs are kept (the oldest are forgotten first).
 const INPUT_LOG_SESSIONS: usize = 1024;
@@ -172,7 +175,7 @@ impl InputLog {
         let g = self.sessions.lock().expect("input log poisoned");
         let (sampling, inputs) = g.1.get(session)?;
         let n = up_to as usize + 1;
-        (inputs.len() >= n).then(|| (sampling.clone(), inputs[..n].to_vec()))
+        (inputs.len() >= n).then(|| (*sampling, inputs[..n].to_vec()))
     }
 
     fn forget(&self, session: &str) {
@@ -547,12 +550,9 @@ impl Compute for ComputeService {
             }
             _ => None,
         };
-        self.inner.inputs.record(
-            &req.session_id,
-            req.step,
-            step_input.clone(),
-            req.sampling.clone(),
-        );
+        self.inner
+            .inputs
+            .record(&req.session_id, req.step, step_input.clone(), req.sampling);
         let mut out = self.run_local(&req).await?;
         if let Some(cheat) = self.inner.cheat {
             out = self.cheat(cheat, out, &req);
@@ -566,7 +566,7 @@ impl Compute for ComputeService {
             c.spawn(Suspect {
                 attestations,
                 output: HopOutput::Hidden(h.clone()),
-                sampling: req.sampling.clone(),
+                sampling: req.sampling,
                 dtype: DType::try_from(h.dtype).unwrap_or(DType::DtypeF32),
             });
         }
@@ -643,7 +643,7 @@ impl Compute for ComputeService {
                 let sent_digest = att.output_digest.clone();
                 req.attestations = vec![att];
                 req.input = Some(forward_request::Input::Hidden(hidden));
-                let sampling = req.sampling.clone();
+                let sampling = req.sampling;
                 let (session, step) = (req.session_id.clone(), req.step);
                 let mut client = ComputeClient::new(self.channel(&next.address)?);
                 let mut resp = match client.forward(req).await {

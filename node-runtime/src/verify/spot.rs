@@ -292,7 +292,7 @@ impl SpotChecker {
             accused: Some(accused),
             inputs,
             input_attestations: s.attestations.clone(),
-            sampling: s.sampling.clone(),
+            sampling: s.sampling,
             output: Some(match s.output {
                 HopOutput::Hidden(t) => fraud_report::Output::Hidden(t),
                 HopOutput::Token(t) => fraud_report::Output::TokenId(t),
@@ -369,7 +369,7 @@ async fn reexecute_on(
         .reexecute(ReexecuteRequest {
             model_id: model.to_string(),
             inputs: inputs.to_vec(),
-            sampling: s.sampling.clone(),
+            sampling: s.sampling,
             hidden_dtype: s.dtype as i32,
         })
         .await
