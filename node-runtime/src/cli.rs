@@ -142,7 +142,11 @@ fn fraction(s: &str) -> Result<f64, String> {
 async fn ensure_local_anvil(cheat: crate::verify::cheat::Cheat, rpc: Option<&str>) -> Result<()> {
     let hint = "cheating modes only run against a local Anvil chain; start the testnet with [chain] mode = \"anvil\" and pass --chain-rpc http://127.0.0.1:PORT";
     let Some(rpc) = rpc else {
-        bail!("--cheat {cheat:?} needs --chain-rpc: {hint}");
+        let name = cheat
+            .to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default();
+        bail!("--cheat {name} needs --chain-rpc: {hint}");
     };
     let host = rpc
         .split("://")

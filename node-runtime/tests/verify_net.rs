@@ -593,3 +593,35 @@ async fn forged_replayed_and_excess_reports_are_refused() {
     assert_eq!(v.verdicts.len(), 1, "{v:?}");
     assert_eq!(v.excluded, vec!["accused".to_string()]);
 }
+
+/// Cheating needs a local Anvil: without one the node refuses to start, saying why.
+#[test]
+fn cheating_is_refused_without_a_local_anvil() {
+    let tmp = Net::prepare();
+    let split = split_into(
+        &common::fixtures_root().join("qwen2-f32"),
+        &tmp.path().join("splits"),
+        "m",
+        1,
+    );
+    let out = std::process::Command::new(common::net::BIN)
+        .args([
+            "compute",
+            "--shard-index",
+            "0",
+            "--port",
+            "0",
+            "--cheat",
+            "perturb",
+        ])
+        .arg("--shards-dir")
+        .arg(&split)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--cheat perturb needs --chain-rpc") && err.contains("local Anvil"),
+        "{err}"
+    );
+}
