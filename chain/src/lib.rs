@@ -8,6 +8,7 @@ pub mod anvil;
 pub mod contracts;
 pub mod escrow;
 pub mod keys;
+pub mod personal;
 
 pub use admission::{
     AdmissionVerifier, RegistrationPayload, RejectReason, Rejection, sign_registration,
@@ -21,3 +22,4 @@ pub use keys::{
     STAKE_KEY_ENV, STAKE_KEY_FILE_ENV, dev_signer, load_stake_key_from_env, read_key_file,
     write_key_file,
 };
+pub use personal::{personal_sign, recover_personal_signer};

@@ -10,6 +10,7 @@ pub mod registry;
 pub mod shares;
 pub mod verify;
 pub mod vision;
+pub mod web;
 pub mod wire;
 
 /// The gRPC types, for users of the client library.

@@ -1,0 +1,242 @@
+//! Wallet sign-in: the server issues a single-use challenge with a TTL, the wallet signs
+//! it (EIP-191 `personal_sign`), the recovered address must be the one the challenge was
+//! issued to, and the server answers with a session token that expires.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use unfed_chain::Address;
+
+/// Why a sign-in step or a session was refused; each maps to an HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("`{0}` is not an EVM address (0x followed by 40 hex digits)")]
+    BadAddress(String),
+    #[error("unknown or already used challenge; ask for a new one")]
+    UnknownChallenge,
+    #[error("the challenge expired; ask for a new one")]
+    ChallengeExpired,
+    #[error("bad signature: {0}")]
+    BadSignature(String),
+    #[error("the challenge was signed by {signer}, not by {expected}")]
+    WrongSigner { signer: Address, expected: Address },
+    #[error("sign in first (no session token)")]
+    NoSession,
+    #[error("the session expired or is unknown; sign in again")]
+    SessionExpired,
+}
+
+impl AuthError {
+    pub fn http_status(&self) -> u16 {
+        match self {
+            AuthError::BadAddress(_) => 400,
+            _ => 401,
+        }
+    }
+}
+
+struct Challenge {
+    address: Address,
+    message: String,
+    expires: Instant,
+}
+
+struct Session {
+    address: Address,
+    expires: Instant,
+}
+
+/// A signed-in wallet's session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedIn {
+    pub token: String,
+    pub address: Address,
+    pub expires_in: Duration,
+}
+
+pub struct Auth {
+    challenge_ttl: Duration,
+    session_ttl: Duration,
+    challenges: Mutex<HashMap<String, Challenge>>,
+    sessions: Mutex<HashMap<String, Session>>,
+}
+
+fn random_hex() -> String {
+    hex::encode(rand::random::<[u8; 32]>())
+}
+
+impl Auth {
+    pub fn new(challenge_ttl: Duration, session_ttl: Duration) -> Self {
+        Self {
+            challenge_ttl,
+            session_ttl,
+            challenges: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A challenge for `address` to sign: `(nonce, message)`.
+    pub fn challenge(&self, address: &str, site: &str) -> Result<(String, String), AuthError> {
+        let addr: Address = address
+            .trim()
+            .parse()
+            .map_err(|_| AuthError::BadAddress(address.to_string()))?;
+        let nonce = random_hex();
+        let issued = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let message = format!(
+            "Sign in to the UNFED dashboard at {site}\n\nWallet: {addr}\nNonce: {nonce}\nIssued at: {issued}\n\nSigning proves you hold this wallet; it costs nothing."
+        );
+        let mut challenges = self.challenges.lock().expect("challenges poisoned");
+        challenges.retain(|_, c| c.expires > Instant::now());
+        challenges.insert(
+            nonce.clone(),
+            Challenge {
+                address: addr,
+                message: message.clone(),
+                expires: Instant::now() + self.challenge_ttl,
+            },
+        );
+        Ok((nonce, message))
+    }
+
+    /// Checks the wallet's signature of challenge `nonce`; the challenge is used up
+    /// whatever the outcome, so a signature cannot be tried twice.
+    pub fn verify(&self, nonce: &str, signature: &str) -> Result<SignedIn, AuthError> {
+        let c = self
+            .challenges
+            .lock()
+            .expect("challenges poisoned")
+            .remove(nonce)
+            .ok_or(AuthError::UnknownChallenge)?;
+        if c.expires <= Instant::now() {
+            return Err(AuthError::ChallengeExpired);
+        }
+        let signer = unfed_chain::recover_personal_signer(&c.message, signature)
+            .map_err(|e| AuthError::BadSignature(format!("{e:#}")))?;
+        if signer != c.address {
+            return Err(AuthError::WrongSigner {
+                signer,
+                expected: c.address,
+            });
+        }
+        let token = random_hex();
+        let mut sessions = self.sessions.lock().expect("sessions poisoned");
+        sessions.retain(|_, s| s.expires > Instant::now());
+        sessions.insert(
+            token.clone(),
+            Session {
+                address: signer,
+                expires: Instant::now() + self.session_ttl,
+            },
+        );
+        Ok(SignedIn {
+            token,
+            address: signer,
+            expires_in: self.session_ttl,
+        })
+    }
+
+    /// The wallet signed in with `token`.
+    pub fn session(&self, token: Option<&str>) -> Result<Address, AuthError> {
+        let token = token
+            .filter(|t| !t.is_empty())
+            .ok_or(AuthError::NoSession)?;
+        let sessions = self.sessions.lock().expect("sessions poisoned");
+        match sessions.get(token) {
+            Some(s) if s.expires > Instant::now() => Ok(s.address),
+            _ => Err(AuthError::SessionExpired),
+        }
+    }
+
+    /// Ends a session (sign out).
+    pub fn end(&self, token: &str) {
+        self.sessions
+            .lock()
+            .expect("sessions poisoned")
+            .remove(token);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wallet(i: u32) -> unfed_chain::PrivateKeySigner {
+        unfed_chain::dev_signer(i).unwrap()
+    }
+
+    fn sign(i: u32, message: &str) -> String {
+        unfed_chain::personal_sign(&wallet(i), message).unwrap()
+    }
+
+    #[test]
+    fn a_signed_challenge_opens_a_session_once() {
+        let auth = Auth::new(Duration::from_secs(60), Duration::from_secs(60));
+        let me = wallet(1).address().to_string();
+        let (nonce, message) = auth.challenge(&me, "http://127.0.0.1:8080").unwrap();
+        assert!(message.contains(&me) && message.contains(&nonce));
+        let signed = auth.verify(&nonce, &sign(1, &message)).unwrap();
+        assert_eq!(signed.address.to_string(), me);
+        assert_eq!(auth.session(Some(&signed.token)).unwrap(), signed.address);
+        // Single use: the same signature cannot open a second session.
+        assert_eq!(
+            auth.verify(&nonce, &sign(1, &message)),
+            Err(AuthError::UnknownChallenge)
+        );
+        auth.end(&signed.token);
+        assert_eq!(
+            auth.session(Some(&signed.token)),
+            Err(AuthError::SessionExpired)
+        );
+    }
+
+    #[test]
+    fn every_refusal_has_its_reason() {
+        let auth = Auth::new(Duration::from_secs(60), Duration::from_secs(60));
+        let err = auth.challenge("0x12", "site").unwrap_err();
+        assert_eq!(
+            (err.http_status(), &err),
+            (400, &AuthError::BadAddress("0x12".into()))
+        );
+        let me = wallet(1).address().to_string();
+        // Another wallet signs my challenge.
+        let (nonce, message) = auth.challenge(&me, "site").unwrap();
+        let err = auth.verify(&nonce, &sign(2, &message)).unwrap_err();
+        assert!(matches!(err, AuthError::WrongSigner { .. }), "{err}");
+        assert_eq!(err.http_status(), 401);
+        // A signature of another message.
+        let (nonce, _) = auth.challenge(&me, "site").unwrap();
+        let err = auth.verify(&nonce, &sign(1, "something else")).unwrap_err();
+        assert!(matches!(err, AuthError::WrongSigner { .. }), "{err}");
+        // Garbage.
+        let (nonce, _) = auth.challenge(&me, "site").unwrap();
+        assert!(matches!(
+            auth.verify(&nonce, "0xzz"),
+            Err(AuthError::BadSignature(_))
+        ));
+        assert_eq!(auth.session(None), Err(AuthError::NoSession));
+        assert_eq!(auth.session(Some("nope")), Err(AuthError::SessionExpired));
+    }
+
+    #[test]
+    fn challenges_and_sessions_expire() {
+        let auth = Auth::new(Duration::ZERO, Duration::ZERO);
+        let me = wallet(1).address().to_string();
+        let (nonce, message) = auth.challenge(&me, "site").unwrap();
+        assert_eq!(
+            auth.verify(&nonce, &sign(1, &message)),
+            Err(AuthError::ChallengeExpired)
+        );
+        let auth = Auth::new(Duration::from_secs(60), Duration::ZERO);
+        let (nonce, message) = auth.challenge(&me, "site").unwrap();
+        let signed = auth.verify(&nonce, &sign(1, &message)).unwrap();
+        assert_eq!(
+            auth.session(Some(&signed.token)),
+            Err(AuthError::SessionExpired)
+        );
+    }
+}
