@@ -82,20 +82,12 @@ async fn each_hop_of_an_answer_yields_exactly_one_accepted_share() {
 /// finalization by the daemon as operator; balances match usage at the prices exactly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_on_a_staked_testnet_is_paid_exactly_at_the_configured_prices() {
-    use unfed_chain::{Anvil, AnvilOptions, Chain, EscrowParams, U256, dev_signer, parse_amount};
+    use unfed_chain::{U256, dev_signer, parse_amount};
 
     let tmp = Net::prepare();
     let checkpoint = common::fixtures_root().join("qwen2-f32");
     split_into(&checkpoint, &tmp.path().join("splits"), "m", 2);
-    let anvil = Anvil::start(&AnvilOptions::default()).await.unwrap();
-    let operator = Chain::connect(&anvil.endpoint(), dev_signer(0).unwrap()).unwrap();
-    let d = operator
-        .deploy(&EscrowParams {
-            challenge_window_secs: 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let (anvil, operator, d) = common::net::anvil_with_escrow(1).await;
     let (stake, gas, deposit) = (
         parse_amount("200").unwrap(),
         parse_amount("1").unwrap(),

@@ -9,7 +9,7 @@ mod daemon_common;
 
 use common::net::Node;
 use daemon_common::*;
-use unfed_chain::{Anvil, AnvilOptions, Chain, EscrowParams, U256, dev_signer, parse_amount};
+use unfed_chain::{U256, dev_signer, parse_amount};
 use unfed_proto::*;
 
 /// Independent restatement of the pricing rule: a step's price split evenly over the
@@ -27,15 +27,7 @@ fn hop_amount(input: u64, output: u64, shard: u32, shards: u32, p_in: u64, p_out
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_is_paid_exactly_and_a_refused_settlement_is_retried_until_paid() {
     let net = registry();
-    let anvil = Anvil::start(&AnvilOptions::default()).await.unwrap();
-    let operator = Chain::connect(&anvil.endpoint(), dev_signer(0).unwrap()).unwrap();
-    let d = operator
-        .deploy(&EscrowParams {
-            challenge_window_secs: 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let (anvil, operator, d) = common::net::anvil_with_escrow(1).await;
     let deposit = parse_amount("1000").unwrap();
     let gas = parse_amount("1").unwrap();
     let client = dev_signer(1).unwrap();

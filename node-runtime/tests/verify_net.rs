@@ -11,9 +11,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::net::{Net, Node, s, split_into};
-use unfed_chain::{
-    Anvil, AnvilOptions, Chain, Deployment, EscrowParams, U256, dev_signer, parse_amount,
-};
+use unfed_chain::{Anvil, Chain, Deployment, U256, dev_signer, parse_amount};
 use unfed_node::client::GenerateOptions;
 use unfed_proto::registry_client::RegistryClient;
 use unfed_proto::{ListVerdictsRequest, ListVerdictsResponse};
@@ -39,17 +37,9 @@ impl Staked {
             "m",
             shards,
         );
-        let anvil = Anvil::start(&AnvilOptions::default()).await.unwrap();
-        let chain = Chain::connect(&anvil.endpoint(), dev_signer(0).unwrap()).unwrap();
-        let d = chain
-            .deploy(&EscrowParams {
-                // Long enough that a settlement paying the cheater is still open when
-                // the verdict lands.
-                challenge_window_secs: 120,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        // A challenge window long enough that a settlement paying the cheater is still
+        // open when the verdict lands.
+        let (anvil, chain, d) = common::net::anvil_with_escrow(120).await;
         let op_key = tmp.path().join("operator.key");
         unfed_chain::write_key_file(&op_key, &dev_signer(0).unwrap()).unwrap();
         let args = vec![
@@ -444,37 +434,6 @@ async fn a_thousand_honest_hops_produce_no_reports() {
     );
 }
 
-/// Registers a node with open admission; returns its share key.
-async fn register_fake(registry: &str, node: &str, layer_end: u32) -> ed25519_dalek::SigningKey {
-    use unfed_proto::RegisterRequest;
-    let key = unfed_node::shares::generate_key();
-    let mut c = RegistryClient::connect(format!("http://{registry}"))
-        .await
-        .unwrap();
-    let r = c
-        .register(RegisterRequest {
-            node_id: node.into(),
-            role: "compute".into(),
-            address: "127.0.0.1:1".into(),
-            model: "m".into(),
-            shard_index: 0,
-            share_key: unfed_node::shares::public_key_hex(&key),
-            timestamp: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs(),
-            nonce: "n".into(),
-            shards_total: 2,
-            layer_end,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(r.accepted, "{r:?}");
-    key
-}
-
 /// Reports that are not evidence are refused with a reason; a real one is ruled on by
 /// re-execution (here: an accused that attested zeros as its layers' output).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -494,8 +453,12 @@ async fn forged_replayed_and_excess_reports_are_refused() {
         serde_json::from_str(&std::fs::read_to_string(split.join("manifest.json")).unwrap())
             .unwrap();
     let end = manifest.text_shards().next().unwrap().layer_end as u32;
-    let reporter = register_fake(&reg, "reporter", end).await;
-    let accused = register_fake(&reg, "accused", end).await;
+    let reporter = daemon_common::Signer::register_for(&reg, "reporter", end, 2)
+        .await
+        .key;
+    let accused = daemon_common::Signer::register_for(&reg, "accused", end, 2)
+        .await
+        .key;
     let h = manifest.config.text.hidden_size;
     let now = || {
         std::time::SystemTime::now()

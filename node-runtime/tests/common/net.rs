@@ -222,3 +222,27 @@ impl Net {
         out
     }
 }
+
+/// A local Anvil with the token and escrow deployed (`window_secs` challenge window),
+/// and the operator (dev key 0) connected to it.
+pub async fn anvil_with_escrow(
+    window_secs: u64,
+) -> (
+    unfed_chain::Anvil,
+    unfed_chain::Chain,
+    unfed_chain::Deployment,
+) {
+    use unfed_chain::{Anvil, AnvilOptions, Chain, EscrowParams, dev_signer};
+    let anvil = Anvil::start(&AnvilOptions::default())
+        .await
+        .expect("start anvil");
+    let operator = Chain::connect(&anvil.endpoint(), dev_signer(0).unwrap()).unwrap();
+    let d = operator
+        .deploy(&EscrowParams {
+            challenge_window_secs: window_secs,
+            ..Default::default()
+        })
+        .await
+        .expect("deploy the contracts");
+    (anvil, operator, d)
+}

@@ -37,6 +37,16 @@ pub struct Signer {
 
 impl Signer {
     pub async fn register(registry: &str, node: &str) -> Signer {
+        Self::register_for(registry, node, 1, 1).await
+    }
+
+    /// Registers as a node of shard 0 covering layers `[0, layer_end)` of `shards_total`.
+    pub async fn register_for(
+        registry: &str,
+        node: &str,
+        layer_end: u32,
+        shards_total: u32,
+    ) -> Signer {
         let key = shares::generate_key();
         let mut c = RegistryClient::connect(format!("http://{registry}"))
             .await
@@ -51,8 +61,8 @@ impl Signer {
                 share_key: shares::public_key_hex(&key),
                 timestamp: now_ms() / 1000,
                 nonce: "n".into(),
-                shards_total: 1,
-                layer_end: 1,
+                shards_total,
+                layer_end,
                 ..Default::default()
             })
             .await
@@ -66,7 +76,7 @@ impl Signer {
             nonce: 0,
             client: String::new(),
             shard_index: 0,
-            shards_total: 1,
+            shards_total,
         }
     }
 
