@@ -120,7 +120,7 @@ struct ComputeArgs {
     daemon: Option<String>,
     /// Fraction of the neighbouring hops this node spot-checks by re-execution on an
     /// independent replica (0 disables; needs --registry).
-    #[arg(long, default_value_t = 0.05, value_parser = fraction)]
+    #[arg(long, env = "UNFED_SPOT_CHECK", default_value_t = 0.05, value_parser = fraction)]
     spot_check: f64,
     /// Test/demo only: cheat in this way. Refused unless --chain-rpc is a local Anvil.
     #[arg(long, value_enum)]
