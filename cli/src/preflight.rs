@@ -10,11 +10,11 @@ use std::process::ExitCode;
 use crate::plan::LaunchPlan;
 use crate::spec::{ChainMode, LoadedSpec};
 
-/// Dashboard switches the web checks read (the same variables the dashboard honours).
-pub const DEV_AUTH_BYPASS_ENV: &str = "UNFED_DEV_AUTH_BYPASS";
-pub const DEMO_AUTH_ENV: &str = "UNFED_DEMO_AUTH";
-pub const FAUCET_ENABLED_ENV: &str = "UNFED_FAUCET_ENABLED";
-pub const FAUCET_REQUIRE_AUTH_ENV: &str = "UNFED_FAUCET_REQUIRE_AUTH";
+/// Dashboard switches the web checks read: the dashboard's own names and parsing.
+pub use unfed_node::web::args::{
+    DEMO_AUTH_ENV, DEV_AUTH_BYPASS_ENV, FAUCET_ENABLED_ENV, FAUCET_REQUIRE_AUTH_ENV, is_loopback,
+    truthy,
+};
 
 pub struct Check {
     pub name: String,
@@ -169,15 +169,6 @@ pub fn is_local_host(host: &str) -> bool {
     }
 }
 
-fn truthy(env: &std::collections::HashMap<String, String>, key: &str, default: bool) -> bool {
-    env.get(key).map_or(default, |v| {
-        matches!(
-            v.trim().to_ascii_lowercase().as_str(),
-            "1" | "true" | "yes" | "on"
-        )
-    })
-}
-
 /// The dashboard's safe defaults, for `host` and the given environment.
 pub fn web_checks(host: &str, env: &std::collections::HashMap<String, String>) -> Vec<Check> {
     let bypass = truthy(env, DEV_AUTH_BYPASS_ENV, false);
@@ -191,7 +182,7 @@ pub fn web_checks(host: &str, env: &std::collections::HashMap<String, String>) -
             Ok(())
         }
     };
-    let loopback = host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    let loopback = is_loopback(host);
     vec![
         Check::new(
             "web: dev auth bypass is off",

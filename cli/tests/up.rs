@@ -1,54 +1,20 @@
 //! `unfedctl up` / `down` / `status` against real processes: Anvil, contracts, stakes, the
 //! registry and compute nodes. Every testnet uses free ports and its own temp dir.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::PathBuf;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use common::{Net, run, state, text, unfedctl};
 use serde_json::Value;
 
-fn unfedctl() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_unfedctl"))
-}
+mod common;
 
-/// A spec in a fresh temp dir: free ports, no daemon or web (not built yet). Dropping it
-/// runs `unfedctl down`, so a failing assertion never leaves processes behind.
-struct Net {
-    _dir: tempfile::TempDir,
-    spec: PathBuf,
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        let _ = unfedctl()
-            .arg("down")
-            .arg(&self.spec)
-            .stdout(Stdio::null())
-            .status();
-    }
-}
-
+/// A spec with free ports and no daemon or web (the tests here watch the core roles).
 fn testnet(extra: &str) -> Net {
-    let dir = tempfile::tempdir().unwrap();
-    let spec = dir.path().join("net.toml");
-    let text = format!(
-        "[testnet]\nname = \"net\"\nbase_port = 0\n[daemon]\nenabled = false\n[web]\nenabled = false\n{extra}"
-    );
-    std::fs::write(&spec, text).unwrap();
-    Net { _dir: dir, spec }
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.stdin(Stdio::null()).output().unwrap()
-}
-
-fn text(out: &[u8]) -> String {
-    String::from_utf8_lossy(out).into_owned()
-}
-
-fn state(spec: &Path) -> Value {
-    let path = spec.parent().unwrap().join(".unfed/net/state.json");
-    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    Net::new(&format!(
+        "[daemon]\nenabled = false\n[web]\nenabled = false\n{extra}"
+    ))
 }
 
 fn pids(state: &Value) -> Vec<i32> {

@@ -37,6 +37,8 @@ enum Role {
     Compute(ComputeArgs),
     /// Share-chain daemon: validates compute shares, produces blocks, settles on-chain.
     Daemon(crate::daemon::args::DaemonArgs),
+    /// Web dashboard: chat, network and chain views, wallet sign-in, faucet.
+    Web(crate::web::args::WebArgs),
 }
 
 #[derive(clap::Args)]
@@ -367,6 +369,7 @@ where
             Role::Registry(a) => run_registry(a).await,
             Role::Compute(a) => run_compute(a).await,
             Role::Daemon(a) => a.run().await,
+            Role::Web(a) => a.run().await,
         }
     });
     match result {

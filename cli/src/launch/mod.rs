@@ -39,9 +39,6 @@ fn unsupported(plan: &LaunchPlan) -> Vec<String> {
     if has(StepKind::MpcA) || has(StepKind::MpcB) {
         out.push("MPC nodes are not implemented yet; set [mpc] pairs = 0".into());
     }
-    if has(StepKind::Web) {
-        out.push("the web dashboard is not implemented yet; set [web] enabled = false".into());
-    }
     out
 }
 
@@ -343,6 +340,11 @@ fn print_summary(ctx: &Context, state: &RunState, took: Duration) {
     }
     if let Some(model) = &state.model_id {
         println!("  model      {model} (READY)");
+    }
+    if let Some(web) = state.processes.iter().find(|p| p.kind == "web")
+        && let Some(port) = web.port
+    {
+        println!("  dashboard  http://{}:{port}/", ctx.loaded.spec.web.host);
     }
     if let Some(chain) = &state.chain {
         println!(

@@ -92,7 +92,8 @@ pub async fn run(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::Result<O
         StepKind::Compute => start_shard(ctx, step, inputs, false).await,
         StepKind::Vision => start_shard(ctx, step, inputs, true).await,
         StepKind::Daemon => start_daemon(ctx, step, inputs).await,
-        StepKind::MpcA | StepKind::MpcB | StepKind::Web => {
+        StepKind::Web => start_web(ctx, step, inputs).await,
+        StepKind::MpcA | StepKind::MpcB => {
             bail!(
                 "{} cannot be started yet (see `unfedctl up --help`)",
                 step.name
@@ -354,6 +355,8 @@ enum Readiness {
     Answers,
     /// The registry at this address lists the node (admitted, stake checked).
     ListedBy(String),
+    /// The dashboard answers `GET /api/config` with 200.
+    Http,
 }
 
 impl Readiness {
@@ -361,12 +364,14 @@ impl Readiness {
         let registry = match self {
             Readiness::Answers => addr,
             Readiness::ListedBy(registry) => registry,
+            Readiness::Http => return http_ok(addr, "/api/config").await,
         };
         let Ok(mut client) = RegistryClient::connect(format!("http://{registry}")).await else {
             return false;
         };
         match self {
             Readiness::Answers => client.list_models(ListModelsRequest {}).await.is_ok(),
+            Readiness::Http => false,
             Readiness::ListedBy(_) => client
                 .discover(DiscoverRequest {
                     model: String::new(),
@@ -420,7 +425,7 @@ async fn spawn_node(
                     "{} did not start listening within {:?}",
                     step.name, ctx.ready_timeout
                 ),
-                (Some(_), Readiness::Answers) => {
+                (Some(_), Readiness::Answers | Readiness::Http) => {
                     format!(
                         "{} did not answer within {:?}",
                         step.name, ctx.ready_timeout
@@ -445,6 +450,20 @@ async fn spawn_node(
         .unwrap_or_default();
     running.processes[slot].port = Some(port);
     Ok((port, addr))
+}
+
+/// Whether `GET path` on `addr` answers 200 (HTTP/1.0: the server closes when done).
+async fn http_ok(addr: &str, path: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
+        return false;
+    };
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).await.is_ok() && head.ends_with(b" 200")
 }
 
 /// Nodes print `listening HOST:PORT` once bound (the port is real even for --port 0).
@@ -573,6 +592,25 @@ fn operator_key_file(ctx: &Context) -> anyhow::Result<std::path::PathBuf> {
     })
 }
 
+/// The spec's per-token prices, for the roles that bill or quote them.
+fn price_args(cmd: &mut std::process::Command, spec: &crate::spec::TestnetSpec) {
+    cmd.arg("--price-per-input-token")
+        .arg(spec.economics.price_per_input_token.to_string());
+    cmd.arg("--price-per-output-token")
+        .arg(spec.economics.price_per_output_token.to_string());
+}
+
+/// The chain and the deployed contracts, for the roles that read or pay on them.
+fn contract_args(cmd: &mut std::process::Command, chain: &ChainRecord) -> anyhow::Result<()> {
+    cmd.arg("--chain-rpc").arg(&chain.rpc_url);
+    cmd.arg("--escrow")
+        .arg(chain.escrow.as_deref().context("escrow not deployed")?);
+    if let Some(token) = &chain.token {
+        cmd.arg("--token").arg(token);
+    }
+    Ok(())
+}
+
 /// The share-chain daemon: records every hop's share, cuts blocks, and (with a chain)
 /// settles usage at the spec's prices from the dev client's deposit.
 async fn start_daemon(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::Result<Outcome> {
@@ -590,17 +628,9 @@ async fn start_daemon(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::Res
         .arg(spec.daemon.block_interval_seconds.to_string());
     cmd.arg("--settlement-blocks")
         .arg(spec.daemon.settlement_blocks.to_string());
-    cmd.arg("--price-per-input-token")
-        .arg(spec.economics.price_per_input_token.to_string());
-    cmd.arg("--price-per-output-token")
-        .arg(spec.economics.price_per_output_token.to_string());
+    price_args(&mut cmd, spec);
     if let Some(chain) = &inputs.chain {
-        cmd.arg("--chain-rpc").arg(&chain.rpc_url);
-        cmd.arg("--escrow")
-            .arg(chain.escrow.as_deref().context("escrow not deployed")?);
-        if let Some(token) = &chain.token {
-            cmd.arg("--token").arg(token);
-        }
+        contract_args(&mut cmd, chain)?;
         if let Some(client) = &chain.client {
             cmd.arg("--default-client").arg(client);
         }
@@ -609,6 +639,34 @@ async fn start_daemon(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::Res
     let eth_address = stake_identity(&mut cmd, step, &inputs);
     let readiness = Readiness::ListedBy(registry);
     let (port, _) = spawn_node(ctx, step, "daemon", cmd, eth_address, readiness).await?;
+    Ok(Outcome {
+        port: Some(port),
+        ..Outcome::default()
+    })
+}
+
+/// The dashboard, started last: it reads the registry, the daemon (through the
+/// registry), the chain, and bills chats at the spec's prices.
+async fn start_web(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::Result<Outcome> {
+    let registry = inputs
+        .registry
+        .clone()
+        .context("the registry is not running")?;
+    let spec = &ctx.loaded.spec;
+    let mut cmd = ctx.node.role("web");
+    cmd.arg("--host").arg(&spec.web.host);
+    cmd.arg("--registry").arg(&registry);
+    cmd.arg("--db").arg(ctx.plan.run_dir.join("web.db"));
+    price_args(&mut cmd, spec);
+    if let Some(chain) = &inputs.chain {
+        contract_args(&mut cmd, chain)?;
+        // The faucet pays from the operator's wallet (it runs only if switched on).
+        cmd.arg("--operator-key-file").arg(operator_key_file(ctx)?);
+        if let Some(client) = &chain.client {
+            cmd.arg("--demo-wallet").arg(client);
+        }
+    }
+    let (port, _) = spawn_node(ctx, step, "web", cmd, None, Readiness::Http).await?;
     Ok(Outcome {
         port: Some(port),
         ..Outcome::default()

@@ -5,6 +5,8 @@ pub mod image;
 pub mod text;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -25,6 +27,10 @@ pub struct GenerateOptions {
     /// Stop after an EOS token (it is included in the output).
     pub stop_on_eos: bool,
     pub hidden_dtype: DType,
+    /// EVM address of the wallet the daemon bills; empty = the daemon's default client.
+    pub client: String,
+    /// Set to stop after the current step (the tokens so far are returned).
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 impl Default for GenerateOptions {
@@ -34,6 +40,8 @@ impl Default for GenerateOptions {
             sampling: SamplingParams::default(),
             stop_on_eos: true,
             hidden_dtype: DType::DtypeF32,
+            client: String::new(),
+            stop: None,
         }
     }
 }
@@ -50,6 +58,8 @@ pub struct GenerateOutput {
     pub hops: Vec<HopTiming>,
     pub route: Vec<Hop>,
     pub stopped_on_eos: bool,
+    /// Stopped early through `GenerateOptions::stop`.
+    pub stopped_by_caller: bool,
 }
 
 impl GenerateOutput {
@@ -108,6 +118,11 @@ impl Client {
             registry: RegistryClient::new(channel),
             step_timeout: Duration::from_secs(60),
         })
+    }
+
+    /// The registry connection, for calls this library does not wrap.
+    pub fn registry_mut(&mut self) -> &mut RegistryClient<Channel> {
+        &mut self.registry
     }
 
     pub async fn list_models(&mut self) -> Result<Vec<ModelStatus>> {
@@ -272,8 +287,7 @@ impl Client {
                 route: route[1..].to_vec(),
                 penalty_tokens: if penalty { input.clone() } else { Vec::new() },
                 hidden_dtype: opts.hidden_dtype as i32,
-                // The daemon bills its default client (issue 6).
-                client: String::new(),
+                client: opts.client.clone(),
                 image_features: if step == 0 {
                     image_features.cloned()
                 } else {
@@ -316,6 +330,14 @@ impl Client {
                 break;
             }
             input = vec![resp.token_id];
+            if opts
+                .stop
+                .as_ref()
+                .is_some_and(|s| s.load(Ordering::Relaxed))
+            {
+                out.stopped_by_caller = true;
+                break;
+            }
         }
         out.total_ms = start.elapsed().as_secs_f64() * 1e3;
         // Free the KV caches now rather than at the idle timeout; failures only delay that.

@@ -11,6 +11,28 @@ use super::{DaemonConfig, Limits, Prices, Settler};
 /// Environment variable naming the operator key file (the escrow's operator wallet).
 pub const OPERATOR_KEY_FILE_ENV: &str = "UNFED_OPERATOR_KEY_FILE";
 
+/// The cluster's per-token prices, as the daemon bills them and the dashboard quotes them.
+#[derive(clap::Args)]
+pub struct PriceArgs {
+    /// Price per input (prompt) token, in token units.
+    #[arg(long, default_value = "0.0001")]
+    price_per_input_token: String,
+    /// Price per output (generated) token, in token units.
+    #[arg(long, default_value = "0.001")]
+    price_per_output_token: String,
+}
+
+impl PriceArgs {
+    pub fn prices(&self) -> Result<Prices> {
+        Ok(Prices {
+            input: unfed_chain::parse_amount(&self.price_per_input_token)
+                .context("--price-per-input-token")?,
+            output: unfed_chain::parse_amount(&self.price_per_output_token)
+                .context("--price-per-output-token")?,
+        })
+    }
+}
+
 #[derive(clap::Args)]
 pub struct DaemonArgs {
     #[arg(long, default_value_t = 50070)]
@@ -50,12 +72,8 @@ pub struct DaemonArgs {
     max_shares_per_window: u64,
     #[arg(long, default_value_t = 60)]
     window_secs: u64,
-    /// Price per input (prompt) token, in token units.
-    #[arg(long, default_value = "0.0001")]
-    price_per_input_token: String,
-    /// Price per output (generated) token, in token units.
-    #[arg(long, default_value = "0.001")]
-    price_per_output_token: String,
+    #[command(flatten)]
+    prices: PriceArgs,
     /// EVM address billed for shares that name no client (the dev client on a testnet).
     #[arg(long)]
     default_client: Option<String>,
@@ -125,12 +143,7 @@ impl DaemonArgs {
                 "a stake key is configured but --eth-address is missing; pass the staked wallet's address"
             );
         }
-        let prices = Prices {
-            input: unfed_chain::parse_amount(&self.price_per_input_token)
-                .context("--price-per-input-token")?,
-            output: unfed_chain::parse_amount(&self.price_per_output_token)
-                .context("--price-per-output-token")?,
-        };
+        let prices = self.prices.prices()?;
         let default_client = self
             .default_client
             .as_deref()

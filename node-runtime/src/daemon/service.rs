@@ -229,6 +229,18 @@ impl Daemon for DaemonService {
                 amounts: s.amounts,
             })
             .collect();
+        let recent_blocks = st
+            .recent_blocks(20)
+            .map_err(internal)?
+            .into_iter()
+            .map(|b| BlockSummary {
+                height: b.height,
+                hash: b.hash.to_vec(),
+                prev_hash: b.prev_hash.to_vec(),
+                share_count: b.share_count,
+                timestamp_ms: b.timestamp_ms,
+            })
+            .collect();
         Ok(Response::new(GetChainStatusResponse {
             height,
             tip_hash: hash.to_vec(),
@@ -236,6 +248,7 @@ impl Daemon for DaemonService {
             pending_shares: pending,
             nodes,
             settlements,
+            recent_blocks,
         }))
     }
 }

@@ -29,10 +29,17 @@ impl Default for Prices {
     }
 }
 
+impl Prices {
+    /// What `input` prompt tokens and `output` generated tokens cost.
+    pub fn cost(&self, input: u64, output: u64) -> U256 {
+        U256::from(input) * self.input + U256::from(output) * self.output
+    }
+}
+
 /// What one hop earns: the step's price split evenly over the route's shards, the
 /// division remainder to the last shard, so the shards of a step sum to its price.
 pub fn share_amount(s: &SettledShare, p: &Prices) -> U256 {
-    let price = U256::from(s.input_tokens) * p.input + U256::from(s.output_tokens) * p.output;
+    let price = p.cost(s.input_tokens, s.output_tokens);
     let n = U256::from(s.shards_total.max(1));
     let base = price / n;
     if s.shard_index + 1 == s.shards_total {

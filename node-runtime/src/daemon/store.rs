@@ -323,7 +323,16 @@ impl Store {
     }
 
     pub fn blocks(&self) -> Result<Vec<Block>> {
-        let mut st = self.conn.prepare("SELECT height, hash, prev_hash, shares_root, share_count, timestamp_ms FROM blocks ORDER BY height")?;
+        self.query_blocks("ORDER BY height")
+    }
+
+    /// The newest `limit` blocks, newest first.
+    pub fn recent_blocks(&self, limit: u32) -> Result<Vec<Block>> {
+        self.query_blocks(&format!("ORDER BY height DESC LIMIT {limit}"))
+    }
+
+    fn query_blocks(&self, order: &str) -> Result<Vec<Block>> {
+        let mut st = self.conn.prepare(&format!("SELECT height, hash, prev_hash, shares_root, share_count, timestamp_ms FROM blocks {order}"))?;
         let rows = st.query_map([], |r| {
             Ok(Block {
                 height: r.get(0)?,

@@ -71,6 +71,10 @@ impl Faucet {
         })
     }
 
+    pub fn policy(&self) -> &FaucetPolicy {
+        &self.policy
+    }
+
     /// Whether `address` may be paid now. `can_pay` is why the faucet cannot pay, if it
     /// cannot (no chain, no operator key); `session` is the signed-in wallet, if any.
     pub fn admit(

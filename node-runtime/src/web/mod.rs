@@ -1,5 +1,11 @@
-//! The web dashboard's rules that do not depend on HTTP: wallet sign-in (EIP-191
-//! challenges and sessions) and the faucet's admission with its persisted cooldown.
+//! The web dashboard (`unfed-node web`): chat with streamed tokens, the network and
+//! chain views, wallet sign-in and the faucet, over a JSON API under `/api/` that the
+//! embedded page uses too.
 
+pub mod args;
 pub mod auth;
+pub mod chat;
 pub mod faucet;
+pub mod server;
+pub mod views;
+pub mod wallet;

@@ -186,13 +186,14 @@ pub fn rejected(r: &ShareResult, reason: &str) {
     );
 }
 
-/// Polls GetChainStatus until `pred` holds.
+/// Polls GetChainStatus until `pred` holds. The deadline is generous: settlement waits
+/// for blocks, the chain and a challenge window, all slow on a loaded 2-core CI machine.
 pub async fn wait_status(
     d: &mut Daemon,
     what: &str,
     pred: impl Fn(&GetChainStatusResponse) -> bool,
 ) -> GetChainStatusResponse {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let st = d
             .get_chain_status(GetChainStatusRequest {})

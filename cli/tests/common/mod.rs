@@ -1,0 +1,58 @@
+//! A testnet spec in a temp dir for the `unfedctl` process tests, torn down on drop.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+pub fn unfedctl() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_unfedctl"))
+}
+
+/// A spec named "net" in a fresh temp dir, on free ports. Dropping it runs
+/// `unfedctl down`, so a failing assertion never leaves processes behind.
+pub struct Net {
+    pub dir: tempfile::TempDir,
+    pub spec: PathBuf,
+}
+
+impl Net {
+    /// `body` is appended to `[testnet] name = "net", base_port = 0`.
+    pub fn new(body: &str) -> Net {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = dir.path().join("net.toml");
+        let text = format!("[testnet]\nname = \"net\"\nbase_port = 0\n{body}");
+        std::fs::write(&spec, text).unwrap();
+        Net { dir, spec }
+    }
+
+    /// The run directory `up` uses for this spec.
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.path().join(".unfed/net")
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        let _ = unfedctl()
+            .arg("down")
+            .arg(&self.spec)
+            .stdout(Stdio::null())
+            .status();
+    }
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null()).output().unwrap()
+}
+
+pub fn text(out: &[u8]) -> String {
+    String::from_utf8_lossy(out).into_owned()
+}
+
+/// The testnet's state.json.
+pub fn state(spec: &Path) -> Value {
+    let path = spec.parent().unwrap().join(".unfed/net/state.json");
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}

@@ -1,0 +1,197 @@
+//! `unfed-node web`: flags and environment switches, checked and turned into the
+//! server's state.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use unfed_chain::{Address, Chain, Deployment};
+
+use super::auth::Auth;
+use super::faucet::{Faucet, FaucetPolicy};
+use super::server::{ChainAccess, Switches, WebState};
+use crate::daemon::args::{OPERATOR_KEY_FILE_ENV, PriceArgs};
+
+/// The dashboard's switches (`unfedctl preflight web` reads the same variables).
+pub const DEV_AUTH_BYPASS_ENV: &str = "UNFED_DEV_AUTH_BYPASS";
+pub const DEMO_AUTH_ENV: &str = "UNFED_DEMO_AUTH";
+pub const FAUCET_ENABLED_ENV: &str = "UNFED_FAUCET_ENABLED";
+pub const FAUCET_REQUIRE_AUTH_ENV: &str = "UNFED_FAUCET_REQUIRE_AUTH";
+
+#[derive(clap::Args)]
+pub struct WebArgs {
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Bind address. A non-loopback address is refused while an auth bypass is on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Registry host:port.
+    #[arg(long)]
+    registry: String,
+    /// Share-chain daemon host:port (default: the daemon the registry lists).
+    #[arg(long)]
+    daemon: Option<String>,
+    /// Chain RPC URL, for balances, stakes and the faucet.
+    #[arg(long)]
+    chain_rpc: Option<String>,
+    #[arg(long)]
+    escrow: Option<String>,
+    /// Token contract (the faucet pays in it).
+    #[arg(long)]
+    token: Option<String>,
+    /// The faucet's paying wallet: the escrow operator's key file (0600).
+    #[arg(long, env = OPERATOR_KEY_FILE_ENV)]
+    operator_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    prices: PriceArgs,
+    /// SQLite database of the faucet's grants (created if missing).
+    #[arg(long, default_value = "web.db")]
+    db: PathBuf,
+    /// Tokens one faucet grant deposits.
+    #[arg(long, default_value = "10")]
+    faucet_amount: String,
+    #[arg(long, default_value_t = 86_400)]
+    faucet_cooldown_secs: u64,
+    /// The wallet demo sign-in uses (only with UNFED_DEMO_AUTH=1).
+    #[arg(long)]
+    demo_wallet: Option<String>,
+    #[arg(long, default_value_t = 300)]
+    challenge_ttl_secs: u64,
+    #[arg(long, default_value_t = 3600)]
+    session_ttl_secs: u64,
+}
+
+/// How the switches read an environment variable (unset = `default`).
+pub fn truthy(env: &HashMap<String, String>, key: &str, default: bool) -> bool {
+    env.get(key).map_or(default, |v| {
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "1" | "true" | "yes" | "on"
+        )
+    })
+}
+
+fn address(flag: &str, v: &str) -> Result<Address> {
+    v.parse().with_context(|| {
+        format!("{flag} {v:?} is not an EVM address (0x followed by 40 hex digits)")
+    })
+}
+
+/// Whether `host` only accepts connections from this machine.
+pub fn is_loopback(host: &str) -> bool {
+    host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+impl WebArgs {
+    fn chain(&self) -> Result<Option<ChainAccess>> {
+        let (rpc, escrow) = match (&self.chain_rpc, &self.escrow) {
+            (Some(r), Some(e)) => (r, e),
+            (None, None) => {
+                if self.operator_key_file.is_some() || self.token.is_some() {
+                    bail!("--token and --operator-key-file need --chain-rpc and --escrow too");
+                }
+                return Ok(None);
+            }
+            _ => bail!("the chain needs both --chain-rpc and --escrow"),
+        };
+        let deployment = Deployment {
+            token: match &self.token {
+                Some(t) => address("--token", t)?,
+                None => Address::ZERO,
+            },
+            escrow: address("--escrow", escrow)?,
+        };
+        // Reads need no funds: any key signs nothing.
+        let reader = Chain::connect(rpc, unfed_chain::dev_signer(0)?)?;
+        let payer = match &self.operator_key_file {
+            Some(f) => {
+                let signer = unfed_chain::read_key_file(f)
+                    .with_context(|| format!("--operator-key-file {}", f.display()))?;
+                Some(Chain::connect(rpc, signer)?)
+            }
+            None => None,
+        };
+        Ok(Some(ChainAccess {
+            rpc_url: rpc.clone(),
+            deployment,
+            reader,
+            payer,
+        }))
+    }
+
+    /// The auth switches in `env`, refused on a public host.
+    fn switches(&self, env: &HashMap<String, String>) -> Result<Switches> {
+        let switches = Switches {
+            dev_bypass: truthy(env, DEV_AUTH_BYPASS_ENV, false),
+            demo: truthy(env, DEMO_AUTH_ENV, false),
+            demo_wallet: self
+                .demo_wallet
+                .as_deref()
+                .map(|w| address("--demo-wallet", w))
+                .transpose()?,
+        };
+        if (switches.dev_bypass || switches.demo) && !is_loopback(&self.host) {
+            bail!(
+                "--host {} is not loopback while {} is on: anyone who can reach it could sign in as any wallet; bind 127.0.0.1 or unset the bypass",
+                self.host,
+                if switches.dev_bypass {
+                    DEV_AUTH_BYPASS_ENV
+                } else {
+                    DEMO_AUTH_ENV
+                }
+            );
+        }
+        Ok(switches)
+    }
+
+    /// Checks the flags against `env` and builds the server's state.
+    pub fn state(&self, env: &HashMap<String, String>, site: String) -> Result<WebState> {
+        let switches = self.switches(env)?;
+        let policy = FaucetPolicy {
+            enabled: truthy(env, FAUCET_ENABLED_ENV, false),
+            require_auth: truthy(env, FAUCET_REQUIRE_AUTH_ENV, true),
+            cooldown: Duration::from_secs(self.faucet_cooldown_secs),
+        };
+        if policy.enabled && !policy.require_auth && !is_loopback(&self.host) {
+            bail!(
+                "the faucet without wallet auth ({FAUCET_REQUIRE_AUTH_ENV}=0) on the public host {} would pay anyone; require auth or bind 127.0.0.1",
+                self.host
+            );
+        }
+        let prices = self.prices.prices()?;
+        Ok(WebState {
+            registry: self.registry.clone(),
+            daemon: self.daemon.clone(),
+            chain: self.chain()?,
+            prices,
+            auth: Auth::new(
+                Duration::from_secs(self.challenge_ttl_secs),
+                Duration::from_secs(self.session_ttl_secs),
+            ),
+            faucet: Faucet::open(&self.db, policy)?,
+            faucet_amount: unfed_chain::parse_amount(&self.faucet_amount)
+                .context("--faucet-amount")?,
+            faucet_lock: Default::default(),
+            switches,
+            site,
+            codecs: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub async fn run(self) -> Result<()> {
+        let env: HashMap<String, String> = std::env::vars().collect();
+        // Refuse a bad host before listening on it.
+        self.switches(&env)?;
+        let listener = crate::cli::bind(&self.host, self.port).await?;
+        let site = format!("http://{}", listener.local_addr()?);
+        let state = Arc::new(self.state(&env, site.clone())?);
+        if state.switches.dev_bypass || state.switches.demo {
+            tracing::warn!("an auth bypass is on (dev/demo); for local use only");
+        }
+        tracing::info!(%site, registry = %self.registry, "dashboard up");
+        super::server::run(state, listener, crate::shutdown_signal()).await
+    }
+}

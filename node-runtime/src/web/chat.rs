@@ -1,0 +1,390 @@
+//! Chat: `POST /api/chat` (one JSON answer) and `GET /api/chat/ws` (tokens streamed over
+//! a WebSocket, with stop). Both use the client library `unfedctl chat` uses and bill
+//! the signed-in wallet's deposit.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Json;
+use axum::extract::State;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use unfed_chain::Address;
+use unfed_proto::{ModelState, SamplingParams};
+
+use super::server::{ApiError, ApiResult, WebState};
+use super::views::amount;
+use crate::client::text::IncrementalDecoder;
+use crate::client::{Client, GenerateOptions, GenerateOutput, TextCodec};
+
+/// Longest generation one request may ask for.
+const MAX_TOKENS_LIMIT: usize = 4096;
+
+fn default_max_tokens() -> usize {
+    128
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+/// A chat request; the sampling fields mean what `unfedctl chat`'s flags mean.
+#[derive(Debug, Deserialize)]
+pub struct ChatBody {
+    pub prompt: String,
+    /// Default: the registry's READY model (the first, if several).
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: usize,
+    /// 0 = greedy.
+    #[serde(default)]
+    pub temperature: f32,
+    #[serde(default = "one")]
+    pub top_p: f32,
+    /// 0 = off.
+    #[serde(default)]
+    pub top_k: u32,
+    #[serde(default = "one")]
+    pub repetition_penalty: f32,
+    #[serde(default)]
+    pub seed: u64,
+    /// Tokenize the prompt as is, without the chat template.
+    #[serde(default)]
+    pub raw: bool,
+    /// Session token (WebSocket only: a browser cannot set headers there).
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+impl ChatBody {
+    fn check(&self) -> Result<(), ApiError> {
+        let bad = |m: String| Err(ApiError::new(400, m));
+        if self.prompt.trim().is_empty() {
+            return bad("the prompt is empty; type something to send".into());
+        }
+        if self.max_tokens == 0 || self.max_tokens > MAX_TOKENS_LIMIT {
+            return bad(format!(
+                "max_tokens {} is out of range; use 1..={MAX_TOKENS_LIMIT}",
+                self.max_tokens
+            ));
+        }
+        if !(self.temperature.is_finite() && (0.0..=10.0).contains(&self.temperature)) {
+            return bad(format!(
+                "temperature {} is out of range; use 0 (greedy) to 10",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(format!("top_p {} is out of range; use (0, 1]", self.top_p));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return bad(format!(
+                "repetition_penalty {} must be positive (1 = off)",
+                self.repetition_penalty
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A checked request, ready to generate.
+struct Prepared {
+    client: Client,
+    model: String,
+    codec: Arc<TextCodec>,
+    ids: Vec<u32>,
+    opts: GenerateOptions,
+    /// The billed wallet; None = the daemon's default client (demo mode without sign-in).
+    payer: Option<Address>,
+}
+
+/// The READY model to use: the one asked for, or the first READY one.
+async fn pick_model(client: &mut Client, asked: Option<String>) -> Result<String, ApiError> {
+    if let Some(model) = asked.filter(|m| !m.is_empty()) {
+        client
+            .require_ready(&model)
+            .await
+            .map_err(|e| ApiError::new(503, format!("{e:#}")))?;
+        return Ok(model);
+    }
+    let models = client.list_models().await.map_err(ApiError::upstream)?;
+    if let Some(m) = models.iter().find(|m| m.state == ModelState::Ready as i32) {
+        return Ok(m.model.clone());
+    }
+    Err(ApiError::new(
+        503,
+        match models.first() {
+            Some(m) => format!(
+                "model {} is {}; wait for its nodes or start the missing ones",
+                m.model,
+                crate::client::readiness_text(m)
+            ),
+            None => "the registry serves no model yet; start the compute nodes".to_string(),
+        },
+    ))
+}
+
+async fn codec(s: &WebState, client: &mut Client, model: &str) -> Result<Arc<TextCodec>, ApiError> {
+    if let Some(c) = s.codecs.lock().expect("codecs poisoned").get(model) {
+        return Ok(c.clone());
+    }
+    let (_, files) = client.manifest(model).await.map_err(ApiError::upstream)?;
+    let codec =
+        Arc::new(TextCodec::from_manifest_files(&files, model).map_err(ApiError::upstream)?);
+    s.codecs
+        .lock()
+        .expect("codecs poisoned")
+        .insert(model.to_string(), codec.clone());
+    Ok(codec)
+}
+
+async fn prepare(
+    s: &WebState,
+    session: Option<&str>,
+    body: ChatBody,
+) -> Result<Prepared, ApiError> {
+    let payer = match s.auth.session(session) {
+        Ok(address) => Some(address),
+        Err(_) if s.switches.demo => s.switches.demo_wallet,
+        Err(e) => {
+            return Err(ApiError::new(
+                e.http_status(),
+                format!("{e}: chats are billed to the signed-in wallet's deposit"),
+            ));
+        }
+    };
+    body.check()?;
+    let mut client = Client::connect(&s.registry)
+        .await
+        .map_err(|e| ApiError::new(503, format!("{e:#}")))?;
+    let model = pick_model(&mut client, body.model.clone()).await?;
+    let codec = codec(s, &mut client, &model).await?;
+    let ids = codec
+        .encode_prompt(&body.prompt, body.raw)
+        .map_err(|e| ApiError::new(400, format!("{e:#}")))?;
+    if let (Some(c), Some(who)) = (&s.chain, payer) {
+        let deposit = c
+            .reader
+            .client_balance(&c.deployment, who)
+            .await
+            .map_err(|e| ApiError::upstream(e.into()))?;
+        let needed = s.prices.cost(ids.len() as u64, 1);
+        if deposit < needed {
+            return Err(ApiError::new(
+                402,
+                format!(
+                    "the chat deposit of {who} is {}, less than this prompt costs ({}); top it up (the faucet, or depositFor on the escrow)",
+                    unfed_chain::format_amount(deposit),
+                    unfed_chain::format_amount(needed)
+                ),
+            ));
+        }
+    }
+    let opts = GenerateOptions {
+        max_tokens: body.max_tokens,
+        sampling: SamplingParams {
+            temperature: body.temperature,
+            top_p: body.top_p,
+            top_k: body.top_k,
+            repetition_penalty: body.repetition_penalty,
+            seed: body.seed,
+        },
+        client: payer.map(|a| a.to_string()).unwrap_or_default(),
+        ..Default::default()
+    };
+    Ok(Prepared {
+        client,
+        model,
+        codec,
+        ids,
+        opts,
+        payer,
+    })
+}
+
+/// What a finished chat reports: the text, speed, route, cost and the payer's deposit.
+async fn summary(s: &WebState, p: &Prepared, out: &GenerateOutput) -> Value {
+    let cost = s
+        .prices
+        .cost(out.prompt_tokens as u64, out.tokens.len() as u64);
+    let deposit = match (&s.chain, p.payer) {
+        (Some(c), Some(who)) => c
+            .reader
+            .client_balance(&c.deployment, who)
+            .await
+            .ok()
+            .map(amount),
+        _ => None,
+    };
+    let route: Vec<Value> = out
+        .route
+        .iter()
+        .map(|h| {
+            let t = out.hops.iter().find(|t| t.shard_index == h.shard_index);
+            json!({
+                "node_id": h.node_id,
+                "address": h.address,
+                "shard_index": h.shard_index,
+                "compute_ms": t.map(|t| t.compute_ms),
+            })
+        })
+        .collect();
+    json!({
+        "model": p.model,
+        "text": p.codec.decode(&out.tokens).unwrap_or_default(),
+        "token_ids": out.tokens,
+        "tokens": out.tokens.len(),
+        "prompt_tokens": out.prompt_tokens,
+        "ttft_ms": out.ttft_ms,
+        "total_ms": out.total_ms,
+        "tokens_per_s": out.tokens_per_s(),
+        "decode_tokens_per_s": out.decode_tokens_per_s(),
+        "stopped_on_eos": out.stopped_on_eos,
+        "stopped": out.stopped_by_caller,
+        "payer": p.payer.map(|a| a.to_string()),
+        "cost": amount(cost),
+        // On-chain now; this chat's cost leaves it once the daemon settles its blocks.
+        "deposit": deposit,
+        "route": route,
+    })
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
+pub async fn chat(
+    State(s): State<Arc<WebState>>,
+    headers: HeaderMap,
+    Json(body): Json<ChatBody>,
+) -> ApiResult<Value> {
+    let token = bearer(&headers).map(str::to_string).or(body.token.clone());
+    let mut p = prepare(&s, token.as_deref(), body).await?;
+    let out = p
+        .client
+        .generate(&p.model, &p.ids, &p.opts, |_| {})
+        .await
+        .map_err(|e| ApiError::new(502, format!("{e:#}")))?;
+    Ok(Json(summary(&s, &p, &out).await))
+}
+
+pub async fn chat_ws(State(s): State<Arc<WebState>>, ws: WebSocketUpgrade) -> Response {
+    ws.on_upgrade(move |socket| ws_session(s, socket))
+}
+
+async fn send(socket: &mut WebSocket, v: Value) -> bool {
+    socket
+        .send(Message::Text(v.to_string().into()))
+        .await
+        .is_ok()
+}
+
+fn ws_error(e: ApiError) -> Value {
+    json!({ "type": "error", "status": e.status.as_u16(), "error": e.message })
+}
+
+/// One socket, any number of chats in turn: `{"type": "start", ...ChatBody}` starts one,
+/// `{"type": "stop"}` ends it after the current token.
+async fn ws_session(s: Arc<WebState>, mut socket: WebSocket) {
+    while let Some(Ok(msg)) = socket.recv().await {
+        let Message::Text(text) = msg else { continue };
+        let body: ChatBody = match serde_json::from_str(&text) {
+            Ok(b) => b,
+            Err(e) => {
+                let e = ApiError::new(400, format!("not a chat request: {e}"));
+                if !send(&mut socket, ws_error(e)).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        let token = body.token.clone();
+        let prepared = match prepare(&s, token.as_deref(), body).await {
+            Ok(p) => p,
+            Err(e) => {
+                if !send(&mut socket, ws_error(e)).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        if !stream_chat(&s, &mut socket, prepared).await {
+            return;
+        }
+    }
+}
+
+/// Runs one chat, sending each token's text as it arrives; false if the socket closed.
+async fn stream_chat(s: &WebState, socket: &mut WebSocket, mut p: Prepared) -> bool {
+    let stop = Arc::new(AtomicBool::new(false));
+    p.opts.stop = Some(stop.clone());
+    let started = json!({
+        "type": "started",
+        "model": p.model,
+        "prompt_tokens": p.ids.len(),
+        "payer": p.payer.map(|a| a.to_string()),
+    });
+    if !send(socket, started).await {
+        return false;
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (mut client, model, ids, opts) = (p.client, p.model.clone(), p.ids.clone(), p.opts.clone());
+    let generation = tokio::spawn(async move {
+        let out = client
+            .generate(&model, &ids, &opts, |id| {
+                let _ = tx.send(id);
+            })
+            .await;
+        (client, out)
+    });
+    let codec = p.codec.clone();
+    let mut decoder = IncrementalDecoder::new(&codec);
+    let mut open = true;
+    loop {
+        tokio::select! {
+            id = rx.recv() => match id {
+                Some(id) => {
+                    let delta = decoder.push(id).unwrap_or_default();
+                    if open && !send(socket, json!({"type": "token", "id": id, "text": delta})).await {
+                        open = false;
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                }
+                None => break,
+            },
+            m = socket.recv(), if open => match m {
+                Some(Ok(Message::Text(t))) if t.contains("\"stop\"") => stop.store(true, Ordering::Relaxed),
+                Some(Ok(_)) => {}
+                None | Some(Err(_)) => {
+                    open = false;
+                    stop.store(true, Ordering::Relaxed);
+                }
+            },
+        }
+    }
+    let (client, out) = match generation.await {
+        Ok(r) => r,
+        Err(e) => {
+            let e = ApiError::new(500, format!("the generation task failed: {e}"));
+            return open && send(socket, ws_error(e)).await;
+        }
+    };
+    if !open {
+        return false;
+    }
+    let done = match out {
+        Ok(out) => {
+            let p = Prepared { client, ..p };
+            json!({ "type": "done", "summary": summary(s, &p, &out).await })
+        }
+        Err(e) => ws_error(ApiError::new(502, format!("{e:#}"))),
+    };
+    send(socket, done).await
+}

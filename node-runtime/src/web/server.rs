@@ -1,0 +1,176 @@
+//! The dashboard's HTTP server: shared state, the `/api/` routes, the embedded page, and
+//! the JSON error every handler answers with.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use axum::Json;
+use axum::Router;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tokio::net::TcpListener;
+use unfed_chain::{Address, Chain, Deployment, U256};
+
+use super::auth::{Auth, AuthError};
+use super::faucet::{Faucet, FaucetRefusal};
+use crate::client::TextCodec;
+use crate::daemon::Prices;
+
+/// The chain the dashboard reads balances and stakes from, and the faucet pays on.
+pub struct ChainAccess {
+    pub rpc_url: String,
+    pub deployment: Deployment,
+    /// Read-only calls.
+    pub reader: Chain,
+    /// The faucet's paying wallet (the operator), if one was given.
+    pub payer: Option<Chain>,
+}
+
+/// Auth switches from the environment (the same variables `unfedctl preflight web` reads).
+#[derive(Debug, Clone, Default)]
+pub struct Switches {
+    /// UNFED_DEV_AUTH_BYPASS: sign-in without checking the signature.
+    pub dev_bypass: bool,
+    /// UNFED_DEMO_AUTH: a one-click session as `demo_wallet`, and chat without sign-in.
+    pub demo: bool,
+    pub demo_wallet: Option<Address>,
+}
+
+pub struct WebState {
+    pub registry: String,
+    /// The share-chain daemon; None = the one the registry lists.
+    pub daemon: Option<String>,
+    pub chain: Option<ChainAccess>,
+    pub prices: Prices,
+    pub auth: Auth,
+    pub faucet: Faucet,
+    pub faucet_amount: U256,
+    pub(super) faucet_lock: tokio::sync::Mutex<()>,
+    pub switches: Switches,
+    /// What the sign-in message names.
+    pub site: String,
+    pub(super) codecs: Mutex<HashMap<String, Arc<TextCodec>>>,
+}
+
+impl WebState {
+    /// The signed-in wallet of a request (Authorization: Bearer TOKEN).
+    pub fn session(&self, headers: &HeaderMap) -> Result<Address, AuthError> {
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        self.auth.session(token)
+    }
+}
+
+/// Every handler's error: a status and a message that says what to do, as
+/// `{"error": "...", "status": N}`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: u16, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            message: message.into(),
+        }
+    }
+
+    /// A service the dashboard depends on (registry, daemon, chain) failed.
+    pub fn upstream(e: anyhow::Error) -> Self {
+        Self::new(502, format!("{e:#}"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "error": self.message, "status": self.status.as_u16() });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        Self::new(e.http_status(), e.to_string())
+    }
+}
+
+impl From<FaucetRefusal> for ApiError {
+    fn from(e: FaucetRefusal) -> Self {
+        Self::new(e.http_status(), e.to_string())
+    }
+}
+
+pub type ApiResult<T> = Result<Json<T>, ApiError>;
+
+const INDEX_HTML: &str = include_str!("assets/index.html");
+const APP_JS: &str = include_str!("assets/app.js");
+const STYLE_CSS: &str = include_str!("assets/style.css");
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        404,
+        "no such endpoint; the API is listed in the README (Web dashboard)",
+    )
+}
+
+pub fn router(state: Arc<WebState>) -> Router {
+    use super::{chat, views, wallet};
+    Router::new()
+        .route(
+            "/",
+            get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }),
+        )
+        .route(
+            "/assets/app.js",
+            get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }),
+        )
+        .route(
+            "/assets/style.css",
+            get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }),
+        )
+        // No icon: answer without an error so the browser console stays clean.
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
+        .route("/api/config", get(views::config))
+        .route("/api/models", get(views::models))
+        .route("/api/network", get(views::network))
+        .route("/api/chain", get(views::chain))
+        .route("/api/balance/{address}", get(views::balance))
+        .route("/api/auth/challenge", post(wallet::challenge))
+        .route("/api/auth/verify", post(wallet::verify))
+        .route("/api/auth/demo", post(wallet::demo))
+        .route("/api/auth/session", get(wallet::session))
+        .route("/api/auth/logout", post(wallet::logout))
+        .route("/api/faucet", post(wallet::faucet))
+        .route("/api/chat", post(chat::chat))
+        .route("/api/chat/ws", get(chat::chat_ws))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// Serve until `shutdown` resolves.
+pub async fn run(
+    state: Arc<WebState>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}
