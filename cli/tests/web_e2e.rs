@@ -128,6 +128,9 @@ fn a_wallet_signs_in_chats_and_pays_in_a_real_browser() {
     let before: u128 = seen["deposit_before"].as_str().unwrap().parse().unwrap();
     let after: u128 = seen["deposit_after"].as_str().unwrap().parse().unwrap();
     assert!(after < before, "{seen:#}");
+    // Stop ends a 1000-token generation early.
+    assert_eq!(seen["stopped"], true, "{seen:#}");
+    assert!(seen["stopped_tokens"].as_u64().unwrap() < 1000, "{seen:#}");
     // The network view lists the daemon and both compute nodes; the chain view blocks.
     assert!(seen["network_rows"].as_u64().unwrap() >= 3, "{seen:#}");
     assert_eq!(seen["route"].as_array().unwrap().len(), 2, "{seen:#}");

@@ -313,6 +313,54 @@ async fn image_and_text_greedy_generation_through_the_testnet_matches_transforme
         format!("{err:#}").contains("4 image placeholder tokens"),
         "{err:#}"
     );
+
+    // The dashboard: an uploaded image gives the same tokens as `chat --image`.
+    // (Demo mode: no chain, so nothing to sign in to.)
+    let args = vec![
+        s("web"),
+        s("--port"),
+        s("0"),
+        s("--registry"),
+        net.registry.address.clone(),
+        s("--db"),
+        net.dir.path().join("web.db").display().to_string(),
+    ];
+    let web = common::web::Web::start(
+        args,
+        &[("UNFED_DEMO_AUTH", "1")],
+        &net.dir.path().join("web.log"),
+    );
+    let (_, models) = web.get("/api/models", None).await;
+    let kinds: Vec<(&str, bool)> = models["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["model"].as_str().unwrap(), m["vision"].as_bool().unwrap()))
+        .collect();
+    assert!(
+        kinds.contains(&(MODEL, true)) && kinds.contains(&("qwen", false)),
+        "{kinds:?}"
+    );
+    let case = reference()
+        .cases
+        .iter()
+        .find(|c| c.do_image_splitting)
+        .unwrap();
+    let png = std::fs::read(vision_common::fixtures().join("vision").join(&case.image)).unwrap();
+    let image = format!(
+        "data:image/png;base64,{}",
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, png)
+    );
+    let chat = serde_json::json!({
+        "model": MODEL,
+        "prompt": reference().prompt,
+        "image": image,
+        "max_tokens": case.generated_ids.len(),
+    });
+    let (st, v) = web.post("/api/chat", chat, None).await;
+    assert_eq!(st, 200, "{v}");
+    let ids: Vec<u32> = serde_json::from_value(v["token_ids"].clone()).unwrap();
+    assert_eq!(ids, case.generated_ids, "{} via the dashboard", label(case));
 }
 
 #[test]

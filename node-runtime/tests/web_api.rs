@@ -3,75 +3,11 @@
 //! error messages (model INCOMPLETE, deposit empty, node down), and a paid chat.
 
 mod common;
-mod daemon_common;
 
-use std::path::Path;
-
-use common::net::{Net, Node, anvil_with_escrow, s, split_into};
-use reqwest::StatusCode;
+use common::net::{Net, anvil_with_escrow, s, split_into};
+use common::web::Web;
 use serde_json::{Value, json};
-use unfed_chain::{Address, PrivateKeySigner, U256, dev_signer, personal_sign};
-
-/// A running dashboard and an HTTP client for it.
-struct Web {
-    node: Node,
-    http: reqwest::Client,
-}
-
-impl Web {
-    fn start(args: Vec<String>, env: &[(&str, &str)], log: &Path) -> Web {
-        let env: Vec<(&str, String)> = env.iter().map(|(k, v)| (*k, v.to_string())).collect();
-        Web {
-            node: daemon_common::start_with_env(&args, &env, log.to_path_buf()),
-            http: reqwest::Client::new(),
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.node.address)
-    }
-
-    async fn call(&self, req: reqwest::RequestBuilder, token: Option<&str>) -> (StatusCode, Value) {
-        let req = match token {
-            Some(t) => req.bearer_auth(t),
-            None => req,
-        };
-        let resp = req.send().await.expect("the dashboard answers");
-        let status = resp.status();
-        (status, resp.json().await.expect("a JSON body"))
-    }
-
-    async fn get(&self, path: &str, token: Option<&str>) -> (StatusCode, Value) {
-        self.call(self.http.get(self.url(path)), token).await
-    }
-
-    async fn post(&self, path: &str, body: Value, token: Option<&str>) -> (StatusCode, Value) {
-        self.call(self.http.post(self.url(path)).json(&body), token)
-            .await
-    }
-
-    /// Signs in as `wallet` the way the page does; returns the session token.
-    async fn sign_in(&self, wallet: &PrivateKeySigner) -> String {
-        let (st, c) = self
-            .post(
-                "/api/auth/challenge",
-                json!({"address": wallet.address().to_string()}),
-                None,
-            )
-            .await;
-        assert_eq!(st, 200, "{c}");
-        let sig = personal_sign(wallet, c["message"].as_str().unwrap()).unwrap();
-        let (st, v) = self
-            .post(
-                "/api/auth/verify",
-                json!({"nonce": c["nonce"], "signature": sig}),
-                None,
-            )
-            .await;
-        assert_eq!(st, 200, "{v}");
-        v["token"].as_str().unwrap().to_string()
-    }
-}
+use unfed_chain::{Address, U256, dev_signer, personal_sign};
 
 fn error_of(v: &Value) -> &str {
     v["error"].as_str().unwrap_or_default()
@@ -238,6 +174,28 @@ async fn sign_in_faucet_and_chat_refusals_over_http() {
         (st.as_u16(), b["deposit"]["wei"].as_str()),
         (200, Some(five.to_string().as_str()))
     );
+
+    // An image for a text-only model; an image that is not base64.
+    let png = std::fs::read(common::fixtures_root().join("../vision/square.png")).unwrap();
+    let image = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, png);
+    let (st, v) = web
+        .post(
+            "/api/chat",
+            json!({"prompt": "Hi", "image": image}),
+            Some(&token),
+        )
+        .await;
+    assert_eq!(st, 400, "{v}");
+    assert!(error_of(&v).contains("text-only"), "{v}");
+    let (st, v) = web
+        .post(
+            "/api/chat",
+            json!({"prompt": "Hi", "image": "%%%"}),
+            Some(&token),
+        )
+        .await;
+    assert_eq!(st, 400, "{v}");
+    assert!(error_of(&v).contains("base64"), "{v}");
 
     // Node down: the chat fails with a message naming the node, not silence.
     net.computes[0].kill();

@@ -84,6 +84,19 @@ try {
   }, result.deposit_before, deadline(90000));
   result.deposit_after = await page.$eval("#wallet-balance", (e) => e.dataset.depositWei);
 
+  // Stop: a long generation ends early on the button, and says so.
+  await page.fill("#max-tokens", "1000");
+  await page.fill("#prompt", prompt);
+  await page.press("#prompt", "Enter");
+  await page.waitForFunction(() => {
+    const turns = document.querySelectorAll("#transcript .turn.assistant");
+    return turns.length === 2 && turns[1].textContent.length > 0;
+  }, null, deadline(30000));
+  await page.click("#stop");
+  await page.waitForFunction(() => document.querySelector("#summary").dataset.costWei, null, deadline(60000));
+  result.stopped = await page.$eval("#summary", (e) => e.dataset.stopped === "true");
+  result.stopped_tokens = Number(await page.$eval("#summary", (e) => e.dataset.tokens));
+
   // The other views render real data, and the page works in a narrow window.
   await page.click("nav button[data-view=network]");
   await page.waitForSelector("#nodes-table tbody tr", deadline(15000));

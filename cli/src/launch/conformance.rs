@@ -105,19 +105,40 @@ async fn run_cases(net: &Testnet) -> Vec<CaseResult> {
         generated = Some(n);
         anyhow::Ok(())
     });
-    if net
-        .ctx
-        .plan
-        .steps
-        .iter()
-        .any(|s| s.kind == StepKind::Daemon)
-    {
+    let has = |kind: StepKind| net.ctx.plan.steps.iter().any(|s| s.kind == kind);
+    if has(StepKind::Daemon) {
         case!(
             "one_share_per_hop_recorded",
             shares_recorded(net, generated)
         );
     }
+    if has(StepKind::Web) {
+        case!("dashboard_shows_the_model_ready", dashboard_ready(net));
+    }
     results
+}
+
+/// The dashboard's API lists the testnet's model as READY.
+async fn dashboard_ready(net: &Testnet) -> anyhow::Result<()> {
+    let (_, model) = registry_and_model(net)?;
+    let port = net
+        .state
+        .processes
+        .iter()
+        .find(|p| p.kind == "web")
+        .and_then(|p| p.port)
+        .context("the web process has no port")?;
+    let addr = format!("127.0.0.1:{port}");
+    let (status, body) = super::steps::http_get(&addr, "/api/models")
+        .await
+        .with_context(|| format!("the dashboard at {addr} does not answer"))?;
+    ensure!(status == 200, "GET /api/models answered {status}: {body}");
+    let v: serde_json::Value = serde_json::from_str(&body).context("/api/models is not JSON")?;
+    let ready = v["models"]
+        .as_array()
+        .is_some_and(|ms| ms.iter().any(|m| m["model"] == model && m["ready"] == true));
+    ensure!(ready, "the dashboard does not show {model} READY: {body}");
+    Ok(())
 }
 
 fn registry_and_model(net: &Testnet) -> anyhow::Result<(&str, &str)> {

@@ -452,18 +452,25 @@ async fn spawn_node(
     Ok((port, addr))
 }
 
-/// Whether `GET path` on `addr` answers 200 (HTTP/1.0: the server closes when done).
+/// Whether `GET path` on `addr` answers 200.
 async fn http_ok(addr: &str, path: &str) -> bool {
+    http_get(addr, path)
+        .await
+        .is_some_and(|(status, _)| status == 200)
+}
+
+/// `GET path` on `addr` over HTTP/1.0 (the server closes when done): status and body.
+pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
-        return false;
-    };
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
     let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-    if stream.write_all(request.as_bytes()).await.is_err() {
-        return false;
-    }
-    let mut head = [0u8; 12];
-    stream.read_exact(&mut head).await.is_ok() && head.ends_with(b" 200")
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.ok()?;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_string()))
 }
 
 /// Nodes print `listening HOST:PORT` once bound (the port is real even for --port 0).

@@ -476,6 +476,19 @@ pub async fn image_prompt(
     raw: bool,
     limits: ImageLimits,
 ) -> Result<ImagePrompt> {
+    let img = load_image(image, limits)?;
+    image_prompt_decoded(client, registry, model, user_text, &img, raw).await
+}
+
+/// `image_prompt` for an image already decoded (e.g. uploaded to the dashboard).
+pub async fn image_prompt_decoded(
+    client: &mut super::Client,
+    registry: &str,
+    model: &str,
+    user_text: &str,
+    img: &RgbImage,
+    raw: bool,
+) -> Result<ImagePrompt> {
     let (manifest, files) = client.manifest(model).await?;
     let Some(vision) = &manifest.config.vision else {
         anyhow::bail!(
@@ -484,7 +497,6 @@ pub async fn image_prompt(
             manifest.config.model_type
         );
     };
-    let img = load_image(image, limits)?;
     let processor = if files.preprocessor_config_json.is_empty() {
         ImageProcessorConfig::default()
     } else {
@@ -492,7 +504,7 @@ pub async fn image_prompt(
             format!("the preprocessor_config.json the registry serves for `{model}`")
         })?
     };
-    let processed = processor.preprocess(&img);
+    let processed = processor.preprocess(img);
     let codec = super::text::TextCodec::from_manifest_files(&files, model)?;
     let text = codec.render_image_prompt(user_text, raw)?;
     let expanded = expand_image_prompt(&text, &processed, crate::vision::image_seq_len(vision))?;

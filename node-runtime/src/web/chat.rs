@@ -13,12 +13,12 @@ use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use unfed_chain::Address;
-use unfed_proto::{ModelState, SamplingParams};
+use unfed_proto::{ModelState, SamplingParams, Tensor};
 
 use super::server::{ApiError, ApiResult, WebState};
 use super::views::amount;
 use crate::client::text::IncrementalDecoder;
-use crate::client::{Client, GenerateOptions, GenerateOutput, TextCodec};
+use crate::client::{Client, GenerateOptions, GenerateOutput, TextCodec, image};
 
 /// Longest generation one request may ask for.
 const MAX_TOKENS_LIMIT: usize = 4096;
@@ -55,6 +55,10 @@ pub struct ChatBody {
     /// Tokenize the prompt as is, without the chat template.
     #[serde(default)]
     pub raw: bool,
+    /// A PNG or JPEG for a vision-language model, base64 (a `data:` URL is fine); the
+    /// prompt places it with `<image>`, or it goes before the text.
+    #[serde(default)]
+    pub image: Option<String>,
     /// Session token (WebSocket only: a browser cannot set headers there).
     #[serde(default)]
     pub token: Option<String>,
@@ -97,6 +101,8 @@ struct Prepared {
     model: String,
     codec: Arc<TextCodec>,
     ids: Vec<u32>,
+    /// Image features from the vision shards, for an image prompt.
+    features: Option<Tensor>,
     opts: GenerateOptions,
     /// The billed wallet; None = the daemon's default client (demo mode without sign-in).
     payer: Option<Address>,
@@ -142,6 +148,34 @@ async fn codec(s: &WebState, client: &mut Client, model: &str) -> Result<Arc<Tex
     Ok(codec)
 }
 
+/// Decodes an uploaded image and runs it through the model's vision shards.
+async fn image_prompt(
+    s: &WebState,
+    client: &mut Client,
+    model: &str,
+    body: &ChatBody,
+    data: &str,
+) -> Result<image::ImagePrompt, ApiError> {
+    use base64::Engine;
+    let b64 = match data.split_once(";base64,") {
+        Some((_, b)) => b,
+        None => data,
+    };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .map_err(|e| ApiError::new(400, format!("the image is not valid base64: {e}")))?;
+    let img = image::decode_image(&bytes, "the attached image", image::ImageLimits::default())
+        .map_err(|e| ApiError::new(400, e.to_string()))?;
+    image::image_prompt_decoded(client, &s.registry, model, &body.prompt, &img, body.raw)
+        .await
+        .map_err(|e| {
+            let text = format!("{e:#}");
+            // A text-only model or a bad image is the request's fault; the rest upstream.
+            let status = if text.contains("text-only") { 400 } else { 502 };
+            ApiError::new(status, text)
+        })
+}
+
 async fn prepare(
     s: &WebState,
     session: Option<&str>,
@@ -163,9 +197,18 @@ async fn prepare(
         .map_err(|e| ApiError::new(503, format!("{e:#}")))?;
     let model = pick_model(&mut client, body.model.clone()).await?;
     let codec = codec(s, &mut client, &model).await?;
-    let ids = codec
-        .encode_prompt(&body.prompt, body.raw)
-        .map_err(|e| ApiError::new(400, format!("{e:#}")))?;
+    let (ids, features) = match &body.image {
+        None => {
+            let ids = codec
+                .encode_prompt(&body.prompt, body.raw)
+                .map_err(|e| ApiError::new(400, format!("{e:#}")))?;
+            (ids, None)
+        }
+        Some(data) => {
+            let p = image_prompt(s, &mut client, &model, &body, data).await?;
+            (p.prompt_ids, Some(p.features))
+        }
+    };
     if let (Some(c), Some(who)) = (&s.chain, payer) {
         let deposit = c
             .reader
@@ -201,6 +244,7 @@ async fn prepare(
         model,
         codec,
         ids,
+        features,
         opts,
         payer,
     })
@@ -269,7 +313,7 @@ pub async fn chat(
     let mut p = prepare(&s, token.as_deref(), body).await?;
     let out = p
         .client
-        .generate(&p.model, &p.ids, &p.opts, |_| {})
+        .generate_with_image(&p.model, &p.ids, p.features.as_ref(), &p.opts, |_| {})
         .await
         .map_err(|e| ApiError::new(502, format!("{e:#}")))?;
     Ok(Json(summary(&s, &p, &out).await))

@@ -51,6 +51,21 @@ async fn registry(s: &WebState) -> Result<Client, ApiError> {
         .map_err(|e| ApiError::new(503, format!("{e:#}")))
 }
 
+/// Every model with its state, and whether it takes images (from its manifest).
+async fn models_json(client: &mut Client, models: &[ModelStatus]) -> Vec<Value> {
+    let mut out = Vec::new();
+    for m in models {
+        let vision = match client.manifest(&m.model).await {
+            Ok((manifest, _)) => manifest.config.vision.is_some(),
+            Err(_) => false,
+        };
+        let mut v = model_json(m);
+        v["vision"] = Value::from(vision);
+        out.push(v);
+    }
+    out
+}
+
 fn model_json(m: &ModelStatus) -> Value {
     json!({
         "model": m.model,
@@ -65,14 +80,11 @@ fn model_json(m: &ModelStatus) -> Value {
 }
 
 pub async fn models(State(s): State<Arc<WebState>>) -> ApiResult<Value> {
-    let models = registry(&s)
-        .await?
-        .list_models()
-        .await
-        .map_err(ApiError::upstream)?;
-    Ok(Json(json!({
-        "models": models.iter().map(model_json).collect::<Vec<_>>()
-    })))
+    let mut client = registry(&s).await?;
+    let models = client.list_models().await.map_err(ApiError::upstream)?;
+    Ok(Json(
+        json!({ "models": models_json(&mut client, &models).await }),
+    ))
 }
 
 /// Stake (active + cooling) and earnings of a node whose id is an EVM address.
@@ -140,7 +152,7 @@ pub async fn network(State(s): State<Arc<WebState>>) -> ApiResult<Value> {
         }));
     }
     Ok(Json(json!({
-        "models": models.iter().map(model_json).collect::<Vec<_>>(),
+        "models": models_json(&mut client, &models).await,
         "shards": pools,
         "nodes": out_nodes,
         "excluded": verdicts.excluded,

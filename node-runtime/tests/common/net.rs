@@ -22,14 +22,18 @@ pub struct Node {
 impl Node {
     /// Starts `unfed-node ARGS` and waits for its "listening ADDR" line.
     pub fn start(args: &[String], log: PathBuf) -> Node {
-        Self::start_with_env(args, log, &[])
+        Self::start_with_env::<&str>(args, log, &[])
     }
 
-    pub fn start_with_env(args: &[String], log: PathBuf, env: &[(&str, &Path)]) -> Node {
+    pub fn start_with_env<V: AsRef<std::ffi::OsStr>>(
+        args: &[String],
+        log: PathBuf,
+        env: &[(&str, V)],
+    ) -> Node {
         let err = std::fs::File::create(&log).unwrap();
         let mut child = Command::new(BIN)
             .args(args)
-            .envs(env.iter().map(|(k, v)| (*k, *v)))
+            .envs(env.iter().map(|(k, v)| (*k, v.as_ref())))
             .stdout(Stdio::piped())
             .stderr(err)
             .spawn()

@@ -214,30 +214,5 @@ pub async fn wait_status(
 /// Starts `unfed-node ARGS` with extra environment variables (stake key files) and
 /// waits for its "listening ADDR" line.
 pub fn start_with_env(args: &[String], env: &[(&str, String)], log: std::path::PathBuf) -> Node {
-    use std::io::BufRead;
-    let err = std::fs::File::create(&log).unwrap();
-    let mut child = std::process::Command::new(crate::common::net::BIN)
-        .args(args)
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdout(std::process::Stdio::piped())
-        .stderr(err)
-        .spawn()
-        .expect("spawn unfed-node");
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let Some(address) = line.trim().strip_prefix("listening ") else {
-        let _ = child.kill();
-        panic!(
-            "unfed-node {args:?} did not start: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-    };
-    Node {
-        address: address.to_string(),
-        child,
-        log,
-        args: args.to_vec(),
-    }
+    Node::start_with_env(args, log, env)
 }

@@ -180,6 +180,8 @@ function showSummary(s) {
   if (s.stopped) parts.push("stopped");
   el.textContent = parts.join(" · ");
   el.dataset.costWei = s.cost.wei;
+  el.dataset.tokens = s.tokens;
+  el.dataset.stopped = s.stopped;
   el.dataset.text = s.text;
   state.lastRoute = s.route;
   showRoute();
@@ -211,9 +213,18 @@ async function send(event) {
     top_k: num("#top-k"), seed: num("#seed"), raw: $("#raw").checked,
   };
   busy(true);
+  delete $("#summary").dataset.costWei;
   try {
+    request.model = $("#model").value || undefined;
+    request.image = (await readImage()) || undefined;
     const ws = await openSocket();
-    addTurn("user", prompt);
+    const turn = addTurn("user", prompt);
+    if (request.image) {
+      const img = document.createElement("img");
+      img.src = request.image;
+      img.alt = "attached image";
+      turn.prepend(img);
+    }
     $("#prompt").value = "";
     ws.send(JSON.stringify(request));
   } catch (e) {
@@ -233,10 +244,37 @@ async function refreshModels() {
     const { models } = await api("/api/models");
     const line = models.length ? models.map((m) => m.model + ": " + m.status).join(" · ") : "no model registered yet";
     $("#model-line").textContent = line;
+    const select = $("#model");
+    const chosen = select.value;
+    const names = models.map((m) => m.model).join("\n");
+    if (select.dataset.names !== names) {
+      select.dataset.names = names;
+      select.replaceChildren(...models.map((m) => new Option(m.model + (m.vision ? " (image + text)" : ""), m.model)));
+      const ready = models.find((m) => m.model === chosen) || models.find((m) => m.ready);
+      if (ready) select.value = ready.model;
+    }
+    state.models = models;
+    showImageField();
     fillTable("#models-table", models, (m) => [[m.model], [m.status, m.ready ? "ok" : "bad"], [m.nodes], [m.text_shards_covered + "/" + m.text_shards_total]]);
   } catch (e) {
     $("#model-line").textContent = "registry unreachable: " + e.message;
   }
+}
+
+function showImageField() {
+  const m = (state.models || []).find((x) => x.model === $("#model").value);
+  $("#image-field").hidden = !(m && m.vision);
+}
+
+function readImage() {
+  const file = $("#image").files[0];
+  if ($("#image-field").hidden || !file) return Promise.resolve(null);
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(new Error("cannot read " + file.name));
+    reader.readAsDataURL(file);
+  });
 }
 
 async function refreshNetwork() {
@@ -306,6 +344,7 @@ async function main() {
   $("#faucet").onclick = faucet;
   $("#chat-form").onsubmit = send;
   $("#stop").onclick = stop;
+  $("#model").onchange = showImageField;
   $("#prompt").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("#chat-form").requestSubmit(); }
   });
