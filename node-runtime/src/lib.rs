@@ -6,6 +6,7 @@ pub mod compute;
 pub mod daemon;
 pub mod engine;
 pub mod membership;
+pub mod mpc;
 pub mod registry;
 pub mod shares;
 pub mod verify;

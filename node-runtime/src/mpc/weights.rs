@@ -1,0 +1,199 @@
+//! What each side of the MPC holds of a model: the parties the layers' matrices in fixed
+//! point (public weights), the client the small public parts it computes with —
+//! embedding, norm weights and RoPE frequencies.
+
+use std::ops::Range;
+
+use anyhow::{Result, bail};
+use unfed_model::TextConfig;
+
+use super::ring::FixedLinear;
+use crate::engine::linear::WeightData;
+use crate::engine::weights::WeightFiles;
+
+fn dense(w: &WeightData, rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; rows * cols];
+    for (r, row) in out.chunks_mut(cols).enumerate() {
+        w.row_into(r, cols, row);
+    }
+    out
+}
+
+/// Matrix `name` [rows, cols] (and its bias, if it has one) in fixed point.
+fn fixed(files: &WeightFiles, name: &str, rows: usize, cols: usize) -> Result<FixedLinear> {
+    let w = dense(
+        &files.matrix(&format!("{name}.weight"), rows, cols)?,
+        rows,
+        cols,
+    );
+    let bias_name = format!("{name}.bias");
+    let bias = if files.contains(&bias_name) {
+        Some(files.vector(&bias_name, rows)?)
+    } else {
+        None
+    };
+    Ok(FixedLinear::from_f32(&w, rows, cols, bias.as_deref()))
+}
+
+/// Rows of several matrices stacked into one (q, k, v; gate, up): one pass over the input.
+fn stacked(parts: Vec<FixedLinear>) -> FixedLinear {
+    let in_dim = parts[0].in_dim;
+    let out_dim = parts.iter().map(|p| p.out_dim).sum();
+    let any_bias = parts.iter().any(|p| p.bias.is_some());
+    let mut weight = Vec::with_capacity(out_dim * in_dim);
+    let mut bias = Vec::with_capacity(out_dim);
+    for p in parts {
+        weight.extend_from_slice(&p.weight);
+        bias.extend(p.bias.unwrap_or_else(|| vec![0; p.out_dim]));
+    }
+    FixedLinear {
+        weight,
+        out_dim,
+        in_dim,
+        bias: any_bias.then_some(bias),
+    }
+}
+
+pub struct PartyLayer {
+    pub qkv: FixedLinear,
+    pub o: FixedLinear,
+    pub gate_up: FixedLinear,
+    pub down: FixedLinear,
+}
+
+/// A party's copy of the MPC layers (and, for full-output 2PC, the LM head).
+pub struct PartyModel {
+    pub cfg: TextConfig,
+    pub layers: Vec<PartyLayer>,
+    pub head: Option<FixedLinear>,
+}
+
+fn check(cfg: &TextConfig, layers: &Range<usize>) -> Result<()> {
+    if layers.end > cfg.num_hidden_layers || layers.start > layers.end {
+        bail!(
+            "MPC layers {layers:?} are outside the model's {} layers",
+            cfg.num_hidden_layers
+        );
+    }
+    if cfg.hidden_act != "silu" {
+        bail!("MPC runs SwiGLU (silu) decoders, not `{}`", cfg.hidden_act);
+    }
+    Ok(())
+}
+
+impl PartyModel {
+    /// Layers `layers` of the checkpoint behind `files`; `head` adds the final norm's
+    /// successor, the LM head (the final norm itself is computed by the client).
+    pub fn load(
+        cfg: &TextConfig,
+        prefix: &str,
+        layers: Range<usize>,
+        head: bool,
+        files: &WeightFiles,
+    ) -> Result<Self> {
+        check(cfg, &layers)?;
+        let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+        let (q, kv) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
+        let mut out = Vec::new();
+        for i in layers {
+            let p = format!("{prefix}layers.{i}.");
+            let attn = |n: &str| format!("{p}self_attn.{n}");
+            let mlp = |n: &str| format!("{p}mlp.{n}");
+            out.push(PartyLayer {
+                qkv: stacked(vec![
+                    fixed(files, &attn("q_proj"), q, h)?,
+                    fixed(files, &attn("k_proj"), kv, h)?,
+                    fixed(files, &attn("v_proj"), kv, h)?,
+                ]),
+                o: fixed(files, &attn("o_proj"), h, q)?,
+                gate_up: stacked(vec![
+                    fixed(files, &mlp("gate_proj"), inter, h)?,
+                    fixed(files, &mlp("up_proj"), inter, h)?,
+                ]),
+                down: fixed(files, &mlp("down_proj"), h, inter)?,
+            });
+        }
+        let head = if head {
+            let name = if files.contains("lm_head.weight") {
+                "lm_head".to_string()
+            } else {
+                format!("{prefix}embed_tokens")
+            };
+            Some(fixed(files, &name, cfg.vocab_size, h)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            layers: out,
+            head,
+        })
+    }
+}
+
+/// The client's public parameters: embedding, norms, RoPE.
+pub struct ClientModel {
+    pub cfg: TextConfig,
+    pub embed: WeightData,
+    /// (input norm, post-attention norm) of each MPC layer.
+    pub norms: Vec<(Vec<f32>, Vec<f32>)>,
+    /// The final norm, when the pair also runs the LM head.
+    pub final_norm: Option<Vec<f32>>,
+    /// RoPE inverse frequencies, computed as the engine does (f32).
+    pub inv_freq: Vec<f32>,
+}
+
+impl ClientModel {
+    pub fn load(
+        cfg: &TextConfig,
+        prefix: &str,
+        layers: Range<usize>,
+        head: bool,
+        files: &WeightFiles,
+    ) -> Result<Self> {
+        check(cfg, &layers)?;
+        let h = cfg.hidden_size;
+        let norms = layers
+            .map(|i| {
+                let p = format!("{prefix}layers.{i}.");
+                Ok((
+                    files.vector(&format!("{p}input_layernorm.weight"), h)?,
+                    files.vector(&format!("{p}post_attention_layernorm.weight"), h)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        let final_norm = if head {
+            Some(files.vector(&format!("{prefix}norm.weight"), h)?)
+        } else {
+            None
+        };
+        let hd = cfg.head_dim;
+        let theta = cfg.rope_theta as f32;
+        let inv_freq = (0..hd / 2)
+            .map(|i| 1.0 / theta.powf((2 * i) as f32 / hd as f32))
+            .collect();
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed: files.matrix(&format!("{prefix}embed_tokens.weight"), cfg.vocab_size, h)?,
+            norms,
+            final_norm,
+            inv_freq,
+        })
+    }
+
+    /// The rows of `ids` in the embedding.
+    pub fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let h = self.cfg.hidden_size;
+        let mut out = vec![0f32; ids.len() * h];
+        for (row, &id) in out.chunks_mut(h).zip(ids) {
+            if id as usize >= self.cfg.vocab_size {
+                bail!(
+                    "token id {id} is outside the vocabulary of {} tokens",
+                    self.cfg.vocab_size
+                );
+            }
+            self.embed.row_into(id as usize, h, row);
+        }
+        Ok(out)
+    }
+}

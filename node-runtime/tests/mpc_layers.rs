@@ -1,0 +1,349 @@
+//! The MPC pair's protocol with both parties in this process: accuracy against the
+//! plaintext engine, greedy generation token-identical to the plaintext pipeline (shard-0
+//! layers in MPC, and every layer plus the head in MPC), what party A sees, and failures.
+
+mod common;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use unfed_model::ModelConfig;
+use unfed_node::engine::model::{KvCache, ShardInput, ShardModel, ShardOutput, ShardSpec};
+use unfed_node::engine::sampling::argmax;
+use unfed_node::engine::weights::WeightFiles;
+use unfed_node::mpc::client::{Client, ClientOutput, ClientSession};
+use unfed_node::mpc::local::{Hooks, LocalPair};
+use unfed_node::mpc::port::{Msg, Peer, linked};
+use unfed_node::mpc::weights::{ClientModel, PartyModel};
+
+const TOKENS: usize = 24;
+
+/// A checkpoint with the MPC side and the plaintext side of `layers` (+ head) loaded.
+struct Setup {
+    cfg: ModelConfig,
+    files: WeightFiles,
+}
+
+impl Setup {
+    fn open(dir: &Path) -> Self {
+        Self {
+            cfg: ModelConfig::from_dir(dir).unwrap(),
+            files: WeightFiles::open_checkpoint_dir(dir).unwrap(),
+        }
+    }
+
+    fn layers(&self) -> usize {
+        self.cfg.text.num_hidden_layers
+    }
+
+    fn mpc(&self, layers: std::ops::Range<usize>, head: bool) -> (Arc<PartyModel>, ClientModel) {
+        let (t, p) = (&self.cfg.text, &self.cfg.text_prefix);
+        (
+            Arc::new(PartyModel::load(t, p, layers.clone(), head, &self.files).unwrap()),
+            ClientModel::load(t, p, layers, head, &self.files).unwrap(),
+        )
+    }
+
+    fn plain(&self, start: usize, end: usize) -> ShardModel {
+        let spec = ShardSpec {
+            layer_start: start,
+            layer_end: end,
+            has_embedding: start == 0,
+            has_head: end == self.layers(),
+        };
+        ShardModel::load(&self.cfg.text, &self.cfg.text_prefix, spec, &self.files).unwrap()
+    }
+}
+
+fn hidden(out: ShardOutput) -> Vec<f32> {
+    match out {
+        ShardOutput::Hidden { data, .. } => data,
+        ShardOutput::Logits(_) => panic!("expected hidden states"),
+    }
+}
+
+fn logits(out: ShardOutput) -> Vec<f32> {
+    match out {
+        ShardOutput::Logits(l) => l,
+        ShardOutput::Hidden { .. } => panic!("expected logits"),
+    }
+}
+
+/// max |a − b| / RMS(b).
+fn relative_error(a: &[f32], b: &[f32]) -> f64 {
+    let rms = (b.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / b.len() as f64).sqrt();
+    let max = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).abs())
+        .fold(0.0, f64::max);
+    max / rms
+}
+
+/// Greedy tokens with layers [0, k) in MPC and the rest in plaintext, checking every
+/// step's MPC output against the plaintext shard; returns (tokens, worst relative error).
+fn greedy_with_mpc_shard0(s: &Setup, k: usize, prompt: &[u32]) -> (Vec<u32>, f64) {
+    let (party, cm) = s.mpc(0..k, false);
+    let (plain0, rest) = (s.plain(0, k), s.plain(k, s.layers()));
+    let (mut c0, mut c1) = (plain0.new_cache(), rest.new_cache());
+    let mut pair = LocalPair::start(party, "accuracy", Duration::from_secs(30), Hooks::default());
+    let client = Client { model: &cm };
+    let mut sess = ClientSession::new();
+    let (mut tokens, mut worst, mut input) = (Vec::new(), 0f64, prompt.to_vec());
+    for _ in 0..TOKENS {
+        let ClientOutput::Hidden(h) = pair
+            .step(&client, &mut sess, &cm.embed(&input).unwrap())
+            .unwrap()
+        else {
+            panic!("expected hidden states")
+        };
+        let reference = hidden(plain0.forward(&mut c0, ShardInput::Tokens(&input)).unwrap());
+        worst = worst.max(relative_error(&h, &reference));
+        let seq = input.len();
+        let next = argmax(&logits(
+            rest.forward(&mut c1, ShardInput::Hidden { data: h, seq })
+                .unwrap(),
+        ));
+        tokens.push(next);
+        input = vec![next];
+    }
+    pair.finish().unwrap();
+    (tokens, worst)
+}
+
+/// Greedy tokens through the plaintext pipeline of the same split.
+fn greedy_plain(s: &Setup, k: usize, prompt: &[u32]) -> Vec<u32> {
+    let (plain0, rest) = (s.plain(0, k), s.plain(k, s.layers()));
+    let (mut c0, mut c1): (KvCache, KvCache) = (plain0.new_cache(), rest.new_cache());
+    let (mut tokens, mut input) = (Vec::new(), prompt.to_vec());
+    for _ in 0..TOKENS {
+        let h = hidden(plain0.forward(&mut c0, ShardInput::Tokens(&input)).unwrap());
+        let seq = input.len();
+        let next = argmax(&logits(
+            rest.forward(&mut c1, ShardInput::Hidden { data: h, seq })
+                .unwrap(),
+        ));
+        tokens.push(next);
+        input = vec![next];
+    }
+    tokens
+}
+
+fn builtin() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    unfed_model::builtin::write_tiny(&model).unwrap();
+    (dir, model)
+}
+
+#[test]
+fn shard0_in_mpc_is_accurate_and_token_identical_on_every_fixture() {
+    let (_keep, tiny) = builtin();
+    let mut models: Vec<(String, std::path::PathBuf, Vec<u32>)> = common::text_fixtures()
+        .into_iter()
+        .map(|(name, dir, r)| (name, dir, r.cases[0].prompt_ids.clone()))
+        .collect();
+    models.push(("builtin-tiny".into(), tiny, vec![1, 17, 42, 99, 7]));
+    for (name, dir, prompt) in models {
+        let s = Setup::open(&dir);
+        let k = s.layers().div_ceil(2);
+        let (tokens, worst) = greedy_with_mpc_shard0(&s, k, &prompt);
+        println!("{name}: MPC layers [0, {k}) max error {worst:.2e} × RMS over {TOKENS} steps");
+        assert!(worst < 1e-2, "{name}: MPC output off by {worst:.2e} × RMS");
+        assert_eq!(tokens, greedy_plain(&s, k, &prompt), "{name}");
+    }
+}
+
+#[test]
+fn full_output_2pc_generates_the_plaintext_tokens_on_the_builtin_model() {
+    let (_keep, tiny) = builtin();
+    let s = Setup::open(&tiny);
+    let whole = s.plain(0, s.layers());
+    let (party, cm) = s.mpc(0..s.layers(), true);
+    let mut pair = LocalPair::start(party, "full", Duration::from_secs(30), Hooks::default());
+    let client = Client { model: &cm };
+    let mut sess = ClientSession::new();
+    let mut cache = whole.new_cache();
+    let mut input = vec![3u32, 14, 15, 92, 65, 35];
+    let (mut ours, mut plain) = (Vec::new(), Vec::new());
+    let mut worst = 0f64;
+    for _ in 0..TOKENS {
+        let ClientOutput::Logits(l) = pair
+            .step(&client, &mut sess, &cm.embed(&input).unwrap())
+            .unwrap()
+        else {
+            panic!("expected logits")
+        };
+        let reference = logits(
+            whole
+                .forward(&mut cache, ShardInput::Tokens(&input))
+                .unwrap(),
+        );
+        worst = worst.max(relative_error(&l, &reference));
+        let (a, b) = (argmax(&l), argmax(&reference));
+        ours.push(a);
+        plain.push(b);
+        // Both continue from the plaintext token, so one divergence cannot hide others.
+        input = vec![b];
+    }
+    pair.finish().unwrap();
+    println!("full-output 2PC logits max error {worst:.2e} × RMS");
+    assert!(worst < 1e-2, "{worst:.2e}");
+    assert_eq!(ours, plain);
+}
+
+/// χ² statistic of the top bytes of `values` against the uniform distribution.
+fn chi_square_top_byte(values: &[u64]) -> f64 {
+    let mut counts = [0f64; 256];
+    for v in values {
+        counts[(v >> 56) as usize] += 1.0;
+    }
+    let expected = values.len() as f64 / 256.0;
+    counts
+        .iter()
+        .map(|c| (c - expected).powi(2) / expected)
+        .sum()
+}
+
+/// 255 degrees of freedom: mean 255, sd ≈ 22.6; 6 sd above the mean.
+const CHI_SQUARE_LIMIT: f64 = 255.0 + 6.0 * 22.6;
+
+fn received_by_a(prompt: &[u32], seed: u64, steps: usize) -> Vec<Msg> {
+    let (_keep, tiny) = builtin();
+    let s = Setup::open(&tiny);
+    let (party, cm) = s.mpc(0..2, false);
+    let record = Arc::new(Mutex::new(Vec::new()));
+    let hooks = Hooks {
+        record_a: Some(record.clone()),
+        ..Hooks::default()
+    };
+    let mut pair = LocalPair::start(party, "privacy", Duration::from_secs(30), hooks);
+    let client = Client { model: &cm };
+    let mut sess = ClientSession::with_seed(seed);
+    let mut input = prompt.to_vec();
+    for _ in 0..steps {
+        let ClientOutput::Hidden(h) = pair
+            .step(&client, &mut sess, &cm.embed(&input).unwrap())
+            .unwrap()
+        else {
+            panic!()
+        };
+        input = vec![h[0].to_bits() % 500];
+    }
+    pair.finish().unwrap();
+    record.lock().unwrap().clone()
+}
+
+#[test]
+fn party_a_sees_only_uniform_ring_elements() {
+    let prompt = [5u32, 6, 7, 8, 9, 10, 11, 12];
+    let msgs = received_by_a(&prompt, 1, 3);
+    // Every message's payload except the public row count.
+    let data: Vec<u64> = msgs
+        .iter()
+        .filter(|m| m.header.kind != "begin")
+        .flat_map(|m| m.data.iter().copied())
+        .collect();
+    assert!(data.len() > 20_000, "{} elements", data.len());
+    let kinds: std::collections::HashSet<(Peer, &str)> = msgs
+        .iter()
+        .map(|m| (m.from, m.header.kind.as_str()))
+        .collect();
+    assert!(kinds.contains(&(Peer::B, "open.scores")) && kinds.contains(&(Peer::Client, "probs")));
+    // No token id, embedding or activation in the clear: fixed-point values below 4096
+    // and token ids are all < 2^32 in magnitude; a uniform element is with p = 2^-31.
+    let small = data
+        .iter()
+        .filter(|v| (**v as i64).unsigned_abs() < 1 << 32)
+        .count();
+    assert_eq!(small, 0, "{small} elements look like plaintext");
+    let chi = chi_square_top_byte(&data);
+    assert!(chi < CHI_SQUARE_LIMIT, "χ² {chi:.1} of A's data");
+    // The same test fails on the plaintext: the embedding rows in fixed point.
+    let (_keep, tiny) = builtin();
+    let s = Setup::open(&tiny);
+    let (_, cm) = s.mpc(0..2, false);
+    let plain: Vec<u64> = cm
+        .embed(&prompt)
+        .unwrap()
+        .iter()
+        .map(|v| unfed_node::mpc::ring::encode(*v))
+        .collect();
+    assert!(chi_square_top_byte(&plain) > CHI_SQUARE_LIMIT);
+}
+
+#[test]
+fn with_fixed_client_randomness_a_gets_the_same_shares_for_different_prompts() {
+    let first = |msgs: &[Msg], kind: &str| -> Vec<u64> {
+        msgs.iter()
+            .find(|m| m.header.kind == kind)
+            .unwrap()
+            .data
+            .clone()
+    };
+    let a = received_by_a(&[1, 2, 3, 4], 9, 1);
+    let b = received_by_a(&[400, 300, 200, 100], 9, 1);
+    assert_eq!(first(&a, "h"), first(&b, "h"));
+    let c = received_by_a(&[1, 2, 3, 4], 10, 1);
+    assert_ne!(first(&a, "h"), first(&c, "h"));
+}
+
+#[test]
+fn wrong_session_step_or_shape_is_refused() {
+    let (mut client, a, _b) = linked("s1", Duration::from_secs(2));
+    client.send(Peer::A, "h", &[2, 3], vec![0; 6]).unwrap();
+    let err = a.recv(Peer::Client, "h", &[2, 4]).unwrap_err().to_string();
+    assert!(err.contains("refused") && err.contains("[2, 3]"), "{err}");
+    client.session = "s2".into();
+    client.send(Peer::A, "h", &[2, 4], vec![0; 8]).unwrap();
+    let err = a.recv(Peer::Client, "h", &[2, 4]).unwrap_err().to_string();
+    assert!(err.contains("refused") && err.contains("s2"), "{err}");
+    client.session = "s1".into();
+    client.step = 3;
+    client.send(Peer::A, "h", &[2, 4], vec![0; 8]).unwrap();
+    let err = a.recv(Peer::Client, "h", &[2, 4]).unwrap_err().to_string();
+    assert!(err.contains("refused") && err.contains("step: 3"), "{err}");
+    client.step = 0;
+    client.send(Peer::A, "x", &[2, 4], vec![0; 8]).unwrap();
+    assert!(a.recv(Peer::Client, "h", &[2, 4]).is_err());
+}
+
+#[test]
+fn a_party_that_dies_or_stalls_fails_the_request_within_the_timeout() {
+    let (_keep, tiny) = builtin();
+    let s = Setup::open(&tiny);
+    let (party, cm) = s.mpc(0..2, false);
+    let client = Client { model: &cm };
+    let input = cm.embed(&[1, 2, 3]).unwrap();
+    for (stall, hooks) in [
+        (
+            false,
+            Hooks {
+                b_dies_after: Some(1),
+                ..Hooks::default()
+            },
+        ),
+        (
+            true,
+            Hooks {
+                b_stalls_after: Some(1),
+                ..Hooks::default()
+            },
+        ),
+    ] {
+        let timeout = Duration::from_secs(2);
+        let mut pair = LocalPair::start(party.clone(), "dies", timeout, hooks);
+        let mut sess = ClientSession::new();
+        pair.step(&client, &mut sess, &input).unwrap();
+        let t = Instant::now();
+        let err = match pair.step(&client, &mut sess, &cm.embed(&[4]).unwrap()) {
+            Ok(_) => panic!("a step without party B succeeded"),
+            Err(e) => e.to_string(),
+        };
+        assert!(t.elapsed() < timeout * 3, "took {:?}", t.elapsed());
+        let why = if stall { "sent nothing" } else { "gone" };
+        assert!(err.contains("B") && err.contains(why), "{err}");
+        assert!(pair.finish().is_err(), "party A reports the broken session");
+    }
+}
