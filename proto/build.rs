@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "unfed/v1/registry.proto",
         "unfed/v1/daemon.proto",
         "unfed/v1/vision.proto",
+        "unfed/v1/mpc.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

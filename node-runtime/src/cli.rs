@@ -39,6 +39,8 @@ enum Role {
     Daemon(crate::daemon::args::DaemonArgs),
     /// Web dashboard: chat, network and chain views, wallet sign-in, faucet.
     Web(crate::web::args::WebArgs),
+    /// One party (A or B) of the MPC pair that keeps shard 0's inputs private.
+    Mpc(crate::mpc::role::MpcArgs),
 }
 
 #[derive(clap::Args)]
@@ -370,6 +372,7 @@ where
             Role::Compute(a) => run_compute(a).await,
             Role::Daemon(a) => a.run().await,
             Role::Web(a) => a.run().await,
+            Role::Mpc(a) => a.run().await,
         }
     });
     match result {

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use tokio::net::TcpListener;
@@ -805,61 +805,29 @@ fn share_sink(cfg: &ComputeConfig, shard: &LoadedShard) -> Option<crate::shares:
     Some(sink)
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// Builds this node's registration, signed when a stake key is configured.
 fn registration(
     cfg: &ComputeConfig,
     manifest: &Manifest,
     entry: &ShardEntry,
 ) -> Result<RegisterRequest> {
-    let payload = unfed_chain::admission::RegistrationPayload {
+    let vision = entry.stack == unfed_model::Stack::Vision;
+    crate::membership::Listing {
         node_id: cfg.node_id.clone(),
-        role: if entry.stack == unfed_model::Stack::Vision {
-            "vision"
-        } else {
-            "compute"
-        }
-        .to_string(),
+        role: if vision { "vision" } else { "compute" },
         address: cfg.advertise.clone(),
         model: manifest.model_id.clone(),
         shard_index: cfg.shard_index as i64,
         share_key: crate::shares::public_key_hex(&cfg.share_key),
-        timestamp: unix_now(),
-        nonce: hex::encode(rand::random::<[u8; 16]>()),
-    };
-    let signature = match &cfg.stake_key {
-        Some(key) => unfed_chain::admission::sign_registration(key, &payload)?,
-        None => Vec::new(),
-    };
-    Ok(RegisterRequest {
-        node_id: payload.node_id,
-        role: payload.role,
-        address: payload.address,
-        model: payload.model,
-        shard_index: payload.shard_index,
-        share_key: payload.share_key,
-        timestamp: payload.timestamp,
-        nonce: payload.nonce,
-        signature,
-        stack: if entry.stack == unfed_model::Stack::Vision {
-            Stack::Vision
-        } else {
-            Stack::Text
-        } as i32,
-        layer_start: entry.layer_start as u32,
-        layer_end: entry.layer_end as u32,
+        stack: if vision { Stack::Vision } else { Stack::Text },
+        layers: (entry.layer_start as u32, entry.layer_end as u32),
         shards_total: manifest
             .shards
             .iter()
             .filter(|s| s.stack == entry.stack)
             .count() as u32,
-    })
+    }
+    .request(cfg.stake_key.as_ref())
 }
 
 /// Registers, then heartbeats; re-registers when the registry forgot the node. A

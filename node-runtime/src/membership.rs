@@ -21,6 +21,57 @@ pub fn registry_client(addr: &str) -> Result<RegistryClient<Channel>> {
     Ok(RegistryClient::new(ep.connect_lazy()))
 }
 
+/// What a node registers as: the signed admission payload (new timestamp and nonce each
+/// time) and, for a node serving part of a model, its shard and layers.
+pub struct Listing {
+    pub node_id: String,
+    pub role: &'static str,
+    pub address: String,
+    pub model: String,
+    /// -1 for roles without a shard.
+    pub shard_index: i64,
+    pub share_key: String,
+    pub stack: unfed_proto::Stack,
+    pub layers: (u32, u32),
+    pub shards_total: u32,
+}
+
+impl Listing {
+    /// A fresh registration request, signed by `stake_key` when the node is staked.
+    pub fn request(
+        &self,
+        stake_key: Option<&unfed_chain::PrivateKeySigner>,
+    ) -> Result<RegisterRequest> {
+        let p = unfed_chain::RegistrationPayload::new_now(
+            &self.node_id,
+            self.role,
+            &self.address,
+            &self.model,
+            self.shard_index,
+            &self.share_key,
+        );
+        let signature = match stake_key {
+            Some(k) => unfed_chain::sign_registration(k, &p)?,
+            None => Vec::new(),
+        };
+        Ok(RegisterRequest {
+            node_id: p.node_id,
+            role: p.role,
+            address: p.address,
+            model: p.model,
+            shard_index: p.shard_index,
+            share_key: p.share_key,
+            timestamp: p.timestamp,
+            nonce: p.nonce,
+            signature,
+            stack: self.stack as i32,
+            layer_start: self.layers.0,
+            layer_end: self.layers.1,
+            shards_total: self.shards_total,
+        })
+    }
+}
+
 /// Who registers and how often it heartbeats.
 pub struct Member {
     pub registry: String,

@@ -271,10 +271,17 @@ impl RegistryService {
                     missing.join(", ")
                 ),
             ))
-        } else if self.config.require_mpc && !nodes.iter().any(|n| n.role == "mpc") {
+        } else if let Some(missing) = self
+            .config
+            .require_mpc
+            .then(|| missing_mpc_party(&nodes))
+            .flatten()
+        {
             Some(fail(
                 "missing_mpc",
-                "MPC is required and no MPC pair serves shard 0".to_string(),
+                format!(
+                    "MPC is required and {missing} of the pair is not live; start `unfed-node mpc --role B`, then `--role A`"
+                ),
             ))
         } else if let Some(s) = served.filter(|s| {
             let vision_total = s.manifest.vision_shards().count();
@@ -652,4 +659,14 @@ pub async fn run(
     reaper.abort();
     rechecker.abort();
     result.context("registry gRPC server failed")
+}
+
+/// Which party of the MPC pair (A then B) has no live node, if one is missing.
+fn missing_mpc_party<T: std::ops::Deref<Target = NodeInfo>>(nodes: &[T]) -> Option<&'static str> {
+    let has = |role: &str| nodes.iter().any(|n| n.role == role);
+    match (has("mpc_a"), has("mpc_b")) {
+        (true, true) => None,
+        (false, _) => Some("party A"),
+        (true, false) => Some("party B"),
+    }
 }

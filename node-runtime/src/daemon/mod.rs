@@ -85,30 +85,18 @@ fn produce(
 }
 
 fn registration(cfg: &DaemonConfig) -> Result<RegisterRequest> {
-    let p = unfed_chain::RegistrationPayload::new_now(
-        &cfg.node_id,
-        "daemon",
-        &cfg.advertise,
-        "",
-        -1,
-        "",
-    );
-    let signature = match &cfg.stake_key {
-        Some(k) => unfed_chain::sign_registration(k, &p)?,
-        None => Vec::new(),
-    };
-    Ok(RegisterRequest {
-        node_id: p.node_id,
-        role: p.role,
-        address: p.address,
-        model: p.model,
-        shard_index: p.shard_index,
-        share_key: p.share_key,
-        timestamp: p.timestamp,
-        nonce: p.nonce,
-        signature,
-        ..Default::default()
-    })
+    crate::membership::Listing {
+        node_id: cfg.node_id.clone(),
+        role: "daemon",
+        address: cfg.advertise.clone(),
+        model: String::new(),
+        shard_index: -1,
+        share_key: String::new(),
+        stack: unfed_proto::Stack::Text,
+        layers: (0, 0),
+        shards_total: 0,
+    }
+    .request(cfg.stake_key.as_ref())
 }
 
 /// Registers as role "daemon", then heartbeats (re-registering when forgotten). The

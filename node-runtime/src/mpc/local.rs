@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::Result;
 
 use super::client::{Client, ClientOutput, ClientSession};
-use super::party::{Party, PartySession};
-use super::port::{Peer, Port, PortError, Recording, linked};
+use super::party::serve;
+use super::port::{Port, Recording, linked};
 use super::weights::PartyModel;
 
 /// Optional hooks of a local pair, for tests.
@@ -30,26 +30,6 @@ pub struct LocalPair {
     parties: Vec<JoinHandle<Result<()>>>,
 }
 
-/// A party's thread: one step per "begin" until the client hangs up (or `steps` are done).
-fn serve(model: Arc<PartyModel>, port: &mut Port, is_a: bool, steps: Option<u32>) -> Result<()> {
-    let party = Party {
-        model: &model,
-        is_a,
-    };
-    let mut sess = PartySession::default();
-    let idle = Duration::from_secs(300);
-    while steps.is_none_or(|n| port.step < n) {
-        let t = match port.recv_within(Peer::Client, "begin", &[1], idle) {
-            Ok(v) => v[0] as usize,
-            Err(PortError::Gone { .. }) => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-        party.step(&mut sess, port, t)?;
-        port.step += 1;
-    }
-    Ok(())
-}
-
 impl LocalPair {
     pub fn start(model: Arc<PartyModel>, session: &str, timeout: Duration, hooks: Hooks) -> Self {
         let (client, mut a, mut b) = linked(session, timeout);
@@ -62,9 +42,9 @@ impl LocalPair {
         let ma = model.clone();
         let (dies, stalls) = (hooks.b_dies_after, hooks.b_stalls_after);
         let parties = vec![
-            std::thread::spawn(move || serve(ma, &mut a, true, None)),
+            std::thread::spawn(move || serve(&ma, &mut a, true, None)),
             std::thread::spawn(move || {
-                serve(model, &mut b, false, dies.or(stalls))?;
+                serve(&model, &mut b, false, dies.or(stalls))?;
                 if stalls.is_some() {
                     // Silent but connected, past the others' timeouts.
                     std::thread::sleep(timeout * 2);

@@ -34,7 +34,9 @@
 pub mod beaver;
 pub mod client;
 pub mod local;
+pub mod net;
 pub mod party;
 pub mod port;
 pub mod ring;
+pub mod role;
 pub mod weights;

@@ -2,10 +2,12 @@
 //! shares with the public weights, attention products with the client's Beaver triples
 //! and openings with the other party, the KV cache kept in shares.
 
+use std::time::Duration;
+
 use anyhow::{Result, bail};
 
 use super::beaver::{self, Batch};
-use super::port::{Peer, Port};
+use super::port::{Peer, Port, PortError};
 use super::weights::PartyModel;
 
 /// A party's KV cache of one session: per layer, per KV head, [positions, head_dim] shares.
@@ -154,4 +156,21 @@ impl Party<'_> {
         }
         port.recv(Peer::Client, "out", &[t, hdim])
     }
+}
+
+/// A party's thread: one step per "begin" until the client hangs up (or `steps` are done).
+pub fn serve(model: &PartyModel, port: &mut Port, is_a: bool, steps: Option<u32>) -> Result<()> {
+    let party = Party { model, is_a };
+    let mut sess = PartySession::default();
+    let idle = Duration::from_secs(300);
+    while steps.is_none_or(|n| port.step < n) {
+        let t = match port.recv_within(Peer::Client, "begin", &[1], idle) {
+            Ok(v) => v[0] as usize,
+            Err(PortError::Gone { .. }) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        party.step(&mut sess, port, t)?;
+        port.step += 1;
+    }
+    Ok(())
 }

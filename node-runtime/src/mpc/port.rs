@@ -167,22 +167,36 @@ impl Port {
     }
 }
 
+impl Port {
+    /// An endpoint over links made elsewhere (gRPC streams bridged to channels).
+    pub fn new(
+        me: Peer,
+        session: &str,
+        timeout: Duration,
+        links: Vec<(Peer, Sender<Msg>, Receiver<Msg>)>,
+    ) -> Self {
+        let mut port = Port {
+            me,
+            session: session.to_string(),
+            step: 0,
+            to: HashMap::new(),
+            from: HashMap::new(),
+            timeout,
+            record: None,
+        };
+        for (peer, tx, rx) in links {
+            port.to.insert(peer, tx);
+            port.from.insert(peer, rx);
+        }
+        port
+    }
+}
+
 /// The three endpoints of one session, linked in-process (client↔A, client↔B, A↔B).
 pub fn linked(session: &str, timeout: Duration) -> (Port, Port, Port) {
     let mut ports: HashMap<Peer, Port> = [Peer::Client, Peer::A, Peer::B]
         .into_iter()
-        .map(|me| {
-            let port = Port {
-                me,
-                session: session.to_string(),
-                step: 0,
-                to: HashMap::new(),
-                from: HashMap::new(),
-                timeout,
-                record: None,
-            };
-            (me, port)
-        })
+        .map(|me| (me, Port::new(me, session, timeout, Vec::new())))
         .collect();
     for (x, y) in [
         (Peer::Client, Peer::A),

@@ -1,0 +1,280 @@
+//! The pair's messages over gRPC. Each link of a session (client↔A, client↔B, A↔B) is one
+//! bidirectional `Mpc.Link` stream, bridged to the channels a [`Port`] reads and writes,
+//! so the protocol code is the same in-process and between machines.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use unfed_proto::MpcMessage;
+use unfed_proto::mpc_client::MpcClient;
+use unfed_proto::mpc_server::Mpc;
+
+use super::client::{Client, ClientOutput, ClientSession};
+use super::port::{Header, Msg, Peer, Port};
+use super::weights::PartyModel;
+
+fn peer_name(p: Peer) -> &'static str {
+    match p {
+        Peer::Client => "client",
+        Peer::A => "A",
+        Peer::B => "B",
+    }
+}
+
+fn to_proto(m: &Msg) -> MpcMessage {
+    MpcMessage {
+        session: m.header.session.clone(),
+        step: m.header.step,
+        kind: m.header.kind.clone(),
+        shape: m.header.shape.iter().map(|d| *d as u64).collect(),
+        data: m.data.clone(),
+        from: peer_name(m.from).to_string(),
+    }
+}
+
+fn from_proto(m: MpcMessage, from: Peer) -> Msg {
+    Msg {
+        // The link says who is at the other end, whatever the message claims.
+        from,
+        header: Header {
+            session: m.session,
+            step: m.step,
+            kind: m.kind,
+            shape: m.shape.iter().map(|d| *d as usize).collect(),
+        },
+        data: m.data,
+    }
+}
+
+type Outgoing = UnboundedReceiverStream<Result<MpcMessage, Status>>;
+
+/// A sender whose messages leave on a gRPC stream (items made by `wrap`: a server
+/// stream carries `Result`s, a client stream plain messages).
+fn outgoing<T: Send + 'static>(
+    wrap: fn(MpcMessage) -> T,
+) -> (Sender<Msg>, UnboundedReceiverStream<T>) {
+    let (tx, rx) = channel::<Msg>();
+    let (stream_tx, stream_rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        while let Ok(m) = rx.recv() {
+            if stream_tx.send(wrap(to_proto(&m))).is_err() {
+                break;
+            }
+        }
+    });
+    (tx, UnboundedReceiverStream::new(stream_rx))
+}
+
+/// A receiver of the messages arriving on `stream` from `peer`; it disconnects when the
+/// stream ends, so a dead peer fails the next receive at once.
+fn incoming(mut stream: Streaming<MpcMessage>, peer: Peer) -> Receiver<Msg> {
+    let (tx, rx) = channel();
+    tokio::spawn(async move {
+        while let Ok(Some(m)) = stream.message().await {
+            if tx.send(from_proto(m, peer)).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn hello(session: &str, from: Peer) -> Msg {
+    Msg {
+        from,
+        header: Header {
+            session: session.to_string(),
+            step: 0,
+            kind: "hello".into(),
+            shape: vec![0],
+        },
+        data: Vec::new(),
+    }
+}
+
+/// Opens a Link to the party at `addr` for `session`.
+async fn dial(
+    addr: &str,
+    session: &str,
+    me: Peer,
+    them: Peer,
+) -> Result<(Sender<Msg>, Receiver<Msg>)> {
+    let mut client = MpcClient::connect(format!("http://{addr}"))
+        .await
+        .with_context(|| format!("cannot reach MPC party {them:?} at {addr}"))?;
+    let (tx, stream) = outgoing(|m| m);
+    tx.send(hello(session, me))
+        .map_err(|_| anyhow::anyhow!("the link to {them:?} closed"))?;
+    let resp = client.link(stream).await.map_err(|s| {
+        anyhow::anyhow!(
+            "MPC party {them:?} at {addr} refused the session: {}",
+            s.message()
+        )
+    })?;
+    Ok((tx, incoming(resp.into_inner(), them)))
+}
+
+type Link = (Sender<Msg>, Receiver<Msg>);
+
+/// A session's links as they arrive; the party starts once it has both.
+#[derive(Default)]
+struct Pending {
+    client: Option<Link>,
+    peer: Option<Link>,
+}
+
+/// Party A or B serving `Mpc.Link`.
+pub struct PartyService {
+    model: Arc<PartyModel>,
+    is_a: bool,
+    /// Party B's address (party A dials it for every session).
+    peer: Option<String>,
+    timeout: Duration,
+    pending: Arc<Mutex<HashMap<String, Pending>>>,
+}
+
+impl PartyService {
+    pub fn new(
+        model: Arc<PartyModel>,
+        is_a: bool,
+        peer: Option<String>,
+        timeout: Duration,
+    ) -> Result<Self> {
+        if is_a && peer.is_none() {
+            bail!("party A needs --peer (party B's host:port)");
+        }
+        Ok(Self {
+            model,
+            is_a,
+            peer,
+            timeout,
+            pending: Default::default(),
+        })
+    }
+
+    fn me(&self) -> Peer {
+        if self.is_a { Peer::A } else { Peer::B }
+    }
+
+    /// Adds a link of `session`; starts the session when both are there, or drops the
+    /// half-open session after the timeout.
+    fn attach(&self, session: &str, from: Peer, link: Link) {
+        let mut pending = self.pending.lock().expect("pending poisoned");
+        let entry = pending.entry(session.to_string()).or_default();
+        match from {
+            Peer::Client => entry.client = Some(link),
+            _ => entry.peer = Some(link),
+        }
+        if entry.client.is_none() || entry.peer.is_none() {
+            let (pending, session, timeout) =
+                (self.pending.clone(), session.to_string(), self.timeout);
+            tokio::spawn(async move {
+                tokio::time::sleep(timeout).await;
+                if let Some(p) = pending.lock().expect("pending poisoned").get(&session)
+                    && (p.client.is_none() || p.peer.is_none())
+                {
+                    tracing::warn!(%session, "MPC session dropped: the other link never came");
+                    pending.lock().expect("pending poisoned").remove(&session);
+                }
+            });
+            return;
+        }
+        let Pending { client, peer } = pending.remove(session).expect("entry present");
+        let ((ctx, crx), (ptx, prx)) = (client.expect("client"), peer.expect("peer"));
+        let other = if self.is_a { Peer::B } else { Peer::A };
+        let mut port = Port::new(
+            self.me(),
+            session,
+            self.timeout,
+            vec![(Peer::Client, ctx, crx), (other, ptx, prx)],
+        );
+        let (model, is_a, session) = (self.model.clone(), self.is_a, session.to_string());
+        tokio::task::spawn_blocking(move || {
+            match super::party::serve(&model, &mut port, is_a, None) {
+                Ok(()) => tracing::info!(%session, steps = port.step, "MPC session ended"),
+                Err(e) => tracing::warn!(%session, "MPC session failed: {e:#}"),
+            }
+        });
+    }
+}
+
+#[tonic::async_trait]
+impl Mpc for PartyService {
+    type LinkStream = Outgoing;
+
+    async fn link(
+        &self,
+        req: Request<Streaming<MpcMessage>>,
+    ) -> Result<Response<Self::LinkStream>, Status> {
+        let mut inbound = req.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty link: send a hello first"))?;
+        let from = match (first.kind.as_str(), first.from.as_str(), self.is_a) {
+            ("hello", "client", _) => Peer::Client,
+            ("hello", "A", false) => Peer::A,
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "a link starts with a hello from the client{}; got {:?} from {:?}",
+                    if self.is_a { "" } else { " or party A" },
+                    first.kind,
+                    first.from
+                )));
+            }
+        };
+        if first.session.is_empty() {
+            return Err(Status::invalid_argument("the hello names no session"));
+        }
+        let (tx, stream) = outgoing(Ok);
+        let rx = incoming(inbound, from);
+        if self.is_a && from == Peer::Client {
+            let peer = self.peer.as_deref().expect("checked at start");
+            let link = dial(peer, &first.session, Peer::A, Peer::B)
+                .await
+                .map_err(|e| Status::unavailable(format!("{e:#}")))?;
+            self.attach(&first.session, Peer::B, link);
+        }
+        self.attach(&first.session, from, (tx, rx));
+        Ok(Response::new(stream))
+    }
+}
+
+/// The client's session with a pair running elsewhere.
+pub struct RemotePair {
+    port: Port,
+}
+
+impl RemotePair {
+    /// Opens a session with party A at `a` and party B at `b`.
+    pub async fn connect(a: &str, b: &str, session: &str, timeout: Duration) -> Result<Self> {
+        let (atx, arx) = dial(a, session, Peer::Client, Peer::A).await?;
+        let (btx, brx) = dial(b, session, Peer::Client, Peer::B).await?;
+        Ok(Self {
+            port: Port::new(
+                Peer::Client,
+                session,
+                timeout,
+                vec![(Peer::A, atx, arx), (Peer::B, btx, brx)],
+            ),
+        })
+    }
+
+    /// One step of the client's rows through the pair (blocks this worker thread while
+    /// the protocol runs; needs the multi-threaded runtime).
+    pub fn step(
+        &mut self,
+        client: &Client,
+        sess: &mut ClientSession,
+        input: &[f32],
+    ) -> Result<ClientOutput> {
+        let out = tokio::task::block_in_place(|| client.step(sess, &self.port, input));
+        self.port.step += 1;
+        out
+    }
+}
