@@ -8,9 +8,11 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use serde_json::json;
 use unfed_node::client::image::ImageLimits;
+use unfed_node::client::private::PairInfo;
 use unfed_node::client::text::IncrementalDecoder;
 use unfed_node::client::{Client, GenerateOptions, GenerateOutput, TextCodec};
 use unfed_node::engine::SamplingConfig;
+use unfed_node::mpc::weights::ClientModel;
 use unfed_node::proto::{ModelState, SamplingParams};
 
 #[derive(Subcommand)]
@@ -212,12 +214,15 @@ async fn chat(a: ChatArgs) -> Result<ExitCode> {
         ..ImageLimits::default()
     };
     let image = a.image.as_deref().map(|i| (r.registry.as_str(), i, limits));
+    let private = private_route(&mut client, &model, r.shards_dir.as_deref()).await?;
+    let private = private.as_ref().map(|(p, m)| (p, m));
     match &a.prompt {
         Some(p) => {
             let turn = Turn {
                 prompt: p,
                 raw: a.raw,
                 image,
+                private,
             };
             chat_once(&mut client, &codec, &model, turn, &opts, a.target.json).await?;
         }
@@ -244,6 +249,7 @@ async fn chat(a: ChatArgs) -> Result<ExitCode> {
                     prompt: line,
                     raw: a.raw,
                     image,
+                    private,
                 };
                 chat_once(&mut client, &codec, &model, turn, &opts, a.target.json).await?;
             }
@@ -258,6 +264,36 @@ struct Turn<'a> {
     raw: bool,
     /// (registry address, image file, size limits) for an image prompt.
     image: Option<(&'a str, &'a std::path::Path, ImageLimits)>,
+    /// Through an MPC pair running every layer (full_output_2pc), with the public parameters.
+    private: Option<(&'a PairInfo, &'a ClientModel)>,
+}
+
+/// The MPC pair to chat through, when the registry lists one that runs every layer
+/// (full_output_2pc) and this machine has the split's public parameters.
+async fn private_route(
+    client: &mut Client,
+    model: &str,
+    shards_dir: Option<&std::path::Path>,
+) -> Result<Option<(PairInfo, ClientModel)>> {
+    let Some(pair) = client.mpc_pair(model).await? else {
+        return Ok(None);
+    };
+    let (manifest, _) = client.manifest(model).await?;
+    let layers = manifest.config.text.num_hidden_layers;
+    if pair.layer_end as usize != layers {
+        eprintln!(
+            "note: the MPC pair of `{model}` runs layers [0, {}) only; handing its shares to shard 1 is not implemented yet, so this chat goes through the compute nodes in plaintext",
+            pair.layer_end
+        );
+        return Ok(None);
+    }
+    let Some(dir) = shards_dir else {
+        bail!(
+            "`{model}` is served privately (full_output_2pc) and the client needs its public parameters (embedding, norms); chat with the testnet's spec so they are read from its split"
+        );
+    };
+    let public = ClientModel::from_split(dir, layers, true)?;
+    Ok(Some((pair, public)))
 }
 
 async fn chat_once(
@@ -268,7 +304,12 @@ async fn chat_once(
     opts: &GenerateOptions,
     json_out: bool,
 ) -> Result<GenerateOutput> {
-    let Turn { prompt, raw, image } = turn;
+    let Turn {
+        prompt,
+        raw,
+        image,
+        private,
+    } = turn;
     let (ids, features) = match image {
         Some((registry, path, limits)) => {
             let p = unfed_node::client::image::image_prompt(
@@ -281,14 +322,25 @@ async fn chat_once(
     };
     let mut dec = IncrementalDecoder::new(codec);
     let mut stdout = std::io::stdout();
-    let out = client
-        .generate_with_image(model, &ids, features.as_ref(), opts, |id| {
-            if !json_out && let Ok(delta) = dec.push(id) {
-                let _ = write!(stdout, "{delta}");
-                let _ = stdout.flush();
-            }
-        })
-        .await?;
+    let on_token = |id| {
+        if !json_out && let Ok(delta) = dec.push(id) {
+            let _ = write!(stdout, "{delta}");
+            let _ = stdout.flush();
+        }
+    };
+    let out = match private {
+        Some((pair, public)) if features.is_none() => {
+            client
+                .generate_private(pair, public, &ids, opts, on_token)
+                .await?
+        }
+        Some(_) => bail!("image prompts do not go through the MPC pair yet"),
+        None => {
+            client
+                .generate_with_image(model, &ids, features.as_ref(), opts, on_token)
+                .await?
+        }
+    };
     let text = codec.decode(&out.tokens)?;
     if json_out {
         let v = json!({

@@ -107,6 +107,42 @@ pub struct LaunchPlan {
     pub operator_wallet: Option<usize>,
     pub client_wallet: Option<usize>,
     pub steps: Vec<Step>,
+    /// What each role can see of a chat, for this spec.
+    pub privacy: Vec<String>,
+}
+
+/// What each role sees of a request, given the spec's MPC settings.
+fn privacy_statement(
+    spec: &crate::spec::TestnetSpec,
+    mpc_layers: Option<&Range<usize>>,
+) -> Vec<String> {
+    let always = "every node: the sequence length, the step count and timing";
+    if spec.mpc.pairs == 0 {
+        return vec![
+            always.into(),
+            "compute shard 0: the prompt's token ids (no MPC pair)".into(),
+            "each compute shard: its input activations; the last shard: every generated token"
+                .into(),
+        ];
+    }
+    let pair = "mpc-a/mpc-b: nothing else — every element they receive is a uniformly masked share";
+    if spec.mpc.output == MpcOutput::FullOutput2pc {
+        return vec![
+            always.into(),
+            pair.into(),
+            "compute nodes: not on the private route (full_output_2pc: the pair runs every layer and the head; only the client sees the logits)".into(),
+        ];
+    }
+    let after = match mpc_layers {
+        Some(r) => format!("the layer-{} activations", r.end),
+        None => "the activations after the MPC layers".to_string(),
+    };
+    vec![
+        always.into(),
+        pair.into(),
+        format!("the shard after the MPC layers: {after}"),
+        "today chats still enter at compute shard 0 in plaintext (the hand-off of the pair's shares to the next shard is not implemented yet), so compute shard 0 sees the token ids".into(),
+    ]
 }
 
 /// Wallet indices: 0 operator, 1 client, then staked nodes in start order.
@@ -276,6 +312,7 @@ impl LaunchPlan {
                 _ => shard0,
             }
         });
+        let privacy = privacy_statement(spec, mpc_layers.as_ref());
         let mut mpc_a_names = Vec::new();
         for pair in 0..spec.mpc.pairs {
             let b = push(Step {
@@ -391,6 +428,7 @@ impl LaunchPlan {
             operator_wallet: staked.then_some(OPERATOR_WALLET),
             client_wallet: staked.then_some(CLIENT_WALLET),
             steps,
+            privacy,
         })
     }
 
@@ -431,6 +469,10 @@ impl LaunchPlan {
             "  chain:    {}   mpc output: {}",
             self.chain_mode, self.mpc_output
         );
+        for (i, line) in self.privacy.iter().enumerate() {
+            let label = if i == 0 { "sees:" } else { "" };
+            let _ = writeln!(out, "  {label:<9} {line}");
+        }
         let _ = writeln!(out);
         let width = self.steps.iter().map(|s| s.name.len()).max().unwrap_or(0);
         for (wave, steps) in self.waves() {

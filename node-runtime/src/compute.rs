@@ -185,7 +185,7 @@ impl InputLog {
     }
 }
 
-pub(crate) fn sampling_of(p: Option<&SamplingParams>) -> SamplingConfig {
+pub fn sampling_of(p: Option<&SamplingParams>) -> SamplingConfig {
     let p = p.cloned().unwrap_or_default();
     SamplingConfig {
         temperature: p.temperature,

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use futures::future::join_all;
 
-use crate::plan::{LaunchPlan, StepKind};
+use crate::plan::LaunchPlan;
 use crate::spec::LoadedSpec;
 use state::RunState;
 use steps::{Context, Inputs, Outcome, StepFailed};
@@ -30,16 +30,6 @@ pub struct UpOptions {
     pub detach: bool,
     /// How long one step may take to become ready.
     pub wait_timeout: Duration,
-}
-
-/// Roles `up` cannot start yet, with the reason and the spec change that avoids them.
-fn unsupported(plan: &LaunchPlan) -> Vec<String> {
-    let mut out = Vec::new();
-    let has = |k: StepKind| plan.steps.iter().any(|s| s.kind == k);
-    if has(StepKind::MpcA) || has(StepKind::MpcB) {
-        out.push("MPC nodes are not implemented yet; set [mpc] pairs = 0".into());
-    }
-    out
 }
 
 /// Record what a step produced and persist it, with every process started so far.
@@ -114,16 +104,6 @@ pub async fn start(
     plan: LaunchPlan,
     wait_timeout: Duration,
 ) -> anyhow::Result<Testnet> {
-    let problems = unsupported(&plan);
-    if !problems.is_empty() {
-        for p in &problems {
-            eprintln!("error: {}: {p}", loaded.display_path);
-        }
-        bail!(
-            "`up` cannot start this spec yet ({} unsupported role(s)); `unfedctl plan` still shows it",
-            problems.len()
-        );
-    }
     let run_dir = plan.run_dir.clone();
     if let Some(existing) = RunState::load(&run_dir)? {
         let alive = existing.alive();

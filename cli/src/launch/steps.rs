@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use unfed_chain::{Address, Chain, EscrowParams, PrivateKeySigner, SlashDestination, U256};
 
 use unfed_proto::registry_client::RegistryClient;
@@ -93,11 +93,20 @@ pub async fn run(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::Result<O
         StepKind::Vision => start_shard(ctx, step, inputs, true).await,
         StepKind::Daemon => start_daemon(ctx, step, inputs).await,
         StepKind::Web => start_web(ctx, step, inputs).await,
-        StepKind::MpcA | StepKind::MpcB => {
-            bail!(
-                "{} cannot be started yet (see `unfedctl up --help`)",
-                step.name
-            )
+        StepKind::MpcB => start_mpc(ctx, step, inputs, None).await,
+        StepKind::MpcA => {
+            // Party A dials its B for every session: B of the same pair started first.
+            let b_name = format!("mpc-b-{}", step.shard.unwrap_or(0));
+            let b_port = ctx
+                .running
+                .lock()
+                .unwrap()
+                .processes
+                .iter()
+                .find(|p| p.kind == "mpc_b" && p.shard == step.shard)
+                .and_then(|p| p.port)
+                .with_context(|| format!("{b_name} is not running"))?;
+            start_mpc(ctx, step, inputs, Some(format!("127.0.0.1:{b_port}"))).await
         }
     }
 }
@@ -509,6 +518,10 @@ async fn start_registry(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::R
     cmd.arg("--daemon-required-count").arg(daemons.to_string());
     cmd.arg("--dispute-stage")
         .arg(&ctx.loaded.spec.economics.he_dispute_rollout_stage);
+    if ctx.plan.steps.iter().any(|s| s.kind == StepKind::MpcA) {
+        // READY then needs the pair (reason missing_mpc until both parties are live).
+        cmd.args(["--require-mpc", "true"]);
+    }
     if let Some(chain) = &inputs.chain {
         cmd.arg("--chain-rpc").arg(&chain.rpc_url);
         cmd.arg("--escrow")
@@ -674,6 +687,42 @@ async fn start_web(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::Result
         }
     }
     let (port, _) = spawn_node(ctx, step, "web", cmd, None, Readiness::Http).await?;
+    Ok(Outcome {
+        port: Some(port),
+        ..Outcome::default()
+    })
+}
+
+/// One party of an MPC pair: B (no `peer`) or A (dialing B at `peer`).
+async fn start_mpc(
+    ctx: &Context,
+    step: &Step,
+    inputs: Inputs,
+    peer: Option<String>,
+) -> anyhow::Result<Outcome> {
+    let registry = inputs
+        .registry
+        .clone()
+        .context("the registry is not running")?;
+    let spec = &ctx.loaded.spec;
+    let mut cmd = ctx.node.role("mpc");
+    cmd.args(["--role", if peer.is_some() { "A" } else { "B" }]);
+    if let Some(peer) = &peer {
+        cmd.arg("--peer").arg(peer);
+    }
+    cmd.arg("--shards-dir").arg(&ctx.plan.shards_dir);
+    cmd.arg("--registry").arg(&registry);
+    cmd.arg("--heartbeat-secs")
+        .arg(spec.nodes.heartbeat_seconds.to_string());
+    if spec.mpc.output == crate::spec::MpcOutput::FullOutput2pc {
+        cmd.arg("--full-output");
+    } else if let Some(layers) = &step.layers {
+        cmd.arg("--layers").arg(layers.len().to_string());
+    }
+    let eth_address = stake_identity(&mut cmd, step, &inputs);
+    let kind = if peer.is_some() { "mpc_a" } else { "mpc_b" };
+    let readiness = Readiness::ListedBy(registry);
+    let (port, _) = spawn_node(ctx, step, kind, cmd, eth_address, readiness).await?;
     Ok(Outcome {
         port: Some(port),
         ..Outcome::default()

@@ -2,6 +2,7 @@
 //! of a model, pick a route (one replica per shard), and generate token by token.
 
 pub mod image;
+pub mod private;
 pub mod text;
 
 use std::collections::BTreeMap;

@@ -181,6 +181,25 @@ impl ClientModel {
         })
     }
 
+    /// From a split directory on this machine (the client's cached copy of the public
+    /// parameters): layers `[0, layer_end)`, with the final norm when `head`.
+    pub fn from_split(dir: &std::path::Path, layer_end: usize, head: bool) -> Result<Self> {
+        let path = dir.join(unfed_model::manifest::MANIFEST_FILE);
+        let manifest: unfed_model::Manifest = serde_json::from_str(
+            &std::fs::read_to_string(&path)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?,
+        )?;
+        let files: Vec<_> = manifest.text_shards().map(|s| dir.join(&s.file)).collect();
+        let cfg = &manifest.config;
+        Self::load(
+            &cfg.text,
+            &cfg.text_prefix,
+            0..layer_end,
+            head,
+            &WeightFiles::open(&files)?,
+        )
+    }
+
     /// The rows of `ids` in the embedding.
     pub fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
         let h = self.cfg.hidden_size;
