@@ -264,9 +264,9 @@ fn two_conformance_runs_side_by_side_both_pass() {
             stdout.contains("[PASS] chat_matches_single_process_engine"),
             "{stdout}"
         );
-        assert!(stdout.contains("5 passed, 0 failed"), "{stdout}");
+        assert!(stdout.contains("6 passed, 0 failed"), "{stdout}");
         let xml = std::fs::read_to_string(junit(i)).unwrap();
-        assert!(xml.contains("tests=\"5\" failures=\"0\""), "{xml}");
+        assert!(xml.contains("tests=\"6\" failures=\"0\""), "{xml}");
     }
 }
 
