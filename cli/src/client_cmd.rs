@@ -264,12 +264,12 @@ struct Turn<'a> {
     raw: bool,
     /// (registry address, image file, size limits) for an image prompt.
     image: Option<(&'a str, &'a std::path::Path, ImageLimits)>,
-    /// Through an MPC pair running every layer (full_output_2pc), with the public parameters.
+    /// Through an MPC pair, with the public parameters of its layers.
     private: Option<(&'a PairInfo, &'a ClientModel)>,
 }
 
-/// The MPC pair to chat through, when the registry lists one that runs every layer
-/// (full_output_2pc) and this machine has the split's public parameters.
+/// The MPC pair to chat through, when the registry lists one, with the public
+/// parameters of its layers (embedding, norms) read from the split on this machine.
 async fn private_route(
     client: &mut Client,
     model: &str,
@@ -278,21 +278,12 @@ async fn private_route(
     let Some(pair) = client.mpc_pair(model).await? else {
         return Ok(None);
     };
-    let (manifest, _) = client.manifest(model).await?;
-    let layers = manifest.config.text.num_hidden_layers;
-    if pair.layer_end as usize != layers {
-        eprintln!(
-            "note: the MPC pair of `{model}` runs layers [0, {}) only; handing its shares to shard 1 is not implemented yet, so this chat goes through the compute nodes in plaintext",
-            pair.layer_end
-        );
-        return Ok(None);
-    }
     let Some(dir) = shards_dir else {
         bail!(
-            "`{model}` is served privately (full_output_2pc) and the client needs its public parameters (embedding, norms); chat with the testnet's spec so they are read from its split"
+            "`{model}` is served through an MPC pair and the client needs the public parameters of its layers (embedding, norms); chat with the testnet's spec so they are read from its split"
         );
     };
-    let public = ClientModel::from_split(dir, layers, true)?;
+    let public = ClientModel::from_split(dir, pair.layer_end as usize, pair.full_output)?;
     Ok(Some((pair, public)))
 }
 
@@ -331,7 +322,7 @@ async fn chat_once(
     let out = match private {
         Some((pair, public)) if features.is_none() => {
             client
-                .generate_private(pair, public, &ids, opts, on_token)
+                .generate_private(model, pair, public, &ids, opts, on_token)
                 .await?
         }
         Some(_) => bail!("image prompts do not go through the MPC pair yet"),

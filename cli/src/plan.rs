@@ -137,11 +137,18 @@ fn privacy_statement(
         Some(r) => format!("the layer-{} activations", r.end),
         None => "the activations after the MPC layers".to_string(),
     };
+    let last = if spec.mpc.output == MpcOutput::DecodeClientSample {
+        "the last compute shard: the logits of every step (it returns them sealed to the client, which samples; the shards before it learn nothing of them)"
+    } else {
+        "the last compute shard: every generated token (it samples)"
+    };
     vec![
         always.into(),
         pair.into(),
-        format!("the shard after the MPC layers: {after}"),
-        "today chats still enter at compute shard 0 in plaintext (the hand-off of the pair's shares to the next shard is not implemented yet), so compute shard 0 sees the token ids".into(),
+        format!(
+            "the compute shard holding the next layer: {after} (it reconstructs the pair's output shares) and the activations after them"
+        ),
+        last.into(),
     ]
 }
 

@@ -1,6 +1,7 @@
 //! `unfedctl up` with an MPC pair: party B starts, then party A, then the compute shards;
-//! the registry keeps the model INCOMPLETE (missing_mpc) until the pair is live; with
-//! `full_output_2pc` a chat goes through the pair and gives the plaintext tokens.
+//! the registry keeps the model INCOMPLETE (missing_mpc) until the pair is live; a chat
+//! goes through the pair (and, unless it runs every layer, the compute nodes after it)
+//! and gives the plaintext tokens.
 
 mod common;
 
@@ -29,6 +30,46 @@ fn chat(net: &Net) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// The node ids of a chat's route.
+fn route(chat: &Value) -> Vec<Value> {
+    chat["route"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["node_id"].clone())
+        .collect()
+}
+
+fn wallet(st: &Value, name: &str) -> Value {
+    st["chain"]["wallets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["node"] == name)
+        .unwrap_or_else(|| panic!("no wallet of {name}"))["address"]
+        .clone()
+}
+
+#[test]
+fn a_pair_running_part_of_shard0_hands_its_output_to_compute_shard0() {
+    let body = "[daemon]\nenabled = false\n[web]\nenabled = false\n";
+    let private = Net::new(&format!("{body}[mpc]\npairs = 1\nlayers = 1\n"));
+    up(&private);
+    let st = state(&private.spec);
+    let ours = chat(&private);
+    // The pair runs layer 0; compute shard 0 continues from layer 1 with the shares.
+    let names = ["mpc-a-0", "mpc-b-0", "compute-0", "compute-1"];
+    let expected: Vec<Value> = names.iter().map(|n| wallet(&st, n)).collect();
+    assert_eq!(route(&ours), expected);
+    let plan = run(unfedctl().arg("plan").arg(&private.spec));
+    let plan = text(&plan.stdout);
+    assert!(plan.contains("the layer-1 activations"), "{plan}");
+
+    let plain = Net::new(body);
+    up(&plain);
+    assert_eq!(ours["token_ids"], chat(&plain)["token_ids"]);
+}
+
 #[test]
 fn a_full_output_pair_starts_b_then_a_and_serves_private_chats() {
     let body = "[model]\ntext_shards = 1\n[daemon]\nenabled = false\n[web]\nenabled = false\n";
@@ -47,24 +88,12 @@ fn a_full_output_pair_starts_b_then_a_and_serves_private_chats() {
         names,
         ["anvil", "registry", "mpc-b-0", "mpc-a-0", "compute-0"]
     );
-    let wallet = |name: &str| {
-        st["chain"]["wallets"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|w| w["node"] == name)
-            .unwrap()["address"]
-            .clone()
-    };
     let ours = chat(&private);
     // The route is the pair: A, then B — no compute node saw the request.
-    let route: Vec<&Value> = ours["route"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| &h["node_id"])
-        .collect();
-    assert_eq!(route, [&wallet("mpc-a-0"), &wallet("mpc-b-0")]);
+    assert_eq!(
+        route(&ours),
+        [wallet(&st, "mpc-a-0"), wallet(&st, "mpc-b-0")]
+    );
 
     let plain = Net::new(body);
     up(&plain);

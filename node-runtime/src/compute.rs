@@ -20,6 +20,7 @@ use crate::engine::sampling::{Sampler, SamplingConfig};
 use crate::engine::{
     Session, SessionStore, ShardInput, ShardModel, ShardOutput, ShardSpec, WeightFiles,
 };
+use crate::mpc::handoff::{Inbox, check_share, reconstruct};
 use crate::verify::attest;
 use crate::verify::cheat::Cheat;
 use crate::verify::reexec::{HopOutput, reexecute};
@@ -132,6 +133,8 @@ struct Inner {
     peers: Option<Arc<Peers>>,
     checker: Option<Arc<SpotChecker>>,
     inputs: InputLog,
+    /// Output shares of MPC pairs, waiting for the client's Forward that names them.
+    handoffs: Inbox,
 }
 
 /// Each session's inputs and sampling, kept so that a spot checker can have a hop
@@ -231,6 +234,7 @@ impl ComputeService {
                 peers,
                 checker,
                 inputs: InputLog::default(),
+                handoffs: Inbox::new(cfg.hop_timeout * 2),
             }),
         }
     }
@@ -374,8 +378,54 @@ impl ComputeService {
         Ok(())
     }
 
-    /// Runs this shard's layers for one step.
-    async fn run_local(&self, req: &ForwardRequest) -> Result<ShardOutput, Status> {
+    /// The MPC pair's output for this step, reconstructed from the shares its parties
+    /// handed over, as the hidden state entering layer `m.layer`.
+    async fn mpc_input(&self, req: &ForwardRequest, m: &MpcInput) -> Result<Tensor, Status> {
+        let e = &self.inner.shard.entry;
+        let fail = |why: String| {
+            format!(
+                "node {} (shard {}): {why}",
+                self.inner.node_id,
+                self.shard_index()
+            )
+        };
+        let layer = m.layer as usize;
+        if !(e.layer_start..=e.layer_end).contains(&layer) || layer == 0 {
+            return Err(Status::invalid_argument(fail(format!(
+                "the MPC pair's output enters at layer {layer}, outside this shard's layers [{}, {}); send it to the shard that holds that layer",
+                e.layer_start, e.layer_end
+            ))));
+        }
+        let (a, b) = self
+            .inner
+            .handoffs
+            .take(&req.session_id, req.step, self.inner.hop_timeout)
+            .await
+            .map_err(|e| Status::unavailable(fail(format!("{e:#}"))))?;
+        if let Some(peers) = &self.inner.peers {
+            for (share, node, role) in [(&a, &m.party_a, "mpc_a"), (&b, &m.party_b, "mpc_b")] {
+                check_share(peers, share, node, role, m.layer)
+                    .await
+                    .map_err(|e| self.refuse_hop(format!("rejected the MPC share: {e:#}")))?;
+            }
+        }
+        let rows =
+            reconstruct(&a, &b, m).map_err(|e| Status::invalid_argument(fail(format!("{e:#}"))))?;
+        let h = self.inner.shard.model.config().hidden_size;
+        Ok(wire::encode(
+            &rows,
+            &[1, m.rows as usize, h],
+            DType::DtypeF32,
+        ))
+    }
+
+    /// Runs this shard's layers for one step; a hidden input enters at `from_layer`
+    /// when given (the output of an MPC pair), else at the shard's first layer.
+    async fn run_local(
+        &self,
+        req: &ForwardRequest,
+        from_layer: Option<u32>,
+    ) -> Result<ShardOutput, Status> {
         let spec = self.inner.shard.model.spec();
         let input = match &req.input {
             Some(forward_request::Input::Tokens(t)) if spec.has_embedding => {
@@ -393,12 +443,16 @@ impl ComputeService {
                     None => Input::Tokens(t.ids.clone()),
                 }
             }
-            Some(forward_request::Input::Hidden(t)) if !spec.has_embedding => {
+            Some(forward_request::Input::Hidden(t))
+                if !spec.has_embedding || from_layer.is_some() =>
+            {
                 let (data, shape) =
                     wire::decode(t).map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
                 let h = self.inner.shard.model.config().hidden_size;
                 match shape[..] {
-                    [1, seq, hh] | [seq, hh] if hh == h => Input::Hidden(data, seq),
+                    [1, seq, hh] | [seq, hh] if hh == h => {
+                        Input::Hidden(data, seq, from_layer.map(|l| l as usize))
+                    }
                     _ => {
                         return Err(Status::invalid_argument(format!(
                             "hidden state shape {shape:?} is not [1, seq, {h}]"
@@ -449,9 +503,14 @@ impl ComputeService {
             }
             let input = match &input {
                 Input::Tokens(ids) => ShardInput::Tokens(ids),
-                Input::Hidden(d, seq) => ShardInput::Hidden {
+                Input::Hidden(d, seq, None) => ShardInput::Hidden {
                     data: d.clone(),
                     seq: *seq,
+                },
+                Input::Hidden(d, seq, Some(layer)) => ShardInput::HiddenAt {
+                    data: d.clone(),
+                    seq: *seq,
+                    layer: *layer,
                 },
                 Input::Embedded(d, seq) => ShardInput::Embedded {
                     data: d.clone(),
@@ -498,7 +557,8 @@ impl ComputeService {
 
 enum Input {
     Tokens(Vec<u32>),
-    Hidden(Vec<f32>, usize),
+    /// Rows, their count, and the layer they enter at when not the shard's first.
+    Hidden(Vec<f32>, usize, Option<usize>),
     /// Prompt rows with image features in place of the image placeholders.
     Embedded(Vec<f32>, usize),
 }
@@ -524,11 +584,21 @@ impl Compute for ComputeService {
                 self.inner.node_id, req.model_id
             )));
         }
+        // Fed by an MPC pair: both parties' signed shares replace the previous hop's
+        // attested hidden state.
+        let mut from_layer = None;
+        if let Some(forward_request::Input::Mpc(m)) = &req.input {
+            let m = m.clone();
+            let hidden = self.mpc_input(&req, &m).await?;
+            req.input = Some(forward_request::Input::Hidden(hidden));
+            from_layer = Some(m.layer);
+        }
         let rows = input_rows(&req);
-        let step_input = attest::step_input_of(&req.input, &req.penalty_tokens);
+        let mut step_input = attest::step_input_of(&req.input, &req.penalty_tokens);
+        step_input.from_layer = from_layer;
         // The previous hop must have attested exactly the hidden state we received.
         let prev = match (&req.input, &self.inner.peers) {
-            (Some(forward_request::Input::Hidden(h)), Some(peers)) => {
+            (Some(forward_request::Input::Hidden(h)), Some(peers)) if from_layer.is_none() => {
                 let a = req.attestations.last().cloned().ok_or_else(|| {
                     self.refuse_hop("the previous hop sent no attestation".into())
                 })?;
@@ -553,7 +623,7 @@ impl Compute for ComputeService {
         self.inner
             .inputs
             .record(&req.session_id, req.step, step_input.clone(), req.sampling);
-        let mut out = self.run_local(&req).await?;
+        let mut out = self.run_local(&req, from_layer).await?;
         if let Some(cheat) = self.inner.cheat {
             out = self.cheat(cheat, out, &req);
         }
@@ -748,6 +818,26 @@ impl Compute for ComputeService {
         let mut resp = out.into_proto();
         resp.attestation = Some(att);
         Ok(Response::new(resp))
+    }
+
+    async fn put_share(
+        &self,
+        req: Request<PutShareRequest>,
+    ) -> Result<Response<PutShareResponse>, Status> {
+        let req = req.into_inner();
+        let model_id = &self.inner.shard.manifest.model_id;
+        if req.model_id != *model_id {
+            return Err(Status::not_found(format!(
+                "node {} serves `{model_id}`, not `{}`",
+                self.inner.node_id, req.model_id
+            )));
+        }
+        let hidden = self.inner.shard.model.config().hidden_size;
+        self.inner
+            .handoffs
+            .put(req, hidden)
+            .map_err(|e| Status::invalid_argument(format!("node {}: {e}", self.inner.node_id)))?;
+        Ok(Response::new(PutShareResponse {}))
     }
 
     async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {

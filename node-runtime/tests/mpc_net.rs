@@ -8,14 +8,17 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::net::{Net, Node, s, split_into};
+use unfed_node::client::GenerateOptions;
 use unfed_node::engine::generate::load_split;
 use unfed_node::engine::model::{ShardInput, ShardModel, ShardOutput, ShardSpec};
 use unfed_node::engine::sampling::{SamplingConfig, argmax};
 use unfed_node::engine::weights::WeightFiles;
 use unfed_node::mpc::client::{Client, ClientOutput, ClientSession};
+use unfed_node::mpc::handoff::{Outbox, Signer};
 use unfed_node::mpc::net::RemotePair;
 use unfed_node::mpc::weights::ClientModel;
-use unfed_proto::ModelState;
+use unfed_proto::compute_client::ComputeClient;
+use unfed_proto::{ForwardRequest, ModelState, MpcInput, forward_request};
 
 const TOKENS: usize = 24;
 const PROMPT: [u32; 6] = [3, 14, 15, 92, 65, 35];
@@ -76,8 +79,8 @@ async fn model_status(net: &Net) -> unfed_proto::ModelStatus {
     net.client().await.list_models().await.unwrap().remove(0)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn shard0_in_mpc_over_grpc_gates_readiness_and_matches_the_plaintext_tokens() {
+/// A registry that requires the MPC pair, serving the builtin model split in two.
+fn require_mpc_net() -> (Net, PathBuf) {
     let dir = Net::prepare();
     let tiny = dir.path().join("tiny-src");
     unfed_model::builtin::write_tiny(&tiny).unwrap();
@@ -102,6 +105,12 @@ async fn shard0_in_mpc_over_grpc_gates_readiness_and_matches_the_plaintext_token
     };
     net.compute("tiny", 0);
     net.compute("tiny", 1);
+    (net, split)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shard0_in_mpc_over_grpc_gates_readiness_and_matches_the_plaintext_tokens() {
+    let (net, split) = require_mpc_net();
     // Every shard is served, but the pair is missing.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -139,7 +148,7 @@ async fn shard0_in_mpc_over_grpc_gates_readiness_and_matches_the_plaintext_token
     };
     let rest = ShardModel::load(&cfg.text, &cfg.text_prefix, spec, &files).unwrap();
     let mut cache = rest.new_cache();
-    let mut pair = RemotePair::connect(&a.address, &b.address, "s1", Duration::from_secs(3))
+    let mut pair = RemotePair::connect(&a.address, &b.address, "s1", Duration::from_secs(3), None)
         .await
         .unwrap();
     let client = Client { model: &cm };
@@ -198,9 +207,10 @@ async fn full_output_2pc_over_grpc_generates_the_plaintext_tokens() {
     let cfg = &manifest.config;
     let layers = cfg.text.num_hidden_layers;
     let cm = ClientModel::load(&cfg.text, &cfg.text_prefix, 0..layers, true, &files).unwrap();
-    let mut pair = RemotePair::connect(&a.address, &b.address, "full", Duration::from_secs(3))
-        .await
-        .unwrap();
+    let mut pair =
+        RemotePair::connect(&a.address, &b.address, "full", Duration::from_secs(3), None)
+            .await
+            .unwrap();
     let client = Client { model: &cm };
     let mut sess = ClientSession::new();
     let (mut tokens, mut input) = (Vec::new(), PROMPT.to_vec());
@@ -216,6 +226,100 @@ async fn full_output_2pc_over_grpc_generates_the_plaintext_tokens() {
     }
     assert_eq!(tokens, plaintext_tokens(&split));
     // A party refuses a link that does not start with a hello.
-    let err = RemotePair::connect(&b.address, &a.address, "", Duration::from_secs(1)).await;
+    let err = RemotePair::connect(&b.address, &a.address, "", Duration::from_secs(1), None).await;
     assert!(err.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_pair_hands_its_shares_to_the_next_shard_which_reconstructs_them() {
+    let (net, split) = require_mpc_net();
+    let (reg, logs) = (net.registry.address.clone(), net.dir.path().to_path_buf());
+    let b = party("B", &split, Some(&reg), None, &[], logs.join("mpc-b.log"));
+    let _a = party(
+        "A",
+        &split,
+        Some(&reg),
+        Some(&b.address),
+        &[],
+        logs.join("mpc-a.log"),
+    );
+    net.wait_ready("tiny", 4).await;
+    let mut client = net.client().await;
+    let pair = client
+        .mpc_pair("tiny")
+        .await
+        .unwrap()
+        .expect("the pair is listed");
+    let k = pair.layer_end;
+    assert!(!pair.full_output);
+    let public = ClientModel::from_split(&split, k as usize, false).unwrap();
+    let opts = GenerateOptions {
+        max_tokens: TOKENS,
+        stop_on_eos: false,
+        ..Default::default()
+    };
+    let out = client
+        .generate_private("tiny", &pair, &public, &PROMPT, &opts, |_| {})
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", net.logs()));
+    assert_eq!(out.tokens, plaintext_tokens(&split));
+    // A, B, then shard 1: shard 0's compute node never saw the request.
+    let route: Vec<(&str, u32)> = out
+        .route
+        .iter()
+        .map(|h| (h.node_id.as_str(), h.shard_index))
+        .collect();
+    assert_eq!(route.len(), 3, "{route:?}");
+    assert_eq!(route[2].1, 1, "{route:?}");
+    assert_eq!(net.compute_forwards(0).await, 0);
+
+    // Shares the registered parties did not sign are refused.
+    let shard1 = &out.route[2].address;
+    let mut compute = ComputeClient::connect(format!("http://{shard1}"))
+        .await
+        .unwrap();
+    let h = public.cfg.hidden_size;
+    for (party, node) in [(true, &pair.a.node_id), (false, &pair.b.node_id)] {
+        let forger = Signer {
+            node_id: node.clone(),
+            model_id: "tiny".into(),
+            key: unfed_node::shares::generate_key(),
+        };
+        let outbox = Outbox::new(&forger, party, h, shard1).unwrap();
+        let share = outbox.request("forged", 0, vec![7u64; 2 * h]);
+        compute.put_share(share).await.unwrap();
+    }
+    let wrong_shape = Outbox::new(
+        &Signer {
+            node_id: pair.a.node_id.clone(),
+            model_id: "tiny".into(),
+            key: unfed_node::shares::generate_key(),
+        },
+        true,
+        h + 1,
+        shard1,
+    )
+    .unwrap()
+    .request("forged", 1, vec![7u64; h + 1]);
+    let err = compute.put_share(wrong_shape).await.unwrap_err();
+    assert!(err.message().contains("shape"), "{}", err.message());
+    let err = compute
+        .forward(ForwardRequest {
+            model_id: "tiny".into(),
+            session_id: "forged".into(),
+            input: Some(forward_request::Input::Mpc(MpcInput {
+                layer: k,
+                rows: 2,
+                party_a: pair.a.node_id.clone(),
+                party_b: pair.b.node_id.clone(),
+            })),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("rejected the MPC share"),
+        "{}",
+        err.message()
+    );
 }

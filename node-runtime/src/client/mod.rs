@@ -34,6 +34,15 @@ pub struct GenerateOptions {
     pub stop: Option<Arc<AtomicBool>>,
 }
 
+impl GenerateOptions {
+    /// The caller asked to stop.
+    pub fn stopped(&self) -> bool {
+        self.stop
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::Relaxed))
+    }
+}
+
 impl Default for GenerateOptions {
     fn default() -> Self {
         Self {
@@ -64,6 +73,18 @@ pub struct GenerateOutput {
 }
 
 impl GenerateOutput {
+    /// Adds one step's per-hop timings to the sums (route order).
+    pub fn add_timings(&mut self, timings: &[HopTiming]) {
+        if self.hops.is_empty() {
+            self.hops = timings.to_vec();
+        } else {
+            for (acc, t) in self.hops.iter_mut().zip(timings) {
+                acc.compute_ms += t.compute_ms;
+                acc.total_ms += t.total_ms;
+            }
+        }
+    }
+
     /// Tokens per second after the first one (decode speed).
     pub fn decode_tokens_per_s(&self) -> f64 {
         let n = self.tokens.len().saturating_sub(1);
@@ -261,12 +282,8 @@ impl Client {
             }
         }
         let route = self.route(model).await?;
-        let entry = route[0].clone();
-        let channel = endpoint(&entry.address, self.step_timeout)?.connect_lazy();
-        let mut compute = ComputeClient::new(channel);
         let session_id = hex::encode(rand::random::<[u8; 16]>());
-        let penalty =
-            opts.sampling.repetition_penalty > 0.0 && opts.sampling.repetition_penalty != 1.0;
+        let mut hops = RouteSession::open(&route, &session_id, self.step_timeout)?;
         let mut out = GenerateOutput {
             prompt_tokens: prompt_ids.len(),
             route: route.clone(),
@@ -276,53 +293,19 @@ impl Client {
         let mut input = prompt_ids.to_vec();
         let mut position = 0u32;
         for step in 0..opts.max_tokens as u32 {
-            let req = ForwardRequest {
-                model_id: model.to_string(),
-                session_id: session_id.clone(),
-                step,
-                position,
-                input: Some(forward_request::Input::Tokens(TokenIds {
-                    ids: input.clone(),
-                })),
-                sampling: Some(opts.sampling),
-                route: route[1..].to_vec(),
-                penalty_tokens: if penalty { input.clone() } else { Vec::new() },
-                hidden_dtype: opts.hidden_dtype as i32,
-                client: opts.client.clone(),
-                image_features: if step == 0 {
-                    image_features.cloned()
-                } else {
-                    None
-                },
-                attestations: Vec::new(),
+            let image = if step == 0 {
+                image_features.cloned()
+            } else {
+                None
             };
-            let resp = match compute.forward(req).await {
-                Ok(r) => r.into_inner(),
-                Err(s) => {
-                    let msg = if s.message().starts_with("node ") {
-                        s.message().to_string()
-                    } else {
-                        format!(
-                            "node {} (shard 0) at {}: {}",
-                            entry.node_id,
-                            entry.address,
-                            s.message()
-                        )
-                    };
-                    bail!("generation failed at step {step}: {msg}");
-                }
-            };
+            let tokens = forward_request::Input::Tokens(TokenIds { ids: input.clone() });
+            let resp = hops
+                .step(model, (step, position), tokens, &input, image, opts)
+                .await?;
             if step == 0 {
                 out.ttft_ms = start.elapsed().as_secs_f64() * 1e3;
             }
-            if out.hops.is_empty() {
-                out.hops = resp.timings.clone();
-            } else {
-                for (acc, t) in out.hops.iter_mut().zip(&resp.timings) {
-                    acc.compute_ms += t.compute_ms;
-                    acc.total_ms += t.total_ms;
-                }
-            }
+            out.add_timings(&resp.timings);
             position += input.len() as u32;
             out.tokens.push(resp.token_id);
             on_token(resp.token_id);
@@ -331,23 +314,91 @@ impl Client {
                 break;
             }
             input = vec![resp.token_id];
-            if opts
-                .stop
-                .as_ref()
-                .is_some_and(|s| s.load(Ordering::Relaxed))
-            {
+            if opts.stopped() {
                 out.stopped_by_caller = true;
                 break;
             }
         }
         out.total_ms = start.elapsed().as_secs_f64() * 1e3;
-        // Free the KV caches now rather than at the idle timeout; failures only delay that.
-        let _ = compute
+        hops.end().await;
+        Ok(out)
+    }
+}
+
+/// One session's route through the compute nodes: the entry hop and those after it.
+pub(crate) struct RouteSession {
+    entry: Hop,
+    rest: Vec<Hop>,
+    compute: ComputeClient<Channel>,
+    session_id: String,
+}
+
+impl RouteSession {
+    pub(crate) fn open(route: &[Hop], session_id: &str, timeout: Duration) -> Result<Self> {
+        let entry = route.first().context("the route is empty")?.clone();
+        let channel = endpoint(&entry.address, timeout)?.connect_lazy();
+        Ok(Self {
+            entry,
+            rest: route[1..].to_vec(),
+            compute: ComputeClient::new(channel),
+            session_id: session_id.to_string(),
+        })
+    }
+
+    /// One step at (`step`, `position`): `input` to the entry hop (`ids` are the step's
+    /// tokens, for the repetition penalty), the sampled token back.
+    pub(crate) async fn step(
+        &mut self,
+        model: &str,
+        (step, position): (u32, u32),
+        input: forward_request::Input,
+        ids: &[u32],
+        image_features: Option<Tensor>,
+        opts: &GenerateOptions,
+    ) -> Result<ForwardResponse> {
+        let penalty =
+            opts.sampling.repetition_penalty > 0.0 && opts.sampling.repetition_penalty != 1.0;
+        let req = ForwardRequest {
+            model_id: model.to_string(),
+            session_id: self.session_id.clone(),
+            step,
+            position,
+            input: Some(input),
+            sampling: Some(opts.sampling),
+            route: self.rest.clone(),
+            penalty_tokens: if penalty { ids.to_vec() } else { Vec::new() },
+            hidden_dtype: opts.hidden_dtype as i32,
+            client: opts.client.clone(),
+            image_features,
+            attestations: Vec::new(),
+        };
+        match self.compute.forward(req).await {
+            Ok(r) => Ok(r.into_inner()),
+            Err(s) => {
+                let msg = if s.message().starts_with("node ") {
+                    s.message().to_string()
+                } else {
+                    format!(
+                        "node {} (shard {}) at {}: {}",
+                        self.entry.node_id,
+                        self.entry.shard_index,
+                        self.entry.address,
+                        s.message()
+                    )
+                };
+                bail!("generation failed at step {step}: {msg}");
+            }
+        }
+    }
+
+    /// Frees the KV caches now rather than at the idle timeout; failures only delay that.
+    pub(crate) async fn end(mut self) {
+        let _ = self
+            .compute
             .end_session(EndSessionRequest {
-                session_id,
-                route: route[1..].to_vec(),
+                session_id: self.session_id.clone(),
+                route: self.rest.clone(),
             })
             .await;
-        Ok(out)
     }
 }

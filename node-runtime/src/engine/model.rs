@@ -38,6 +38,13 @@ pub enum ShardInput<'a> {
         data: Vec<f32>,
         seq: usize,
     },
+    /// Hidden states entering at absolute layer `layer` of this shard's range (the
+    /// output of an MPC pair that ran the layers before it; on shard 0 too).
+    HiddenAt {
+        data: Vec<f32>,
+        seq: usize,
+        layer: usize,
+    },
     /// First shard only: input rows already embedded (an image prompt whose placeholder
     /// rows were replaced by image features; see `embed_tokens`).
     Embedded {
@@ -308,17 +315,23 @@ impl ShardModel {
 
     pub fn forward(&self, cache: &mut KvCache, input: ShardInput<'_>) -> Result<ShardOutput> {
         let h = self.cfg.hidden_size;
+        let mut first = self.spec.layer_start;
         let (x, seq) = match input {
             ShardInput::Tokens(ids) => (self.embed_tokens(ids)?, ids.len()),
+            ShardInput::HiddenAt { data, seq, layer } => {
+                if !(self.spec.layer_start..=self.spec.layer_end).contains(&layer) {
+                    bail!(
+                        "hidden states for layer {layer} sent to a shard of layers [{}, {})",
+                        self.spec.layer_start,
+                        self.spec.layer_end
+                    );
+                }
+                first = layer;
+                (data, seq)
+            }
             ShardInput::Embedded { data, seq } => {
                 if !self.spec.has_embedding {
                     bail!("embedded rows sent to a shard without the embedding (not shard 0)");
-                }
-                if data.len() != seq * h {
-                    bail!(
-                        "embedded input has {} values, expected {seq} rows of {h}",
-                        data.len()
-                    );
                 }
                 (data, seq)
             }
@@ -326,15 +339,15 @@ impl ShardModel {
                 if self.spec.has_embedding {
                     bail!("hidden states sent to the first shard, which expects token ids");
                 }
-                if data.len() != seq * h {
-                    bail!(
-                        "hidden state has {} values, expected {seq} rows of {h}",
-                        data.len()
-                    );
-                }
                 (data, seq)
             }
         };
+        if x.len() != seq * h {
+            bail!(
+                "hidden state has {} values, expected {seq} rows of {h}",
+                x.len()
+            );
+        }
         if seq == 0 {
             bail!("empty input: a step needs at least one token");
         }
@@ -347,7 +360,8 @@ impl ShardModel {
             );
         }
         let mut x = Tensor::from_vec(x, (seq, h), &Device::Cpu)?;
-        for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        let skip = first - self.spec.layer_start;
+        for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()).skip(skip) {
             x = self.layer_forward(layer, lc, x, pos, seq)?;
         }
         cache.len += seq;

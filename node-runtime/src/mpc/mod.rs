@@ -33,6 +33,7 @@
 
 pub mod beaver;
 pub mod client;
+pub mod handoff;
 pub mod local;
 pub mod net;
 pub mod party;

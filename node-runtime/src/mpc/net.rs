@@ -8,13 +8,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use futures::StreamExt;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use unfed_proto::MpcMessage;
 use unfed_proto::mpc_client::MpcClient;
 use unfed_proto::mpc_server::Mpc;
+use unfed_proto::{MpcInfoRequest, MpcInfoResponse, MpcMessage};
 
 use super::client::{Client, ClientOutput, ClientSession};
+use super::handoff::{Outbox, Signer};
 use super::port::{Header, Msg, Peer, Port};
 use super::weights::PartyModel;
 
@@ -34,6 +36,7 @@ fn to_proto(m: &Msg) -> MpcMessage {
         shape: m.header.shape.iter().map(|d| *d as u64).collect(),
         data: m.data.clone(),
         from: peer_name(m.from).to_string(),
+        handoff: String::new(),
     }
 }
 
@@ -84,8 +87,8 @@ fn incoming(mut stream: Streaming<MpcMessage>, peer: Peer) -> Receiver<Msg> {
     rx
 }
 
-fn hello(session: &str, from: Peer) -> Msg {
-    Msg {
+fn hello(session: &str, from: Peer) -> MpcMessage {
+    to_proto(&Msg {
         from,
         header: Header {
             session: session.to_string(),
@@ -94,22 +97,25 @@ fn hello(session: &str, from: Peer) -> Msg {
             shape: vec![0],
         },
         data: Vec::new(),
-    }
+    })
 }
 
-/// Opens a Link to the party at `addr` for `session`.
+/// Opens a Link to the party at `addr` for `session`; the client's hello names where the
+/// party hands its output shares (`handoff`).
 async fn dial(
     addr: &str,
     session: &str,
     me: Peer,
     them: Peer,
+    handoff: Option<&str>,
 ) -> Result<(Sender<Msg>, Receiver<Msg>)> {
     let mut client = MpcClient::connect(format!("http://{addr}"))
         .await
         .with_context(|| format!("cannot reach MPC party {them:?} at {addr}"))?;
     let (tx, stream) = outgoing(|m| m);
-    tx.send(hello(session, me))
-        .map_err(|_| anyhow::anyhow!("the link to {them:?} closed"))?;
+    let mut first = hello(session, me);
+    first.handoff = handoff.unwrap_or_default().to_string();
+    let stream = futures::stream::once(async move { first }).chain(stream);
     let resp = client.link(stream).await.map_err(|s| {
         anyhow::anyhow!(
             "MPC party {them:?} at {addr} refused the session: {}",
@@ -126,12 +132,16 @@ type Link = (Sender<Msg>, Receiver<Msg>);
 struct Pending {
     client: Option<Link>,
     peer: Option<Link>,
+    /// The client's hand-off address (host:port), if the output goes to a compute node.
+    handoff: Option<String>,
 }
 
 /// Party A or B serving `Mpc.Link`.
 pub struct PartyService {
     model: Arc<PartyModel>,
     is_a: bool,
+    /// Signs the output shares handed to the next shard.
+    signer: Arc<Signer>,
     /// Party B's address (party A dials it for every session).
     peer: Option<String>,
     timeout: Duration,
@@ -142,6 +152,7 @@ impl PartyService {
     pub fn new(
         model: Arc<PartyModel>,
         is_a: bool,
+        signer: Signer,
         peer: Option<String>,
         timeout: Duration,
     ) -> Result<Self> {
@@ -151,6 +162,7 @@ impl PartyService {
         Ok(Self {
             model,
             is_a,
+            signer: Arc::new(signer),
             peer,
             timeout,
             pending: Default::default(),
@@ -163,11 +175,14 @@ impl PartyService {
 
     /// Adds a link of `session`; starts the session when both are there, or drops the
     /// half-open session after the timeout.
-    fn attach(&self, session: &str, from: Peer, link: Link) {
+    fn attach(&self, session: &str, from: Peer, link: Link, handoff: Option<String>) {
         let mut pending = self.pending.lock().expect("pending poisoned");
         let entry = pending.entry(session.to_string()).or_default();
         match from {
-            Peer::Client => entry.client = Some(link),
+            Peer::Client => {
+                entry.client = Some(link);
+                entry.handoff = handoff;
+            }
             _ => entry.peer = Some(link),
         }
         if entry.client.is_none() || entry.peer.is_none() {
@@ -184,7 +199,11 @@ impl PartyService {
             });
             return;
         }
-        let Pending { client, peer } = pending.remove(session).expect("entry present");
+        let Pending {
+            client,
+            peer,
+            handoff,
+        } = pending.remove(session).expect("entry present");
         let ((ctx, crx), (ptx, prx)) = (client.expect("client"), peer.expect("peer"));
         let other = if self.is_a { Peer::B } else { Peer::A };
         let mut port = Port::new(
@@ -194,8 +213,21 @@ impl PartyService {
             vec![(Peer::Client, ctx, crx), (other, ptx, prx)],
         );
         let (model, is_a, session) = (self.model.clone(), self.is_a, session.to_string());
+        let signer = self.signer.clone();
         tokio::task::spawn_blocking(move || {
-            match super::party::serve(&model, &mut port, is_a, None) {
+            let hidden = model.cfg.hidden_size;
+            let run = |port: &mut Port| -> Result<()> {
+                let mut outbox = handoff
+                    .as_deref()
+                    .map(|to| Outbox::new(&signer, is_a, hidden, to))
+                    .transpose()?;
+                let mut on_output = |step: u32, share: Vec<u64>| match outbox.as_mut() {
+                    Some(o) => o.send(&session, step, share),
+                    None => Ok(()),
+                };
+                super::party::serve(&model, port, is_a, None, &mut on_output)
+            };
+            match run(&mut port) {
                 Ok(()) => tracing::info!(%session, steps = port.step, "MPC session ended"),
                 Err(e) => tracing::warn!(%session, "MPC session failed: {e:#}"),
             }
@@ -206,6 +238,15 @@ impl PartyService {
 #[tonic::async_trait]
 impl Mpc for PartyService {
     type LinkStream = Outgoing;
+
+    async fn info(&self, _: Request<MpcInfoRequest>) -> Result<Response<MpcInfoResponse>, Status> {
+        Ok(Response::new(MpcInfoResponse {
+            model_id: self.signer.model_id.clone(),
+            layer_end: self.model.layers.len() as u32,
+            full_output: self.model.head.is_some(),
+            frac_bits: super::ring::FRAC_BITS,
+        }))
+    }
 
     async fn link(
         &self,
@@ -231,16 +272,22 @@ impl Mpc for PartyService {
         if first.session.is_empty() {
             return Err(Status::invalid_argument("the hello names no session"));
         }
+        let handoff = (!first.handoff.is_empty()).then(|| first.handoff.clone());
+        if handoff.is_some() && self.model.head.is_some() {
+            return Err(Status::invalid_argument(
+                "this pair runs every layer and the head (full_output_2pc): the logits go to the client, not to a compute node; open the session without a hand-off",
+            ));
+        }
         let (tx, stream) = outgoing(Ok);
         let rx = incoming(inbound, from);
         if self.is_a && from == Peer::Client {
             let peer = self.peer.as_deref().expect("checked at start");
-            let link = dial(peer, &first.session, Peer::A, Peer::B)
+            let link = dial(peer, &first.session, Peer::A, Peer::B, None)
                 .await
                 .map_err(|e| Status::unavailable(format!("{e:#}")))?;
-            self.attach(&first.session, Peer::B, link);
+            self.attach(&first.session, Peer::B, link, None);
         }
-        self.attach(&first.session, from, (tx, rx));
+        self.attach(&first.session, from, (tx, rx), handoff);
         Ok(Response::new(stream))
     }
 }
@@ -251,10 +298,17 @@ pub struct RemotePair {
 }
 
 impl RemotePair {
-    /// Opens a session with party A at `a` and party B at `b`.
-    pub async fn connect(a: &str, b: &str, session: &str, timeout: Duration) -> Result<Self> {
-        let (atx, arx) = dial(a, session, Peer::Client, Peer::A).await?;
-        let (btx, brx) = dial(b, session, Peer::Client, Peer::B).await?;
+    /// Opens a session with party A at `a` and party B at `b`; with `handoff`, both send
+    /// their output shares to that compute node after every step.
+    pub async fn connect(
+        a: &str,
+        b: &str,
+        session: &str,
+        timeout: Duration,
+        handoff: Option<&str>,
+    ) -> Result<Self> {
+        let (atx, arx) = dial(a, session, Peer::Client, Peer::A, handoff).await?;
+        let (btx, brx) = dial(b, session, Peer::Client, Peer::B, handoff).await?;
         Ok(Self {
             port: Port::new(
                 Peer::Client,

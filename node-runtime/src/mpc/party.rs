@@ -158,8 +158,18 @@ impl Party<'_> {
     }
 }
 
-/// A party's thread: one step per "begin" until the client hangs up (or `steps` are done).
-pub fn serve(model: &PartyModel, port: &mut Port, is_a: bool, steps: Option<u32>) -> Result<()> {
+/// What a party does with its share of a step's output (hand it to the next shard).
+pub type OnOutput<'a> = &'a mut dyn FnMut(u32, Vec<u64>) -> Result<()>;
+
+/// A party's thread: one step per "begin" until the client hangs up (or `steps` are done);
+/// each step's output share goes to `on_output`.
+pub fn serve(
+    model: &PartyModel,
+    port: &mut Port,
+    is_a: bool,
+    steps: Option<u32>,
+    on_output: OnOutput,
+) -> Result<()> {
     let party = Party { model, is_a };
     let mut sess = PartySession::default();
     let idle = Duration::from_secs(300);
@@ -169,7 +179,8 @@ pub fn serve(model: &PartyModel, port: &mut Port, is_a: bool, steps: Option<u32>
             Err(PortError::Gone { .. }) => return Ok(()),
             Err(e) => return Err(e.into()),
         };
-        party.step(&mut sess, port, t)?;
+        let out = party.step(&mut sess, port, t)?;
+        on_output(port.step, out)?;
         port.step += 1;
     }
     Ok(())

@@ -10,6 +10,7 @@ use clap::ValueEnum;
 use unfed_proto::Stack;
 use unfed_proto::mpc_server::MpcServer;
 
+use super::handoff::Signer;
 use super::net::PartyService;
 use super::weights::PartyModel;
 use crate::engine::weights::WeightFiles;
@@ -138,7 +139,14 @@ impl MpcArgs {
             .unwrap_or_else(|| format!("{role}@{advertise}"));
         tracing::info!(model = %manifest.model_id, layers = ?layers, full_output = full, role, "MPC party loaded");
         let timeout = Duration::from_secs(self.timeout_secs.max(1));
-        let service = PartyService::new(Arc::new(model), is_a, self.peer.clone(), timeout)?;
+        // Signs the output shares this party hands to the next shard (registered below).
+        let share_key = crate::shares::generate_key();
+        let signer = Signer {
+            node_id: node_id.clone(),
+            model_id: manifest.model_id.clone(),
+            key: share_key.clone(),
+        };
+        let service = PartyService::new(Arc::new(model), is_a, signer, self.peer.clone(), timeout)?;
         let membership = self.registry.clone().map(|registry| {
             let listing = crate::membership::Listing {
                 node_id: node_id.clone(),
@@ -146,7 +154,7 @@ impl MpcArgs {
                 address: advertise.clone(),
                 model: manifest.model_id.clone(),
                 shard_index: 0,
-                share_key: String::new(),
+                share_key: crate::shares::public_key_hex(&share_key),
                 stack: Stack::Text,
                 layers: (layers.start as u32, layers.end as u32),
                 shards_total: manifest.text_shards().count() as u32,

@@ -365,6 +365,7 @@ async fn probe_attestation(model: &ShardModel, accused: &NodeInfo) -> Result<(bo
             inputs: vec![StepInput {
                 input: Some(input),
                 penalty_tokens: vec![],
+                from_layer: None,
             }],
             sampling: None,
             hidden_dtype: DType::DtypeF32 as i32,

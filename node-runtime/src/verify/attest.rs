@@ -31,8 +31,11 @@ pub fn step_input_of(input: &Option<forward_request::Input>, penalty: &[u32]) ->
         input: input.as_ref().map(|i| match i {
             forward_request::Input::Tokens(t) => step_input::Input::Tokens(t.clone()),
             forward_request::Input::Hidden(h) => step_input::Input::Hidden(h.clone()),
+            // Replaced by the reconstructed hidden state before anything records it.
+            forward_request::Input::Mpc(_) => step_input::Input::Hidden(Default::default()),
         }),
         penalty_tokens: penalty.to_vec(),
+        from_layer: None,
     }
 }
 

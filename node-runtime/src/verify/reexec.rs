@@ -67,7 +67,17 @@ pub fn reexecute(
                     [1, seq, hh] | [seq, hh] if hh == h => seq,
                     _ => bail!("step {step}: hidden state shape {shape:?} is not [1, seq, {h}]"),
                 };
-                model.forward(&mut cache, ShardInput::Hidden { data, seq })
+                match input.from_layer {
+                    Some(layer) => model.forward(
+                        &mut cache,
+                        ShardInput::HiddenAt {
+                            data,
+                            seq,
+                            layer: layer as usize,
+                        },
+                    ),
+                    None => model.forward(&mut cache, ShardInput::Hidden { data, seq }),
+                }
             }
             None => bail!("step {step} carries no input"),
         }

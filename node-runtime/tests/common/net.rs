@@ -190,6 +190,19 @@ impl Net {
         self.computes.len() - 1
     }
 
+    /// Forward calls compute node `i` has run (its Health).
+    pub async fn compute_forwards(&self, i: usize) -> u64 {
+        let addr = format!("http://{}", self.computes[i].address);
+        let mut c = unfed_proto::compute_client::ComputeClient::connect(addr)
+            .await
+            .unwrap();
+        c.health(unfed_proto::HealthRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .forwards
+    }
+
     pub async fn client(&self) -> Client {
         Client::connect(&self.registry.address).await.unwrap()
     }
