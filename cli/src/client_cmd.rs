@@ -8,11 +8,10 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use serde_json::json;
 use unfed_node::client::image::ImageLimits;
-use unfed_node::client::private::PairInfo;
+use unfed_node::client::private::{PrivateRoute, PublicParams, PublicSource};
 use unfed_node::client::text::IncrementalDecoder;
 use unfed_node::client::{Client, GenerateOptions, GenerateOutput, TextCodec};
 use unfed_node::engine::SamplingConfig;
-use unfed_node::mpc::weights::ClientModel;
 use unfed_node::proto::{ModelState, SamplingParams};
 
 #[derive(Subcommand)]
@@ -214,15 +213,22 @@ async fn chat(a: ChatArgs) -> Result<ExitCode> {
         ..ImageLimits::default()
     };
     let image = a.image.as_deref().map(|i| (r.registry.as_str(), i, limits));
-    let private = private_route(&mut client, &model, r.shards_dir.as_deref()).await?;
-    let private = private.as_ref().map(|(p, m)| (p, m));
+    // Through the model's MPC pair when it has one; the public parameters of its layers
+    // come from the spec's split, else from the pair (cached by digest).
+    let source = match &r.shards_dir {
+        Some(dir) => PublicSource::Split(dir.clone()),
+        None => PublicSource::Fetch(unfed_chain::anvil::cache_dir()?),
+    };
+    let private = client
+        .private_route(&model, &PublicParams::new(source))
+        .await?;
     match &a.prompt {
         Some(p) => {
             let turn = Turn {
                 prompt: p,
                 raw: a.raw,
                 image,
-                private,
+                private: private.as_ref(),
             };
             chat_once(&mut client, &codec, &model, turn, &opts, a.target.json).await?;
         }
@@ -249,7 +255,7 @@ async fn chat(a: ChatArgs) -> Result<ExitCode> {
                     prompt: line,
                     raw: a.raw,
                     image,
-                    private,
+                    private: private.as_ref(),
                 };
                 chat_once(&mut client, &codec, &model, turn, &opts, a.target.json).await?;
             }
@@ -265,26 +271,7 @@ struct Turn<'a> {
     /// (registry address, image file, size limits) for an image prompt.
     image: Option<(&'a str, &'a std::path::Path, ImageLimits)>,
     /// Through an MPC pair, with the public parameters of its layers.
-    private: Option<(&'a PairInfo, &'a ClientModel)>,
-}
-
-/// The MPC pair to chat through, when the registry lists one, with the public
-/// parameters of its layers (embedding, norms) read from the split on this machine.
-async fn private_route(
-    client: &mut Client,
-    model: &str,
-    shards_dir: Option<&std::path::Path>,
-) -> Result<Option<(PairInfo, ClientModel)>> {
-    let Some(pair) = client.mpc_pair(model).await? else {
-        return Ok(None);
-    };
-    let Some(dir) = shards_dir else {
-        bail!(
-            "`{model}` is served through an MPC pair and the client needs the public parameters of its layers (embedding, norms); chat with the testnet's spec so they are read from its split"
-        );
-    };
-    let public = ClientModel::from_split(dir, pair.layer_end as usize, pair.full_output)?;
-    Ok(Some((pair, public)))
+    private: Option<&'a PrivateRoute>,
 }
 
 async fn chat_once(
@@ -319,19 +306,9 @@ async fn chat_once(
             let _ = stdout.flush();
         }
     };
-    let out = match private {
-        Some((pair, public)) if features.is_none() => {
-            client
-                .generate_private(model, pair, public, &ids, opts, on_token)
-                .await?
-        }
-        Some(_) => bail!("image prompts do not go through the MPC pair yet"),
-        None => {
-            client
-                .generate_with_image(model, &ids, features.as_ref(), opts, on_token)
-                .await?
-        }
-    };
+    let out = client
+        .generate_via(model, private, &ids, features.as_ref(), opts, on_token)
+        .await?;
     let text = codec.decode(&out.tokens)?;
     if json_out {
         let v = json!({

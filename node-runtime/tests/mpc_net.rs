@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::net::{Net, Node, s, split_into};
+use common::web::Web;
 use unfed_node::client::GenerateOptions;
+use unfed_node::client::private::{PublicParams, PublicSource};
 use unfed_node::engine::generate::load_split;
 use unfed_node::engine::model::{ShardInput, ShardModel, ShardOutput, ShardSpec};
 use unfed_node::engine::sampling::{SamplingConfig, argmax};
@@ -16,6 +18,7 @@ use unfed_node::engine::weights::WeightFiles;
 use unfed_node::mpc::client::{Client, ClientOutput, ClientSession};
 use unfed_node::mpc::handoff::{Outbox, Signer};
 use unfed_node::mpc::net::RemotePair;
+use unfed_node::mpc::public::cache_path;
 use unfed_node::mpc::weights::ClientModel;
 use unfed_proto::compute_client::ComputeClient;
 use unfed_proto::{ForwardRequest, ModelState, MpcInput, forward_request};
@@ -245,14 +248,33 @@ async fn the_pair_hands_its_shares_to_the_next_shard_which_reconstructs_them() {
     );
     net.wait_ready("tiny", 4).await;
     let mut client = net.client().await;
-    let pair = client
-        .mpc_pair("tiny")
+    // The client fetches the public parameters from the pair and caches them by digest.
+    let cache = net.dir.path().join("cache");
+    let fetch = || PublicParams::new(PublicSource::Fetch(cache.clone()));
+    let (pair, public) = client
+        .private_route("tiny", &fetch())
         .await
         .unwrap()
         .expect("the pair is listed");
     let k = pair.layer_end;
     assert!(!pair.full_output);
-    let public = ClientModel::from_split(&split, k as usize, false).unwrap();
+    let cached = cache_path(&cache, &pair.public_sha256);
+    assert!(cached.exists());
+    let local = ClientModel::from_split(&split, k as usize, false).unwrap();
+    assert_eq!(public.norms, local.norms);
+    assert_eq!(
+        public.embed(&PROMPT).unwrap(),
+        local.embed(&PROMPT).unwrap()
+    );
+    // A damaged cache entry is dropped and fetched again.
+    std::fs::write(&cached, b"garbage").unwrap();
+    let (_, again) = client
+        .private_route("tiny", &fetch())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.norms, local.norms);
+    assert_ne!(std::fs::read(&cached).unwrap(), b"garbage");
     let opts = GenerateOptions {
         max_tokens: TOKENS,
         stop_on_eos: false,
@@ -271,6 +293,41 @@ async fn the_pair_hands_its_shares_to_the_next_shard_which_reconstructs_them() {
         .collect();
     assert_eq!(route.len(), 3, "{route:?}");
     assert_eq!(route[2].1, 1, "{route:?}");
+    assert_eq!(net.compute_forwards(0).await, 0);
+
+    // The dashboard's chats of a model with a pair go through it too.
+    let web = Web::start(
+        vec![
+            s("web"),
+            s("--port"),
+            s("0"),
+            s("--registry"),
+            reg.clone(),
+            s("--db"),
+            logs.join("web.db").display().to_string(),
+            s("--public-cache"),
+            cache.display().to_string(),
+            s("--demo-wallet"),
+            s("0x00000000000000000000000000000000000000d0"),
+        ],
+        &[("UNFED_DEMO_AUTH", "1")],
+        &logs.join("web.log"),
+    );
+    let forwards = net.compute_forwards(1).await;
+    let (st, v) = web
+        .post(
+            "/api/chat",
+            serde_json::json!({"prompt": "Tell me about shards", "max_tokens": 8}),
+            None,
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let route = v["route"].as_array().unwrap();
+    assert_eq!(route.len(), 3, "{v}");
+    assert_eq!(route[0]["node_id"].as_str(), Some(pair.a.node_id.as_str()));
+    let tokens = v["tokens"].as_u64().unwrap();
+    assert!(tokens > 0, "{v}");
+    assert_eq!(net.compute_forwards(1).await, forwards + tokens);
     assert_eq!(net.compute_forwards(0).await, 0);
 
     // Shares the registered parties did not sign are refused.

@@ -5,16 +5,23 @@
 //! shares to the compute node holding the next layer, which reconstructs them and runs
 //! the rest of the route; the client's Forward names the pair and the layer.
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use unfed_proto::mpc_client::MpcClient as MpcRpc;
-use unfed_proto::{DiscoverRequest, Hop, HopTiming, MpcInfoRequest, MpcInput, forward_request};
+use unfed_proto::{
+    DiscoverRequest, Hop, HopTiming, MpcInfoRequest, MpcInfoResponse, MpcInput,
+    PublicParamsRequest, forward_request,
+};
 
 use super::{Client, GenerateOptions, GenerateOutput, RouteSession};
 use crate::engine::sampling::Sampler;
 use crate::mpc::client::{Client as MpcClient, ClientOutput, ClientSession};
 use crate::mpc::net::RemotePair;
+use crate::mpc::public;
 use crate::mpc::weights::ClientModel;
 
 /// The MPC pair serving a model, as the registry lists it.
@@ -26,6 +33,47 @@ pub struct PairInfo {
     pub layer_end: u32,
     /// The pair also runs the head (full_output_2pc).
     pub full_output: bool,
+    /// Digest and size of the public parameters the parties serve.
+    pub public_sha256: String,
+    pub public_bytes: u64,
+}
+
+/// A pair and the public parameters of its layers.
+pub type PrivateRoute = (PairInfo, Arc<ClientModel>);
+
+/// Where a client gets the public parameters of an MPC pair's layers, and the ones it
+/// has loaded (by digest), so that each process reads or fetches them once.
+pub struct PublicParams {
+    source: PublicSource,
+    loaded: Mutex<HashMap<String, Arc<ClientModel>>>,
+}
+
+pub enum PublicSource {
+    /// The split directory on this machine (a testnet's own spec).
+    Split(PathBuf),
+    /// Fetched from the pair and cached on disk under this directory.
+    Fetch(PathBuf),
+}
+
+impl PublicParams {
+    pub fn new(source: PublicSource) -> Self {
+        Self {
+            source,
+            loaded: Mutex::default(),
+        }
+    }
+}
+
+/// What party `name` of a pair runs.
+async fn party_info(hop: &Hop, name: &str) -> Result<MpcInfoResponse> {
+    let what = format!("MPC party {name} {} at {}", hop.node_id, hop.address);
+    Ok(MpcRpc::connect(format!("http://{}", hop.address))
+        .await
+        .with_context(|| format!("cannot reach {what}"))?
+        .info(MpcInfoRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("{what}: {}", s.message()))?
+        .into_inner())
 }
 
 impl Client {
@@ -58,19 +106,132 @@ impl Client {
         let (Some((a, _)), Some((b, _))) = (find("mpc_a"), find("mpc_b")) else {
             return Ok(None);
         };
-        let info = MpcRpc::connect(format!("http://{}", a.address))
-            .await
-            .with_context(|| format!("cannot reach MPC party A {} at {}", a.node_id, a.address))?
-            .info(MpcInfoRequest {})
-            .await
-            .map_err(|s| anyhow::anyhow!("MPC party A {}: {}", a.node_id, s.message()))?
-            .into_inner();
+        let (ia, ib) = (party_info(&a, "A").await?, party_info(&b, "B").await?);
+        if (ia.layer_end, ia.full_output, &ia.public_sha256)
+            != (ib.layer_end, ib.full_output, &ib.public_sha256)
+        {
+            bail!(
+                "the MPC parties of `{model}` disagree: A {} runs layers [0, {}) (full output {}, public parameters {}), B {} runs [0, {}) (full output {}, public parameters {}); restart them from the same split and settings",
+                a.node_id,
+                ia.layer_end,
+                ia.full_output,
+                ia.public_sha256,
+                b.node_id,
+                ib.layer_end,
+                ib.full_output,
+                ib.public_sha256
+            );
+        }
         Ok(Some(PairInfo {
             a,
             b,
-            layer_end: info.layer_end,
-            full_output: info.full_output,
+            layer_end: ia.layer_end,
+            full_output: ia.full_output,
+            public_sha256: ia.public_sha256,
+            public_bytes: ia.public_bytes,
         }))
+    }
+
+    /// Generates through `private` when given, else through the compute route (image
+    /// prompts do not go through an MPC pair yet).
+    pub async fn generate_via(
+        &mut self,
+        model: &str,
+        private: Option<&PrivateRoute>,
+        prompt_ids: &[u32],
+        image_features: Option<&unfed_proto::Tensor>,
+        opts: &GenerateOptions,
+        on_token: impl FnMut(u32),
+    ) -> Result<GenerateOutput> {
+        match (private, image_features) {
+            (Some((pair, public)), None) => {
+                self.generate_private(model, pair, public, prompt_ids, opts, on_token)
+                    .await
+            }
+            (Some(_), Some(_)) => bail!(
+                "`{model}` is served through an MPC pair, and image prompts do not go through the pair yet; send a text prompt"
+            ),
+            (None, features) => {
+                self.generate_with_image(model, prompt_ids, features, opts, on_token)
+                    .await
+            }
+        }
+    }
+
+    /// The MPC pair to generate through, when the registry lists one for `model`, with
+    /// the public parameters of its layers.
+    pub async fn private_route(
+        &mut self,
+        model: &str,
+        params: &PublicParams,
+    ) -> Result<Option<PrivateRoute>> {
+        let Some(pair) = self.mpc_pair(model).await? else {
+            return Ok(None);
+        };
+        let key = format!("{model}/{}", pair.public_sha256);
+        if let Some(m) = params.loaded.lock().expect("params poisoned").get(&key) {
+            return Ok(Some((pair, m.clone())));
+        }
+        let public = Arc::new(match &params.source {
+            PublicSource::Split(dir) => {
+                ClientModel::from_split(dir, pair.layer_end as usize, pair.full_output)?
+            }
+            PublicSource::Fetch(cache) => self.public_params(model, &pair, cache).await?,
+        });
+        params
+            .loaded
+            .lock()
+            .expect("params poisoned")
+            .insert(key, public.clone());
+        Ok(Some((pair, public)))
+    }
+
+    /// The public parameters of `pair`'s layers (embedding, norms): from the cache under
+    /// `cache` when present, else fetched from party A and checked against the digest
+    /// both parties stated.
+    pub async fn public_params(
+        &mut self,
+        model: &str,
+        pair: &PairInfo,
+        cache: &Path,
+    ) -> Result<ClientModel> {
+        let (manifest, _) = self.manifest(model).await?;
+        let path = match public::cached(cache, &pair.public_sha256) {
+            Some(p) => p,
+            None => {
+                let what = format!("MPC party A {} at {}", pair.a.node_id, pair.a.address);
+                let mut stream = MpcRpc::connect(format!("http://{}", pair.a.address))
+                    .await
+                    .with_context(|| format!("cannot reach {what}"))?
+                    .public_params(PublicParamsRequest {})
+                    .await
+                    .map_err(|s| anyhow::anyhow!("{what}: {}", s.message()))?
+                    .into_inner();
+                let mut bytes = Vec::with_capacity(pair.public_bytes as usize);
+                while let Some(chunk) = stream
+                    .message()
+                    .await
+                    .map_err(|s| anyhow::anyhow!("{what}: {}", s.message()))?
+                {
+                    bytes.extend_from_slice(&chunk.data);
+                    if bytes.len() as u64 > pair.public_bytes {
+                        bail!(
+                            "{what} sent more public parameters than the {} bytes it stated",
+                            pair.public_bytes
+                        );
+                    }
+                }
+                public::store(cache, &pair.public_sha256, &bytes)?
+            }
+        };
+        let cfg = &manifest.config;
+        public::load(
+            &path,
+            &cfg.text,
+            &cfg.text_prefix,
+            pair.layer_end as usize,
+            pair.full_output,
+        )
     }
 
     /// The compute route after a pair that runs layers [0, `layer`): from the shard

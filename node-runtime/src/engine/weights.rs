@@ -99,6 +99,21 @@ impl WeightFiles {
         Ok((shape, to_f32(name, dtype, bytes)?))
     }
 
+    /// The tensors `names`, in their stored dtype, as one safetensors file.
+    pub fn subset(&self, names: &[String]) -> Result<Vec<u8>> {
+        let views = names
+            .iter()
+            .map(|n| {
+                let (dtype, shape, bytes) = self.view(n)?;
+                Ok((
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(dtype, shape, bytes)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(safetensors::serialize(views, None)?)
+    }
+
     /// A vector (norm weight, bias) as f32.
     pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
         let (dtype, shape, bytes) = self.view(name)?;

@@ -38,6 +38,7 @@ pub mod local;
 pub mod net;
 pub mod party;
 pub mod port;
+pub mod public;
 pub mod ring;
 pub mod role;
 pub mod weights;

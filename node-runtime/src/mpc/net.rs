@@ -13,11 +13,14 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use unfed_proto::mpc_client::MpcClient;
 use unfed_proto::mpc_server::Mpc;
-use unfed_proto::{MpcInfoRequest, MpcInfoResponse, MpcMessage};
+use unfed_proto::{
+    MpcInfoRequest, MpcInfoResponse, MpcMessage, PublicParamsChunk, PublicParamsRequest,
+};
 
 use super::client::{Client, ClientOutput, ClientSession};
 use super::handoff::{Outbox, Signer};
 use super::port::{Header, Msg, Peer, Port};
+use super::public::Packed;
 use super::weights::PartyModel;
 
 fn peer_name(p: Peer) -> &'static str {
@@ -55,6 +58,8 @@ fn from_proto(m: MpcMessage, from: Peer) -> Msg {
 }
 
 type Outgoing = UnboundedReceiverStream<Result<MpcMessage, Status>>;
+type PublicStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<PublicParamsChunk, Status>> + Send>>;
 
 /// A sender whose messages leave on a gRPC stream (items made by `wrap`: a server
 /// stream carries `Result`s, a client stream plain messages).
@@ -142,6 +147,8 @@ pub struct PartyService {
     is_a: bool,
     /// Signs the output shares handed to the next shard.
     signer: Arc<Signer>,
+    /// The public parameters clients fetch.
+    public: Arc<Packed>,
     /// Party B's address (party A dials it for every session).
     peer: Option<String>,
     timeout: Duration,
@@ -153,6 +160,7 @@ impl PartyService {
         model: Arc<PartyModel>,
         is_a: bool,
         signer: Signer,
+        public: Packed,
         peer: Option<String>,
         timeout: Duration,
     ) -> Result<Self> {
@@ -163,6 +171,7 @@ impl PartyService {
             model,
             is_a,
             signer: Arc::new(signer),
+            public: Arc::new(public),
             peer,
             timeout,
             pending: Default::default(),
@@ -245,7 +254,20 @@ impl Mpc for PartyService {
             layer_end: self.model.layers.len() as u32,
             full_output: self.model.head.is_some(),
             frac_bits: super::ring::FRAC_BITS,
+            public_sha256: self.public.sha256.clone(),
+            public_bytes: self.public.bytes.len() as u64,
         }))
+    }
+
+    type PublicParamsStream = PublicStream;
+
+    async fn public_params(
+        &self,
+        _: Request<PublicParamsRequest>,
+    ) -> Result<Response<Self::PublicParamsStream>, Status> {
+        Ok(Response::new(Box::pin(futures::stream::iter(
+            self.public.chunks().map(Ok),
+        ))))
     }
 
     async fn link(

@@ -12,6 +12,7 @@ use unfed_proto::mpc_server::MpcServer;
 
 use super::handoff::Signer;
 use super::net::PartyService;
+use super::public::Packed;
 use super::weights::PartyModel;
 use crate::engine::weights::WeightFiles;
 
@@ -119,9 +120,13 @@ impl MpcArgs {
         );
         let range = layers.clone();
         let full = self.full_output;
-        let model = tokio::task::spawn_blocking(move || {
+        let (model, public) = tokio::task::spawn_blocking(move || -> Result<_> {
             let weights = WeightFiles::open(&files)?;
-            PartyModel::load(&cfg, &prefix, range, full, &weights)
+            let public = Packed::new(&weights, &prefix, range.end, full)?;
+            Ok((
+                PartyModel::load(&cfg, &prefix, range, full, &weights)?,
+                public,
+            ))
         })
         .await??;
         let listener = crate::cli::bind(&self.host, self.port).await?;
@@ -146,7 +151,14 @@ impl MpcArgs {
             model_id: manifest.model_id.clone(),
             key: share_key.clone(),
         };
-        let service = PartyService::new(Arc::new(model), is_a, signer, self.peer.clone(), timeout)?;
+        let service = PartyService::new(
+            Arc::new(model),
+            is_a,
+            signer,
+            public,
+            self.peer.clone(),
+            timeout,
+        )?;
         let membership = self.registry.clone().map(|registry| {
             let listing = crate::membership::Listing {
                 node_id: node_id.clone(),

@@ -143,6 +143,22 @@ pub struct ClientModel {
     pub inv_freq: Vec<f32>,
 }
 
+/// The tensors a client needs for MPC layers `[0, layer_end)`: the embedding and the
+/// layers' norms, and the final norm when the pair runs the head.
+pub fn public_tensor_names(prefix: &str, layer_end: usize, head: bool) -> Vec<String> {
+    let mut names = vec![format!("{prefix}embed_tokens.weight")];
+    for i in 0..layer_end {
+        names.push(format!("{prefix}layers.{i}.input_layernorm.weight"));
+        names.push(format!(
+            "{prefix}layers.{i}.post_attention_layernorm.weight"
+        ));
+    }
+    if head {
+        names.push(format!("{prefix}norm.weight"));
+    }
+    names
+}
+
 impl ClientModel {
     pub fn load(
         cfg: &TextConfig,

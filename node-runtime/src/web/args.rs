@@ -1,6 +1,7 @@
 //! `unfed-node web`: flags and environment switches, checked and turned into the
 //! server's state.
 
+use crate::client::private::{PublicParams, PublicSource};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -62,6 +63,10 @@ pub struct WebArgs {
     challenge_ttl_secs: u64,
     #[arg(long, default_value_t = 3600)]
     session_ttl_secs: u64,
+    /// Where the public parameters (embedding, norms) of MPC pairs' layers are cached once
+    /// fetched (default: $UNFED_CACHE_DIR, else ~/.cache/unfed).
+    #[arg(long)]
+    public_cache: Option<PathBuf>,
 }
 
 /// How the switches read an environment variable (unset = `default`).
@@ -178,6 +183,10 @@ impl WebArgs {
             switches,
             site,
             codecs: Mutex::new(HashMap::new()),
+            private: PublicParams::new(PublicSource::Fetch(match &self.public_cache {
+                Some(dir) => dir.clone(),
+                None => unfed_chain::anvil::cache_dir()?,
+            })),
         })
     }
 

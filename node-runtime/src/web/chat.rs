@@ -2,6 +2,7 @@
 //! a WebSocket, with stop). Both use the client library `unfedctl chat` uses and bill
 //! the signed-in wallet's deposit.
 
+use crate::client::private::PrivateRoute;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -103,6 +104,8 @@ struct Prepared {
     ids: Vec<u32>,
     /// Image features from the vision shards, for an image prompt.
     features: Option<Tensor>,
+    /// The model's MPC pair, when it has one: the chat goes through it.
+    private: Option<PrivateRoute>,
     opts: GenerateOptions,
     /// The billed wallet; None = the daemon's default client (demo mode without sign-in).
     payer: Option<Address>,
@@ -197,6 +200,18 @@ async fn prepare(
         .map_err(|e| ApiError::new(503, format!("{e:#}")))?;
     let model = pick_model(&mut client, body.model.clone()).await?;
     let codec = codec(s, &mut client, &model).await?;
+    let private = client
+        .private_route(&model, &s.private)
+        .await
+        .map_err(|e| ApiError::new(502, format!("{e:#}")))?;
+    if private.is_some() && body.image.is_some() {
+        return Err(ApiError::new(
+            400,
+            format!(
+                "{model} is served through an MPC pair, and image prompts do not go through the pair yet; send a text prompt"
+            ),
+        ));
+    }
     let (ids, features) = match &body.image {
         None => {
             let ids = codec
@@ -245,6 +260,7 @@ async fn prepare(
         codec,
         ids,
         features,
+        private,
         opts,
         payer,
     })
@@ -313,7 +329,14 @@ pub async fn chat(
     let mut p = prepare(&s, token.as_deref(), body).await?;
     let out = p
         .client
-        .generate_with_image(&p.model, &p.ids, p.features.as_ref(), &p.opts, |_| {})
+        .generate_via(
+            &p.model,
+            p.private.as_ref(),
+            &p.ids,
+            p.features.as_ref(),
+            &p.opts,
+            |_| {},
+        )
         .await
         .map_err(|e| ApiError::new(502, format!("{e:#}")))?;
     Ok(Json(summary(&s, &p, &out).await))
@@ -380,11 +403,19 @@ async fn stream_chat(s: &WebState, socket: &mut WebSocket, mut p: Prepared) -> b
     }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let (mut client, model, ids, opts) = (p.client, p.model.clone(), p.ids.clone(), p.opts.clone());
+    let (private, features) = (p.private.take(), p.features.take());
     let generation = tokio::spawn(async move {
         let out = client
-            .generate(&model, &ids, &opts, |id| {
-                let _ = tx.send(id);
-            })
+            .generate_via(
+                &model,
+                private.as_ref(),
+                &ids,
+                features.as_ref(),
+                &opts,
+                |id| {
+                    let _ = tx.send(id);
+                },
+            )
             .await;
         (client, out)
     });

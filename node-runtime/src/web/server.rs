@@ -51,6 +51,8 @@ pub struct WebState {
     /// What the sign-in message names.
     pub site: String,
     pub(super) codecs: Mutex<HashMap<String, Arc<TextCodec>>>,
+    /// The public parameters of MPC pairs (chats of a model with a pair go through it).
+    pub(super) private: crate::client::private::PublicParams,
 }
 
 impl WebState {
