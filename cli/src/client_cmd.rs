@@ -71,6 +71,11 @@ pub struct ChatArgs {
     /// Largest --image file accepted, in MiB (larger images are refused before decoding).
     #[arg(long, default_value_t = 20)]
     pub max_image_mb: u64,
+    /// The last shard returns the logits sealed to this client (X25519 +
+    /// ChaCha20-Poly1305), which samples; on by default when the spec's mpc.output is
+    /// "decode_client_sample".
+    #[arg(long)]
+    pub decode_client_sample: bool,
 }
 
 #[derive(Args)]
@@ -107,6 +112,8 @@ struct Resolved {
     registry: String,
     model: Option<String>,
     shards_dir: Option<PathBuf>,
+    /// The spec asks for `mpc.output = "decode_client_sample"`.
+    decode_client_sample: bool,
 }
 
 fn resolve(t: &Target) -> Result<Resolved> {
@@ -115,6 +122,7 @@ fn resolve(t: &Target) -> Result<Resolved> {
             registry: registry.clone(),
             model: t.model.clone(),
             shards_dir: None,
+            decode_client_sample: false,
         });
     }
     let plan = crate::plan::load_plan(t.spec.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -135,6 +143,7 @@ fn resolve(t: &Target) -> Result<Resolved> {
         registry,
         model: t.model.clone().or(state.model_id),
         shards_dir: Some(plan.shards_dir),
+        decode_client_sample: plan.mpc_output == "decode_client_sample",
     })
 }
 
@@ -206,6 +215,7 @@ async fn chat(a: ChatArgs) -> Result<ExitCode> {
             repetition_penalty: a.repetition_penalty,
             seed: a.seed,
         },
+        decode_client_sample: a.decode_client_sample || r.decode_client_sample,
         ..Default::default()
     };
     let limits = ImageLimits {
@@ -320,6 +330,7 @@ async fn chat_once(
             "tokens_per_s": out.tokens_per_s(),
             "decode_tokens_per_s": out.decode_tokens_per_s(),
             "stopped_on_eos": out.stopped_on_eos,
+            "sampled_by": if out.sampled_by_client { "client" } else { "last shard" },
             "route": out.route.iter().map(|h| json!({"node_id": h.node_id, "shard_index": h.shard_index, "address": h.address})).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string(&v)?);

@@ -51,19 +51,24 @@ fn wallet(st: &Value, name: &str) -> Value {
 }
 
 #[test]
-fn a_pair_running_part_of_shard0_hands_its_output_to_compute_shard0() {
+fn a_pair_running_part_of_shard0_hands_its_output_to_shard0_and_the_client_samples() {
     let body = "[daemon]\nenabled = false\n[web]\nenabled = false\n";
-    let private = Net::new(&format!("{body}[mpc]\npairs = 1\nlayers = 1\n"));
+    let private = Net::new(&format!(
+        "{body}[mpc]\npairs = 1\nlayers = 1\noutput = \"decode_client_sample\"\n"
+    ));
     up(&private);
     let st = state(&private.spec);
     let ours = chat(&private);
-    // The pair runs layer 0; compute shard 0 continues from layer 1 with the shares.
+    // The pair runs layer 0; compute shard 0 continues from layer 1 with the shares; the
+    // last shard seals the logits to the client, which samples.
     let names = ["mpc-a-0", "mpc-b-0", "compute-0", "compute-1"];
     let expected: Vec<Value> = names.iter().map(|n| wallet(&st, n)).collect();
     assert_eq!(route(&ours), expected);
     let plan = run(unfedctl().arg("plan").arg(&private.spec));
     let plan = text(&plan.stdout);
     assert!(plan.contains("the layer-1 activations"), "{plan}");
+    assert!(plan.contains("sealed to the client"), "{plan}");
+    assert_eq!(ours["sampled_by"], "client");
 
     let plain = Net::new(body);
     up(&plain);

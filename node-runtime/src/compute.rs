@@ -313,7 +313,12 @@ impl ComputeService {
         });
     }
 
-    fn cheat(&self, cheat: Cheat, out: ShardOutput, req: &ForwardRequest) -> ShardOutput {
+    fn cheat(&self, cheat: Cheat, out: LocalOut, req: &ForwardRequest) -> LocalOut {
+        let out = match out {
+            Sampled(t, lp) => ShardOutput::Logits(vec![t as f32, lp]),
+            HiddenOut(data, seq) => ShardOutput::Hidden { data, seq },
+            sealed @ SealedOut(_) => return sealed,
+        };
         let hidden = match &req.input {
             Some(forward_request::Input::Hidden(h)) => wire::decode(h).ok().map(|d| d.0),
             _ => None,
@@ -322,7 +327,10 @@ impl ComputeService {
             Some(forward_request::Input::Tokens(t)) => Some(t.ids.as_slice()),
             _ => None,
         };
-        cheat.corrupt(&self.inner.shard.model, out, hidden.as_deref(), tokens)
+        match cheat.corrupt(&self.inner.shard.model, out, hidden.as_deref(), tokens) {
+            ShardOutput::Logits(v) => Sampled(v[0] as u32, v[1]),
+            ShardOutput::Hidden { data, seq } => HiddenOut(data, seq),
+        }
     }
 
     /// The last hop's token comes back through this node: its attestation must cover
@@ -360,12 +368,17 @@ impl ComputeService {
             self.suspect_forgery(&a);
             return Err(bad(format!("an invalid attestation: {e:#}")));
         }
-        if a.input_digest != sent_digest
-            || a.output_digest != attest::digest(&resp.token_id.to_le_bytes())
-        {
+        let output = if resp.sealed_logits.is_empty() {
+            resp.token_id.to_le_bytes().to_vec()
+        } else {
+            resp.sealed_logits.clone()
+        };
+        if a.input_digest != sent_digest || a.output_digest != attest::digest(&output) {
             return Err(bad("an attestation of another input or token".into()));
         }
+        // Sealed logits cannot be re-derived by a checker (fresh encryption each time).
         if let Some(c) = &self.inner.checker
+            && resp.sealed_logits.is_empty()
             && let Some(attestations) = c.observe(&a)
         {
             c.spawn(Suspect {
@@ -425,7 +438,7 @@ impl ComputeService {
         &self,
         req: &ForwardRequest,
         from_layer: Option<u32>,
-    ) -> Result<ShardOutput, Status> {
+    ) -> Result<LocalOut, Status> {
         let spec = self.inner.shard.model.spec();
         let input = match &req.input {
             Some(forward_request::Input::Tokens(t)) if spec.has_embedding => {
@@ -493,6 +506,13 @@ impl ComputeService {
             req.position as usize,
             req.penalty_tokens.clone(),
         );
+        // decode_client_sample: the client samples from the logits sealed to its key.
+        let seal_to = (!req.client_key.is_empty()).then(|| {
+            (
+                req.client_key.clone(),
+                crate::seal::logits_context(&req.model_id, &req.session_id, req.step),
+            )
+        });
         tokio::task::spawn_blocking(move || {
             let mut s = session.lock().expect("session poisoned");
             if s.cache.len() != position {
@@ -531,8 +551,14 @@ impl ComputeService {
                 sampler.observe(&penalty);
             }
             let bytes = s.cache.nbytes();
-            let out = match out {
-                ShardOutput::Logits(logits) => {
+            let out = match (out, seal_to) {
+                (ShardOutput::Logits(logits), Some((key, context))) => {
+                    let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    crate::seal::seal(&key, &context, &bytes)
+                        .map(SealedOut)
+                        .map_err(|e| Status::invalid_argument(format!("{e:#}")))
+                }
+                (ShardOutput::Logits(logits), None) => {
                     let sampled = s
                         .sampler
                         .as_mut()
@@ -540,7 +566,7 @@ impl ComputeService {
                         .sample(logits);
                     Ok(Sampled(sampled.token, sampled.logprob))
                 }
-                ShardOutput::Hidden { data, seq } => Ok(HiddenOut(data, seq)),
+                (ShardOutput::Hidden { data, seq }, _) => Ok(HiddenOut(data, seq)),
             };
             drop(s);
             inner.sessions.account(&sid, bytes);
@@ -548,10 +574,6 @@ impl ComputeService {
         })
         .await
         .map_err(|e| Status::internal(format!("shard worker failed: {e}")))?
-        .map(|o| match o {
-            Sampled(t, lp) => ShardOutput::Logits(vec![t as f32, lp]),
-            HiddenOut(d, seq) => ShardOutput::Hidden { data: d, seq },
-        })
     }
 }
 
@@ -563,9 +585,13 @@ enum Input {
     Embedded(Vec<f32>, usize),
 }
 
+/// What this node's step produced.
 enum LocalOut {
+    /// Last shard: the sampled token and its logprob.
     Sampled(u32, f32),
     HiddenOut(Vec<f32>, usize),
+    /// Last shard, decode_client_sample: the logits sealed to the client.
+    SealedOut(Vec<u8>),
 }
 use LocalOut::*;
 
@@ -662,8 +688,23 @@ impl Compute for ComputeService {
             total_ms,
         };
         match out {
-            ShardOutput::Logits(v) => {
-                let token = v[0] as u32;
+            SealedOut(sealed) => {
+                record(&sealed);
+                let att = self.attest(
+                    (&req.session_id, req.step),
+                    &step_input,
+                    &sealed,
+                    &[],
+                    DType::DtypeF32,
+                );
+                Ok(Response::new(ForwardResponse {
+                    timings: vec![me(started.elapsed().as_secs_f64() * 1e3)],
+                    last_attestation: Some(att),
+                    sealed_logits: sealed,
+                    ..Default::default()
+                }))
+            }
+            Sampled(token, logprob) => {
                 record(&token.to_le_bytes());
                 let is_eos = self
                     .inner
@@ -681,13 +722,14 @@ impl Compute for ComputeService {
                 );
                 Ok(Response::new(ForwardResponse {
                     token_id: token,
-                    logprob: v[1],
+                    logprob,
                     is_eos,
                     timings: vec![me(started.elapsed().as_secs_f64() * 1e3)],
                     last_attestation: Some(att),
+                    sealed_logits: Vec::new(),
                 }))
             }
-            ShardOutput::Hidden { data, seq } => {
+            HiddenOut(data, seq) => {
                 if req.route.is_empty() {
                     return Err(Status::invalid_argument(format!(
                         "node {} (shard {}) is not the last shard but the request's route is empty",

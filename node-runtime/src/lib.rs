@@ -8,6 +8,7 @@ pub mod engine;
 pub mod membership;
 pub mod mpc;
 pub mod registry;
+pub mod seal;
 pub mod shares;
 pub mod verify;
 pub mod vision;

@@ -677,6 +677,12 @@ async fn start_web(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::Result
     cmd.arg("--host").arg(&spec.web.host);
     cmd.arg("--registry").arg(&registry);
     cmd.arg("--db").arg(ctx.plan.run_dir.join("web.db"));
+    // Public parameters of the MPC pair's layers, fetched once per testnet.
+    cmd.arg("--public-cache")
+        .arg(ctx.plan.run_dir.join("public-cache"));
+    if spec.mpc.output == crate::spec::MpcOutput::DecodeClientSample {
+        cmd.arg("--decode-client-sample");
+    }
     price_args(&mut cmd, spec);
     if let Some(chain) = &inputs.chain {
         contract_args(&mut cmd, chain)?;

@@ -18,6 +18,8 @@ use unfed_proto::compute_client::ComputeClient;
 use unfed_proto::registry_client::RegistryClient;
 use unfed_proto::*;
 
+use crate::engine::sampling::Sampler;
+
 pub use text::TextCodec;
 
 /// Sampling and stopping of one generation.
@@ -32,6 +34,9 @@ pub struct GenerateOptions {
     pub client: String,
     /// Set to stop after the current step (the tokens so far are returned).
     pub stop: Option<Arc<AtomicBool>>,
+    /// decode_client_sample: the last shard returns the logits sealed to this client,
+    /// which samples itself (the hops back learn nothing of the logits or the token).
+    pub decode_client_sample: bool,
 }
 
 impl GenerateOptions {
@@ -52,6 +57,7 @@ impl Default for GenerateOptions {
             hidden_dtype: DType::DtypeF32,
             client: String::new(),
             stop: None,
+            decode_client_sample: false,
         }
     }
 }
@@ -70,6 +76,9 @@ pub struct GenerateOutput {
     pub stopped_on_eos: bool,
     /// Stopped early through `GenerateOptions::stop`.
     pub stopped_by_caller: bool,
+    /// The client sampled the tokens (full_output_2pc or decode_client_sample), not the
+    /// last shard.
+    pub sampled_by_client: bool,
 }
 
 impl GenerateOutput {
@@ -271,7 +280,9 @@ impl Client {
         if prompt_ids.is_empty() {
             bail!("the prompt is empty: nothing to generate from");
         }
+        let mut eos = Vec::new();
         if let Ok((manifest, _)) = self.manifest(model).await {
+            eos = manifest.config.text.eos_token_ids.clone();
             let ctx = manifest.config.text.max_position_embeddings;
             if prompt_ids.len() + opts.max_tokens > ctx {
                 bail!(
@@ -283,10 +294,11 @@ impl Client {
         }
         let route = self.route(model).await?;
         let session_id = hex::encode(rand::random::<[u8; 16]>());
-        let mut hops = RouteSession::open(&route, &session_id, self.step_timeout)?;
+        let mut hops = RouteSession::open(&route, &session_id, self.step_timeout, opts, &eos)?;
         let mut out = GenerateOutput {
             prompt_tokens: prompt_ids.len(),
             route: route.clone(),
+            sampled_by_client: opts.decode_client_sample,
             ..Default::default()
         };
         let start = Instant::now();
@@ -331,17 +343,69 @@ pub(crate) struct RouteSession {
     rest: Vec<Hop>,
     compute: ComputeClient<Channel>,
     session_id: String,
+    /// decode_client_sample: the client's key and its own sampler.
+    local: Option<LocalSampling>,
+}
+
+/// decode_client_sample on the client: the key the logits are sealed to, the sampler
+/// (the one the last shard would run), and the EOS ids.
+struct LocalSampling {
+    opener: crate::seal::Opener,
+    sampler: Sampler,
+    eos: Vec<u32>,
+}
+
+impl LocalSampling {
+    /// Opens step `step`'s sealed logits and samples the token, after observing the
+    /// step's input `ids` (as the last shard does for the repetition penalty).
+    fn sample(
+        &mut self,
+        (model, session, step): (&str, &str, u32),
+        ids: &[u32],
+        resp: &mut ForwardResponse,
+    ) -> Result<()> {
+        if resp.sealed_logits.is_empty() {
+            bail!(
+                "the last shard returned a token instead of sealed logits: it does not serve decode_client_sample"
+            );
+        }
+        let context = crate::seal::logits_context(model, session, step);
+        let bytes = self.opener.open(&resp.sealed_logits, &context)?;
+        let logits = bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        self.sampler.observe(ids);
+        let s = self.sampler.sample(logits);
+        (resp.token_id, resp.logprob) = (s.token, s.logprob);
+        resp.is_eos = self.eos.contains(&s.token);
+        Ok(())
+    }
 }
 
 impl RouteSession {
-    pub(crate) fn open(route: &[Hop], session_id: &str, timeout: Duration) -> Result<Self> {
+    /// A session over `route`; with `opts.decode_client_sample` the client samples
+    /// (`eos`: the model's EOS ids).
+    pub(crate) fn open(
+        route: &[Hop],
+        session_id: &str,
+        timeout: Duration,
+        opts: &GenerateOptions,
+        eos: &[u32],
+    ) -> Result<Self> {
         let entry = route.first().context("the route is empty")?.clone();
         let channel = endpoint(&entry.address, timeout)?.connect_lazy();
+        let local = opts.decode_client_sample.then(|| LocalSampling {
+            opener: crate::seal::Opener::new(),
+            sampler: Sampler::new(crate::compute::sampling_of(Some(&opts.sampling))),
+            eos: eos.to_vec(),
+        });
         Ok(Self {
             entry,
             rest: route[1..].to_vec(),
             compute: ComputeClient::new(channel),
             session_id: session_id.to_string(),
+            local,
         })
     }
 
@@ -371,9 +435,21 @@ impl RouteSession {
             client: opts.client.clone(),
             image_features,
             attestations: Vec::new(),
+            client_key: match &self.local {
+                Some(l) => l.opener.public_key().to_vec(),
+                None => Vec::new(),
+            },
         };
         match self.compute.forward(req).await {
-            Ok(r) => Ok(r.into_inner()),
+            Ok(r) => {
+                let mut resp = r.into_inner();
+                if let Some(local) = &mut self.local {
+                    local
+                        .sample((model, &self.session_id, step), ids, &mut resp)
+                        .with_context(|| format!("step {step}"))?;
+                }
+                Ok(resp)
+            }
             Err(s) => {
                 let msg = if s.message().starts_with("node ") {
                     s.message().to_string()

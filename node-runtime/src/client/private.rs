@@ -278,7 +278,13 @@ impl Client {
         let mut hops = None;
         if !pair.full_output {
             route = self.route_after(model, pair.layer_end).await?;
-            hops = Some(RouteSession::open(&route, &session, self.step_timeout)?);
+            hops = Some(RouteSession::open(
+                &route,
+                &session,
+                self.step_timeout,
+                opts,
+                &public.cfg.eos_token_ids,
+            )?);
         }
         let handoff = route.first().map(|h| h.address.clone());
         let mut remote = RemotePair::connect(
@@ -302,6 +308,7 @@ impl Client {
         let mut out = GenerateOutput {
             prompt_tokens: prompt_ids.len(),
             route: [vec![pair.a.clone(), pair.b.clone()], route.clone()].concat(),
+            sampled_by_client: pair.full_output || opts.decode_client_sample,
             ..Default::default()
         };
         let start = Instant::now();

@@ -67,6 +67,10 @@ pub struct WebArgs {
     /// fetched (default: $UNFED_CACHE_DIR, else ~/.cache/unfed).
     #[arg(long)]
     public_cache: Option<PathBuf>,
+    /// Chats ask the last shard for the logits sealed to this server, which samples
+    /// (the spec's mpc.output = "decode_client_sample").
+    #[arg(long)]
+    decode_client_sample: bool,
 }
 
 /// How the switches read an environment variable (unset = `default`).
@@ -187,6 +191,7 @@ impl WebArgs {
                 Some(dir) => dir.clone(),
                 None => unfed_chain::anvil::cache_dir()?,
             })),
+            decode_client_sample: self.decode_client_sample,
         })
     }
 

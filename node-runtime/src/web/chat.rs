@@ -252,6 +252,7 @@ async fn prepare(
             seed: body.seed,
         },
         client: payer.map(|a| a.to_string()).unwrap_or_default(),
+        decode_client_sample: s.decode_client_sample,
         ..Default::default()
     };
     Ok(Prepared {
@@ -310,6 +311,7 @@ async fn summary(s: &WebState, p: &Prepared, out: &GenerateOutput) -> Value {
         // On-chain now; this chat's cost leaves it once the daemon settles its blocks.
         "deposit": deposit,
         "route": route,
+        "sampled_by": if out.sampled_by_client { "client" } else { "last shard" },
     })
 }
 

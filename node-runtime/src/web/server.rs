@@ -53,6 +53,8 @@ pub struct WebState {
     pub(super) codecs: Mutex<HashMap<String, Arc<TextCodec>>>,
     /// The public parameters of MPC pairs (chats of a model with a pair go through it).
     pub(super) private: crate::client::private::PublicParams,
+    /// Chats sample here from logits the last shard seals to this server.
+    pub(super) decode_client_sample: bool,
 }
 
 impl WebState {
