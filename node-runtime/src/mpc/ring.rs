@@ -54,8 +54,33 @@ pub fn add_assign(a: &mut [u64], b: &[u64]) {
     }
 }
 
+/// An element of a matrix multiplied into ring shares: a ring element, or a public
+/// weight kept as i32 and sign-extended (half the memory of a ring element).
+pub trait RingWeight: Copy + Sync {
+    fn ring(self) -> u64;
+}
+
+impl RingWeight for u64 {
+    fn ring(self) -> u64 {
+        self
+    }
+}
+
+impl RingWeight for i32 {
+    fn ring(self) -> u64 {
+        self as i64 as u64
+    }
+}
+
+/// A public weight at FRAC_BITS in an i32: `None` outside ±2^11 (no real checkpoint's
+/// weights come near; the party refuses such a model rather than wrap).
+pub fn encode_weight(w: f32) -> Option<i32> {
+    let v = (w as f64 * ONE).round();
+    (v.abs() <= i32::MAX as f64).then_some(v as i32)
+}
+
 /// `x` [m, k] times `y`ᵀ where `y` is [n, k]: [m, n].
-pub fn mm_nt(x: &[u64], y: &[u64], m: usize, k: usize, n: usize) -> Vec<u64> {
+pub fn mm_nt<W: RingWeight>(x: &[u64], y: &[W], m: usize, k: usize, n: usize) -> Vec<u64> {
     debug_assert_eq!((x.len(), y.len()), (m * k, n * k));
     let mut out = vec![0u64; m * n];
     out.par_chunks_mut(n.max(1))
@@ -64,10 +89,9 @@ pub fn mm_nt(x: &[u64], y: &[u64], m: usize, k: usize, n: usize) -> Vec<u64> {
             let xi = &x[i * k..(i + 1) * k];
             for (j, o) in row.iter_mut().enumerate() {
                 let yj = &y[j * k..(j + 1) * k];
-                *o = xi
-                    .iter()
-                    .zip(yj)
-                    .fold(0u64, |acc, (a, b)| acc.wrapping_add(a.wrapping_mul(*b)));
+                *o = xi.iter().zip(yj).fold(0u64, |acc, (a, b)| {
+                    acc.wrapping_add(a.wrapping_mul(b.ring()))
+                });
             }
         });
     out
@@ -94,16 +118,32 @@ pub fn mm_nn(x: &[u64], y: &[u64], m: usize, k: usize, n: usize) -> Vec<u64> {
 /// A public weight matrix [out, in] in fixed point, with an optional bias at 2·FRAC_BITS
 /// (added by party A only, so it is counted once).
 pub struct FixedLinear {
-    pub weight: Vec<u64>,
+    pub weight: Vec<i32>,
     pub out_dim: usize,
     pub in_dim: usize,
     pub bias: Option<Vec<u64>>,
 }
 
 impl FixedLinear {
-    pub fn from_f32(weight: &[f32], out_dim: usize, in_dim: usize, bias: Option<&[f32]>) -> Self {
-        Self {
-            weight: weight.iter().map(|w| encode(*w)).collect(),
+    /// Fails on a weight outside the fixed-point range of [`encode_weight`].
+    pub fn from_f32(
+        weight: &[f32],
+        out_dim: usize,
+        in_dim: usize,
+        bias: Option<&[f32]>,
+    ) -> anyhow::Result<Self> {
+        let weight = weight
+            .iter()
+            .map(|w| {
+                encode_weight(*w).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "weight {w} is outside the MPC fixed-point range (|w| < 2048 at {FRAC_BITS} fractional bits)"
+                    )
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Self {
+            weight,
             out_dim,
             in_dim,
             bias: bias.map(|b| {
@@ -111,7 +151,7 @@ impl FixedLinear {
                     .map(|v| encode_at(*v as f64, 2 * FRAC_BITS))
                     .collect()
             }),
-        }
+        })
     }
 
     /// The layer on a share `x` [rows, in]: a share of x·Wᵀ (+ b) at 2·FRAC_BITS.
@@ -141,7 +181,7 @@ mod tests {
         let (a, b) = share(&x, &mut rng);
         assert_eq!(add(&a, &b), x);
         // A public weight times a share: the shares of the product sum to the product.
-        let w = FixedLinear::from_f32(&[0.5, -1.0, 2.0, 0.001], 1, 4, Some(&[0.25]));
+        let w = FixedLinear::from_f32(&[0.5, -1.0, 2.0, 0.001], 1, 4, Some(&[0.25])).unwrap();
         let y = add(&w.forward(&a, 1, true), &w.forward(&b, 1, false));
         let expect = 0.75 + 2.25 + 0.0 + 1.2345 + 0.25;
         // Weights are rounded to 2^-20: the error is at most 2^-21 · Σ|x|.
@@ -155,5 +195,11 @@ mod tests {
         let y: Vec<u64> = (1..=6).collect(); // [3, 2] or [2, 3]ᵀ
         assert_eq!(mm_nn(&x, &y, 2, 3, 2), vec![22, 28, 49, 64]);
         assert_eq!(mm_nt(&x, &y, 2, 3, 2), vec![14, 32, 32, 77]);
+        // Negative i32 weights enter sign-extended: the same product as in the ring.
+        let w: Vec<i32> = vec![-1, 2, -3, 4, -5, 6];
+        let wr: Vec<u64> = w.iter().map(|v| v.ring()).collect();
+        assert_eq!(mm_nt(&x, &w, 2, 3, 2), mm_nt(&x, &wr, 2, 3, 2));
+        assert_eq!(encode_weight(4096.0), None);
+        assert_eq!(encode_weight(-1.5), Some(-(3 << (FRAC_BITS - 1))));
     }
 }

@@ -4,7 +4,7 @@
 
 use std::ops::Range;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use unfed_model::TextConfig;
 
 use super::ring::FixedLinear;
@@ -32,7 +32,7 @@ fn fixed(files: &WeightFiles, name: &str, rows: usize, cols: usize) -> Result<Fi
     } else {
         None
     };
-    Ok(FixedLinear::from_f32(&w, rows, cols, bias.as_deref()))
+    FixedLinear::from_f32(&w, rows, cols, bias.as_deref()).with_context(|| format!("`{name}`"))
 }
 
 /// Rows of several matrices stacked into one (q, k, v; gate, up): one pass over the input.
