@@ -21,7 +21,8 @@ use unfed_node::mpc::net::RemotePair;
 use unfed_node::mpc::public::cache_path;
 use unfed_node::mpc::weights::ClientModel;
 use unfed_proto::compute_client::ComputeClient;
-use unfed_proto::{ForwardRequest, ModelState, MpcInput, forward_request};
+use unfed_proto::daemon_client::DaemonClient;
+use unfed_proto::{ForwardRequest, GetChainStatusRequest, ModelState, MpcInput, forward_request};
 
 const TOKENS: usize = 24;
 const PROMPT: [u32; 6] = [3, 14, 15, 92, 65, 35];
@@ -151,9 +152,15 @@ async fn shard0_in_mpc_over_grpc_gates_readiness_and_matches_the_plaintext_token
     };
     let rest = ShardModel::load(&cfg.text, &cfg.text_prefix, spec, &files).unwrap();
     let mut cache = rest.new_cache();
-    let mut pair = RemotePair::connect(&a.address, &b.address, "s1", Duration::from_secs(3), None)
-        .await
-        .unwrap();
+    let mut pair = RemotePair::connect(
+        &a.address,
+        &b.address,
+        "s1",
+        Duration::from_secs(3),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     let client = Client { model: &cm };
     let mut sess = ClientSession::new();
     let (mut tokens, mut input) = (Vec::new(), PROMPT.to_vec());
@@ -191,29 +198,52 @@ async fn shard0_in_mpc_over_grpc_gates_readiness_and_matches_the_plaintext_token
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn full_output_2pc_over_grpc_generates_the_plaintext_tokens() {
-    let dir = tempfile::tempdir().unwrap();
+async fn full_output_2pc_over_grpc_generates_the_plaintext_tokens_and_bills_the_pair() {
+    let dir = Net::prepare();
     let tiny = dir.path().join("tiny-src");
     unfed_model::builtin::write_tiny(&tiny).unwrap();
     let split = split_into(&tiny, &dir.path().join("splits"), "tiny", 2);
+    let net = Net::registry(dir);
+    let (reg, dir) = (net.registry.address.clone(), net.dir.path().to_path_buf());
+    let daemon = Node::start(
+        &[
+            s("daemon"),
+            s("--port"),
+            s("0"),
+            s("--registry"),
+            reg.clone(),
+            s("--db"),
+            dir.join("chain.db").display().to_string(),
+            s("--block-interval-secs"),
+            s("0.1"),
+            s("--heartbeat-secs"),
+            s("1"),
+        ],
+        dir.join("daemon.log"),
+    );
     let full = ["--full-output"];
-    let b = party("B", &split, None, None, &full, dir.path().join("b.log"));
+    let b = party("B", &split, Some(&reg), None, &full, dir.join("b.log"));
     let a = party(
         "A",
         &split,
-        None,
+        Some(&reg),
         Some(&b.address),
         &full,
-        dir.path().join("a.log"),
+        dir.join("a.log"),
     );
     let (manifest, files) = open_split(&split);
     let cfg = &manifest.config;
     let layers = cfg.text.num_hidden_layers;
     let cm = ClientModel::load(&cfg.text, &cfg.text_prefix, 0..layers, true, &files).unwrap();
-    let mut pair =
-        RemotePair::connect(&a.address, &b.address, "full", Duration::from_secs(3), None)
-            .await
-            .unwrap();
+    let mut pair = RemotePair::connect(
+        &a.address,
+        &b.address,
+        "full",
+        Duration::from_secs(3),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     let client = Client { model: &cm };
     let mut sess = ClientSession::new();
     let (mut tokens, mut input) = (Vec::new(), PROMPT.to_vec());
@@ -228,8 +258,46 @@ async fn full_output_2pc_over_grpc_generates_the_plaintext_tokens() {
         input = vec![*tokens.last().unwrap()];
     }
     assert_eq!(tokens, plaintext_tokens(&split));
+    // Each party recorded one compute share per step with the daemon, the prompt counted
+    // once: the pair is the whole route, so it is what the client pays.
+    let log = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+    let mut d = DaemonClient::connect(format!("http://{}", daemon.address))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let st = loop {
+        let st = d
+            .get_chain_status(GetChainStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if st.nodes.len() == 2 && st.pending_shares == 0 && st.shares == 2 * TOKENS as u64 {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{st:?}\n{}\n{}",
+            log("a.log"),
+            log("daemon.log")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await; // poll again until the deadline
+    };
+    for n in &st.nodes {
+        assert_eq!(
+            (n.shares, n.input_tokens, n.output_tokens),
+            (TOKENS as u64, PROMPT.len() as u64, TOKENS as u64),
+            "{n:?}"
+        );
+    }
     // A party refuses a link that does not start with a hello.
-    let err = RemotePair::connect(&b.address, &a.address, "", Duration::from_secs(1), None).await;
+    let err = RemotePair::connect(
+        &b.address,
+        &a.address,
+        "",
+        Duration::from_secs(1),
+        &Default::default(),
+    )
+    .await;
     assert!(err.is_err());
 }
 

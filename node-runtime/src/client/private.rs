@@ -20,7 +20,7 @@ use unfed_proto::{
 use super::{Client, GenerateOptions, GenerateOutput, RouteSession};
 use crate::engine::sampling::Sampler;
 use crate::mpc::client::{Client as MpcClient, ClientOutput, ClientSession};
-use crate::mpc::net::RemotePair;
+use crate::mpc::net::{RemotePair, SessionOptions};
 use crate::mpc::public;
 use crate::mpc::weights::ClientModel;
 
@@ -292,7 +292,10 @@ impl Client {
             &pair.b.address,
             &session,
             Duration::from_secs(30),
-            handoff.as_deref(),
+            &SessionOptions {
+                handoff,
+                client: opts.client.clone(),
+            },
         )
         .await
         .with_context(|| {

@@ -42,9 +42,15 @@ impl LocalPair {
         let ma = model.clone();
         let (dies, stalls) = (hooks.b_dies_after, hooks.b_stalls_after);
         let parties = vec![
-            std::thread::spawn(move || serve(&ma, &mut a, true, None, &mut |_, _| Ok(()))),
+            std::thread::spawn(move || serve(&ma, &mut a, true, None, &mut |_, _, _| Ok(()))),
             std::thread::spawn(move || {
-                serve(&model, &mut b, false, dies.or(stalls), &mut |_, _| Ok(()))?;
+                serve(
+                    &model,
+                    &mut b,
+                    false,
+                    dies.or(stalls),
+                    &mut |_, _, _| Ok(()),
+                )?;
                 if stalls.is_some() {
                     // Silent but connected, past the others' timeouts.
                     std::thread::sleep(timeout * 2);

@@ -40,6 +40,7 @@ fn to_proto(m: &Msg) -> MpcMessage {
         data: m.data.clone(),
         from: peer_name(m.from).to_string(),
         handoff: String::new(),
+        client: String::new(),
     }
 }
 
@@ -105,21 +106,31 @@ fn hello(session: &str, from: Peer) -> MpcMessage {
     })
 }
 
-/// Opens a Link to the party at `addr` for `session`; the client's hello names where the
-/// party hands its output shares (`handoff`).
+/// What the client's hello tells each party about a session.
+#[derive(Debug, Clone, Default)]
+pub struct SessionOptions {
+    /// Where both parties send their output shares after every step (host:port of the
+    /// compute node holding the next layer); `None`: the client takes the output.
+    pub handoff: Option<String>,
+    /// The wallet the daemon bills (empty: its default client).
+    pub client: String,
+}
+
+/// Opens a Link to the party at `addr` for `session`, with the client's `options`.
 async fn dial(
     addr: &str,
     session: &str,
     me: Peer,
     them: Peer,
-    handoff: Option<&str>,
+    options: &SessionOptions,
 ) -> Result<(Sender<Msg>, Receiver<Msg>)> {
     let mut client = MpcClient::connect(format!("http://{addr}"))
         .await
         .with_context(|| format!("cannot reach MPC party {them:?} at {addr}"))?;
     let (tx, stream) = outgoing(|m| m);
     let mut first = hello(session, me);
-    first.handoff = handoff.unwrap_or_default().to_string();
+    first.handoff = options.handoff.clone().unwrap_or_default();
+    first.client = options.client.clone();
     let stream = futures::stream::once(async move { first }).chain(stream);
     let resp = client.link(stream).await.map_err(|s| {
         anyhow::anyhow!(
@@ -137,8 +148,8 @@ type Link = (Sender<Msg>, Receiver<Msg>);
 struct Pending {
     client: Option<Link>,
     peer: Option<Link>,
-    /// The client's hand-off address (host:port), if the output goes to a compute node.
-    handoff: Option<String>,
+    /// What the client's hello said.
+    options: SessionOptions,
 }
 
 /// Party A or B serving `Mpc.Link`.
@@ -147,6 +158,8 @@ pub struct PartyService {
     is_a: bool,
     /// Signs the output shares handed to the next shard.
     signer: Arc<Signer>,
+    /// Full-output pairs: one compute share per step, billed to the session's client.
+    shares: Option<crate::shares::ShareSink>,
     /// The public parameters clients fetch.
     public: Arc<Packed>,
     /// Party B's address (party A dials it for every session).
@@ -161,6 +174,7 @@ impl PartyService {
         is_a: bool,
         signer: Signer,
         public: Packed,
+        shares: Option<crate::shares::ShareSink>,
         peer: Option<String>,
         timeout: Duration,
     ) -> Result<Self> {
@@ -172,6 +186,7 @@ impl PartyService {
             is_a,
             signer: Arc::new(signer),
             public: Arc::new(public),
+            shares,
             peer,
             timeout,
             pending: Default::default(),
@@ -184,13 +199,13 @@ impl PartyService {
 
     /// Adds a link of `session`; starts the session when both are there, or drops the
     /// half-open session after the timeout.
-    fn attach(&self, session: &str, from: Peer, link: Link, handoff: Option<String>) {
+    fn attach(&self, session: &str, from: Peer, link: Link, options: SessionOptions) {
         let mut pending = self.pending.lock().expect("pending poisoned");
         let entry = pending.entry(session.to_string()).or_default();
         match from {
             Peer::Client => {
                 entry.client = Some(link);
-                entry.handoff = handoff;
+                entry.options = options;
             }
             _ => entry.peer = Some(link),
         }
@@ -211,7 +226,7 @@ impl PartyService {
         let Pending {
             client,
             peer,
-            handoff,
+            options,
         } = pending.remove(session).expect("entry present");
         let ((ctx, crx), (ptx, prx)) = (client.expect("client"), peer.expect("peer"));
         let other = if self.is_a { Peer::B } else { Peer::A };
@@ -222,17 +237,37 @@ impl PartyService {
             vec![(Peer::Client, ctx, crx), (other, ptx, prx)],
         );
         let (model, is_a, session) = (self.model.clone(), self.is_a, session.to_string());
-        let signer = self.signer.clone();
+        let (signer, shares) = (self.signer.clone(), self.shares.clone());
         tokio::task::spawn_blocking(move || {
             let hidden = model.cfg.hidden_size;
             let run = |port: &mut Port| -> Result<()> {
-                let mut outbox = handoff
+                let mut outbox = options
+                    .handoff
                     .as_deref()
                     .map(|to| Outbox::new(&signer, is_a, hidden, to))
                     .transpose()?;
-                let mut on_output = |step: u32, share: Vec<u64>| match outbox.as_mut() {
-                    Some(o) => o.send(&session, step, share),
-                    None => Ok(()),
+                let mut on_output = |step: u32, rows: usize, share: Vec<u64>| {
+                    if let Some(sink) = &shares {
+                        sink.record(crate::shares::Hop {
+                            session_id: session.clone(),
+                            step,
+                            // The prompt is the input; every step yields one token.
+                            input_tokens: if step == 0 { rows as u32 } else { 0 },
+                            output_tokens: 1,
+                            activation_hash: <sha2::Sha256 as sha2::Digest>::digest(
+                                share
+                                    .iter()
+                                    .flat_map(|v| v.to_le_bytes())
+                                    .collect::<Vec<_>>(),
+                            )
+                            .into(),
+                            client: options.client.clone(),
+                        });
+                    }
+                    match outbox.as_mut() {
+                        Some(o) => o.send(&session, step, share),
+                        None => Ok(()),
+                    }
                 };
                 super::party::serve(&model, port, is_a, None, &mut on_output)
             };
@@ -294,8 +329,11 @@ impl Mpc for PartyService {
         if first.session.is_empty() {
             return Err(Status::invalid_argument("the hello names no session"));
         }
-        let handoff = (!first.handoff.is_empty()).then(|| first.handoff.clone());
-        if handoff.is_some() && self.model.head.is_some() {
+        let options = SessionOptions {
+            handoff: (!first.handoff.is_empty()).then(|| first.handoff.clone()),
+            client: first.client.clone(),
+        };
+        if options.handoff.is_some() && self.model.head.is_some() {
             return Err(Status::invalid_argument(
                 "this pair runs every layer and the head (full_output_2pc): the logits go to the client, not to a compute node; open the session without a hand-off",
             ));
@@ -304,12 +342,12 @@ impl Mpc for PartyService {
         let rx = incoming(inbound, from);
         if self.is_a && from == Peer::Client {
             let peer = self.peer.as_deref().expect("checked at start");
-            let link = dial(peer, &first.session, Peer::A, Peer::B, None)
+            let link = dial(peer, &first.session, Peer::A, Peer::B, &Default::default())
                 .await
                 .map_err(|e| Status::unavailable(format!("{e:#}")))?;
-            self.attach(&first.session, Peer::B, link, None);
+            self.attach(&first.session, Peer::B, link, Default::default());
         }
-        self.attach(&first.session, from, (tx, rx), handoff);
+        self.attach(&first.session, from, (tx, rx), options);
         Ok(Response::new(stream))
     }
 }
@@ -320,17 +358,16 @@ pub struct RemotePair {
 }
 
 impl RemotePair {
-    /// Opens a session with party A at `a` and party B at `b`; with `handoff`, both send
-    /// their output shares to that compute node after every step.
+    /// Opens a session with party A at `a` and party B at `b`, telling both `options`.
     pub async fn connect(
         a: &str,
         b: &str,
         session: &str,
         timeout: Duration,
-        handoff: Option<&str>,
+        options: &SessionOptions,
     ) -> Result<Self> {
-        let (atx, arx) = dial(a, session, Peer::Client, Peer::A, handoff).await?;
-        let (btx, brx) = dial(b, session, Peer::Client, Peer::B, handoff).await?;
+        let (atx, arx) = dial(a, session, Peer::Client, Peer::A, options).await?;
+        let (btx, brx) = dial(b, session, Peer::Client, Peer::B, options).await?;
         Ok(Self {
             port: Port::new(
                 Peer::Client,

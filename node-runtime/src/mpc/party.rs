@@ -158,8 +158,9 @@ impl Party<'_> {
     }
 }
 
-/// What a party does with its share of a step's output (hand it to the next shard).
-pub type OnOutput<'a> = &'a mut dyn FnMut(u32, Vec<u64>) -> Result<()>;
+/// What a party does with its share of a step's output (step, rows, share): hand it to
+/// the next shard, record the step for billing.
+pub type OnOutput<'a> = &'a mut dyn FnMut(u32, usize, Vec<u64>) -> Result<()>;
 
 /// A party's thread: one step per "begin" until the client hangs up (or `steps` are done);
 /// each step's output share goes to `on_output`.
@@ -180,7 +181,7 @@ pub fn serve(
             Err(e) => return Err(e.into()),
         };
         let out = party.step(&mut sess, port, t)?;
-        on_output(port.step, out)?;
+        on_output(port.step, t, out)?;
         port.step += 1;
     }
     Ok(())

@@ -151,11 +151,31 @@ impl MpcArgs {
             model_id: manifest.model_id.clone(),
             key: share_key.clone(),
         };
+        // A full-output pair is the whole route: it records the compute shares that bill
+        // the client, A as hop 0 and B as hop 1 of 2 (a step's price split between them).
+        // Shard-0 pairs are not paid yet: the compute shards after them bill the step.
+        let shares = match (&self.registry, full) {
+            (Some(registry), true) => Some(
+                crate::shares::ShareSink::spawn(crate::shares::SinkConfig {
+                    node_id: node_id.clone(),
+                    model: manifest.model_id.clone(),
+                    shard_index: if is_a { 0 } else { 1 },
+                    shards_total: 2,
+                    key: share_key.clone(),
+                    daemon: crate::shares::DaemonSource::Registry(registry.clone()),
+                    batch: 64,
+                    flush_every: Duration::from_millis(200),
+                })
+                .0,
+            ),
+            _ => None,
+        };
         let service = PartyService::new(
             Arc::new(model),
             is_a,
             signer,
             public,
+            shares,
             self.peer.clone(),
             timeout,
         )?;
