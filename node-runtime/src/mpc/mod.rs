@@ -28,6 +28,12 @@
 //!   the privacy tests). The client sees its own request's activations. The shard after
 //!   the MPC layers reconstructs the layer-k activations of the request.
 //!
+//! - Where the output goes: with full output the client gets logit shares and samples;
+//!   otherwise each party hands its share of the layer-k output to the compute node
+//!   holding layer k ([`handoff`]), which checks both parties' signatures and
+//!   reconstructs. The client reads the public parameters it needs from the pair
+//!   ([`public`]).
+//!
 //! [`local::LocalPair`] runs both parties in-process (threads linked by channels); the
 //! node role carries the same messages ([`port`]) between processes.
 
