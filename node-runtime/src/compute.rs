@@ -239,6 +239,18 @@ impl ComputeService {
         }
     }
 
+    /// Refuses a request for another model.
+    fn check_model(&self, model: &str) -> Result<(), Status> {
+        let ours = &self.inner.shard.manifest.model_id;
+        if model != ours {
+            return Err(Status::not_found(format!(
+                "node {} serves `{ours}`, not `{model}`",
+                self.inner.node_id
+            )));
+        }
+        Ok(())
+    }
+
     fn shard_index(&self) -> u32 {
         self.inner.shard.entry.index as u32
     }
@@ -603,13 +615,8 @@ impl Compute for ComputeService {
     ) -> Result<Response<ForwardResponse>, Status> {
         let started = Instant::now();
         let mut req = req.into_inner();
+        self.check_model(&req.model_id)?;
         let model_id = &self.inner.shard.manifest.model_id;
-        if req.model_id != *model_id {
-            return Err(Status::not_found(format!(
-                "node {} serves `{model_id}`, not `{}`",
-                self.inner.node_id, req.model_id
-            )));
-        }
         // Fed by an MPC pair: both parties' signed shares replace the previous hop's
         // attested hidden state.
         let mut from_layer = None;
@@ -834,13 +841,7 @@ impl Compute for ComputeService {
         req: Request<ReexecuteRequest>,
     ) -> Result<Response<ReexecuteResponse>, Status> {
         let req = req.into_inner();
-        let model_id = &self.inner.shard.manifest.model_id;
-        if req.model_id != *model_id {
-            return Err(Status::not_found(format!(
-                "node {} serves `{model_id}`, not `{}`",
-                self.inner.node_id, req.model_id
-            )));
-        }
+        self.check_model(&req.model_id)?;
         let inner = self.inner.clone();
         let sampling = sampling_of(req.sampling.as_ref());
         let dtype = DType::try_from(req.hidden_dtype).unwrap_or(DType::DtypeF32);
@@ -867,13 +868,7 @@ impl Compute for ComputeService {
         req: Request<PutShareRequest>,
     ) -> Result<Response<PutShareResponse>, Status> {
         let req = req.into_inner();
-        let model_id = &self.inner.shard.manifest.model_id;
-        if req.model_id != *model_id {
-            return Err(Status::not_found(format!(
-                "node {} serves `{model_id}`, not `{}`",
-                self.inner.node_id, req.model_id
-            )));
-        }
+        self.check_model(&req.model_id)?;
         let hidden = self.inner.shard.model.config().hidden_size;
         self.inner
             .handoffs

@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::net::{Net, Node, s, split_into};
+use common::net::{Net, Node, s, split_into, start_pair};
 use common::web::Web;
 use unfed_node::client::GenerateOptions;
 use unfed_node::client::private::{PublicParams, PublicSource};
@@ -35,37 +35,6 @@ fn open_split(dir: &Path) -> (unfed_model::Manifest, WeightFiles) {
     (manifest, WeightFiles::open(&files).unwrap())
 }
 
-fn party(
-    role: &str,
-    split: &Path,
-    registry: Option<&str>,
-    peer: Option<&str>,
-    extra: &[&str],
-    log: PathBuf,
-) -> Node {
-    let mut args = vec![
-        s("mpc"),
-        s("--role"),
-        s(role),
-        s("--port"),
-        s("0"),
-        s("--shards-dir"),
-        split.display().to_string(),
-        s("--heartbeat-secs"),
-        s("1"),
-        s("--timeout-secs"),
-        s("3"),
-    ];
-    if let Some(r) = registry {
-        args.extend([s("--registry"), s(r)]);
-    }
-    if let Some(p) = peer {
-        args.extend([s("--peer"), s(p)]);
-    }
-    args.extend(extra.iter().map(|x| x.to_string()));
-    Node::start(&args, log)
-}
-
 fn plaintext_tokens(split: &Path) -> Vec<u32> {
     let (_, whole) = load_split(split).unwrap();
     unfed_node::engine::generate::generate(
@@ -77,6 +46,20 @@ fn plaintext_tokens(split: &Path) -> Vec<u32> {
     )
     .unwrap()
     .tokens
+}
+
+/// A client session with the pair, its output kept by the client.
+async fn connect(a: &Node, b: &Node, session: &str) -> RemotePair {
+    let timeout = Duration::from_secs(3);
+    RemotePair::connect(
+        &a.address,
+        &b.address,
+        session,
+        timeout,
+        &Default::default(),
+    )
+    .await
+    .unwrap()
 }
 
 async fn model_status(net: &Net) -> unfed_proto::ModelStatus {
@@ -126,17 +109,8 @@ async fn shard0_in_mpc_over_grpc_gates_readiness_and_matches_the_plaintext_token
         assert!(Instant::now() < deadline, "{st:?}\n{}", net.logs());
         tokio::time::sleep(Duration::from_millis(50)).await; // poll again until the deadline
     }
-    let reg = net.registry.address.clone();
     let logs = net.dir.path().to_path_buf();
-    let mut b = party("B", &split, Some(&reg), None, &[], logs.join("mpc-b.log"));
-    let a = party(
-        "A",
-        &split,
-        Some(&reg),
-        Some(&b.address),
-        &[],
-        logs.join("mpc-a.log"),
-    );
+    let (a, mut b) = start_pair(&split, Some(&net.registry.address), &[], &logs);
     net.wait_ready("tiny", 4).await;
     assert_eq!(model_status(&net).await.state, ModelState::Ready as i32);
 
@@ -152,15 +126,7 @@ async fn shard0_in_mpc_over_grpc_gates_readiness_and_matches_the_plaintext_token
     };
     let rest = ShardModel::load(&cfg.text, &cfg.text_prefix, spec, &files).unwrap();
     let mut cache = rest.new_cache();
-    let mut pair = RemotePair::connect(
-        &a.address,
-        &b.address,
-        "s1",
-        Duration::from_secs(3),
-        &Default::default(),
-    )
-    .await
-    .unwrap();
+    let mut pair = connect(&a, &b, "s1").await;
     let client = Client { model: &cm };
     let mut sess = ClientSession::new();
     let (mut tokens, mut input) = (Vec::new(), PROMPT.to_vec());
@@ -221,29 +187,12 @@ async fn full_output_2pc_over_grpc_generates_the_plaintext_tokens_and_bills_the_
         ],
         dir.join("daemon.log"),
     );
-    let full = ["--full-output"];
-    let b = party("B", &split, Some(&reg), None, &full, dir.join("b.log"));
-    let a = party(
-        "A",
-        &split,
-        Some(&reg),
-        Some(&b.address),
-        &full,
-        dir.join("a.log"),
-    );
+    let (a, b) = start_pair(&split, Some(&reg), &["--full-output"], &dir);
     let (manifest, files) = open_split(&split);
     let cfg = &manifest.config;
     let layers = cfg.text.num_hidden_layers;
     let cm = ClientModel::load(&cfg.text, &cfg.text_prefix, 0..layers, true, &files).unwrap();
-    let mut pair = RemotePair::connect(
-        &a.address,
-        &b.address,
-        "full",
-        Duration::from_secs(3),
-        &Default::default(),
-    )
-    .await
-    .unwrap();
+    let mut pair = connect(&a, &b, "full").await;
     let client = Client { model: &cm };
     let mut sess = ClientSession::new();
     let (mut tokens, mut input) = (Vec::new(), PROMPT.to_vec());
@@ -277,7 +226,7 @@ async fn full_output_2pc_over_grpc_generates_the_plaintext_tokens_and_bills_the_
         assert!(
             Instant::now() < deadline,
             "{st:?}\n{}\n{}",
-            log("a.log"),
+            log("mpc-a.log"),
             log("daemon.log")
         );
         tokio::time::sleep(Duration::from_millis(100)).await; // poll again until the deadline
@@ -305,15 +254,7 @@ async fn full_output_2pc_over_grpc_generates_the_plaintext_tokens_and_bills_the_
 async fn the_pair_hands_its_shares_to_the_next_shard_which_reconstructs_them() {
     let (net, split) = require_mpc_net();
     let (reg, logs) = (net.registry.address.clone(), net.dir.path().to_path_buf());
-    let b = party("B", &split, Some(&reg), None, &[], logs.join("mpc-b.log"));
-    let _a = party(
-        "A",
-        &split,
-        Some(&reg),
-        Some(&b.address),
-        &[],
-        logs.join("mpc-a.log"),
-    );
+    let _pair = start_pair(&split, Some(&reg), &[], &logs);
     net.wait_ready("tiny", 4).await;
     let mut client = net.client().await;
     // The client fetches the public parameters from the pair and caches them by digest.
@@ -349,7 +290,14 @@ async fn the_pair_hands_its_shares_to_the_next_shard_which_reconstructs_them() {
         ..Default::default()
     };
     let out = client
-        .generate_private("tiny", &pair, &public, &PROMPT, &opts, |_| {})
+        .generate_via(
+            "tiny",
+            Some(&(pair.clone(), public.clone())),
+            &PROMPT,
+            None,
+            &opts,
+            |_| {},
+        )
         .await
         .unwrap_or_else(|e| panic!("{e:#}\n{}", net.logs()));
     assert_eq!(out.tokens, plaintext_tokens(&split));

@@ -8,11 +8,12 @@ mod vision_common;
 
 use std::time::{Duration, Instant};
 
-use common::net::{Net, s};
+use common::net::{Net, s, start_pair};
 use tokio::net::TcpListener;
 use unfed_model::split::{SplitOptions, split};
 use unfed_node::client::GenerateOptions;
 use unfed_node::client::image::{ImageLimits, image_prompt};
+use unfed_node::client::private::{PublicParams, PublicSource};
 use unfed_node::engine::SamplingConfig;
 use unfed_node::engine::generate::load_checkpoint;
 use unfed_node::vision::image_prompt_rows;
@@ -361,6 +362,59 @@ async fn image_and_text_greedy_generation_through_the_testnet_matches_transforme
     assert_eq!(st, 200, "{v}");
     let ids: Vec<u32> = serde_json::from_value(v["token_ids"].clone()).unwrap();
     assert_eq!(ids, case.generated_ids, "{} via the dashboard", label(case));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_prompts_through_an_mpc_pair_give_the_transformers_tokens() {
+    let dir = Net::prepare();
+    let split = split_vl(&dir.path().join("splits"), 2, 1);
+    let mut net = Net::registry(dir);
+    net.compute(MODEL, 0);
+    net.compute(MODEL, 1);
+    let mut args = net.compute_args(MODEL, 0, "0");
+    args.extend([s("--model-type"), s("smolvlm_vision")]);
+    let log = net.dir.path().join("vision-0.log");
+    net.computes.push(common::net::Node::start(&args, log));
+    let logs = net.dir.path().to_path_buf();
+    let _pair = start_pair(&split, Some(&net.registry.address), &[], &logs);
+    net.wait_ready(MODEL, 5).await;
+    let vision = vision_addresses(&net.registry.address, MODEL)
+        .await
+        .unwrap();
+    let mut client = net.client().await;
+    let route = client
+        .private_route(
+            MODEL,
+            &PublicParams::new(PublicSource::Split(split.clone())),
+        )
+        .await
+        .unwrap()
+        .expect("the pair is listed");
+    // The client merges the image features into its own embedded prompt; the pair runs
+    // shard 0 on shares and hands over to shard 1.
+    for case in &reference().cases {
+        let batch = preprocess(case).batch;
+        let (features, rows) = encode_image(&vision, MODEL, &batch).await.unwrap();
+        let features = wire::encode(&features, &[rows, features.len() / rows], DType::DtypeF32);
+        let opts = GenerateOptions {
+            max_tokens: case.generated_ids.len(),
+            ..Default::default()
+        };
+        let out = client
+            .generate_via(
+                MODEL,
+                Some(&route),
+                &case.input_ids,
+                Some(&features),
+                &opts,
+                |_| {},
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e:#}\n{}", label(case), net.logs()));
+        assert_eq!(out.tokens, case.generated_ids, "{}", label(case));
+        assert_eq!(out.route.len(), 3, "{:?}", out.route);
+    }
+    assert_eq!(net.compute_forwards(0).await, 0);
 }
 
 #[test]

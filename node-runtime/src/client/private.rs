@@ -132,8 +132,7 @@ impl Client {
         }))
     }
 
-    /// Generates through `private` when given, else through the compute route (image
-    /// prompts do not go through an MPC pair yet).
+    /// Generates through `private` when given, else through the compute route.
     pub async fn generate_via(
         &mut self,
         model: &str,
@@ -143,16 +142,13 @@ impl Client {
         opts: &GenerateOptions,
         on_token: impl FnMut(u32),
     ) -> Result<GenerateOutput> {
-        match (private, image_features) {
-            (Some((pair, public)), None) => {
-                self.generate_private(model, pair, public, prompt_ids, opts, on_token)
+        match private {
+            Some(route) => {
+                self.generate_private(model, route, prompt_ids, image_features, opts, on_token)
                     .await
             }
-            (Some(_), Some(_)) => bail!(
-                "`{model}` is served through an MPC pair, and image prompts do not go through the pair yet; send a text prompt"
-            ),
-            (None, features) => {
-                self.generate_with_image(model, prompt_ids, features, opts, on_token)
+            None => {
+                self.generate_with_image(model, prompt_ids, image_features, opts, on_token)
                     .await
             }
         }
@@ -249,12 +245,12 @@ impl Client {
     /// Generates from `prompt_ids` through `pair` (and, unless it runs the head, the
     /// compute nodes after it); `public` is the client's copy of the embedding and norms
     /// of the pair's layers.
-    pub async fn generate_private(
+    async fn generate_private(
         &mut self,
         model: &str,
-        pair: &PairInfo,
-        public: &ClientModel,
+        (pair, public): &PrivateRoute,
         prompt_ids: &[u32],
+        image_features: Option<&unfed_proto::Tensor>,
         opts: &GenerateOptions,
         mut on_token: impl FnMut(u32),
     ) -> Result<GenerateOutput> {
@@ -319,7 +315,20 @@ impl Client {
         let mut position = 0u32;
         for step in 0..opts.max_tokens as u32 {
             let t = Instant::now();
-            let rows = public.embed(&input)?;
+            // The client embeds its own tokens, and merges the image features into the
+            // prompt's placeholder rows as shard 0 would.
+            let rows = match (image_features, step) {
+                (Some(f), 0) => {
+                    let (manifest, _) = self.manifest(model).await?;
+                    crate::vision::merge::merged_rows(
+                        |ids| public.embed(ids),
+                        &manifest.config,
+                        &input,
+                        f,
+                    )?
+                }
+                _ => public.embed(&input)?,
+            };
             let output = remote
                 .step(&client, &mut sess, &rows)
                 .map_err(|e| anyhow::anyhow!("private generation failed at step {step}: {e:#}"))?;

@@ -50,6 +50,16 @@ pub fn image_prompt_rows(
     ids: &[u32],
     features: &Tensor,
 ) -> Result<Vec<f32>> {
+    merged_rows(|ids| model.embed_tokens(ids), cfg, ids, features)
+}
+
+/// `image_prompt_rows` with any embedding (the client's, when an MPC pair runs shard 0).
+pub fn merged_rows(
+    embed: impl FnOnce(&[u32]) -> Result<Vec<f32>>,
+    cfg: &ModelConfig,
+    ids: &[u32],
+    features: &Tensor,
+) -> Result<Vec<f32>> {
     let Some(vision) = &cfg.vision else {
         bail!(
             "`{}` is a text-only model and takes no image; send the prompt without an image",
@@ -61,7 +71,7 @@ pub fn image_prompt_rows(
     if shape.len() != 2 || shape[1] != h {
         bail!("image features have shape {shape:?}; expected [rows, {h}]");
     }
-    let mut rows = model.embed_tokens(ids)?;
+    let mut rows = embed(ids)?;
     replace_image_rows(&mut rows, h, ids, vision.image_token_id, &data)?;
     Ok(rows)
 }

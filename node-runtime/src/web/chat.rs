@@ -204,14 +204,6 @@ async fn prepare(
         .private_route(&model, &s.private)
         .await
         .map_err(|e| ApiError::new(502, format!("{e:#}")))?;
-    if private.is_some() && body.image.is_some() {
-        return Err(ApiError::new(
-            400,
-            format!(
-                "{model} is served through an MPC pair, and image prompts do not go through the pair yet; send a text prompt"
-            ),
-        ));
-    }
     let (ids, features) = match &body.image {
         None => {
             let ids = codec

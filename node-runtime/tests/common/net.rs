@@ -263,3 +263,54 @@ pub async fn anvil_with_escrow(
         .expect("deploy the contracts");
     (anvil, operator, d)
 }
+
+/// An MPC party (`unfed-node mpc --role A|B`) over the split in `split`.
+pub fn party(
+    role: &str,
+    split: &Path,
+    registry: Option<&str>,
+    peer: Option<&str>,
+    extra: &[&str],
+    log: PathBuf,
+) -> Node {
+    let mut args = vec![
+        s("mpc"),
+        s("--role"),
+        s(role),
+        s("--port"),
+        s("0"),
+        s("--shards-dir"),
+        split.display().to_string(),
+        s("--heartbeat-secs"),
+        s("1"),
+        s("--timeout-secs"),
+        s("3"),
+    ];
+    if let Some(r) = registry {
+        args.extend([s("--registry"), s(r)]);
+    }
+    if let Some(p) = peer {
+        args.extend([s("--peer"), s(p)]);
+    }
+    args.extend(extra.iter().map(|x| x.to_string()));
+    Node::start(&args, log)
+}
+
+/// Party B, then party A dialing it: (A, B); logs mpc-a.log and mpc-b.log in `logs`.
+pub fn start_pair(
+    split: &Path,
+    registry: Option<&str>,
+    extra: &[&str],
+    logs: &Path,
+) -> (Node, Node) {
+    let b = party("B", split, registry, None, extra, logs.join("mpc-b.log"));
+    let a = party(
+        "A",
+        split,
+        registry,
+        Some(&b.address),
+        extra,
+        logs.join("mpc-a.log"),
+    );
+    (a, b)
+}
