@@ -674,6 +674,7 @@ impl Compute for ComputeService {
             });
         }
         let hop = (req.session_id.clone(), req.step, req.client.clone());
+        let position = (req.hops_total > 0).then_some((req.hop_index, req.hops_total));
         let record = |activation: &[u8]| {
             if let Some(sink) = &self.inner.shares {
                 sink.record(crate::shares::Hop {
@@ -684,6 +685,7 @@ impl Compute for ComputeService {
                     output_tokens: 1,
                     activation_hash: <sha2::Sha256 as sha2::Digest>::digest(activation).into(),
                     client: hop.2.clone(),
+                    position,
                 });
             }
         };
@@ -762,6 +764,9 @@ impl Compute for ComputeService {
                 let sent_digest = att.output_digest.clone();
                 req.attestations = vec![att];
                 req.input = Some(forward_request::Input::Hidden(hidden));
+                if req.hops_total > 0 {
+                    req.hop_index += 1;
+                }
                 let sampling = req.sampling;
                 let (session, step) = (req.session_id.clone(), req.step);
                 let mut client = ComputeClient::new(self.channel(&next.address)?);

@@ -90,6 +90,9 @@ pub struct Hop {
     pub output_tokens: u32,
     pub activation_hash: [u8; 32],
     pub client: String,
+    /// (index, count) of this hop among those sharing the step's price, when it is not
+    /// the node's shard of the text shards (an MPC pair is on the route).
+    pub position: Option<(u32, u32)>,
 }
 
 /// Where the sink finds the daemon.
@@ -199,8 +202,8 @@ impl Submitter {
         let mut share = ComputeShare {
             node_id: self.cfg.node_id.clone(),
             model: self.cfg.model.clone(),
-            shard_index: self.cfg.shard_index,
-            shards_total: self.cfg.shards_total,
+            shard_index: hop.position.map_or(self.cfg.shard_index, |p| p.0),
+            shards_total: hop.position.map_or(self.cfg.shards_total, |p| p.1),
             session_id: hop.session_id.clone(),
             step: hop.step,
             input_tokens: hop.input_tokens,

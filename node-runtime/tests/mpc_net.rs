@@ -48,6 +48,53 @@ fn plaintext_tokens(split: &Path) -> Vec<u32> {
     .tokens
 }
 
+/// A share-chain daemon (no chain) that finds the nodes' keys through `registry`.
+fn start_daemon(registry: &str, dir: &Path) -> Node {
+    let args = [
+        s("daemon"),
+        s("--port"),
+        s("0"),
+        s("--registry"),
+        s(registry),
+        s("--db"),
+        dir.join("chain.db").display().to_string(),
+        s("--block-interval-secs"),
+        s("0.1"),
+        s("--heartbeat-secs"),
+        s("1"),
+    ];
+    Node::start(&args, dir.join("daemon.log"))
+}
+
+/// The daemon's status once it holds `shares` accepted shares of `nodes` nodes.
+async fn wait_shares(
+    daemon: &Node,
+    dir: &Path,
+    nodes: usize,
+    shares: u64,
+) -> unfed_proto::GetChainStatusResponse {
+    let mut d = DaemonClient::connect(format!("http://{}", daemon.address))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = d
+            .get_chain_status(GetChainStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if st.nodes.len() == nodes && st.pending_shares == 0 && st.shares == shares {
+            return st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{st:?}\n{}",
+            std::fs::read_to_string(dir.join("daemon.log")).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await; // poll again until the deadline
+    }
+}
+
 /// A client session with the pair, its output kept by the client.
 async fn connect(a: &Node, b: &Node, session: &str) -> RemotePair {
     let timeout = Duration::from_secs(3);
@@ -171,22 +218,7 @@ async fn full_output_2pc_over_grpc_generates_the_plaintext_tokens_and_bills_the_
     let split = split_into(&tiny, &dir.path().join("splits"), "tiny", 2);
     let net = Net::registry(dir);
     let (reg, dir) = (net.registry.address.clone(), net.dir.path().to_path_buf());
-    let daemon = Node::start(
-        &[
-            s("daemon"),
-            s("--port"),
-            s("0"),
-            s("--registry"),
-            reg.clone(),
-            s("--db"),
-            dir.join("chain.db").display().to_string(),
-            s("--block-interval-secs"),
-            s("0.1"),
-            s("--heartbeat-secs"),
-            s("1"),
-        ],
-        dir.join("daemon.log"),
-    );
+    let daemon = start_daemon(&reg, &dir);
     let (a, b) = start_pair(&split, Some(&reg), &["--full-output"], &dir);
     let (manifest, files) = open_split(&split);
     let cfg = &manifest.config;
@@ -209,28 +241,7 @@ async fn full_output_2pc_over_grpc_generates_the_plaintext_tokens_and_bills_the_
     assert_eq!(tokens, plaintext_tokens(&split));
     // Each party recorded one compute share per step with the daemon, the prompt counted
     // once: the pair is the whole route, so it is what the client pays.
-    let log = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
-    let mut d = DaemonClient::connect(format!("http://{}", daemon.address))
-        .await
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let st = loop {
-        let st = d
-            .get_chain_status(GetChainStatusRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        if st.nodes.len() == 2 && st.pending_shares == 0 && st.shares == 2 * TOKENS as u64 {
-            break st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{st:?}\n{}\n{}",
-            log("mpc-a.log"),
-            log("daemon.log")
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await; // poll again until the deadline
-    };
+    let st = wait_shares(&daemon, &dir, 2, 2 * TOKENS as u64).await;
     for n in &st.nodes {
         assert_eq!(
             (n.shares, n.input_tokens, n.output_tokens),
@@ -254,7 +265,8 @@ async fn full_output_2pc_over_grpc_generates_the_plaintext_tokens_and_bills_the_
 async fn the_pair_hands_its_shares_to_the_next_shard_which_reconstructs_them() {
     let (net, split) = require_mpc_net();
     let (reg, logs) = (net.registry.address.clone(), net.dir.path().to_path_buf());
-    let _pair = start_pair(&split, Some(&reg), &[], &logs);
+    let daemon = start_daemon(&reg, &logs);
+    let (a, b) = start_pair(&split, Some(&reg), &[], &logs);
     net.wait_ready("tiny", 4).await;
     let mut client = net.client().await;
     // The client fetches the public parameters from the pair and caches them by digest.
@@ -345,6 +357,22 @@ async fn the_pair_hands_its_shares_to_the_next_shard_which_reconstructs_them() {
     assert!(tokens > 0, "{v}");
     assert_eq!(net.compute_forwards(1).await, forwards + tokens);
     assert_eq!(net.compute_forwards(0).await, 0);
+
+    // Every step is paid to the three hops it took: party A, party B and shard 1, each
+    // a third of the price (hops 0, 1 and 2 of 3); shard 0 took none.
+    let steps = TOKENS as u64 + tokens;
+    let st = wait_shares(&daemon, &logs, 3, 3 * steps).await;
+    let mut ids: Vec<&str> = st.nodes.iter().map(|n| n.node_id.as_str()).collect();
+    ids.sort();
+    let mut hops = vec![
+        pair.a.node_id.as_str(),
+        pair.b.node_id.as_str(),
+        out.route[2].node_id.as_str(),
+    ];
+    hops.sort();
+    assert_eq!(ids, hops);
+    assert!(st.nodes.iter().all(|n| n.shares == steps), "{st:?}");
+    drop((a, b));
 
     // Shares the registered parties did not sign are refused.
     let shard1 = &out.route[2].address;

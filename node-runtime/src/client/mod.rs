@@ -345,6 +345,8 @@ pub(crate) struct RouteSession {
     session_id: String,
     /// decode_client_sample: the client's key and its own sampler.
     local: Option<LocalSampling>,
+    /// Hops before the entry that share each step's price (the MPC pair's two parties).
+    paid_before: u32,
 }
 
 /// decode_client_sample on the client: the key the logits are sealed to, the sampler
@@ -406,7 +408,19 @@ impl RouteSession {
             compute: ComputeClient::new(channel),
             session_id: session_id.to_string(),
             local,
+            paid_before: 0,
         })
+    }
+
+    /// The route comes after an MPC pair whose two parties share each step's price.
+    pub(crate) fn after_pair(mut self) -> Self {
+        self.paid_before = 2;
+        self
+    }
+
+    /// Hops sharing each step's price: those before the entry and the route's.
+    pub(crate) fn hops_total(&self) -> u32 {
+        self.paid_before + 1 + self.rest.len() as u32
     }
 
     /// One step at (`step`, `position`): `input` to the entry hop (`ids` are the step's
@@ -438,6 +452,12 @@ impl RouteSession {
             client_key: match &self.local {
                 Some(l) => l.opener.public_key().to_vec(),
                 None => Vec::new(),
+            },
+            hop_index: self.paid_before,
+            hops_total: if self.paid_before > 0 {
+                self.hops_total()
+            } else {
+                0
             },
         };
         match self.compute.forward(req).await {

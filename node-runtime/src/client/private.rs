@@ -274,13 +274,16 @@ impl Client {
         let mut hops = None;
         if !pair.full_output {
             route = self.route_after(model, pair.layer_end).await?;
-            hops = Some(RouteSession::open(
-                &route,
-                &session,
-                self.step_timeout,
-                opts,
-                &public.cfg.eos_token_ids,
-            )?);
+            hops = Some(
+                RouteSession::open(
+                    &route,
+                    &session,
+                    self.step_timeout,
+                    opts,
+                    &public.cfg.eos_token_ids,
+                )?
+                .after_pair(),
+            );
         }
         let handoff = route.first().map(|h| h.address.clone());
         let mut remote = RemotePair::connect(
@@ -291,6 +294,7 @@ impl Client {
             &SessionOptions {
                 handoff,
                 client: opts.client.clone(),
+                hops_total: hops.as_ref().map_or(2, RouteSession::hops_total),
             },
         )
         .await

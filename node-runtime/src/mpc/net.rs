@@ -41,6 +41,7 @@ fn to_proto(m: &Msg) -> MpcMessage {
         from: peer_name(m.from).to_string(),
         handoff: String::new(),
         client: String::new(),
+        hops_total: 0,
     }
 }
 
@@ -114,6 +115,8 @@ pub struct SessionOptions {
     pub handoff: Option<String>,
     /// The wallet the daemon bills (empty: its default client).
     pub client: String,
+    /// Hops sharing each step's price: the two parties and the compute hops after them.
+    pub hops_total: u32,
 }
 
 /// Opens a Link to the party at `addr` for `session`, with the client's `options`.
@@ -131,6 +134,7 @@ async fn dial(
     let mut first = hello(session, me);
     first.handoff = options.handoff.clone().unwrap_or_default();
     first.client = options.client.clone();
+    first.hops_total = options.hops_total;
     let stream = futures::stream::once(async move { first }).chain(stream);
     let resp = client.link(stream).await.map_err(|s| {
         anyhow::anyhow!(
@@ -262,6 +266,9 @@ impl PartyService {
                             )
                             .into(),
                             client: options.client.clone(),
+                            // A is hop 0, B hop 1; a client that names no count (an older
+                            // one) is billed as if the pair were the whole route.
+                            position: Some((u32::from(!is_a), options.hops_total.max(2))),
                         });
                     }
                     match outbox.as_mut() {
@@ -332,6 +339,7 @@ impl Mpc for PartyService {
         let options = SessionOptions {
             handoff: (!first.handoff.is_empty()).then(|| first.handoff.clone()),
             client: first.client.clone(),
+            hops_total: first.hops_total,
         };
         if options.handoff.is_some() && self.model.head.is_some() {
             return Err(Status::invalid_argument(

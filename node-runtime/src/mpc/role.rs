@@ -151,11 +151,10 @@ impl MpcArgs {
             model_id: manifest.model_id.clone(),
             key: share_key.clone(),
         };
-        // A full-output pair is the whole route: it records the compute shares that bill
-        // the client, A as hop 0 and B as hop 1 of 2 (a step's price split between them).
-        // Shard-0 pairs are not paid yet: the compute shards after them bill the step.
-        let shares = match (&self.registry, full) {
-            (Some(registry), true) => Some(
+        // The parties record compute shares like any hop, A as hop 0 and B as hop 1 of
+        // the route the client's hello counts (just the two with full output).
+        let shares = match &self.registry {
+            Some(registry) => Some(
                 crate::shares::ShareSink::spawn(crate::shares::SinkConfig {
                     node_id: node_id.clone(),
                     model: manifest.model_id.clone(),
@@ -168,7 +167,7 @@ impl MpcArgs {
                 })
                 .0,
             ),
-            _ => None,
+            None => None,
         };
         let service = PartyService::new(
             Arc::new(model),
