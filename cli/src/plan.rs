@@ -117,39 +117,38 @@ fn privacy_statement(
     mpc_layers: Option<&Range<usize>>,
 ) -> Vec<String> {
     let always = "every node: the sequence length, the step count and timing";
-    if spec.mpc.pairs == 0 {
-        return vec![
-            always.into(),
-            "compute shard 0: the prompt's token ids (no MPC pair)".into(),
-            "each compute shard: its input activations; the last shard: every generated token"
-                .into(),
-        ];
-    }
     let pair = "mpc-a/mpc-b: nothing else — every element they receive is a uniformly masked share";
-    if spec.mpc.output == MpcOutput::FullOutput2pc {
-        return vec![
-            always.into(),
-            pair.into(),
-            "compute nodes: not on the private route (full_output_2pc: the pair runs every layer and the head; only the client sees the logits)".into(),
-        ];
-    }
-    let after = match mpc_layers {
-        Some(r) => format!("the layer-{} activations", r.end),
-        None => "the activations after the MPC layers".to_string(),
+    let next = match mpc_layers {
+        Some(r) => format!(
+            "the compute shard holding layer {k}: the layer-{k} activations (it reconstructs the pair's output shares) and every activation after them",
+            k = r.end
+        ),
+        None => "the compute shard after the MPC layers: their output activations (it reconstructs the pair's output shares) and every activation after them".to_string(),
     };
     let last = if spec.mpc.output == MpcOutput::DecodeClientSample {
         "the last compute shard: the logits of every step (it returns them sealed to the client, which samples; the shards before it learn nothing of them)"
     } else {
         "the last compute shard: every generated token (it samples)"
     };
-    vec![
-        always.into(),
-        pair.into(),
-        format!(
-            "the compute shard holding the next layer: {after} (it reconstructs the pair's output shares) and the activations after them"
-        ),
-        last.into(),
-    ]
+    let mut lines: Vec<String> = match (spec.mpc.pairs, spec.mpc.output) {
+        (0, _) => vec![
+            "compute shard 0: the prompt's token ids (no MPC pair)".into(),
+            "each compute shard: its input activations; the last shard: every generated token"
+                .into(),
+        ],
+        (_, MpcOutput::FullOutput2pc) => vec![
+            pair.into(),
+            "compute nodes: not on the private route (full_output_2pc: the pair runs every layer and the head; only the client sees the logits)".into(),
+        ],
+        _ => vec![pair.into(), next, last.into()],
+    };
+    lines.insert(0, always.into());
+    if spec.model.vision_shards > 0 {
+        lines.push(
+            "vision shards: the image of an image prompt (they encode it in plaintext)".into(),
+        );
+    }
+    lines
 }
 
 /// Wallet indices: 0 operator, 1 client, then staked nodes in start order.
