@@ -3,12 +3,14 @@
 //! in MPC (or every layer, full-output 2PC) and the tokens equal the plaintext pipeline's.
 
 mod common;
+mod daemon_common;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::net::{Net, Node, s, split_into, start_pair};
 use common::web::Web;
+use daemon_common::wait_status;
 use unfed_node::client::GenerateOptions;
 use unfed_node::client::private::{PublicParams, PublicSource};
 use unfed_node::engine::generate::load_split;
@@ -21,8 +23,7 @@ use unfed_node::mpc::net::RemotePair;
 use unfed_node::mpc::public::cache_path;
 use unfed_node::mpc::weights::ClientModel;
 use unfed_proto::compute_client::ComputeClient;
-use unfed_proto::daemon_client::DaemonClient;
-use unfed_proto::{ForwardRequest, GetChainStatusRequest, ModelState, MpcInput, forward_request};
+use unfed_proto::{ForwardRequest, GetChainStatusResponse, ModelState, MpcInput, forward_request};
 
 const TOKENS: usize = 24;
 const PROMPT: [u32; 6] = [3, 14, 15, 92, 65, 35];
@@ -67,32 +68,12 @@ fn start_daemon(registry: &str, dir: &Path) -> Node {
 }
 
 /// The daemon's status once it holds `shares` accepted shares of `nodes` nodes.
-async fn wait_shares(
-    daemon: &Node,
-    dir: &Path,
-    nodes: usize,
-    shares: u64,
-) -> unfed_proto::GetChainStatusResponse {
-    let mut d = DaemonClient::connect(format!("http://{}", daemon.address))
-        .await
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let st = d
-            .get_chain_status(GetChainStatusRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        if st.nodes.len() == nodes && st.pending_shares == 0 && st.shares == shares {
-            return st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{st:?}\n{}",
-            std::fs::read_to_string(dir.join("daemon.log")).unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await; // poll again until the deadline
-    }
+async fn wait_shares(daemon: &Node, nodes: usize, shares: u64) -> GetChainStatusResponse {
+    let mut d = daemon_common::daemon(&daemon.address).await;
+    wait_status(&mut d, "every hop's shares", |st| {
+        st.nodes.len() == nodes && st.pending_shares == 0 && st.shares == shares
+    })
+    .await
 }
 
 /// A client session with the pair, its output kept by the client.
@@ -241,7 +222,7 @@ async fn full_output_2pc_over_grpc_generates_the_plaintext_tokens_and_bills_the_
     assert_eq!(tokens, plaintext_tokens(&split));
     // Each party recorded one compute share per step with the daemon, the prompt counted
     // once: the pair is the whole route, so it is what the client pays.
-    let st = wait_shares(&daemon, &dir, 2, 2 * TOKENS as u64).await;
+    let st = wait_shares(&daemon, 2, 2 * TOKENS as u64).await;
     for n in &st.nodes {
         assert_eq!(
             (n.shares, n.input_tokens, n.output_tokens),
@@ -361,7 +342,7 @@ async fn the_pair_hands_its_shares_to_the_next_shard_which_reconstructs_them() {
     // Every step is paid to the three hops it took: party A, party B and shard 1, each
     // a third of the price (hops 0, 1 and 2 of 3); shard 0 took none.
     let steps = TOKENS as u64 + tokens;
-    let st = wait_shares(&daemon, &logs, 3, 3 * steps).await;
+    let st = wait_shares(&daemon, 3, 3 * steps).await;
     let mut ids: Vec<&str> = st.nodes.iter().map(|n| n.node_id.as_str()).collect();
     ids.sort();
     let mut hops = vec![

@@ -38,6 +38,16 @@ fn split_vl(root: &std::path::Path, text: usize, vision: usize) -> std::path::Pa
     out
 }
 
+/// Both text shards and the vision shard of the model, as `unfed-node compute` processes.
+fn serve_vl(net: &mut Net) {
+    net.compute(MODEL, 0);
+    net.compute(MODEL, 1);
+    let mut args = net.compute_args(MODEL, 0, "0");
+    args.extend([s("--model-type"), s("smolvlm_vision")]);
+    let log = net.dir.path().join("vision-0.log");
+    net.computes.push(common::net::Node::start(&args, log));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_vision_shards_over_grpc_give_the_reference_features_and_tokens() {
     let dir = tempfile::tempdir().unwrap();
@@ -198,12 +208,7 @@ async fn image_and_text_greedy_generation_through_the_testnet_matches_transforme
     )
     .unwrap();
     let mut net = Net::registry(dir);
-    net.compute(MODEL, 0);
-    net.compute(MODEL, 1);
-    let mut args = net.compute_args(MODEL, 0, "0");
-    args.extend([s("--model-type"), s("smolvlm_vision")]);
-    let log = net.dir.path().join("vision-0.log");
-    net.computes.push(common::net::Node::start(&args, log));
+    serve_vl(&mut net);
     net.wait_ready(MODEL, 3).await;
     let vision = vision_addresses(&net.registry.address, MODEL)
         .await
@@ -369,12 +374,7 @@ async fn image_prompts_through_an_mpc_pair_give_the_transformers_tokens() {
     let dir = Net::prepare();
     let split = split_vl(&dir.path().join("splits"), 2, 1);
     let mut net = Net::registry(dir);
-    net.compute(MODEL, 0);
-    net.compute(MODEL, 1);
-    let mut args = net.compute_args(MODEL, 0, "0");
-    args.extend([s("--model-type"), s("smolvlm_vision")]);
-    let log = net.dir.path().join("vision-0.log");
-    net.computes.push(common::net::Node::start(&args, log));
+    serve_vl(&mut net);
     let logs = net.dir.path().to_path_buf();
     let _pair = start_pair(&split, Some(&net.registry.address), &[], &logs);
     net.wait_ready(MODEL, 5).await;

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use tonic::transport::Channel;
 use unfed_proto::mpc_client::MpcClient as MpcRpc;
 use unfed_proto::{
     DiscoverRequest, Hop, HopTiming, MpcInfoRequest, MpcInfoResponse, MpcInput,
@@ -64,12 +65,19 @@ impl PublicParams {
     }
 }
 
+/// A connection to party `name` of a pair, and how errors name it.
+async fn party_rpc(hop: &Hop, name: &str) -> Result<(MpcRpc<Channel>, String)> {
+    let what = format!("MPC party {name} {} at {}", hop.node_id, hop.address);
+    let rpc = MpcRpc::connect(format!("http://{}", hop.address))
+        .await
+        .with_context(|| format!("cannot reach {what}"))?;
+    Ok((rpc, what))
+}
+
 /// What party `name` of a pair runs.
 async fn party_info(hop: &Hop, name: &str) -> Result<MpcInfoResponse> {
-    let what = format!("MPC party {name} {} at {}", hop.node_id, hop.address);
-    Ok(MpcRpc::connect(format!("http://{}", hop.address))
-        .await
-        .with_context(|| format!("cannot reach {what}"))?
+    let (mut rpc, what) = party_rpc(hop, name).await?;
+    Ok(rpc
         .info(MpcInfoRequest {})
         .await
         .map_err(|s| anyhow::anyhow!("{what}: {}", s.message()))?
@@ -92,18 +100,13 @@ impl Client {
             nodes
                 .iter()
                 .find(|n| n.role == role && n.model == model)
-                .map(|n| {
-                    (
-                        Hop {
-                            node_id: n.node_id.clone(),
-                            address: n.address.clone(),
-                            shard_index: 0,
-                        },
-                        n.layer_end,
-                    )
+                .map(|n| Hop {
+                    node_id: n.node_id.clone(),
+                    address: n.address.clone(),
+                    shard_index: 0,
                 })
         };
-        let (Some((a, _)), Some((b, _))) = (find("mpc_a"), find("mpc_b")) else {
+        let (Some(a), Some(b)) = (find("mpc_a"), find("mpc_b")) else {
             return Ok(None);
         };
         let (ia, ib) = (party_info(&a, "A").await?, party_info(&b, "B").await?);
@@ -195,10 +198,8 @@ impl Client {
         let path = match public::cached(cache, &pair.public_sha256) {
             Some(p) => p,
             None => {
-                let what = format!("MPC party A {} at {}", pair.a.node_id, pair.a.address);
-                let mut stream = MpcRpc::connect(format!("http://{}", pair.a.address))
-                    .await
-                    .with_context(|| format!("cannot reach {what}"))?
+                let (mut rpc, what) = party_rpc(&pair.a, "A").await?;
+                let mut stream = rpc
                     .public_params(PublicParamsRequest {})
                     .await
                     .map_err(|s| anyhow::anyhow!("{what}: {}", s.message()))?
