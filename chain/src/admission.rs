@@ -20,7 +20,7 @@ use crate::contracts::UnfedEscrow;
 
 /// Domain tag at the head of every canonical payload, so a registration signature can
 /// never be replayed as a signature over anything else (and vice versa).
-const DOMAIN: &str = "unfed-registration/v1";
+const DOMAIN: &str = "unfed-registration/v2";
 
 /// What a node signs when it registers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,6 +36,9 @@ pub struct RegistrationPayload {
     pub shard_index: i64,
     /// Hex Ed25519 public key the node signs shares and attestations with.
     pub share_key: String,
+    /// Hex SHA-256 of the node's TLS certificate key (empty without TLS): signed, so
+    /// nobody can register another certificate for a node.
+    pub tls_pin: String,
     /// Unix seconds.
     pub timestamp: u64,
     /// Hex, 16 random bytes.
@@ -59,6 +62,7 @@ impl RegistrationPayload {
             model: model.into(),
             shard_index,
             share_key: share_key.into(),
+            tls_pin: String::new(),
             timestamp: unix_now(),
             nonce: hex::encode(rand::random::<[u8; 16]>()),
         }
@@ -76,6 +80,7 @@ impl RegistrationPayload {
             self.model,
             self.shard_index,
             self.share_key.to_ascii_lowercase(),
+            self.tls_pin.to_ascii_lowercase(),
             self.timestamp,
             self.nonce.to_ascii_lowercase(),
         ]))

@@ -47,24 +47,9 @@ pub fn parse_private_key(text: &str) -> anyhow::Result<PrivateKeySigner> {
 /// set at creation, never loosened-then-tightened). An existing file is accepted only if
 /// it is private and holds the same key, so re-running a setup step is harmless.
 pub fn write_key_file(path: &Path, signer: &PrivateKeySigner) -> anyhow::Result<()> {
-    if let Some(dir) = path.parent() {
-        // Owner-only from creation, like the keys in it.
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("creating key directory {}", dir.display()))?;
-    }
     let encoded = format!("0x{}", hex::encode(signer.to_bytes()));
-    match OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-    {
-        Ok(mut f) => f
-            .write_all(encoded.as_bytes())
-            .with_context(|| format!("writing key file {}", path.display())),
+    match create_private_file(path, encoded.as_bytes()) {
+        Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             let existing = read_key_file(path)?;
             if existing.address() != signer.address() {
@@ -82,8 +67,26 @@ pub fn write_key_file(path: &Path, signer: &PrivateKeySigner) -> anyhow::Result<
     }
 }
 
-/// Reads a private key file, refusing one that group or others can read.
-pub fn read_key_file(path: &Path) -> anyhow::Result<PrivateKeySigner> {
+/// Creates `path` (which must not exist) with mode 0600 and writes `contents`; missing
+/// parent directories are created 0700. The mode is set at creation, never
+/// loosened-then-tightened.
+pub fn create_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(contents)
+}
+
+/// Reads a file holding a secret, refusing one that group or others can read.
+pub fn read_private_file(path: &Path) -> anyhow::Result<String> {
     let meta = std::fs::metadata(path)
         .with_context(|| format!("cannot read key file {}", path.display()))?;
     let mode = meta.permissions().mode() & 0o777;
@@ -95,8 +98,12 @@ pub fn read_key_file(path: &Path) -> anyhow::Result<PrivateKeySigner> {
             path.display()
         );
     }
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read key file {}", path.display()))?;
+    std::fs::read_to_string(path).with_context(|| format!("cannot read key file {}", path.display()))
+}
+
+/// Reads a private key file, refusing one that group or others can read.
+pub fn read_key_file(path: &Path) -> anyhow::Result<PrivateKeySigner> {
+    let text = read_private_file(path)?;
     parse_private_key(&text).with_context(|| format!("key file {}", path.display()))
 }
 

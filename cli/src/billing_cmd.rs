@@ -9,7 +9,6 @@ use anyhow::{Context, bail};
 use clap::Subcommand;
 use unfed_chain::{Address, Chain, Deployment, PrivateKeySigner, format_amount};
 use unfed_proto::GetChainStatusRequest;
-use unfed_proto::daemon_client::DaemonClient;
 
 use crate::launch::state::{ChainRecord, RunState};
 use crate::plan::LaunchPlan;
@@ -38,6 +37,7 @@ struct Testnet {
     chain: ChainRecord,
     deployment: Deployment,
     daemon: Option<String>,
+    net: unfed_node::net::Net,
 }
 
 fn parse_addr(what: &str, v: &str, state: &Path) -> anyhow::Result<Address> {
@@ -85,6 +85,7 @@ fn testnet(spec_path: Option<&Path>) -> anyhow::Result<Testnet> {
         .and_then(|p| p.port)
         .map(|port| format!("127.0.0.1:{port}"));
     Ok(Testnet {
+        net: state.net()?,
         display: loaded.display_path,
         chain,
         deployment,
@@ -145,7 +146,7 @@ async fn earnings(t: &Testnet) -> anyhow::Result<()> {
         println!("no daemon runs in this testnet: no shares are recorded");
         return Ok(());
     };
-    let st = match DaemonClient::connect(format!("http://{daemon}")).await {
+    let st = match unfed_node::daemon::client(&t.net, daemon, None).await {
         Ok(mut c) => c
             .get_chain_status(GetChainStatusRequest {})
             .await

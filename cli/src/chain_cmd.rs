@@ -118,6 +118,9 @@ impl Verbs {
                 loaded,
                 plan,
                 node: NodeCommand::locate()?,
+                // The chain verbs start no node.
+                net: unfed_node::net::Net::plaintext(),
+                pki: None,
                 ready_timeout: Duration::from_secs(60),
                 running: Default::default(),
             },

@@ -33,6 +33,10 @@ pub struct Target {
     /// Registry host:port (instead of a spec).
     #[arg(long)]
     pub registry: Option<String>,
+    /// The network's CA certificate, to reach a TLS network by --registry (a spec's
+    /// running testnet brings its own).
+    #[arg(long, env = "UNFED_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
     /// Model id (default: the testnet's model, or the registry's only model).
     #[arg(long)]
     pub model: Option<String>,
@@ -110,6 +114,7 @@ pub fn run(cmd: Commands) -> Result<ExitCode> {
 /// The registry address, testnet model and shards dir a target points at.
 struct Resolved {
     registry: String,
+    net: unfed_node::net::Net,
     model: Option<String>,
     shards_dir: Option<PathBuf>,
     /// The spec asks for `mpc.output = "decode_client_sample"`.
@@ -118,7 +123,12 @@ struct Resolved {
 
 fn resolve(t: &Target) -> Result<Resolved> {
     if let Some(registry) = &t.registry {
+        let net = match &t.tls_ca {
+            Some(ca) => unfed_node::net::Net::client_from_ca(ca)?,
+            None => unfed_node::net::Net::plaintext(),
+        };
         return Ok(Resolved {
+            net,
             registry: registry.clone(),
             model: t.model.clone(),
             shards_dir: None,
@@ -133,6 +143,7 @@ fn resolve(t: &Target) -> Result<Resolved> {
     let state = crate::launch::state::RunState::load(&plan.run_dir)?.with_context(|| {
         format!("no testnet of {spec_name} is running (no state in {}); start it with `unfedctl up` or pass --registry", plan.run_dir.display())
     })?;
+    let net = state.net()?;
     let registry = state.registry.with_context(|| {
         format!(
             "the testnet in {} has no registry address; pass --registry",
@@ -140,6 +151,7 @@ fn resolve(t: &Target) -> Result<Resolved> {
         )
     })?;
     Ok(Resolved {
+        net,
         registry,
         model: t.model.clone().or(state.model_id),
         shards_dir: Some(plan.shards_dir),
@@ -169,7 +181,7 @@ async fn pick_model(client: &mut Client, asked: Option<String>) -> Result<String
 
 async fn models(t: Target) -> Result<ExitCode> {
     let r = resolve(&t)?;
-    let mut client = Client::connect(&r.registry).await?;
+    let mut client = Client::connect(&r.net, &r.registry).await?;
     let models = client.list_models().await?;
     if t.json {
         let v: Vec<_> = models
@@ -201,7 +213,7 @@ async fn models(t: Target) -> Result<ExitCode> {
 
 async fn chat(a: ChatArgs) -> Result<ExitCode> {
     let r = resolve(&a.target)?;
-    let mut client = Client::connect(&r.registry).await?;
+    let mut client = Client::connect(&r.net, &r.registry).await?;
     let model = pick_model(&mut client, r.model).await?;
     client.require_ready(&model).await?;
     let (_, files) = client.manifest(&model).await?;
@@ -375,7 +387,7 @@ fn summarize(runs: &[(f64, f64, usize)], prompt: usize) -> Speed {
 
 async fn bench(a: BenchArgs) -> Result<ExitCode> {
     let r = resolve(&a.target)?;
-    let mut client = Client::connect(&r.registry).await?;
+    let mut client = Client::connect(&r.net, &r.registry).await?;
     let model = pick_model(&mut client, r.model).await?;
     let status = client.require_ready(&model).await?;
     // A testnet's shards dir is the split itself or holds one split per model.

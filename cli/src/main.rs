@@ -145,6 +145,9 @@ enum PreflightCommand {
         model: Option<String>,
         /// Testnet spec whose running registry to check.
         spec: Option<PathBuf>,
+        /// The network's CA certificate, with --registry on a TLS network.
+        #[arg(long, env = "UNFED_TLS_CA")]
+        tls_ca: Option<PathBuf>,
     },
 }
 
@@ -171,18 +174,27 @@ fn run_preflight(cmd: PreflightCommand) -> anyhow::Result<ExitCode> {
             registry,
             model,
             spec,
+            tls_ca,
         } => {
-            let registry = match registry {
-                Some(r) => r,
+            let (registry, net) = match registry {
+                Some(r) => (
+                    r,
+                    match &tls_ca {
+                        Some(ca) => unfed_node::net::Net::client_from_ca(ca)?,
+                        None => unfed_node::net::Net::plaintext(),
+                    },
+                ),
                 None => {
                     let plan = plan::load_plan(spec.as_deref())?;
-                    let state = launch::state::RunState::load(&plan.run_dir)?;
-                    state.and_then(|s| s.registry).ok_or_else(|| {
-                        anyhow::anyhow!("testnet '{}' is not running; pass --registry or start it with `unfedctl up`", plan.name)
-                    })?
+                    let state = launch::state::RunState::load(&plan.run_dir)?
+                        .filter(|s| s.registry.is_some())
+                        .ok_or_else(|| {
+                            anyhow::anyhow!("testnet '{}' is not running; pass --registry or start it with `unfedctl up`", plan.name)
+                        })?;
+                    (state.registry.clone().unwrap_or_default(), state.net()?)
                 }
             };
-            runtime()?.block_on(preflight::runtime_checks(&registry, model.as_deref()))
+            runtime()?.block_on(preflight::runtime_checks(&net, &registry, model.as_deref()))
         }
     };
     Ok(preflight::report(&checks))

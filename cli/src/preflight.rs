@@ -270,8 +270,12 @@ pub fn node_checks(
 }
 
 /// Checks against a running testnet: the model is READY at the registry.
-pub async fn runtime_checks(registry: &str, model: Option<&str>) -> Vec<Check> {
-    let mut client = match unfed_node::client::Client::connect(registry).await {
+pub async fn runtime_checks(
+    net: &unfed_node::net::Net,
+    registry: &str,
+    model: Option<&str>,
+) -> Vec<Check> {
+    let mut client = match unfed_node::client::Client::connect(net, registry).await {
         Ok(c) => c,
         Err(e) => {
             return vec![Check::new(

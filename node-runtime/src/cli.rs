@@ -79,6 +79,8 @@ struct RegistryArgs {
     /// The escrow operator's key file (0600), for slashing in the enforced stage.
     #[arg(long, env = crate::daemon::args::OPERATOR_KEY_FILE_ENV)]
     operator_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    tls: crate::net::TlsArgs,
 }
 
 #[derive(clap::Args)]
@@ -132,6 +134,8 @@ struct ComputeArgs {
     /// Chain RPC URL (checked to be a local Anvil before --cheat is allowed).
     #[arg(long)]
     chain_rpc: Option<String>,
+    #[command(flatten)]
+    tls: crate::net::TlsArgs,
 }
 
 fn fraction(s: &str) -> Result<f64, String> {
@@ -260,7 +264,9 @@ async fn run_registry(a: RegistryArgs) -> Result<()> {
             "stake-gated admission needs both the chain RPC URL and the escrow address (--chain-rpc and --escrow, or chain_rpc_url and escrow_contract_address in the cluster config)"
         ),
     };
+    let net = a.tls.net(&a.host)?;
     let config = registry::RegistryConfig {
+        net,
         heartbeat: Duration::from_secs(a.heartbeat_secs.max(1)),
         shards_dir: a.shards_dir,
         require_mpc: a.require_mpc.or(cluster.require_mpc).unwrap_or(false),
@@ -298,6 +304,7 @@ async fn run_compute(a: ComputeArgs) -> Result<()> {
         ensure_local_anvil(cheat, a.chain_rpc.as_deref()).await?;
         tracing::warn!(?cheat, "this node CHEATS (test/demo mode)");
     }
+    let net = a.tls.net(a.advertise.as_deref().unwrap_or(&a.host))?;
     let listener = bind(&a.host, a.port).await?;
     let bound = listener.local_addr()?;
     let advertise = a.advertise.unwrap_or_else(|| bound.to_string());
@@ -322,6 +329,7 @@ async fn run_compute(a: ComputeArgs) -> Result<()> {
         daemon: a.daemon,
         spot_check: a.spot_check,
         cheat: a.cheat,
+        net,
     };
     if vision {
         let shard = tokio::task::spawn_blocking(move || {

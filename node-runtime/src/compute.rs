@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use unfed_model::{Manifest, ShardEntry};
 use unfed_proto::compute_client::ComputeClient;
@@ -48,6 +47,8 @@ pub struct ComputeConfig {
     pub spot_check: f64,
     /// Test/demo only: how this node cheats.
     pub cheat: Option<Cheat>,
+    /// The transport (TLS identity and CA, or plaintext on loopback).
+    pub net: crate::net::Net,
 }
 
 /// The loaded shard and its manifest entry.
@@ -122,7 +123,9 @@ struct Inner {
     node_id: String,
     sessions: SessionStore,
     hop_timeout: Duration,
-    channels: Mutex<HashMap<String, Channel>>,
+    /// Next-hop channels by (address, pin).
+    channels: Mutex<HashMap<(String, String), Channel>>,
+    net: crate::net::Net,
     forwards: std::sync::atomic::AtomicU64,
     /// One signed compute share per served hop, submitted in the background.
     shares: Option<crate::shares::ShareSink>,
@@ -209,7 +212,7 @@ impl ComputeService {
         let peers = cfg
             .registry
             .clone()
-            .map(|r| Arc::new(Peers::new(r, shard.manifest.model_id.clone())));
+            .map(|r| Arc::new(Peers::new(cfg.net.clone(), r, shard.manifest.model_id.clone())));
         let checker = match (&peers, &cfg.registry) {
             (Some(p), Some(r)) if cfg.spot_check > 0.0 => Some(Arc::new(SpotChecker::new(
                 cfg.spot_check,
@@ -227,6 +230,7 @@ impl ComputeService {
                 sessions: SessionStore::new(cfg.session_idle, cfg.kv_cap_bytes),
                 hop_timeout: cfg.hop_timeout,
                 channels: Mutex::new(HashMap::new()),
+                net: cfg.net.clone(),
                 forwards: std::sync::atomic::AtomicU64::new(0),
                 shares,
                 key: cfg.share_key.clone(),
@@ -255,19 +259,95 @@ impl ComputeService {
         self.inner.shard.entry.index as u32
     }
 
-    fn channel(&self, address: &str) -> Result<Channel, Status> {
+    /// The channel to a next hop, pinned to the certificate it registered.
+    fn channel(&self, hop: &Hop) -> Result<Channel, Status> {
+        let key = (hop.address.clone(), hop.tls_pin.clone());
         let mut map = self.inner.channels.lock().expect("channel map poisoned");
-        if let Some(c) = map.get(address) {
+        if let Some(c) = map.get(&key) {
             return Ok(c.clone());
         }
-        let ep = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| Status::invalid_argument(format!("bad next-hop address {address}: {e}")))?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(self.inner.hop_timeout)
-            .tcp_nodelay(true);
-        let c = ep.connect_lazy();
-        map.insert(address.to_string(), c.clone());
+        let pin = crate::net::Pin::parse(&hop.tls_pin)
+            .map_err(|e| Status::invalid_argument(format!("next hop {}: {e:#}", hop.node_id)))?;
+        if pin.is_none() && self.inner.net.is_tls() {
+            return Err(Status::invalid_argument(format!(
+                "next hop {} has no certificate pin in the route; take the route from the registry",
+                hop.node_id
+            )));
+        }
+        let c = self
+            .inner
+            .net
+            .channel_with(&hop.address, self.inner.hop_timeout, pin)
+            .map_err(|e| Status::invalid_argument(format!("next hop {}: {e:#}", hop.node_id)))?;
+        map.insert(key, c.clone());
         Ok(c)
+    }
+
+    /// SessionInputs and Reexecute: only a registered compute node of a neighbouring
+    /// shard (the spot checker) or the registry (adjudicating) may call. The caller is
+    /// known by its client certificate; a plaintext node (loopback, TLS opted out) has
+    /// no way to tell and serves anyone on this machine.
+    async fn authorize_checker(&self, peer: &crate::net::Peer, what: &str) -> Result<(), Status> {
+        if !self.inner.net.is_tls() {
+            return Ok(());
+        }
+        let refuse = |why: String| {
+            tracing::warn!(remote = ?peer.remote, "{what} refused: {why}");
+            Status::permission_denied(format!("node {}: {what} refused: {why}", self.inner.node_id))
+        };
+        let pin = crate::net::auth::caller_pin(peer, what)?;
+        let Some(peers) = &self.inner.peers else {
+            return Err(refuse("this node is not registered, so it cannot tell a checker from a stranger".into()));
+        };
+        let mine = self.shard_index();
+        match peers.caller(pin).await {
+            Some(crate::verify::spot::Caller::Registry) => Ok(()),
+            Some(crate::verify::spot::Caller::Node(n))
+                if n.role == "compute"
+                    && n.stack == Stack::Text as i32
+                    && n.shard_index.abs_diff(mine) == 1 =>
+            {
+                Ok(())
+            }
+            Some(crate::verify::spot::Caller::Node(n)) => Err(refuse(format!(
+                "{} ({} of shard {}) is not a compute node of a neighbouring shard of {mine}",
+                n.node_id, n.role, n.shard_index
+            ))),
+            None => Err(refuse(format!(
+                "certificate {} belongs to no registered node of `{}` nor to the registry",
+                pin.short(),
+                self.inner.shard.manifest.model_id
+            ))),
+        }
+    }
+
+    /// PutShare: the share must be signed by a registered MPC party of this model in the
+    /// role it claims, checked as it arrives (not when claimed), and, over TLS, sent by
+    /// that party's own certificate.
+    async fn authorize_share(
+        &self,
+        caller: &crate::net::Peer,
+        req: &PutShareRequest,
+    ) -> Result<(), Status> {
+        let refuse = |why: String| {
+            tracing::warn!(remote = ?caller.remote, "PutShare refused: {why}");
+            Status::permission_denied(format!("node {}: PutShare refused: {why}", self.inner.node_id))
+        };
+        let Some(peers) = &self.inner.peers else {
+            return Err(refuse(
+                "this node is not registered (no --registry), so it cannot check the parties' signatures".into(),
+            ));
+        };
+        let info = crate::mpc::handoff::check_share_signer(peers, req)
+            .await
+            .map_err(|e| refuse(format!("{e:#}")))?;
+        if self.inner.net.is_tls() && !crate::net::auth::is_registered_pin(caller, &info.tls_pin) {
+            return Err(refuse(format!(
+                "the share is signed by {} but sent by another certificate",
+                info.node_id
+            )));
+        }
+        Ok(())
     }
 
     fn refuse_hop(&self, why: String) -> Status {
@@ -502,7 +582,7 @@ impl ComputeService {
         let sampling = sampling_of(req.sampling.as_ref());
         let session = inner
             .sessions
-            .open(&req.session_id, req.step, || Session {
+            .open(&req.session_id, req.step, &req.owner_key, || Session {
                 cache: inner.shard.model.new_cache(),
                 sampler: Some(Sampler::new(sampling)),
             })
@@ -769,7 +849,7 @@ impl Compute for ComputeService {
                 }
                 let sampling = req.sampling;
                 let (session, step) = (req.session_id.clone(), req.step);
-                let mut client = ComputeClient::new(self.channel(&next.address)?);
+                let mut client = ComputeClient::new(self.channel(&next)?);
                 let mut resp = match client.forward(req).await {
                     Ok(r) => r.into_inner(),
                     // A failure reported by a node further down already names that node.
@@ -808,6 +888,16 @@ impl Compute for ComputeService {
         req: Request<EndSessionRequest>,
     ) -> Result<Response<EndSessionResponse>, Status> {
         let mut req = req.into_inner();
+        let Some(owner) = self.inner.sessions.owner(&req.session_id) else {
+            // Not live here (ended, expired, never opened): nothing to end or forward.
+            return Ok(Response::new(EndSessionResponse {}));
+        };
+        verify_end_session(&owner, &req.session_id, &req.owner_signature).map_err(|why| {
+            Status::permission_denied(format!(
+                "node {}: EndSession of session {} refused: {why}",
+                self.inner.node_id, req.session_id
+            ))
+        })?;
         self.inner.sessions.end(&req.session_id);
         self.inner.inputs.forget(&req.session_id);
         if let Some(c) = &self.inner.checker {
@@ -815,7 +905,7 @@ impl Compute for ComputeService {
         }
         if !req.route.is_empty() {
             let next = req.route.remove(0);
-            if let Ok(c) = self.channel(&next.address) {
+            if let Ok(c) = self.channel(&next) {
                 // Best effort: a missing downstream session expires on its own.
                 let _ = ComputeClient::new(c).end_session(req).await;
             }
@@ -827,6 +917,8 @@ impl Compute for ComputeService {
         &self,
         req: Request<SessionInputsRequest>,
     ) -> Result<Response<SessionInputsResponse>, Status> {
+        self.authorize_checker(&crate::net::Peer::of(&req), "SessionInputs")
+            .await?;
         let req = req.into_inner();
         let (sampling, inputs) = self
             .inner
@@ -845,6 +937,8 @@ impl Compute for ComputeService {
         &self,
         req: Request<ReexecuteRequest>,
     ) -> Result<Response<ReexecuteResponse>, Status> {
+        self.authorize_checker(&crate::net::Peer::of(&req), "Reexecute")
+            .await?;
         let req = req.into_inner();
         self.check_model(&req.model_id)?;
         let inner = self.inner.clone();
@@ -872,8 +966,10 @@ impl Compute for ComputeService {
         &self,
         req: Request<PutShareRequest>,
     ) -> Result<Response<PutShareResponse>, Status> {
+        let caller = crate::net::Peer::of(&req);
         let req = req.into_inner();
         self.check_model(&req.model_id)?;
+        self.authorize_share(&caller, &req).await?;
         let hidden = self.inner.shard.model.config().hidden_size;
         self.inner
             .handoffs
@@ -931,10 +1027,35 @@ fn share_sink(cfg: &ComputeConfig, shard: &LoadedShard) -> Option<crate::shares:
         shards_total: shard.manifest.text_shards().count() as u32,
         key: cfg.share_key.clone(),
         daemon,
+        net: cfg.net.clone(),
         batch: 64,
         flush_every: Duration::from_millis(200),
     });
     Some(sink)
+}
+
+/// What the session owner signs to end a session early.
+fn end_session_message(session: &str) -> Vec<u8> {
+    format!("unfed-end-session-v1\n{session}").into_bytes()
+}
+
+/// The owner's signature that ends `session` on every hop of its route.
+pub fn sign_end_session(owner: &ed25519_dalek::SigningKey, session: &str) -> Vec<u8> {
+    use ed25519_dalek::Signer;
+    owner.sign(&end_session_message(session)).to_bytes().to_vec()
+}
+
+fn verify_end_session(owner: &[u8], session: &str, signature: &[u8]) -> Result<(), String> {
+    use ed25519_dalek::Verifier;
+    let key: [u8; 32] = owner
+        .try_into()
+        .map_err(|_| "the session was opened without an owner key, so no one may end it early".to_string())?;
+    let key = ed25519_dalek::VerifyingKey::from_bytes(&key)
+        .map_err(|_| "the session's owner key is not a valid Ed25519 key".to_string())?;
+    let sig = ed25519_dalek::Signature::from_slice(signature)
+        .map_err(|_| "the request carries no owner signature".to_string())?;
+    key.verify(&end_session_message(session), &sig)
+        .map_err(|_| "the signature is not by the session's owner".to_string())
 }
 
 /// Builds this node's registration, signed when a stake key is configured.
@@ -958,6 +1079,7 @@ fn registration(
             .iter()
             .filter(|s| s.stack == entry.stack)
             .count() as u32,
+        tls_pin: cfg.net.own_pin().map(|p| p.hex()).unwrap_or_default(),
     }
     .request(cfg.stake_key.as_ref())
 }
@@ -972,7 +1094,9 @@ pub(crate) async fn membership(
     ready: tokio::sync::oneshot::Sender<Result<()>>,
 ) {
     let member = crate::membership::Member {
+        net: cfg.net.clone(),
         registry,
+        key: cfg.share_key.clone(),
         node_id: cfg.node_id.clone(),
         what: "node",
         heartbeat: cfg.heartbeat,
@@ -1003,12 +1127,13 @@ pub async fn run(
             }
         })
     };
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .add_service(ComputeServer::new(service.clone()))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown),
+    let net = cfg.net.clone();
+    let router = net.server().add_service(
+        ComputeServer::new(service.clone())
+            .max_decoding_message_size(crate::net::limits::COMPUTE)
+            .max_encoding_message_size(crate::net::limits::COMPUTE),
     );
+    let server = tokio::spawn(async move { net.serve(router, listener, shutdown).await });
     let mut member = None;
     if let Some(registry) = cfg.registry.clone() {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -1044,17 +1169,7 @@ pub async fn run(
 
 /// Best-effort unregistration on the way out (the registry drops silent nodes anyway).
 pub(crate) async fn unregister(cfg: &ComputeConfig) {
-    if let Some(registry) = &cfg.registry
-        && let Ok(mut c) = crate::membership::registry_client(registry)
-    {
-        match c
-            .unregister(UnregisterRequest {
-                node_id: cfg.node_id.clone(),
-            })
-            .await
-        {
-            Ok(_) => tracing::info!("unregistered"),
-            Err(e) => tracing::warn!("could not unregister: {}", e.message()),
-        }
+    if let Some(registry) = &cfg.registry {
+        crate::membership::unregister(&cfg.net, registry, &cfg.node_id, &cfg.share_key).await;
     }
 }

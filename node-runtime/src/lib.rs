@@ -6,6 +6,7 @@ pub mod compute;
 pub mod daemon;
 pub mod engine;
 pub mod membership;
+pub mod net;
 pub mod mpc;
 pub mod registry;
 pub mod seal;

@@ -5,20 +5,69 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tokio::sync::oneshot;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use unfed_proto::registry_client::RegistryClient;
-use unfed_proto::{HeartbeatRequest, RegisterRequest};
+use unfed_proto::{HeartbeatRequest, RegisterRequest, UnregisterRequest};
+
+use crate::net::Net;
+use crate::net::auth::CallProof;
 
 /// Retry pause while the registry is unreachable or has not admitted us yet.
 const RETRY: Duration = Duration::from_millis(500);
 
 /// A lazily connecting client for the registry at `addr` (host:port).
-pub fn registry_client(addr: &str) -> Result<RegistryClient<Channel>> {
-    let ep = Endpoint::from_shared(format!("http://{addr}"))
-        .with_context(|| format!("--registry {addr} is not a host:port"))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(10));
-    Ok(RegistryClient::new(ep.connect_lazy()))
+pub fn registry_client(net: &Net, addr: &str) -> Result<RegistryClient<Channel>> {
+    let ch = net
+        .channel(addr)
+        .with_context(|| format!("--registry {addr}"))?;
+    Ok(RegistryClient::new(ch)
+        .max_decoding_message_size(crate::net::limits::REGISTRY)
+        .max_encoding_message_size(crate::net::limits::REGISTRY))
+}
+
+/// A registry's address with the transport to reach it.
+#[derive(Clone, Debug)]
+pub struct RegistryAddr {
+    pub net: Net,
+    pub addr: String,
+}
+
+impl RegistryAddr {
+    pub fn new(net: &Net, addr: &str) -> Self {
+        Self {
+            net: net.clone(),
+            addr: addr.to_string(),
+        }
+    }
+
+    pub fn client(&self) -> Result<RegistryClient<Channel>> {
+        registry_client(&self.net, &self.addr)
+    }
+}
+
+impl std::fmt::Display for RegistryAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.addr)
+    }
+}
+
+/// Best-effort unregistration on the way out (the registry drops silent nodes anyway),
+/// signed with the node's share key.
+pub async fn unregister(net: &Net, registry: &str, node_id: &str, key: &ed25519_dalek::SigningKey) {
+    let Ok(mut c) = registry_client(net, registry) else {
+        return;
+    };
+    let proof = CallProof::sign(key, crate::registry::UNREGISTER, node_id);
+    let req = UnregisterRequest {
+        node_id: node_id.to_string(),
+        timestamp: proof.timestamp,
+        nonce: proof.nonce,
+        signature: proof.signature,
+    };
+    match c.unregister(req).await {
+        Ok(_) => tracing::info!("unregistered"),
+        Err(e) => tracing::warn!("could not unregister: {}", e.message()),
+    }
 }
 
 /// What a node registers as: the signed admission payload (new timestamp and nonce each
@@ -34,6 +83,8 @@ pub struct Listing {
     pub stack: unfed_proto::Stack,
     pub layers: (u32, u32),
     pub shards_total: u32,
+    /// The pin of the node's TLS certificate (hex; empty in plaintext).
+    pub tls_pin: String,
 }
 
 impl Listing {
@@ -42,7 +93,7 @@ impl Listing {
         &self,
         stake_key: Option<&unfed_chain::PrivateKeySigner>,
     ) -> Result<RegisterRequest> {
-        let p = unfed_chain::RegistrationPayload::new_now(
+        let mut p = unfed_chain::RegistrationPayload::new_now(
             &self.node_id,
             self.role,
             &self.address,
@@ -50,6 +101,7 @@ impl Listing {
             self.shard_index,
             &self.share_key,
         );
+        p.tls_pin = self.tls_pin.clone();
         let signature = match stake_key {
             Some(k) => unfed_chain::sign_registration(k, &p)?,
             None => Vec::new(),
@@ -68,13 +120,17 @@ impl Listing {
             layer_start: self.layers.0,
             layer_end: self.layers.1,
             shards_total: self.shards_total,
+            tls_pin: p.tls_pin,
         })
     }
 }
 
 /// Who registers and how often it heartbeats.
 pub struct Member {
+    pub net: Net,
     pub registry: String,
+    /// The registered share key: heartbeats are signed with it.
+    pub key: ed25519_dalek::SigningKey,
     pub node_id: String,
     /// "node", "daemon", ...: how log lines and errors name us.
     pub what: &'static str,
@@ -101,7 +157,7 @@ pub async fn keep_registered(
                 false
             }
         };
-    let mut client = match registry_client(&member.registry) {
+    let mut client = match registry_client(&member.net, &member.registry) {
         Ok(c) => c,
         Err(e) => {
             fail(&mut ready, e);
@@ -143,8 +199,12 @@ pub async fn keep_registered(
                 }
             }
         } else {
+            let proof = CallProof::sign(&member.key, crate::registry::HEARTBEAT, &member.node_id);
             let beat = HeartbeatRequest {
                 node_id: member.node_id.clone(),
+                timestamp: proof.timestamp,
+                nonce: proof.nonce,
+                signature: proof.signature,
             };
             match client.heartbeat(beat).await {
                 Ok(r) if !r.get_ref().known => {

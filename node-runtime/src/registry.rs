@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde::Deserialize;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 use unfed_chain::admission::{AdmissionVerifier, RegistrationPayload};
 use unfed_model::Manifest;
@@ -58,6 +57,9 @@ pub struct RegistryConfig {
     pub stake_recheck: Duration,
     /// Rules on fraud reports (re-execution, exclusion, slashing).
     pub adjudicator: Arc<Adjudicator>,
+    /// The transport: with TLS, every registration must come over mutual TLS with the
+    /// certificate it registers.
+    pub net: crate::net::Net,
 }
 
 impl Default for RegistryConfig {
@@ -70,6 +72,7 @@ impl Default for RegistryConfig {
             admission: None,
             stake_recheck: Duration::from_secs(30),
             adjudicator: Arc::new(Adjudicator::new(Stage::Shadow, None)),
+            net: crate::net::Net::plaintext(),
         }
     }
 }
@@ -100,6 +103,8 @@ struct State {
 pub struct RegistryService {
     state: Arc<Mutex<State>>,
     config: Arc<RegistryConfig>,
+    /// Nonces of signed heartbeats and unregistrations (replays are refused).
+    calls: Arc<crate::net::auth::ReplayGuard>,
 }
 
 /// Loads `dir/manifest.json`, or the manifests of `dir`'s subdirectories.
@@ -164,7 +169,42 @@ impl RegistryService {
                 models,
             })),
             config: Arc::new(config),
+            calls: Arc::default(),
         })
+    }
+
+    fn node_info(&self, node_id: &str) -> Option<NodeInfo> {
+        self.state().nodes.get(node_id).map(|n| n.info.clone())
+    }
+
+    /// The caller is the registered node `info`: its client certificate is the one it
+    /// registered, or `proof` is a fresh signature of its registered share key.
+    fn authorize_node(
+        &self,
+        peer: &crate::net::Peer,
+        info: &NodeInfo,
+        proof: &crate::net::auth::CallProof,
+        purpose: &str,
+    ) -> Result<(), Status> {
+        if crate::net::auth::is_registered_pin(peer, &info.tls_pin) {
+            return Ok(());
+        }
+        let key = crate::shares::parse_public_key(&info.share_key).map_err(|_| {
+            Status::permission_denied(format!(
+                "{purpose} for {}: the caller is not that node (no registered certificate presented, and the node has no share key to sign with)",
+                info.node_id
+            ))
+        })?;
+        proof
+            .verify(&key, purpose, &info.node_id, &self.calls)
+            .map_err(|s| {
+                tracing::warn!(node = %info.node_id, remote = ?peer.remote, "{purpose} refused: {}", s.message());
+                Status::permission_denied(format!(
+                    "{purpose} for {} refused: the caller is not that node ({})",
+                    info.node_id,
+                    s.message()
+                ))
+            })
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -328,6 +368,7 @@ impl Registry for RegistryService {
         &self,
         req: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
+        let peer = crate::net::Peer::of(&req);
         let r = req.into_inner();
         let reject = |reason: &str, message: String| {
             tracing::warn!(node = %r.node_id, reason, "registration refused: {message}");
@@ -344,6 +385,9 @@ impl Registry for RegistryService {
                 "node_id and address are required".to_string(),
             );
         }
+        if let Err((reason, message)) = check_registered_pin(&peer, &r.tls_pin) {
+            return reject(reason, message);
+        }
         if let Some(verifier) = &self.config.admission {
             let payload = RegistrationPayload {
                 node_id: r.node_id.clone(),
@@ -352,6 +396,7 @@ impl Registry for RegistryService {
                 model: r.model.clone(),
                 shard_index: r.shard_index,
                 share_key: r.share_key.clone(),
+                tls_pin: r.tls_pin.clone(),
                 timestamp: r.timestamp,
                 nonce: r.nonce.clone(),
             };
@@ -415,6 +460,7 @@ impl Registry for RegistryService {
             shards_total: r.shards_total,
             last_seen_ms_ago: 0,
             share_key: r.share_key.clone(),
+            tls_pin: r.tls_pin.clone(),
         };
         tracing::info!(node = %r.node_id, role = %r.role, model = %r.model, shard = r.shard_index, address = %r.address, "node registered");
         self.state().nodes.insert(
@@ -437,25 +483,41 @@ impl Registry for RegistryService {
         &self,
         req: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
-        let id = req.into_inner().node_id;
-        let known = match self.state().nodes.get_mut(&id) {
-            Some(n) => {
-                n.last_seen = Instant::now();
-                true
-            }
-            None => false,
+        let peer = crate::net::Peer::of(&req);
+        let r = req.into_inner();
+        let proof = crate::net::auth::CallProof {
+            timestamp: r.timestamp,
+            nonce: r.nonce,
+            signature: r.signature,
         };
-        Ok(Response::new(HeartbeatResponse { known }))
+        let Some(info) = self.node_info(&r.node_id) else {
+            return Ok(Response::new(HeartbeatResponse { known: false }));
+        };
+        self.authorize_node(&peer, &info, &proof, HEARTBEAT)?;
+        if let Some(n) = self.state().nodes.get_mut(&r.node_id) {
+            n.last_seen = Instant::now();
+        }
+        Ok(Response::new(HeartbeatResponse { known: true }))
     }
 
     async fn unregister(
         &self,
         req: Request<UnregisterRequest>,
     ) -> Result<Response<UnregisterResponse>, Status> {
-        let id = req.into_inner().node_id;
-        let removed = self.state().nodes.remove(&id).is_some();
+        let peer = crate::net::Peer::of(&req);
+        let r = req.into_inner();
+        let proof = crate::net::auth::CallProof {
+            timestamp: r.timestamp,
+            nonce: r.nonce,
+            signature: r.signature,
+        };
+        let Some(info) = self.node_info(&r.node_id) else {
+            return Ok(Response::new(UnregisterResponse { removed: false }));
+        };
+        self.authorize_node(&peer, &info, &proof, UNREGISTER)?;
+        let removed = self.state().nodes.remove(&r.node_id).is_some();
         if removed {
-            tracing::info!(node = %id, "node unregistered");
+            tracing::info!(node = %r.node_id, "node unregistered");
         }
         Ok(Response::new(UnregisterResponse { removed }))
     }
@@ -481,7 +543,15 @@ impl Registry for RegistryService {
         nodes.sort_by(|a, b| {
             (a.stack, a.shard_index, &a.node_id).cmp(&(b.stack, b.shard_index, &b.node_id))
         });
-        Ok(Response::new(DiscoverResponse { nodes }))
+        Ok(Response::new(DiscoverResponse {
+            nodes,
+            registry_pin: self
+                .config
+                .net
+                .own_pin()
+                .map(|p| p.hex())
+                .unwrap_or_default(),
+        }))
     }
 
     async fn report_fraud(
@@ -536,7 +606,7 @@ impl Registry for RegistryService {
             }));
         };
         let v = adj
-            .rule(&r, &dir, accused.as_ref().expect("admitted"))
+            .rule(&self.config.net, &r, &dir, accused.as_ref().expect("admitted"))
             .await;
         if v.guilty && adj.stage != Stage::Shadow {
             tracing::warn!(node = %accused_id, "excluded from discovery after a guilty verdict");
@@ -625,6 +695,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    let net = config.net.clone();
     let service = RegistryService::new(config)?;
     let reaper = {
         let s = service.clone();
@@ -650,15 +721,49 @@ pub async fn run(
             }
         })
     };
-    tracing::info!(address = %listener.local_addr()?, "registry serving");
-    let result = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .add_service(RegistryServer::new(service))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await;
+    tracing::info!(address = %listener.local_addr()?, transport = net.describe(), "registry serving");
+    let router = net.server().add_service(
+        RegistryServer::new(service)
+            .max_decoding_message_size(crate::net::limits::REGISTRY)
+            .max_encoding_message_size(crate::net::limits::REGISTRY),
+    );
+    let result = net.serve(router, listener, shutdown).await;
     reaper.abort();
     rechecker.abort();
     result.context("registry gRPC server failed")
+}
+
+/// What a heartbeat and an unregistration sign (net::auth::CallProof purposes).
+pub const HEARTBEAT: &str = "registry.Heartbeat";
+pub const UNREGISTER: &str = "registry.Unregister";
+
+/// A registration naming a certificate pin must come over mutual TLS with that
+/// certificate; over TLS, a registration must name one (nodes are pinned by peers).
+fn check_registered_pin(
+    peer: &crate::net::Peer,
+    tls_pin: &str,
+) -> Result<(), (&'static str, String)> {
+    let named = crate::net::Pin::parse(tls_pin).map_err(|e| ("bad_tls_pin", format!("{e:#}")))?;
+    match (named, peer.pin) {
+        (None, _) if peer.tls => Err((
+            "no_tls_pin",
+            "this registry runs TLS: register with the pin of your certificate (the node does this when started with --tls-cert/--tls-key/--tls-ca)".into(),
+        )),
+        (None, _) => Ok(()),
+        (Some(_), None) => Err((
+            "no_client_certificate",
+            "the registration names a TLS certificate but the connection presented none: register over mutual TLS".into(),
+        )),
+        (Some(n), Some(p)) if n != p => Err((
+            "tls_pin_mismatch",
+            format!(
+                "the registration names certificate key {} but the connection presented {}",
+                n.short(),
+                p.short()
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Which party of the MPC pair (A then B) has no live node, if one is missing.

@@ -111,6 +111,7 @@ pub struct SinkConfig {
     pub shards_total: u32,
     pub key: SigningKey,
     pub daemon: DaemonSource,
+    pub net: crate::net::Net,
     /// Shares per SubmitShares call.
     pub batch: usize,
     /// A partial batch is sent after this long.
@@ -239,12 +240,11 @@ impl Submitter {
         if self.daemon.is_some() {
             return Ok(true);
         }
-        let addr = match &self.cfg.daemon {
-            DaemonSource::Address(a) => a.clone(),
+        let (addr, pin) = match &self.cfg.daemon {
+            // Given by hand: verified under the CA, not pinned.
+            DaemonSource::Address(a) => (a.clone(), None),
             DaemonSource::Registry(r) => {
-                let mut c =
-                    unfed_proto::registry_client::RegistryClient::connect(format!("http://{r}"))
-                        .await?;
+                let mut c = crate::membership::registry_client(&self.cfg.net, r)?;
                 let nodes = c
                     .discover(unfed_proto::DiscoverRequest {
                         model: String::new(),
@@ -253,17 +253,19 @@ impl Submitter {
                     .into_inner()
                     .nodes;
                 match nodes.into_iter().find(|n| n.role == "daemon") {
-                    Some(d) => d.address,
+                    Some(d) => (d.address, crate::net::Pin::parse(&d.tls_pin)?),
                     None => return Ok(false),
                 }
             }
         };
-        let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-            .connect_timeout(std::time::Duration::from_secs(2))
-            .timeout(std::time::Duration::from_secs(10));
-        self.daemon = Some(unfed_proto::daemon_client::DaemonClient::new(
-            ep.connect_lazy(),
-        ));
+        let ch = self
+            .cfg
+            .net
+            .channel_with(&addr, crate::net::REQUEST_TIMEOUT, pin)?;
+        self.daemon = Some(
+            unfed_proto::daemon_client::DaemonClient::new(ch)
+                .max_encoding_message_size(crate::net::limits::DAEMON),
+        );
         tracing::info!(daemon = %addr, "submitting compute shares");
         Ok(true)
     }

@@ -11,7 +11,6 @@ use unfed_node::client::{Client, GenerateOptions, TextCodec};
 use unfed_node::engine::SamplingConfig;
 use unfed_node::engine::generate::{generate, load_checkpoint};
 use unfed_proto::GetChainStatusRequest;
-use unfed_proto::daemon_client::DaemonClient;
 
 use super::{Testnet, start};
 use crate::plan::{LaunchPlan, StepKind, model_facts};
@@ -157,7 +156,7 @@ fn registry_and_model(net: &Testnet) -> anyhow::Result<(&str, &str)> {
 
 async fn model_ready(net: &Testnet) -> anyhow::Result<()> {
     let (registry, model) = registry_and_model(net)?;
-    Client::connect(registry)
+    Client::connect(&net.ctx.net, registry)
         .await?
         .require_ready(model)
         .await
@@ -166,7 +165,7 @@ async fn model_ready(net: &Testnet) -> anyhow::Result<()> {
 
 async fn nodes_admitted(net: &Testnet) -> anyhow::Result<()> {
     let (registry, model) = registry_and_model(net)?;
-    let route = Client::connect(registry).await?.route(model).await?;
+    let route = Client::connect(&net.ctx.net, registry).await?.route(model).await?;
     let shards = net
         .ctx
         .plan
@@ -212,7 +211,7 @@ async fn stakes_on_chain(net: &Testnet) -> anyhow::Result<()> {
 /// returns how many tokens it generated.
 async fn chat_matches_engine(net: &Testnet) -> anyhow::Result<usize> {
     let (registry, model) = registry_and_model(net)?;
-    let mut client = Client::connect(registry).await?;
+    let mut client = Client::connect(&net.ctx.net, registry).await?;
     let (_, files) = client.manifest(model).await?;
     let prompt = TextCodec::from_manifest_files(&files, model)?.encode_prompt(PROMPT, true)?;
     let opts = GenerateOptions {
@@ -291,7 +290,8 @@ async fn shares_recorded(net: &Testnet, generated: Option<usize>) -> anyhow::Res
         .find(|p| p.kind == "daemon")
         .and_then(|p| p.port)
         .context("no daemon port")?;
-    let mut client = DaemonClient::connect(format!("http://127.0.0.1:{daemon}")).await?;
+    let mut client =
+        unfed_node::daemon::client(&net.ctx.net, &format!("127.0.0.1:{daemon}"), None).await?;
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let status = client

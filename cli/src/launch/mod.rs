@@ -4,6 +4,7 @@
 
 pub mod conformance;
 pub mod node_cmd;
+pub mod pki;
 pub mod process;
 pub mod state;
 pub mod status;
@@ -127,8 +128,19 @@ pub async fn start(
     std::fs::create_dir_all(run_dir.join("logs"))
         .with_context(|| format!("cannot create {}", run_dir.display()))?;
 
+    let pki = if loaded.spec.testnet.tls {
+        Some(pki::TestnetPki::create(&run_dir, &plan.name)?)
+    } else {
+        None
+    };
+    let net = match &pki {
+        Some(p) => p.client_net()?,
+        None => unfed_node::net::Net::plaintext(),
+    };
     let ctx = Context {
         node: node_cmd::NodeCommand::locate()?,
+        net,
+        pki,
         loaded,
         plan,
         ready_timeout: wait_timeout,
@@ -138,6 +150,7 @@ pub async fn start(
     let mut state = RunState {
         name: ctx.plan.name.clone(),
         spec: ctx.plan.spec.clone(),
+        tls_ca: ctx.pki.as_ref().map(|p| p.ca_path()),
         ..RunState::default()
     };
     state.save(&run_dir)?;
@@ -295,7 +308,7 @@ async fn wait_ready(ctx: &Context, state: &RunState) -> anyhow::Result<()> {
     let (Some(registry), Some(model)) = (&state.registry, &state.model_id) else {
         return Ok(());
     };
-    let mut client = unfed_node::client::Client::connect(registry).await?;
+    let mut client = unfed_node::client::Client::connect(&ctx.net, registry).await?;
     let deadline = Instant::now() + ctx.ready_timeout;
     loop {
         match client.require_ready(model).await {

@@ -19,6 +19,9 @@ pub struct RunState {
     pub chain: Option<ChainRecord>,
     pub registry: Option<String>,
     pub model_id: Option<String>,
+    /// The testnet CA's certificate; `None`: the testnet runs plaintext (tls = false).
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -69,6 +72,14 @@ impl ChainRecord {
 }
 
 impl RunState {
+    /// How a client reaches this testnet's nodes: TLS under its CA, or plaintext.
+    pub fn net(&self) -> anyhow::Result<unfed_node::net::Net> {
+        match &self.tls_ca {
+            Some(ca) => unfed_node::net::Net::client_from_ca(ca),
+            None => Ok(unfed_node::net::Net::plaintext()),
+        }
+    }
+
     pub fn path(run_dir: &Path) -> PathBuf {
         run_dir.join(STATE_FILE)
     }

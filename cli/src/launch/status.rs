@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use serde::Serialize;
 use unfed_proto::GetChainStatusRequest;
-use unfed_proto::daemon_client::DaemonClient;
 
 use super::process;
 use super::state::RunState;
@@ -72,7 +71,8 @@ async fn gather(plan: &LaunchPlan, state: &RunState) -> Status {
     let mut models = Vec::new();
     let mut verdicts = unfed_proto::ListVerdictsResponse::default();
     if let Some(registry) = &state.registry
-        && let Ok(mut client) = unfed_node::membership::registry_client(registry)
+        && let Ok(net) = state.net()
+        && let Ok(mut client) = unfed_node::membership::registry_client(&net, registry)
     {
         let discover = unfed_proto::DiscoverRequest {
             model: String::new(),
@@ -147,7 +147,11 @@ async fn gather(plan: &LaunchPlan, state: &RunState) -> Status {
         .find(|p| p.kind == "daemon")
         .and_then(|p| p.port);
     let daemon_height = match daemon {
-        Some(port) => match DaemonClient::connect(format!("http://127.0.0.1:{port}")).await {
+        Some(port) => match async {
+            unfed_node::daemon::client(&state.net()?, &format!("127.0.0.1:{port}"), None).await
+        }
+        .await
+        {
             Ok(mut d) => d
                 .get_chain_status(GetChainStatusRequest {})
                 .await

@@ -24,6 +24,10 @@ pub struct Context {
     pub loaded: LoadedSpec,
     pub plan: LaunchPlan,
     pub node: NodeCommand,
+    /// How the launcher dials the nodes (TLS under the testnet CA, or plaintext).
+    pub net: unfed_node::net::Net,
+    /// The testnet CA issuing node certificates; `None` with `[testnet] tls = false`.
+    pub pki: Option<super::pki::TestnetPki>,
     pub ready_timeout: Duration,
     /// Every process started so far, recorded the moment it is spawned (before it is
     /// ready), so an interrupted or failed launch can stop it too.
@@ -369,15 +373,19 @@ enum Readiness {
 }
 
 impl Readiness {
-    async fn reached(&self, addr: &str) -> bool {
+    async fn reached(&self, net: &unfed_node::net::Net, addr: &str) -> bool {
         let registry = match self {
             Readiness::Answers => addr,
             Readiness::ListedBy(registry) => registry,
             Readiness::Http => return http_ok(addr, "/api/config").await,
         };
-        let Ok(mut client) = RegistryClient::connect(format!("http://{registry}")).await else {
+        let Ok(ch) = net
+            .connect(registry, unfed_node::net::REQUEST_TIMEOUT, None)
+            .await
+        else {
             return false;
         };
+        let mut client = RegistryClient::new(ch);
         match self {
             Readiness::Answers => client.list_models(ListModelsRequest {}).await.is_ok(),
             Readiness::Http => false,
@@ -403,6 +411,15 @@ async fn spawn_node(
     readiness: Readiness,
 ) -> anyhow::Result<(u16, String)> {
     let log = ctx.log_path(&step.name);
+    if let Some(pki) = &ctx.pki {
+        // Every node serves TLS with its own certificate; the dashboard only dials.
+        if kind != "web" {
+            let files = pki.issue(&step.name, &["127.0.0.1", "localhost"])?;
+            cmd.arg("--tls-cert").arg(&files.cert);
+            cmd.arg("--tls-key").arg(&files.key);
+        }
+        cmd.arg("--tls-ca").arg(pki.ca_path());
+    }
     cmd.arg("--port").arg(step.port.unwrap_or(0).to_string());
     cmd.arg("--log-format")
         .arg(&ctx.loaded.spec.testnet.log_format);
@@ -424,7 +441,7 @@ async fn spawn_node(
             break Err(StepFailed { log, message });
         }
         if let Some(addr) = listening_address(&log)
-            && readiness.reached(&addr).await
+            && readiness.reached(&ctx.net, &addr).await
         {
             break Ok(addr);
         }

@@ -29,6 +29,8 @@ pub struct TestnetSection {
     pub run_dir: String,
     pub base_port: u16,
     pub log_format: String,
+    /// Mutual TLS on every link (plaintext only on loopback, opted out).
+    pub tls: bool,
 }
 
 impl Default for TestnetSection {
@@ -38,6 +40,7 @@ impl Default for TestnetSection {
             run_dir: String::new(),
             base_port: 50050,
             log_format: "text".into(),
+            tls: true,
         }
     }
 }

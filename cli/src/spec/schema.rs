@@ -125,6 +125,11 @@ pub static SECTIONS: &[Section] = &[
                 Kind::Enum(LOG_FORMATS),
                 "Node log format: \"text\" or \"json\". Default \"text\"."
             ),
+            key!(
+                "tls",
+                Kind::Bool,
+                "Mutual TLS on every gRPC link, with a testnet CA and a certificate per node under run_dir/keys. false = plaintext, allowed on loopback only. Default true."
+            ),
         ],
     },
     Section {

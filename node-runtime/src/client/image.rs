@@ -510,9 +510,10 @@ pub async fn image_prompt_decoded(
     let expanded = expand_image_prompt(&text, &processed, crate::vision::image_seq_len(vision))?;
     // transformers' processor tokenizes the expanded text with special tokens on.
     let prompt_ids = codec.encode_prompt(&expanded, true)?;
-    let shards = crate::vision::service::vision_addresses(registry, model).await?;
+    let net = client.net().clone();
+    let shards = crate::vision::service::vision_addresses(&net, registry, model).await?;
     let (data, rows) =
-        crate::vision::service::encode_image(&shards, model, &processed.batch).await?;
+        crate::vision::service::encode_image(&net, &shards, model, &processed.batch).await?;
     let width = data.len() / rows.max(1);
     Ok(ImagePrompt {
         prompt_ids,

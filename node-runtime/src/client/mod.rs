@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use rand::seq::IndexedRandom;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use unfed_model::Manifest;
 use unfed_proto::compute_client::ComputeClient;
 use unfed_proto::registry_client::RegistryClient;
@@ -125,30 +125,41 @@ pub fn readiness_text(m: &ModelStatus) -> String {
 }
 
 pub struct Client {
+    net: crate::net::Net,
     registry_addr: String,
     registry: RegistryClient<Channel>,
     /// Timeout of one step through the whole route.
     pub step_timeout: Duration,
 }
 
-fn endpoint(addr: &str, timeout: Duration) -> Result<Endpoint> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))
-        .with_context(|| format!("{addr} is not a host:port address"))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(timeout)
-        .tcp_nodelay(true))
-}
-
 impl Client {
-    pub async fn connect(registry: &str) -> Result<Self> {
-        let channel = endpoint(registry, Duration::from_secs(10))?.connect().await.with_context(|| {
-            format!("cannot reach the registry at {registry}; is `unfed-node registry` running there?")
-        })?;
+    /// Connects to the registry at `registry` over `net` (TLS with the testnet's CA, or
+    /// plaintext for a loopback testnet that opted out).
+    pub async fn connect(net: &crate::net::Net, registry: &str) -> Result<Self> {
+        let channel = net
+            .connect(registry, crate::net::REQUEST_TIMEOUT, None)
+            .await
+            .with_context(|| {
+                format!("cannot reach the registry at {registry}; is `unfed-node registry` running there?")
+            })?;
         Ok(Self {
+            net: net.clone(),
             registry_addr: registry.to_string(),
-            registry: RegistryClient::new(channel),
+            registry: RegistryClient::new(channel)
+                .max_decoding_message_size(crate::net::limits::REGISTRY)
+                .max_encoding_message_size(crate::net::limits::REGISTRY),
             step_timeout: Duration::from_secs(60),
         })
+    }
+
+    /// The transport this client dials nodes with.
+    pub fn net(&self) -> &crate::net::Net {
+        &self.net
+    }
+
+    /// The registry's address.
+    pub fn registry_addr(&self) -> &str {
+        &self.registry_addr
     }
 
     /// The registry connection, for calls this library does not wrap.
@@ -235,6 +246,7 @@ impl Client {
                 node_id: n.node_id.clone(),
                 address: n.address.clone(),
                 shard_index: i,
+                tls_pin: n.tls_pin.clone(),
             });
         }
         Ok(route)
@@ -294,7 +306,14 @@ impl Client {
         }
         let route = self.route(model).await?;
         let session_id = hex::encode(rand::random::<[u8; 16]>());
-        let mut hops = RouteSession::open(&route, &session_id, self.step_timeout, opts, &eos)?;
+        let mut hops = RouteSession::open(
+            &self.net,
+            &route,
+            &session_id,
+            self.step_timeout,
+            opts,
+            &eos,
+        )?;
         let mut out = GenerateOutput {
             prompt_tokens: prompt_ids.len(),
             route: route.clone(),
@@ -347,6 +366,9 @@ pub(crate) struct RouteSession {
     local: Option<LocalSampling>,
     /// Hops before the entry that share each step's price (the MPC pair's two parties).
     paid_before: u32,
+    /// The session's owner key: its public half opens the session on every hop, and
+    /// only a signature by it ends the session early.
+    owner: ed25519_dalek::SigningKey,
 }
 
 /// decode_client_sample on the client: the key the logits are sealed to, the sampler
@@ -389,6 +411,7 @@ impl RouteSession {
     /// A session over `route`; with `opts.decode_client_sample` the client samples
     /// (`eos`: the model's EOS ids).
     pub(crate) fn open(
+        net: &crate::net::Net,
         route: &[Hop],
         session_id: &str,
         timeout: Duration,
@@ -396,7 +419,8 @@ impl RouteSession {
         eos: &[u32],
     ) -> Result<Self> {
         let entry = route.first().context("the route is empty")?.clone();
-        let channel = endpoint(&entry.address, timeout)?.connect_lazy();
+        let pin = crate::net::Pin::parse(&entry.tls_pin)?;
+        let channel = net.channel_with(&entry.address, timeout, pin)?;
         let local = opts.decode_client_sample.then(|| LocalSampling {
             opener: crate::seal::Opener::new(),
             sampler: Sampler::new(crate::compute::sampling_of(Some(&opts.sampling))),
@@ -405,10 +429,13 @@ impl RouteSession {
         Ok(Self {
             entry,
             rest: route[1..].to_vec(),
-            compute: ComputeClient::new(channel),
+            compute: ComputeClient::new(channel)
+                .max_decoding_message_size(crate::net::limits::COMPUTE)
+                .max_encoding_message_size(crate::net::limits::COMPUTE),
             session_id: session_id.to_string(),
             local,
             paid_before: 0,
+            owner: crate::shares::generate_key(),
         })
     }
 
@@ -459,6 +486,11 @@ impl RouteSession {
             } else {
                 0
             },
+            owner_key: if step == 0 {
+                self.owner.verifying_key().to_bytes().to_vec()
+            } else {
+                Vec::new()
+            },
         };
         match self.compute.forward(req).await {
             Ok(r) => {
@@ -492,6 +524,7 @@ impl RouteSession {
         let _ = self
             .compute
             .end_session(EndSessionRequest {
+                owner_signature: crate::compute::sign_end_session(&self.owner, &self.session_id),
                 session_id: self.session_id.clone(),
                 route: self.rest.clone(),
             })

@@ -66,17 +66,26 @@ impl PublicParams {
 }
 
 /// A connection to party `name` of a pair, and how errors name it.
-async fn party_rpc(hop: &Hop, name: &str) -> Result<(MpcRpc<Channel>, String)> {
+async fn party_rpc(
+    net: &crate::net::Net,
+    hop: &Hop,
+    name: &str,
+) -> Result<(MpcRpc<Channel>, String)> {
     let what = format!("MPC party {name} {} at {}", hop.node_id, hop.address);
-    let rpc = MpcRpc::connect(format!("http://{}", hop.address))
+    let pin = crate::net::Pin::parse(&hop.tls_pin)?;
+    let ch = net
+        .connect(&hop.address, crate::net::REQUEST_TIMEOUT, pin)
         .await
         .with_context(|| format!("cannot reach {what}"))?;
+    let rpc = MpcRpc::new(ch)
+        .max_decoding_message_size(crate::net::limits::MPC)
+        .max_encoding_message_size(crate::net::limits::MPC);
     Ok((rpc, what))
 }
 
 /// What party `name` of a pair runs.
-async fn party_info(hop: &Hop, name: &str) -> Result<MpcInfoResponse> {
-    let (mut rpc, what) = party_rpc(hop, name).await?;
+async fn party_info(net: &crate::net::Net, hop: &Hop, name: &str) -> Result<MpcInfoResponse> {
+    let (mut rpc, what) = party_rpc(net, hop, name).await?;
     Ok(rpc
         .info(MpcInfoRequest {})
         .await
@@ -104,12 +113,17 @@ impl Client {
                     node_id: n.node_id.clone(),
                     address: n.address.clone(),
                     shard_index: 0,
+                    tls_pin: n.tls_pin.clone(),
                 })
         };
         let (Some(a), Some(b)) = (find("mpc_a"), find("mpc_b")) else {
             return Ok(None);
         };
-        let (ia, ib) = (party_info(&a, "A").await?, party_info(&b, "B").await?);
+        let net = self.net().clone();
+        let (ia, ib) = (
+            party_info(&net, &a, "A").await?,
+            party_info(&net, &b, "B").await?,
+        );
         if (ia.layer_end, ia.full_output, &ia.public_sha256)
             != (ib.layer_end, ib.full_output, &ib.public_sha256)
         {
@@ -198,7 +212,7 @@ impl Client {
         let path = match public::cached(cache, &pair.public_sha256) {
             Some(p) => p,
             None => {
-                let (mut rpc, what) = party_rpc(&pair.a, "A").await?;
+                let (mut rpc, what) = party_rpc(self.net(), &pair.a, "A").await?;
                 let mut stream = rpc
                     .public_params(PublicParamsRequest {})
                     .await
@@ -277,6 +291,7 @@ impl Client {
             route = self.route_after(model, pair.layer_end).await?;
             hops = Some(
                 RouteSession::open(
+                    self.net(),
                     &route,
                     &session,
                     self.step_timeout,
@@ -286,10 +301,11 @@ impl Client {
                 .after_pair(),
             );
         }
-        let handoff = route.first().map(|h| h.address.clone());
+        let handoff = route.first().cloned();
         let mut remote = RemotePair::connect(
-            &pair.a.address,
-            &pair.b.address,
+            self.net(),
+            &pair.a,
+            &pair.b,
             &session,
             Duration::from_secs(30),
             &SessionOptions {

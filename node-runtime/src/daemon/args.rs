@@ -56,6 +56,8 @@ pub struct DaemonArgs {
     advertise: Option<String>,
     #[arg(long, default_value_t = 10)]
     heartbeat_secs: u64,
+    #[command(flatten)]
+    tls: crate::net::TlsArgs,
     /// A block is cut this often when shares are pending.
     #[arg(long, default_value_t = 10.0)]
     block_interval_secs: f64,
@@ -157,6 +159,7 @@ impl DaemonArgs {
             window: Duration::from_secs(self.window_secs.max(1)),
             ..Limits::default()
         };
+        let net = self.tls.net(self.advertise.as_deref().unwrap_or(&self.host))?;
         let listener = crate::cli::bind(&self.host, self.port).await?;
         let bound = listener.local_addr()?;
         let advertise = self.advertise.unwrap_or_else(|| bound.to_string());
@@ -178,6 +181,8 @@ impl DaemonArgs {
             settler,
             settle_poll: secs("--settle-poll-secs", self.settle_poll_secs)?,
             stake_key,
+            share_key: crate::shares::generate_key(),
+            net,
         };
         super::run(cfg, listener, crate::shutdown_signal()).await
     }

@@ -14,7 +14,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use unfed_chain::Address;
 use unfed_proto::daemon_server::DaemonServer;
@@ -51,6 +50,21 @@ pub struct DaemonConfig {
     pub settle_poll: Duration,
     /// EVM stake key: the registration is signed with it when set.
     pub stake_key: Option<unfed_chain::PrivateKeySigner>,
+    /// Signs heartbeats and the unregistration (registered as the share key).
+    pub share_key: ed25519_dalek::SigningKey,
+    pub net: crate::net::Net,
+}
+
+/// A connected client of the daemon at `addr` (pinned to `pin` when known).
+pub async fn client(
+    net: &crate::net::Net,
+    addr: &str,
+    pin: Option<crate::net::Pin>,
+) -> Result<unfed_proto::daemon_client::DaemonClient<tonic::transport::Channel>> {
+    let ch = net.connect(addr, crate::net::REQUEST_TIMEOUT, pin).await?;
+    Ok(unfed_proto::daemon_client::DaemonClient::new(ch)
+        .max_decoding_message_size(crate::net::limits::DAEMON)
+        .max_encoding_message_size(crate::net::limits::DAEMON))
 }
 
 /// Cuts a block when shares are pending, then a settlement summary every K blocks.
@@ -91,10 +105,11 @@ fn registration(cfg: &DaemonConfig) -> Result<RegisterRequest> {
         address: cfg.advertise.clone(),
         model: String::new(),
         shard_index: -1,
-        share_key: String::new(),
+        share_key: crate::shares::public_key_hex(&cfg.share_key),
         stack: unfed_proto::Stack::Text,
         layers: (0, 0),
         shards_total: 0,
+        tls_pin: cfg.net.own_pin().map(|p| p.hex()).unwrap_or_default(),
     }
     .request(cfg.stake_key.as_ref())
 }
@@ -103,6 +118,8 @@ fn registration(cfg: &DaemonConfig) -> Result<RegisterRequest> {
 /// first outcome is reported on `ready`; a refusal then is fatal.
 async fn membership(cfg: Arc<DaemonConfig>, ready: tokio::sync::oneshot::Sender<Result<()>>) {
     let member = crate::membership::Member {
+        net: cfg.net.clone(),
+        key: cfg.share_key.clone(),
         registry: cfg.registry.clone(),
         node_id: cfg.node_id.clone(),
         what: "daemon",
@@ -125,15 +142,17 @@ pub async fn run(
         let (shares, pending) = st.share_counts()?;
         tracing::info!(db = %cfg.db.display(), height, tip = %hex::encode(tip), shares, pending, "share chain opened");
     }
-    let service =
-        service::DaemonService::new(store.clone(), cfg.limits.clone(), cfg.registry.clone());
+    let registry = crate::membership::RegistryAddr::new(&cfg.net, &cfg.registry);
+    let service = service::DaemonService::new(store.clone(), cfg.limits.clone(), registry.clone());
     let settler = cfg.settler.take();
     let cfg = Arc::new(cfg);
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(DaemonServer::new(service))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown),
+    let net = cfg.net.clone();
+    let router = net.server().add_service(
+        DaemonServer::new(service)
+            .max_decoding_message_size(crate::net::limits::DAEMON)
+            .max_encoding_message_size(crate::net::limits::DAEMON),
     );
+    let server = tokio::spawn(async move { net.serve(router, listener, shutdown).await });
     let producer = {
         let (store, cfg) = (store.clone(), cfg.clone());
         tokio::spawn(async move {
@@ -161,7 +180,7 @@ pub async fn run(
             s,
             store.clone(),
             cfg.settle_poll,
-            cfg.registry.clone(),
+            registry.clone(),
         ))
     });
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -187,12 +206,6 @@ pub async fn run(
     ) {
         tracing::error!("final block failed: {e:#}");
     }
-    if let Ok(mut c) = crate::membership::registry_client(&cfg.registry) {
-        let _ = c
-            .unregister(UnregisterRequest {
-                node_id: cfg.node_id.clone(),
-            })
-            .await;
-    }
+    crate::membership::unregister(&cfg.net, &cfg.registry, &cfg.node_id, &cfg.share_key).await;
     result.context("daemon gRPC server failed")
 }

@@ -18,7 +18,7 @@ use crate::shares;
 /// Node id → share key, as registered; refreshed from the registry on a miss or a
 /// signature mismatch (the node may have restarted with a new key), rate-limited.
 struct KeyCache {
-    registry: String,
+    registry: crate::membership::RegistryAddr,
     keys: tokio::sync::Mutex<(HashMap<String, VerifyingKey>, Option<Instant>)>,
 }
 
@@ -43,7 +43,7 @@ impl KeyCache {
     }
 
     async fn fetch(&self) -> anyhow::Result<HashMap<String, VerifyingKey>> {
-        let mut c = crate::membership::registry_client(&self.registry)?;
+        let mut c = self.registry.client()?;
         let nodes = c
             .discover(DiscoverRequest {
                 model: String::new(),
@@ -72,7 +72,11 @@ pub struct DaemonService {
 }
 
 impl DaemonService {
-    pub fn new(store: Arc<Mutex<Store>>, limits: Limits, registry: String) -> Self {
+    pub fn new(
+        store: Arc<Mutex<Store>>,
+        limits: Limits,
+        registry: crate::membership::RegistryAddr,
+    ) -> Self {
         Self {
             store,
             limits,

@@ -300,8 +300,8 @@ impl Settler {
 const DONE: [&str; 3] = ["finalized", "challenged", "withheld"];
 
 /// Nodes the registry excluded after a guilty verdict (empty if it cannot be asked).
-async fn cheaters(registry: &str) -> BTreeSet<String> {
-    let Ok(mut c) = crate::membership::registry_client(registry) else {
+async fn cheaters(registry: &crate::membership::RegistryAddr) -> BTreeSet<String> {
+    let Ok(mut c) = registry.client() else {
         return BTreeSet::new();
     };
     match c.list_verdicts(unfed_proto::ListVerdictsRequest {}).await {
@@ -314,7 +314,12 @@ async fn cheaters(registry: &str) -> BTreeSet<String> {
 }
 
 /// Runs the settler until the process stops, every `poll`.
-pub async fn run(settler: Settler, store: Arc<Mutex<Store>>, poll: Duration, registry: String) {
+pub async fn run(
+    settler: Settler,
+    store: Arc<Mutex<Store>>,
+    poll: Duration,
+    registry: crate::membership::RegistryAddr,
+) {
     let window = loop {
         match settler.challenge_window().await {
             Ok(w) => break w,

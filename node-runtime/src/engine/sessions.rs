@@ -25,12 +25,18 @@ pub enum SessionError {
         "session {id} is unknown on this node (step {step} > 0 needs the cached prompt; did the node restart?); start a new session"
     )]
     Unknown { id: String, step: u32 },
+    #[error(
+        "session {id} is live on this node: a prompt step never replaces a live session; pick a new session id"
+    )]
+    InUse { id: String },
 }
 
 struct Entry {
     session: Arc<Mutex<Session>>,
     last_used: Instant,
     bytes: usize,
+    /// The owner's public key from the prompt step: only it may end the session.
+    owner: Vec<u8>,
 }
 
 /// Why a session id disappeared, for the error its client gets next.
@@ -68,16 +74,21 @@ impl SessionStore {
         }
     }
 
-    /// The session for a step: step 0 starts it afresh, later steps must find it.
+    /// The session for a step: step 0 starts it (refused while one with that id is
+    /// live), later steps must find it. `owner` (step 0) is the key that may end it.
     pub fn open(
         &self,
         id: &str,
         step: u32,
+        owner: &[u8],
         create: impl FnOnce() -> Session,
     ) -> Result<Arc<Mutex<Session>>, SessionError> {
         let mut inner = self.inner.lock().expect("session map poisoned");
         let now = Instant::now();
         if step == 0 {
+            if inner.live.contains_key(id) {
+                return Err(SessionError::InUse { id: id.to_string() });
+            }
             let session = Arc::new(Mutex::new(create()));
             inner.live.insert(
                 id.to_string(),
@@ -85,6 +96,7 @@ impl SessionStore {
                     session: session.clone(),
                     last_used: now,
                     bytes: 0,
+                    owner: owner.to_vec(),
                 },
             );
             return Ok(session);
@@ -132,6 +144,12 @@ impl SessionStore {
             tracing::warn!(session = %victim, cap_mb = self.cap_bytes >> 20, "evicting session: KV cache memory cap reached");
             Self::forget(&mut inner, &victim, Gone::Evicted);
         }
+    }
+
+    /// The owner key a live session was opened with (empty: none was given).
+    pub fn owner(&self, id: &str) -> Option<Vec<u8>> {
+        let inner = self.inner.lock().expect("session map poisoned");
+        inner.live.get(id).map(|e| e.owner.clone())
     }
 
     pub fn end(&self, id: &str) -> bool {
@@ -188,7 +206,7 @@ mod tests {
 
     fn open(s: &SessionStore, id: &str, step: u32) -> Result<Arc<Mutex<Session>>, SessionError> {
         // A zero-layer cache is enough: the store accounts the bytes it is told.
-        s.open(id, step, || Session {
+        s.open(id, step, b"owner", || Session {
             cache: KvCache::empty_for_tests(),
             sampler: Some(Sampler::new(SamplingConfig::default())),
         })
@@ -228,5 +246,20 @@ mod tests {
         ));
         let err = open(&s, "never", 3).err().unwrap();
         assert!(err.to_string().contains("unknown on this node"), "{err}");
+    }
+
+    #[test]
+    fn a_prompt_step_never_replaces_a_live_session() {
+        let s = store(1 << 30, Duration::from_secs(300));
+        open(&s, "x", 0).unwrap();
+        open(&s, "x", 1).unwrap();
+        assert_eq!(
+            open(&s, "x", 0).err(),
+            Some(SessionError::InUse { id: "x".into() })
+        );
+        assert_eq!(s.owner("x").as_deref(), Some(&b"owner"[..]));
+        // Ended, the id may start again.
+        assert!(s.end("x"));
+        open(&s, "x", 0).unwrap();
     }
 }

@@ -24,6 +24,9 @@ fn share_bytes(data: &[u64]) -> Vec<u8> {
     data.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
+/// One PutShare call.
+const HANDOFF_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Who a party is when it hands over shares.
 pub struct Signer {
     pub node_id: String,
@@ -41,17 +44,31 @@ pub struct Outbox<'a> {
 }
 
 impl<'a> Outbox<'a> {
-    pub fn new(signer: &'a Signer, is_a: bool, hidden: usize, target: &str) -> Result<Self> {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{target}"))
-            .with_context(|| format!("bad hand-off address {target:?}: expected host:port"))?
-            .connect_timeout(Duration::from_secs(5))
-            .connect_lazy();
+    /// A sender to the compute node `target`, pinned to its registered certificate.
+    pub fn new(
+        net: &crate::net::Net,
+        signer: &'a Signer,
+        is_a: bool,
+        hidden: usize,
+        target: &unfed_proto::Hop,
+    ) -> Result<Self> {
+        let pin = crate::net::Pin::parse(&target.tls_pin)?;
+        if pin.is_none() && net.is_tls() {
+            bail!(
+                "the hand-off node {} has no certificate pin: the client must name the registered node",
+                target.address
+            );
+        }
+        let channel = net
+            .channel_with(&target.address, HANDOFF_TIMEOUT, pin)
+            .with_context(|| format!("bad hand-off address {:?}", target.address))?;
         Ok(Self {
             signer,
             is_a,
             hidden,
-            client: ComputeClient::new(channel),
-            target: target.to_string(),
+            client: ComputeClient::new(channel)
+                .max_encoding_message_size(crate::net::limits::COMPUTE),
+            target: target.address.clone(),
         })
     }
 
@@ -238,20 +255,13 @@ pub async fn check_share(
     role: &str,
     layer: u32,
 ) -> Result<()> {
-    let a = share
-        .attestation
-        .as_ref()
-        .with_context(|| format!("the share of {node_id} carries no attestation"))?;
-    if a.node_id != node_id {
+    let info = check_share_signer(peers, share).await?;
+    if info.node_id != node_id {
         bail!(
             "the share of the pair's {role} is signed by {}, not by {node_id}",
-            a.node_id
+            info.node_id
         );
     }
-    if a.model_id != share.model_id || a.session_id != share.session_id || a.step != share.step {
-        bail!("the attestation of {node_id} is for another session, step or model");
-    }
-    let info = peers.get(node_id).await?;
     if info.role != role || info.layer_end != layer {
         bail!(
             "{node_id} is registered as {} for layers [0, {}), not as {role} for [0, {layer})",
@@ -259,11 +269,47 @@ pub async fn check_share(
             info.layer_end
         );
     }
+    Ok(())
+}
+
+/// At intake: the share is signed by a registered party of its model in the role its
+/// `party` field names, over exactly these elements. Returns the signer's registration.
+pub async fn check_share_signer(
+    peers: &Peers,
+    share: &PutShareRequest,
+) -> Result<unfed_proto::NodeInfo> {
+    let a = share
+        .attestation
+        .as_ref()
+        .context("the share carries no attestation")?;
+    if a.model_id != share.model_id || a.session_id != share.session_id || a.step != share.step {
+        bail!(
+            "the attestation of {} is for another session, step or model",
+            a.node_id
+        );
+    }
+    let role = match share.party.as_str() {
+        "A" => "mpc_a",
+        "B" => "mpc_b",
+        p => bail!("party must be \"A\" or \"B\", not {p:?}"),
+    };
+    let info = peers.get(&a.node_id).await?;
+    if info.role != role {
+        bail!(
+            "{} is registered as {}, not as {role} (party {})",
+            a.node_id,
+            info.role,
+            share.party
+        );
+    }
     peers.verify(a).await?;
     if a.output_digest != attest::digest(&share_bytes(&share.data)) {
-        bail!("the share received differs from the one {node_id} signed");
+        bail!(
+            "the share received differs from the one {} signed",
+            a.node_id
+        );
     }
-    Ok(())
+    Ok(info)
 }
 
 /// The layer-k rows the two shares add up to.

@@ -42,6 +42,7 @@ fn to_proto(m: &Msg) -> MpcMessage {
         handoff: String::new(),
         client: String::new(),
         hops_total: 0,
+        handoff_pin: String::new(),
     }
 }
 
@@ -110,29 +111,42 @@ fn hello(session: &str, from: Peer) -> MpcMessage {
 /// What the client's hello tells each party about a session.
 #[derive(Debug, Clone, Default)]
 pub struct SessionOptions {
-    /// Where both parties send their output shares after every step (host:port of the
-    /// compute node holding the next layer); `None`: the client takes the output.
-    pub handoff: Option<String>,
+    /// Where both parties send their output shares after every step (the compute node
+    /// holding the next layer: its address and certificate pin); `None`: the client
+    /// takes the output.
+    pub handoff: Option<unfed_proto::Hop>,
     /// The wallet the daemon bills (empty: its default client).
     pub client: String,
     /// Hops sharing each step's price: the two parties and the compute hops after them.
     pub hops_total: u32,
 }
 
-/// Opens a Link to the party at `addr` for `session`, with the client's `options`.
+/// Opens a Link to the party `to` (pinned to its registered certificate) for
+/// `session`, with the client's `options`.
 async fn dial(
-    addr: &str,
+    net: &crate::net::Net,
+    to: &unfed_proto::Hop,
     session: &str,
     me: Peer,
     them: Peer,
     options: &SessionOptions,
 ) -> Result<(Sender<Msg>, Receiver<Msg>)> {
-    let mut client = MpcClient::connect(format!("http://{addr}"))
+    let addr = &to.address;
+    let pin = crate::net::Pin::parse(&to.tls_pin)?;
+    // A link lives as long as its session: no per-call deadline.
+    let ch = net
+        .connect(addr, Duration::from_secs(24 * 3600), pin)
         .await
         .with_context(|| format!("cannot reach MPC party {them:?} at {addr}"))?;
+    let mut client = MpcClient::new(ch)
+        .max_decoding_message_size(crate::net::limits::MPC)
+        .max_encoding_message_size(crate::net::limits::MPC);
     let (tx, stream) = outgoing(|m| m);
     let mut first = hello(session, me);
-    first.handoff = options.handoff.clone().unwrap_or_default();
+    if let Some(h) = &options.handoff {
+        first.handoff = h.address.clone();
+        first.handoff_pin = h.tls_pin.clone();
+    }
     first.client = options.client.clone();
     first.hops_total = options.hops_total;
     let stream = futures::stream::once(async move { first }).chain(stream);
@@ -168,6 +182,9 @@ pub struct PartyService {
     public: Arc<Packed>,
     /// Party B's address (party A dials it for every session).
     peer: Option<String>,
+    net: crate::net::Net,
+    /// Registered nodes: the counterpart party must be the registered one.
+    peers: Option<Arc<crate::verify::spot::Peers>>,
     timeout: Duration,
     pending: Arc<Mutex<HashMap<String, Pending>>>,
 }
@@ -181,6 +198,7 @@ impl PartyService {
         shares: Option<crate::shares::ShareSink>,
         peer: Option<String>,
         timeout: Duration,
+        (net, peers): (crate::net::Net, Option<Arc<crate::verify::spot::Peers>>),
     ) -> Result<Self> {
         if is_a && peer.is_none() {
             bail!("party A needs --peer (party B's host:port)");
@@ -194,6 +212,57 @@ impl PartyService {
             peer,
             timeout,
             pending: Default::default(),
+            net,
+            peers,
+        })
+    }
+
+    /// Party B: the caller claiming to be party A must hold the certificate the
+    /// registered party A of this model registered (mutual TLS). Plaintext pairs (loopback
+    /// testnets that opted out of TLS) cannot tell, and accept.
+    async fn check_counterpart(&self, caller: &crate::net::Peer) -> Result<(), Status> {
+        if !self.net.is_tls() {
+            return Ok(());
+        }
+        let pin = crate::net::auth::caller_pin(caller, "a link from party A")?;
+        let peers = self.peers.as_ref().ok_or_else(|| {
+            Status::permission_denied(
+                "this party is not registered (no --registry): it cannot tell party A from a stranger",
+            )
+        })?;
+        let a = peers
+            .by_role("mpc_a")
+            .await
+            .map_err(|e| Status::unavailable(format!("{e:#}")))?;
+        if !crate::net::auth::is_registered_pin(caller, &a.tls_pin) {
+            tracing::warn!(remote = ?caller.remote, "refused a link claiming to be party A");
+            return Err(Status::permission_denied(format!(
+                "the caller's certificate ({}) is not that of the registered party A {}",
+                pin.short(),
+                a.node_id
+            )));
+        }
+        Ok(())
+    }
+
+    /// Party A: party B as registered (pinned), or as given by --peer when unregistered.
+    async fn counterpart_b(&self) -> Result<unfed_proto::Hop> {
+        let addr = self.peer.clone().expect("checked at start");
+        let Some(peers) = &self.peers else {
+            return Ok(unfed_proto::Hop {
+                address: addr,
+                ..Default::default()
+            });
+        };
+        let b = peers.by_role("mpc_b").await?;
+        if self.net.is_tls() && b.tls_pin.is_empty() {
+            bail!("the registered party B {} has no certificate pin", b.node_id);
+        }
+        Ok(unfed_proto::Hop {
+            node_id: b.node_id,
+            address: addr,
+            shard_index: 0,
+            tls_pin: b.tls_pin,
         })
     }
 
@@ -242,13 +311,14 @@ impl PartyService {
         );
         let (model, is_a, session) = (self.model.clone(), self.is_a, session.to_string());
         let (signer, shares) = (self.signer.clone(), self.shares.clone());
+        let net = self.net.clone();
         tokio::task::spawn_blocking(move || {
             let hidden = model.cfg.hidden_size;
             let run = |port: &mut Port| -> Result<()> {
                 let mut outbox = options
                     .handoff
-                    .as_deref()
-                    .map(|to| Outbox::new(&signer, is_a, hidden, to))
+                    .as_ref()
+                    .map(|to| Outbox::new(&net, &signer, is_a, hidden, to))
                     .transpose()?;
                 let mut on_output = |step: u32, rows: usize, share: Vec<u64>| {
                     if let Some(sink) = &shares {
@@ -316,6 +386,7 @@ impl Mpc for PartyService {
         &self,
         req: Request<Streaming<MpcMessage>>,
     ) -> Result<Response<Self::LinkStream>, Status> {
+        let caller = crate::net::Peer::of(&req);
         let mut inbound = req.into_inner();
         let first = inbound
             .message()
@@ -336,8 +407,15 @@ impl Mpc for PartyService {
         if first.session.is_empty() {
             return Err(Status::invalid_argument("the hello names no session"));
         }
+        if from == Peer::A {
+            self.check_counterpart(&caller).await?;
+        }
         let options = SessionOptions {
-            handoff: (!first.handoff.is_empty()).then(|| first.handoff.clone()),
+            handoff: (!first.handoff.is_empty()).then(|| unfed_proto::Hop {
+                address: first.handoff.clone(),
+                tls_pin: first.handoff_pin.clone(),
+                ..Default::default()
+            }),
             client: first.client.clone(),
             hops_total: first.hops_total,
         };
@@ -349,8 +427,11 @@ impl Mpc for PartyService {
         let (tx, stream) = outgoing(Ok);
         let rx = incoming(inbound, from);
         if self.is_a && from == Peer::Client {
-            let peer = self.peer.as_deref().expect("checked at start");
-            let link = dial(peer, &first.session, Peer::A, Peer::B, &Default::default())
+            let to = self
+                .counterpart_b()
+                .await
+                .map_err(|e| Status::unavailable(format!("{e:#}")))?;
+            let link = dial(&self.net, &to, &first.session, Peer::A, Peer::B, &Default::default())
                 .await
                 .map_err(|e| Status::unavailable(format!("{e:#}")))?;
             self.attach(&first.session, Peer::B, link, Default::default());
@@ -366,16 +447,18 @@ pub struct RemotePair {
 }
 
 impl RemotePair {
-    /// Opens a session with party A at `a` and party B at `b`, telling both `options`.
+    /// Opens a session with party A `a` and party B `b` (each pinned to its registered
+    /// certificate), telling both `options`.
     pub async fn connect(
-        a: &str,
-        b: &str,
+        net: &crate::net::Net,
+        a: &unfed_proto::Hop,
+        b: &unfed_proto::Hop,
         session: &str,
         timeout: Duration,
         options: &SessionOptions,
     ) -> Result<Self> {
-        let (atx, arx) = dial(a, session, Peer::Client, Peer::A, options).await?;
-        let (btx, brx) = dial(b, session, Peer::Client, Peer::B, options).await?;
+        let (atx, arx) = dial(net, a, session, Peer::Client, Peer::A, options).await?;
+        let (btx, brx) = dial(net, b, session, Peer::Client, Peer::B, options).await?;
         Ok(Self {
             port: Port::new(
                 Peer::Client,

@@ -62,6 +62,8 @@ pub struct MpcArgs {
     /// How long a party waits for a message within a step before failing the session.
     #[arg(long, default_value_t = 30)]
     timeout_secs: u64,
+    #[command(flatten)]
+    tls: crate::net::TlsArgs,
 }
 
 impl MpcArgs {
@@ -129,6 +131,7 @@ impl MpcArgs {
             ))
         })
         .await??;
+        let net = self.tls.net(self.advertise.as_deref().unwrap_or(&self.host))?;
         let listener = crate::cli::bind(&self.host, self.port).await?;
         let advertise = self.advertise.clone().unwrap_or_else(|| {
             listener
@@ -162,6 +165,7 @@ impl MpcArgs {
                     shards_total: 2,
                     key: share_key.clone(),
                     daemon: crate::shares::DaemonSource::Registry(registry.clone()),
+                    net: net.clone(),
                     batch: 64,
                     flush_every: Duration::from_millis(200),
                 })
@@ -177,6 +181,16 @@ impl MpcArgs {
             shares,
             self.peer.clone(),
             timeout,
+            (
+                net.clone(),
+                self.registry.clone().map(|r| {
+                    Arc::new(crate::verify::spot::Peers::new(
+                        net.clone(),
+                        r,
+                        manifest.model_id.clone(),
+                    ))
+                }),
+            ),
         )?;
         let membership = self.registry.clone().map(|registry| {
             let listing = crate::membership::Listing {
@@ -189,8 +203,11 @@ impl MpcArgs {
                 stack: Stack::Text,
                 layers: (layers.start as u32, layers.end as u32),
                 shards_total: manifest.text_shards().count() as u32,
+                tls_pin: net.own_pin().map(|p| p.hex()).unwrap_or_default(),
             };
             let member = crate::membership::Member {
+                net: net.clone(),
+                key: share_key.clone(),
                 registry,
                 node_id: node_id.clone(),
                 what: role,
@@ -205,13 +222,15 @@ impl MpcArgs {
             ));
             (task, ready_rx)
         });
-        let server = tonic::transport::Server::builder()
-            .add_service(MpcServer::new(service))
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                crate::shutdown_signal(),
-            );
-        let server = tokio::spawn(server);
+        let router = net.server().add_service(
+            MpcServer::new(service)
+                .max_decoding_message_size(crate::net::limits::MPC)
+                .max_encoding_message_size(crate::net::limits::MPC),
+        );
+        let server = {
+            let net = net.clone();
+            tokio::spawn(async move { net.serve(router, listener, crate::shutdown_signal()).await })
+        };
         if let Some((task, ready)) = membership {
             ready.await.context("registration task ended")??;
             let result = server.await;

@@ -208,6 +208,7 @@ impl Adjudicator {
     /// attestation, probes the accused) and rules.
     pub async fn rule(
         &self,
+        net: &crate::net::Net,
         r: &FraudReport,
         split_dir: &Path,
         accused: &NodeInfo,
@@ -226,7 +227,7 @@ impl Adjudicator {
             }
         };
         let finding = if r.kind == FORGED_ATTESTATION {
-            probe_attestation(&model, accused)
+            probe_attestation(net, &model, accused)
                 .await
                 .map_err(|e| refuse("unavailable", format!("cannot probe the accused: {e:#}")))
         } else {
@@ -346,7 +347,11 @@ pub const FORGED_ATTESTATION: &str = "forged_attestation";
 
 /// Has the accused re-execute a probe input and checks the attestation it returns: a
 /// node that forges attestations cannot answer with a valid one.
-async fn probe_attestation(model: &ShardModel, accused: &NodeInfo) -> Result<(bool, String)> {
+async fn probe_attestation(
+    net: &crate::net::Net,
+    model: &ShardModel,
+    accused: &NodeInfo,
+) -> Result<(bool, String)> {
     let input = if model.spec().has_embedding {
         step_input::Input::Tokens(TokenIds { ids: vec![1, 2, 3] })
     } else {
@@ -354,10 +359,9 @@ async fn probe_attestation(model: &ShardModel, accused: &NodeInfo) -> Result<(bo
         let rows: Vec<f32> = (0..3 * h).map(|i| ((i % 17) as f32 - 8.0) / 16.0).collect();
         step_input::Input::Hidden(crate::wire::encode(&rows, &[1, 3, h], DType::DtypeF32))
     };
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", accused.address))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(30))
-        .connect()
+    let pin = crate::net::Pin::parse(&accused.tls_pin)?;
+    let ch = net
+        .connect(&accused.address, Duration::from_secs(30), pin)
         .await?;
     let resp = unfed_proto::compute_client::ComputeClient::new(ch)
         .reexecute(ReexecuteRequest {

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
 use ed25519_dalek::{SigningKey, VerifyingKey};
-use tonic::transport::Endpoint;
 use unfed_proto::compute_client::ComputeClient;
 use unfed_proto::*;
 
@@ -20,36 +19,108 @@ use super::reexec::{HopOutput, compare};
 
 /// Registered nodes by id, refreshed from the registry's Discover when a lookup misses.
 pub struct Peers {
+    net: crate::net::Net,
     registry: String,
     model: String,
     nodes: Mutex<(Instant, HashMap<String, NodeInfo>)>,
+    /// The registry's certificate key, as its Discover states it.
+    registry_pin: Mutex<Option<crate::net::Pin>>,
 }
 
 impl Peers {
-    pub fn new(registry: String, model: String) -> Self {
+    pub fn new(net: crate::net::Net, registry: String, model: String) -> Self {
         Self {
+            net,
             registry,
             model,
             nodes: Mutex::new((Instant::now() - Duration::from_secs(60), HashMap::new())),
+            registry_pin: Mutex::new(None),
         }
     }
 
+    pub fn net(&self) -> &crate::net::Net {
+        &self.net
+    }
+
+    /// A client of the registry these peers come from.
+    pub fn registry_client(
+        &self,
+    ) -> Result<unfed_proto::registry_client::RegistryClient<tonic::transport::Channel>> {
+        crate::membership::registry_client(&self.net, &self.registry)
+    }
+
+    /// A connected client of the compute node `n`, pinned to its registered certificate.
+    pub async fn compute_client(
+        &self,
+        n: &NodeInfo,
+        timeout: Duration,
+    ) -> Result<ComputeClient<tonic::transport::Channel>> {
+        let pin = crate::net::Pin::parse(&n.tls_pin)?;
+        let ch = self
+            .net
+            .connect(&n.address, timeout, pin)
+            .await
+            .with_context(|| format!("node {}", n.node_id))?;
+        Ok(ComputeClient::new(ch)
+            .max_decoding_message_size(crate::net::limits::COMPUTE)
+            .max_encoding_message_size(crate::net::limits::COMPUTE))
+    }
+
     async fn refresh(&self) -> Result<()> {
-        let mut c = crate::membership::registry_client(&self.registry)?;
-        let nodes = c
+        let mut c = self.registry_client()?;
+        let resp = c
             .discover(DiscoverRequest {
                 model: self.model.clone(),
             })
             .await
             .map_err(|s| anyhow!("registry discover: {}", s.message()))?
-            .into_inner()
-            .nodes;
+            .into_inner();
+        *self.registry_pin.lock().expect("peers poisoned") =
+            crate::net::Pin::parse(&resp.registry_pin).ok().flatten();
         let mut g = self.nodes.lock().expect("peers poisoned");
         *g = (
             Instant::now(),
-            nodes.into_iter().map(|n| (n.node_id.clone(), n)).collect(),
+            resp.nodes
+                .into_iter()
+                .map(|n| (n.node_id.clone(), n))
+                .collect(),
         );
         Ok(())
+    }
+
+    /// Who holds the certificate key `pin`: a registered node of this model, or the
+    /// registry itself (`Caller::Registry`). Refreshes at most once a second on a miss.
+    pub async fn caller(&self, pin: crate::net::Pin) -> Option<Caller> {
+        for attempt in 0..2 {
+            {
+                if *self.registry_pin.lock().expect("peers poisoned") == Some(pin) {
+                    return Some(Caller::Registry);
+                }
+                let g = self.nodes.lock().expect("peers poisoned");
+                if let Some(n) = g.1.values().find(|n| {
+                    crate::net::Pin::parse(&n.tls_pin).ok().flatten() == Some(pin)
+                }) {
+                    return Some(Caller::Node(Box::new(n.clone())));
+                }
+                if attempt == 1 || g.0.elapsed() < Duration::from_secs(1) {
+                    return None;
+                }
+            }
+            if self.refresh().await.is_err() {
+                return None;
+            }
+        }
+        None
+    }
+
+    /// The registered node of `role` (e.g. "mpc_b") of this model, freshly discovered.
+    pub async fn by_role(&self, role: &str) -> Result<NodeInfo> {
+        self.refresh().await?;
+        let g = self.nodes.lock().expect("peers poisoned");
+        g.1.values()
+            .find(|n| n.role == role)
+            .cloned()
+            .ok_or_else(|| anyhow!("the registry lists no {role} for `{}`", self.model))
     }
 
     /// The node's registration, refreshing at most once a second on a miss.
@@ -106,6 +177,13 @@ impl Peers {
             .cloned()
             .collect())
     }
+}
+
+/// A caller identified by its certificate key.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    Registry,
+    Node(Box<NodeInfo>),
 }
 
 /// Checks that `a` is the previous hop's valid attestation of exactly `received`.
@@ -260,7 +338,7 @@ impl SpotChecker {
     }
 
     async fn send(&self, report: FraudReport) -> Result<FraudVerdict> {
-        let mut c = crate::membership::registry_client(&self.registry)?;
+        let mut c = self.peers.registry_client()?;
         Ok(c.report_fraud(report)
             .await
             .map_err(|st| anyhow!("registry refused the report: {}", st.message()))?
@@ -272,7 +350,7 @@ impl SpotChecker {
     pub async fn check(&self, s: Suspect) -> Result<Option<FraudVerdict>> {
         let accused = s.attestations.last().context("no attestation")?.clone();
         let info = self.peers.get(&accused.node_id).await?;
-        let inputs = fetch_inputs(&info.address, &accused.session_id, &s.attestations).await?;
+        let inputs = fetch_inputs(&self.peers, &info, &accused.session_id, &s.attestations).await?;
         let replicas = self
             .peers
             .replicas(accused.shard_index, &[&accused.node_id, &self.node_id])
@@ -283,7 +361,7 @@ impl SpotChecker {
                 accused.shard_index
             );
         };
-        let recomputed = reexecute_on(&verifier.address, &accused.model_id, &inputs, &s).await?;
+        let recomputed = reexecute_on(&self.peers, verifier, &accused.model_id, &inputs, &s).await?;
         if compare(&s.output, &recomputed).is_ok() {
             return Ok(None);
         }
@@ -313,24 +391,16 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-async fn compute_client(address: &str) -> Result<ComputeClient<tonic::transport::Channel>> {
-    let ch = Endpoint::from_shared(format!("http://{address}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(60))
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {address}"))?;
-    Ok(ComputeClient::new(ch))
-}
-
 /// The accused's inputs for steps 0..=t, each matching its signed input digest.
 async fn fetch_inputs(
-    address: &str,
+    peers: &Peers,
+    accused: &NodeInfo,
     session: &str,
     atts: &[Attestation],
 ) -> Result<Vec<StepInput>> {
     let up_to = atts.last().context("no attestation")?.step;
-    let inputs = compute_client(address)
+    let inputs = peers
+        .compute_client(accused, CHECK_TIMEOUT)
         .await?
         .session_inputs(SessionInputsRequest {
             session_id: session.to_string(),
@@ -358,13 +428,19 @@ async fn fetch_inputs(
     Ok(inputs)
 }
 
+/// One fetch of inputs or re-execution of a whole session.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(60);
+
 async fn reexecute_on(
-    address: &str,
+    peers: &Peers,
+    replica: &NodeInfo,
     model: &str,
     inputs: &[StepInput],
     s: &Suspect,
 ) -> Result<HopOutput> {
-    let r = compute_client(address)
+    let address = &replica.address;
+    let r = peers
+        .compute_client(replica, CHECK_TIMEOUT)
         .await?
         .reexecute(ReexecuteRequest {
             model_id: model.to_string(),
@@ -390,7 +466,11 @@ mod tests {
     /// serving half the routes, 16 steps per request, over the checker's own sampling.
     #[test]
     fn detection_at_five_percent_takes_a_few_requests() {
-        let peers = Arc::new(Peers::new("127.0.0.1:1".into(), "m".into()));
+        let peers = Arc::new(Peers::new(
+            crate::net::Net::plaintext(),
+            "127.0.0.1:1".into(),
+            "m".into(),
+        ));
         let checker = SpotChecker::new(
             0.05,
             "me".into(),

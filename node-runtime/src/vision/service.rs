@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 use unfed_model::{Manifest, ShardEntry};
 use unfed_proto::vision_client::VisionClient;
@@ -85,16 +84,23 @@ impl VisionNode {
 
 /// Serves `node` on `listener` until `shutdown` completes.
 pub async fn serve(
+    net: crate::net::Net,
     listener: TcpListener,
     node: VisionNode,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    tonic::transport::Server::builder()
-        .add_service(VisionServer::new(node).max_decoding_message_size(256 << 20))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+    let router = net.server().add_service(
+        VisionServer::new(node)
+            .max_decoding_message_size(crate::net::limits::VISION)
+            .max_encoding_message_size(crate::net::limits::VISION),
+    );
+    net.serve(router, listener, shutdown)
         .await
         .context("vision server failed")
 }
+
+/// How long one vision shard may take for one image.
+const ENCODE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 #[tonic::async_trait]
 impl Vision for VisionNode {
@@ -230,24 +236,31 @@ fn hidden_from_wire(h: &VisionHidden) -> Result<PatchStates, Status> {
     })
 }
 
-/// Runs preprocessed tiles through the vision shards at `addresses` (shard 0 first) and
-/// returns the image features `[rows, text_hidden]` as (values, rows).
+/// Runs preprocessed tiles through the vision shards `hops` (shard 0 first, each pinned
+/// to its registered certificate) and returns the image features `[rows, text_hidden]`
+/// as (values, rows).
 pub async fn encode_image(
-    addresses: &[String],
+    net: &crate::net::Net,
+    hops: &[unfed_proto::Hop],
     model_id: &str,
     batch: &PixelBatch,
 ) -> Result<(Vec<f32>, usize)> {
-    if addresses.is_empty() {
+    if hops.is_empty() {
         bail!(
             "model `{model_id}` has no vision shard serving; start one with `unfed-node compute --model-type smolvlm_vision`"
         );
     }
     let mut input = encode_request::Input::Pixels(pixels_to_wire(batch));
-    for (i, address) in addresses.iter().enumerate() {
-        let mut client = VisionClient::connect(format!("http://{address}"))
-            .await
-            .with_context(|| format!("cannot reach vision shard {i} at {address}"))?
-            .max_decoding_message_size(256 << 20);
+    for (i, hop) in hops.iter().enumerate() {
+        let address = &hop.address;
+        let pin = crate::net::Pin::parse(&hop.tls_pin)?;
+        let mut client = VisionClient::new(
+            net.connect(address, ENCODE_TIMEOUT, pin)
+                .await
+                .with_context(|| format!("cannot reach vision shard {i} at {address}"))?,
+        )
+        .max_decoding_message_size(crate::net::limits::VISION)
+        .max_encoding_message_size(crate::net::limits::VISION);
         let resp = client
             .encode(EncodeRequest {
                 model_id: model_id.to_string(),
@@ -257,11 +270,11 @@ pub async fn encode_image(
             .map_err(|s| anyhow::anyhow!("vision shard {i} at {address}: {}", s.message()))?
             .into_inner();
         match resp.output {
-            Some(encode_response::Output::Features(t)) if i + 1 == addresses.len() => {
+            Some(encode_response::Output::Features(t)) if i + 1 == hops.len() => {
                 let (data, shape) = wire::decode(&t)?;
                 return Ok((data, shape.first().copied().unwrap_or(0)));
             }
-            Some(encode_response::Output::Hidden(h)) if i + 1 < addresses.len() => {
+            Some(encode_response::Output::Hidden(h)) if i + 1 < hops.len() => {
                 input = encode_request::Input::Hidden(h)
             }
             _ => bail!(
@@ -282,7 +295,7 @@ pub async fn run(
 ) -> Result<()> {
     let node = VisionNode::new(shard.manifest.model_id.clone(), shard.model);
     let cfg = Arc::new(cfg);
-    let server = tokio::spawn(serve(listener, node, shutdown));
+    let server = tokio::spawn(serve(cfg.net.clone(), listener, node, shutdown));
     let mut member = None;
     if let Some(registry) = cfg.registry.clone() {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -307,26 +320,38 @@ pub async fn run(
     result
 }
 
-/// Addresses of the live vision shards of `model`, in shard order, from the registry.
-pub async fn vision_addresses(registry: &str, model: &str) -> Result<Vec<String>> {
-    let mut client =
-        unfed_proto::registry_client::RegistryClient::connect(format!("http://{registry}"))
-            .await
-            .with_context(|| format!("cannot reach the registry at {registry}"))?;
+/// The live vision shards of `model`, in shard order, from the registry.
+pub async fn vision_addresses(
+    net: &crate::net::Net,
+    registry: &str,
+    model: &str,
+) -> Result<Vec<unfed_proto::Hop>> {
+    let mut client = crate::membership::registry_client(net, registry)?;
     let nodes = client
         .discover(unfed_proto::DiscoverRequest {
             model: model.to_string(),
         })
         .await
-        .map_err(|s| anyhow::anyhow!("Discover failed: {}", s.message()))?
+        .map_err(|s| anyhow::anyhow!("Discover at the registry {registry} failed: {}", s.message()))?
         .into_inner()
         .nodes;
     let mut shards: Vec<_> = nodes
         .iter()
         .filter(|n| n.model == model && n.stack == unfed_proto::Stack::Vision as i32)
-        .map(|n| (n.shard_index, n.shards_total, n.address.clone()))
+        .map(|n| {
+            (
+                n.shard_index,
+                n.shards_total,
+                unfed_proto::Hop {
+                    node_id: n.node_id.clone(),
+                    address: n.address.clone(),
+                    shard_index: n.shard_index,
+                    tls_pin: n.tls_pin.clone(),
+                },
+            )
+        })
         .collect();
-    shards.sort();
+    shards.sort_by_key(|s| s.0);
     shards.dedup_by_key(|s| s.0);
     let total = shards.first().map_or(0, |s| s.1 as usize);
     if shards.is_empty() || shards.len() != total {

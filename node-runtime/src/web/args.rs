@@ -32,6 +32,9 @@ pub struct WebArgs {
     /// Registry host:port.
     #[arg(long)]
     registry: String,
+    /// The dashboard dials the network: --tls-ca alone is enough.
+    #[command(flatten)]
+    tls: crate::net::TlsArgs,
     /// Share-chain daemon host:port (default: the daemon the registry lists).
     #[arg(long)]
     daemon: Option<String>,
@@ -173,6 +176,7 @@ impl WebArgs {
         let prices = self.prices.prices()?;
         Ok(WebState {
             registry: self.registry.clone(),
+            net: self.tls.client_net()?,
             daemon: self.daemon.clone(),
             chain: self.chain()?,
             prices,

@@ -195,7 +195,7 @@ async fn prepare(
         }
     };
     body.check()?;
-    let mut client = Client::connect(&s.registry)
+    let mut client = Client::connect(&s.net, &s.registry)
         .await
         .map_err(|e| ApiError::new(503, format!("{e:#}")))?;
     let model = pick_model(&mut client, body.model.clone()).await?;

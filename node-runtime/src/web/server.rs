@@ -39,6 +39,8 @@ pub struct Switches {
 
 pub struct WebState {
     pub registry: String,
+    /// How the dashboard dials the registry and the nodes (TLS with the testnet CA).
+    pub net: crate::net::Net,
     /// The share-chain daemon; None = the one the registry lists.
     pub daemon: Option<String>,
     pub chain: Option<ChainAccess>,

@@ -7,7 +7,6 @@ use axum::Json;
 use axum::extract::{Path, State};
 use serde_json::{Value, json};
 use unfed_chain::{Address, U256, format_amount};
-use unfed_proto::daemon_client::DaemonClient;
 use unfed_proto::*;
 
 use super::server::{ApiError, ApiResult, WebState};
@@ -46,7 +45,7 @@ pub async fn config(State(s): State<Arc<WebState>>) -> Json<Value> {
 }
 
 async fn registry(s: &WebState) -> Result<Client, ApiError> {
-    Client::connect(&s.registry)
+    Client::connect(&s.net, &s.registry)
         .await
         .map_err(|e| ApiError::new(503, format!("{e:#}")))
 }
@@ -168,10 +167,11 @@ pub async fn network(State(s): State<Arc<WebState>>) -> ApiResult<Value> {
     })))
 }
 
-/// The daemon's address: the flag, or the daemon the registry lists.
-async fn daemon_address(s: &WebState) -> Result<String, ApiError> {
+/// The daemon's address and certificate pin: the flag (unpinned), or the daemon the
+/// registry lists.
+async fn daemon_address(s: &WebState) -> Result<(String, String), ApiError> {
     if let Some(d) = &s.daemon {
-        return Ok(d.clone());
+        return Ok((d.clone(), String::new()));
     }
     let nodes = registry(s)
         .await?
@@ -184,7 +184,7 @@ async fn daemon_address(s: &WebState) -> Result<String, ApiError> {
     nodes
         .into_iter()
         .find(|n| n.role == "daemon")
-        .map(|n| n.address)
+        .map(|n| (n.address, n.tls_pin))
         .ok_or_else(|| {
             ApiError::new(
                 503,
@@ -195,12 +195,16 @@ async fn daemon_address(s: &WebState) -> Result<String, ApiError> {
 
 pub async fn chain(State(s): State<Arc<WebState>>) -> ApiResult<Value> {
     let daemon = match daemon_address(&s).await {
-        Ok(addr) => match DaemonClient::connect(format!("http://{addr}")).await {
+        Ok((addr, pin)) => match async {
+            crate::daemon::client(&s.net, &addr, crate::net::Pin::parse(&pin)?).await
+        }
+        .await
+        {
             Ok(mut d) => match d.get_chain_status(GetChainStatusRequest {}).await {
                 Ok(r) => share_chain_json(&addr, r.into_inner()),
                 Err(e) => json!({ "address": addr, "error": e.message() }),
             },
-            Err(e) => json!({ "address": addr, "error": format!("cannot reach the daemon: {e}") }),
+            Err(e) => json!({ "address": addr, "error": format!("cannot reach the daemon: {e:#}") }),
         },
         Err(e) => json!({ "error": e.message }),
     };
