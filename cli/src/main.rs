@@ -117,16 +117,23 @@ enum PreflightCommand {
         /// Testnet spec (TOML). Default: the embedded specs/tiny.toml.
         spec: Option<PathBuf>,
     },
-    /// A node about to go public: TLS complete, and present for a public address.
+    /// A node's TLS: certificate, key (0600, its own) and CA given; the certificate
+    /// valid today, signed by the CA and naming the advertise host; with --connect, a
+    /// handshake with the running node that presents exactly that certificate.
     Node {
         /// HOST:PORT other processes will dial.
         #[arg(long)]
         advertise: String,
-        #[arg(long)]
+        #[arg(long, env = "UNFED_TLS_CERT")]
         tls_cert: Option<PathBuf>,
-        #[arg(long)]
+        #[arg(long, env = "UNFED_TLS_KEY")]
         tls_key: Option<PathBuf>,
-        /// Accept a public address without TLS (not for production).
+        #[arg(long, env = "UNFED_TLS_CA")]
+        tls_ca: Option<PathBuf>,
+        /// Also handshake with the node running at --advertise.
+        #[arg(long)]
+        connect: bool,
+        /// Accept a node without TLS (a throwaway test, never a real network).
         #[arg(long)]
         allow_insecure_public: bool,
     },
@@ -162,13 +169,19 @@ fn run_preflight(cmd: PreflightCommand) -> anyhow::Result<ExitCode> {
             advertise,
             tls_cert,
             tls_key,
+            tls_ca,
+            connect,
             allow_insecure_public,
-        } => preflight::node_checks(
+        } => runtime()?.block_on(preflight::node_checks(
             &advertise,
-            tls_cert.as_deref(),
-            tls_key.as_deref(),
+            preflight::NodeTls {
+                cert: tls_cert.as_deref(),
+                key: tls_key.as_deref(),
+                ca: tls_ca.as_deref(),
+            },
+            connect,
             allow_insecure_public,
-        ),
+        )),
         PreflightCommand::Web { host } => preflight::web_checks(&host, &std::env::vars().collect()),
         PreflightCommand::Runtime {
             registry,

@@ -212,11 +212,21 @@ pub fn web_checks(host: &str, env: &std::collections::HashMap<String, String>) -
     ]
 }
 
-/// A node about to advertise `advertise`: TLS must be complete, and present for a public address.
-pub fn node_checks(
+/// A node's TLS files, as its flags name them.
+#[derive(Debug, Default, Clone)]
+pub struct NodeTls<'a> {
+    pub cert: Option<&'a Path>,
+    pub key: Option<&'a Path>,
+    pub ca: Option<&'a Path>,
+}
+
+/// A node about to advertise `advertise`: its TLS is complete, the key private and
+/// its own, the certificate valid today, signed by the CA and naming the advertise host;
+/// with `connect`, the running node presents exactly this certificate in a handshake.
+pub async fn node_checks(
     advertise: &str,
-    cert: Option<&Path>,
-    key: Option<&Path>,
+    tls: NodeTls<'_>,
+    connect: bool,
     allow_insecure_public: bool,
 ) -> Vec<Check> {
     let host = advertise.rsplit_once(':').map_or(advertise, |(h, _)| h);
@@ -230,42 +240,112 @@ pub fn node_checks(
         format!("advertise address {advertise} is HOST:PORT"),
         port_ok,
     )];
-    let pair = match (cert, key) {
-        (Some(_), None) | (None, Some(_)) => {
-            Err("give --tls-cert and --tls-key together".to_string())
-        }
-        _ => Ok(()),
+    let (Some(cert), Some(key), Some(ca)) = (tls.cert, tls.key, tls.ca) else {
+        let some = tls.cert.is_some() || tls.key.is_some() || tls.ca.is_some();
+        let result = if some {
+            Err("give --tls-cert, --tls-key and --tls-ca together".to_string())
+        } else if allow_insecure_public {
+            Ok(())
+        } else {
+            Err(format!(
+                "the node at {host} would serve plaintext: anyone on the path reads prompts and activations; \
+                 give it --tls-cert/--tls-key/--tls-ca (`unfedctl up` issues them under run_dir/keys/tls), \
+                 or pass --allow-insecure-public for a throwaway test"
+            ))
+        };
+        checks.push(Check::new("TLS: certificate, key and CA are given", result));
+        return checks;
     };
-    checks.push(Check::new("TLS certificate and key come together", pair));
-    for (what, file) in [("certificate", cert), ("key", key)] {
-        if let Some(file) = file {
-            let exists = if file.is_file() {
-                Ok(())
-            } else {
-                Err(format!("{} does not exist", file.display()))
-            };
-            checks.push(Check::new(
-                format!("TLS {what} {} exists", file.display()),
-                exists,
-            ));
+    checks.push(Check::new("TLS: certificate, key and CA are given", Ok(())));
+    let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
+    let (cert_pem, ca_pem) = match (read(cert), read(ca)) {
+        (Ok(c), Ok(a)) => (c, a),
+        (c, a) => {
+            for (what, r) in [("certificate", c), ("CA", a)] {
+                checks.push(Check::new(format!("TLS {what} is readable"), r.map(drop)));
+            }
+            return checks;
         }
-    }
-    if let Some(key) = key.filter(|k| k.is_file()) {
-        checks.push(Check::new("TLS key is private", private_file(key)));
-    }
-    let public = !is_local_host(host);
-    let tls = if public && cert.is_none() && !allow_insecure_public {
+    };
+    checks.push(Check::new(
+        format!("TLS key {} is private (0600)", key.display()),
+        private_file(key),
+    ));
+    let facts = match unfed_node::net::pki::CertFacts::of_pem(&cert_pem) {
+        Ok(f) => f,
+        Err(e) => {
+            checks.push(Check::new(
+                format!("certificate {} parses", cert.display()),
+                Err(format!("{e:#}")),
+            ));
+            return checks;
+        }
+    };
+    let key_matches = unfed_node::net::Net::from_files(&unfed_node::net::TlsFiles {
+        cert: cert.into(),
+        key: key.into(),
+        ca: ca.into(),
+    });
+    checks.push(Check::new(
+        "the key belongs to the certificate",
+        key_matches.as_ref().map(drop).map_err(|e| format!("{e:#}")),
+    ));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let valid = if now < facts.not_before {
         Err(format!(
-            "{host} is a public address: serve it with --tls-cert/--tls-key (or pass --allow-insecure-public)"
+            "not valid before {} (unix time; now {now}): check this machine's clock",
+            facts.not_before
+        ))
+    } else if now > facts.not_after {
+        Err(format!(
+            "expired {} days ago: issue a new certificate (`unfedctl up` issues fresh ones)",
+            (now - facts.not_after) / 86_400
         ))
     } else {
         Ok(())
     };
-    let scope = if public { "public" } else { "local" };
     checks.push(Check::new(
-        format!("{scope} address {host} has the TLS it needs"),
-        tls,
+        format!("certificate is valid today ({})", facts.subject),
+        valid,
     ));
+    checks.push(Check::new(
+        "certificate is signed by the CA",
+        unfed_node::net::pki::CertFacts::signed_by(&cert_pem, &ca_pem).map_err(|e| format!("{e:#}")),
+    ));
+    let covers = if facts.covers(host) {
+        Ok(())
+    } else {
+        Err(format!(
+            "the certificate names {} but not {host}: peers dialling {advertise} would refuse it; issue one for {host}",
+            facts.names()
+        ))
+    };
+    checks.push(Check::new(
+        format!("certificate names the advertise host {host}"),
+        covers,
+    ));
+    if connect {
+        let result = match key_matches {
+            Ok(_) => match unfed_node::net::Net::client_from_ca(ca) {
+                Ok(net) => net
+                    .connect(advertise, std::time::Duration::from_secs(5), Some(facts.pin))
+                    .await
+                    .map(drop)
+                    .map_err(|e| format!("{e:#}")),
+                Err(e) => Err(format!("{e:#}")),
+            },
+            Err(_) => Err("skipped: the key does not belong to the certificate".into()),
+        };
+        checks.push(Check::new(
+            format!(
+                "the node at {advertise} completes a TLS handshake under the CA with this certificate ({})",
+                facts.pin.short()
+            ),
+            result,
+        ));
+    }
     checks
 }
 
@@ -346,38 +426,26 @@ mod tests {
         assert_eq!(failures(&web_checks("127.0.0.1", &open_faucet)), 1);
     }
 
+    fn node(advertise: &str, tls: NodeTls<'_>, allow: bool) -> usize {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        failures(&rt.block_on(node_checks(advertise, tls, false, allow)))
+    }
+
     #[test]
-    fn public_addresses_need_tls() {
-        assert_eq!(
-            failures(&node_checks("127.0.0.1:50051", None, None, false)),
-            0
-        );
-        assert_eq!(
-            failures(&node_checks("192.168.1.4:50051", None, None, false)),
-            0
-        );
-        assert_eq!(
-            failures(&node_checks("203.0.113.42:50051", None, None, false)),
-            1
-        );
-        assert_eq!(
-            failures(&node_checks("node.example.org:50051", None, None, false)),
-            1
-        );
-        assert_eq!(
-            failures(&node_checks("203.0.113.42:50051", None, None, true)),
-            0
-        );
+    fn a_plaintext_node_is_no_go_unless_explicitly_allowed() {
+        assert_eq!(node("127.0.0.1:50051", NodeTls::default(), false), 1);
+        assert_eq!(node("203.0.113.42:50051", NodeTls::default(), false), 1);
+        assert_eq!(node("203.0.113.42:50051", NodeTls::default(), true), 0);
+        assert_eq!(node("203.0.113.42:0", NodeTls::default(), true), 1);
         let cert = Path::new("/nonexistent/server.crt");
-        // A lone cert: the pair is incomplete and the file is missing.
-        assert_eq!(
-            failures(&node_checks("203.0.113.42:50051", Some(cert), None, false)),
-            2
-        );
-        assert_eq!(
-            failures(&node_checks("203.0.113.42:0", None, None, true)),
-            1
-        );
+        let lone = NodeTls {
+            cert: Some(cert),
+            ..Default::default()
+        };
+        assert_eq!(node("203.0.113.42:50051", lone, true), 1);
     }
 
     #[test]

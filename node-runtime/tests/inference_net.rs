@@ -81,9 +81,7 @@ async fn greedy_through_1_2_3_shards_and_replicas_matches_transformers_for_every
     // Every replica of every 3-shard route served steps.
     for node in &net.computes {
         let mut c =
-            unfed_proto::compute_client::ComputeClient::connect(format!("http://{}", node.address))
-                .await
-                .unwrap();
+            unfed_proto::compute_client::ComputeClient::new(crate::common::net::channel(&node.address).await);
         let h = c
             .health(unfed_proto::HealthRequest {})
             .await
@@ -129,7 +127,7 @@ async fn eight_concurrent_sessions_each_get_their_own_output() {
         let registry = net.registry.address.clone();
         let name = name.clone();
         tasks.push(tokio::spawn(async move {
-            let mut client = unfed_node::client::Client::connect(&registry)
+            let mut client = unfed_node::client::Client::connect(&crate::common::net::transport(), &registry)
                 .await
                 .unwrap();
             client

@@ -60,9 +60,7 @@ async fn the_client_samples_from_logits_sealed_to_it() {
     // the client's key opens it, for this step only.
     let route = client.route("tiny").await.unwrap();
     let me = Opener::new();
-    let mut shard0 = ComputeClient::connect(format!("http://{}", route[0].address))
-        .await
-        .unwrap();
+    let mut shard0 = ComputeClient::new(crate::common::net::channel(&route[0].address).await);
     let req = ForwardRequest {
         model_id: "tiny".into(),
         session_id: "sealed".into(),

@@ -193,9 +193,7 @@ impl Staked {
     }
 
     async fn verdicts(&self) -> ListVerdictsResponse {
-        let mut c = RegistryClient::connect(format!("http://{}", self.net.registry.address))
-            .await
-            .unwrap();
+        let mut c = RegistryClient::new(crate::common::net::channel(&self.net.registry.address).await);
         c.list_verdicts(ListVerdictsRequest {})
             .await
             .unwrap()
@@ -275,9 +273,7 @@ async fn cheater_is_slashed(mode: &str, cheat_shard: usize) -> Vec<anyhow::Resul
             "{honest} lost stake"
         );
     }
-    let mut c = RegistryClient::connect(format!("http://{}", t.net.registry.address))
-        .await
-        .unwrap();
+    let mut c = RegistryClient::new(crate::common::net::channel(&t.net.registry.address).await);
     let listed: Vec<String> = c
         .discover(unfed_proto::DiscoverRequest { model: s("m") })
         .await
@@ -419,9 +415,7 @@ async fn a_thousand_honest_hops_produce_no_reports() {
             tokio::time::sleep(Duration::from_millis(100)).await; // poll interval inside the deadline
         };
         checks += passed;
-        let mut c = RegistryClient::connect(format!("http://{}", net.registry.address))
-            .await
-            .unwrap();
+        let mut c = RegistryClient::new(crate::common::net::channel(&net.registry.address).await);
         let v = c
             .list_verdicts(ListVerdictsRequest {})
             .await
@@ -506,9 +500,7 @@ async fn forged_replayed_and_excess_reports_are_refused() {
         attest::sign_report(key, &mut r);
         r
     };
-    let mut c = RegistryClient::connect(format!("http://{reg}"))
-        .await
-        .unwrap();
+    let mut c = RegistryClient::new(crate::common::net::channel(&reg).await);
     let mut send = async |r: FraudReport| c.report_fraud(r).await.unwrap().into_inner();
 
     let stranger = unfed_node::shares::generate_key();

@@ -50,6 +50,7 @@ fn serve_vl(net: &mut Net) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_vision_shards_over_grpc_give_the_reference_features_and_tokens() {
+    let tls = common::net::transport();
     let dir = tempfile::tempdir().unwrap();
     let split_dir = split_vl(dir.path(), 1, 2);
     let mut addresses = Vec::new();
@@ -57,17 +58,25 @@ async fn two_vision_shards_over_grpc_give_the_reference_features_and_tokens() {
     for i in 0..2 {
         let shard = load_vision_shard(&split_dir, i).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        addresses.push(listener.local_addr().unwrap().to_string());
+        addresses.push(unfed_proto::Hop {
+            address: listener.local_addr().unwrap().to_string(),
+            ..Default::default()
+        });
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         stops.push(tx);
         let node = VisionNode::new(shard.manifest.model_id.clone(), shard.model);
-        tokio::spawn(serve(listener, node, async move {
-            let _ = rx.await;
-        }));
+        tokio::spawn(serve(
+            common::net::identity("vision"),
+            listener,
+            node,
+            async move {
+                let _ = rx.await;
+            },
+        ));
     }
     for case in reference().cases.iter().filter(|c| c.do_image_splitting) {
         let batch = preprocess(case).batch;
-        let (features, rows) = encode_image(&addresses, MODEL, &batch).await.unwrap();
+        let (features, rows) = encode_image(&tls, &addresses, MODEL, &batch).await.unwrap();
         assert_eq!(rows, case.features_shape[0]);
         assert_eq!(
             features,
@@ -87,17 +96,17 @@ async fn two_vision_shards_over_grpc_give_the_reference_features_and_tokens() {
         assert_eq!(got, case.generated_ids, "{}", case.image);
     }
     let batch = preprocess(&reference().cases[0]).batch;
-    let err = encode_image(&addresses, "other-model", &batch)
+    let err = encode_image(&tls, &addresses, "other-model", &batch)
         .await
         .unwrap_err();
     assert!(
         format!("{err:#}").contains(&format!("serves `{MODEL}`, not `other-model`")),
         "{err:#}"
     );
-    let reversed: Vec<String> = addresses.iter().rev().cloned().collect();
-    let err = encode_image(&reversed, MODEL, &batch).await.unwrap_err();
+    let reversed: Vec<_> = addresses.iter().rev().cloned().collect();
+    let err = encode_image(&tls, &reversed, MODEL, &batch).await.unwrap_err();
     assert!(format!("{err:#}").contains("vision shard 0"), "{err:#}");
-    let err = encode_image(&[], MODEL, &batch).await.unwrap_err();
+    let err = encode_image(&tls, &[], MODEL, &batch).await.unwrap_err();
     assert!(format!("{err:#}").contains("smolvlm_vision"), "{err:#}");
 }
 
@@ -136,6 +145,7 @@ async fn model_status(net: &Net) -> unfed_proto::ModelStatus {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vision_node_process_completes_the_model_and_serves_features() {
+    let tls = common::net::transport();
     let dir = Net::prepare();
     split_vl(&dir.path().join("splits"), 2, 1);
     let mut net = Net::registry(dir);
@@ -162,13 +172,13 @@ async fn a_vision_node_process_completes_the_model_and_serves_features() {
     net.computes.push(common::net::Node::start(&args, log));
     net.wait_ready(MODEL, 3).await;
 
-    let vision = vision_addresses(&net.registry.address, MODEL)
+    let vision = vision_addresses(&tls, &net.registry.address, MODEL)
         .await
         .unwrap();
     assert_eq!(vision.len(), 1);
     let case = &reference().cases[0];
     let batch = preprocess(case).batch;
-    let (features, _) = encode_image(&vision, MODEL, &batch).await.unwrap();
+    let (features, _) = encode_image(&tls, &vision, MODEL, &batch).await.unwrap();
     assert_eq!(features, model().image_features(batch).unwrap());
 
     // SIGTERM: the vision node unregisters and the model is incomplete again.
@@ -194,6 +204,7 @@ async fn a_vision_node_process_completes_the_model_and_serves_features() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn image_and_text_greedy_generation_through_the_testnet_matches_transformers() {
+    let tls = common::net::transport();
     let dir = Net::prepare();
     split_vl(&dir.path().join("splits"), 2, 1);
     let text_only = SplitOptions {
@@ -210,13 +221,13 @@ async fn image_and_text_greedy_generation_through_the_testnet_matches_transforme
     let mut net = Net::registry(dir);
     serve_vl(&mut net);
     net.wait_ready(MODEL, 3).await;
-    let vision = vision_addresses(&net.registry.address, MODEL)
+    let vision = vision_addresses(&tls, &net.registry.address, MODEL)
         .await
         .unwrap();
     let mut client = net.client().await;
     for case in &reference().cases {
         let batch = preprocess(case).batch;
-        let (features, rows) = encode_image(&vision, MODEL, &batch).await.unwrap();
+        let (features, rows) = encode_image(&tls, &vision, MODEL, &batch).await.unwrap();
         let features = wire::encode(&features, &[rows, features.len() / rows], DType::DtypeF32);
         let opts = GenerateOptions {
             max_tokens: case.generated_ids.len(),
@@ -301,7 +312,7 @@ async fn image_and_text_greedy_generation_through_the_testnet_matches_transforme
         .iter()
         .find(|c| !c.do_image_splitting)
         .unwrap();
-    let (features, rows) = encode_image(&vision, MODEL, &preprocess(five).batch)
+    let (features, rows) = encode_image(&tls, &vision, MODEL, &preprocess(five).batch)
         .await
         .unwrap();
     let features = wire::encode(&features, &[rows, features.len() / rows], DType::DtypeF32);
@@ -371,6 +382,7 @@ async fn image_and_text_greedy_generation_through_the_testnet_matches_transforme
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn image_prompts_through_an_mpc_pair_give_the_transformers_tokens() {
+    let tls = common::net::transport();
     let dir = Net::prepare();
     let split = split_vl(&dir.path().join("splits"), 2, 1);
     let mut net = Net::registry(dir);
@@ -378,7 +390,7 @@ async fn image_prompts_through_an_mpc_pair_give_the_transformers_tokens() {
     let logs = net.dir.path().to_path_buf();
     let _pair = start_pair(&split, Some(&net.registry.address), &[], &logs);
     net.wait_ready(MODEL, 5).await;
-    let vision = vision_addresses(&net.registry.address, MODEL)
+    let vision = vision_addresses(&tls, &net.registry.address, MODEL)
         .await
         .unwrap();
     let mut client = net.client().await;
@@ -394,7 +406,7 @@ async fn image_prompts_through_an_mpc_pair_give_the_transformers_tokens() {
     // shard 0 on shares and hands over to shard 1.
     for case in &reference().cases {
         let batch = preprocess(case).batch;
-        let (features, rows) = encode_image(&vision, MODEL, &batch).await.unwrap();
+        let (features, rows) = encode_image(&tls, &vision, MODEL, &batch).await.unwrap();
         let features = wire::encode(&features, &[rows, features.len() / rows], DType::DtypeF32);
         let opts = GenerateOptions {
             max_tokens: case.generated_ids.len(),

@@ -208,6 +208,22 @@ impl CertFacts {
         })
     }
 
+    /// Whether `cert_pem`'s signature verifies under the key of the CA in `ca_pem`.
+    pub fn signed_by(cert_pem: &str, ca_pem: &str) -> Result<()> {
+        use rustls::pki_types::pem::PemObject;
+        let der = |pem: &str, what: &str| {
+            CertificateDer::from_pem_slice(pem.as_bytes())
+                .map_err(|e| anyhow!("the {what} is not a PEM certificate: {e}"))
+        };
+        let (cert, ca) = (der(cert_pem, "certificate")?, der(ca_pem, "CA file")?);
+        let (_, cert) = x509_parser::parse_x509_certificate(&cert)
+            .map_err(|e| anyhow!("the certificate is not X.509: {e}"))?;
+        let (_, ca) = x509_parser::parse_x509_certificate(&ca)
+            .map_err(|e| anyhow!("the CA file is not X.509: {e}"))?;
+        cert.verify_signature(Some(ca.public_key()))
+            .map_err(|_| anyhow!("the certificate was not signed by this CA ({})", ca.subject()))
+    }
+
     /// Whether the certificate names `host` (an IP address or a DNS name).
     pub fn covers(&self, host: &str) -> bool {
         let host = host.trim_start_matches('[').trim_end_matches(']');

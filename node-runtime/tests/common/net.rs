@@ -11,6 +11,85 @@ use unfed_proto::ModelState;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_unfed-node");
 
+/// The tests' CA: every node a test starts serves TLS (the default of a real testnet)
+/// with a certificate of its own, issued here.
+struct TestPki {
+    ca: unfed_node::net::pki::Ca,
+    dir: PathBuf,
+    issued: std::sync::atomic::AtomicUsize,
+}
+
+fn pki() -> &'static TestPki {
+    static PKI: std::sync::OnceLock<TestPki> = std::sync::OnceLock::new();
+    PKI.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("test-pki-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let ca = unfed_node::net::pki::Ca::generate("tests").unwrap();
+        unfed_chain::keys::create_private_file(&dir.join("ca.key"), ca.key_pem.as_bytes())
+            .unwrap();
+        std::fs::write(dir.join("ca.crt"), &ca.cert_pem).unwrap();
+        TestPki {
+            ca,
+            dir,
+            issued: Default::default(),
+        }
+    })
+}
+
+/// The tests' CA certificate.
+pub fn ca_path() -> PathBuf {
+    pki().dir.join("ca.crt")
+}
+
+/// A fresh certificate for `name` (valid for 127.0.0.1 and localhost) and its key.
+pub fn issue(name: &str) -> unfed_node::net::TlsFiles {
+    let p = pki();
+    let n = p.issued.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = format!("{name}-{n}");
+    let issued = p
+        .ca
+        .issue(&name, &[s("127.0.0.1"), s("localhost")], 30)
+        .unwrap();
+    let files = unfed_node::net::TlsFiles::in_dir(&p.dir, &name);
+    unfed_chain::keys::create_private_file(&files.key, issued.key_pem.as_bytes()).unwrap();
+    std::fs::write(&files.cert, &issued.cert_pem).unwrap();
+    files
+}
+
+/// The TLS flags of a node playing `role` (the dashboard only needs the CA).
+pub fn tls_args(role: &str) -> Vec<String> {
+    let mut args = vec![s("--tls-ca"), ca_path().display().to_string()];
+    if role != "web" {
+        let f = issue(role);
+        args.extend([
+            s("--tls-cert"),
+            f.cert.display().to_string(),
+            s("--tls-key"),
+            f.key.display().to_string(),
+        ]);
+    }
+    args
+}
+
+/// A client's transport: trusts the tests' CA, presents no certificate.
+pub fn transport() -> unfed_node::net::Net {
+    unfed_node::net::Net::client_from_ca(&ca_path()).unwrap()
+}
+
+/// The transport of a process holding a certificate of its own (e.g. a fake node).
+pub fn identity(name: &str) -> unfed_node::net::Net {
+    unfed_node::net::Net::from_files(&issue(name)).unwrap()
+}
+
+/// A connected channel to `addr` over the tests' TLS.
+pub async fn channel(addr: &str) -> tonic::transport::Channel {
+    transport()
+        .connect(addr, Duration::from_secs(60), None)
+        .await
+        .unwrap()
+}
+
 /// A child process killed when dropped; stderr goes to a log file kept for failures.
 pub struct Node {
     pub child: Child,
@@ -25,12 +104,31 @@ impl Node {
         Self::start_with_env::<&str>(args, log, &[])
     }
 
+    /// Starts a node without TLS (loopback plaintext, `[testnet] tls = false`).
+    pub fn start_plaintext(args: &[String], log: PathBuf) -> Node {
+        Self::spawn(args, log, &[] as &[(&str, &str)], false)
+    }
+
     pub fn start_with_env<V: AsRef<std::ffi::OsStr>>(
         args: &[String],
         log: PathBuf,
         env: &[(&str, V)],
     ) -> Node {
+        Self::spawn(args, log, env, true)
+    }
+
+    fn spawn<V: AsRef<std::ffi::OsStr>>(
+        args: &[String],
+        log: PathBuf,
+        env: &[(&str, V)],
+        tls: bool,
+    ) -> Node {
         let err = std::fs::File::create(&log).unwrap();
+        let mut args = args.to_vec();
+        if tls && !args.iter().any(|a| a == "--tls-ca") {
+            args.extend(tls_args(&args[0]));
+        }
+        let args = &args[..];
         let mut child = Command::new(BIN)
             .args(args)
             .envs(env.iter().map(|(k, v)| (*k, v.as_ref())))
@@ -192,10 +290,8 @@ impl Net {
 
     /// Forward calls compute node `i` has run (its Health).
     pub async fn compute_forwards(&self, i: usize) -> u64 {
-        let addr = format!("http://{}", self.computes[i].address);
-        let mut c = unfed_proto::compute_client::ComputeClient::connect(addr)
-            .await
-            .unwrap();
+        let mut c =
+            unfed_proto::compute_client::ComputeClient::new(channel(&self.computes[i].address).await);
         c.health(unfed_proto::HealthRequest {})
             .await
             .unwrap()
@@ -204,7 +300,9 @@ impl Net {
     }
 
     pub async fn client(&self) -> Client {
-        Client::connect(&self.registry.address).await.unwrap()
+        Client::connect(&transport(), &self.registry.address)
+            .await
+            .unwrap()
     }
 
     /// Polls until the registry reports `model` READY with `nodes` nodes.

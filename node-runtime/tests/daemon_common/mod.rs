@@ -48,9 +48,13 @@ impl Signer {
         shards_total: u32,
     ) -> Signer {
         let key = shares::generate_key();
-        let mut c = RegistryClient::connect(format!("http://{registry}"))
-            .await
-            .unwrap();
+        // Over TLS a registration comes with the certificate it names.
+        let id = crate::common::net::identity(node);
+        let mut c = RegistryClient::new(
+            id.connect(registry, Duration::from_secs(10), None)
+                .await
+                .unwrap(),
+        );
         let r = c
             .register(RegisterRequest {
                 node_id: node.into(),
@@ -63,6 +67,7 @@ impl Signer {
                 nonce: "n".into(),
                 shards_total,
                 layer_end,
+                tls_pin: id.own_pin().unwrap().hex(),
                 ..Default::default()
             })
             .await
@@ -154,9 +159,7 @@ pub fn daemon_args(net: &Net, db: &std::path::Path, port: &str, extra: &[&str]) 
 }
 
 pub async fn daemon(addr: &str) -> Daemon {
-    DaemonClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap()
+    DaemonClient::new(crate::common::net::channel(&addr).await)
 }
 
 pub async fn submit(
