@@ -193,8 +193,11 @@ async fn a_killed_node_fails_the_client_fast_naming_it_and_a_restart_recovers() 
         "error must name the node and shard: {err}"
     );
 
-    // Same port, same node id: the restarted node replaces its record.
-    let args = net.compute_args(&name, 1, &net.computes[victim].port());
+    // Same port, node id and certificate (its pin is what clients check): the
+    // restarted node replaces its record.
+    let mut args = net.computes[victim].args.clone();
+    let port = args.iter().position(|a| a == "--port").unwrap() + 1;
+    args[port] = net.computes[victim].port();
     let log = net.dir.path().join("restarted.log");
     net.computes[victim] = common::net::Node::start(&args, log);
     net.wait_ready(&name, 2).await;

@@ -25,6 +25,8 @@ pub struct Peers {
     nodes: Mutex<(Instant, HashMap<String, NodeInfo>)>,
     /// The registry's certificate key, as its Discover states it.
     registry_pin: Mutex<Option<crate::net::Pin>>,
+    /// Channels to peers by (address, pin): a spot check must not pay a handshake.
+    channels: Mutex<HashMap<(String, String), tonic::transport::Channel>>,
 }
 
 impl Peers {
@@ -35,6 +37,7 @@ impl Peers {
             model,
             nodes: Mutex::new((Instant::now() - Duration::from_secs(60), HashMap::new())),
             registry_pin: Mutex::new(None),
+            channels: Mutex::default(),
         }
     }
 
@@ -49,18 +52,30 @@ impl Peers {
         crate::membership::registry_client(&self.net, &self.registry)
     }
 
-    /// A connected client of the compute node `n`, pinned to its registered certificate.
+    /// A client of the compute node `n`, pinned to its registered certificate (the
+    /// channel is kept for the next call; every call times out after `timeout`).
     pub async fn compute_client(
         &self,
         n: &NodeInfo,
         timeout: Duration,
     ) -> Result<ComputeClient<tonic::transport::Channel>> {
-        let pin = crate::net::Pin::parse(&n.tls_pin)?;
-        let ch = self
-            .net
-            .connect(&n.address, timeout, pin)
-            .await
-            .with_context(|| format!("node {}", n.node_id))?;
+        let key = (n.address.clone(), n.tls_pin.clone());
+        let cached = self.channels.lock().expect("peers poisoned").get(&key).cloned();
+        let ch = match cached {
+            Some(ch) => ch,
+            None => {
+                let pin = crate::net::Pin::parse(&n.tls_pin)?;
+                let ch = self
+                    .net
+                    .channel_with(&n.address, timeout, pin)
+                    .with_context(|| format!("node {}", n.node_id))?;
+                self.channels
+                    .lock()
+                    .expect("peers poisoned")
+                    .insert(key, ch.clone());
+                ch
+            }
+        };
         Ok(ComputeClient::new(ch)
             .max_decoding_message_size(crate::net::limits::COMPUTE)
             .max_encoding_message_size(crate::net::limits::COMPUTE))

@@ -84,10 +84,12 @@ pub fn identity(name: &str) -> unfed_node::net::Net {
 
 /// A connected channel to `addr` over the tests' TLS.
 pub async fn channel(addr: &str) -> tonic::transport::Channel {
-    transport()
-        .connect(addr, Duration::from_secs(60), None)
-        .await
-        .unwrap()
+    try_channel(addr).await.unwrap()
+}
+
+/// `channel`, for a peer that may be down.
+pub async fn try_channel(addr: &str) -> anyhow::Result<tonic::transport::Channel> {
+    transport().connect(addr, Duration::from_secs(60), None).await
 }
 
 /// A child process killed when dropped; stderr goes to a log file kept for failures.
@@ -208,6 +210,8 @@ pub struct Net {
     pub dir: tempfile::TempDir,
     pub registry: Node,
     pub computes: Vec<Node>,
+    /// Nodes serve TLS under the tests' CA (false: loopback plaintext).
+    pub tls: bool,
 }
 
 pub fn s(v: &str) -> String {
@@ -237,6 +241,12 @@ impl Net {
 
     /// A registry over `dir/splits` (every split under it is served).
     pub fn registry(dir: tempfile::TempDir) -> Net {
+        Self::registry_with(dir, true)
+    }
+
+    /// `registry`, serving TLS or (`tls = false`) plaintext; nodes started through this
+    /// network follow it.
+    pub fn registry_with(dir: tempfile::TempDir, tls: bool) -> Net {
         let splits = dir.path().join("splits");
         let args = vec![
             s("registry"),
@@ -247,11 +257,35 @@ impl Net {
             s("--shards-dir"),
             splits.display().to_string(),
         ];
-        let registry = Node::start(&args, dir.path().join("registry.log"));
+        let log = dir.path().join("registry.log");
+        let registry = if tls {
+            Node::start(&args, log)
+        } else {
+            Node::start_plaintext(&args, log)
+        };
         Net {
             dir,
             registry,
             computes: Vec::new(),
+            tls,
+        }
+    }
+
+    /// Starts `unfed-node ARGS` the way this network runs (TLS or plaintext).
+    pub fn start(&self, args: &[String], log: PathBuf) -> Node {
+        if self.tls {
+            Node::start(args, log)
+        } else {
+            Node::start_plaintext(args, log)
+        }
+    }
+
+    /// How a client of this network dials it.
+    pub fn transport(&self) -> unfed_node::net::Net {
+        if self.tls {
+            transport()
+        } else {
+            unfed_node::net::Net::plaintext()
         }
     }
 
@@ -284,7 +318,8 @@ impl Net {
             .dir
             .path()
             .join(format!("{model_id}-{shard}-{}.log", self.computes.len()));
-        self.computes.push(Node::start(&args, log));
+        let node = self.start(&args, log);
+        self.computes.push(node);
         self.computes.len() - 1
     }
 
@@ -300,7 +335,7 @@ impl Net {
     }
 
     pub async fn client(&self) -> Client {
-        Client::connect(&transport(), &self.registry.address)
+        Client::connect(&self.transport(), &self.registry.address)
             .await
             .unwrap()
     }
