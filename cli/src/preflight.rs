@@ -281,14 +281,12 @@ pub async fn node_checks(
             return checks;
         }
     };
-    let key_matches = unfed_node::net::Net::from_files(&unfed_node::net::TlsFiles {
-        cert: cert.into(),
-        key: key.into(),
-        ca: ca.into(),
+    let key_matches = read(key).and_then(|k| {
+        unfed_node::net::pki::key_matches(&cert_pem, &k).map_err(|e| format!("{e:#}"))
     });
     checks.push(Check::new(
         "the key belongs to the certificate",
-        key_matches.as_ref().map(drop).map_err(|e| format!("{e:#}")),
+        key_matches.clone(),
     ));
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -432,6 +430,110 @@ mod tests {
             .build()
             .unwrap();
         failures(&rt.block_on(node_checks(advertise, tls, false, allow)))
+    }
+
+    /// A CA and certificates for `hosts` written as a node would keep them.
+    struct Files {
+        dir: tempfile::TempDir,
+        ca: unfed_node::net::pki::Ca,
+    }
+
+    impl Files {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let ca = unfed_node::net::pki::Ca::generate("t").unwrap();
+            std::fs::write(dir.path().join("ca.crt"), &ca.cert_pem).unwrap();
+            Self { dir, ca }
+        }
+
+        fn issue(&self, name: &str, hosts: &[&str], days: i64) -> unfed_node::net::TlsFiles {
+            let hosts: Vec<String> = hosts.iter().map(|h| h.to_string()).collect();
+            let c = self.ca.issue(name, &hosts, days).unwrap();
+            let f = unfed_node::net::TlsFiles::in_dir(self.dir.path(), name);
+            std::fs::write(&f.cert, &c.cert_pem).unwrap();
+            unfed_chain::keys::create_private_file(&f.key, c.key_pem.as_bytes()).unwrap();
+            f
+        }
+    }
+
+    fn tls(f: &unfed_node::net::TlsFiles) -> NodeTls<'_> {
+        NodeTls {
+            cert: Some(&f.cert),
+            key: Some(&f.key),
+            ca: Some(&f.ca),
+        }
+    }
+
+    /// The names of the failed checks.
+    fn failed(checks: &[Check]) -> Vec<String> {
+        checks
+            .iter()
+            .filter_map(|c| c.result.as_ref().err().map(|e| format!("{}: {e}", c.name)))
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tls_node_is_go_and_each_flaw_is_named() {
+        let files = Files::new();
+        let good = files.issue("good", &["127.0.0.1", "localhost"], 30);
+        // A running node serving this certificate, for --connect.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let advertise = listener.local_addr().unwrap().to_string();
+        let config = unfed_node::registry::RegistryConfig {
+            net: unfed_node::net::Net::from_files(&good).unwrap(),
+            ..Default::default()
+        };
+        tokio::spawn(unfed_node::registry::run(
+            config,
+            listener,
+            std::future::pending(),
+        ));
+        let checks = node_checks(&advertise, tls(&good), true, false).await;
+        assert_eq!(failed(&checks), Vec::<String>::new());
+
+        let flaw = |checks: Vec<Check>, want: &str| {
+            let f = failed(&checks);
+            assert!(
+                f.len() == 1 && f[0].contains(want),
+                "expected one failure about {want:?}, got {f:#?}"
+            );
+        };
+        // Another certificate for the same host: the running node is not this one.
+        let other = files.issue("other", &["127.0.0.1"], 30);
+        flaw(
+            node_checks(&advertise, tls(&other), true, false).await,
+            "impersonation",
+        );
+        let expired = files.issue("expired", &["127.0.0.1"], -1);
+        flaw(node_checks(&advertise, tls(&expired), false, false).await, "expired");
+        let elsewhere = files.issue("elsewhere", &["10.9.9.9"], 30);
+        flaw(
+            node_checks(&advertise, tls(&elsewhere), false, false).await,
+            "names 10.9.9.9 but not 127.0.0.1",
+        );
+        let readable = files.issue("readable", &["127.0.0.1"], 30);
+        std::fs::set_permissions(&readable.key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        flaw(
+            node_checks(&advertise, tls(&readable), false, false).await,
+            "chmod 600",
+        );
+        let foreign = Files::new();
+        let mut signed_elsewhere = foreign.issue("foreign", &["127.0.0.1"], 30);
+        signed_elsewhere.ca = good.ca.clone();
+        flaw(
+            node_checks(&advertise, tls(&signed_elsewhere), false, false).await,
+            "not signed by this CA",
+        );
+        let mut mixed = files.issue("mixed", &["127.0.0.1"], 30);
+        mixed.key = other.key.clone();
+        flaw(
+            node_checks(&advertise, tls(&mixed), false, false).await,
+            "does not belong",
+        );
+        flaw(
+            node_checks(&advertise, NodeTls::default(), false, false).await,
+            "plaintext",
+        );
     }
 
     #[test]

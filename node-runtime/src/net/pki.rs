@@ -81,6 +81,16 @@ pub(super) fn check_key_matches(cert: &CertificateDer<'_>, key: &PrivateKeyDer<'
     Ok(())
 }
 
+/// Whether the PEM private key `key_pem` belongs to the PEM certificate `cert_pem`.
+pub fn key_matches(cert_pem: &str, key_pem: &str) -> Result<()> {
+    use rustls::pki_types::pem::PemObject;
+    let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .map_err(|e| anyhow!("not a PEM certificate: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| anyhow!("the key file is not a PEM private key: {e}"))?;
+    check_key_matches(&cert, &key)
+}
+
 /// A certificate authority: its certificate and key, as PEM.
 pub struct Ca {
     pub cert_pem: String,
