@@ -11,7 +11,6 @@ use unfed_node::client::image::ImageLimits;
 use unfed_node::client::private::{PrivateRoute, PublicParams, PublicSource};
 use unfed_node::client::text::IncrementalDecoder;
 use unfed_node::client::{Client, GenerateOptions, GenerateOutput, TextCodec};
-use unfed_node::engine::SamplingConfig;
 use unfed_node::proto::{ModelState, SamplingParams};
 
 #[derive(Subcommand)]
@@ -22,7 +21,7 @@ pub enum Commands {
     Chat(ChatArgs),
     /// Measure prefill/decode speed, TTFT and per-hop overhead against the
     /// single-process engine on the same shards.
-    Bench(BenchArgs),
+    Bench(crate::bench_cmd::BenchArgs),
 }
 
 /// Where the network is: a running testnet's spec, or a registry address.
@@ -82,22 +81,6 @@ pub struct ChatArgs {
     pub decode_client_sample: bool,
 }
 
-#[derive(Args)]
-pub struct BenchArgs {
-    #[command(flatten)]
-    pub target: Target,
-    /// Split directory to load into one process for the baseline (default: the spec's).
-    #[arg(long)]
-    pub shards_dir: Option<PathBuf>,
-    #[arg(long, default_value_t = 23)]
-    pub prompt_tokens: usize,
-    #[arg(long, default_value_t = 64)]
-    pub tokens: usize,
-    /// Measured runs (after one warm-up); the median is reported.
-    #[arg(long, default_value_t = 3)]
-    pub runs: usize,
-}
-
 pub fn run(cmd: Commands) -> Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -106,22 +89,22 @@ pub fn run(cmd: Commands) -> Result<ExitCode> {
         match cmd {
             Commands::Models(t) => models(t).await,
             Commands::Chat(a) => chat(a).await,
-            Commands::Bench(a) => bench(a).await,
+            Commands::Bench(a) => crate::bench_cmd::bench(a).await,
         }
     })
 }
 
 /// The registry address, testnet model and shards dir a target points at.
-struct Resolved {
-    registry: String,
-    net: unfed_node::net::Net,
-    model: Option<String>,
-    shards_dir: Option<PathBuf>,
+pub(crate) struct Resolved {
+    pub(crate) registry: String,
+    pub(crate) net: unfed_node::net::Net,
+    pub(crate) model: Option<String>,
+    pub(crate) shards_dir: Option<PathBuf>,
     /// The spec asks for `mpc.output = "decode_client_sample"`.
     decode_client_sample: bool,
 }
 
-fn resolve(t: &Target) -> Result<Resolved> {
+pub(crate) fn resolve(t: &Target) -> Result<Resolved> {
     if let Some(registry) = &t.registry {
         let net = match &t.tls_ca {
             Some(ca) => unfed_node::net::Net::client_from_ca(ca)?,
@@ -160,7 +143,7 @@ fn resolve(t: &Target) -> Result<Resolved> {
 }
 
 /// The model to use: the one asked for, or the registry's only model.
-async fn pick_model(client: &mut Client, asked: Option<String>) -> Result<String> {
+pub(crate) async fn pick_model(client: &mut Client, asked: Option<String>) -> Result<String> {
     if let Some(m) = asked {
         return Ok(m);
     }
@@ -352,158 +335,3 @@ async fn chat_once(
     Ok(out)
 }
 
-#[derive(Clone, Copy, Default, serde::Serialize)]
-struct Speed {
-    prefill_tokens_per_s: f64,
-    decode_tokens_per_s: f64,
-    ttft_ms: f64,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-fn summarize(runs: &[(f64, f64, usize)], prompt: usize) -> Speed {
-    // (ttft_ms, decode_ms, decoded tokens)
-    let ttft = median(runs.iter().map(|r| r.0).collect());
-    let decode = median(
-        runs.iter()
-            .map(|r| {
-                if r.1 > 0.0 {
-                    r.2 as f64 * 1e3 / r.1
-                } else {
-                    0.0
-                }
-            })
-            .collect(),
-    );
-    Speed {
-        prefill_tokens_per_s: prompt as f64 * 1e3 / ttft,
-        decode_tokens_per_s: decode,
-        ttft_ms: ttft,
-    }
-}
-
-async fn bench(a: BenchArgs) -> Result<ExitCode> {
-    let r = resolve(&a.target)?;
-    let mut client = Client::connect(&r.net, &r.registry).await?;
-    let model = pick_model(&mut client, r.model).await?;
-    let status = client.require_ready(&model).await?;
-    // A testnet's shards dir is the split itself or holds one split per model.
-    let from_spec = r.shards_dir.map(|d| {
-        if d.join("manifest.json").is_file() {
-            d
-        } else {
-            d.join(&model)
-        }
-    });
-    let shards_dir = a.shards_dir.clone().or(from_spec);
-    let shards_dir =
-        shards_dir.context("the single-process baseline needs the split: pass --shards-dir DIR")?;
-    let (manifest, local) = tokio::task::spawn_blocking({
-        let d = shards_dir.clone();
-        move || unfed_node::engine::generate::load_split(&d)
-    })
-    .await??;
-    if manifest.model_id != model {
-        bail!(
-            "{} holds `{}`, not `{model}`; pass the matching --shards-dir",
-            shards_dir.display(),
-            manifest.model_id
-        );
-    }
-    let vocab = manifest.config.text.vocab_size as u32;
-    // Deterministic prompt ids; EOS is ignored so every run decodes the same count.
-    let prompt: Vec<u32> = (0..a.prompt_tokens as u32)
-        .map(|i| (i * 7919 + 13) % vocab.max(2))
-        .collect();
-    let runs = a.runs.max(1);
-    let local = std::sync::Arc::new(local);
-    let opts = GenerateOptions {
-        max_tokens: a.tokens,
-        stop_on_eos: false,
-        ..Default::default()
-    };
-    // Single-process and network runs alternate, and the ratio is taken per pair, so a
-    // change in machine load during the benchmark hits both sides of each ratio alike.
-    let mut single = Vec::new();
-    let mut network = Vec::new();
-    let mut overhead = Vec::new();
-    for i in 0..=runs {
-        let (m, p, n) = (local.clone(), prompt.clone(), a.tokens);
-        let g = tokio::task::spawn_blocking(move || {
-            unfed_node::engine::generate::generate(&m, &p, n, SamplingConfig::default(), false)
-        })
-        .await??;
-        let out = client.generate(&model, &prompt, &opts, |_| {}).await?;
-        if i == 0 {
-            continue; // warm-up
-        }
-        single.push((g.prefill_ms, g.decode_ms, g.tokens.len().saturating_sub(1)));
-        network.push((
-            out.ttft_ms,
-            out.total_ms - out.ttft_ms,
-            out.tokens.len().saturating_sub(1),
-        ));
-        // Per hop: time in the handler not spent computing or waiting for the next hop.
-        let steps = out.tokens.len().max(1) as f64;
-        let hop_over: Vec<f64> = out
-            .hops
-            .iter()
-            .enumerate()
-            .map(|(k, h)| {
-                let downstream = out.hops.get(k + 1).map_or(0.0, |n| n.total_ms);
-                (h.total_ms - h.compute_ms - downstream) / steps
-            })
-            .collect();
-        let client_side = (out.total_ms - out.hops.first().map_or(0.0, |h| h.total_ms)) / steps;
-        overhead.push((hop_over, client_side));
-    }
-    drop(local);
-    let pair_ratios: Vec<f64> = single
-        .iter()
-        .zip(&network)
-        .filter(|(s, n)| s.1 > 0.0 && n.1 > 0.0)
-        .map(|(s, n)| (n.2 as f64 / n.1) / (s.2 as f64 / s.1))
-        .collect();
-    let s = summarize(&single, prompt.len());
-    let n = summarize(&network, prompt.len());
-    let ratio = if pair_ratios.is_empty() {
-        0.0
-    } else {
-        median(pair_ratios)
-    };
-    let last = overhead.last().cloned().unwrap_or_default();
-    if a.target.json {
-        let v = json!({
-            "model": model, "shards": status.text_shards_total, "prompt_tokens": prompt.len(), "tokens": a.tokens, "runs": runs,
-            "single_process": s, "network": n, "decode_ratio": ratio,
-            "per_hop_overhead_ms": last.0, "client_rpc_overhead_ms": last.1,
-        });
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
-        println!(
-            "model {model}: {} shard(s), prompt {} tokens, {} generated, median of {runs} run(s)",
-            status.text_shards_total,
-            prompt.len(),
-            a.tokens
-        );
-        println!(
-            "{:<16} {:>14} {:>14} {:>10}",
-            "", "prefill tok/s", "decode tok/s", "TTFT ms"
-        );
-        for (name, sp) in [("single-process", s), ("network", n)] {
-            println!(
-                "{name:<16} {:>14.1} {:>14.1} {:>10.2}",
-                sp.prefill_tokens_per_s, sp.decode_tokens_per_s, sp.ttft_ms
-            );
-        }
-        println!("decode ratio network/single (median of paired runs): {ratio:.3}");
-        for (k, o) in last.0.iter().enumerate() {
-            println!("hop {k} overhead: {o:.3} ms/token");
-        }
-        println!("client RPC overhead: {:.3} ms/token", last.1);
-    }
-    Ok(ExitCode::SUCCESS)
-}

@@ -2,6 +2,7 @@
 
 pub mod billing_cmd;
 pub mod chain_cmd;
+pub mod bench_cmd;
 pub mod client_cmd;
 pub mod init;
 pub mod launch;

@@ -109,6 +109,17 @@ pub struct LaunchPlan {
     pub steps: Vec<Step>,
     /// What each role can see of a chat, for this spec.
     pub privacy: Vec<String>,
+    /// Which links are encrypted and how peers are authenticated.
+    pub links: &'static str,
+}
+
+/// Which links are encrypted, for `plan` and `status`.
+pub fn links_statement(tls: bool) -> &'static str {
+    if tls {
+        "every gRPC link is mutual TLS 1.3 (testnet CA in run_dir/keys/tls; each node's certificate key pinned in its signed registration); an observer sees only sizes and timing"
+    } else {
+        "PLAINTEXT on loopback (testnet.tls = false): anyone on this machine who can read loopback traffic reads prompts, activations and tokens"
+    }
 }
 
 /// What each role sees of a request, given the spec's MPC settings.
@@ -435,6 +446,7 @@ impl LaunchPlan {
             client_wallet: staked.then_some(CLIENT_WALLET),
             steps,
             privacy,
+            links: links_statement(spec.testnet.tls),
         })
     }
 
@@ -475,6 +487,7 @@ impl LaunchPlan {
             "  chain:    {}   mpc output: {}",
             self.chain_mode, self.mpc_output
         );
+        let _ = writeln!(out, "  links:    {}", self.links);
         for (i, line) in self.privacy.iter().enumerate() {
             let label = if i == 0 { "sees:" } else { "" };
             let _ = writeln!(out, "  {label:<9} {line}");

@@ -68,7 +68,7 @@ pub async fn test(
 }
 
 /// Free ports everywhere and a private run directory, so runs never collide.
-fn make_ephemeral(loaded: &mut LoadedSpec, run_dir: &Path) {
+pub(crate) fn make_ephemeral(loaded: &mut LoadedSpec, run_dir: &Path) {
     let spec = &mut loaded.spec;
     spec.testnet.base_port = 0;
     spec.testnet.run_dir = run_dir.display().to_string();

@@ -55,6 +55,8 @@ struct ModelLine {
 struct Status {
     name: String,
     registry: Option<String>,
+    /// Which links are encrypted.
+    links: &'static str,
     nodes: Vec<NodeStatus>,
     models: Vec<ModelLine>,
     chain_rpc: Option<String>,
@@ -164,6 +166,7 @@ async fn gather(plan: &LaunchPlan, state: &RunState) -> Status {
     Status {
         name: plan.name.clone(),
         registry: state.registry.clone(),
+        links: crate::plan::links_statement(state.tls_ca.is_some()),
         nodes,
         models,
         chain_rpc: state.chain.as_ref().map(|c| c.rpc_url.clone()),
@@ -266,6 +269,7 @@ pub async fn status(plan: &LaunchPlan, json: bool) -> anyhow::Result<ExitCode> {
             m.model, m.status, m.nodes, m.shards
         );
     }
+    println!("  links: {}", status.links);
     if let Some(rpc) = &status.chain_rpc {
         let height = status
             .chain_height

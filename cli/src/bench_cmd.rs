@@ -1,0 +1,295 @@
+//! `unfedctl bench`: prefill/decode speed, TTFT and per-hop overhead of the network
+//! against the single-process engine on the same shards — and, with `--compare-tls`,
+//! of the same testnet with and without TLS, in one run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde_json::json;
+use unfed_node::client::{Client, GenerateOptions};
+use unfed_node::engine::SamplingConfig;
+
+use crate::client_cmd::{Target, pick_model, resolve};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// Split directory to load into one process for the baseline (default: the spec's).
+    #[arg(long)]
+    pub shards_dir: Option<PathBuf>,
+    #[arg(long, default_value_t = 23)]
+    pub prompt_tokens: usize,
+    #[arg(long, default_value_t = 64)]
+    pub tokens: usize,
+    /// Measured runs (after one warm-up); the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Start two ephemeral copies of the spec's testnet, one with TLS and one without,
+    /// and measure both against the single process in the same run (the cost of TLS).
+    #[arg(long)]
+    pub compare_tls: bool,
+}
+
+#[derive(Clone, Copy, Default, serde::Serialize)]
+struct Speed {
+    prefill_tokens_per_s: f64,
+    decode_tokens_per_s: f64,
+    ttft_ms: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// One generation: (ttft_ms, decode_ms, decoded tokens).
+type Run = (f64, f64, usize);
+
+fn decode_rate(r: &Run) -> f64 {
+    if r.1 > 0.0 { r.2 as f64 * 1e3 / r.1 } else { 0.0 }
+}
+
+fn summarize(runs: &[Run], prompt: usize) -> Speed {
+    let ttft = median(runs.iter().map(|r| r.0).collect());
+    Speed {
+        prefill_tokens_per_s: prompt as f64 * 1e3 / ttft,
+        decode_tokens_per_s: median(runs.iter().map(decode_rate).collect()),
+        ttft_ms: ttft,
+    }
+}
+
+/// The median over runs of `a`'s decode rate divided by `b`'s, run by run, so a change
+/// in machine load during the benchmark hits both sides of each ratio alike.
+fn paired_ratio(a: &[Run], b: &[Run]) -> f64 {
+    median(
+        a.iter()
+            .zip(b)
+            .filter(|(x, y)| x.1 > 0.0 && y.1 > 0.0)
+            .map(|(x, y)| decode_rate(x) / decode_rate(y))
+            .collect(),
+    )
+}
+
+/// A network under measurement and what it measured.
+struct Measured {
+    label: &'static str,
+    client: Client,
+    runs: Vec<Run>,
+    /// Per hop, ms per token not spent computing or waiting downstream; client RPC.
+    overhead: (Vec<f64>, f64),
+}
+
+pub async fn bench(a: BenchArgs) -> Result<ExitCode> {
+    let mut testnets = Vec::new();
+    let (mut networks, model, shards_dir) = if a.compare_tls {
+        if a.target.registry.is_some() {
+            bail!(
+                "--compare-tls starts its own testnets from a spec: drop --registry and name the spec (or none for the built-in one)"
+            );
+        }
+        let loaded = crate::spec::load(a.target.spec.as_deref())?;
+        let mut networks = Vec::new();
+        let mut shards_dir = PathBuf::new();
+        for (tls, label) in [(true, "network (TLS)"), (false, "network (plaintext)")] {
+            let mut l = loaded.clone();
+            let dir = tempfile::Builder::new().prefix("unfed-bench-").tempdir()?;
+            crate::launch::conformance::make_ephemeral(&mut l, dir.path());
+            l.spec.testnet.tls = tls;
+            // Nothing but the inference path: no dashboard.
+            l.spec.web.enabled = false;
+            let plan = crate::plan::LaunchPlan::build(&l, crate::plan::model_facts(&l))?;
+            shards_dir = plan.shards_dir.clone();
+            let net = crate::launch::start(l, plan, Duration::from_secs(120)).await?;
+            let registry = net.state.registry.clone().context("no registry started")?;
+            let client = Client::connect(&net.ctx.net, &registry).await?;
+            networks.push(Measured {
+                label,
+                client,
+                runs: Vec::new(),
+                overhead: Default::default(),
+            });
+            testnets.push((net, dir));
+        }
+        let model = pick_model(&mut networks[0].client, a.target.model.clone()).await?;
+        (networks, model, Some(shards_dir))
+    } else {
+        let r = resolve(&a.target)?;
+        let mut client = Client::connect(&r.net, &r.registry).await?;
+        let model = pick_model(&mut client, r.model).await?;
+        let networks = vec![Measured {
+            label: "network",
+            client,
+            runs: Vec::new(),
+            overhead: Default::default(),
+        }];
+        (networks, model, r.shards_dir)
+    };
+    let result = measure(&a, &mut networks, &model, shards_dir).await;
+    for (mut net, _dir) in testnets {
+        net.teardown();
+    }
+    result
+}
+
+async fn measure(
+    a: &BenchArgs,
+    networks: &mut [Measured],
+    model: &str,
+    shards_dir: Option<PathBuf>,
+) -> Result<ExitCode> {
+    let status = networks[0].client.require_ready(model).await?;
+    // A testnet's shards dir is the split itself or holds one split per model.
+    let from_spec = shards_dir.map(|d| {
+        if d.join("manifest.json").is_file() {
+            d
+        } else {
+            d.join(model)
+        }
+    });
+    let shards_dir = a.shards_dir.clone().or(from_spec);
+    let shards_dir =
+        shards_dir.context("the single-process baseline needs the split: pass --shards-dir DIR")?;
+    let (manifest, local) = tokio::task::spawn_blocking({
+        let d = shards_dir.clone();
+        move || unfed_node::engine::generate::load_split(&d)
+    })
+    .await??;
+    if manifest.model_id != model {
+        bail!(
+            "{} holds `{}`, not `{model}`; pass the matching --shards-dir",
+            shards_dir.display(),
+            manifest.model_id
+        );
+    }
+    let vocab = manifest.config.text.vocab_size as u32;
+    // Deterministic prompt ids; EOS is ignored so every run decodes the same count.
+    let prompt: Vec<u32> = (0..a.prompt_tokens as u32)
+        .map(|i| (i * 7919 + 13) % vocab.max(2))
+        .collect();
+    let runs = a.runs.max(1);
+    let local = std::sync::Arc::new(local);
+    let opts = GenerateOptions {
+        max_tokens: a.tokens,
+        stop_on_eos: false,
+        ..Default::default()
+    };
+    // Single-process and network runs alternate within each round.
+    let mut single = Vec::new();
+    for i in 0..=runs {
+        let (m, p, n) = (local.clone(), prompt.clone(), a.tokens);
+        let g = tokio::task::spawn_blocking(move || {
+            unfed_node::engine::generate::generate(&m, &p, n, SamplingConfig::default(), false)
+        })
+        .await??;
+        if i > 0 {
+            single.push((g.prefill_ms, g.decode_ms, g.tokens.len().saturating_sub(1)));
+        }
+        for net in networks.iter_mut() {
+            let out = net.client.generate(model, &prompt, &opts, |_| {}).await?;
+            if i == 0 {
+                continue; // warm-up
+            }
+            net.runs.push((
+                out.ttft_ms,
+                out.total_ms - out.ttft_ms,
+                out.tokens.len().saturating_sub(1),
+            ));
+            let steps = out.tokens.len().max(1) as f64;
+            let hop_over: Vec<f64> = out
+                .hops
+                .iter()
+                .enumerate()
+                .map(|(k, h)| {
+                    let downstream = out.hops.get(k + 1).map_or(0.0, |n| n.total_ms);
+                    (h.total_ms - h.compute_ms - downstream) / steps
+                })
+                .collect();
+            let client_side =
+                (out.total_ms - out.hops.first().map_or(0.0, |h| h.total_ms)) / steps;
+            net.overhead = (hop_over, client_side);
+        }
+    }
+    drop(local);
+    let s = summarize(&single, prompt.len());
+    let tls_cost = (networks.len() == 2).then(|| paired_ratio(&networks[0].runs, &networks[1].runs));
+    if a.target.json {
+        let nets: Vec<_> = networks
+            .iter()
+            .map(|n| {
+                json!({
+                    "label": n.label,
+                    "speed": summarize(&n.runs, prompt.len()),
+                    "decode_ratio": paired_ratio(&n.runs, &single),
+                    "per_hop_overhead_ms": n.overhead.0,
+                    "client_rpc_overhead_ms": n.overhead.1,
+                })
+            })
+            .collect();
+        let v = json!({
+            "model": model, "shards": status.text_shards_total, "prompt_tokens": prompt.len(),
+            "tokens": a.tokens, "runs": runs, "single_process": s,
+            "network": summarize(&networks[0].runs, prompt.len()),
+            "decode_ratio": paired_ratio(&networks[0].runs, &single),
+            "per_hop_overhead_ms": networks[0].overhead.0,
+            "client_rpc_overhead_ms": networks[0].overhead.1,
+            "networks": nets,
+            "tls_over_plaintext_decode_ratio": tls_cost,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "model {model}: {} shard(s), prompt {} tokens, {} generated, median of {runs} run(s)",
+        status.text_shards_total,
+        prompt.len(),
+        a.tokens
+    );
+    println!(
+        "{:<20} {:>14} {:>14} {:>10} {:>16}",
+        "", "prefill tok/s", "decode tok/s", "TTFT ms", "decode / single"
+    );
+    println!(
+        "{:<20} {:>14.1} {:>14.1} {:>10.2} {:>16}",
+        "single-process", s.prefill_tokens_per_s, s.decode_tokens_per_s, s.ttft_ms, "1.000"
+    );
+    for n in networks.iter() {
+        let sp = summarize(&n.runs, prompt.len());
+        println!(
+            "{:<20} {:>14.1} {:>14.1} {:>10.2} {:>16.3}",
+            n.label,
+            sp.prefill_tokens_per_s,
+            sp.decode_tokens_per_s,
+            sp.ttft_ms,
+            paired_ratio(&n.runs, &single)
+        );
+    }
+    for n in networks.iter() {
+        let hops: Vec<String> = n
+            .overhead
+            .0
+            .iter()
+            .enumerate()
+            .map(|(k, o)| format!("hop {k} {o:.3}"))
+            .collect();
+        println!(
+            "{}: overhead ms/token: {}; client RPC {:.3}",
+            n.label,
+            hops.join(", "),
+            n.overhead.1
+        );
+    }
+    if let Some(r) = tls_cost {
+        println!(
+            "TLS / plaintext decode (median of paired runs): {r:.3} ({:+.1} %)",
+            (r - 1.0) * 100.0
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
