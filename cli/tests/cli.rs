@@ -99,7 +99,7 @@ fn preflight_prints_one_line_per_check_and_a_verdict() {
         .assert()
         .code(1)
         .stdout(predicate::str::contains(
-            "[FAIL] public address 203.0.113.42 has the TLS it needs",
+            "[FAIL] TLS: certificate, key and CA are given: the node at 203.0.113.42 would serve plaintext",
         ))
         .stdout(predicate::str::ends_with("[NO-GO] 1 check(s) failed\n"));
     unfedctl()

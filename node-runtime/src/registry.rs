@@ -173,22 +173,27 @@ impl RegistryService {
         })
     }
 
-    fn node_info(&self, node_id: &str) -> Option<NodeInfo> {
-        self.state().nodes.get(node_id).map(|n| n.info.clone())
-    }
-
-    /// The caller is the registered node `info`: its client certificate is the one it
-    /// registered, or `proof` is a fresh signature of its registered share key.
+    /// The caller is the registered node `node_id`: its client certificate is the one
+    /// it registered, or `(timestamp, nonce, signature)` is a fresh signature of its
+    /// registered share key over `purpose`. `Ok(false)`: no such node is registered.
     fn authorize_node(
         &self,
         peer: &crate::net::Peer,
-        info: &NodeInfo,
-        proof: &crate::net::auth::CallProof,
+        node_id: &str,
+        (timestamp, nonce, signature): (u64, String, Vec<u8>),
         purpose: &str,
-    ) -> Result<(), Status> {
+    ) -> Result<bool, Status> {
+        let Some(info) = self.state().nodes.get(node_id).map(|n| n.info.clone()) else {
+            return Ok(false);
+        };
         if crate::net::auth::is_registered_pin(peer, &info.tls_pin) {
-            return Ok(());
+            return Ok(true);
         }
+        let proof = crate::net::auth::CallProof {
+            timestamp,
+            nonce,
+            signature,
+        };
         let key = crate::shares::parse_public_key(&info.share_key).map_err(|_| {
             Status::permission_denied(format!(
                 "{purpose} for {}: the caller is not that node (no registered certificate presented, and the node has no share key to sign with)",
@@ -197,6 +202,7 @@ impl RegistryService {
         })?;
         proof
             .verify(&key, purpose, &info.node_id, &self.calls)
+            .map(|()| true)
             .map_err(|s| {
                 tracing::warn!(node = %info.node_id, remote = ?peer.remote, "{purpose} refused: {}", s.message());
                 Status::permission_denied(format!(
@@ -485,19 +491,12 @@ impl Registry for RegistryService {
     ) -> Result<Response<HeartbeatResponse>, Status> {
         let peer = crate::net::Peer::of(&req);
         let r = req.into_inner();
-        let proof = crate::net::auth::CallProof {
-            timestamp: r.timestamp,
-            nonce: r.nonce,
-            signature: r.signature,
-        };
-        let Some(info) = self.node_info(&r.node_id) else {
-            return Ok(Response::new(HeartbeatResponse { known: false }));
-        };
-        self.authorize_node(&peer, &info, &proof, HEARTBEAT)?;
+        let proof = (r.timestamp, r.nonce, r.signature);
+        let known = self.authorize_node(&peer, &r.node_id, proof, HEARTBEAT)?;
         if let Some(n) = self.state().nodes.get_mut(&r.node_id) {
             n.last_seen = Instant::now();
         }
-        Ok(Response::new(HeartbeatResponse { known: true }))
+        Ok(Response::new(HeartbeatResponse { known }))
     }
 
     async fn unregister(
@@ -506,16 +505,9 @@ impl Registry for RegistryService {
     ) -> Result<Response<UnregisterResponse>, Status> {
         let peer = crate::net::Peer::of(&req);
         let r = req.into_inner();
-        let proof = crate::net::auth::CallProof {
-            timestamp: r.timestamp,
-            nonce: r.nonce,
-            signature: r.signature,
-        };
-        let Some(info) = self.node_info(&r.node_id) else {
-            return Ok(Response::new(UnregisterResponse { removed: false }));
-        };
-        self.authorize_node(&peer, &info, &proof, UNREGISTER)?;
-        let removed = self.state().nodes.remove(&r.node_id).is_some();
+        let proof = (r.timestamp, r.nonce, r.signature);
+        let removed = self.authorize_node(&peer, &r.node_id, proof, UNREGISTER)?
+            && self.state().nodes.remove(&r.node_id).is_some();
         if removed {
             tracing::info!(node = %r.node_id, "node unregistered");
         }
