@@ -98,7 +98,8 @@ pub fn read_private_file(path: &Path) -> anyhow::Result<String> {
             path.display()
         );
     }
-    std::fs::read_to_string(path).with_context(|| format!("cannot read key file {}", path.display()))
+    std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read key file {}", path.display()))
 }
 
 /// Reads a private key file, refusing one that group or others can read.

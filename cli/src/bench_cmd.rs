@@ -53,7 +53,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 type Run = (f64, f64, usize);
 
 fn decode_rate(r: &Run) -> f64 {
-    if r.1 > 0.0 { r.2 as f64 * 1e3 / r.1 } else { 0.0 }
+    if r.1 > 0.0 {
+        r.2 as f64 * 1e3 / r.1
+    } else {
+        0.0
+    }
 }
 
 fn summarize(runs: &[Run], prompt: usize) -> Speed {
@@ -211,14 +215,14 @@ async fn measure(
                     (h.total_ms - h.compute_ms - downstream) / steps
                 })
                 .collect();
-            let client_side =
-                (out.total_ms - out.hops.first().map_or(0.0, |h| h.total_ms)) / steps;
+            let client_side = (out.total_ms - out.hops.first().map_or(0.0, |h| h.total_ms)) / steps;
             net.overhead = (hop_over, client_side);
         }
     }
     drop(local);
     let s = summarize(&single, prompt.len());
-    let tls_cost = (networks.len() == 2).then(|| paired_ratio(&networks[0].runs, &networks[1].runs));
+    let tls_cost =
+        (networks.len() == 2).then(|| paired_ratio(&networks[0].runs, &networks[1].runs));
     if a.target.json {
         let nets: Vec<_> = networks
             .iter()

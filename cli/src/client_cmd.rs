@@ -334,4 +334,3 @@ async fn chat_once(
     }
     Ok(out)
 }
-

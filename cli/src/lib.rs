@@ -1,8 +1,8 @@
 //! `unfedctl` as a library: the testnet spec, the launch plan and the verbs.
 
+pub mod bench_cmd;
 pub mod billing_cmd;
 pub mod chain_cmd;
-pub mod bench_cmd;
 pub mod client_cmd;
 pub mod init;
 pub mod launch;

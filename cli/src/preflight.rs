@@ -310,7 +310,8 @@ pub async fn node_checks(
     ));
     checks.push(Check::new(
         "certificate is signed by the CA",
-        unfed_node::net::pki::CertFacts::signed_by(&cert_pem, &ca_pem).map_err(|e| format!("{e:#}")),
+        unfed_node::net::pki::CertFacts::signed_by(&cert_pem, &ca_pem)
+            .map_err(|e| format!("{e:#}")),
     ));
     let covers = if facts.covers(host) {
         Ok(())
@@ -328,7 +329,11 @@ pub async fn node_checks(
         let result = match key_matches {
             Ok(_) => match unfed_node::net::Net::client_from_ca(ca) {
                 Ok(net) => net
-                    .connect(advertise, std::time::Duration::from_secs(5), Some(facts.pin))
+                    .connect(
+                        advertise,
+                        std::time::Duration::from_secs(5),
+                        Some(facts.pin),
+                    )
                     .await
                     .map(drop)
                     .map_err(|e| format!("{e:#}")),
@@ -505,7 +510,10 @@ mod tests {
             "impersonation",
         );
         let expired = files.issue("expired", &["127.0.0.1"], -1);
-        flaw(node_checks(&advertise, tls(&expired), false, false).await, "expired");
+        flaw(
+            node_checks(&advertise, tls(&expired), false, false).await,
+            "expired",
+        );
         let elsewhere = files.issue("elsewhere", &["10.9.9.9"], 30);
         flaw(
             node_checks(&advertise, tls(&elsewhere), false, false).await,

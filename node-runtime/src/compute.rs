@@ -141,7 +141,8 @@ struct Inner {
 }
 
 /// Each session's inputs and sampling, kept so that a spot checker can have a hop
-/// re-executed; bounded like the KV caches they accompany.
+/// re-executed; bounded like the KV caches they accompany. An ended session's inputs
+/// stay for `ENDED_GRACE`: the checks of its last steps run after the client is done.
 #[derive(Default)]
 struct InputLog {
     sessions: Mutex<(
@@ -150,16 +151,25 @@ struct InputLog {
     )>,
 }
 
-/// A session's sampling parameters and its inputs, step by step.
-type LoggedSession = (Option<SamplingParams>, Vec<StepInput>);
+/// A session's sampling parameters, its inputs step by step, and when it ended.
+#[derive(Default)]
+struct LoggedSession {
+    sampling: Option<SamplingParams>,
+    inputs: Vec<StepInput>,
+    ended: Option<Instant>,
+}
 
 /// Sessions whose inputs are kept (the oldest are forgotten first).
 const INPUT_LOG_SESSIONS: usize = 1024;
+/// How long an ended session's inputs wait for the spot checks of its last steps.
+const ENDED_GRACE: Duration = Duration::from_secs(30);
 
 impl InputLog {
     fn record(&self, session: &str, step: u32, input: StepInput, sampling: Option<SamplingParams>) {
         let mut g = self.sessions.lock().expect("input log poisoned");
         let (order, map) = &mut *g;
+        map.retain(|_, s| s.ended.is_none_or(|t| t.elapsed() < ENDED_GRACE));
+        order.retain(|s| map.contains_key(s) || s == session);
         if !map.contains_key(session) {
             if order.len() >= INPUT_LOG_SESSIONS
                 && let Some(old) = order.pop_front()
@@ -170,24 +180,29 @@ impl InputLog {
         }
         let entry = map.entry(session.to_string()).or_default();
         if step == 0 {
-            *entry = (sampling, Vec::new());
+            *entry = LoggedSession {
+                sampling,
+                ..Default::default()
+            };
         }
-        if entry.1.len() == step as usize {
-            entry.1.push(input);
+        if entry.inputs.len() == step as usize {
+            entry.inputs.push(input);
         }
     }
 
     fn get(&self, session: &str, up_to: u32) -> Option<(Option<SamplingParams>, Vec<StepInput>)> {
         let g = self.sessions.lock().expect("input log poisoned");
-        let (sampling, inputs) = g.1.get(session)?;
+        let s = g.1.get(session)?;
         let n = up_to as usize + 1;
-        (inputs.len() >= n).then(|| (*sampling, inputs[..n].to_vec()))
+        (s.inputs.len() >= n).then(|| (s.sampling, s.inputs[..n].to_vec()))
     }
 
-    fn forget(&self, session: &str) {
+    /// The session ended: its inputs go after the grace period.
+    fn end(&self, session: &str) {
         let mut g = self.sessions.lock().expect("input log poisoned");
-        g.1.remove(session);
-        g.0.retain(|s| s != session);
+        if let Some(s) = g.1.get_mut(session) {
+            s.ended = Some(Instant::now());
+        }
     }
 }
 
@@ -209,10 +224,13 @@ pub fn sampling_of(p: Option<&SamplingParams>) -> SamplingConfig {
 impl ComputeService {
     pub fn new(shard: LoadedShard, cfg: &ComputeConfig) -> Self {
         let shares = share_sink(cfg, &shard);
-        let peers = cfg
-            .registry
-            .clone()
-            .map(|r| Arc::new(Peers::new(cfg.net.clone(), r, shard.manifest.model_id.clone())));
+        let peers = cfg.registry.clone().map(|r| {
+            Arc::new(Peers::new(
+                cfg.net.clone(),
+                r,
+                shard.manifest.model_id.clone(),
+            ))
+        });
         let checker = match (&peers, &cfg.registry) {
             (Some(p), Some(r)) if cfg.spot_check > 0.0 => Some(Arc::new(SpotChecker::new(
                 cfg.spot_check,
@@ -293,11 +311,16 @@ impl ComputeService {
         }
         let refuse = |why: String| {
             tracing::warn!(remote = ?peer.remote, "{what} refused: {why}");
-            Status::permission_denied(format!("node {}: {what} refused: {why}", self.inner.node_id))
+            Status::permission_denied(format!(
+                "node {}: {what} refused: {why}",
+                self.inner.node_id
+            ))
         };
         let pin = crate::net::auth::caller_pin(peer, what)?;
         let Some(peers) = &self.inner.peers else {
-            return Err(refuse("this node is not registered, so it cannot tell a checker from a stranger".into()));
+            return Err(refuse(
+                "this node is not registered, so it cannot tell a checker from a stranger".into(),
+            ));
         };
         let mine = self.shard_index();
         match peers.caller(pin).await {
@@ -331,7 +354,10 @@ impl ComputeService {
     ) -> Result<(), Status> {
         let refuse = |why: String| {
             tracing::warn!(remote = ?caller.remote, "PutShare refused: {why}");
-            Status::permission_denied(format!("node {}: PutShare refused: {why}", self.inner.node_id))
+            Status::permission_denied(format!(
+                "node {}: PutShare refused: {why}",
+                self.inner.node_id
+            ))
         };
         let Some(peers) = &self.inner.peers else {
             return Err(refuse(
@@ -899,7 +925,7 @@ impl Compute for ComputeService {
             ))
         })?;
         self.inner.sessions.end(&req.session_id);
-        self.inner.inputs.forget(&req.session_id);
+        self.inner.inputs.end(&req.session_id);
         if let Some(c) = &self.inner.checker {
             c.forget(&req.session_id);
         }
@@ -1042,14 +1068,17 @@ fn end_session_message(session: &str) -> Vec<u8> {
 /// The owner's signature that ends `session` on every hop of its route.
 pub fn sign_end_session(owner: &ed25519_dalek::SigningKey, session: &str) -> Vec<u8> {
     use ed25519_dalek::Signer;
-    owner.sign(&end_session_message(session)).to_bytes().to_vec()
+    owner
+        .sign(&end_session_message(session))
+        .to_bytes()
+        .to_vec()
 }
 
 fn verify_end_session(owner: &[u8], session: &str, signature: &[u8]) -> Result<(), String> {
     use ed25519_dalek::Verifier;
-    let key: [u8; 32] = owner
-        .try_into()
-        .map_err(|_| "the session was opened without an owner key, so no one may end it early".to_string())?;
+    let key: [u8; 32] = owner.try_into().map_err(|_| {
+        "the session was opened without an owner key, so no one may end it early".to_string()
+    })?;
     let key = ed25519_dalek::VerifyingKey::from_bytes(&key)
         .map_err(|_| "the session's owner key is not a valid Ed25519 key".to_string())?;
     let sig = ed25519_dalek::Signature::from_slice(signature)

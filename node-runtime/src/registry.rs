@@ -598,7 +598,12 @@ impl Registry for RegistryService {
             }));
         };
         let v = adj
-            .rule(&self.config.net, &r, &dir, accused.as_ref().expect("admitted"))
+            .rule(
+                &self.config.net,
+                &r,
+                &dir,
+                accused.as_ref().expect("admitted"),
+            )
             .await;
         if v.guilty && adj.stage != Stage::Shadow {
             tracing::warn!(node = %accused_id, "excluded from discovery after a guilty verdict");

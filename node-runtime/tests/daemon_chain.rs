@@ -221,7 +221,8 @@ async fn kill_9_mid_stream_then_restart_loses_nothing_and_counts_nothing_twice()
                     let deadline = Instant::now() + Duration::from_secs(20);
                     let results = loop {
                         let attempt = async {
-                            let mut d = DaemonClient::new(crate::common::net::try_channel(&addr).await?);
+                            let mut d =
+                                DaemonClient::new(crate::common::net::try_channel(&addr).await?);
                             let r = d
                                 .submit_shares(SubmitSharesRequest {
                                     submitter: sg.node.clone(),

@@ -185,6 +185,7 @@ async fn chat_on_a_staked_testnet_is_paid_exactly_at_the_configured_prices() {
         dir: tmp,
         registry,
         computes: Vec::new(),
+        tls: true,
     };
     for (shard, wallet) in [(0usize, 2u32), (1, 3)] {
         let mut a = net.compute_args("m", shard, "0");

@@ -65,6 +65,7 @@ async fn staked_nodes_are_admitted_unstaked_refused_and_unstaking_hides_a_node_u
         dir: tmp,
         registry,
         computes: Vec::new(),
+        tls: true,
     };
 
     let node = |net: &Net, i: u32, who: &Chain| {

@@ -80,8 +80,9 @@ async fn greedy_through_1_2_3_shards_and_replicas_matches_transformers_for_every
     assert!(checked >= fixtures.len() * 3 * 4);
     // Every replica of every 3-shard route served steps.
     for node in &net.computes {
-        let mut c =
-            unfed_proto::compute_client::ComputeClient::new(crate::common::net::channel(&node.address).await);
+        let mut c = unfed_proto::compute_client::ComputeClient::new(
+            crate::common::net::channel(&node.address).await,
+        );
         let h = c
             .health(unfed_proto::HealthRequest {})
             .await
@@ -127,9 +128,10 @@ async fn eight_concurrent_sessions_each_get_their_own_output() {
         let registry = net.registry.address.clone();
         let name = name.clone();
         tasks.push(tokio::spawn(async move {
-            let mut client = unfed_node::client::Client::connect(&crate::common::net::transport(), &registry)
-                .await
-                .unwrap();
+            let mut client =
+                unfed_node::client::Client::connect(&crate::common::net::transport(), &registry)
+                    .await
+                    .unwrap();
             client
                 .generate(&name, &p, &greedy(20), |_| {})
                 .await

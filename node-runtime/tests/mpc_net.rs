@@ -126,6 +126,7 @@ fn require_mpc_net() -> (Net, PathBuf) {
         dir,
         registry,
         computes: Vec::new(),
+        tls: true,
     };
     net.compute("tiny", 0);
     net.compute("tiny", 1);
@@ -385,7 +386,12 @@ async fn the_pair_hands_its_shares_to_the_next_shard_which_reconstructs_them() {
         let outbox = Outbox::new(&tls, &forger, party, width, &shard1).unwrap();
         let share = outbox.request("forged", 0, vec![7u64; rows * width]);
         let err = compute.put_share(share).await.unwrap_err();
-        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{}", err.message());
+        assert_eq!(
+            err.code(),
+            tonic::Code::PermissionDenied,
+            "{}",
+            err.message()
+        );
         assert!(
             err.message().contains("PutShare refused"),
             "{}",

@@ -23,9 +23,7 @@ use unfed_proto::registry_client::RegistryClient;
 use unfed_proto::*;
 
 /// A prompt of distinctive ids (two-byte varints) to look for on the wire.
-const PROMPT: [u32; 12] = [
-    301, 417, 288, 399, 455, 262, 333, 478, 291, 402, 366, 444,
-];
+const PROMPT: [u32; 12] = [301, 417, 288, 399, 455, 262, 333, 478, 291, 402, 366, 444];
 
 /// The ids as protobuf writes a packed `repeated uint32`: what a tap would search for.
 fn packed_varints(ids: &[u32]) -> Vec<u8> {
@@ -131,7 +129,10 @@ async fn chat_through_tap(tls: bool) -> Tap {
         .await
         .unwrap_or_else(|e| panic!("{e:#}\n{}", net.logs()));
     assert_eq!(out.tokens.len(), 8);
-    assert_eq!(out.route[0].address, tap.addr, "the route goes through the tap");
+    assert_eq!(
+        out.route[0].address, tap.addr,
+        "the route goes through the tap"
+    );
     tap
 }
 
@@ -172,7 +173,11 @@ fn start_as(net: &mut Net, shard: usize, files: &TlsFiles) -> usize {
 }
 
 async fn compute_as(who: &Transport, addr: &str) -> ComputeClient<tonic::transport::Channel> {
-    ComputeClient::new(who.connect(addr, Duration::from_secs(30), None).await.unwrap())
+    ComputeClient::new(
+        who.connect(addr, Duration::from_secs(30), None)
+            .await
+            .unwrap(),
+    )
 }
 
 fn step0(session: &str, route: &[Hop], owner: &ed25519_dalek::SigningKey) -> ForwardRequest {
@@ -196,7 +201,9 @@ fn next_step(session: &str, route: &[Hop], step: u32, token: u32) -> ForwardRequ
         session_id: session.into(),
         step,
         position: PROMPT.len() as u32 + step - 1,
-        input: Some(forward_request::Input::Tokens(TokenIds { ids: vec![token] })),
+        input: Some(forward_request::Input::Tokens(TokenIds {
+            ids: vec![token],
+        })),
         route: route[1..].to_vec(),
         ..Default::default()
     }
@@ -248,7 +255,9 @@ async fn every_guarded_rpc_refuses_outsiders_and_serves_its_caller() {
     let ca_file = other_ca.path().join("ca.crt");
     std::fs::write(
         &ca_file,
-        unfed_node::net::pki::Ca::generate("other").unwrap().cert_pem,
+        unfed_node::net::pki::Ca::generate("other")
+            .unwrap()
+            .cert_pem,
     )
     .unwrap();
     let err = Transport::client_from_ca(&ca_file)
@@ -321,7 +330,10 @@ async fn every_guarded_rpc_refuses_outsiders_and_serves_its_caller() {
         .unwrap()
         .into_inner()
         .nodes;
-    assert!(listed.iter().any(|n| n.node_id == node0), "node 0 was removed");
+    assert!(
+        listed.iter().any(|n| n.node_id == node0),
+        "node 0 was removed"
+    );
     // Node 0's own certificate may heartbeat for it.
     let mut reg0 = RegistryClient::new(
         as0.connect(&net.registry.address, Duration::from_secs(5), None)
@@ -358,7 +370,10 @@ async fn every_guarded_rpc_refuses_outsiders_and_serves_its_caller() {
         unfed_node::compute::sign_end_session(&not_owner, "s-1"),
         unfed_node::compute::sign_end_session(&owner, "s-2"),
     ] {
-        let err = entry.end_session(end("s-1", &route, sig)).await.unwrap_err();
+        let err = entry
+            .end_session(end("s-1", &route, sig))
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
     }
     let second = entry
@@ -399,12 +414,25 @@ async fn every_guarded_rpc_refuses_outsiders_and_serves_its_caller() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{}", err.message());
-    for (who, what) in [(&stranger, "a stranger"), (&as0, "node 0 itself (same shard)")] {
+    for (who, what) in [
+        (&stranger, "a stranger"),
+        (&as0, "node 0 itself (same shard)"),
+    ] {
         let mut c = compute_as(who, &addr0).await;
         let err = c.session_inputs(inputs.clone()).await.unwrap_err();
-        assert_eq!(err.code(), Code::PermissionDenied, "{what}: {}", err.message());
+        assert_eq!(
+            err.code(),
+            Code::PermissionDenied,
+            "{what}: {}",
+            err.message()
+        );
         let err = c.reexecute(reexec.clone()).await.unwrap_err();
-        assert_eq!(err.code(), Code::PermissionDenied, "{what}: {}", err.message());
+        assert_eq!(
+            err.code(),
+            Code::PermissionDenied,
+            "{what}: {}",
+            err.message()
+        );
     }
     let mut neighbour = compute_as(&as1, &addr0).await;
     let err = neighbour.session_inputs(inputs).await.unwrap_err();
@@ -475,7 +503,10 @@ async fn party_b_takes_only_the_registered_party_a() {
         {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the pair never registered");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pair never registered"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await; // poll again until the deadline
     }
     let hello = |from: &str| MpcMessage {

@@ -64,6 +64,7 @@ impl Staked {
             dir: tmp,
             registry,
             computes: Vec::new(),
+            tls: true,
         };
         Staked {
             _anvil: anvil,
@@ -193,7 +194,8 @@ impl Staked {
     }
 
     async fn verdicts(&self) -> ListVerdictsResponse {
-        let mut c = RegistryClient::new(crate::common::net::channel(&self.net.registry.address).await);
+        let mut c =
+            RegistryClient::new(crate::common::net::channel(&self.net.registry.address).await);
         c.list_verdicts(ListVerdictsRequest {})
             .await
             .unwrap()

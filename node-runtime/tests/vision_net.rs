@@ -104,7 +104,9 @@ async fn two_vision_shards_over_grpc_give_the_reference_features_and_tokens() {
         "{err:#}"
     );
     let reversed: Vec<_> = addresses.iter().rev().cloned().collect();
-    let err = encode_image(&tls, &reversed, MODEL, &batch).await.unwrap_err();
+    let err = encode_image(&tls, &reversed, MODEL, &batch)
+        .await
+        .unwrap_err();
     assert!(format!("{err:#}").contains("vision shard 0"), "{err:#}");
     let err = encode_image(&tls, &[], MODEL, &batch).await.unwrap_err();
     assert!(format!("{err:#}").contains("smolvlm_vision"), "{err:#}");

@@ -165,7 +165,10 @@ async fn model_ready(net: &Testnet) -> anyhow::Result<()> {
 
 async fn nodes_admitted(net: &Testnet) -> anyhow::Result<()> {
     let (registry, model) = registry_and_model(net)?;
-    let route = Client::connect(&net.ctx.net, registry).await?.route(model).await?;
+    let route = Client::connect(&net.ctx.net, registry)
+        .await?
+        .route(model)
+        .await?;
     let shards = net
         .ctx
         .plan

@@ -159,7 +159,9 @@ impl DaemonArgs {
             window: Duration::from_secs(self.window_secs.max(1)),
             ..Limits::default()
         };
-        let net = self.tls.net(self.advertise.as_deref().unwrap_or(&self.host))?;
+        let net = self
+            .tls
+            .net(self.advertise.as_deref().unwrap_or(&self.host))?;
         let listener = crate::cli::bind(&self.host, self.port).await?;
         let bound = listener.local_addr()?;
         let advertise = self.advertise.unwrap_or_else(|| bound.to_string());

@@ -256,7 +256,10 @@ impl PartyService {
         };
         let b = peers.by_role("mpc_b").await?;
         if self.net.is_tls() && b.tls_pin.is_empty() {
-            bail!("the registered party B {} has no certificate pin", b.node_id);
+            bail!(
+                "the registered party B {} has no certificate pin",
+                b.node_id
+            );
         }
         Ok(unfed_proto::Hop {
             node_id: b.node_id,
@@ -431,9 +434,16 @@ impl Mpc for PartyService {
                 .counterpart_b()
                 .await
                 .map_err(|e| Status::unavailable(format!("{e:#}")))?;
-            let link = dial(&self.net, &to, &first.session, Peer::A, Peer::B, &Default::default())
-                .await
-                .map_err(|e| Status::unavailable(format!("{e:#}")))?;
+            let link = dial(
+                &self.net,
+                &to,
+                &first.session,
+                Peer::A,
+                Peer::B,
+                &Default::default(),
+            )
+            .await
+            .map_err(|e| Status::unavailable(format!("{e:#}")))?;
             self.attach(&first.session, Peer::B, link, Default::default());
         }
         self.attach(&first.session, from, (tx, rx), options);

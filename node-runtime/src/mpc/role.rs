@@ -131,7 +131,9 @@ impl MpcArgs {
             ))
         })
         .await??;
-        let net = self.tls.net(self.advertise.as_deref().unwrap_or(&self.host))?;
+        let net = self
+            .tls
+            .net(self.advertise.as_deref().unwrap_or(&self.host))?;
         let listener = crate::cli::bind(&self.host, self.port).await?;
         let advertise = self.advertise.clone().unwrap_or_else(|| {
             listener

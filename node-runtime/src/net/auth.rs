@@ -70,12 +70,15 @@ impl CallProof {
         let sig = ed25519_dalek::Signature::from_slice(&self.signature).map_err(|_| {
             Status::unauthenticated(format!("{purpose}: the call's signature is not 64 bytes"))
         })?;
-        key.verify(&message(purpose, subject, self.timestamp, &self.nonce), &sig)
-            .map_err(|_| {
-                Status::unauthenticated(format!(
-                    "{purpose}: the signature is not by {subject}'s registered share key"
-                ))
-            })?;
+        key.verify(
+            &message(purpose, subject, self.timestamp, &self.nonce),
+            &sig,
+        )
+        .map_err(|_| {
+            Status::unauthenticated(format!(
+                "{purpose}: the signature is not by {subject}'s registered share key"
+            ))
+        })?;
         if !seen.first_use(&self.nonce, self.timestamp) {
             return Err(Status::unauthenticated(format!(
                 "{purpose}: this signed call was already used (replay refused)"
@@ -148,9 +151,28 @@ mod tests {
         let other = crate::shares::generate_key();
         let guard = ReplayGuard::default();
         let p = CallProof::sign(&key, "registry.Heartbeat", "node-1");
-        assert!(p.verify(&other.verifying_key(), "registry.Heartbeat", "node-1", &guard).is_err());
-        assert!(p.verify(&key.verifying_key(), "registry.Unregister", "node-1", &guard).is_err());
-        assert!(p.verify(&key.verifying_key(), "registry.Heartbeat", "node-2", &guard).is_err());
+        assert!(
+            p.verify(
+                &other.verifying_key(),
+                "registry.Heartbeat",
+                "node-1",
+                &guard
+            )
+            .is_err()
+        );
+        assert!(
+            p.verify(
+                &key.verifying_key(),
+                "registry.Unregister",
+                "node-1",
+                &guard
+            )
+            .is_err()
+        );
+        assert!(
+            p.verify(&key.verifying_key(), "registry.Heartbeat", "node-2", &guard)
+                .is_err()
+        );
         p.verify(&key.verifying_key(), "registry.Heartbeat", "node-1", &guard)
             .unwrap();
         let replay = p
@@ -159,6 +181,10 @@ mod tests {
         assert!(replay.message().contains("replay"), "{}", replay.message());
         let mut stale = CallProof::sign(&key, "registry.Heartbeat", "node-1");
         stale.timestamp -= 600;
-        assert!(stale.verify(&key.verifying_key(), "registry.Heartbeat", "node-1", &guard).is_err());
+        assert!(
+            stale
+                .verify(&key.verifying_key(), "registry.Heartbeat", "node-1", &guard)
+                .is_err()
+        );
     }
 }

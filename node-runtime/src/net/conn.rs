@@ -59,13 +59,21 @@ macro_rules! each {
 }
 
 impl AsyncRead for Stream {
-    fn poll_read(self: StdPin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: StdPin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         each!(self, s => StdPin::new(s).poll_read(cx, buf))
     }
 }
 
 impl AsyncWrite for Stream {
-    fn poll_write(self: StdPin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: StdPin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         each!(self, s => StdPin::new(s).poll_write(cx, buf))
     }
     fn poll_flush(self: StdPin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -192,7 +200,9 @@ impl tower::Service<Uri> for Connector {
         Box::pin(async move {
             let host = uri
                 .host()
-                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("no host in {uri}")))?
+                .ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::InvalidInput, format!("no host in {uri}"))
+                })?
                 .trim_start_matches('[')
                 .trim_end_matches(']')
                 .to_string();
@@ -203,7 +213,10 @@ impl tower::Service<Uri> for Connector {
                 return Ok(TokioIo::new(Stream::Plain(tcp)));
             };
             let name = ServerName::try_from(host.clone()).map_err(|_| {
-                io::Error::new(io::ErrorKind::InvalidInput, format!("`{host}` is not a valid server name"))
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("`{host}` is not a valid server name"),
+                )
             })?;
             let s = tls.connect(name, tcp).await?;
             Ok(TokioIo::new(Stream::Client(Box::new(s))))

@@ -118,7 +118,11 @@ pub struct Net {
 
 impl std::fmt::Debug for Net {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.tls.is_some() { "Net(tls)" } else { "Net(plaintext)" })
+        f.write_str(if self.tls.is_some() {
+            "Net(tls)"
+        } else {
+            "Net(plaintext)"
+        })
     }
 }
 
@@ -204,7 +208,12 @@ impl Net {
     }
 
     /// Like `channel_with`, but connects now so that an unreachable peer is an error here.
-    pub async fn connect(&self, addr: &str, timeout: Duration, pin: Option<Pin>) -> Result<Channel> {
+    pub async fn connect(
+        &self,
+        addr: &str,
+        timeout: Duration,
+        pin: Option<Pin>,
+    ) -> Result<Channel> {
         let endpoint = self.endpoint(addr, timeout)?;
         let connector = conn::Connector::new(self.tls.as_ref().map(|t| t.client(pin)).transpose()?);
         endpoint
@@ -246,8 +255,7 @@ impl Net {
         router: tonic::transport::server::Router,
         listener: TcpListener,
         shutdown: impl std::future::Future<Output = ()>,
-    ) -> Result<()>
-    {
+    ) -> Result<()> {
         let incoming = conn::incoming(listener, self.tls.as_ref().and_then(|t| t.server()));
         router
             .serve_with_incoming_shutdown(incoming, shutdown)
@@ -257,8 +265,12 @@ impl Net {
 }
 
 fn read_pem(path: &Path, flag: &str) -> Result<String> {
-    std::fs::read_to_string(path)
-        .with_context(|| format!("{flag} {}: cannot read the certificate file", path.display()))
+    std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "{flag} {}: cannot read the certificate file",
+            path.display()
+        )
+    })
 }
 
 /// Whether `addr` (host:port or host) names this machine only.

@@ -6,8 +6,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
@@ -138,7 +138,8 @@ impl Ca {
             bail!("a node certificate needs at least one host name or address");
         }
         let ca_key = KeyPair::from_pem(&self.key_pem).context("the CA key")?;
-        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, ca_key).context("the CA certificate")?;
+        let issuer =
+            Issuer::from_ca_cert_pem(&self.cert_pem, ca_key).context("the CA certificate")?;
         let key = key_pair()?;
         let mut params = CertificateParams::new(hosts.to_vec())
             .with_context(|| format!("host names {hosts:?}"))?;
@@ -230,8 +231,12 @@ impl CertFacts {
             .map_err(|e| anyhow!("the certificate is not X.509: {e}"))?;
         let (_, ca) = x509_parser::parse_x509_certificate(&ca)
             .map_err(|e| anyhow!("the CA file is not X.509: {e}"))?;
-        cert.verify_signature(Some(ca.public_key()))
-            .map_err(|_| anyhow!("the certificate was not signed by this CA ({})", ca.subject()))
+        cert.verify_signature(Some(ca.public_key())).map_err(|_| {
+            anyhow!(
+                "the certificate was not signed by this CA ({})",
+                ca.subject()
+            )
+        })
     }
 
     /// Whether the certificate names `host` (an IP address or a DNS name).

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
@@ -67,10 +67,11 @@ impl Tls {
         };
         let server = match &identity {
             Some((chain, key)) => {
-                let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
-                    .allow_unauthenticated()
-                    .build()
-                    .context("client certificate verifier")?;
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+                        .allow_unauthenticated()
+                        .build()
+                        .context("client certificate verifier")?;
                 let mut cfg = ServerConfig::builder_with_provider(provider())
                     .with_protocol_versions(&[&rustls::version::TLS13])?
                     .with_client_cert_verifier(verifier)
@@ -146,8 +147,13 @@ impl ServerCertVerifier for PinnedVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.inner
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
         if let Some(want) = self.pin {
             let got = Pin::of_cert(end_entity)
                 .map_err(|e| rustls::Error::General(format!("server certificate: {e:#}")))?;

@@ -60,7 +60,12 @@ impl Peers {
         timeout: Duration,
     ) -> Result<ComputeClient<tonic::transport::Channel>> {
         let key = (n.address.clone(), n.tls_pin.clone());
-        let cached = self.channels.lock().expect("peers poisoned").get(&key).cloned();
+        let cached = self
+            .channels
+            .lock()
+            .expect("peers poisoned")
+            .get(&key)
+            .cloned();
         let ch = match cached {
             Some(ch) => ch,
             None => {
@@ -112,9 +117,10 @@ impl Peers {
                     return Some(Caller::Registry);
                 }
                 let g = self.nodes.lock().expect("peers poisoned");
-                if let Some(n) = g.1.values().find(|n| {
-                    crate::net::Pin::parse(&n.tls_pin).ok().flatten() == Some(pin)
-                }) {
+                if let Some(n) =
+                    g.1.values()
+                        .find(|n| crate::net::Pin::parse(&n.tls_pin).ok().flatten() == Some(pin))
+                {
                     return Some(Caller::Node(Box::new(n.clone())));
                 }
                 if attempt == 1 || g.0.elapsed() < Duration::from_secs(1) {
@@ -376,7 +382,8 @@ impl SpotChecker {
                 accused.shard_index
             );
         };
-        let recomputed = reexecute_on(&self.peers, verifier, &accused.model_id, &inputs, &s).await?;
+        let recomputed =
+            reexecute_on(&self.peers, verifier, &accused.model_id, &inputs, &s).await?;
         if compare(&s.output, &recomputed).is_ok() {
             return Ok(None);
         }

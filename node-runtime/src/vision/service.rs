@@ -332,7 +332,12 @@ pub async fn vision_addresses(
             model: model.to_string(),
         })
         .await
-        .map_err(|s| anyhow::anyhow!("Discover at the registry {registry} failed: {}", s.message()))?
+        .map_err(|s| {
+            anyhow::anyhow!(
+                "Discover at the registry {registry} failed: {}",
+                s.message()
+            )
+        })?
         .into_inner()
         .nodes;
     let mut shards: Vec<_> = nodes

@@ -204,7 +204,9 @@ pub async fn chain(State(s): State<Arc<WebState>>) -> ApiResult<Value> {
                 Ok(r) => share_chain_json(&addr, r.into_inner()),
                 Err(e) => json!({ "address": addr, "error": e.message() }),
             },
-            Err(e) => json!({ "address": addr, "error": format!("cannot reach the daemon: {e:#}") }),
+            Err(e) => {
+                json!({ "address": addr, "error": format!("cannot reach the daemon: {e:#}") })
+            }
         },
         Err(e) => json!({ "error": e.message }),
     };

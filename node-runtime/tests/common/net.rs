@@ -26,8 +26,7 @@ fn pki() -> &'static TestPki {
             .join(format!("test-pki-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let ca = unfed_node::net::pki::Ca::generate("tests").unwrap();
-        unfed_chain::keys::create_private_file(&dir.join("ca.key"), ca.key_pem.as_bytes())
-            .unwrap();
+        unfed_chain::keys::create_private_file(&dir.join("ca.key"), ca.key_pem.as_bytes()).unwrap();
         std::fs::write(dir.join("ca.crt"), &ca.cert_pem).unwrap();
         TestPki {
             ca,
@@ -47,10 +46,9 @@ pub fn issue(name: &str) -> unfed_node::net::TlsFiles {
     let p = pki();
     let n = p.issued.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let name = format!("{name}-{n}");
-    let issued = p
-        .ca
-        .issue(&name, &[s("127.0.0.1"), s("localhost")], 30)
-        .unwrap();
+    let issued =
+        p.ca.issue(&name, &[s("127.0.0.1"), s("localhost")], 30)
+            .unwrap();
     let files = unfed_node::net::TlsFiles::in_dir(&p.dir, &name);
     unfed_chain::keys::create_private_file(&files.key, issued.key_pem.as_bytes()).unwrap();
     std::fs::write(&files.cert, &issued.cert_pem).unwrap();
@@ -89,7 +87,9 @@ pub async fn channel(addr: &str) -> tonic::transport::Channel {
 
 /// `channel`, for a peer that may be down.
 pub async fn try_channel(addr: &str) -> anyhow::Result<tonic::transport::Channel> {
-    transport().connect(addr, Duration::from_secs(60), None).await
+    transport()
+        .connect(addr, Duration::from_secs(60), None)
+        .await
 }
 
 /// A child process killed when dropped; stderr goes to a log file kept for failures.
@@ -325,8 +325,9 @@ impl Net {
 
     /// Forward calls compute node `i` has run (its Health).
     pub async fn compute_forwards(&self, i: usize) -> u64 {
-        let mut c =
-            unfed_proto::compute_client::ComputeClient::new(channel(&self.computes[i].address).await);
+        let mut c = unfed_proto::compute_client::ComputeClient::new(
+            channel(&self.computes[i].address).await,
+        );
         c.health(unfed_proto::HealthRequest {})
             .await
             .unwrap()
