@@ -189,6 +189,17 @@ pub struct PartyService {
     pending: Arc<Mutex<HashMap<String, Pending>>>,
 }
 
+/// How a party reaches and recognises the others.
+pub struct PartyLinks {
+    /// Party B's address (party A only).
+    pub peer: Option<String>,
+    /// A session's other link must arrive, and every message, within this.
+    pub timeout: Duration,
+    pub net: crate::net::Net,
+    /// Registered nodes (the counterpart must be the registered one); `None` unregistered.
+    pub peers: Option<Arc<crate::verify::spot::Peers>>,
+}
+
 impl PartyService {
     pub fn new(
         model: Arc<PartyModel>,
@@ -196,10 +207,14 @@ impl PartyService {
         signer: Signer,
         public: Packed,
         shares: Option<crate::shares::ShareSink>,
-        peer: Option<String>,
-        timeout: Duration,
-        (net, peers): (crate::net::Net, Option<Arc<crate::verify::spot::Peers>>),
+        links: PartyLinks,
     ) -> Result<Self> {
+        let PartyLinks {
+            peer,
+            timeout,
+            net,
+            peers,
+        } = links;
         if is_a && peer.is_none() {
             bail!("party A needs --peer (party B's host:port)");
         }

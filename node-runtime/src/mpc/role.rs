@@ -181,18 +181,18 @@ impl MpcArgs {
             signer,
             public,
             shares,
-            self.peer.clone(),
-            timeout,
-            (
-                net.clone(),
-                self.registry.clone().map(|r| {
+            super::net::PartyLinks {
+                peer: self.peer.clone(),
+                timeout,
+                net: net.clone(),
+                peers: self.registry.clone().map(|r| {
                     Arc::new(crate::verify::spot::Peers::new(
                         net.clone(),
                         r,
                         manifest.model_id.clone(),
                     ))
                 }),
-            ),
+            },
         )?;
         let membership = self.registry.clone().map(|registry| {
             let listing = crate::membership::Listing {

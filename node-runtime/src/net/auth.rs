@@ -2,7 +2,7 @@
 //! where a link may be plaintext, by a fresh signature of its registered share key over
 //! what it asks, the time and a nonce. The checks every role's RPCs share.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -91,7 +91,14 @@ impl CallProof {
 /// Nonces seen within the skew window, so a captured call cannot be sent again.
 #[derive(Default)]
 pub struct ReplayGuard {
-    seen: Mutex<(VecDeque<(u64, String)>, HashMap<String, u64>)>,
+    seen: Mutex<Seen>,
+}
+
+/// Nonces in arrival order (with their time, to expire them) and as a set.
+#[derive(Default)]
+struct Seen {
+    order: VecDeque<(u64, String)>,
+    set: HashSet<String>,
 }
 
 /// More nonces than this within the window are forgotten oldest first.
@@ -102,7 +109,7 @@ impl ReplayGuard {
     /// refused by the caller before this).
     pub fn first_use(&self, nonce: &str, timestamp: u64) -> bool {
         let mut g = self.seen.lock().expect("replay guard poisoned");
-        let (order, set) = &mut *g;
+        let Seen { order, set } = &mut *g;
         let horizon = unix_now().saturating_sub(2 * MAX_SKEW.as_secs());
         while let Some((t, n)) = order.front() {
             if *t >= horizon && order.len() < REPLAY_CAP {
@@ -111,10 +118,9 @@ impl ReplayGuard {
             set.remove(n);
             order.pop_front();
         }
-        if set.contains_key(nonce) {
+        if !set.insert(nonce.to_string()) {
             return false;
         }
-        set.insert(nonce.to_string(), timestamp);
         order.push_back((timestamp.max(horizon), nonce.to_string()));
         true
     }

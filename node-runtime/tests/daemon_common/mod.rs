@@ -159,7 +159,7 @@ pub fn daemon_args(net: &Net, db: &std::path::Path, port: &str, extra: &[&str]) 
 }
 
 pub async fn daemon(addr: &str) -> Daemon {
-    DaemonClient::new(crate::common::net::channel(&addr).await)
+    DaemonClient::new(crate::common::net::channel(addr).await)
 }
 
 pub async fn submit(
