@@ -22,7 +22,7 @@ use anyhow::{Context, Result, bail};
 use tokio::net::TcpListener;
 use tonic::transport::{Channel, Endpoint};
 
-pub use conn::Peer;
+pub use conn::{Peer, Stream};
 pub use pki::Pin;
 
 /// Largest message each service accepts (both directions).
@@ -118,7 +118,11 @@ pub struct Net {
 
 impl std::fmt::Debug for Net {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.tls.is_some() { "Net(tls)" } else { "Net(plaintext)" })
+        f.write_str(if self.tls.is_some() {
+            "Net(tls)"
+        } else {
+            "Net(plaintext)"
+        })
     }
 }
 
@@ -204,7 +208,12 @@ impl Net {
     }
 
     /// Like `channel_with`, but connects now so that an unreachable peer is an error here.
-    pub async fn connect(&self, addr: &str, timeout: Duration, pin: Option<Pin>) -> Result<Channel> {
+    pub async fn connect(
+        &self,
+        addr: &str,
+        timeout: Duration,
+        pin: Option<Pin>,
+    ) -> Result<Channel> {
         let endpoint = self.endpoint(addr, timeout)?;
         let connector = conn::Connector::new(self.tls.as_ref().map(|t| t.client(pin)).transpose()?);
         endpoint
@@ -246,8 +255,7 @@ impl Net {
         router: tonic::transport::server::Router,
         listener: TcpListener,
         shutdown: impl std::future::Future<Output = ()>,
-    ) -> Result<()>
-    {
+    ) -> Result<()> {
         let incoming = conn::incoming(listener, self.tls.as_ref().and_then(|t| t.server()));
         router
             .serve_with_incoming_shutdown(incoming, shutdown)
@@ -256,9 +264,35 @@ impl Net {
     }
 }
 
+/// The web dashboard's HTTPS server (HTTP/1.1 over TLS 1.3) from its certificate and
+/// key (PEM); the dashboard reads the key file with `read_private_file`.
+pub fn https_server_config(cert_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>> {
+    tls::https_server(cert_pem, key_pem)
+}
+
+/// A client of a dashboard whose certificate the CA file `ca` issued (`unfedctl up`'s
+/// readiness probe, tests).
+pub fn https_client_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>> {
+    tls::https_client(&read_pem(ca, "CA")?)
+}
+
+/// Connections accepted on `listener`, each TLS-handshaken with `config` off the accept
+/// loop and within a timeout (a client that connects and stalls holds no slot); a
+/// failed handshake is dropped. Ends when the stream is dropped.
+pub fn accept_tls(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<Stream>> {
+    conn::incoming(listener, Some(config))
+}
+
 fn read_pem(path: &Path, flag: &str) -> Result<String> {
-    std::fs::read_to_string(path)
-        .with_context(|| format!("{flag} {}: cannot read the certificate file", path.display()))
+    std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "{flag} {}: cannot read the certificate file",
+            path.display()
+        )
+    })
 }
 
 /// Whether `addr` (host:port or host) names this machine only.
