@@ -55,6 +55,8 @@ struct ModelLine {
 struct Status {
     name: String,
     registry: Option<String>,
+    /// The dashboard's URL (https with `[web] tls`).
+    dashboard: Option<String>,
     nodes: Vec<NodeStatus>,
     models: Vec<ModelLine>,
     chain_rpc: Option<String>,
@@ -164,6 +166,7 @@ async fn gather(plan: &LaunchPlan, state: &RunState) -> Status {
     Status {
         name: plan.name.clone(),
         registry: state.registry.clone(),
+        dashboard: state.dashboard.clone(),
         nodes,
         models,
         chain_rpc: state.chain.as_ref().map(|c| c.rpc_url.clone()),
@@ -265,6 +268,9 @@ pub async fn status(plan: &LaunchPlan, json: bool) -> anyhow::Result<ExitCode> {
             "  model {}: {}, {} node(s), shards {}",
             m.model, m.status, m.nodes, m.shards
         );
+    }
+    if let Some(url) = &status.dashboard {
+        println!("  dashboard {url}");
     }
     if let Some(rpc) = &status.chain_rpc {
         let height = status
