@@ -415,7 +415,11 @@ impl LaunchPlan {
                 "web",
                 StepKind::Web,
                 last,
-                format!("dashboard on {}", spec.web.host),
+                format!(
+                    "dashboard on {}{}",
+                    spec.web.host,
+                    if spec.web.tls { " (HTTPS)" } else { "" }
+                ),
             ));
         }
 

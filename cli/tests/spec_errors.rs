@@ -154,6 +154,15 @@ fn external_chain_needs_rpc_url_and_operator_key() {
 }
 
 #[test]
+fn dashboard_https_needs_the_testnet_ca() {
+    assert_eq!(
+        one_problem("[testnet]\ntls = false\n[web]\ntls = true\n"),
+        "x.toml:4:7: web.tls = true needs the testnet CA to issue the dashboard's certificate, but testnet.tls = false; set testnet.tls = true or remove web.tls"
+    );
+    assert_eq!(problems("[web]\ntls = true\n"), Vec::<String>::new());
+}
+
+#[test]
 fn mpc_that_cannot_be_served() {
     assert_eq!(
         one_problem("[mpc]\noutput = \"decode_client_sample\"\n"),

@@ -343,3 +343,44 @@ fn without_a_chain_everything_runs_unstaked() {
     let answer: Value = serde_json::from_slice(&chat.stdout).unwrap();
     assert_eq!(answer["token_ids"].as_array().unwrap().len(), 4);
 }
+
+#[test]
+fn web_tls_serves_the_dashboard_over_https_from_the_testnet_ca() {
+    // Every interface: the certificate, the probe and the printed URL use loopback.
+    let net = Net::new(
+        "[chain]\nmode = \"none\"\n[daemon]\nenabled = false\n[web]\ntls = true\nhost = \"0.0.0.0\"\n",
+    );
+    let spec = net.spec.as_path();
+    let out = run(unfedctl().arg("up").arg(spec).arg("--detach"));
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains("dashboard  https://127.0.0.1:"),
+        "{}",
+        text(&out.stdout)
+    );
+    let url = state(spec)["dashboard"].as_str().unwrap().to_string();
+    let status = run(unfedctl().arg("status").arg(spec));
+    assert!(text(&status.stdout).contains(&format!("dashboard {url}")));
+    // A client trusting the testnet CA gets the API over HTTPS; plain HTTP gets nothing.
+    let addr = url
+        .trim_start_matches("https://")
+        .trim_end_matches('/')
+        .to_string();
+    let ca = net.run_dir().join("keys/tls/ca.crt");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (https, plain) = rt.block_on(async {
+        let https = unfed_node::web::probe::Probe::https(&ca).unwrap();
+        let plain = unfed_node::web::probe::Probe::plain();
+        (
+            https.get(&addr, "/api/models").await,
+            plain.get(&addr, "/api/models").await,
+        )
+    });
+    assert_eq!(https.unwrap().status, 200);
+    assert!(plain.is_err(), "{plain:?}");
+}

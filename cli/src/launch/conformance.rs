@@ -128,9 +128,12 @@ async fn dashboard_ready(net: &Testnet) -> anyhow::Result<()> {
         .and_then(|p| p.port)
         .context("the web process has no port")?;
     let addr = format!("127.0.0.1:{port}");
-    let (status, body) = super::steps::http_get(&addr, "/api/models")
+    let probe = super::steps::dashboard_probe(&net.ctx)?;
+    let reply = probe
+        .get(&addr, "/api/models")
         .await
         .with_context(|| format!("the dashboard at {addr} does not answer"))?;
+    let (status, body) = (reply.status, reply.body);
     ensure!(status == 200, "GET /api/models answered {status}: {body}");
     let v: serde_json::Value = serde_json::from_str(&body).context("/api/models is not JSON")?;
     let ready = v["models"]

@@ -44,6 +44,9 @@ fn record(ctx: &Context, state: &mut RunState, outcome: Outcome) -> anyhow::Resu
     if let Some(model) = outcome.model_id {
         state.model_id = Some(model);
     }
+    if let Some(url) = outcome.dashboard {
+        state.dashboard = Some(url);
+    }
     state.processes = ctx.running.lock().unwrap().processes.clone();
     state.save(&ctx.plan.run_dir)
 }
@@ -334,10 +337,8 @@ fn print_summary(ctx: &Context, state: &RunState, took: Duration) {
     if let Some(model) = &state.model_id {
         println!("  model      {model} (READY)");
     }
-    if let Some(web) = state.processes.iter().find(|p| p.kind == "web")
-        && let Some(port) = web.port
-    {
-        println!("  dashboard  http://{}:{port}/", ctx.loaded.spec.web.host);
+    if let Some(url) = &state.dashboard {
+        println!("  dashboard  {url}");
     }
     if let Some(chain) = &state.chain {
         println!(

@@ -22,6 +22,9 @@ pub struct RunState {
     /// The testnet CA's certificate; `None`: the testnet runs plaintext (tls = false).
     #[serde(default)]
     pub tls_ca: Option<PathBuf>,
+    /// The dashboard's URL (https with `[web] tls`).
+    #[serde(default)]
+    pub dashboard: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -57,6 +57,8 @@ struct Status {
     registry: Option<String>,
     /// Which links are encrypted.
     links: &'static str,
+    /// The dashboard's URL (https with `[web] tls`).
+    dashboard: Option<String>,
     nodes: Vec<NodeStatus>,
     models: Vec<ModelLine>,
     chain_rpc: Option<String>,
@@ -167,6 +169,7 @@ async fn gather(plan: &LaunchPlan, state: &RunState) -> Status {
         name: plan.name.clone(),
         registry: state.registry.clone(),
         links: crate::plan::links_statement(state.tls_ca.is_some()),
+        dashboard: state.dashboard.clone(),
         nodes,
         models,
         chain_rpc: state.chain.as_ref().map(|c| c.rpc_url.clone()),
@@ -270,6 +273,9 @@ pub async fn status(plan: &LaunchPlan, json: bool) -> anyhow::Result<ExitCode> {
         );
     }
     println!("  links: {}", status.links);
+    if let Some(url) = &status.dashboard {
+        println!("  dashboard {url}");
+    }
     if let Some(rpc) = &status.chain_rpc {
         let height = status
             .chain_height

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use unfed_chain::{Address, Chain, EscrowParams, PrivateKeySigner, SlashDestination, U256};
 
+use unfed_node::web::probe::Probe;
 use unfed_proto::registry_client::RegistryClient;
 use unfed_proto::{DiscoverRequest, ListModelsRequest};
 
@@ -65,6 +66,8 @@ pub struct Outcome {
     pub chain: Option<ChainRecord>,
     pub registry: Option<String>,
     pub model_id: Option<String>,
+    /// The dashboard's URL (http or https).
+    pub dashboard: Option<String>,
 }
 
 /// What earlier steps produced that later ones need.
@@ -368,8 +371,8 @@ enum Readiness {
     Answers,
     /// The registry at this address lists the node (admitted, stake checked).
     ListedBy(String),
-    /// The dashboard answers `GET /api/config` with 200.
-    Http,
+    /// The dashboard answers `GET /api/config` with 200 (over HTTPS with `[web] tls`).
+    Http(Probe),
 }
 
 impl Readiness {
@@ -377,7 +380,12 @@ impl Readiness {
         let registry = match self {
             Readiness::Answers => addr,
             Readiness::ListedBy(registry) => registry,
-            Readiness::Http => return http_ok(addr, "/api/config").await,
+            Readiness::Http(probe) => {
+                return probe
+                    .get(addr, "/api/config")
+                    .await
+                    .is_ok_and(|r| r.status == 200);
+            }
         };
         let Ok(ch) = net
             .connect(registry, unfed_node::net::REQUEST_TIMEOUT, None)
@@ -388,7 +396,7 @@ impl Readiness {
         let mut client = RegistryClient::new(ch);
         match self {
             Readiness::Answers => client.list_models(ListModelsRequest {}).await.is_ok(),
-            Readiness::Http => false,
+            Readiness::Http(_) => false,
             Readiness::ListedBy(_) => client
                 .discover(DiscoverRequest {
                     model: String::new(),
@@ -451,7 +459,7 @@ async fn spawn_node(
                     "{} did not start listening within {:?}",
                     step.name, ctx.ready_timeout
                 ),
-                (Some(_), Readiness::Answers | Readiness::Http) => {
+                (Some(_), Readiness::Answers | Readiness::Http(_)) => {
                     format!(
                         "{} did not answer within {:?}",
                         step.name, ctx.ready_timeout
@@ -478,25 +486,44 @@ async fn spawn_node(
     Ok((port, addr))
 }
 
-/// Whether `GET path` on `addr` answers 200.
-async fn http_ok(addr: &str, path: &str) -> bool {
-    http_get(addr, path)
-        .await
-        .is_some_and(|(status, _)| status == 200)
+/// `[web] tls = true` without the testnet CA (the spec check refuses it first).
+const WEB_TLS_NEEDS_CA: &str =
+    "web.tls = true needs testnet.tls = true: the testnet CA issues the dashboard's certificate";
+
+/// How `up` reaches the dashboard: HTTPS trusting the testnet CA with `[web] tls`.
+pub fn dashboard_probe(ctx: &Context) -> anyhow::Result<Probe> {
+    if !ctx.loaded.spec.web.tls {
+        return Ok(Probe::plain());
+    }
+    Probe::https(&ctx.pki.as_ref().context(WEB_TLS_NEEDS_CA)?.ca_path())
 }
 
-/// `GET path` on `addr` over HTTP/1.0 (the server closes when done): status and body.
-pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.ok()?;
-    let text = String::from_utf8_lossy(&response);
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, body.to_string()))
+/// With `[web] tls`, the dashboard's HTTPS certificate from the testnet CA, for loopback
+/// and the address it binds.
+fn issue_web_https(ctx: &Context) -> anyhow::Result<Option<unfed_node::net::TlsFiles>> {
+    let web = &ctx.loaded.spec.web;
+    if !web.tls {
+        return Ok(None);
+    }
+    let pki = ctx.pki.as_ref().context(WEB_TLS_NEEDS_CA)?;
+    let mut hosts = vec!["127.0.0.1", "localhost"];
+    let every_interface = web
+        .host
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_unspecified());
+    if !hosts.contains(&web.host.as_str()) && !every_interface {
+        hosts.push(&web.host);
+    }
+    pki.issue("web-https", &hosts).map(Some)
+}
+
+/// The URL a person opens: the bind host, or loopback when it binds every interface.
+fn dashboard_url(scheme: &str, host: &str, port: u16) -> String {
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) if ip.is_unspecified() => format!("{scheme}://127.0.0.1:{port}/"),
+        Ok(ip) => format!("{scheme}://{}/", std::net::SocketAddr::new(ip, port)),
+        Err(_) => format!("{scheme}://{host}:{port}/"),
+    }
 }
 
 /// Nodes print `listening HOST:PORT` once bound (the port is real even for --port 0).
@@ -701,6 +728,10 @@ async fn start_web(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::Result
         cmd.arg("--decode-client-sample");
     }
     price_args(&mut cmd, spec);
+    if let Some(files) = issue_web_https(ctx)? {
+        cmd.arg("--https-cert").arg(&files.cert);
+        cmd.arg("--https-key").arg(&files.key);
+    }
     if let Some(chain) = &inputs.chain {
         contract_args(&mut cmd, chain)?;
         // The faucet pays from the operator's wallet (it runs only if switched on).
@@ -709,9 +740,12 @@ async fn start_web(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::Result
             cmd.arg("--demo-wallet").arg(client);
         }
     }
-    let (port, _) = spawn_node(ctx, step, "web", cmd, None, Readiness::Http).await?;
+    let probe = dashboard_probe(ctx)?;
+    let scheme = probe.scheme();
+    let (port, _) = spawn_node(ctx, step, "web", cmd, None, Readiness::Http(probe)).await?;
     Ok(Outcome {
         port: Some(port),
+        dashboard: Some(dashboard_url(scheme, &spec.web.host, port)),
         ..Outcome::default()
     })
 }

@@ -242,6 +242,13 @@ fn check_rules(loaded: &LoadedSpec, report: &mut Reporter) {
         }
     }
 
+    if spec.web.tls && !spec.testnet.tls && loaded.sound(&["web.tls", "testnet.tls"]) {
+        report.at(
+            spans.key_or_section("web", "tls"),
+            "web.tls = true needs the testnet CA to issue the dashboard's certificate, but testnet.tls = false; set testnet.tls = true or remove web.tls",
+        );
+    }
+
     for (i, node) in spec.node_overrides.iter().enumerate() {
         let Some(cheat) = &node.cheat else { continue };
         let span = spans.get(&format!("node[{i}].cheat"));

@@ -209,6 +209,8 @@ pub struct WebSection {
     pub host: String,
     /// None: 8080, or a free port when base_port = 0.
     pub port: Option<u16>,
+    /// HTTPS with a certificate from the testnet CA.
+    pub tls: bool,
 }
 
 impl Default for WebSection {
@@ -217,6 +219,7 @@ impl Default for WebSection {
             enabled: true,
             host: "127.0.0.1".into(),
             port: None,
+            tls: false,
         }
     }
 }

@@ -332,6 +332,11 @@ pub static SECTIONS: &[Section] = &[
                 PORT,
                 "Port; default 8080, or a free port when testnet.base_port = 0."
             ),
+            key!(
+                "tls",
+                Kind::Bool,
+                "Serve the dashboard over HTTPS with a certificate from the testnet CA (needs testnet.tls = true). Default false."
+            ),
         ],
     },
     Section {

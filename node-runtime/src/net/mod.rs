@@ -22,7 +22,7 @@ use anyhow::{Context, Result, bail};
 use tokio::net::TcpListener;
 use tonic::transport::{Channel, Endpoint};
 
-pub use conn::Peer;
+pub use conn::{Peer, Stream};
 pub use pki::Pin;
 
 /// Largest message each service accepts (both directions).
@@ -262,6 +262,28 @@ impl Net {
             .await
             .context("gRPC server failed")
     }
+}
+
+/// The web dashboard's HTTPS server (HTTP/1.1 over TLS 1.3) from its certificate and
+/// key (PEM); the dashboard reads the key file with `read_private_file`.
+pub fn https_server_config(cert_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>> {
+    tls::https_server(cert_pem, key_pem)
+}
+
+/// A client of a dashboard whose certificate the CA file `ca` issued (`unfedctl up`'s
+/// readiness probe, tests).
+pub fn https_client_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>> {
+    tls::https_client(&read_pem(ca, "CA")?)
+}
+
+/// Connections accepted on `listener`, each TLS-handshaken with `config` off the accept
+/// loop and within a timeout (a client that connects and stalls holds no slot); a
+/// failed handshake is dropped. Ends when the stream is dropped.
+pub fn accept_tls(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<Stream>> {
+    conn::incoming(listener, Some(config))
 }
 
 fn read_pem(path: &Path, flag: &str) -> Result<String> {

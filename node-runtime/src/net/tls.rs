@@ -32,35 +32,10 @@ const ALPN_H2: &[u8] = b"h2";
 
 impl Tls {
     pub(super) fn new(ca_pem: &str, identity: Option<(&str, &str)>) -> Result<Self> {
-        let mut roots = RootCertStore::empty();
-        let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(ca_pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .map_err(|e| anyhow!("the CA file is not PEM certificates: {e}"))?;
-        if cas.is_empty() {
-            bail!("the CA file holds no certificate");
-        }
-        for ca in cas {
-            roots
-                .add(ca)
-                .map_err(|e| anyhow!("the CA certificate is not usable: {e}"))?;
-        }
-        let roots = Arc::new(roots);
-        let identity = match identity {
-            Some((cert, key)) => {
-                let chain: Vec<CertificateDer<'static>> =
-                    CertificateDer::pem_slice_iter(cert.as_bytes())
-                        .collect::<Result<_, _>>()
-                        .map_err(|e| anyhow!("the certificate file is not PEM: {e}"))?;
-                let Some(leaf) = chain.first() else {
-                    bail!("the certificate file holds no certificate");
-                };
-                let key = PrivateKeyDer::from_pem_slice(key.as_bytes())
-                    .map_err(|e| anyhow!("the key file is not a PEM private key: {e}"))?;
-                super::pki::check_key_matches(leaf, &key)?;
-                Some((chain, key))
-            }
-            None => None,
-        };
+        let roots = Arc::new(parse_roots(ca_pem)?);
+        let identity = identity
+            .map(|(cert, key)| parse_identity(cert, key))
+            .transpose()?;
         let own_pin = match &identity {
             Some((chain, _)) => Some(Pin::of_cert(&chain[0])?),
             None => None,
@@ -107,6 +82,62 @@ impl Tls {
 }
 
 type Identity = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+fn parse_roots(ca_pem: &str) -> Result<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(ca_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow!("the CA file is not PEM certificates: {e}"))?;
+    if cas.is_empty() {
+        bail!("the CA file holds no certificate");
+    }
+    for ca in cas {
+        roots
+            .add(ca)
+            .map_err(|e| anyhow!("the CA certificate is not usable: {e}"))?;
+    }
+    Ok(roots)
+}
+
+/// A certificate chain and the key that belongs to its leaf.
+fn parse_identity(cert: &str, key: &str) -> Result<Identity> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow!("the certificate file is not PEM: {e}"))?;
+    let Some(leaf) = chain.first() else {
+        bail!("the certificate file holds no certificate");
+    };
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes())
+        .map_err(|e| anyhow!("the key file is not a PEM private key: {e}"))?;
+    super::pki::check_key_matches(leaf, &key)?;
+    Ok((chain, key))
+}
+
+/// The dashboard speaks HTTP/1.1 only (its WebSocket upgrade is an HTTP/1.1 mechanism).
+const ALPN_HTTP1: &[u8] = b"http/1.1";
+
+/// The dashboard's HTTPS server: its certificate, and no client certificates (browsers
+/// have none; users sign in with their wallet).
+pub(super) fn https_server(cert_pem: &str, key_pem: &str) -> Result<Arc<ServerConfig>> {
+    let (chain, key) = parse_identity(cert_pem, key_pem)?;
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .context("the certificate and key do not form a usable server identity")?;
+    cfg.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// A client of a dashboard whose certificate the CA in `ca_pem` issued.
+pub(super) fn https_client(ca_pem: &str) -> Result<Arc<ClientConfig>> {
+    let mut cfg = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(parse_roots(ca_pem)?)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+    Ok(Arc::new(cfg))
+}
 
 fn client_config(
     roots: &Arc<RootCertStore>,

@@ -13,6 +13,7 @@ use unfed_chain::{Address, Chain, Deployment};
 
 use super::auth::Auth;
 use super::faucet::{Faucet, FaucetPolicy};
+use super::origin::{PublicHost, SameOrigin};
 use super::server::{ChainAccess, Switches, WebState};
 use crate::daemon::args::{OPERATOR_KEY_FILE_ENV, PriceArgs};
 
@@ -21,6 +22,8 @@ pub const DEV_AUTH_BYPASS_ENV: &str = "UNFED_DEV_AUTH_BYPASS";
 pub const DEMO_AUTH_ENV: &str = "UNFED_DEMO_AUTH";
 pub const FAUCET_ENABLED_ENV: &str = "UNFED_FAUCET_ENABLED";
 pub const FAUCET_REQUIRE_AUTH_ENV: &str = "UNFED_FAUCET_REQUIRE_AUTH";
+pub const HTTPS_CERT_ENV: &str = "UNFED_WEB_TLS_CERT";
+pub const HTTPS_KEY_ENV: &str = "UNFED_WEB_TLS_KEY";
 
 #[derive(clap::Args)]
 pub struct WebArgs {
@@ -29,6 +32,17 @@ pub struct WebArgs {
     /// Bind address. A non-loopback address is refused while an auth bypass is on.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
+    /// Serve HTTPS with this certificate (PEM); needs --https-key. (--tls-* are the
+    /// dashboard's links to the network, not its own HTTPS.)
+    #[arg(long, env = HTTPS_CERT_ENV, value_name = "PATH")]
+    https_cert: Option<PathBuf>,
+    /// The HTTPS certificate's private key (PEM, mode 0600).
+    #[arg(long, env = HTTPS_KEY_ENV, value_name = "PATH")]
+    https_key: Option<PathBuf>,
+    /// Another name browsers reach the dashboard at (NAME, or NAME:PORT), e.g. behind a
+    /// proxy; requests naming any other host are refused (DNS rebinding). Repeatable.
+    #[arg(long, value_name = "NAME", value_parser = PublicHost::parse)]
+    public_host: Vec<PublicHost>,
     /// Registry host:port.
     #[arg(long)]
     registry: String,
@@ -159,6 +173,20 @@ impl WebArgs {
         Ok(switches)
     }
 
+    /// The HTTPS server's TLS, when --https-cert and --https-key are given.
+    fn https(&self) -> Result<Option<Arc<rustls::ServerConfig>>> {
+        match (&self.https_cert, &self.https_key) {
+            (Some(cert), Some(key)) => Ok(Some(super::https::server_config(cert, key)?)),
+            (None, None) => Ok(None),
+            (Some(_), None) => bail!(
+                "--https-cert needs --https-key (the certificate's private key, mode 0600; or {HTTPS_KEY_ENV}); give both, or neither to serve plain HTTP"
+            ),
+            (None, Some(_)) => bail!(
+                "--https-key needs --https-cert (the certificate it belongs to; or {HTTPS_CERT_ENV}); give both, or neither to serve plain HTTP"
+            ),
+        }
+    }
+
     /// Checks the flags against `env` and builds the server's state.
     pub fn state(&self, env: &HashMap<String, String>, site: String) -> Result<WebState> {
         let switches = self.switches(env)?;
@@ -201,15 +229,32 @@ impl WebArgs {
 
     pub async fn run(self) -> Result<()> {
         let env: HashMap<String, String> = std::env::vars().collect();
-        // Refuse a bad host before listening on it.
+        // Refuse bad flags before listening.
         self.switches(&env)?;
+        let https = self.https()?;
+        let scheme = if https.is_some() { "https" } else { "http" };
         let listener = crate::cli::bind(&self.host, self.port).await?;
-        let site = format!("http://{}", listener.local_addr()?);
+        let bound = listener.local_addr()?;
+        let site = format!("{scheme}://{bound}");
+        let same_origin = SameOrigin::new(scheme, bound, self.public_host.clone());
         let state = Arc::new(self.state(&env, site.clone())?);
         if state.switches.dev_bypass || state.switches.demo {
             tracing::warn!("an auth bypass is on (dev/demo); for local use only");
         }
+        if https.is_none() && !is_loopback(&self.host) {
+            tracing::warn!(
+                host = %self.host,
+                "serving plain HTTP on a non-loopback address: sign-in tokens and chats cross the network in the clear; pass --https-cert and --https-key"
+            );
+        }
         tracing::info!(%site, registry = %self.registry, "dashboard up");
-        super::server::run(state, listener, crate::shutdown_signal()).await
+        super::server::run(
+            state,
+            same_origin,
+            listener,
+            https,
+            crate::shutdown_signal(),
+        )
+        .await
     }
 }

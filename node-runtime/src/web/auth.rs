@@ -25,16 +25,29 @@ pub enum AuthError {
     NoSession,
     #[error("the session expired or is unknown; sign in again")]
     SessionExpired,
+    #[error(
+        "too many sign-ins are in progress ({MAX_CHALLENGES} open challenges); try again in a few minutes"
+    )]
+    TooManyChallenges,
 }
 
 impl AuthError {
     pub fn http_status(&self) -> u16 {
         match self {
             AuthError::BadAddress(_) => 400,
+            AuthError::TooManyChallenges => 429,
             _ => 401,
         }
     }
 }
+
+/// Open challenges at most. Anyone may ask for one without proof of anything, so the map
+/// must not grow with an attacker's requests: a sign-in takes seconds and a challenge
+/// lives 5 minutes, so 10,000 is far above honest use and a few MB at most.
+pub const MAX_CHALLENGES: usize = 10_000;
+/// Sessions at most; beyond it the oldest is evicted (its wallet signs in again). A
+/// session costs a signature, which any throwaway wallet can make, so it is bounded too.
+pub const MAX_SESSIONS: usize = 10_000;
 
 struct Challenge {
     address: Address,
@@ -45,6 +58,8 @@ struct Challenge {
 struct Session {
     address: Address,
     expires: Instant,
+    /// Order of opening, to evict the oldest beyond MAX_SESSIONS.
+    serial: u64,
 }
 
 /// A signed-in wallet's session.
@@ -60,6 +75,7 @@ pub struct Auth {
     session_ttl: Duration,
     challenges: Mutex<HashMap<String, Challenge>>,
     sessions: Mutex<HashMap<String, Session>>,
+    opened: std::sync::atomic::AtomicU64,
 }
 
 fn random_hex() -> String {
@@ -73,6 +89,7 @@ impl Auth {
             session_ttl,
             challenges: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
+            opened: Default::default(),
         }
     }
 
@@ -91,13 +108,19 @@ impl Auth {
             "Sign in to the UNFED dashboard at {site}\n\nWallet: {addr}\nNonce: {nonce}\nIssued at: {issued}\n\nSigning proves you hold this wallet; it costs nothing."
         );
         let mut challenges = self.challenges.lock().expect("challenges poisoned");
-        challenges.retain(|_, c| c.expires > Instant::now());
+        let now = Instant::now();
+        challenges.retain(|_, c| c.expires > now);
+        // Refused rather than evicting: evicting would let a flood cancel sign-ins that
+        // are in progress.
+        if challenges.len() >= MAX_CHALLENGES {
+            return Err(AuthError::TooManyChallenges);
+        }
         challenges.insert(
             nonce.clone(),
             Challenge {
                 address: addr,
                 message: message.clone(),
-                expires: Instant::now() + self.challenge_ttl,
+                expires: now + self.challenge_ttl,
             },
         );
         Ok((nonce, message))
@@ -138,12 +161,25 @@ impl Auth {
     pub fn open_session(&self, address: Address) -> SignedIn {
         let token = random_hex();
         let mut sessions = self.sessions.lock().expect("sessions poisoned");
-        sessions.retain(|_, s| s.expires > Instant::now());
+        let now = Instant::now();
+        sessions.retain(|_, s| s.expires > now);
+        if sessions.len() >= MAX_SESSIONS {
+            let oldest = sessions
+                .iter()
+                .min_by_key(|(_, s)| s.serial)
+                .map(|(t, _)| t.clone());
+            if let Some(t) = oldest {
+                sessions.remove(&t);
+            }
+        }
         sessions.insert(
             token.clone(),
             Session {
                 address,
-                expires: Instant::now() + self.session_ttl,
+                expires: now + self.session_ttl,
+                serial: self
+                    .opened
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             },
         );
         SignedIn {
@@ -251,5 +287,60 @@ mod tests {
             auth.session(Some(&signed.token)),
             Err(AuthError::SessionExpired)
         );
+    }
+
+    #[test]
+    fn open_challenges_are_capped_and_expired_ones_swept() {
+        let me = wallet(1).address().to_string();
+        let auth = Auth::new(Duration::from_secs(60), Duration::from_secs(60));
+        for _ in 0..MAX_CHALLENGES {
+            auth.challenge(&me, "site").unwrap();
+        }
+        let err = auth.challenge(&me, "site").unwrap_err();
+        assert_eq!(
+            (err.http_status(), &err),
+            (429, &AuthError::TooManyChallenges)
+        );
+        assert!(err.to_string().contains("try again"), "{err}");
+        // Using one up frees its slot.
+        let auth = Auth::new(Duration::from_secs(60), Duration::from_secs(60));
+        let mut last = String::new();
+        for _ in 0..MAX_CHALLENGES {
+            last = auth.challenge(&me, "site").unwrap().0;
+        }
+        let _ = auth.verify(&last, "0x00");
+        assert!(auth.challenge(&me, "site").is_ok());
+        // Expired challenges do not count: they are swept on the next insert.
+        let expiring = Auth::new(Duration::ZERO, Duration::from_secs(60));
+        for _ in 0..MAX_CHALLENGES + 10 {
+            expiring.challenge(&me, "site").unwrap();
+        }
+        assert_eq!(expiring.challenges.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn sessions_beyond_the_cap_evict_the_oldest() {
+        let who = wallet(1).address();
+        let auth = Auth::new(Duration::from_secs(60), Duration::from_secs(60));
+        let first = auth.open_session(who).token;
+        let second = auth.open_session(who).token;
+        for _ in 2..MAX_SESSIONS {
+            auth.open_session(who);
+        }
+        assert!(
+            auth.session(Some(&first)).is_ok(),
+            "at the cap, nothing is evicted"
+        );
+        let newest = auth.open_session(who).token;
+        assert_eq!(auth.sessions.lock().unwrap().len(), MAX_SESSIONS);
+        assert_eq!(auth.session(Some(&first)), Err(AuthError::SessionExpired));
+        assert!(auth.session(Some(&second)).is_ok());
+        assert!(auth.session(Some(&newest)).is_ok());
+        // Expired sessions are swept on insert, not evicted in place of live ones.
+        let expiring = Auth::new(Duration::from_secs(60), Duration::ZERO);
+        for _ in 0..MAX_SESSIONS + 10 {
+            expiring.open_session(who);
+        }
+        assert_eq!(expiring.sessions.lock().unwrap().len(), 1);
     }
 }

@@ -14,6 +14,8 @@ use unfed_chain::{Address, Chain, Deployment, U256};
 
 use super::auth::{Auth, AuthError};
 use super::faucet::{Faucet, FaucetRefusal};
+use super::https::HttpsListener;
+use super::origin::SameOrigin;
 use crate::client::TextCodec;
 use crate::daemon::Prices;
 
@@ -135,7 +137,8 @@ async fn not_found() -> ApiError {
     )
 }
 
-pub fn router(state: Arc<WebState>) -> Router {
+/// Every route, behind the Host/Origin guard (it also covers the fallback).
+pub fn router(state: Arc<WebState>, same_origin: SameOrigin) -> Router {
     use super::{chat, views, wallet};
     Router::new()
         .route(
@@ -167,16 +170,32 @@ pub fn router(state: Arc<WebState>) -> Router {
         .route("/api/chat/ws", get(chat::chat_ws))
         .fallback(not_found)
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(same_origin),
+            super::origin::guard,
+        ))
 }
 
-/// Serve until `shutdown` resolves.
+/// Serve on `listener`, over HTTPS with `https`, until `shutdown` resolves.
 pub async fn run(
     state: Arc<WebState>,
+    same_origin: SameOrigin,
     listener: TcpListener,
+    https: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let app = router(state, same_origin);
+    match https {
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await?
+        }
+        Some(config) => {
+            axum::serve(HttpsListener::new(listener, config)?, app)
+                .with_graceful_shutdown(shutdown)
+                .await?
+        }
+    }
     Ok(())
 }
