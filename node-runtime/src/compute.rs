@@ -168,8 +168,11 @@ impl InputLog {
     fn record(&self, session: &str, step: u32, input: StepInput, sampling: Option<SamplingParams>) {
         let mut g = self.sessions.lock().expect("input log poisoned");
         let (order, map) = &mut *g;
-        map.retain(|_, s| s.ended.is_none_or(|t| t.elapsed() < ENDED_GRACE));
-        order.retain(|s| map.contains_key(s) || s == session);
+        if step == 0 {
+            // Sessions grow the log only here, so ended ones are swept only here.
+            map.retain(|_, s| s.ended.is_none_or(|t| t.elapsed() < ENDED_GRACE));
+            order.retain(|s| map.contains_key(s));
+        }
         if !map.contains_key(session) {
             if order.len() >= INPUT_LOG_SESSIONS
                 && let Some(old) = order.pop_front()
@@ -231,12 +234,11 @@ impl ComputeService {
                 shard.manifest.model_id.clone(),
             ))
         });
-        let checker = match (&peers, &cfg.registry) {
-            (Some(p), Some(r)) if cfg.spot_check > 0.0 => Some(Arc::new(SpotChecker::new(
+        let checker = match &peers {
+            Some(p) if cfg.spot_check > 0.0 => Some(Arc::new(SpotChecker::new(
                 cfg.spot_check,
                 cfg.node_id.clone(),
                 cfg.share_key.clone(),
-                r.clone(),
                 p.clone(),
             ))),
             _ => None,

@@ -317,19 +317,16 @@ async fn the_pair_hands_its_shares_to_the_next_shard_which_reconstructs_them() {
 
     // The dashboard's chats of a model with a pair go through it too.
     let web = Web::start(
-        vec![
-            s("web"),
-            s("--port"),
-            s("0"),
-            s("--registry"),
-            reg.clone(),
-            s("--db"),
-            logs.join("web.db").display().to_string(),
-            s("--public-cache"),
-            cache.display().to_string(),
-            s("--demo-wallet"),
-            s("0x00000000000000000000000000000000000000d0"),
-        ],
+        common::web::args(
+            &reg,
+            &logs.join("web.db"),
+            &[
+                "--public-cache",
+                &cache.display().to_string(),
+                "--demo-wallet",
+                "0x00000000000000000000000000000000000000d0",
+            ],
+        ),
         &[("UNFED_DEMO_AUTH", "1")],
         &logs.join("web.log"),
     );

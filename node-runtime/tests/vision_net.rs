@@ -335,15 +335,7 @@ async fn image_and_text_greedy_generation_through_the_testnet_matches_transforme
 
     // The dashboard: an uploaded image gives the same tokens as `chat --image`.
     // (Demo mode: no chain, so nothing to sign in to.)
-    let args = vec![
-        s("web"),
-        s("--port"),
-        s("0"),
-        s("--registry"),
-        net.registry.address.clone(),
-        s("--db"),
-        net.dir.path().join("web.db").display().to_string(),
-    ];
+    let args = common::web::args(&net.registry.address, &net.dir.path().join("web.db"), &[]);
     let web = common::web::Web::start(
         args,
         &[("UNFED_DEMO_AUTH", "1")],

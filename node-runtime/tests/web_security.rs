@@ -15,17 +15,7 @@ use unfed_node::web::probe::{Probe, Reply};
 
 /// `unfed-node web` on a free port beside `net`'s registry, with its own database.
 fn web_args(net: &Net, db: &str, extra: &[&str]) -> Vec<String> {
-    let mut a = vec![
-        s("web"),
-        s("--port"),
-        s("0"),
-        s("--registry"),
-        net.registry.address.clone(),
-        s("--db"),
-        net.dir.path().join(db).display().to_string(),
-    ];
-    a.extend(extra.iter().map(|x| x.to_string()));
-    a
+    common::web::args(&net.registry.address, &net.dir.path().join(db), extra)
 }
 
 /// The headers of a WebSocket handshake from a page of `origin`.

@@ -202,8 +202,7 @@ impl Net {
     /// A lazily connecting channel to `addr`: each call times out after `timeout`; with
     /// `pin`, a server whose certificate key is not that pin is refused at the handshake.
     pub fn channel_with(&self, addr: &str, timeout: Duration, pin: Option<Pin>) -> Result<Channel> {
-        let endpoint = self.endpoint(addr, timeout)?;
-        let connector = conn::Connector::new(self.tls.as_ref().map(|t| t.client(pin)).transpose()?);
+        let (endpoint, connector) = self.dialer(addr, timeout, pin)?;
         Ok(endpoint.connect_with_connector_lazy(connector))
     }
 
@@ -214,13 +213,23 @@ impl Net {
         timeout: Duration,
         pin: Option<Pin>,
     ) -> Result<Channel> {
-        let endpoint = self.endpoint(addr, timeout)?;
-        let connector = conn::Connector::new(self.tls.as_ref().map(|t| t.client(pin)).transpose()?);
+        let (endpoint, connector) = self.dialer(addr, timeout, pin)?;
         endpoint
             .connect_with_connector(connector)
             .await
             .map_err(|e| anyhow::anyhow!("{}", error_chain(&e)))
             .with_context(|| format!("cannot connect to {addr} ({})", self.describe()))
+    }
+
+    /// The endpoint settings and the TCP/TLS connector for dialling `addr`.
+    fn dialer(
+        &self,
+        addr: &str,
+        timeout: Duration,
+        pin: Option<Pin>,
+    ) -> Result<(Endpoint, conn::Connector)> {
+        let tls = self.tls.as_ref().map(|t| t.client(pin)).transpose()?;
+        Ok((self.endpoint(addr, timeout)?, conn::Connector::new(tls)))
     }
 
     fn endpoint(&self, addr: &str, timeout: Duration) -> Result<Endpoint> {
@@ -295,17 +304,23 @@ fn read_pem(path: &Path, flag: &str) -> Result<String> {
     })
 }
 
-/// Whether `addr` (host:port or host) names this machine only.
+/// Whether `addr` (a host, or host:port) names this machine only.
 pub fn is_loopback(addr: &str) -> bool {
-    let host = match addr.parse::<SocketAddr>() {
-        Ok(sa) => return sa.ip().is_loopback(),
-        Err(_) => addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr),
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    host == "localhost"
-        || host
+    let ip_loopback = |h: &str| {
+        h.trim_start_matches('[')
+            .trim_end_matches(']')
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
+    };
+    if addr == "localhost" || ip_loopback(addr) {
+        return true;
+    }
+    match addr.parse::<SocketAddr>() {
+        Ok(sa) => sa.ip().is_loopback(),
+        Err(_) => addr
+            .rsplit_once(':')
+            .is_some_and(|(h, _)| h == "localhost" || ip_loopback(h)),
+    }
 }
 
 /// An error and its causes on one line (tonic's transport errors hide the TLS reason).
@@ -336,5 +351,7 @@ mod tests {
         assert!(!is_loopback("10.0.0.2:50051"));
         assert!(!is_loopback("node.example:50051"));
         assert!(!is_loopback("0.0.0.0:50051"));
+        assert!(is_loopback("::1") && is_loopback("localhost") && is_loopback("127.0.0.1"));
+        assert!(!is_loopback("0.0.0.0") && !is_loopback("::"));
     }
 }

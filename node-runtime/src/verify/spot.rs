@@ -54,7 +54,7 @@ impl Peers {
 
     /// A client of the compute node `n`, pinned to its registered certificate (the
     /// channel is kept for the next call; every call times out after `timeout`).
-    pub async fn compute_client(
+    pub fn compute_client(
         &self,
         n: &NodeInfo,
         timeout: Duration,
@@ -258,7 +258,7 @@ pub struct SpotChecker {
     pub fraction: f64,
     pub node_id: String,
     pub key: SigningKey,
-    pub registry: String,
+    /// Registered nodes and the registry they come from (reports go there).
     pub peers: Arc<Peers>,
     /// Attestations received from checked neighbours, per (session, node).
     seen: Mutex<HashMap<(String, String), Vec<Attestation>>>,
@@ -269,18 +269,11 @@ pub struct SpotChecker {
 const MAX_SESSIONS: usize = 4096;
 
 impl SpotChecker {
-    pub fn new(
-        fraction: f64,
-        node_id: String,
-        key: SigningKey,
-        registry: String,
-        peers: Arc<Peers>,
-    ) -> Self {
+    pub fn new(fraction: f64, node_id: String, key: SigningKey, peers: Arc<Peers>) -> Self {
         Self {
             fraction,
             node_id,
             key,
-            registry,
             peers,
             seen: Mutex::new(HashMap::new()),
         }
@@ -422,8 +415,7 @@ async fn fetch_inputs(
 ) -> Result<Vec<StepInput>> {
     let up_to = atts.last().context("no attestation")?.step;
     let inputs = peers
-        .compute_client(accused, CHECK_TIMEOUT)
-        .await?
+        .compute_client(accused, CHECK_TIMEOUT)?
         .session_inputs(SessionInputsRequest {
             session_id: session.to_string(),
             up_to_step: up_to,
@@ -462,8 +454,7 @@ async fn reexecute_on(
 ) -> Result<HopOutput> {
     let address = &replica.address;
     let r = peers
-        .compute_client(replica, CHECK_TIMEOUT)
-        .await?
+        .compute_client(replica, CHECK_TIMEOUT)?
         .reexecute(ReexecuteRequest {
             model_id: model.to_string(),
             inputs: inputs.to_vec(),
@@ -493,13 +484,7 @@ mod tests {
             "127.0.0.1:1".into(),
             "m".into(),
         ));
-        let checker = SpotChecker::new(
-            0.05,
-            "me".into(),
-            crate::shares::generate_key(),
-            "r".into(),
-            peers,
-        );
+        let checker = SpotChecker::new(0.05, "me".into(), crate::shares::generate_key(), peers);
         let mut counts = Vec::new();
         for trial in 0..2000 {
             let mut requests = 0u32;

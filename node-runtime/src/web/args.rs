@@ -3,7 +3,6 @@
 
 use crate::client::private::{PublicParams, PublicSource};
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -106,10 +105,8 @@ fn address(flag: &str, v: &str) -> Result<Address> {
     })
 }
 
-/// Whether `host` only accepts connections from this machine.
-pub fn is_loopback(host: &str) -> bool {
-    host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
-}
+/// Whether `host` only accepts connections from this machine (the transport's rule).
+pub use crate::net::is_loopback;
 
 impl WebArgs {
     fn chain(&self) -> Result<Option<ChainAccess>> {

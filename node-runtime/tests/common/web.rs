@@ -8,6 +8,17 @@ use unfed_chain::{PrivateKeySigner, personal_sign};
 
 use super::net::Node;
 
+/// `unfed-node web` on a free port against `registry`, keeping its database at `db`.
+pub fn args(registry: &str, db: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = ["web", "--port", "0", "--registry", registry, "--db"]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+    a.push(db.display().to_string());
+    a.extend(extra.iter().map(|x| x.to_string()));
+    a
+}
+
 /// A running dashboard and an HTTP client for it.
 pub struct Web {
     pub node: Node,
