@@ -9,6 +9,7 @@ pub mod contracts;
 pub mod escrow;
 pub mod keys;
 pub mod personal;
+pub mod voucher;
 
 pub use admission::{
     AdmissionVerifier, RegistrationPayload, RejectReason, Rejection, sign_registration,
@@ -23,3 +24,4 @@ pub use keys::{
     write_key_file,
 };
 pub use personal::{personal_sign, recover_personal_signer};
+pub use voucher::{Delegation, SignedVoucher, SpendingVoucher};

@@ -85,6 +85,8 @@ fn paired_ratio(a: &[Run], b: &[Run]) -> f64 {
 struct Measured {
     label: &'static str,
     client: Client,
+    /// Signs the sessions' spending vouchers (the testnet's dev client).
+    payer: Option<unfed_node::voucher::Payer>,
     runs: Vec<Run>,
     /// Per hop, ms per token not spent computing or waiting downstream; client RPC.
     overhead: (Vec<f64>, f64),
@@ -113,9 +115,17 @@ pub async fn bench(a: BenchArgs) -> Result<ExitCode> {
             let net = crate::launch::start(l, plan, Duration::from_secs(120)).await?;
             let registry = net.state.registry.clone().context("no registry started")?;
             let client = Client::connect(&net.ctx.net, &registry).await?;
+            // The testnet's dev client pays, as `chat` would.
+            let payer = match net.state.chain.as_ref().and_then(|c| c.client.as_ref()) {
+                Some(_) => Some(unfed_node::voucher::Payer::wallet(
+                    unfed_chain::read_key_file(&net.ctx.key_path("client"))?,
+                )),
+                None => None,
+            };
             networks.push(Measured {
                 label,
                 client,
+                payer,
                 runs: Vec::new(),
                 overhead: Default::default(),
             });
@@ -130,6 +140,7 @@ pub async fn bench(a: BenchArgs) -> Result<ExitCode> {
         let networks = vec![Measured {
             label: "network",
             client,
+            payer: r.payer,
             runs: Vec::new(),
             overhead: Default::default(),
         }];
@@ -196,6 +207,10 @@ async fn measure(
             single.push((g.prefill_ms, g.decode_ms, g.tokens.len().saturating_sub(1)));
         }
         for net in networks.iter_mut() {
+            let opts = GenerateOptions {
+                payer: net.payer.clone(),
+                ..opts.clone()
+            };
             let out = net.client.generate(model, &prompt, &opts, |_| {}).await?;
             if i == 0 {
                 continue; // warm-up

@@ -193,6 +193,27 @@ async fn earnings(t: &Testnet) -> anyhow::Result<()> {
             s.status
         );
     }
+    if !st.vouchers.is_empty() {
+        println!(
+            "  {:<14} {:<44} {:>20} {:>20} {:>20}",
+            "VOUCHER", "NODE", "PAID", "PENDING", "WITHHELD"
+        );
+    }
+    let amount = |v: &str| {
+        v.parse()
+            .map(format_amount)
+            .unwrap_or_else(|_| v.to_string())
+    };
+    for v in &st.vouchers {
+        println!(
+            "  {:<14} {:<44} {:>20} {:>20} {:>20}",
+            hex_short(&v.voucher),
+            v.node_id,
+            amount(&v.paid),
+            amount(&v.pending),
+            amount(&v.withheld)
+        );
+    }
     Ok(())
 }
 

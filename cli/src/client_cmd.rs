@@ -42,6 +42,10 @@ pub struct Target {
     /// One JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Key file (mode 0600) of the wallet that pays: it signs each session's spending
+    /// voucher. Default: a spec's testnet dev client.
+    #[arg(long, env = "UNFED_CLIENT_KEY_FILE")]
+    pub client_key_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -102,6 +106,21 @@ pub(crate) struct Resolved {
     pub(crate) shards_dir: Option<PathBuf>,
     /// The spec asks for `mpc.output = "decode_client_sample"`.
     decode_client_sample: bool,
+    /// Signs the sessions' spending vouchers.
+    pub(crate) payer: Option<unfed_node::voucher::Payer>,
+}
+
+/// The paying wallet: the key file given, else the testnet's dev client when it has one.
+fn payer(
+    given: Option<&std::path::Path>,
+    testnet_client: Option<PathBuf>,
+) -> Result<Option<unfed_node::voucher::Payer>> {
+    let Some(file) = given.map(PathBuf::from).or(testnet_client) else {
+        return Ok(None);
+    };
+    let key = unfed_chain::read_key_file(&file)
+        .with_context(|| format!("the paying wallet's key file {}", file.display()))?;
+    Ok(Some(unfed_node::voucher::Payer::wallet(key)))
 }
 
 pub(crate) fn resolve(t: &Target) -> Result<Resolved> {
@@ -116,6 +135,7 @@ pub(crate) fn resolve(t: &Target) -> Result<Resolved> {
             model: t.model.clone(),
             shards_dir: None,
             decode_client_sample: false,
+            payer: payer(t.client_key_file.as_deref(), None)?,
         });
     }
     let plan = crate::plan::load_plan(t.spec.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -137,8 +157,16 @@ pub(crate) fn resolve(t: &Target) -> Result<Resolved> {
         net,
         registry,
         model: t.model.clone().or(state.model_id),
-        shards_dir: Some(plan.shards_dir),
         decode_client_sample: plan.mpc_output == "decode_client_sample",
+        payer: payer(
+            t.client_key_file.as_deref(),
+            state
+                .chain
+                .as_ref()
+                .and_then(|c| c.client.as_ref())
+                .map(|_| plan.run_dir.join("keys").join("client.key")),
+        )?,
+        shards_dir: Some(plan.shards_dir),
     })
 }
 
@@ -211,6 +239,7 @@ async fn chat(a: ChatArgs) -> Result<ExitCode> {
             seed: a.seed,
         },
         decode_client_sample: a.decode_client_sample || r.decode_client_sample,
+        payer: r.payer.clone(),
         ..Default::default()
     };
     let limits = ImageLimits {

@@ -135,7 +135,18 @@ struct ComputeArgs {
     #[arg(long)]
     chain_rpc: Option<String>,
     #[command(flatten)]
+    billing: BillingArgs,
+    #[command(flatten)]
     tls: crate::net::TlsArgs,
+}
+
+/// Whether a node works only for paying sessions.
+#[derive(clap::Args, Debug, Clone, Copy, Default)]
+pub struct BillingArgs {
+    /// Refuse sessions without a spending voucher naming this node. Without it the node
+    /// also serves unpaid sessions (the daemon pays only work done under a voucher).
+    #[arg(long, env = "UNFED_REQUIRE_VOUCHER")]
+    pub require_voucher: bool,
 }
 
 fn fraction(s: &str) -> Result<f64, String> {
@@ -330,6 +341,7 @@ async fn run_compute(a: ComputeArgs) -> Result<()> {
         spot_check: a.spot_check,
         cheat: a.cheat,
         net,
+        require_voucher: a.billing.require_voucher,
     };
     if vision {
         let shard = tokio::task::spawn_blocking(move || {

@@ -49,6 +49,8 @@ pub struct ComputeConfig {
     pub cheat: Option<Cheat>,
     /// The transport (TLS identity and CA, or plaintext on loopback).
     pub net: crate::net::Net,
+    /// Refuse sessions without a spending voucher naming this node.
+    pub require_voucher: bool,
 }
 
 /// The loaded shard and its manifest entry.
@@ -138,6 +140,8 @@ struct Inner {
     inputs: InputLog,
     /// Output shares of MPC pairs, waiting for the client's Forward that names them.
     handoffs: Inbox,
+    /// The spending voucher of each paid session.
+    vouchers: crate::voucher::Book,
 }
 
 /// Each session's inputs and sampling, kept so that a spot checker can have a hop
@@ -259,8 +263,36 @@ impl ComputeService {
                 checker,
                 inputs: InputLog::default(),
                 handoffs: Inbox::new(cfg.hop_timeout * 2),
+                vouchers: crate::voucher::Book::new(&cfg.node_id, cfg.require_voucher),
             }),
         }
+    }
+
+    /// The voucher a step runs under: checked at step 0 (before any compute), looked up
+    /// and held to its output cap after.
+    fn billing(
+        &self,
+        req: &ForwardRequest,
+        rows: u32,
+    ) -> Result<Option<Arc<crate::voucher::Billing>>, Status> {
+        let book = &self.inner.vouchers;
+        let held = if req.step == 0 {
+            book.start(
+                &req.session_id,
+                req.voucher.as_ref(),
+                &req.billing_salt,
+                rows,
+            )
+        } else {
+            book.step(&req.session_id, req.step)
+        };
+        held.map_err(|e| {
+            Status::permission_denied(format!(
+                "node {} (shard {}): {e:#}",
+                self.inner.node_id,
+                self.shard_index()
+            ))
+        })
     }
 
     /// Refuses a request for another model.
@@ -735,6 +767,7 @@ impl Compute for ComputeService {
             from_layer = Some(m.layer);
         }
         let rows = input_rows(&req);
+        let billing = self.billing(&req, rows)?;
         let mut step_input = attest::step_input_of(&req.input, &req.penalty_tokens);
         step_input.from_layer = from_layer;
         // The previous hop must have attested exactly the hidden state we received.
@@ -781,19 +814,17 @@ impl Compute for ComputeService {
                 dtype: DType::try_from(h.dtype).unwrap_or(DType::DtypeF32),
             });
         }
-        let hop = (req.session_id.clone(), req.step, req.client.clone());
-        let position = (req.hops_total > 0).then_some((req.hop_index, req.hops_total));
+        let hop = (req.session_id.clone(), req.step);
         let record = |activation: &[u8]| {
-            if let Some(sink) = &self.inner.shares {
+            if let (Some(sink), Some(billing)) = (&self.inner.shares, &billing) {
                 sink.record(crate::shares::Hop {
                     session_id: hop.0.clone(),
                     step: hop.1,
                     // The prompt is the input; every step yields one output token.
                     input_tokens: if hop.1 == 0 { rows } else { 0 },
                     output_tokens: 1,
-                    activation_hash: <sha2::Sha256 as sha2::Digest>::digest(activation).into(),
-                    client: hop.2.clone(),
-                    position,
+                    activation_hash: crate::voucher::commit(&billing.salt, activation),
+                    billing: billing.clone(),
                 });
             }
         };
@@ -872,9 +903,6 @@ impl Compute for ComputeService {
                 let sent_digest = att.output_digest.clone();
                 req.attestations = vec![att];
                 req.input = Some(forward_request::Input::Hidden(hidden));
-                if req.hops_total > 0 {
-                    req.hop_index += 1;
-                }
                 let sampling = req.sampling;
                 let (session, step) = (req.session_id.clone(), req.step);
                 let mut client = ComputeClient::new(self.channel(&next)?);
@@ -928,6 +956,7 @@ impl Compute for ComputeService {
         })?;
         self.inner.sessions.end(&req.session_id);
         self.inner.inputs.end(&req.session_id);
+        self.inner.vouchers.end(&req.session_id);
         if let Some(c) = &self.inner.checker {
             c.forget(&req.session_id);
         }

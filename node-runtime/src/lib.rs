@@ -13,6 +13,7 @@ pub mod seal;
 pub mod shares;
 pub mod verify;
 pub mod vision;
+pub mod voucher;
 pub mod web;
 pub mod wire;
 

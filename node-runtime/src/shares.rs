@@ -35,6 +35,7 @@ pub fn canonical_bytes(s: &ComputeShare) -> Vec<u8> {
     put(&s.prev_share_hash);
     put(&s.chain_tip);
     put(s.client.as_bytes());
+    put(&s.voucher);
     b
 }
 
@@ -88,11 +89,10 @@ pub struct Hop {
     pub step: u32,
     pub input_tokens: u32,
     pub output_tokens: u32,
+    /// Keyed with the session's billing salt (`voucher::commit`).
     pub activation_hash: [u8; 32],
-    pub client: String,
-    /// (index, count) of this hop among those sharing the step's price, when it is not
-    /// the node's shard of the text shards (an MPC pair is on the route).
-    pub position: Option<(u32, u32)>,
+    /// The session's spending voucher: who pays, and the route the price is split over.
+    pub billing: std::sync::Arc<crate::voucher::Billing>,
 }
 
 /// Where the sink finds the daemon.
@@ -168,7 +168,9 @@ struct Submitter {
     links: std::collections::HashMap<String, ([u8; 32], std::time::Instant)>,
     tip: Vec<u8>,
     nonce: u64,
-    backlog: std::collections::VecDeque<ComputeShare>,
+    /// Signed shares and the voucher each one names.
+    backlog:
+        std::collections::VecDeque<(ComputeShare, std::sync::Arc<unfed_proto::SpendingVoucher>)>,
     daemon: Option<unfed_proto::daemon_client::DaemonClient<tonic::transport::Channel>>,
     warned_no_daemon: bool,
 }
@@ -203,8 +205,8 @@ impl Submitter {
         let mut share = ComputeShare {
             node_id: self.cfg.node_id.clone(),
             model: self.cfg.model.clone(),
-            shard_index: hop.position.map_or(self.cfg.shard_index, |p| p.0),
-            shards_total: hop.position.map_or(self.cfg.shards_total, |p| p.1),
+            shard_index: self.cfg.shard_index,
+            shards_total: self.cfg.shards_total,
             session_id: hop.session_id.clone(),
             step: hop.step,
             input_tokens: hop.input_tokens,
@@ -217,8 +219,9 @@ impl Submitter {
             nonce: self.nonce,
             prev_share_hash: prev,
             chain_tip: self.tip.clone(),
-            client: hop.client,
+            client: hop.billing.client.clone(),
             signature: Vec::new(),
+            voucher: hop.billing.digest.to_vec(),
         };
         sign(&self.cfg.key, &mut share);
         self.links.insert(
@@ -231,7 +234,7 @@ impl Submitter {
                 "share backlog full (daemon unreachable for long): the oldest share is dropped"
             );
         }
-        self.backlog.push_back(share);
+        self.backlog.push_back((share, hop.billing.voucher.clone()));
     }
 
     /// Connects to the daemon; `Ok(false)` when the registry lists none (a network
@@ -282,10 +285,19 @@ impl Submitter {
                 return Ok(());
             }
             let n = self.backlog.len().min(self.cfg.batch.max(1));
-            let shares: Vec<ComputeShare> = self.backlog.iter().take(n).cloned().collect();
+            let mut vouchers: Vec<unfed_proto::SpendingVoucher> = Vec::new();
+            let mut named = std::collections::HashSet::new();
+            let mut shares = Vec::with_capacity(n);
+            for (share, voucher) in self.backlog.iter().take(n) {
+                if named.insert(share.voucher.clone()) {
+                    vouchers.push((**voucher).clone());
+                }
+                shares.push(share.clone());
+            }
             let req = unfed_proto::SubmitSharesRequest {
                 submitter: self.cfg.node_id.clone(),
                 shares,
+                vouchers,
             };
             let resp = match self
                 .daemon
@@ -377,6 +389,7 @@ mod tests {
             chain_tip: GENESIS.to_vec(),
             client: String::new(),
             signature: Vec::new(),
+            voucher: vec![2; 32],
         }
     }
 
@@ -393,6 +406,9 @@ mod tests {
         assert_ne!(share_hash(&t), h);
         let mut t = s.clone();
         t.client = "0xdef".into();
+        assert!(verify(&key.verifying_key(), &t).is_err());
+        let mut t = s.clone();
+        t.voucher = vec![3; 32];
         assert!(verify(&key.verifying_key(), &t).is_err());
         // Length prefixes: moving bytes between adjacent fields changes the bytes.
         let (mut a, mut b) = (sample(), sample());

@@ -5,7 +5,7 @@
 mod common;
 mod daemon_common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::net::Node;
@@ -70,15 +70,7 @@ async fn every_rejection_reason_and_blocks_only_when_shares_are_pending() {
     a.resign(&mut stale);
     rejected(&one(&mut d, "node-a", stale).await, "timestamp_skew");
 
-    let mut ghost = Signer {
-        node: "ghost".into(),
-        key: shares::generate_key(),
-        prev: HashMap::new(),
-        nonce: 0,
-        client: String::new(),
-        shard_index: 0,
-        shards_total: 1,
-    };
+    let mut ghost = Signer::unregistered("ghost");
     rejected(
         &one(&mut d, "ghost", ghost.next("s1")).await,
         "unknown_node",
@@ -227,6 +219,7 @@ async fn kill_9_mid_stream_then_restart_loses_nothing_and_counts_nothing_twice()
                                 .submit_shares(SubmitSharesRequest {
                                     submitter: sg.node.clone(),
                                     shares: batch.clone(),
+                                    vouchers: vouchers_of(&batch),
                                 })
                                 .await?;
                             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(

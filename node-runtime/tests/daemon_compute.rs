@@ -27,6 +27,10 @@ async fn each_hop_of_an_answer_yields_exactly_one_accepted_share() {
         "0.1",
         "--heartbeat-secs",
         "1",
+        "--chain-id",
+        &daemon_common::CHAIN_ID.to_string(),
+        "--escrow",
+        daemon_common::ESCROW,
     ]
     .iter()
     .map(|s| s.to_string())
@@ -38,9 +42,11 @@ async fn each_hop_of_an_answer_yields_exactly_one_accepted_share() {
     let mut client = net.client().await;
     let prompt = [1u32, 2, 3, 4, 5, 6, 7];
     let (steps_a, steps_b) = (6usize, 4usize);
+    let payer = unfed_node::voucher::Payer::wallet(unfed_chain::dev_signer(9).unwrap());
     let opts = |n| GenerateOptions {
         max_tokens: n,
         stop_on_eos: false,
+        payer: Some(payer.clone()),
         ..Default::default()
     };
     let a = client
@@ -75,6 +81,56 @@ async fn each_hop_of_an_answer_yields_exactly_one_accepted_share() {
     // Nothing was rejected along the way.
     let log = std::fs::read_to_string(&dnode.log).unwrap();
     assert!(!log.contains("share rejected"), "{log}");
+    no_token_recoverable(&net.dir.path().join("chain.db"), [&a.tokens, &b.tokens]);
+}
+
+/// The daemon learns counts, never tokens: no stored commitment matches any token id
+/// of the vocabulary under any plain encoding. Control: the same probe finds every
+/// generated token in unsalted hashes, as shares carried them before.
+fn no_token_recoverable(db: &std::path::Path, generated: [&Vec<u32>; 2]) {
+    use sha2::{Digest, Sha256};
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let mut st = conn.prepare("SELECT body FROM shares").unwrap();
+    let stored: std::collections::HashSet<Vec<u8>> = st
+        .query_map([], |r| r.get::<_, Vec<u8>>(0))
+        .unwrap()
+        .map(|b| {
+            <unfed_proto::ComputeShare as prost::Message>::decode(b.unwrap().as_slice())
+                .unwrap()
+                .activation_hash
+        })
+        .collect();
+    assert!(!stored.is_empty());
+    let probe = |hashes: &std::collections::HashSet<Vec<u8>>| -> Vec<u32> {
+        // The fixture's vocabulary is small; a generous bound covers any id it can emit.
+        (0u32..1 << 16)
+            .filter(|t| {
+                [t.to_le_bytes(), t.to_be_bytes()]
+                    .iter()
+                    .any(|enc| hashes.contains(&Sha256::digest(enc).to_vec()))
+                    || hashes.contains(&Sha256::digest(t.to_string()).to_vec())
+            })
+            .collect()
+    };
+    assert_eq!(
+        probe(&stored),
+        Vec::<u32>::new(),
+        "a token id is recoverable"
+    );
+    let unsalted: std::collections::HashSet<Vec<u8>> = generated
+        .iter()
+        .flat_map(|toks| toks.iter())
+        .map(|t| Sha256::digest(t.to_le_bytes()).to_vec())
+        .collect();
+    let mut found = probe(&unsalted);
+    let mut expected: Vec<u32> = generated.iter().flat_map(|t| t.iter().copied()).collect();
+    expected.sort();
+    expected.dedup();
+    found.sort();
+    assert_eq!(
+        found, expected,
+        "control: the probe must see unsalted tokens"
+    );
 }
 
 /// The whole economic loop on a staked testnet: Anvil with the compiled contracts,
@@ -175,8 +231,6 @@ async fn chat_on_a_staked_testnet_is_paid_exactly_at_the_configured_prices() {
             &escrow,
             "--operator-key-file",
             &op_key.display().to_string(),
-            "--default-client",
-            &client.address().to_string(),
         ]),
         &env(5),
         tmp.path().join("daemon.log"),
@@ -189,7 +243,11 @@ async fn chat_on_a_staked_testnet_is_paid_exactly_at_the_configured_prices() {
     };
     for (shard, wallet) in [(0usize, 2u32), (1, 3)] {
         let mut a = net.compute_args("m", shard, "0");
-        a.extend(["--eth-address".to_string(), addr(wallet)]);
+        a.extend([
+            "--eth-address".to_string(),
+            addr(wallet),
+            "--require-voucher".into(),
+        ]);
         let log = net.dir.path().join(format!("compute-{shard}.log"));
         net.computes
             .push(daemon_common::start_with_env(&a, &env(wallet), log));
@@ -206,6 +264,7 @@ async fn chat_on_a_staked_testnet_is_paid_exactly_at_the_configured_prices() {
             &GenerateOptions {
                 max_tokens: steps,
                 stop_on_eos: false,
+                payer: Some(unfed_node::voucher::Payer::wallet(client.clone())),
                 ..Default::default()
             },
             |_| {},

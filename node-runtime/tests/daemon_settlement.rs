@@ -58,8 +58,6 @@ async fn usage_is_paid_exactly_and_a_refused_settlement_is_retried_until_paid() 
         d.escrow.to_string(),
         "--operator-key-file".into(),
         key_file.display().to_string(),
-        "--default-client".into(),
-        client.address().to_string(),
         "--settlement-blocks".into(),
         "2".into(),
         "--settle-poll-secs".into(),
@@ -87,6 +85,14 @@ async fn usage_is_paid_exactly_and_a_refused_settlement_is_retried_until_paid() 
     b.shard_index = 1;
     a.shards_total = 2;
     b.shards_total = 2;
+    // Vouchers at the daemon's prices, for its escrow; the route is (a, b).
+    let mut terms = terms(&d.escrow.to_string());
+    terms.prices = unfed_node::daemon::Prices {
+        input: U256::from(p_in),
+        output: U256::from(p_out),
+    };
+    let route = [wa.to_string(), wb.to_string()];
+    let route: Vec<&str> = route.iter().map(String::as_str).collect();
     // A 2-shard route serving 2 sessions of 4 steps (prompt of 5 tokens) for the
     // default client, and one of 3 steps for the poor client, across two blocks.
     let (mut expect_a, mut expect_b, mut expect_poor) = (U256::ZERO, U256::ZERO, U256::ZERO);
@@ -100,12 +106,14 @@ async fn usage_is_paid_exactly_and_a_refused_settlement_is_retried_until_paid() 
         for sess in sessions {
             let poor_session = sess == "s4";
             let steps = if poor_session { 3 } else { 4 };
+            let payer = unfed_node::voucher::Payer::wallet(if poor_session {
+                poor.clone()
+            } else {
+                client.clone()
+            });
+            let v = voucher(&payer, &terms, sess, &route, (5, steps));
             for sg in [&mut a, &mut b] {
-                sg.client = if poor_session {
-                    poor.address().to_string()
-                } else {
-                    String::new()
-                };
+                sg.bill(sess, &v);
                 let batch: Vec<_> = (0..steps).map(|_| sg.next(sess)).collect();
                 for sh in &batch {
                     let amt = hop_amount(

@@ -63,6 +63,10 @@ fn start_daemon(registry: &str, dir: &Path) -> Node {
         s("0.1"),
         s("--heartbeat-secs"),
         s("1"),
+        s("--chain-id"),
+        daemon_common::CHAIN_ID.to_string(),
+        s("--escrow"),
+        s(daemon_common::ESCROW),
     ];
     Node::start(&args, dir.join("daemon.log"))
 }
@@ -84,16 +88,34 @@ fn hop(n: &Node) -> unfed_proto::Hop {
     }
 }
 
-/// A client session with the pair, its output kept by the client.
+/// A client session with the pair, its output kept by the client, paid under a
+/// voucher of the dev client naming both parties (by their default node ids).
 async fn connect(a: &Node, b: &Node, session: &str) -> RemotePair {
     let timeout = Duration::from_secs(3);
+    let payer = unfed_node::voucher::Payer::wallet(unfed_chain::dev_signer(9).unwrap());
+    let route = [
+        format!("mpc_a@{}", a.address),
+        format!("mpc_b@{}", b.address),
+    ];
+    let (voucher, salt) = payer
+        .issue(
+            &daemon_common::terms(daemon_common::ESCROW),
+            ("tiny", session),
+            route.to_vec(),
+            (100, 100),
+        )
+        .unwrap();
     RemotePair::connect(
         &common::net::transport(),
         &hop(a),
         &hop(b),
         session,
         timeout,
-        &Default::default(),
+        &unfed_node::mpc::net::SessionOptions {
+            handoff: None,
+            voucher: Some(voucher),
+            billing_salt: salt,
+        },
     )
     .await
     .unwrap()
@@ -291,6 +313,9 @@ async fn the_pair_hands_its_shares_to_the_next_shard_which_reconstructs_them() {
     let opts = GenerateOptions {
         max_tokens: TOKENS,
         stop_on_eos: false,
+        payer: Some(unfed_node::voucher::Payer::wallet(
+            unfed_chain::dev_signer(9).unwrap(),
+        )),
         ..Default::default()
     };
     let out = client
@@ -315,7 +340,10 @@ async fn the_pair_hands_its_shares_to_the_next_shard_which_reconstructs_them() {
     assert_eq!(route[2].1, 1, "{route:?}");
     assert_eq!(net.compute_forwards(0).await, 0);
 
-    // The dashboard's chats of a model with a pair go through it too.
+    // The dashboard's chats of a model with a pair go through it too, paid by the demo
+    // wallet's vouchers.
+    let demo_key = logs.join("demo.key");
+    unfed_chain::write_key_file(&demo_key, &unfed_chain::dev_signer(9).unwrap()).unwrap();
     let web = Web::start(
         common::web::args(
             &reg,
@@ -323,8 +351,8 @@ async fn the_pair_hands_its_shares_to_the_next_shard_which_reconstructs_them() {
             &[
                 "--public-cache",
                 &cache.display().to_string(),
-                "--demo-wallet",
-                "0x00000000000000000000000000000000000000d0",
+                "--demo-wallet-key-file",
+                &demo_key.display().to_string(),
             ],
         ),
         &[("UNFED_DEMO_AUTH", "1")],

@@ -26,6 +26,8 @@ struct Staked {
     next_wallet: u32,
     /// The share-chain daemon (settles with the dev client's deposit), when started.
     daemon: Option<Node>,
+    /// The dev client, signing the chats' vouchers once the daemon runs.
+    payer: Option<unfed_node::voucher::Payer>,
 }
 
 impl Staked {
@@ -73,6 +75,7 @@ impl Staked {
             net,
             next_wallet: 2,
             daemon: None,
+            payer: None,
         }
     }
 
@@ -143,12 +146,11 @@ impl Staked {
             &self.d.escrow.to_string(),
             "--operator-key-file",
             &op_key.display().to_string(),
-            "--default-client",
-            &client.address().to_string(),
         ]
         .iter()
         .map(|x| x.to_string())
         .collect();
+        self.payer = Some(unfed_node::voucher::Payer::wallet(client));
         self.daemon = Some(Node::start_with_env(
             &args,
             dir.join("daemon.log"),
@@ -229,6 +231,7 @@ impl Staked {
                     &GenerateOptions {
                         max_tokens: 4,
                         stop_on_eos: false,
+                        payer: self.payer.clone(),
                         ..Default::default()
                     },
                     |_| {},

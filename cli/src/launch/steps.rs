@@ -613,6 +613,7 @@ async fn start_shard(
             cmd.arg("--chain-rpc").arg(&chain.rpc_url);
         }
     }
+    require_voucher(&mut cmd, &inputs);
     let eth_address = stake_identity(&mut cmd, step, &inputs);
     let readiness = Readiness::ListedBy(registry);
     let kind = if vision { "vision" } else { "compute" };
@@ -695,9 +696,6 @@ async fn start_daemon(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::Res
     price_args(&mut cmd, spec);
     if let Some(chain) = &inputs.chain {
         contract_args(&mut cmd, chain)?;
-        if let Some(client) = &chain.client {
-            cmd.arg("--default-client").arg(client);
-        }
         cmd.arg("--operator-key-file").arg(operator_key_file(ctx)?);
     }
     let eth_address = stake_identity(&mut cmd, step, &inputs);
@@ -707,6 +705,13 @@ async fn start_daemon(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::Res
         port: Some(port),
         ..Outcome::default()
     })
+}
+
+/// On a testnet that pays for work, nodes work only under a client's spending voucher.
+fn require_voucher(cmd: &mut std::process::Command, inputs: &Inputs) {
+    if inputs.chain.is_some() {
+        cmd.arg("--require-voucher");
+    }
 }
 
 /// The dashboard, started last: it reads the registry, the daemon (through the
@@ -736,8 +741,10 @@ async fn start_web(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::Result
         contract_args(&mut cmd, chain)?;
         // The faucet pays from the operator's wallet (it runs only if switched on).
         cmd.arg("--operator-key-file").arg(operator_key_file(ctx)?);
-        if let Some(client) = &chain.client {
-            cmd.arg("--demo-wallet").arg(client);
+        if chain.client.is_some() {
+            // Demo sessions pay as the dev client, signing its vouchers.
+            cmd.arg("--demo-wallet-key-file")
+                .arg(ctx.key_path("client"));
         }
     }
     let probe = dashboard_probe(ctx)?;
@@ -776,6 +783,7 @@ async fn start_mpc(
     } else if let Some(layers) = &step.layers {
         cmd.arg("--layers").arg(layers.len().to_string());
     }
+    require_voucher(&mut cmd, &inputs);
     let eth_address = stake_identity(&mut cmd, step, &inputs);
     let kind = if peer.is_some() { "mpc_a" } else { "mpc_b" };
     let readiness = Readiness::ListedBy(registry);

@@ -15,6 +15,7 @@ use rand::seq::IndexedRandom;
 use tonic::transport::Channel;
 use unfed_model::Manifest;
 use unfed_proto::compute_client::ComputeClient;
+use unfed_proto::daemon_client::DaemonClient;
 use unfed_proto::registry_client::RegistryClient;
 use unfed_proto::*;
 
@@ -30,8 +31,9 @@ pub struct GenerateOptions {
     /// Stop after an EOS token (it is included in the output).
     pub stop_on_eos: bool,
     pub hidden_dtype: DType,
-    /// EVM address of the wallet the daemon bills; empty = the daemon's default client.
-    pub client: String,
+    /// Who signs the session's spending voucher (the wallet that pays, or its
+    /// delegate); `None`: an unpaid session, which nodes that bill refuse.
+    pub payer: Option<crate::voucher::Payer>,
     /// Set to stop after the current step (the tokens so far are returned).
     pub stop: Option<Arc<AtomicBool>>,
     /// decode_client_sample: the last shard returns the logits sealed to this client,
@@ -55,7 +57,7 @@ impl Default for GenerateOptions {
             sampling: SamplingParams::default(),
             stop_on_eos: true,
             hidden_dtype: DType::DtypeF32,
-            client: String::new(),
+            payer: None,
             stop: None,
             decode_client_sample: false,
         }
@@ -130,6 +132,8 @@ pub struct Client {
     registry: RegistryClient<Channel>,
     /// Timeout of one step through the whole route.
     pub step_timeout: Duration,
+    /// The daemon vouchers are checked with, and its terms (found on first use).
+    daemon: Option<(DaemonClient<Channel>, crate::voucher::Terms)>,
 }
 
 impl Client {
@@ -149,7 +153,65 @@ impl Client {
                 .max_decoding_message_size(crate::net::limits::REGISTRY)
                 .max_encoding_message_size(crate::net::limits::REGISTRY),
             step_timeout: Duration::from_secs(60),
+            daemon: None,
         })
+    }
+
+    /// The daemon the registry lists, and its voucher terms.
+    async fn daemon(&mut self) -> Result<&mut (DaemonClient<Channel>, crate::voucher::Terms)> {
+        if self.daemon.is_none() {
+            let nodes = self
+                .registry
+                .discover(DiscoverRequest {
+                    model: String::new(),
+                })
+                .await
+                .context("Discover failed")?
+                .into_inner()
+                .nodes;
+            let d = nodes.into_iter().find(|n| n.role == "daemon").context(
+                "the registry lists no daemon: nobody can check a spending voucher; start the daemon, or chat without a paying wallet",
+            )?;
+            let mut c =
+                crate::daemon::client(&self.net, &d.address, crate::net::Pin::parse(&d.tls_pin)?)
+                    .await?;
+            let terms = c
+                .get_terms(GetTermsRequest {})
+                .await
+                .map_err(|s| anyhow::anyhow!("the daemon {}: {}", d.node_id, s.message()))?
+                .into_inner();
+            self.daemon = Some((c, crate::voucher::Terms::from_proto(&terms)?));
+        }
+        Ok(self.daemon.as_mut().expect("set above"))
+    }
+
+    /// The spending voucher and billing salt of a session over `route` (node ids of the
+    /// paid hops), signed by `opts.payer` and accepted by the daemon (the deposit covers
+    /// its cap), before any compute; `None` for an unpaid session.
+    pub(crate) async fn voucher(
+        &mut self,
+        (model, session): (&str, &str),
+        route: Vec<String>,
+        prompt_rows: usize,
+        opts: &GenerateOptions,
+    ) -> Result<Option<(SpendingVoucher, Vec<u8>)>> {
+        let Some(payer) = &opts.payer else {
+            return Ok(None);
+        };
+        let payer = payer.clone();
+        let (daemon, terms) = self.daemon().await?;
+        let caps = (
+            u32::try_from(prompt_rows).context("prompt too long")?,
+            u32::try_from(opts.max_tokens).context("max_tokens too large")?,
+        );
+        let (voucher, salt) = payer.issue(terms, (model, session), route, caps)?;
+        daemon
+            .check_voucher(CheckVoucherRequest {
+                voucher: Some(voucher.clone()),
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+        Ok(Some((voucher, salt)))
     }
 
     /// The transport this client dials nodes with.
@@ -306,6 +368,14 @@ impl Client {
         }
         let route = self.route(model).await?;
         let session_id = hex::encode(rand::random::<[u8; 16]>());
+        let billing = self
+            .voucher(
+                (model, &session_id),
+                route.iter().map(|h| h.node_id.clone()).collect(),
+                prompt_ids.len(),
+                opts,
+            )
+            .await?;
         let mut hops = RouteSession::open(
             &self.net,
             &route,
@@ -313,7 +383,8 @@ impl Client {
             self.step_timeout,
             opts,
             &eos,
-        )?;
+        )?
+        .billed(billing);
         let mut out = GenerateOutput {
             prompt_tokens: prompt_ids.len(),
             route: route.clone(),
@@ -364,8 +435,8 @@ pub(crate) struct RouteSession {
     session_id: String,
     /// decode_client_sample: the client's key and its own sampler.
     local: Option<LocalSampling>,
-    /// Hops before the entry that share each step's price (the MPC pair's two parties).
-    paid_before: u32,
+    /// The session's spending voucher and billing salt, sent with step 0.
+    billing: Option<(SpendingVoucher, Vec<u8>)>,
     /// The session's owner key: its public half opens the session on every hop, and
     /// only a signature by it ends the session early.
     owner: ed25519_dalek::SigningKey,
@@ -434,20 +505,15 @@ impl RouteSession {
                 .max_encoding_message_size(crate::net::limits::COMPUTE),
             session_id: session_id.to_string(),
             local,
-            paid_before: 0,
+            billing: None,
             owner: crate::shares::generate_key(),
         })
     }
 
-    /// The route comes after an MPC pair whose two parties share each step's price.
-    pub(crate) fn after_pair(mut self) -> Self {
-        self.paid_before = 2;
+    /// The session is paid under this voucher.
+    pub(crate) fn billed(mut self, billing: Option<(SpendingVoucher, Vec<u8>)>) -> Self {
+        self.billing = billing;
         self
-    }
-
-    /// Hops sharing each step's price: those before the entry and the route's.
-    pub(crate) fn hops_total(&self) -> u32 {
-        self.paid_before + 1 + self.rest.len() as u32
     }
 
     /// One step at (`step`, `position`): `input` to the entry hop (`ids` are the step's
@@ -473,23 +539,25 @@ impl RouteSession {
             route: self.rest.clone(),
             penalty_tokens: if penalty { ids.to_vec() } else { Vec::new() },
             hidden_dtype: opts.hidden_dtype as i32,
-            client: opts.client.clone(),
             image_features,
             attestations: Vec::new(),
             client_key: match &self.local {
                 Some(l) => l.opener.public_key().to_vec(),
                 None => Vec::new(),
             },
-            hop_index: self.paid_before,
-            hops_total: if self.paid_before > 0 {
-                self.hops_total()
-            } else {
-                0
-            },
             owner_key: if step == 0 {
                 self.owner.verifying_key().to_bytes().to_vec()
             } else {
                 Vec::new()
+            },
+            voucher: self
+                .billing
+                .as_ref()
+                .filter(|_| step == 0)
+                .map(|b| b.0.clone()),
+            billing_salt: match &self.billing {
+                Some((_, salt)) if step == 0 => salt.clone(),
+                _ => Vec::new(),
             },
         };
         match self.compute.forward(req).await {

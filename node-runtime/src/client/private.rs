@@ -286,9 +286,20 @@ impl Client {
         }
         let session = hex::encode(rand::random::<[u8; 16]>());
         let mut route = Vec::new();
-        let mut hops = None;
         if !pair.full_output {
             route = self.route_after(model, pair.layer_end).await?;
+        }
+        // One voucher for the whole route: the pair's parties first.
+        let paid: Vec<String> = [&pair.a, &pair.b]
+            .into_iter()
+            .chain(&route)
+            .map(|h| h.node_id.clone())
+            .collect();
+        let billing = self
+            .voucher((model, &session), paid, prompt_ids.len(), opts)
+            .await?;
+        let mut hops = None;
+        if !pair.full_output {
             hops = Some(
                 RouteSession::open(
                     self.net(),
@@ -298,7 +309,7 @@ impl Client {
                     opts,
                     &public.cfg.eos_token_ids,
                 )?
-                .after_pair(),
+                .billed(billing.clone()),
             );
         }
         let handoff = route.first().cloned();
@@ -310,8 +321,8 @@ impl Client {
             Duration::from_secs(30),
             &SessionOptions {
                 handoff,
-                client: opts.client.clone(),
-                hops_total: hops.as_ref().map_or(2, RouteSession::hops_total),
+                voucher: billing.as_ref().map(|b| b.0.clone()),
+                billing_salt: billing.map(|b| b.1).unwrap_or_default(),
             },
         )
         .await

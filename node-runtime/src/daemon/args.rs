@@ -76,9 +76,10 @@ pub struct DaemonArgs {
     window_secs: u64,
     #[command(flatten)]
     prices: PriceArgs,
-    /// EVM address billed for shares that name no client (the dev client on a testnet).
+    /// The chain id spending vouchers must name, when no --chain-rpc tells it (the
+    /// daemon then only records settlements).
     #[arg(long)]
-    default_client: Option<String>,
+    chain_id: Option<u64>,
     /// Chain RPC URL; with --escrow and an operator key, settlements are posted on-chain.
     #[arg(long)]
     chain_rpc: Option<String>,
@@ -111,7 +112,7 @@ fn secs(flag: &str, v: f64) -> Result<Duration> {
 impl DaemonArgs {
     fn settler(&self) -> Result<Option<Settler>> {
         match (&self.chain_rpc, &self.escrow, &self.operator_key_file) {
-            (None, None, None) => Ok(None),
+            (None, _, None) => Ok(None),
             (Some(rpc), Some(escrow), Some(key)) => {
                 let signer = unfed_chain::read_key_file(key)
                     .with_context(|| format!("--operator-key-file {}", key.display()))?;
@@ -146,10 +147,10 @@ impl DaemonArgs {
             );
         }
         let prices = self.prices.prices()?;
-        let default_client = self
-            .default_client
+        let escrow = self
+            .escrow
             .as_deref()
-            .map(|c| addr("--default-client", c))
+            .map(|e| addr("--escrow", e))
             .transpose()?;
         let settler = self.settler()?;
         let limits = Limits {
@@ -179,7 +180,8 @@ impl DaemonArgs {
             settlement_blocks: self.settlement_blocks.max(1),
             limits,
             prices,
-            default_client,
+            chain_id: self.chain_id,
+            escrow,
             settler,
             settle_poll: secs("--settle-poll-secs", self.settle_poll_secs)?,
             stake_key,

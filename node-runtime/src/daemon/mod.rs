@@ -7,6 +7,7 @@ pub mod service;
 pub mod settle;
 pub mod store;
 pub mod validate;
+pub mod vouchers;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -43,8 +44,10 @@ pub struct DaemonConfig {
     pub settlement_blocks: u64,
     pub limits: Limits,
     pub prices: Prices,
-    /// Who pays for shares that name no client.
-    pub default_client: Option<Address>,
+    /// The chain id vouchers must name when no settler can tell it (no --chain-rpc).
+    pub chain_id: Option<u64>,
+    /// The escrow vouchers must name when no settler can tell it.
+    pub escrow: Option<Address>,
     /// Operator connection to the escrow; `None` records settlements without posting.
     pub settler: Option<Settler>,
     pub settle_poll: Duration,
@@ -68,12 +71,7 @@ pub async fn client(
 }
 
 /// Cuts a block when shares are pending, then a settlement summary every K blocks.
-fn produce(
-    store: &Mutex<Store>,
-    cfg_blocks: u64,
-    prices: &Prices,
-    default_client: Option<Address>,
-) -> Result<()> {
+fn produce(store: &Mutex<Store>, cfg_blocks: u64) -> Result<()> {
     let mut st = store.lock().expect("store poisoned");
     if let Some(b) = st.produce_block(now_ms())? {
         tracing::info!(height = b.height, shares = b.share_count, hash = %hex::encode(b.hash), "block produced");
@@ -82,14 +80,7 @@ fn produce(
     let settled = st.settled_height()?;
     if height >= settled + cfg_blocks.max(1) {
         let shares = st.shares_in_blocks(settled + 1, height)?;
-        let rows = settle::summarize(
-            &st.chain_id()?,
-            settled + 1,
-            height,
-            &shares,
-            prices,
-            default_client,
-        );
+        let rows = settle::summarize(&st.chain_id()?, settled + 1, height, &shares);
         for r in &rows {
             tracing::info!(from = settled + 1, to = height, client = %r.client, total = %r.total, nodes = r.nodes.len(), "settlement summary");
         }
@@ -128,6 +119,40 @@ async fn membership(cfg: Arc<DaemonConfig>, ready: tokio::sync::oneshot::Sender<
     crate::membership::keep_registered(member, || registration(&cfg), ready).await
 }
 
+/// What vouchers must name: the settler's chain and escrow, or the ones given.
+async fn terms(
+    cfg: &DaemonConfig,
+    settler: Option<&Settler>,
+) -> Result<Option<crate::voucher::Terms>> {
+    let (chain_id, escrow) = match settler {
+        Some(s) => {
+            let id = s
+                .chain
+                .chain_id()
+                .await
+                .context("asking the chain for its id")?;
+            if let Some(given) = cfg.chain_id.filter(|g| *g != id) {
+                anyhow::bail!("--chain-id {given} does not match the chain's id {id}");
+            }
+            (Some(id), Some(s.deployment.escrow))
+        }
+        None => (cfg.chain_id, cfg.escrow),
+    };
+    Ok(match (chain_id, escrow) {
+        (Some(chain_id), Some(escrow)) => Some(crate::voucher::Terms {
+            chain_id,
+            escrow,
+            prices: cfg.prices,
+        }),
+        _ => {
+            tracing::warn!(
+                "no chain id and escrow: this daemon accepts no spending voucher, so it records no work"
+            );
+            None
+        }
+    })
+}
+
 /// Serves the daemon on `listener` until `shutdown`: gRPC, block production,
 /// settlement and registry membership. A final block is cut on shutdown.
 pub async fn run(
@@ -143,8 +168,15 @@ pub async fn run(
         tracing::info!(db = %cfg.db.display(), height, tip = %hex::encode(tip), shares, pending, "share chain opened");
     }
     let registry = crate::membership::RegistryAddr::new(&cfg.net, &cfg.registry);
-    let service = service::DaemonService::new(store.clone(), cfg.limits.clone(), registry.clone());
     let settler = cfg.settler.take();
+    let terms = terms(&cfg, settler.as_ref()).await?;
+    let service = service::DaemonService::new(
+        store.clone(),
+        cfg.limits.clone(),
+        registry.clone(),
+        terms,
+        settler.as_ref().map(|s| (s.chain.clone(), s.deployment)),
+    );
     let cfg = Arc::new(cfg);
     let net = cfg.net.clone();
     let router = net.server().add_service(
@@ -161,13 +193,8 @@ pub async fn run(
             tick.tick().await;
             loop {
                 tick.tick().await;
-                let (store, prices, k, dc) = (
-                    store.clone(),
-                    cfg.prices,
-                    cfg.settlement_blocks,
-                    cfg.default_client,
-                );
-                match tokio::task::spawn_blocking(move || produce(&store, k, &prices, dc)).await {
+                let (store, k) = (store.clone(), cfg.settlement_blocks);
+                match tokio::task::spawn_blocking(move || produce(&store, k)).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => tracing::error!("block production failed: {e:#}"),
                     Err(e) => tracing::error!("block production task panicked: {e}"),
@@ -198,12 +225,7 @@ pub async fn run(
         s.abort();
     }
     // Shares accepted since the last tick go into a block now rather than at restart.
-    if let Err(e) = produce(
-        &store,
-        cfg.settlement_blocks,
-        &cfg.prices,
-        cfg.default_client,
-    ) {
+    if let Err(e) = produce(&store, cfg.settlement_blocks) {
         tracing::error!("final block failed: {e:#}");
     }
     crate::membership::unregister(&cfg.net, &cfg.registry, &cfg.node_id, &cfg.share_key).await;

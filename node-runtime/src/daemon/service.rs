@@ -69,6 +69,10 @@ pub struct DaemonService {
     store: Arc<Mutex<Store>>,
     limits: Limits,
     keys: KeyCache,
+    /// What vouchers must name (`None`: no chain, no voucher is accepted).
+    terms: Option<crate::voucher::Terms>,
+    /// Reads client deposits for CheckVoucher (`None`: no chain to ask).
+    escrow: Option<(unfed_chain::Chain, unfed_chain::Deployment)>,
 }
 
 impl DaemonService {
@@ -76,6 +80,8 @@ impl DaemonService {
         store: Arc<Mutex<Store>>,
         limits: Limits,
         registry: crate::membership::RegistryAddr,
+        terms: Option<crate::voucher::Terms>,
+        escrow: Option<(unfed_chain::Chain, unfed_chain::Deployment)>,
     ) -> Self {
         Self {
             store,
@@ -84,7 +90,17 @@ impl DaemonService {
                 registry,
                 keys: tokio::sync::Mutex::new((HashMap::new(), None)),
             },
+            terms,
+            escrow,
         }
+    }
+
+    fn terms(&self) -> Result<&crate::voucher::Terms, Status> {
+        self.terms.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "this daemon settles on no chain: it accepts no spending voucher, so no work is paid",
+            )
+        })
     }
 
     /// Signature check with one key refresh on failure.
@@ -158,6 +174,13 @@ impl Daemon for DaemonService {
         let store = self.store.clone();
         let limits = self.limits.clone();
         let shares_in = req.shares;
+        let terms = self.terms;
+        // The vouchers the batch brings, by digest (malformed ones are simply not found).
+        let submitted: HashMap<[u8; 32], SpendingVoucher> = req
+            .vouchers
+            .into_iter()
+            .filter_map(|v| Some((crate::voucher::digest(&v).ok()?, v)))
+            .collect();
         let (results, tip) = tokio::task::spawn_blocking(move || {
             let st = store.lock().expect("store poisoned");
             let results = st.transaction(|st| {
@@ -167,9 +190,17 @@ impl Daemon for DaemonService {
                         Ok(()) => validate::check_chain(st, &hash, s, &limits, now)?,
                         e => e,
                     };
-                    if v.is_ok() {
-                        st.insert_share(&hash, s, now)?;
-                    } else if let Err((r, m)) = &v {
+                    let v = match v {
+                        Ok(()) => match super::vouchers::check(st, s, &submitted, terms.as_ref())? {
+                            Ok(at) => {
+                                st.insert_share(&hash, s, now, &at)?;
+                                Ok(())
+                            }
+                            Err(e) => Err(e),
+                        },
+                        Err(e) => Err(e),
+                    };
+                    if let Err((r, m)) = &v {
                         tracing::warn!(node = %s.node_id, session = %s.session_id, step = s.step, reason = r.as_str(), "share rejected: {m}");
                     }
                     out.push(result(hash, v));
@@ -185,6 +216,74 @@ impl Daemon for DaemonService {
             results,
             tip_hash: tip.0.to_vec(),
             tip_height: tip.1,
+        }))
+    }
+
+    async fn get_terms(
+        &self,
+        _: Request<GetTermsRequest>,
+    ) -> Result<Response<GetTermsResponse>, Status> {
+        Ok(Response::new(self.terms()?.to_proto()))
+    }
+
+    async fn check_voucher(
+        &self,
+        req: Request<CheckVoucherRequest>,
+    ) -> Result<Response<CheckVoucherResponse>, Status> {
+        let terms = self.terms()?;
+        let wire = req
+            .into_inner()
+            .voucher
+            .ok_or_else(|| Status::invalid_argument("no voucher to check"))?;
+        let v = crate::voucher::from_proto(&wire)
+            .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        super::vouchers::check_terms(&v, terms)
+            .map_err(|e| Status::permission_denied(format!("spending voucher refused: {e}")))?;
+        let now = crate::voucher::now_secs();
+        if now > v.voucher.expiry {
+            return Err(Status::permission_denied(
+                "spending voucher refused: it has expired",
+            ));
+        }
+        let client = v.voucher.client;
+        let (used, owed) = {
+            let st = self.store.lock().expect("store poisoned");
+            (
+                st.voucher_used(v.digest().as_slice()).map_err(internal)?,
+                st.owed(&client.to_string()).map_err(internal)?,
+            )
+        };
+        if used {
+            return Err(Status::permission_denied(
+                "spending voucher refused: it was already used for a session",
+            ));
+        }
+        let cap = v.voucher.maxSpend;
+        let Some((chain, d)) = &self.escrow else {
+            // Nothing to debit: the daemon only records settlements.
+            return Ok(Response::new(CheckVoucherResponse {
+                deposit: String::new(),
+                owed: owed.to_string(),
+                cap: cap.to_string(),
+            }));
+        };
+        let deposit = chain
+            .client_balance(d, client)
+            .await
+            .map_err(|e| Status::unavailable(format!("reading the deposit of {client}: {e}")))?;
+        if deposit < owed + cap {
+            return Err(Status::failed_precondition(format!(
+                "insufficient deposit: {client} has {} in the escrow, owes {} for work not yet settled, and this session may cost up to {}; deposit at least {} more (unfedctl deposit)",
+                unfed_chain::format_amount(deposit),
+                unfed_chain::format_amount(owed),
+                unfed_chain::format_amount(cap),
+                unfed_chain::format_amount(owed + cap - deposit),
+            )));
+        }
+        Ok(Response::new(CheckVoucherResponse {
+            deposit: deposit.to_string(),
+            owed: owed.to_string(),
+            cap: cap.to_string(),
         }))
     }
 
@@ -245,8 +344,23 @@ impl Daemon for DaemonService {
                 timestamp_ms: b.timestamp_ms,
             })
             .collect();
+        let vouchers = st
+            .voucher_earnings(100)
+            .map_err(internal)?
+            .into_iter()
+            .map(|e| VoucherEarnings {
+                voucher: e.voucher,
+                client: e.client,
+                node_id: e.node_id,
+                shares: e.shares,
+                paid: e.paid.to_string(),
+                pending: e.pending.to_string(),
+                withheld: e.withheld.to_string(),
+            })
+            .collect();
         Ok(Response::new(GetChainStatusResponse {
             height,
+            vouchers,
             tip_hash: hash.to_vec(),
             shares,
             pending_shares: pending,

@@ -36,38 +36,15 @@ impl Prices {
     }
 }
 
-/// What one hop earns: the step's price split evenly over the route's shards, the
-/// division remainder to the last shard, so the shards of a step sum to its price.
-pub fn share_amount(s: &SettledShare, p: &Prices) -> U256 {
-    let price = p.cost(s.input_tokens, s.output_tokens);
-    let n = U256::from(s.shards_total.max(1));
-    let base = price / n;
-    if s.shard_index + 1 == s.shards_total {
-        base + price % n
-    } else {
-        base
-    }
-}
-
-/// Groups the shares of blocks `from..=to` into one settlement per client. Shares of
-/// nodes whose id is not an EVM address cannot be paid and are left out (logged).
-pub fn summarize(
-    chain_id: &str,
-    from: u64,
-    to: u64,
-    shares: &[SettledShare],
-    prices: &Prices,
-    default_client: Option<Address>,
-) -> Vec<Settlement> {
+/// Groups the shares of blocks `from..=to` into one settlement per client, each hop
+/// paid what it earned under its voucher. Shares of nodes whose id is not an EVM
+/// address cannot be paid and are left out (logged).
+pub fn summarize(chain_id: &str, from: u64, to: u64, shares: &[SettledShare]) -> Vec<Settlement> {
     let mut per_client: BTreeMap<Address, BTreeMap<Address, U256>> = BTreeMap::new();
     let mut unpaid = 0usize;
     for s in shares {
-        let client = if s.client.is_empty() {
-            default_client
-        } else {
-            s.client.parse().ok()
-        };
-        let (Some(client), Ok(node)) = (client, s.node_id.parse::<Address>()) else {
+        let (Ok(client), Ok(node)) = (s.client.parse::<Address>(), s.node_id.parse::<Address>())
+        else {
             unpaid += 1;
             continue;
         };
@@ -75,7 +52,7 @@ pub fn summarize(
             .entry(client)
             .or_default()
             .entry(node)
-            .or_default() += share_amount(s, prices);
+            .or_default() += s.amount;
     }
     if unpaid > 0 {
         tracing::warn!(
@@ -336,29 +313,5 @@ pub async fn run(
         if let Err(e) = settler.tick(&store, window, &cheaters).await {
             tracing::error!("settlement loop: {e:#}");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hops_of_a_step_sum_to_its_price() {
-        let p = Prices {
-            input: U256::from(7),
-            output: U256::from(10),
-        };
-        let hop = |i, n, inp| SettledShare {
-            node_id: String::new(),
-            client: String::new(),
-            shard_index: i,
-            shards_total: n,
-            input_tokens: inp,
-            output_tokens: 1,
-        };
-        let total: U256 = (0..3).map(|i| share_amount(&hop(i, 3, 5), &p)).sum();
-        assert_eq!(total, U256::from(45));
-        assert_eq!(share_amount(&hop(0, 3, 5), &p), U256::from(15));
     }
 }

@@ -27,8 +27,16 @@ CREATE TABLE IF NOT EXISTS shares (
     client TEXT NOT NULL,
     received_ms INTEGER NOT NULL,
     block_height INTEGER,
-    body BLOB NOT NULL
+    body BLOB NOT NULL,
+    -- The session's spending voucher, this hop's place on its route, and what the hop
+    -- earns (token units, decimal): fixed at acceptance from the voucher and the prices.
+    voucher BLOB NOT NULL,
+    route_index INTEGER NOT NULL,
+    route_len INTEGER NOT NULL,
+    amount TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS shares_by_voucher ON shares(voucher, node_id);
+CREATE INDEX IF NOT EXISTS shares_by_client ON shares(client, block_height);
 CREATE INDEX IF NOT EXISTS shares_by_session ON shares(node_id, session_id, seq);
 CREATE INDEX IF NOT EXISTS shares_by_node_time ON shares(node_id, received_ms);
 CREATE INDEX IF NOT EXISTS shares_by_block ON shares(block_height);
@@ -128,14 +136,20 @@ pub struct NodeTotals {
 pub struct SettledShare {
     pub node_id: String,
     pub client: String,
-    pub shard_index: u32,
-    pub shards_total: u32,
-    pub input_tokens: u64,
-    pub output_tokens: u64,
+    /// What the hop earns, token units.
+    pub amount: unfed_chain::U256,
+}
+
+/// Where a voucher puts an accepted share: its route position and its earnings.
+pub struct Placement {
+    pub voucher: [u8; 32],
+    pub route_index: u32,
+    pub route_len: u32,
+    pub amount: unfed_chain::U256,
 }
 
 pub struct Store {
-    conn: Connection,
+    pub(super) conn: Connection,
 }
 
 fn to32(v: Vec<u8>) -> rusqlite::Result<[u8; 32]> {
@@ -162,12 +176,14 @@ impl Store {
         );
         // FULL: a commit is on disk before the daemon acknowledges the shares in it.
         conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")?;
-        conn.execute_batch(SCHEMA).with_context(|| {
-            format!(
-                "{} is not a chain db this daemon can use (schema creation failed)",
-                path.display()
-            )
-        })?;
+        conn.execute_batch(SCHEMA)
+            .and_then(|()| conn.execute_batch(super::vouchers::SCHEMA))
+            .with_context(|| {
+                format!(
+                    "{} is not a chain db this daemon can use (schema creation failed; a db of a version before spending vouchers: move it aside)",
+                    path.display()
+                )
+            })?;
         let store = Self { conn };
         if store.meta("chain_id")?.is_none() {
             store.set_meta("chain_id", &hex::encode(rand::random::<[u8; 16]>()))?;
@@ -259,10 +275,16 @@ impl Store {
         Ok(out)
     }
 
-    pub fn insert_share(&self, hash: &[u8; 32], s: &ComputeShare, received_ms: u64) -> Result<()> {
+    pub fn insert_share(
+        &self,
+        hash: &[u8; 32],
+        s: &ComputeShare,
+        received_ms: u64,
+        at: &Placement,
+    ) -> Result<()> {
         self.conn.execute(
-            "INSERT INTO shares(hash, node_id, session_id, step, shard_index, shards_total, input_tokens, output_tokens, client, received_ms, body)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            "INSERT INTO shares(hash, node_id, session_id, step, shard_index, shards_total, input_tokens, output_tokens, client, received_ms, body, voucher, route_index, route_len, amount)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
             params![
                 &hash[..],
                 s.node_id,
@@ -274,7 +296,11 @@ impl Store {
                 s.output_tokens,
                 s.client,
                 received_ms,
-                prost::Message::encode_to_vec(s)
+                prost::Message::encode_to_vec(s),
+                &at.voucher[..],
+                at.route_index,
+                at.route_len,
+                at.amount.to_string()
             ],
         )?;
         Ok(())
@@ -389,20 +415,25 @@ impl Store {
 
     pub fn shares_in_blocks(&self, from: u64, to: u64) -> Result<Vec<SettledShare>> {
         let mut st = self.conn.prepare(
-            "SELECT node_id, client, shard_index, shards_total, input_tokens, output_tokens FROM shares
+            "SELECT node_id, client, amount FROM shares
              WHERE block_height BETWEEN ?1 AND ?2 ORDER BY seq",
         )?;
         let rows = st.query_map([from, to], |r| {
-            Ok(SettledShare {
-                node_id: r.get(0)?,
-                client: r.get(1)?,
-                shard_index: r.get(2)?,
-                shards_total: r.get(3)?,
-                input_tokens: r.get(4)?,
-                output_tokens: r.get(5)?,
-            })
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
         })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        rows.map(|r| {
+            let (node_id, client, amount) = r?;
+            Ok(SettledShare {
+                node_id,
+                client,
+                amount: amount.parse().context("a stored share amount")?,
+            })
+        })
+        .collect()
     }
 
     /// Records the summaries of blocks `..=to` and advances the settled height, atomically.

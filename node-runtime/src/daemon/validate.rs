@@ -22,6 +22,12 @@ pub enum Reject {
     NonMonotonicStep,
     SessionCap,
     WindowCap,
+    NoVoucher,
+    BadVoucher,
+    VoucherMismatch,
+    VoucherExpired,
+    VoucherCap,
+    VoucherReplay,
 }
 
 impl Reject {
@@ -38,6 +44,12 @@ impl Reject {
             Reject::NonMonotonicStep => "non_monotonic_step",
             Reject::SessionCap => "session_cap",
             Reject::WindowCap => "window_cap",
+            Reject::NoVoucher => "no_voucher",
+            Reject::BadVoucher => "bad_voucher",
+            Reject::VoucherMismatch => "voucher_mismatch",
+            Reject::VoucherExpired => "voucher_expired",
+            Reject::VoucherCap => "voucher_cap",
+            Reject::VoucherReplay => "voucher_replay",
         }
     }
 }

@@ -40,9 +40,9 @@ fn to_proto(m: &Msg) -> MpcMessage {
         data: m.data.clone(),
         from: peer_name(m.from).to_string(),
         handoff: String::new(),
-        client: String::new(),
-        hops_total: 0,
         handoff_pin: String::new(),
+        voucher: None,
+        billing_salt: Vec::new(),
     }
 }
 
@@ -115,10 +115,9 @@ pub struct SessionOptions {
     /// holding the next layer: its address and certificate pin); `None`: the client
     /// takes the output.
     pub handoff: Option<unfed_proto::Hop>,
-    /// The wallet the daemon bills (empty: its default client).
-    pub client: String,
-    /// Hops sharing each step's price: the two parties and the compute hops after them.
-    pub hops_total: u32,
+    /// The session's spending voucher (its route starts with A and B) and billing salt.
+    pub voucher: Option<unfed_proto::SpendingVoucher>,
+    pub billing_salt: Vec<u8>,
 }
 
 /// Opens a Link to the party `to` (pinned to its registered certificate) for
@@ -147,8 +146,8 @@ async fn dial(
         first.handoff = h.address.clone();
         first.handoff_pin = h.tls_pin.clone();
     }
-    first.client = options.client.clone();
-    first.hops_total = options.hops_total;
+    first.voucher = options.voucher.clone();
+    first.billing_salt = options.billing_salt.clone();
     let stream = futures::stream::once(async move { first }).chain(stream);
     let resp = client.link(stream).await.map_err(|s| {
         anyhow::anyhow!(
@@ -168,6 +167,8 @@ struct Pending {
     peer: Option<Link>,
     /// What the client's hello said.
     options: SessionOptions,
+    /// The voucher the session runs under (checked at the hello).
+    billing: Option<Arc<crate::voucher::Billing>>,
 }
 
 /// Party A or B serving `Mpc.Link`.
@@ -187,6 +188,8 @@ pub struct PartyService {
     peers: Option<Arc<crate::verify::spot::Peers>>,
     timeout: Duration,
     pending: Arc<Mutex<HashMap<String, Pending>>>,
+    /// The spending voucher of each paid session.
+    vouchers: Arc<crate::voucher::Book>,
 }
 
 /// How a party reaches and recognises the others.
@@ -198,6 +201,8 @@ pub struct PartyLinks {
     pub net: crate::net::Net,
     /// Registered nodes (the counterpart must be the registered one); `None` unregistered.
     pub peers: Option<Arc<crate::verify::spot::Peers>>,
+    /// Refuse sessions without a spending voucher naming this party.
+    pub require_voucher: bool,
 }
 
 impl PartyService {
@@ -214,10 +219,12 @@ impl PartyService {
             timeout,
             net,
             peers,
+            require_voucher,
         } = links;
         if is_a && peer.is_none() {
             bail!("party A needs --peer (party B's host:port)");
         }
+        let vouchers = Arc::new(crate::voucher::Book::new(&signer.node_id, require_voucher));
         Ok(Self {
             model,
             is_a,
@@ -227,6 +234,7 @@ impl PartyService {
             peer,
             timeout,
             pending: Default::default(),
+            vouchers,
             net,
             peers,
         })
@@ -290,13 +298,20 @@ impl PartyService {
 
     /// Adds a link of `session`; starts the session when both are there, or drops the
     /// half-open session after the timeout.
-    fn attach(&self, session: &str, from: Peer, link: Link, options: SessionOptions) {
+    fn attach(
+        &self,
+        session: &str,
+        from: Peer,
+        link: Link,
+        (options, billing): (SessionOptions, Option<Arc<crate::voucher::Billing>>),
+    ) {
         let mut pending = self.pending.lock().expect("pending poisoned");
         let entry = pending.entry(session.to_string()).or_default();
         match from {
             Peer::Client => {
                 entry.client = Some(link);
                 entry.options = options;
+                entry.billing = billing;
             }
             _ => entry.peer = Some(link),
         }
@@ -318,6 +333,7 @@ impl PartyService {
             client,
             peer,
             options,
+            billing,
         } = pending.remove(session).expect("entry present");
         let ((ctx, crx), (ptx, prx)) = (client.expect("client"), peer.expect("peer"));
         let other = if self.is_a { Peer::B } else { Peer::A };
@@ -329,6 +345,7 @@ impl PartyService {
         );
         let (model, is_a, session) = (self.model.clone(), self.is_a, session.to_string());
         let (signer, shares) = (self.signer.clone(), self.shares.clone());
+        let vouchers = self.vouchers.clone();
         let net = self.net.clone();
         tokio::task::spawn_blocking(move || {
             let hidden = model.cfg.hidden_size;
@@ -339,24 +356,19 @@ impl PartyService {
                     .map(|to| Outbox::new(&net, &signer, is_a, hidden, to))
                     .transpose()?;
                 let mut on_output = |step: u32, rows: usize, share: Vec<u64>| {
-                    if let Some(sink) = &shares {
+                    if let Some(billing) = &billing {
+                        billing.covers(step, rows as u32)?;
+                    }
+                    if let (Some(sink), Some(billing)) = (&shares, &billing) {
+                        let bytes: Vec<u8> = share.iter().flat_map(|v| v.to_le_bytes()).collect();
                         sink.record(crate::shares::Hop {
                             session_id: session.clone(),
                             step,
                             // The prompt is the input; every step yields one token.
                             input_tokens: if step == 0 { rows as u32 } else { 0 },
                             output_tokens: 1,
-                            activation_hash: <sha2::Sha256 as sha2::Digest>::digest(
-                                share
-                                    .iter()
-                                    .flat_map(|v| v.to_le_bytes())
-                                    .collect::<Vec<_>>(),
-                            )
-                            .into(),
-                            client: options.client.clone(),
-                            // A is hop 0, B hop 1; a client that names no count (an older
-                            // one) is billed as if the pair were the whole route.
-                            position: Some((u32::from(!is_a), options.hops_total.max(2))),
+                            activation_hash: crate::voucher::commit(&billing.salt, &bytes),
+                            billing: billing.clone(),
                         });
                     }
                     match outbox.as_mut() {
@@ -370,6 +382,7 @@ impl PartyService {
                 Ok(()) => tracing::info!(%session, steps = port.step, "MPC session ended"),
                 Err(e) => tracing::warn!(%session, "MPC session failed: {e:#}"),
             }
+            vouchers.end(&session);
         });
     }
 }
@@ -434,14 +447,29 @@ impl Mpc for PartyService {
                 tls_pin: first.handoff_pin.clone(),
                 ..Default::default()
             }),
-            client: first.client.clone(),
-            hops_total: first.hops_total,
+            voucher: first.voucher.clone(),
+            billing_salt: first.billing_salt.clone(),
         };
         if options.handoff.is_some() && self.model.head.is_some() {
             return Err(Status::invalid_argument(
                 "this pair runs every layer and the head (full_output_2pc): the logits go to the client, not to a compute node; open the session without a hand-off",
             ));
         }
+        // Before any work: the client's voucher must name this party.
+        let billing = if from == Peer::Client {
+            self.vouchers
+                .start(
+                    &first.session,
+                    options.voucher.as_ref(),
+                    &options.billing_salt,
+                    0,
+                )
+                .map_err(|e| {
+                    Status::permission_denied(format!("party {}: {e:#}", self.signer.node_id))
+                })?
+        } else {
+            None
+        };
         let (tx, stream) = outgoing(Ok);
         let rx = incoming(inbound, from);
         if self.is_a && from == Peer::Client {
@@ -461,7 +489,7 @@ impl Mpc for PartyService {
             .map_err(|e| Status::unavailable(format!("{e:#}")))?;
             self.attach(&first.session, Peer::B, link, Default::default());
         }
-        self.attach(&first.session, from, (tx, rx), options);
+        self.attach(&first.session, from, (tx, rx), (options, billing));
         Ok(Response::new(stream))
     }
 }

@@ -63,6 +63,8 @@ pub struct MpcArgs {
     #[arg(long, default_value_t = 30)]
     timeout_secs: u64,
     #[command(flatten)]
+    billing: crate::cli::BillingArgs,
+    #[command(flatten)]
     tls: crate::net::TlsArgs,
 }
 
@@ -192,6 +194,7 @@ impl MpcArgs {
                         manifest.model_id.clone(),
                     ))
                 }),
+                require_voucher: self.billing.require_voucher,
             },
         )?;
         let membership = self.registry.clone().map(|registry| {

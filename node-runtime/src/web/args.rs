@@ -75,6 +75,10 @@ pub struct WebArgs {
     /// The wallet demo sign-in uses (only with UNFED_DEMO_AUTH=1).
     #[arg(long)]
     demo_wallet: Option<String>,
+    /// The demo wallet's key file (mode 0600): demo sessions then sign spending vouchers
+    /// with it, so their chats are paid (a testnet's dev client). Implies --demo-wallet.
+    #[arg(long)]
+    demo_wallet_key_file: Option<PathBuf>,
     #[arg(long, default_value_t = 300)]
     challenge_ttl_secs: u64,
     #[arg(long, default_value_t = 3600)]
@@ -147,14 +151,23 @@ impl WebArgs {
 
     /// The auth switches in `env`, refused on a public host.
     fn switches(&self, env: &HashMap<String, String>) -> Result<Switches> {
+        let demo_payer = self
+            .demo_wallet_key_file
+            .as_ref()
+            .map(|f| {
+                unfed_chain::read_key_file(f)
+                    .with_context(|| format!("--demo-wallet-key-file {}", f.display()))
+                    .map(crate::voucher::Payer::wallet)
+            })
+            .transpose()?;
         let switches = Switches {
             dev_bypass: truthy(env, DEV_AUTH_BYPASS_ENV, false),
             demo: truthy(env, DEMO_AUTH_ENV, false),
-            demo_wallet: self
-                .demo_wallet
-                .as_deref()
-                .map(|w| address("--demo-wallet", w))
-                .transpose()?,
+            demo_wallet: match (&demo_payer, self.demo_wallet.as_deref()) {
+                (Some(p), _) => Some(p.client()),
+                (None, w) => w.map(|w| address("--demo-wallet", w)).transpose()?,
+            },
+            demo_payer,
         };
         if (switches.dev_bypass || switches.demo) && !is_loopback(&self.host) {
             bail!(

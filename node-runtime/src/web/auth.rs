@@ -53,10 +53,18 @@ struct Challenge {
     address: Address,
     message: String,
     expires: Instant,
+    /// With a chain: the message is a spending delegation to this fresh key, which then
+    /// signs the session's vouchers (the wallet signs once, at sign-in).
+    delegate: Option<(unfed_chain::PrivateKeySigner, unfed_chain::Delegation)>,
 }
+
+/// What a sign-in may delegate: chain id, escrow, and the spend cap of one session.
+pub type SpendTerms = (u64, Address, unfed_chain::U256);
 
 struct Session {
     address: Address,
+    /// Signs the session's spending vouchers; `None`: chats are not paid.
+    payer: Option<crate::voucher::Payer>,
     expires: Instant,
     /// Order of opening, to evict the oldest beyond MAX_SESSIONS.
     serial: u64,
@@ -93,8 +101,15 @@ impl Auth {
         }
     }
 
-    /// A challenge for `address` to sign: `(nonce, message)`.
-    pub fn challenge(&self, address: &str, site: &str) -> Result<(String, String), AuthError> {
+    /// A challenge for `address` to sign: `(nonce, message)`. With `spend`, the message
+    /// is a spending delegation (capped, expiring with the session) to a key the
+    /// dashboard holds for this session only.
+    pub fn challenge(
+        &self,
+        address: &str,
+        site: &str,
+        spend: Option<SpendTerms>,
+    ) -> Result<(String, String), AuthError> {
         let addr: Address = address
             .trim()
             .parse()
@@ -104,9 +119,26 @@ impl Auth {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let message = format!(
-            "Sign in to the UNFED dashboard at {site}\n\nWallet: {addr}\nNonce: {nonce}\nIssued at: {issued}\n\nSigning proves you hold this wallet; it costs nothing."
-        );
+        let mut delegate = None;
+        let message = match spend {
+            None => format!(
+                "Sign in to the UNFED dashboard at {site}\n\nWallet: {addr}\nNonce: {nonce}\nIssued at: {issued}\n\nSigning proves you hold this wallet; it costs nothing."
+            ),
+            Some((chain_id, escrow, cap)) => {
+                let key = unfed_chain::PrivateKeySigner::random();
+                let d = unfed_chain::Delegation {
+                    client: addr,
+                    delegate: key.address(),
+                    max_spend: cap,
+                    expiry: issued + self.session_ttl.as_secs(),
+                    nonce: format!("{nonce} (sign-in to the UNFED dashboard at {site})"),
+                    signature: Vec::new(),
+                };
+                let text = d.text(chain_id, escrow);
+                delegate = Some((key, d));
+                text
+            }
+        };
         let mut challenges = self.challenges.lock().expect("challenges poisoned");
         let now = Instant::now();
         challenges.retain(|_, c| c.expires > now);
@@ -121,6 +153,7 @@ impl Auth {
                 address: addr,
                 message: message.clone(),
                 expires: now + self.challenge_ttl,
+                delegate,
             },
         );
         Ok((nonce, message))
@@ -144,6 +177,7 @@ impl Auth {
         if c.expires <= Instant::now() {
             return Err(AuthError::ChallengeExpired);
         }
+        let mut payer = None;
         if let Some(signature) = signature {
             let signer = unfed_chain::recover_personal_signer(&c.message, signature)
                 .map_err(|e| AuthError::BadSignature(format!("{e:#}")))?;
@@ -153,12 +187,21 @@ impl Auth {
                     expected: c.address,
                 });
             }
+            payer = c.delegate.map(|(key, mut d)| {
+                d.signature =
+                    hex::decode(signature.trim().trim_start_matches("0x")).unwrap_or_default();
+                crate::voucher::Payer {
+                    signer: key,
+                    delegation: Some(d),
+                }
+            });
         }
-        Ok(self.open_session(c.address))
+        Ok(self.open_session(c.address, payer))
     }
 
-    /// A session for `address` (after a checked signature, or demo sign-in).
-    pub fn open_session(&self, address: Address) -> SignedIn {
+    /// A session for `address` (after a checked signature, or demo sign-in), paying
+    /// through `payer` when it can sign vouchers.
+    pub fn open_session(&self, address: Address, payer: Option<crate::voucher::Payer>) -> SignedIn {
         let token = random_hex();
         let mut sessions = self.sessions.lock().expect("sessions poisoned");
         let now = Instant::now();
@@ -176,6 +219,7 @@ impl Auth {
             token.clone(),
             Session {
                 address,
+                payer,
                 expires: now + self.session_ttl,
                 serial: self
                     .opened
@@ -199,6 +243,15 @@ impl Auth {
             Some(s) if s.expires > Instant::now() => Ok(s.address),
             _ => Err(AuthError::SessionExpired),
         }
+    }
+
+    /// Who signs the vouchers of `token`'s chats (`None`: they are not paid).
+    pub fn payer(&self, token: Option<&str>) -> Option<crate::voucher::Payer> {
+        let sessions = self.sessions.lock().expect("sessions poisoned");
+        let s = sessions.get(token?)?;
+        (s.expires > Instant::now())
+            .then(|| s.payer.clone())
+            .flatten()
     }
 
     /// Ends a session (sign out).
@@ -226,7 +279,7 @@ mod tests {
     fn a_signed_challenge_opens_a_session_once() {
         let auth = Auth::new(Duration::from_secs(60), Duration::from_secs(60));
         let me = wallet(1).address().to_string();
-        let (nonce, message) = auth.challenge(&me, "http://127.0.0.1:8080").unwrap();
+        let (nonce, message) = auth.challenge(&me, "http://127.0.0.1:8080", None).unwrap();
         assert!(message.contains(&me) && message.contains(&nonce));
         let signed = auth.verify(&nonce, &sign(1, &message)).unwrap();
         assert_eq!(signed.address.to_string(), me);
@@ -246,23 +299,23 @@ mod tests {
     #[test]
     fn every_refusal_has_its_reason() {
         let auth = Auth::new(Duration::from_secs(60), Duration::from_secs(60));
-        let err = auth.challenge("0x12", "site").unwrap_err();
+        let err = auth.challenge("0x12", "site", None).unwrap_err();
         assert_eq!(
             (err.http_status(), &err),
             (400, &AuthError::BadAddress("0x12".into()))
         );
         let me = wallet(1).address().to_string();
         // Another wallet signs my challenge.
-        let (nonce, message) = auth.challenge(&me, "site").unwrap();
+        let (nonce, message) = auth.challenge(&me, "site", None).unwrap();
         let err = auth.verify(&nonce, &sign(2, &message)).unwrap_err();
         assert!(matches!(err, AuthError::WrongSigner { .. }), "{err}");
         assert_eq!(err.http_status(), 401);
         // A signature of another message.
-        let (nonce, _) = auth.challenge(&me, "site").unwrap();
+        let (nonce, _) = auth.challenge(&me, "site", None).unwrap();
         let err = auth.verify(&nonce, &sign(1, "something else")).unwrap_err();
         assert!(matches!(err, AuthError::WrongSigner { .. }), "{err}");
         // Garbage.
-        let (nonce, _) = auth.challenge(&me, "site").unwrap();
+        let (nonce, _) = auth.challenge(&me, "site", None).unwrap();
         assert!(matches!(
             auth.verify(&nonce, "0xzz"),
             Err(AuthError::BadSignature(_))
@@ -275,13 +328,13 @@ mod tests {
     fn challenges_and_sessions_expire() {
         let auth = Auth::new(Duration::ZERO, Duration::ZERO);
         let me = wallet(1).address().to_string();
-        let (nonce, message) = auth.challenge(&me, "site").unwrap();
+        let (nonce, message) = auth.challenge(&me, "site", None).unwrap();
         assert_eq!(
             auth.verify(&nonce, &sign(1, &message)),
             Err(AuthError::ChallengeExpired)
         );
         let auth = Auth::new(Duration::from_secs(60), Duration::ZERO);
-        let (nonce, message) = auth.challenge(&me, "site").unwrap();
+        let (nonce, message) = auth.challenge(&me, "site", None).unwrap();
         let signed = auth.verify(&nonce, &sign(1, &message)).unwrap();
         assert_eq!(
             auth.session(Some(&signed.token)),
@@ -294,9 +347,9 @@ mod tests {
         let me = wallet(1).address().to_string();
         let auth = Auth::new(Duration::from_secs(60), Duration::from_secs(60));
         for _ in 0..MAX_CHALLENGES {
-            auth.challenge(&me, "site").unwrap();
+            auth.challenge(&me, "site", None).unwrap();
         }
-        let err = auth.challenge(&me, "site").unwrap_err();
+        let err = auth.challenge(&me, "site", None).unwrap_err();
         assert_eq!(
             (err.http_status(), &err),
             (429, &AuthError::TooManyChallenges)
@@ -306,14 +359,14 @@ mod tests {
         let auth = Auth::new(Duration::from_secs(60), Duration::from_secs(60));
         let mut last = String::new();
         for _ in 0..MAX_CHALLENGES {
-            last = auth.challenge(&me, "site").unwrap().0;
+            last = auth.challenge(&me, "site", None).unwrap().0;
         }
         let _ = auth.verify(&last, "0x00");
-        assert!(auth.challenge(&me, "site").is_ok());
+        assert!(auth.challenge(&me, "site", None).is_ok());
         // Expired challenges do not count: they are swept on the next insert.
         let expiring = Auth::new(Duration::ZERO, Duration::from_secs(60));
         for _ in 0..MAX_CHALLENGES + 10 {
-            expiring.challenge(&me, "site").unwrap();
+            expiring.challenge(&me, "site", None).unwrap();
         }
         assert_eq!(expiring.challenges.lock().unwrap().len(), 1);
     }
@@ -322,16 +375,16 @@ mod tests {
     fn sessions_beyond_the_cap_evict_the_oldest() {
         let who = wallet(1).address();
         let auth = Auth::new(Duration::from_secs(60), Duration::from_secs(60));
-        let first = auth.open_session(who).token;
-        let second = auth.open_session(who).token;
+        let first = auth.open_session(who, None).token;
+        let second = auth.open_session(who, None).token;
         for _ in 2..MAX_SESSIONS {
-            auth.open_session(who);
+            auth.open_session(who, None);
         }
         assert!(
             auth.session(Some(&first)).is_ok(),
             "at the cap, nothing is evicted"
         );
-        let newest = auth.open_session(who).token;
+        let newest = auth.open_session(who, None).token;
         assert_eq!(auth.sessions.lock().unwrap().len(), MAX_SESSIONS);
         assert_eq!(auth.session(Some(&first)), Err(AuthError::SessionExpired));
         assert!(auth.session(Some(&second)).is_ok());
@@ -339,8 +392,39 @@ mod tests {
         // Expired sessions are swept on insert, not evicted in place of live ones.
         let expiring = Auth::new(Duration::from_secs(60), Duration::ZERO);
         for _ in 0..MAX_SESSIONS + 10 {
-            expiring.open_session(who);
+            expiring.open_session(who, None);
         }
         assert_eq!(expiring.sessions.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_sign_in_with_a_chain_delegates_voucher_signing_within_its_cap() {
+        let auth = Auth::new(Duration::from_secs(60), Duration::from_secs(60));
+        let me = wallet(1).address().to_string();
+        let escrow = Address::repeat_byte(0xee);
+        let cap = unfed_chain::U256::from(5000);
+        let (nonce, message) = auth
+            .challenge(&me, "site", Some((31337, escrow, cap)))
+            .unwrap();
+        assert!(message.starts_with("UNFED spending delegation"));
+        let signed = auth.verify(&nonce, &sign(1, &message)).unwrap();
+        let payer = auth.payer(Some(&signed.token)).expect("a paying session");
+        assert_eq!(payer.client(), wallet(1).address());
+        let terms = crate::voucher::Terms {
+            chain_id: 31337,
+            escrow,
+            prices: crate::daemon::Prices {
+                input: unfed_chain::U256::from(1),
+                output: unfed_chain::U256::from(1),
+            },
+        };
+        let (v, _) = payer
+            .issue(&terms, ("m", "s"), vec!["n".into()], (10, 10))
+            .unwrap();
+        crate::voucher::from_proto(&v).unwrap().verify().unwrap();
+        // A sign-in without chain terms proves the wallet but pays nothing.
+        let (nonce, message) = auth.challenge(&me, "site", None).unwrap();
+        let plain = auth.verify(&nonce, &sign(1, &message)).unwrap();
+        assert!(auth.payer(Some(&plain.token)).is_none());
     }
 }

@@ -222,12 +222,13 @@ async fn prepare(
             .client_balance(&c.deployment, who)
             .await
             .map_err(|e| ApiError::upstream(e.into()))?;
-        let needed = s.prices.cost(ids.len() as u64, 1);
+        // The whole chat's cap, as the voucher will state it.
+        let needed = s.prices.cost(ids.len() as u64, body.max_tokens as u64);
         if deposit < needed {
             return Err(ApiError::new(
                 402,
                 format!(
-                    "the chat deposit of {who} is {}, less than this prompt costs ({}); top it up (the faucet, or depositFor on the escrow)",
+                    "the chat deposit of {who} is {}, less than this chat may cost ({}: the prompt and up to max_tokens); top it up (the faucet, or depositFor on the escrow) or lower max_tokens",
                     unfed_chain::format_amount(deposit),
                     unfed_chain::format_amount(needed)
                 ),
@@ -243,7 +244,11 @@ async fn prepare(
             repetition_penalty: body.repetition_penalty,
             seed: body.seed,
         },
-        client: payer.map(|a| a.to_string()).unwrap_or_default(),
+        payer: match s.auth.session(session) {
+            Ok(_) => s.auth.payer(session),
+            // Chat without sign-in in demo mode: as the demo wallet.
+            Err(_) => s.switches.demo_payer.clone(),
+        },
         decode_client_sample: s.decode_client_sample,
         ..Default::default()
     };
@@ -332,7 +337,7 @@ pub async fn chat(
             |_| {},
         )
         .await
-        .map_err(|e| ApiError::new(502, format!("{e:#}")))?;
+        .map_err(ApiError::generation)?;
     Ok(Json(summary(&s, &p, &out).await))
 }
 
@@ -453,7 +458,7 @@ async fn stream_chat(s: &WebState, socket: &mut WebSocket, mut p: Prepared) -> b
             let p = Prepared { client, ..p };
             json!({ "type": "done", "summary": summary(s, &p, &out).await })
         }
-        Err(e) => ws_error(ApiError::new(502, format!("{e:#}"))),
+        Err(e) => ws_error(ApiError::generation(e)),
     };
     send(socket, done).await
 }

@@ -37,6 +37,8 @@ pub struct Switches {
     /// UNFED_DEMO_AUTH: a one-click session as `demo_wallet`, and chat without sign-in.
     pub demo: bool,
     pub demo_wallet: Option<Address>,
+    /// Signs the demo sessions' spending vouchers (`None`: demo chats are unpaid).
+    pub demo_payer: Option<crate::voucher::Payer>,
 }
 
 pub struct WebState {
@@ -91,6 +93,18 @@ impl ApiError {
     /// A service the dashboard depends on (registry, daemon, chain) failed.
     pub fn upstream(e: anyhow::Error) -> Self {
         Self::new(502, format!("{e:#}"))
+    }
+
+    /// A failed generation: 402 when the daemon refused the voucher for the deposit,
+    /// else a node's failure (502).
+    pub fn generation(e: anyhow::Error) -> Self {
+        let text = format!("{e:#}");
+        let status = if text.contains("insufficient deposit") {
+            402
+        } else {
+            502
+        };
+        Self::new(status, text)
     }
 }
 

@@ -34,11 +34,24 @@ fn signed_in(s: SignedIn) -> Json<Value> {
     }))
 }
 
+/// What one signed-in session may spend: the cap of the delegation signed at sign-in.
+const SESSION_SPEND_CAP: u64 = 100;
+
 pub async fn challenge(
     State(s): State<Arc<WebState>>,
     Json(body): Json<AddressBody>,
 ) -> ApiResult<Value> {
-    let (nonce, message) = s.auth.challenge(&body.address, &s.site)?;
+    // With a chain, signing in delegates voucher signing to the dashboard for the session.
+    let spend = match &s.chain {
+        Some(c) => {
+            let chain_id = c.reader.chain_id().await.map_err(ApiError::upstream)?;
+            let cap = unfed_chain::U256::from(SESSION_SPEND_CAP)
+                * unfed_chain::U256::from(10u64).pow(unfed_chain::U256::from(18));
+            Some((chain_id, c.deployment.escrow, cap))
+        }
+        None => None,
+    };
+    let (nonce, message) = s.auth.challenge(&body.address, &s.site, spend)?;
     Ok(Json(json!({ "nonce": nonce, "message": message })))
 }
 
@@ -64,7 +77,9 @@ pub async fn demo(State(s): State<Arc<WebState>>) -> ApiResult<Value> {
             "demo sign-in has no wallet: start the dashboard with --demo-wallet",
         )
     })?;
-    Ok(signed_in(s.auth.open_session(wallet)))
+    Ok(signed_in(
+        s.auth.open_session(wallet, s.switches.demo_payer.clone()),
+    ))
 }
 
 pub async fn session(State(s): State<Arc<WebState>>, headers: HeaderMap) -> ApiResult<Value> {

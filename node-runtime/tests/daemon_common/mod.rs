@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
@@ -22,6 +23,47 @@ pub fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
+/// The chain id and escrow of a daemon without a chain (`daemon_args` names them).
+pub const CHAIN_ID: u64 = 31337;
+pub const ESCROW: &str = "0xeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee";
+
+/// Terms at the default prices on `escrow`.
+pub fn terms(escrow: &str) -> unfed_node::voucher::Terms {
+    unfed_node::voucher::Terms {
+        chain_id: CHAIN_ID,
+        escrow: escrow.parse().unwrap(),
+        prices: unfed_node::daemon::Prices::default(),
+    }
+}
+
+/// Every voucher a test signed, by digest: `submit` attaches the ones its shares name,
+/// as a node's share sink does.
+static VOUCHERS: Mutex<Option<HashMap<Vec<u8>, SpendingVoucher>>> = Mutex::new(None);
+
+fn remember(v: &SpendingVoucher) -> Vec<u8> {
+    let d = unfed_node::voucher::digest(v).unwrap().to_vec();
+    VOUCHERS
+        .lock()
+        .unwrap()
+        .get_or_insert_default()
+        .insert(d.clone(), v.clone());
+    d
+}
+
+/// A voucher of `payer` for `session` over `route`, remembered for `submit`.
+pub fn voucher(
+    payer: &unfed_node::voucher::Payer,
+    terms: &unfed_node::voucher::Terms,
+    session: &str,
+    route: &[&str],
+    caps: (u32, u32),
+) -> SpendingVoucher {
+    let route = route.iter().map(|r| r.to_string()).collect();
+    let (v, _) = payer.issue(terms, ("m", session), route, caps).unwrap();
+    remember(&v);
+    v
+}
+
 /// A fake compute node: its share key, registered with the registry, and the
 /// per-session link state a real node keeps.
 pub struct Signer {
@@ -29,8 +71,11 @@ pub struct Signer {
     pub key: SigningKey,
     pub prev: HashMap<String, (Vec<u8>, u32)>,
     pub nonce: u64,
-    /// Copied into every share (empty: the daemon's default client).
-    pub client: String,
+    /// Pays for the sessions this node serves without a voucher set by `bill`.
+    pub payer: unfed_node::voucher::Payer,
+    pub terms: unfed_node::voucher::Terms,
+    /// Session → the voucher its shares name.
+    pub vouchers: HashMap<String, SpendingVoucher>,
     pub shard_index: u32,
     pub shards_total: u32,
 }
@@ -75,14 +120,47 @@ impl Signer {
             .into_inner();
         assert!(r.accepted, "{r:?}");
         Signer {
-            node: node.into(),
             key,
+            shards_total,
+            ..Self::unregistered(node)
+        }
+    }
+
+    /// A node the registry does not know (its shares name an unknown key).
+    pub fn unregistered(node: &str) -> Signer {
+        Signer {
+            node: node.into(),
+            key: shares::generate_key(),
             prev: HashMap::new(),
             nonce: 0,
-            client: String::new(),
+            payer: unfed_node::voucher::Payer::wallet(unfed_chain::dev_signer(9).unwrap()),
+            terms: terms(ESCROW),
+            vouchers: HashMap::new(),
             shard_index: 0,
-            shards_total,
+            shards_total: 1,
         }
+    }
+
+    /// Bills `session` under `v` from now on.
+    pub fn bill(&mut self, session: &str, v: &SpendingVoucher) {
+        self.vouchers.insert(session.into(), v.clone());
+    }
+
+    /// The session's voucher: the one set by `bill`, else one of `payer` naming only
+    /// this node, with room for 1000 steps.
+    fn voucher_of(&mut self, session: &str) -> SpendingVoucher {
+        if let Some(v) = self.vouchers.get(session) {
+            return v.clone();
+        }
+        let v = voucher(
+            &self.payer,
+            &self.terms,
+            session,
+            &[&self.node],
+            (1000, 1000),
+        );
+        self.vouchers.insert(session.into(), v.clone());
+        v
     }
 
     /// The next share of `session` (step after the previous one), signed, linked.
@@ -92,6 +170,7 @@ impl Signer {
             None => (Vec::new(), 0),
         };
         self.nonce += 1;
+        let v = self.voucher_of(session);
         let mut sh = ComputeShare {
             node_id: self.node.clone(),
             model: "m".into(),
@@ -106,8 +185,9 @@ impl Signer {
             nonce: self.nonce,
             prev_share_hash: prev,
             chain_tip: shares::GENESIS.to_vec(),
-            client: self.client.clone(),
+            client: v.client.clone(),
             signature: Vec::new(),
+            voucher: remember(&v),
         };
         shares::sign(&self.key, &mut sh);
         self.prev
@@ -154,6 +234,15 @@ pub fn daemon_args(net: &Net, db: &std::path::Path, port: &str, extra: &[&str]) 
         s("--heartbeat-secs"),
         s("1"),
     ];
+    // Without a chain, the daemon takes vouchers for the harness's escrow.
+    if !extra.contains(&"--chain-rpc") {
+        a.extend([
+            s("--chain-id"),
+            CHAIN_ID.to_string(),
+            s("--escrow"),
+            s(ESCROW),
+        ]);
+    }
     a.extend(extra.iter().map(|x| x.to_string()));
     a
 }
@@ -162,14 +251,30 @@ pub async fn daemon(addr: &str) -> Daemon {
     DaemonClient::new(crate::common::net::channel(addr).await)
 }
 
+/// The vouchers `shares` name, each once.
+pub fn vouchers_of(shares: &[ComputeShare]) -> Vec<SpendingVoucher> {
+    let known = VOUCHERS.lock().unwrap().clone().unwrap_or_default();
+    let mut vouchers: Vec<SpendingVoucher> = Vec::new();
+    for sh in shares {
+        if let Some(v) = known.get(&sh.voucher)
+            && !vouchers.contains(v)
+        {
+            vouchers.push(v.clone());
+        }
+    }
+    vouchers
+}
+
 pub async fn submit(
     d: &mut Daemon,
     submitter: &str,
     shares: Vec<ComputeShare>,
 ) -> Vec<ShareResult> {
+    let vouchers = vouchers_of(&shares);
     d.submit_shares(SubmitSharesRequest {
         submitter: submitter.into(),
         shares,
+        vouchers,
     })
     .await
     .unwrap()
