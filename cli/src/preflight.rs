@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use crate::plan::LaunchPlan;
-use crate::spec::{ChainMode, LoadedSpec};
+use crate::spec::LoadedSpec;
 
 /// Dashboard switches the web checks read: the dashboard's own names and parsing.
 pub use unfed_node::web::args::{

@@ -37,6 +37,19 @@ fn readable_key(net: &Net) -> String {
     key.display().to_string()
 }
 
+/// The built-in model (written under `work`) split in two into `shards`.
+fn split_tiny(work: &std::path::Path, shards: &std::path::Path) {
+    let src = work.join("tiny-src");
+    unfed_model::builtin::write_tiny(&src).unwrap();
+    let options = unfed_model::split::SplitOptions {
+        text_shards: 2,
+        vision_shards: None,
+        model_id: None,
+        progress: false,
+    };
+    unfed_model::split::split(&src, shards, &options).unwrap();
+}
+
 #[test]
 fn the_default_shape_is_go() {
     let net = Net::new("");
@@ -116,16 +129,8 @@ fn a_readable_operator_key_fails() {
 #[test]
 fn a_damaged_cached_split_fails_verification() {
     let net = Net::new("[web]\nenabled = false\n");
-    let src = net.dir.path().join("tiny-src");
-    unfed_model::builtin::write_tiny(&src).unwrap();
     let shards = net.run_dir().join("shards");
-    let options = unfed_model::split::SplitOptions {
-        text_shards: 2,
-        vision_shards: None,
-        model_id: None,
-        progress: false,
-    };
-    unfed_model::split::split(&src, &shards, &options).unwrap();
+    split_tiny(net.dir.path(), &shards);
     std::fs::write(shards.join("text_shard_1.safetensors"), b"damaged").unwrap();
     no_go(&preflight_spec(&net), "verifies: ");
 }
@@ -159,16 +164,8 @@ fn runtime_checks_fail_without_a_registry_or_a_ready_model() {
 
     // A registry serving the split, with no compute node: the model is INCOMPLETE.
     let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("tiny-src");
-    unfed_model::builtin::write_tiny(&src).unwrap();
     let shards = dir.path().join("shards");
-    let options = unfed_model::split::SplitOptions {
-        text_shards: 2,
-        vision_shards: None,
-        model_id: None,
-        progress: false,
-    };
-    unfed_model::split::split(&src, &shards, &options).unwrap();
+    split_tiny(dir.path(), &shards);
     let mut registry = unfedctl()
         .args(["node", "registry", "--port", "0", "--shards-dir"])
         .arg(&shards)

@@ -37,7 +37,10 @@ fn words(line: &str) -> Vec<String> {
                 }
                 any = false;
             }
-            c => (word.push(c), any = true).0,
+            c => {
+                word.push(c);
+                any = true;
+            }
         }
     }
     if any {

@@ -190,18 +190,23 @@ fn a_taken_port_is_a_no_go_naming_the_port() {
     );
 }
 
-#[test]
-fn ctrl_c_in_the_foreground_stops_every_process() {
-    let net = testnet("");
-    let spec = net.spec.as_path();
-    let mut child = unfedctl()
+/// `unfedctl up` in the foreground, its output piped.
+fn foreground_up(spec: &std::path::Path) -> std::process::Child {
+    unfedctl()
         .arg("up")
         .arg(spec)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn ctrl_c_in_the_foreground_stops_every_process() {
+    let net = testnet("");
+    let spec = net.spec.as_path();
+    let mut child = foreground_up(spec);
     let state_file = spec.parent().unwrap().join(".unfed/net/state.json");
     // Wait until some processes have started, then interrupt mid-way or once up.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -389,14 +394,7 @@ fn web_tls_serves_the_dashboard_over_https_from_the_testnet_ca() {
 fn down_stops_a_foreground_up_without_it_reporting_a_crash() {
     let net = testnet("");
     let spec = net.spec.as_path();
-    let mut child = unfedctl()
-        .arg("up")
-        .arg(spec)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = foreground_up(spec);
     // Read stdout until the foreground loop runs, then keep the rest.
     use std::io::BufRead;
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();

@@ -196,9 +196,12 @@ pub async fn up(loaded: LoadedSpec, plan: LaunchPlan, opts: UpOptions) -> anyhow
         return Ok(ExitCode::SUCCESS);
     }
     println!("\nrunning in the foreground; Ctrl-C (or `unfedctl down`) stops everything");
+    // Listening from here on, so a signal between two polls is not missed.
+    let stop = stop_requested();
+    tokio::pin!(stop);
     let why = loop {
         tokio::select! {
-            _ = stop_requested() => break None,
+            _ = &mut stop => break None,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
                 if let Some(exited) = exited(&ctx) {
                     break Some(exited);
