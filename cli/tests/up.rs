@@ -54,6 +54,18 @@ fn port_free(port: u16) -> bool {
     std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
 
+/// `up --detach`, which must succeed; its output.
+fn up_detached(spec: &std::path::Path) -> std::process::Output {
+    let out = run(unfedctl().arg("up").arg(spec).arg("--detach"));
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    out
+}
+
 #[test]
 fn up_detach_then_status_then_down_leaves_nothing_running() {
     let net = testnet("");
@@ -283,13 +295,7 @@ fn a_vision_language_model_gets_its_vision_shard_after_the_text_shards() {
         fixture.display()
     ));
     let spec = net.spec.as_path();
-    let out = run(unfedctl().arg("up").arg(spec).arg("--detach"));
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    let out = up_detached(spec);
     assert!(text(&out.stdout).contains("model      idefics3-f32 (READY)"));
     let st = state(spec);
     let names: Vec<&str> = st["processes"]
@@ -321,13 +327,7 @@ fn a_vision_language_model_gets_its_vision_shard_after_the_text_shards() {
 fn without_a_chain_everything_runs_unstaked() {
     let net = testnet("[chain]\nmode = \"none\"\n");
     let spec = net.spec.as_path();
-    let out = run(unfedctl().arg("up").arg(spec).arg("--detach"));
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    up_detached(spec);
     let st = state(spec);
     let names: Vec<&str> = st["processes"]
         .as_array()
@@ -356,13 +356,7 @@ fn web_tls_serves_the_dashboard_over_https_from_the_testnet_ca() {
         "[chain]\nmode = \"none\"\n[daemon]\nenabled = false\n[web]\ntls = true\nhost = \"0.0.0.0\"\n",
     );
     let spec = net.spec.as_path();
-    let out = run(unfedctl().arg("up").arg(spec).arg("--detach"));
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    let out = up_detached(spec);
     assert!(
         text(&out.stdout).contains("dashboard  https://127.0.0.1:"),
         "{}",
@@ -461,8 +455,7 @@ fn ignore_eos_generates_exactly_max_tokens_in_chat_and_bench() {
         model.path().display()
     ));
     let spec = net.spec.as_path();
-    let out = run(unfedctl().arg("up").arg(spec).arg("--detach"));
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    up_detached(spec);
     let chat = |extra: &[&str]| -> Value {
         let out = run(unfedctl()
             .arg("chat")
@@ -508,28 +501,25 @@ fn a_vision_checkpoint_saved_by_transformers_5_chats_like_transformers() {
     let fixtures = std::fs::canonicalize("../tests/fixtures").unwrap();
     let model = fixtures.join("models/idefics3-tf5");
     assert!(!model.join("preprocessor_config.json").exists());
-    let reference: Value = serde_json::from_slice(
-        &std::fs::read(fixtures.join("vision/reference-tf5.json")).unwrap(),
-    )
-    .unwrap();
+    let reference: Value =
+        serde_json::from_slice(&std::fs::read(fixtures.join("vision/reference-tf5.json")).unwrap())
+            .unwrap();
     let net = testnet(&format!(
         "[chain]\nmode = \"none\"\n[model]\npath = \"{}\"\ntext_shards = 2\nvision_shards = 1\n",
         model.display()
     ));
     let spec = net.spec.as_path();
-    let out = run(unfedctl().arg("up").arg(spec).arg("--detach"));
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    up_detached(spec);
     let want = reference["generated_ids"].as_array().unwrap();
     let chat = run(unfedctl()
         .arg("chat")
         .arg(spec)
         .arg("--image")
-        .arg(fixtures.join("vision").join(reference["image"].as_str().unwrap()))
+        .arg(
+            fixtures
+                .join("vision")
+                .join(reference["image"].as_str().unwrap()),
+        )
         .args(["--prompt", reference["prompt"].as_str().unwrap()])
         .args(["--max-tokens", &want.len().to_string(), "--json"]));
     assert!(chat.status.success(), "{}", text(&chat.stderr));
