@@ -20,6 +20,38 @@ pub const ANVIL_NPM_PACKAGE: &str = "@foundry-rs/anvil-linux-amd64";
 pub const ANVIL_NPM_VERSION: &str = "1.7.1";
 /// Overrides binary discovery with an explicit path.
 pub const ANVIL_BIN_ENV: &str = "UNFED_ANVIL_BIN";
+/// Anvil's default chain id: with a loopback RPC, a chain whose keys are the public dev
+/// mnemonic's.
+pub const ANVIL_CHAIN_ID: u64 = 31337;
+
+/// `rpc` is a local Anvil: a loopback URL serving chain 31337. Err says what it is instead.
+pub async fn ensure_local(rpc: &str) -> anyhow::Result<()> {
+    let authority = rpc
+        .split("://")
+        .nth(1)
+        .unwrap_or(rpc)
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let host = match authority.rsplit_once(':') {
+        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => authority,
+    };
+    let local = matches!(host, "127.0.0.1" | "localhost" | "[::1]");
+    if !local {
+        bail!("{rpc} is on {host}, not loopback: not a local Anvil");
+    }
+    // Only reads the chain id: any key will do.
+    let chain = crate::Chain::connect(rpc, crate::keys::dev_signer(0)?)?;
+    let id = chain
+        .chain_id()
+        .await
+        .with_context(|| format!("asking {rpc} for its chain id"))?;
+    if id != ANVIL_CHAIN_ID {
+        bail!("{rpc} is chain {id}, not a local Anvil ({ANVIL_CHAIN_ID})");
+    }
+    Ok(())
+}
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_GRACE: Duration = Duration::from_secs(5);

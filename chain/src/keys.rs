@@ -28,6 +28,15 @@ pub fn dev_signer(index: u32) -> anyhow::Result<PrivateKeySigner> {
         .with_context(|| format!("deriving dev wallet #{index} from the Anvil mnemonic"))
 }
 
+/// The dev wallet a local testnet funds and deposits for as its client (`unfedctl up`
+/// bills chats to it; the dashboard on a local Anvil offers one-click sign-in as it).
+pub const DEV_CLIENT_INDEX: u32 = 1;
+
+/// The testnet's dev client wallet (a public key: local Anvil only).
+pub fn dev_client_signer() -> anyhow::Result<PrivateKeySigner> {
+    dev_signer(DEV_CLIENT_INDEX)
+}
+
 /// Parses a hex private key (with or without `0x`, surrounding whitespace ignored).
 /// The error never echoes the key.
 pub fn parse_private_key(text: &str) -> anyhow::Result<PrivateKeySigner> {

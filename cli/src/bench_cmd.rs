@@ -25,6 +25,10 @@ pub struct BenchArgs {
     pub prompt_tokens: usize,
     #[arg(long, default_value_t = 64)]
     pub tokens: usize,
+    /// Decode exactly --tokens every run, past any EOS (else a run ends at EOS, in the
+    /// network and the single process alike).
+    #[arg(long)]
+    pub ignore_eos: bool,
     /// Measured runs (after one warm-up); the median is reported.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
@@ -58,6 +62,11 @@ fn decode_rate(r: &Run) -> f64 {
     } else {
         0.0
     }
+}
+
+/// Tokens the last run generated (fewer than --tokens when it ended at EOS).
+fn generated(runs: &[Run]) -> Option<usize> {
+    runs.last().map(|r| r.2 + 1)
 }
 
 fn summarize(runs: &[Run], prompt: usize) -> Speed {
@@ -184,7 +193,7 @@ async fn measure(
         );
     }
     let vocab = manifest.config.text.vocab_size as u32;
-    // Deterministic prompt ids; EOS is ignored so every run decodes the same count.
+    // Deterministic prompt ids.
     let prompt: Vec<u32> = (0..a.prompt_tokens as u32)
         .map(|i| (i * 7919 + 13) % vocab.max(2))
         .collect();
@@ -192,15 +201,15 @@ async fn measure(
     let local = std::sync::Arc::new(local);
     let opts = GenerateOptions {
         max_tokens: a.tokens,
-        stop_on_eos: false,
+        stop_on_eos: !a.ignore_eos,
         ..Default::default()
     };
     // Single-process and network runs alternate within each round.
     let mut single = Vec::new();
     for i in 0..=runs {
-        let (m, p, n) = (local.clone(), prompt.clone(), a.tokens);
+        let (m, p, n, stop) = (local.clone(), prompt.clone(), a.tokens, opts.stop_on_eos);
         let g = tokio::task::spawn_blocking(move || {
-            unfed_node::engine::generate::generate(&m, &p, n, SamplingConfig::default(), false)
+            unfed_node::engine::generate::generate(&m, &p, n, SamplingConfig::default(), stop)
         })
         .await??;
         if i > 0 {
@@ -244,6 +253,7 @@ async fn measure(
             .map(|n| {
                 json!({
                     "label": n.label,
+                    "generated_tokens": generated(&n.runs),
                     "speed": summarize(&n.runs, prompt.len()),
                     "decode_ratio": paired_ratio(&n.runs, &single),
                     "per_hop_overhead_ms": n.overhead.0,
@@ -254,6 +264,7 @@ async fn measure(
         let v = json!({
             "model": model, "shards": status.text_shards_total, "prompt_tokens": prompt.len(),
             "tokens": a.tokens, "runs": runs, "single_process": s,
+            "single_process_generated_tokens": generated(&single),
             "network": summarize(&networks[0].runs, prompt.len()),
             "decode_ratio": paired_ratio(&networks[0].runs, &single),
             "per_hop_overhead_ms": networks[0].overhead.0,
@@ -265,9 +276,10 @@ async fn measure(
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "model {model}: {} shard(s), prompt {} tokens, {} generated, median of {runs} run(s)",
+        "model {model}: {} shard(s), prompt {} tokens, {} generated (of --tokens {}), median of {runs} run(s)",
         status.text_shards_total,
         prompt.len(),
+        generated(&networks[0].runs).unwrap_or(0),
         a.tokens
     );
     println!(

@@ -54,8 +54,14 @@ pub struct ChatArgs {
     pub target: Target,
     #[arg(long)]
     pub prompt: Option<String>,
-    #[arg(long, default_value_t = 128)]
-    pub max_tokens: usize,
+    /// Tokens to generate at most (default: 128; 8 on the built-in model, which rarely
+    /// ends by itself).
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+    /// Generate exactly --max-tokens tokens, past any EOS (fixed-length references and
+    /// benchmarks).
+    #[arg(long)]
+    pub ignore_eos: bool,
     /// 0 = greedy.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
@@ -230,7 +236,8 @@ async fn chat(a: ChatArgs) -> Result<ExitCode> {
     let (_, files) = client.manifest(&model).await?;
     let codec = TextCodec::from_manifest_files(&files, &model)?;
     let opts = GenerateOptions {
-        max_tokens: a.max_tokens,
+        max_tokens: a.max_tokens.unwrap_or_else(|| default_max_tokens(&model)),
+        stop_on_eos: !a.ignore_eos,
         sampling: SamplingParams {
             temperature: a.temperature,
             top_p: a.top_p,
@@ -297,6 +304,18 @@ async fn chat(a: ChatArgs) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// `chat`'s length without --max-tokens. The built-in model's head follows bigram
+/// statistics, so greedy decoding cycles instead of reaching EOS: one line's worth of it.
+fn default_max_tokens(model: &str) -> usize {
+    if model == unfed_model::builtin::TINY_ID {
+        BUILTIN_MAX_TOKENS
+    } else {
+        128
+    }
+}
+
+pub const BUILTIN_MAX_TOKENS: usize = 8;
 
 /// One user message of a chat.
 struct Turn<'a> {

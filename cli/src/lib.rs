@@ -7,6 +7,7 @@ pub mod client_cmd;
 pub mod init;
 pub mod launch;
 pub mod model_cmd;
+pub mod model_source;
 pub mod plan;
 pub mod preflight;
 pub mod spec;

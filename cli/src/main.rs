@@ -137,10 +137,14 @@ enum PreflightCommand {
         #[arg(long)]
         allow_insecure_public: bool,
     },
-    /// The dashboard's safe defaults (auth bypasses off, faucet guarded, loopback bind).
+    /// The dashboard's safe defaults (auth bypasses off, faucet guarded, loopback bind),
+    /// and whether it offers one-click sign-in as the testnet's dev client wallet.
     Web {
         #[arg(long, default_value = "127.0.0.1")]
         host: String,
+        /// The chain the dashboard reads (dev-wallet sign-in needs a local Anvil).
+        #[arg(long)]
+        chain_rpc: Option<String>,
     },
     /// Checks against a running testnet: registry answers, model READY.
     Runtime {
@@ -160,11 +164,7 @@ enum PreflightCommand {
 
 fn run_preflight(cmd: PreflightCommand) -> anyhow::Result<ExitCode> {
     let checks = match cmd {
-        PreflightCommand::Spec { spec } => {
-            let loaded = spec::load(spec.as_deref())?;
-            let plan = plan::LaunchPlan::build(&loaded, plan::model_facts(&loaded))?;
-            preflight::spec_checks(&loaded, &plan, true)
-        }
+        PreflightCommand::Spec { spec } => preflight::spec_file_checks(spec.as_deref()),
         PreflightCommand::Node {
             advertise,
             tls_cert,
@@ -182,7 +182,14 @@ fn run_preflight(cmd: PreflightCommand) -> anyhow::Result<ExitCode> {
             connect,
             allow_insecure_public,
         )),
-        PreflightCommand::Web { host } => preflight::web_checks(&host, &std::env::vars().collect()),
+        PreflightCommand::Web { host, chain_rpc } => {
+            let offer = runtime()?.block_on(unfed_node::web::dev_wallet::offer(
+                &host,
+                chain_rpc.as_deref(),
+            ));
+            println!("{}", preflight::dev_wallet_line(&offer));
+            preflight::web_checks(&host, &std::env::vars().collect())
+        }
         PreflightCommand::Runtime {
             registry,
             model,

@@ -164,7 +164,7 @@ fn privacy_statement(
 
 /// Wallet indices: 0 operator, 1 client, then staked nodes in start order.
 const OPERATOR_WALLET: usize = 0;
-const CLIENT_WALLET: usize = 1;
+const CLIENT_WALLET: usize = unfed_chain::keys::DEV_CLIENT_INDEX as usize;
 const FIRST_NODE_WALLET: usize = 2;
 
 const READY_PROCESS: &str = "process alive and health call answers";

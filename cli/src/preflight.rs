@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use crate::plan::LaunchPlan;
-use crate::spec::{ChainMode, LoadedSpec};
+use crate::spec::LoadedSpec;
 
 /// Dashboard switches the web checks read: the dashboard's own names and parsing.
 pub use unfed_node::web::args::{
@@ -53,14 +53,44 @@ pub fn failures(checks: &[Check]) -> usize {
     checks.iter().filter(|c| c.result.is_err()).count()
 }
 
+/// `preflight spec`: the spec loads and plans (each problem named), then the static checks
+/// of its plan.
+pub fn spec_file_checks(path: Option<&Path>) -> Vec<Check> {
+    let name = path.map_or("(embedded default)".to_string(), |p| {
+        p.display().to_string()
+    });
+    let loaded = crate::spec::load(path).map_err(anyhow::Error::from);
+    let planned = loaded.and_then(|loaded| {
+        let plan = LaunchPlan::build(&loaded, crate::plan::model_facts(&loaded))?;
+        Ok((loaded, plan))
+    });
+    match planned {
+        Ok((loaded, plan)) => {
+            let mut checks = vec![Check::new(format!("spec {name} is valid"), Ok(()))];
+            checks.extend(spec_checks(&loaded, &plan, true));
+            checks
+        }
+        Err(e) => vec![Check::new(
+            format!("spec {name} is valid"),
+            Err(format!(
+                "{e}\nfix these in the spec; `unfedctl init` writes one with every key explained"
+            )),
+        )],
+    }
+}
+
 /// Static checks of a spec's plan, before anything starts. `verify_split` also re-hashes a
 /// cached split (thorough, but seconds on a large model; `up` leaves it to the nodes, which
 /// check their own shard's size on load).
 pub fn spec_checks(loaded: &LoadedSpec, plan: &LaunchPlan, verify_split: bool) -> Vec<Check> {
-    let mut checks = vec![Check::new(
-        format!("spec {} is valid", loaded.display_path),
-        Ok(()),
-    )];
+    let mut checks = Vec::new();
+    if let Some(path) = &loaded.spec.model.path {
+        let dir = loaded.resolve(path);
+        checks.push(Check::new(
+            format!("model directory {} is readable", dir.display()),
+            crate::model_source::readable(&dir),
+        ));
+    }
     for step in plan.steps.iter() {
         if let Some(port) = step.port {
             let free = TcpListener::bind(("127.0.0.1", port))
@@ -82,24 +112,6 @@ pub fn spec_checks(loaded: &LoadedSpec, plan: &LaunchPlan, verify_split: bool) -
         checks.push(Check::new(
             "operator key file is private",
             private_file(&loaded.resolve(key)),
-        ));
-    }
-    if loaded.spec.chain.mode != ChainMode::None {
-        let min = loaded.spec.economics.min_stake;
-        let low: Vec<String> = plan
-            .steps
-            .iter()
-            .filter(|s| s.stake.is_some_and(|st| st < min))
-            .map(|s| s.name.clone())
-            .collect();
-        let ok = if low.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("below min_stake {min}: {}", low.join(", ")))
-        };
-        checks.push(Check::new(
-            format!("every node stakes at least min_stake ({min})"),
-            ok,
         ));
     }
     if plan
@@ -210,6 +222,17 @@ pub fn web_checks(host: &str, env: &std::collections::HashMap<String, String>) -
             },
         ),
     ]
+}
+
+/// What `preflight web` says of one-click dev-wallet sign-in (a fact, not a check: wallet
+/// sign-in is there either way).
+pub fn dev_wallet_line(offer: &Result<unfed_chain::Address, String>) -> String {
+    match offer {
+        Ok(a) => format!(
+            "[INFO] web: one-click sign-in as the testnet's dev client wallet {a} is ON (loopback dashboard, local Anvil: its key is public)"
+        ),
+        Err(why) => format!("[INFO] web: dev-wallet sign-in is off: {why}"),
+    }
 }
 
 /// A node's TLS files, as its flags name them.

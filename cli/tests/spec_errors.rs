@@ -163,6 +163,24 @@ fn dashboard_https_needs_the_testnet_ca() {
 }
 
 #[test]
+fn the_dashboard_host_must_be_an_ip_address_it_can_bind() {
+    assert_eq!(
+        one_problem("[web]\nhost = \"localhost\"\n"),
+        "x.toml:2:8: web.host \"localhost\" is not an IP address, and the dashboard binds an address; use \"127.0.0.1\" (this machine only)"
+    );
+    assert_eq!(
+        one_problem("[web]\nhost = \"dash.example\"\n"),
+        "x.toml:2:8: web.host \"dash.example\" is not an IP address, and the dashboard binds an address; use the IP address to bind (\"127.0.0.1\" for this machine only, \"0.0.0.0\" for every interface)"
+    );
+    for ok in ["127.0.0.1", "0.0.0.0", "::1"] {
+        assert_eq!(
+            problems(&format!("[web]\nhost = \"{ok}\"\n")),
+            Vec::<String>::new()
+        );
+    }
+}
+
+#[test]
 fn mpc_that_cannot_be_served() {
     assert_eq!(
         one_problem("[mpc]\noutput = \"decode_client_sample\"\n"),

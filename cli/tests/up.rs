@@ -54,6 +54,18 @@ fn port_free(port: u16) -> bool {
     std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
 
+/// `up --detach`, which must succeed; its output.
+fn up_detached(spec: &std::path::Path) -> std::process::Output {
+    let out = run(unfedctl().arg("up").arg(spec).arg("--detach"));
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    out
+}
+
 #[test]
 fn up_detach_then_status_then_down_leaves_nothing_running() {
     let net = testnet("");
@@ -190,18 +202,23 @@ fn a_taken_port_is_a_no_go_naming_the_port() {
     );
 }
 
-#[test]
-fn ctrl_c_in_the_foreground_stops_every_process() {
-    let net = testnet("");
-    let spec = net.spec.as_path();
-    let mut child = unfedctl()
+/// `unfedctl up` in the foreground, its output piped.
+fn foreground_up(spec: &std::path::Path) -> std::process::Child {
+    unfedctl()
         .arg("up")
         .arg(spec)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn ctrl_c_in_the_foreground_stops_every_process() {
+    let net = testnet("");
+    let spec = net.spec.as_path();
+    let mut child = foreground_up(spec);
     let state_file = spec.parent().unwrap().join(".unfed/net/state.json");
     // Wait until some processes have started, then interrupt mid-way or once up.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -278,13 +295,7 @@ fn a_vision_language_model_gets_its_vision_shard_after_the_text_shards() {
         fixture.display()
     ));
     let spec = net.spec.as_path();
-    let out = run(unfedctl().arg("up").arg(spec).arg("--detach"));
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    let out = up_detached(spec);
     assert!(text(&out.stdout).contains("model      idefics3-f32 (READY)"));
     let st = state(spec);
     let names: Vec<&str> = st["processes"]
@@ -316,13 +327,7 @@ fn a_vision_language_model_gets_its_vision_shard_after_the_text_shards() {
 fn without_a_chain_everything_runs_unstaked() {
     let net = testnet("[chain]\nmode = \"none\"\n");
     let spec = net.spec.as_path();
-    let out = run(unfedctl().arg("up").arg(spec).arg("--detach"));
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    up_detached(spec);
     let st = state(spec);
     let names: Vec<&str> = st["processes"]
         .as_array()
@@ -351,13 +356,7 @@ fn web_tls_serves_the_dashboard_over_https_from_the_testnet_ca() {
         "[chain]\nmode = \"none\"\n[daemon]\nenabled = false\n[web]\ntls = true\nhost = \"0.0.0.0\"\n",
     );
     let spec = net.spec.as_path();
-    let out = run(unfedctl().arg("up").arg(spec).arg("--detach"));
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    let out = up_detached(spec);
     assert!(
         text(&out.stdout).contains("dashboard  https://127.0.0.1:"),
         "{}",
@@ -383,4 +382,152 @@ fn web_tls_serves_the_dashboard_over_https_from_the_testnet_ca() {
     });
     assert_eq!(https.unwrap().status, 200);
     assert!(plain.is_err(), "{plain:?}");
+}
+
+#[test]
+fn down_stops_a_foreground_up_without_it_reporting_a_crash() {
+    let net = testnet("");
+    let spec = net.spec.as_path();
+    let mut child = foreground_up(spec);
+    // Read stdout until the foreground loop runs, then keep the rest.
+    use std::io::BufRead;
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("running in the foreground") {
+            break;
+        }
+    }
+    assert!(seen.contains("running in the foreground"), "{seen}");
+    let pids = pids(&state(spec));
+    let down = run(unfedctl().arg("down").arg(spec));
+    assert!(down.status.success(), "{}", text(&down.stderr));
+    assert!(
+        text(&down.stdout).contains("asking `unfedctl up`"),
+        "{}",
+        text(&down.stdout)
+    );
+    let status = child.wait().unwrap();
+    let rest: Vec<String> = lines.map(Result::unwrap).collect();
+    let mut stderr = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(status.success(), "{stderr}");
+    assert!(!stderr.contains("exited unexpectedly"), "{stderr}");
+    assert!(rest.iter().any(|l| l.contains("stopped anvil")), "{rest:?}");
+    wait_all_gone(&pids);
+    assert!(state(spec)["up_pid"].is_null());
+}
+
+/// The built-in model with EOS set to the newline that ends each of its lines, so a
+/// chat reaches EOS after one line; returns the newline's id.
+fn tiny_with_newline_eos(dir: &std::path::Path) -> u64 {
+    unfed_model::builtin::write_tiny(dir).unwrap();
+    let read = |f: &str| -> Value {
+        serde_json::from_slice(&std::fs::read(dir.join(f)).unwrap()).unwrap()
+    };
+    // Byte-level BPE spells "\n" as "Ċ".
+    let newline = read("tokenizer.json")["model"]["vocab"]["Ċ"]
+        .as_u64()
+        .unwrap();
+    for file in ["config.json", "generation_config.json"] {
+        let mut v = read(file);
+        v["eos_token_id"] = serde_json::json!(newline);
+        std::fs::write(dir.join(file), serde_json::to_vec(&v).unwrap()).unwrap();
+    }
+    newline
+}
+
+#[test]
+fn ignore_eos_generates_exactly_max_tokens_in_chat_and_bench() {
+    let model = tempfile::tempdir().unwrap();
+    let newline = tiny_with_newline_eos(model.path());
+    let net = testnet(&format!(
+        "[chain]\nmode = \"none\"\n[model]\npath = \"{}\"\ntext_shards = 2\n",
+        model.path().display()
+    ));
+    let spec = net.spec.as_path();
+    up_detached(spec);
+    let chat = |extra: &[&str]| -> Value {
+        let out = run(unfedctl()
+            .arg("chat")
+            .arg(spec)
+            .args(["--prompt", "Hello", "--max-tokens", "20", "--json"])
+            .args(extra));
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let stops = chat(&[]);
+    let ids = stops["token_ids"].as_array().unwrap();
+    assert_eq!(stops["stopped_on_eos"], true, "{stops}");
+    assert!(ids.len() < 20 && ids.last().unwrap() == newline, "{stops}");
+    let full = chat(&["--ignore-eos"]);
+    assert_eq!(full["token_ids"].as_array().unwrap().len(), 20, "{full}");
+    assert_eq!(full["stopped_on_eos"], false);
+
+    let bench = run(unfedctl().arg("bench").arg(spec).args([
+        "--tokens",
+        "12",
+        "--runs",
+        "1",
+        "--ignore-eos",
+        "--json",
+    ]));
+    assert!(bench.status.success(), "{}", text(&bench.stderr));
+    let b: Value = serde_json::from_slice(&bench.stdout).unwrap();
+    assert_eq!(
+        (
+            b["networks"][0]["generated_tokens"].as_u64(),
+            b["single_process_generated_tokens"].as_u64()
+        ),
+        (Some(12), Some(12)),
+        "{b}"
+    );
+}
+
+/// A checkpoint saved by transformers 5 (image processor settings nested in
+/// processor_config.json, no preprocessor_config.json; 192-px images in 64-px tiles): the
+/// split serves them, `chat --image` reads them and answers with transformers' tokens.
+#[test]
+fn a_vision_checkpoint_saved_by_transformers_5_chats_like_transformers() {
+    let fixtures = std::fs::canonicalize("../tests/fixtures").unwrap();
+    let model = fixtures.join("models/idefics3-tf5");
+    assert!(!model.join("preprocessor_config.json").exists());
+    let reference: Value =
+        serde_json::from_slice(&std::fs::read(fixtures.join("vision/reference-tf5.json")).unwrap())
+            .unwrap();
+    let net = testnet(&format!(
+        "[chain]\nmode = \"none\"\n[model]\npath = \"{}\"\ntext_shards = 2\nvision_shards = 1\n",
+        model.display()
+    ));
+    let spec = net.spec.as_path();
+    up_detached(spec);
+    let want = reference["generated_ids"].as_array().unwrap();
+    let chat = run(unfedctl()
+        .arg("chat")
+        .arg(spec)
+        .arg("--image")
+        .arg(
+            fixtures
+                .join("vision")
+                .join(reference["image"].as_str().unwrap()),
+        )
+        .args(["--prompt", reference["prompt"].as_str().unwrap()])
+        .args(["--max-tokens", &want.len().to_string(), "--json"]));
+    assert!(chat.status.success(), "{}", text(&chat.stderr));
+    let answer: Value = serde_json::from_slice(&chat.stdout).unwrap();
+    assert_eq!(
+        answer["prompt_tokens"].as_u64().unwrap() as usize,
+        reference["input_ids"].as_array().unwrap().len(),
+        "{answer}"
+    );
+    assert_eq!(&answer["token_ids"].as_array().unwrap()[..], &want[..]);
 }

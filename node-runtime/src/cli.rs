@@ -167,30 +167,9 @@ async fn ensure_local_anvil(cheat: crate::verify::cheat::Cheat, rpc: Option<&str
             .unwrap_or_default();
         bail!("--cheat {name} needs --chain-rpc: {hint}");
     };
-    let host = rpc
-        .split("://")
-        .nth(1)
-        .unwrap_or(rpc)
-        .split('/')
-        .next()
-        .unwrap_or_default();
-    let host = match host.rsplit_once(':') {
-        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
-        _ => host,
-    };
-    let local = matches!(host, "127.0.0.1" | "localhost" | "[::1]");
-    // Only reads the chain id: any key will do.
-    let chain = unfed_chain::Chain::connect(rpc, unfed_chain::keys::dev_signer(0)?)?;
-    let id = chain
-        .chain_id()
+    unfed_chain::anvil::ensure_local(rpc)
         .await
-        .with_context(|| format!("asking {rpc} for its chain id"))?;
-    if !local || id != 31337 {
-        bail!(
-            "--chain-rpc {rpc} is chain {id} on {host}, not a local Anvil (31337 on loopback): {hint}"
-        );
-    }
-    Ok(())
+        .map_err(|e| anyhow::anyhow!("--chain-rpc {e:#}: {hint}"))
 }
 
 fn init_logging(format: LogFormat) {

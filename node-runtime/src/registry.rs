@@ -142,7 +142,10 @@ fn load_models(dir: &Path) -> Result<BTreeMap<String, ServedModel>> {
             tokenizer_config_json: read("tokenizer_config.json"),
             generation_config_json: read("generation_config.json"),
             chat_template: read("chat_template.jinja"),
-            preprocessor_config_json: read("preprocessor_config.json"),
+            // Either layout (transformers 4 or 5); the client reads both.
+            preprocessor_config_json: crate::client::image::ImageProcessorConfig::file_in(&d)
+                .map(|(text, _)| text)
+                .unwrap_or_default(),
         };
         models.insert(
             manifest.model_id.clone(),

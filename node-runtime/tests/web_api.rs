@@ -313,3 +313,101 @@ async fn bypasses_work_only_on_loopback() {
     let (st, _) = web.get("/api/nope", None).await;
     assert_eq!(st, 404);
 }
+
+/// One-click dev-wallet sign-in: offered only by a loopback dashboard on a local Anvil
+/// (chain 31337 on loopback, whose keys are public); refused otherwise, and no session
+/// is opened by a refused request.
+#[tokio::test(flavor = "multi_thread")]
+async fn dev_wallet_sign_in_only_on_loopback_and_a_local_anvil() {
+    use unfed_chain::{Anvil, AnvilOptions};
+    use unfed_node::web::dev_wallet::offer;
+    let anvil = Anvil::start(&AnvilOptions::default()).await.unwrap();
+    let other = Anvil::start(&AnvilOptions {
+        chain_id: Some(1),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let client = dev_signer(unfed_chain::keys::DEV_CLIENT_INDEX)
+        .unwrap()
+        .address();
+    assert_eq!(
+        offer("127.0.0.1", Some(&anvil.endpoint())).await,
+        Ok(client)
+    );
+    let refused = |r: Result<Address, String>, why: &str| {
+        let err = r.expect_err("dev sign-in must be off");
+        assert!(err.contains(why), "{err}");
+    };
+    refused(
+        offer("0.0.0.0", Some(&anvil.endpoint())).await,
+        "not loopback",
+    );
+    refused(
+        offer("127.0.0.1", Some(&other.endpoint())).await,
+        "is chain 1, not a local Anvil",
+    );
+    refused(offer("127.0.0.1", None).await, "no chain");
+
+    // Over HTTP: on with the local Anvil, off without a chain.
+    let net = Net::registry(Net::prepare());
+    let db = |n: &str| net.dir.path().join(n).display().to_string();
+    let base = |db: String| {
+        vec![
+            s("web"),
+            s("--port"),
+            s("0"),
+            s("--registry"),
+            net.registry.address.clone(),
+            s("--db"),
+            db,
+        ]
+    };
+    let mut on_args = base(db("on.db"));
+    on_args.extend([
+        s("--chain-rpc"),
+        anvil.endpoint(),
+        s("--escrow"),
+        Address::ZERO.to_string(),
+    ]);
+    let on = Web::start(on_args, &[], &net.dir.path().join("on.log"));
+    let (st, cfg) = on.get("/api/config", None).await;
+    assert_eq!(st, 200);
+    assert_eq!(
+        cfg["auth"]["dev_wallet"].as_str(),
+        Some(client.to_string().as_str())
+    );
+    // A page of another site cannot sign in behind the user's back.
+    let cross = on
+        .http
+        .post(on.url("/api/auth/dev-wallet"))
+        .header("Origin", "http://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cross.status(), 403);
+    let (st, v) = on.post("/api/auth/dev-wallet", json!({}), None).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["address"].as_str(), Some(client.to_string().as_str()));
+    let token = v["token"].as_str().unwrap();
+    let (st, v) = on.get("/api/auth/session", Some(token)).await;
+    assert_eq!(
+        (st.as_u16(), v["address"].as_str()),
+        (200, Some(client.to_string().as_str()))
+    );
+
+    let off = Web::start(base(db("off.db")), &[], &net.dir.path().join("off.log"));
+    let (_, cfg) = off.get("/api/config", None).await;
+    assert!(cfg["auth"]["dev_wallet"].is_null(), "{cfg}");
+    assert!(
+        cfg["auth"]["dev_wallet_off"]
+            .as_str()
+            .unwrap()
+            .contains("no chain"),
+        "{cfg}"
+    );
+    let (st, v) = off.post("/api/auth/dev-wallet", json!({}), None).await;
+    assert_eq!(st, 403, "{v}");
+    assert!(error_of(&v).contains("sign in with a wallet"), "{v}");
+    assert!(v.get("token").is_none());
+}

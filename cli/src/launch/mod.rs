@@ -69,6 +69,7 @@ fn teardown(ctx: &Context, state: &mut RunState) {
     running.processes.clear();
     running.children.clear();
     state.processes.clear();
+    state.up_pid = None;
     let _ = state.save(&ctx.plan.run_dir);
 }
 
@@ -154,6 +155,7 @@ pub async fn start(
         name: ctx.plan.name.clone(),
         spec: ctx.plan.spec.clone(),
         tls_ca: ctx.pki.as_ref().map(|p| p.ca_path()),
+        up_pid: Some(std::process::id()),
         ..RunState::default()
     };
     state.save(&run_dir)?;
@@ -166,7 +168,7 @@ pub async fn start(
     let walk = walk(&ctx, &mut state, started);
     let result = tokio::select! {
         r = walk => r,
-        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        _ = stop_requested() => Err(anyhow::anyhow!("interrupted")),
     };
     if let Err(err) = result {
         println!("tearing down");
@@ -188,12 +190,18 @@ pub async fn up(loaded: LoadedSpec, plan: LaunchPlan, opts: UpOptions) -> anyhow
     } = start(loaded, plan, opts.wait_timeout).await?;
     print_summary(&ctx, &state, took);
     if opts.detach {
+        // Nobody owns the processes now; `down` stops them itself.
+        state.up_pid = None;
+        state.save(&ctx.plan.run_dir)?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!("\nrunning in the foreground; Ctrl-C stops everything");
+    println!("\nrunning in the foreground; Ctrl-C (or `unfedctl down`) stops everything");
+    // Listening from here on, so a signal between two polls is not missed.
+    let stop = stop_requested();
+    tokio::pin!(stop);
     let why = loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break None,
+            _ = &mut stop => break None,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
                 if let Some(exited) = exited(&ctx) {
                     break Some(exited);
@@ -212,6 +220,20 @@ pub async fn up(loaded: LoadedSpec, plan: LaunchPlan, opts: UpOptions) -> anyhow
                 process::tail(&log, 20)
             );
             Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// Ctrl-C at the terminal, or SIGTERM from `unfedctl down`.
+async fn stop_requested() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        },
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }
@@ -390,6 +412,22 @@ pub fn down(plan: &LaunchPlan) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     };
     let started = Instant::now();
+    if let Some(pid) = state.up_pid.filter(|p| *p != std::process::id()) {
+        // The owning `up` stops its processes itself (and then knows none of them crashed).
+        if process::alive(pid) {
+            println!("  asking `unfedctl up` (pid {pid}) to stop the testnet");
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + STOP_GRACE * (state.processes.len() as u32 + 1);
+            while process::alive(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            state = RunState::load(&plan.run_dir)?.unwrap_or(state);
+        }
+        state.up_pid = None;
+    }
     for record in state.processes.iter().rev() {
         if process::alive(record.pid) {
             stop_reporting(record);

@@ -25,6 +25,10 @@ pub struct RunState {
     /// The dashboard's URL (https with `[web] tls`).
     #[serde(default)]
     pub dashboard: Option<String>,
+    /// The `unfedctl up` that owns the processes while it starts them or runs in the
+    /// foreground; `down` asks it to stop them, so it does not report them as crashed.
+    #[serde(default)]
+    pub up_pid: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -242,6 +242,21 @@ fn check_rules(loaded: &LoadedSpec, report: &mut Reporter) {
         }
     }
 
+    // The dashboard binds an IP address; a name would pass here and fail only after the
+    // chain is up.
+    let host = &spec.web.host;
+    if loaded.sound(&["web.host"]) && host.parse::<std::net::IpAddr>().is_err() {
+        let fix = if host.eq_ignore_ascii_case("localhost") {
+            "use \"127.0.0.1\" (this machine only)".to_string()
+        } else {
+            "use the IP address to bind (\"127.0.0.1\" for this machine only, \"0.0.0.0\" for every interface)".to_string()
+        };
+        report.at(
+            spans.key_or_section("web", "host"),
+            format!("web.host \"{host}\" is not an IP address, and the dashboard binds an address; {fix}"),
+        );
+    }
+
     if spec.web.tls && !spec.testnet.tls && loaded.sound(&["web.tls", "testnet.tls"]) {
         report.at(
             spans.key_or_section("web", "tls"),

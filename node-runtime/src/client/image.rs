@@ -219,8 +219,14 @@ pub struct LongestEdge {
     pub longest_edge: usize,
 }
 
-/// The image processor settings of a checkpoint (`preprocessor_config.json`); defaults are
-/// SmolVLM's.
+/// Where transformers 4 saves the image processor settings (flat).
+pub const PREPROCESSOR_CONFIG_FILE: &str = "preprocessor_config.json";
+/// Where transformers 5 saves them: nested under `"image_processor"`, with `image_seq_len`
+/// beside it.
+pub const PROCESSOR_CONFIG_FILE: &str = "processor_config.json";
+
+/// The image processor settings of a checkpoint, from either file. `size` and
+/// `max_image_size` fix the tiles, so they must be given; the rest default to SmolVLM's.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct ImageProcessorConfig {
@@ -235,6 +241,9 @@ pub struct ImageProcessorConfig {
     pub image_mean: [f32; 3],
     pub image_std: [f32; 3],
     pub do_pad: bool,
+    /// Placeholder rows per tile, as transformers 5's processor_config.json records it.
+    #[serde(skip)]
+    pub image_seq_len: Option<usize>,
 }
 
 impl Default for ImageProcessorConfig {
@@ -251,6 +260,7 @@ impl Default for ImageProcessorConfig {
             image_mean: [0.5; 3],
             image_std: [0.5; 3],
             do_pad: true,
+            image_seq_len: None,
         }
     }
 }
@@ -264,27 +274,58 @@ pub struct ProcessedImage {
 }
 
 impl ImageProcessorConfig {
+    /// Either layout: transformers 4's flat preprocessor_config.json, or transformers 5's
+    /// processor_config.json with the settings under `"image_processor"`.
     pub fn from_json(text: &str) -> Result<Self> {
-        let cfg: Self = serde_json::from_str(text)
-            .context("preprocessor_config.json is not a valid image processor config")?;
-        if cfg.size.longest_edge == 0 || cfg.max_image_size.longest_edge == 0 {
-            anyhow::bail!(
-                "preprocessor_config.json: `size.longest_edge` and `max_image_size.longest_edge` must be positive"
-            );
+        let value: serde_json::Value = serde_json::from_str(text).context("not valid JSON")?;
+        let (settings, image_seq_len) = match value.get("image_processor") {
+            Some(nested) => (
+                nested.clone(),
+                value
+                    .get("image_seq_len")
+                    .and_then(serde_json::Value::as_u64)
+                    .map(|n| n as usize),
+            ),
+            None => (value, None),
+        };
+        for key in ["size", "max_image_size"] {
+            if settings.get(key).is_none() {
+                anyhow::bail!(
+                    "no image processor `{key}` (neither a flat {PREPROCESSOR_CONFIG_FILE} nor an \"image_processor\" object as in {PROCESSOR_CONFIG_FILE})"
+                );
+            }
         }
+        let mut cfg: Self =
+            serde_json::from_value(settings).context("not a valid image processor config")?;
+        if cfg.size.longest_edge == 0 || cfg.max_image_size.longest_edge == 0 {
+            anyhow::bail!("`size.longest_edge` and `max_image_size.longest_edge` must be positive");
+        }
+        cfg.image_seq_len = image_seq_len;
         Ok(cfg)
     }
 
-    /// `dir/preprocessor_config.json`, or SmolVLM's defaults when the file is absent.
-    pub fn from_dir(dir: &Path) -> Result<Self> {
-        let path = dir.join("preprocessor_config.json");
-        match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                Self::from_json(&text).with_context(|| format!("reading {}", path.display()))
+    /// The settings file of a checkpoint or split directory: preprocessor_config.json
+    /// (transformers 4) or processor_config.json (transformers 5), as text and name.
+    pub fn file_in(dir: &Path) -> Result<(String, &'static str)> {
+        for name in [PREPROCESSOR_CONFIG_FILE, PROCESSOR_CONFIG_FILE] {
+            let path = dir.join(name);
+            match std::fs::read_to_string(&path) {
+                Ok(text) => return Ok((text, name)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
         }
+        anyhow::bail!(
+            "{} has no image processor settings: neither {PREPROCESSOR_CONFIG_FILE} nor {PROCESSOR_CONFIG_FILE}; \
+             a vision-language checkpoint is saved with one of them (copy it from the model's repository)",
+            dir.display()
+        )
+    }
+
+    /// The settings in `dir`, from either file; an error names the files looked for.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let (text, name) = Self::file_in(dir)?;
+        Self::from_json(&text).with_context(|| format!("{}", dir.join(name).display()))
     }
 
     /// Tiles for the vision tower, exactly as transformers' processor makes them.
@@ -497,17 +538,28 @@ pub async fn image_prompt_decoded(
             manifest.config.model_type
         );
     };
-    let processor = if files.preprocessor_config_json.is_empty() {
-        ImageProcessorConfig::default()
-    } else {
+    // Never another model's defaults: their tiles would not match this vision stack.
+    if files.preprocessor_config_json.is_empty() {
+        anyhow::bail!(
+            "the registry serves no image processor settings for `{model}`: its split has neither \
+             {PREPROCESSOR_CONFIG_FILE} nor {PROCESSOR_CONFIG_FILE}; copy the one the checkpoint was \
+             saved with into the model directory and split it again"
+        );
+    }
+    let processor =
         ImageProcessorConfig::from_json(&files.preprocessor_config_json).with_context(|| {
-            format!("the preprocessor_config.json the registry serves for `{model}`")
-        })?
-    };
+            format!("the image processor settings the registry serves for `{model}`")
+        })?;
+    let seq_len = crate::vision::image_seq_len(vision);
+    if let Some(n) = processor.image_seq_len.filter(|n| *n != seq_len) {
+        anyhow::bail!(
+            "`{model}`'s {PROCESSOR_CONFIG_FILE} says image_seq_len {n}, but its vision config makes {seq_len} rows per tile; the checkpoint's files disagree"
+        );
+    }
     let processed = processor.preprocess(img);
     let codec = super::text::TextCodec::from_manifest_files(&files, model)?;
     let text = codec.render_image_prompt(user_text, raw)?;
-    let expanded = expand_image_prompt(&text, &processed, crate::vision::image_seq_len(vision))?;
+    let expanded = expand_image_prompt(&text, &processed, seq_len)?;
     // transformers' processor tokenizes the expanded text with special tokens on.
     let prompt_ids = codec.encode_prompt(&expanded, true)?;
     let net = client.net().clone();
@@ -520,4 +572,61 @@ pub async fn image_prompt_decoded(
         features: crate::wire::encode(&data, &[rows, width], unfed_proto::DType::DtypeF32),
         tiles: processed.batch.tiles,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FLAT: &str = r#"{"image_processor_type": "Idefics3ImageProcessor", "size": {"longest_edge": 128},
+        "max_image_size": {"longest_edge": 64}, "do_image_splitting": true}"#;
+
+    #[test]
+    fn both_layouts_read_the_same_settings() {
+        let flat = ImageProcessorConfig::from_json(FLAT).unwrap();
+        let nested = format!(
+            r#"{{"image_processor": {FLAT}, "image_seq_len": 4, "processor_class": "Idefics3Processor"}}"#
+        );
+        let nested = ImageProcessorConfig::from_json(&nested).unwrap();
+        assert_eq!(nested.image_seq_len, Some(4));
+        assert_eq!(
+            ImageProcessorConfig {
+                image_seq_len: None,
+                ..nested
+            },
+            flat
+        );
+        assert_eq!(flat.max_image_size.longest_edge, 64);
+    }
+
+    #[test]
+    fn settings_without_tile_sizes_are_an_error_not_another_models_defaults() {
+        let err = ImageProcessorConfig::from_json(
+            r#"{"image_seq_len": 4, "processor_class": "Idefics3Processor"}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("no image processor `size`"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let err = format!(
+            "{:#}",
+            ImageProcessorConfig::from_dir(dir.path()).unwrap_err()
+        );
+        assert!(
+            err.contains("neither preprocessor_config.json nor processor_config.json"),
+            "{err}"
+        );
+        std::fs::write(
+            dir.path().join(PROCESSOR_CONFIG_FILE),
+            format!(r#"{{"image_processor": {FLAT}}}"#),
+        )
+        .unwrap();
+        assert_eq!(
+            ImageProcessorConfig::from_dir(dir.path())
+                .unwrap()
+                .size
+                .longest_edge,
+            128
+        );
+    }
 }

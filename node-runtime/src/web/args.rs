@@ -234,6 +234,7 @@ impl WebArgs {
                 None => unfed_chain::anvil::cache_dir()?,
             })),
             decode_client_sample: self.decode_client_sample,
+            dev_wallet: Err("not checked yet".into()),
         })
     }
 
@@ -247,7 +248,15 @@ impl WebArgs {
         let bound = listener.local_addr()?;
         let site = format!("{scheme}://{bound}");
         let same_origin = SameOrigin::new(scheme, bound, self.public_host.clone());
-        let state = Arc::new(self.state(&env, site.clone())?);
+        let mut state = self.state(&env, site.clone())?;
+        state.dev_wallet = super::dev_wallet::offer(&self.host, self.chain_rpc.as_deref()).await;
+        match &state.dev_wallet {
+            Ok(a) => {
+                tracing::warn!(wallet = %a, "one-click sign-in as the testnet's dev client wallet is on (loopback, local Anvil: its key is public)")
+            }
+            Err(why) => tracing::info!(%why, "dev-wallet sign-in is off"),
+        }
+        let state = Arc::new(state);
         if state.switches.dev_bypass || state.switches.demo {
             tracing::warn!("an auth bypass is on (dev/demo); for local use only");
         }

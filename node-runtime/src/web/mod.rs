@@ -5,6 +5,7 @@
 pub mod args;
 pub mod auth;
 pub mod chat;
+pub mod dev_wallet;
 pub mod faucet;
 pub mod https;
 pub mod origin;

@@ -61,6 +61,8 @@ pub struct WebState {
     pub(super) private: crate::client::private::PublicParams,
     /// Chats sample here from logits the last shard seals to this server.
     pub(super) decode_client_sample: bool,
+    /// One-click sign-in as the testnet's dev client: its address, or why it is off.
+    pub dev_wallet: Result<Address, String>,
 }
 
 impl WebState {
@@ -177,6 +179,7 @@ pub fn router(state: Arc<WebState>, same_origin: SameOrigin) -> Router {
         .route("/api/auth/challenge", post(wallet::challenge))
         .route("/api/auth/verify", post(wallet::verify))
         .route("/api/auth/demo", post(wallet::demo))
+        .route("/api/auth/dev-wallet", post(wallet::dev_wallet))
         .route("/api/auth/session", get(wallet::session))
         .route("/api/auth/logout", post(wallet::logout))
         .route("/api/faucet", post(wallet::faucet))

@@ -29,6 +29,8 @@ pub async fn config(State(s): State<Arc<WebState>>) -> Json<Value> {
             "dev_bypass": s.switches.dev_bypass,
             "demo": s.switches.demo,
             "demo_wallet": s.switches.demo_wallet.map(|a| a.to_string()),
+            "dev_wallet": s.dev_wallet.as_ref().ok().map(|a| a.to_string()),
+            "dev_wallet_off": s.dev_wallet.as_ref().err(),
         },
         "faucet": {
             "enabled": faucet.enabled,

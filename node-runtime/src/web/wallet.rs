@@ -82,6 +82,18 @@ pub async fn demo(State(s): State<Arc<WebState>>) -> ApiResult<Value> {
     ))
 }
 
+/// One-click sign-in as the testnet's dev client wallet: only on loopback against a
+/// local Anvil (see `dev_wallet`).
+pub async fn dev_wallet(State(s): State<Arc<WebState>>) -> ApiResult<Value> {
+    let wallet = s.dev_wallet.as_ref().map_err(|why| {
+        ApiError::new(
+            403,
+            format!("dev-wallet sign-in is off ({why}); sign in with a wallet"),
+        )
+    })?;
+    Ok(signed_in(s.auth.open_session(*wallet)))
+}
+
 pub async fn session(State(s): State<Arc<WebState>>, headers: HeaderMap) -> ApiResult<Value> {
     let address = s.session(&headers)?;
     Ok(Json(json!({ "address": address.to_string() })))

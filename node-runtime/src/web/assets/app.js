@@ -52,6 +52,8 @@ function showWallet() {
   $("#wallet-address").textContent = signed ? state.address : "not signed in";
   $("#sign-in").hidden = signed;
   $("#demo-sign-in").hidden = signed || !(state.config && state.config.auth.demo);
+  // Only a loopback dashboard on a local Anvil offers it (its key is public).
+  $("#dev-sign-in").hidden = signed || !(state.config && state.config.auth.dev_wallet);
   $("#sign-out").hidden = !signed;
   $("#faucet").hidden = !(signed && state.config && state.config.faucet.enabled);
   if (!signed) { $("#wallet-balance").textContent = ""; delete $("#wallet-balance").dataset.depositWei; }
@@ -339,6 +341,7 @@ async function main() {
   await restoreSession();
   showWallet();
   $("#sign-in").onclick = signIn;
+  $("#dev-sign-in").onclick = async () => { try { signedIn(await post("/api/auth/dev-wallet")); } catch (e) { message(e.message); } };
   $("#demo-sign-in").onclick = async () => { try { signedIn(await post("/api/auth/demo")); } catch (e) { message(e.message); } };
   $("#sign-out").onclick = async () => { await post("/api/auth/logout").catch(() => {}); state.token = null; state.address = null; sessionStorage.removeItem("unfed.token"); showWallet(); };
   $("#faucet").onclick = faucet;
