@@ -91,7 +91,12 @@ pub async fn dev_wallet(State(s): State<Arc<WebState>>) -> ApiResult<Value> {
             format!("dev-wallet sign-in is off ({why}); sign in with a wallet"),
         )
     })?;
-    Ok(signed_in(s.auth.open_session(*wallet)))
+    // The dev client signs its own vouchers: its key is public on a local Anvil anyway.
+    let key = super::dev_wallet::dev_client().map_err(|e| ApiError::new(500, format!("{e:#}")))?;
+    Ok(signed_in(s.auth.open_session(
+        *wallet,
+        Some(crate::voucher::Payer::wallet(key)),
+    )))
 }
 
 pub async fn session(State(s): State<Arc<WebState>>, headers: HeaderMap) -> ApiResult<Value> {
