@@ -15,6 +15,29 @@ async fn client_and_node(n: &Net, deposit: &str) -> (Chain, Chain) {
     (client, n.wallet(4, "0").await)
 }
 
+/// The settler posts settlement `tag` paying `node` `amount` out of `client`'s deposit.
+async fn settle(n: &Net, client: &Chain, node: &Chain, tag: u8, amount: &str) -> B256 {
+    let h = B256::repeat_byte(tag);
+    n.operator
+        .post_settlement(
+            &n.d,
+            h,
+            client.address(),
+            vec![node.address()],
+            vec![tokens(amount)],
+        )
+        .await
+        .unwrap();
+    h
+}
+
+async fn request(n: &Net, client: &Chain, amount: &str) {
+    client
+        .request_client_withdraw(&n.d, tokens(amount))
+        .await
+        .unwrap();
+}
+
 /// Lets the settlement's window pass, finalizes it and returns the node's earnings.
 async fn finalize_and_earnings(n: &Net, node: &Chain, h: B256) -> U256 {
     n.increase_time(n.params.challenge_window_secs).await;
@@ -27,10 +50,7 @@ async fn withdraw_request_then_settlement_still_pays_the_node() {
     let n = net().await;
     let (client, node) = client_and_node(&n, "100").await;
     let me = client.address();
-    client
-        .request_client_withdraw(&n.d, tokens("100"))
-        .await
-        .unwrap();
+    request(&n, &client, "100").await;
     let req = client.withdrawal_request(&n.d, me).await.unwrap();
     assert_eq!(req.amount, tokens("100"));
 
@@ -46,11 +66,7 @@ async fn withdraw_request_then_settlement_still_pays_the_node() {
     assert_eq!(client.token_balance(&n.d, me).await.unwrap(), tokens("900"));
 
     // The daemon settles the session the client ran before asking for its money back.
-    let h = B256::repeat_byte(1);
-    n.operator
-        .post_settlement(&n.d, h, me, vec![node.address()], vec![tokens("40")])
-        .await
-        .unwrap();
+    let h = settle(&n, &client, &node, 1, "40").await;
 
     n.increase_time(n.params.withdraw_delay_secs).await;
     client.client_withdraw(&n.d).await.unwrap();
@@ -76,20 +92,13 @@ async fn settlement_then_withdraw_pays_the_node_and_returns_the_rest() {
     let n = net().await;
     let (client, node) = client_and_node(&n, "100").await;
     let me = client.address();
-    let h = B256::repeat_byte(2);
-    n.operator
-        .post_settlement(&n.d, h, me, vec![node.address()], vec![tokens("40")])
-        .await
-        .unwrap();
+    let h = settle(&n, &client, &node, 2, "40").await;
     // What is owed is already debited: the client cannot ask for it back.
     assert_reverts(
         client.request_client_withdraw(&n.d, tokens("61")).await,
         "UnfedEscrow: withdraw amount exceeds balance",
     );
-    client
-        .request_client_withdraw(&n.d, tokens("60"))
-        .await
-        .unwrap();
+    request(&n, &client, "60").await;
     n.increase_time(n.params.withdraw_delay_secs).await;
     client.client_withdraw(&n.d).await.unwrap();
     assert_eq!(client.token_balance(&n.d, me).await.unwrap(), tokens("960"));
@@ -101,15 +110,8 @@ async fn a_withdrawal_emptied_by_settlements_is_refused_and_changes_nothing() {
     let n = net().await;
     let (client, node) = client_and_node(&n, "50").await;
     let me = client.address();
-    client
-        .request_client_withdraw(&n.d, tokens("50"))
-        .await
-        .unwrap();
-    let h = B256::repeat_byte(3);
-    n.operator
-        .post_settlement(&n.d, h, me, vec![node.address()], vec![tokens("50")])
-        .await
-        .unwrap();
+    request(&n, &client, "50").await;
+    let h = settle(&n, &client, &node, 3, "50").await;
     n.increase_time(n.params.withdraw_delay_secs).await;
     assert_reverts(
         client.client_withdraw(&n.d).await,
@@ -124,15 +126,9 @@ async fn a_new_request_restarts_the_delay() {
     let n = net().await;
     let (client, _node) = client_and_node(&n, "100").await;
     let me = client.address();
-    client
-        .request_client_withdraw(&n.d, tokens("10"))
-        .await
-        .unwrap();
+    request(&n, &client, "10").await;
     n.increase_time(n.params.withdraw_delay_secs - 5).await;
-    client
-        .request_client_withdraw(&n.d, tokens("20"))
-        .await
-        .unwrap();
+    request(&n, &client, "20").await;
     n.increase_time(10).await;
     assert_reverts(
         client.client_withdraw(&n.d).await,
