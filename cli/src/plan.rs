@@ -622,7 +622,7 @@ fn assign_wallets(
                 format!(
                     "node {} has no eth_key: with chain.mode = \"external\" every node needs its own key ([[node]] role = \"{}\", shard = {}, eth_key = \"path/to/0600-key\"); the public dev keys are refused off Anvil",
                     step.name,
-                    step.kind.role().map(|r| r.name()).unwrap_or_default(),
+                    step.kind.role().map(|r| r.as_str()).unwrap_or_default(),
                     step.shard.unwrap_or(0)
                 ),
             );
