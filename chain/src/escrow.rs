@@ -20,7 +20,8 @@ use crate::contracts::{UnfedEscrow, UnfedToken};
 #[serde(rename_all = "snake_case")]
 pub enum SlashDestination {
     Burn = 0,
-    Operator = 1,
+    /// To the escrow's admin.
+    Admin = 1,
     Pool = 2,
 }
 
@@ -29,9 +30,9 @@ impl FromStr for SlashDestination {
     fn from_str(s: &str) -> anyhow::Result<Self> {
         match s {
             "burn" => Ok(Self::Burn),
-            "operator" => Ok(Self::Operator),
+            "admin" => Ok(Self::Admin),
             "pool" => Ok(Self::Pool),
-            _ => bail!("unknown slash destination {s:?}: expected burn, operator or pool"),
+            _ => bail!("unknown slash destination {s:?}: expected burn, admin or pool"),
         }
     }
 }
@@ -44,6 +45,10 @@ pub struct EscrowParams {
     pub min_stake: U256,
     pub cooldown_secs: u64,
     pub challenge_window_secs: u64,
+    /// Delay between a client's withdrawal request and the withdrawal; at least the
+    /// challenge window (the escrow refuses less), and a deployment adds one settlement
+    /// interval so work done before a request is settled before the money leaves.
+    pub withdraw_delay_secs: u64,
     pub slash_destination: SlashDestination,
     /// Fraction of a node's stake taken by one slash, in basis points (5000 = 50 %).
     pub slash_bps: u16,
@@ -51,7 +56,7 @@ pub struct EscrowParams {
 
 impl Default for EscrowParams {
     /// The original's local deployment: min stake 100, cooldown 300 s, window 60 s,
-    /// slash 50 % to the pool; a billion tokens minted.
+    /// withdraw delay 120 s, slash 50 % to the pool; a billion tokens minted.
     fn default() -> Self {
         let unit = U256::from(10).pow(U256::from(18));
         Self {
@@ -59,6 +64,7 @@ impl Default for EscrowParams {
             min_stake: U256::from(100) * unit,
             cooldown_secs: 300,
             challenge_window_secs: 60,
+            withdraw_delay_secs: 120,
             slash_destination: SlashDestination::Pool,
             slash_bps: 5000,
         }
@@ -80,6 +86,22 @@ pub struct StakeInfo {
     /// Unix seconds when cooling stake can be withdrawn (0 when nothing cools).
     pub unlock_time: U256,
     pub eligible: bool,
+}
+
+/// Who holds each duty in the escrow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    pub admin: Address,
+    pub settler: Address,
+    pub slasher: Address,
+}
+
+/// A client's pending withdrawal (zero amount when none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WithdrawalRequest {
+    pub amount: U256,
+    /// Unix seconds from which `clientWithdraw` executes it.
+    pub unlock_time: U256,
 }
 
 /// A settlement as stored by the escrow.
@@ -182,8 +204,8 @@ impl Chain {
             .with_context(|| format!("cannot reach the chain at {}", self.rpc_url))
     }
 
-    /// Deploys the token (supply minted to this wallet) and the escrow (this wallet is
-    /// its operator).
+    /// Deploys the token (supply minted to this wallet) and the escrow (this wallet holds
+    /// every role until [`Chain::assign_roles`] hands them out).
     pub async fn deploy(&self, p: &EscrowParams) -> Result<Deployment, ChainError> {
         let token = UnfedToken::deploy(self.provider.clone(), p.initial_supply)
             .await
@@ -194,6 +216,7 @@ impl Chain {
             p.min_stake,
             U256::from(p.cooldown_secs),
             U256::from(p.challenge_window_secs),
+            U256::from(p.withdraw_delay_secs),
             p.slash_destination as u8,
             p.slash_bps,
         )
@@ -314,16 +337,65 @@ impl Chain {
         Ok(())
     }
 
-    pub async fn client_withdraw(&self, d: &Deployment, amount: U256) -> Result<(), ChainError> {
+    /// Starts the withdrawal delay for `amount` of this wallet's client balance.
+    pub async fn request_client_withdraw(
+        &self,
+        d: &Deployment,
+        amount: U256,
+    ) -> Result<(), ChainError> {
         send(
-            "UnfedEscrow.clientWithdraw",
-            self.escrow(d).clientWithdraw(amount),
+            "UnfedEscrow.requestClientWithdraw",
+            self.escrow(d).requestClientWithdraw(amount),
         )
         .await?;
         Ok(())
     }
 
-    /// Operator: posts a settlement paying `nodes` out of `client`'s balance.
+    /// Executes this wallet's pending withdrawal once its delay has passed.
+    pub async fn client_withdraw(&self, d: &Deployment) -> Result<(), ChainError> {
+        send(
+            "UnfedEscrow.clientWithdraw",
+            self.escrow(d).clientWithdraw(),
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn withdrawal_request(
+        &self,
+        d: &Deployment,
+        client: Address,
+    ) -> Result<WithdrawalRequest, ChainError> {
+        let e = self.escrow(d);
+        Ok(WithdrawalRequest {
+            amount: read("withdrawRequested", e.withdrawRequested(client)).await?,
+            unlock_time: read("withdrawUnlockTime", e.withdrawUnlockTime(client)).await?,
+        })
+    }
+
+    /// Admin: hands the settler and slasher duties to their own keys.
+    pub async fn assign_roles(
+        &self,
+        d: &Deployment,
+        settler: Address,
+        slasher: Address,
+    ) -> Result<(), ChainError> {
+        let e = self.escrow(d);
+        send("UnfedEscrow.setSettler", e.setSettler(settler)).await?;
+        send("UnfedEscrow.setSlasher", e.setSlasher(slasher)).await?;
+        Ok(())
+    }
+
+    pub async fn roles(&self, d: &Deployment) -> Result<Roles, ChainError> {
+        let e = self.escrow(d);
+        Ok(Roles {
+            admin: read("admin", e.admin()).await?,
+            settler: read("settler", e.settler()).await?,
+            slasher: read("slasher", e.slasher()).await?,
+        })
+    }
+
+    /// Settler: posts a settlement paying `nodes` out of `client`'s balance.
     pub async fn post_settlement(
         &self,
         d: &Deployment,
@@ -362,7 +434,7 @@ impl Chain {
         Ok(())
     }
 
-    /// Operator: slashes `node` (active stake first, then cooling).
+    /// Slasher: slashes `node` (active stake first, then cooling).
     pub async fn slash(
         &self,
         d: &Deployment,
@@ -447,6 +519,17 @@ impl Chain {
             .get_block_number()
             .await
             .with_context(|| format!("cannot reach the chain at {}", self.rpc_url))
+    }
+
+    /// Hash of block 0: tells two chains with the same id (a restarted Anvil) apart.
+    pub async fn genesis_hash(&self) -> anyhow::Result<B256> {
+        let block = self
+            .provider
+            .get_block_by_number(alloy::eips::BlockNumberOrTag::Number(0))
+            .await
+            .with_context(|| format!("cannot reach the chain at {}", self.rpc_url))?
+            .context("the chain has no block 0")?;
+        Ok(block.header.hash)
     }
 
     /// Timestamp of the latest block (the chain's clock).

@@ -18,7 +18,10 @@ pub use alloy::primitives::{Address, U256};
 pub use alloy::signers::local::PrivateKeySigner;
 pub use amount::{format_amount, parse_amount};
 pub use anvil::{Anvil, AnvilOptions};
-pub use escrow::{Chain, ChainError, Deployment, EscrowParams, SlashDestination, StakeInfo};
+pub use escrow::{
+    Chain, ChainError, Deployment, EscrowParams, Roles, SlashDestination, StakeInfo,
+    WithdrawalRequest,
+};
 pub use keys::{
     STAKE_KEY_ENV, STAKE_KEY_FILE_ENV, dev_signer, load_stake_key_from_env, read_key_file,
     write_key_file,

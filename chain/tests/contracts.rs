@@ -176,14 +176,23 @@ async fn client_deposits_and_withdrawals() {
     );
 
     assert_reverts(
-        client.client_withdraw(&n.d, U256::ZERO).await,
+        client.request_client_withdraw(&n.d, U256::ZERO).await,
         "UnfedEscrow: withdraw amount is zero",
     );
     assert_reverts(
-        client.client_withdraw(&n.d, tokens("401")).await,
+        client.request_client_withdraw(&n.d, tokens("401")).await,
         "UnfedEscrow: withdraw amount exceeds balance",
     );
-    client.client_withdraw(&n.d, tokens("150")).await.unwrap();
+    assert_reverts(
+        client.client_withdraw(&n.d).await,
+        "UnfedEscrow: no withdrawal requested",
+    );
+    client
+        .request_client_withdraw(&n.d, tokens("150"))
+        .await
+        .unwrap();
+    n.increase_time(n.params.withdraw_delay_secs).await;
+    client.client_withdraw(&n.d).await.unwrap();
     assert_eq!(
         client.client_balance(&n.d, client.address()).await.unwrap(),
         tokens("250")
@@ -205,12 +214,12 @@ async fn settlement_debits_the_client_and_pays_nodes_after_the_window() {
     let nodes = vec![a.address(), b.address()];
     let amounts = vec![tokens("30"), tokens("12.5")];
 
-    // Only the operator posts; the inputs are validated.
+    // Only the settler posts; the inputs are validated.
     assert_reverts(
         client
             .post_settlement(&n.d, h, client.address(), nodes.clone(), amounts.clone())
             .await,
-        "UnfedEscrow: caller is not the operator",
+        "UnfedEscrow: caller is not the settler",
     );
     let op = &n.operator;
     assert_reverts(
@@ -267,7 +276,7 @@ async fn settlement_debits_the_client_and_pays_nodes_after_the_window() {
         "UnfedEscrow: settlement already posted",
     );
     assert_reverts(
-        client.client_withdraw(&n.d, tokens("60")).await,
+        client.request_client_withdraw(&n.d, tokens("60")).await,
         "UnfedEscrow: withdraw amount exceeds balance",
     );
     let s = op.settlement(&n.d, h).await.unwrap();
@@ -342,7 +351,7 @@ async fn challenge_refunds_the_client_only_inside_the_window() {
 
     assert_reverts(
         client.challenge_settlement(&n.d, h1).await,
-        "UnfedEscrow: caller is not the operator",
+        "UnfedEscrow: caller is not the settler",
     );
     assert_reverts(
         op.challenge_settlement(&n.d, B256::repeat_byte(3)).await,
@@ -389,7 +398,7 @@ async fn slashing_takes_active_stake_first_then_cooling() {
     node.request_unstake(&n.d, tokens("160")).await.unwrap(); // active 40, cooling 160
     assert_reverts(
         node.slash(&n.d, me, "self").await,
-        "UnfedEscrow: caller is not the operator",
+        "UnfedEscrow: caller is not the slasher",
     );
 
     // 50 % of 200 = 100: all 40 active, then 60 of the cooling stake.
@@ -412,7 +421,7 @@ async fn slashing_takes_active_stake_first_then_cooling() {
 }
 
 #[tokio::test]
-async fn slash_destinations_burn_and_operator() {
+async fn slash_destinations_burn_and_admin() {
     let params = EscrowParams {
         slash_destination: SlashDestination::Burn,
         slash_bps: 2500,
@@ -432,12 +441,12 @@ async fn slash_destinations_burn_and_operator() {
     let e = op.escrow(&n.d);
     unfed_chain::escrow::send(
         "setSlashConfig",
-        e.setSlashConfig(SlashDestination::Operator as u8, 10000),
+        e.setSlashConfig(SlashDestination::Admin as u8, 10000),
     )
     .await
     .unwrap();
     let before = op.token_balance(&n.d, op.address()).await.unwrap();
-    op.slash(&n.d, node.address(), "to operator").await.unwrap();
+    op.slash(&n.d, node.address(), "to admin").await.unwrap();
     assert_eq!(
         op.token_balance(&n.d, op.address()).await.unwrap(),
         before + tokens("150")
@@ -459,14 +468,14 @@ async fn slash_destinations_burn_and_operator() {
 }
 
 #[tokio::test]
-async fn operator_configuration_is_operator_only() {
+async fn configuration_is_admin_only() {
     let n = net().await;
     let op = &n.operator;
     let e = op.escrow(&n.d);
     let stranger = n.wallet(6, "0").await;
     let se = stranger.escrow(&n.d);
     use unfed_chain::escrow::send;
-    let not_op = "UnfedEscrow: caller is not the operator";
+    let not_op = "UnfedEscrow: caller is not the admin";
     assert_reverts(
         send("setMinStake", se.setMinStake(U256::from(1))).await,
         not_op,
@@ -484,7 +493,7 @@ async fn operator_configuration_is_operator_only() {
         not_op,
     );
     assert_reverts(
-        send("transferOperator", se.transferOperator(stranger.address())).await,
+        send("transferAdmin", se.transferAdmin(stranger.address())).await,
         not_op,
     );
 
@@ -497,6 +506,19 @@ async fn operator_configuration_is_operator_only() {
     send("setChallengeWindow", e.setChallengeWindow(U256::from(5)))
         .await
         .unwrap();
+    // The withdraw delay never drops below the challenge window, from either side.
+    assert_reverts(
+        send("setWithdrawDelay", e.setWithdrawDelay(U256::from(4))).await,
+        "UnfedEscrow: withdraw delay below challenge window",
+    );
+    assert_reverts(
+        send("setChallengeWindow", e.setChallengeWindow(U256::from(121))).await,
+        "UnfedEscrow: challenge window above withdraw delay",
+    );
+    send("setWithdrawDelay", e.setWithdrawDelay(U256::from(5)))
+        .await
+        .unwrap();
+    assert_eq!(e.withdrawDelay().call().await.unwrap(), U256::from(5));
     assert_eq!(op.min_stake(&n.d).await.unwrap(), tokens("150"));
     assert_eq!(e.cooldown().call().await.unwrap(), U256::from(10));
     assert_eq!(e.challengeWindow().call().await.unwrap(), U256::from(5));
@@ -526,13 +548,13 @@ async fn operator_configuration_is_operator_only() {
     );
 
     assert_reverts(
-        send("transferOperator", e.transferOperator(Address::ZERO)).await,
-        "UnfedEscrow: new operator is the zero address",
+        send("transferAdmin", e.transferAdmin(Address::ZERO)).await,
+        "UnfedEscrow: new admin is the zero address",
     );
-    send("transferOperator", e.transferOperator(stranger.address()))
+    send("transferAdmin", e.transferAdmin(stranger.address()))
         .await
         .unwrap();
-    assert_eq!(e.operator().call().await.unwrap(), stranger.address());
+    assert_eq!(e.admin().call().await.unwrap(), stranger.address());
     assert_reverts(
         send("setMinStake", e.setMinStake(U256::from(1))).await,
         not_op,
@@ -553,6 +575,16 @@ async fn constructor_rejects_bad_configuration() {
     assert_eq!(
         err.revert_reason(),
         Some("UnfedEscrow: slash bps above 10000"),
+        "{err}"
+    );
+    let short_delay = EscrowParams {
+        withdraw_delay_secs: 59,
+        ..EscrowParams::default()
+    };
+    let err = n.operator.deploy(&short_delay).await.unwrap_err();
+    assert_eq!(
+        err.revert_reason(),
+        Some("UnfedEscrow: withdraw delay below challenge window"),
         "{err}"
     );
 }

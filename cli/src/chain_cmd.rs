@@ -271,8 +271,7 @@ impl Verbs {
         }
         let mut client = None;
         if let Some(index) = self.ctx.plan.client_wallet {
-            let signer = dev_signer(index as u32)?;
-            write_key_file(&self.key_path("client"), &signer)?;
+            let signer = crate::launch::steps::client_signer(&self.ctx, index)?;
             let who = signer.address();
             let deposit = wei(self.ctx.loaded.spec.economics.client_deposit);
             let have =
@@ -330,7 +329,8 @@ impl Verbs {
             );
         }
         if let Some(index) = self.ctx.plan.client_wallet {
-            let client = operator.as_wallet(dev_signer(index as u32)?)?;
+            let client =
+                operator.as_wallet(crate::launch::steps::client_signer(&self.ctx, index)?)?;
             let target = wei(self.ctx.loaded.spec.economics.client_deposit);
             let have = client.client_balance(&d, client.address()).await?;
             if have < target {
@@ -504,11 +504,7 @@ impl Verbs {
     }
 
     fn operator_chain(&self, record: &ChainRecord) -> anyhow::Result<Chain> {
-        let signer = match &self.ctx.loaded.spec.chain.operator_key_file {
-            Some(file) => read_key_file(&self.ctx.loaded.resolve(file))?,
-            None => dev_signer(self.ctx.plan.operator_wallet.unwrap_or(0) as u32)?,
-        };
-        Chain::connect(&record.rpc_url, signer)
+        Chain::connect(&record.rpc_url, crate::launch::steps::operator(&self.ctx)?)
     }
 
     fn wallet_steps(&self) -> impl Iterator<Item = &Step> {

@@ -424,7 +424,7 @@ impl LaunchPlan {
         }
 
         apply_overrides(loaded, &mut steps, &mut report);
-        assign_wallets(loaded, &mut steps);
+        assign_wallets(loaded, &mut steps, &mut report);
         assign_ports(loaded, &mut steps, &mut report);
         assign_waves(&mut steps);
         for step in &mut steps {
@@ -601,15 +601,32 @@ fn default_names(steps: &[Step]) -> HashMap<String, String> {
         .collect()
 }
 
-fn assign_wallets(loaded: &LoadedSpec, steps: &mut [Step]) {
+fn assign_wallets(
+    loaded: &LoadedSpec,
+    steps: &mut [Step],
+    report: &mut crate::spec::diagnostics::Reporter,
+) {
     if loaded.spec.chain.mode == ChainMode::None {
         for step in steps.iter_mut() {
             step.stake = None;
         }
         return;
     }
+    let external = loaded.spec.chain.mode == ChainMode::External;
     let nodes = steps.iter_mut().filter(|s| s.kind.role().is_some());
     for (wallet, step) in (FIRST_NODE_WALLET..).zip(nodes) {
+        // Dev wallets come from the public mnemonic: anyone could sweep their stake.
+        if external && step.eth_key.is_none() {
+            report.at(
+                loaded.spans.key_or_section("chain", "mode"),
+                format!(
+                    "node {} has no eth_key: with chain.mode = \"external\" every node needs its own key ([[node]] role = \"{}\", shard = {}, eth_key = \"path/to/0600-key\"); the public dev keys are refused off Anvil",
+                    step.name,
+                    step.kind.role().map(|r| r.as_str()).unwrap_or_default(),
+                    step.shard.unwrap_or(0)
+                ),
+            );
+        }
         step.wallet = Some(wallet);
         step.stake.get_or_insert(loaded.spec.nodes.stake);
     }

@@ -108,11 +108,13 @@ pub fn spec_checks(loaded: &LoadedSpec, plan: &LaunchPlan, verify_split: bool) -
             ));
         }
     }
-    if let Some(key) = &loaded.spec.chain.operator_key_file {
-        checks.push(Check::new(
-            "operator key file is private",
-            private_file(&loaded.resolve(key)),
-        ));
+    for key in crate::spec::CHAIN_KEY_FILES {
+        if let Some(file) = loaded.spec.chain.key_file(key) {
+            checks.push(Check::new(
+                format!("chain.{key} is private"),
+                private_file(&loaded.resolve(file)),
+            ));
+        }
     }
     if plan
         .steps

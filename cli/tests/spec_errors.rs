@@ -138,19 +138,44 @@ fn stake_below_min_stake() {
 }
 
 #[test]
-fn external_chain_needs_rpc_url_and_operator_key() {
+fn external_chain_needs_rpc_url_and_a_key_per_duty() {
     let all = problems("[chain]\nmode = \"external\"\n");
+    let refused = "the public dev keys are refused off Anvil";
+    // The nodes' missing keys follow (next test).
     assert_eq!(
-        all,
-        vec![
-            "x.toml:2:8: chain.mode = \"external\" needs chain.rpc_url (e.g. rpc_url = \"http://127.0.0.1:8545\")",
-            "x.toml:2:8: chain.mode = \"external\" needs chain.operator_key_file (a 0600 file holding the operator's private key)",
+        all[..5],
+        [
+            "x.toml:2:8: chain.mode = \"external\" needs chain.rpc_url (e.g. rpc_url = \"http://127.0.0.1:8545\")".to_string(),
+            format!("x.toml:2:8: chain.mode = \"external\" needs chain.operator_key_file (a 0600 file holding the escrow admin's private key; {refused})"),
+            format!("x.toml:2:8: chain.mode = \"external\" needs chain.settler_key_file (a 0600 file holding the settlement poster (the daemon)'s private key; {refused})"),
+            format!("x.toml:2:8: chain.mode = \"external\" needs chain.slasher_key_file (a 0600 file holding the slasher (the registry)'s private key; {refused})"),
+            format!("x.toml:2:8: chain.mode = \"external\" needs chain.client_key_file (a 0600 file holding the client wallet's private key; {refused})"),
         ]
     );
+    assert_eq!(all.len(), 8, "{all:#?}");
     assert_eq!(
         one_problem("[chain]\nmode = \"none\"\nrpc_url = \"http://x\"\n"),
         "x.toml:3:11: chain.rpc_url is only used with mode = \"external\" (mode is \"none\"); remove it or switch the mode"
     );
+}
+
+/// `[chain]` of an external chain with every duty's key (the faucet's is optional).
+const EXTERNAL_CHAIN: &str = "[chain]\nmode = \"external\"\nrpc_url = \"http://127.0.0.1:8545\"\noperator_key_file = \"a.key\"\nsettler_key_file = \"s.key\"\nslasher_key_file = \"l.key\"\nclient_key_file = \"c.key\"\n[model]\ntext_shards = 1\n";
+
+#[test]
+fn external_chain_refuses_nodes_on_the_dev_mnemonic() {
+    // Every node without eth_key is named, with the override that fixes it.
+    assert_eq!(
+        problems(EXTERNAL_CHAIN),
+        vec![
+            "x.toml:2:8: node daemon has no eth_key: with chain.mode = \"external\" every node needs its own key ([[node]] role = \"daemon\", shard = 0, eth_key = \"path/to/0600-key\"); the public dev keys are refused off Anvil",
+            "x.toml:2:8: node compute-0 has no eth_key: with chain.mode = \"external\" every node needs its own key ([[node]] role = \"compute\", shard = 0, eth_key = \"path/to/0600-key\"); the public dev keys are refused off Anvil",
+        ]
+    );
+    let keyed = format!(
+        "{EXTERNAL_CHAIN}[[node]]\nrole = \"compute\"\neth_key = \"n0.key\"\n[[node]]\nrole = \"daemon\"\neth_key = \"d.key\"\n"
+    );
+    assert_eq!(problems(&keyed), Vec::<String>::new());
 }
 
 #[test]

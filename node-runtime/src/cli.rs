@@ -76,9 +76,13 @@ struct RegistryArgs {
     /// soft (also exclude the node), enforced (also slash its stake on-chain).
     #[arg(long, value_enum, default_value = "enforced")]
     dispute_stage: crate::verify::adjudicate::Stage,
-    /// The escrow operator's key file (0600), for slashing in the enforced stage.
+    /// The escrow slasher's key file (0600), for slashing in the enforced stage.
     #[arg(long, env = crate::daemon::args::OPERATOR_KEY_FILE_ENV)]
     operator_key_file: Option<PathBuf>,
+    /// SQLite file keeping fraud exclusions across restarts (created if missing);
+    /// without it they live in memory only.
+    #[arg(long)]
+    state_db: Option<PathBuf>,
     #[command(flatten)]
     tls: crate::net::TlsArgs,
 }
@@ -270,6 +274,12 @@ async fn run_registry(a: RegistryArgs) -> Result<()> {
             a.dispute_stage,
             slasher,
         )),
+        state: a
+            .state_db
+            .as_deref()
+            .map(crate::exclusions::ExclusionStore::open)
+            .transpose()?
+            .map(Arc::new),
     };
     let listener = bind(&a.host, a.port).await?;
     registry::run(config, listener, shutdown_signal()).await

@@ -60,6 +60,8 @@ pub struct RegistryConfig {
     /// The transport: with TLS, every registration must come over mutual TLS with the
     /// certificate it registers.
     pub net: crate::net::Net,
+    /// Where exclusions are kept across restarts; `None` keeps them in memory only.
+    pub state: Option<Arc<crate::exclusions::ExclusionStore>>,
 }
 
 impl Default for RegistryConfig {
@@ -73,6 +75,7 @@ impl Default for RegistryConfig {
             stake_recheck: Duration::from_secs(30),
             adjudicator: Arc::new(Adjudicator::new(Stage::Shadow, None)),
             net: crate::net::Net::plaintext(),
+            state: None,
         }
     }
 }
@@ -165,10 +168,17 @@ impl RegistryService {
             Some(d) => load_models(d)?,
             None => BTreeMap::new(),
         };
+        let excluded = match &config.state {
+            Some(db) => db.excluded()?,
+            None => BTreeSet::new(),
+        };
+        if !excluded.is_empty() {
+            tracing::info!(nodes = ?excluded, "excluded for fraud in an earlier run");
+        }
         Ok(Self {
             state: Arc::new(Mutex::new(State {
                 nodes: HashMap::new(),
-                excluded: BTreeSet::new(),
+                excluded,
                 models,
             })),
             config: Arc::new(config),
@@ -610,6 +620,12 @@ impl Registry for RegistryService {
             .await;
         if v.guilty && adj.stage != Stage::Shadow {
             tracing::warn!(node = %accused_id, "excluded from discovery after a guilty verdict");
+            if let Some(db) = &self.config.state
+                && let Err(e) = db.exclude(&accused_id, &v.message, crate::daemon::now_ms())
+            {
+                // Still excluded for this run; only the restart would forget it.
+                tracing::error!(node = %accused_id, "cannot persist the exclusion: {e:#}");
+            }
             self.state().excluded.insert(accused_id);
         }
         Ok(Response::new(v))

@@ -1,8 +1,9 @@
 //! Settlement on a real Anvil with the compiled escrow: the daemon process posts each
 //! summary as the operator, finalizes it after the challenge window, and the client's
 //! deposit and the nodes' earnings match the usage at the configured prices exactly.
-//! A settlement the escrow refuses (client without funds) is an error that is retried
-//! until it goes through, never dropped.
+//! A settlement the client's deposit cannot cover is parked (no transaction sent) and
+//! posted once the deposit grows, never dropped. A share db made for another chain (the
+//! last run's, before a fresh Anvil) is kept aside and never settled on the new one.
 
 mod common;
 mod daemon_common;
@@ -11,6 +12,46 @@ use common::net::Node;
 use daemon_common::*;
 use unfed_chain::{U256, dev_signer, parse_amount};
 use unfed_proto::*;
+
+/// Daemon flags that settle on `anvil`'s escrow for `client` every `blocks` blocks, at
+/// 3 wei per input and 5 wei per output token, with dev wallet 0 as the settler.
+/// Voucher terms for a daemon started with `settling` on `d`.
+fn settling_terms(d: &unfed_chain::Deployment) -> unfed_node::voucher::Terms {
+    let mut t = terms(&d.escrow.to_string());
+    t.prices = unfed_node::daemon::Prices {
+        input: U256::from(3),
+        output: U256::from(5),
+    };
+    t
+}
+
+fn settling(
+    net: &Net,
+    anvil: &unfed_chain::Anvil,
+    d: &unfed_chain::Deployment,
+    blocks: u32,
+) -> Vec<String> {
+    let key_file = net.dir.path().join("keys/operator.key");
+    unfed_chain::write_key_file(&key_file, &dev_signer(0).unwrap()).unwrap();
+    [
+        "--chain-rpc",
+        anvil.endpoint().as_str(),
+        "--escrow",
+        d.escrow.to_string().as_str(),
+        "--operator-key-file",
+        key_file.display().to_string().as_str(),
+        "--settlement-blocks",
+        blocks.to_string().as_str(),
+        "--settle-poll-secs",
+        "0.2",
+        "--price-per-input-token",
+        "0.000000000000000003",
+        "--price-per-output-token",
+        "0.000000000000000005",
+    ]
+    .map(String::from)
+    .to_vec()
+}
 
 /// Independent restatement of the pricing rule: a step's price split evenly over the
 /// route's shards, the remainder to the last shard.
@@ -25,7 +66,7 @@ fn hop_amount(input: u64, output: u64, shard: u32, shards: u32, p_in: u64, p_out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn usage_is_paid_exactly_and_a_refused_settlement_is_retried_until_paid() {
+async fn usage_is_paid_exactly_and_an_underfunded_settlement_waits_for_the_deposit() {
     let net = registry();
     let (anvil, operator, d) = common::net::anvil_with_escrow(1).await;
     let deposit = parse_amount("1000").unwrap();
@@ -46,27 +87,9 @@ async fn usage_is_paid_exactly_and_a_refused_settlement_is_retried_until_paid() 
         .deposit(&d, deposit)
         .await
         .unwrap();
-    let key_file = net.dir.path().join("keys/operator.key");
-    unfed_chain::write_key_file(&key_file, &dev_signer(0).unwrap()).unwrap();
-
     // Odd prices in wei so that the per-shard split has remainders.
     let (p_in, p_out) = (3u64, 5u64);
-    let extra = [
-        "--chain-rpc".to_string(),
-        anvil.endpoint(),
-        "--escrow".into(),
-        d.escrow.to_string(),
-        "--operator-key-file".into(),
-        key_file.display().to_string(),
-        "--settlement-blocks".into(),
-        "2".into(),
-        "--settle-poll-secs".into(),
-        "0.2".into(),
-        "--price-per-input-token".into(),
-        "0.000000000000000003".into(),
-        "--price-per-output-token".into(),
-        "0.000000000000000005".into(),
-    ];
+    let extra = settling(&net, &anvil, &d, 2);
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     let db = net.dir.path().join("chain.db");
     let dnode = Node::start(
@@ -86,11 +109,7 @@ async fn usage_is_paid_exactly_and_a_refused_settlement_is_retried_until_paid() 
     a.shards_total = 2;
     b.shards_total = 2;
     // Vouchers at the daemon's prices, for its escrow; the route is (a, b).
-    let mut terms = terms(&d.escrow.to_string());
-    terms.prices = unfed_node::daemon::Prices {
-        input: U256::from(p_in),
-        output: U256::from(p_out),
-    };
+    let terms = settling_terms(&d);
     let route = [wa.to_string(), wb.to_string()];
     let route: Vec<&str> = route.iter().map(String::as_str).collect();
     // A 2-shard route serving 2 sessions of 4 steps (prompt of 5 tokens) for the
@@ -147,12 +166,12 @@ async fn usage_is_paid_exactly_and_a_refused_settlement_is_retried_until_paid() 
         U256::from(5)
     );
 
-    // The poor client's settlement is refused by the escrow: recorded as an error with
-    // the revert reason, retried, still pending.
-    let st = wait_status(&mut dm, "the poor client's settlement to fail", |st| {
+    // The poor client's deposit cannot cover its settlement: parked with the reason,
+    // not sent (so not a failed attempt).
+    let st = wait_status(&mut dm, "the poor client's settlement to be parked", |st| {
         st.settlements
             .iter()
-            .any(|s| s.client == poor.address().to_string() && s.attempts >= 2)
+            .any(|s| s.client == poor.address().to_string() && s.status == "underfunded")
     })
     .await;
     let refused = st
@@ -160,9 +179,11 @@ async fn usage_is_paid_exactly_and_a_refused_settlement_is_retried_until_paid() 
         .iter()
         .find(|s| s.client == poor.address().to_string())
         .unwrap();
-    assert_eq!(refused.status, "pending");
+    assert_eq!(refused.attempts, 0, "{refused:?}");
     assert!(
-        refused.last_error.contains("insufficient client balance"),
+        refused
+            .last_error
+            .contains("posted once the deposit covers it"),
         "{refused:?}"
     );
     assert_eq!(refused.total, expect_poor.to_string());
@@ -225,4 +246,90 @@ async fn usage_is_paid_exactly_and_a_refused_settlement_is_retried_until_paid() 
         before + expect_a + poor_a
     );
     assert_eq!(operator.earnings(&d, wa).await.unwrap(), U256::ZERO);
+}
+
+/// `up`, chat, `down`, `up` again: the second run's Anvil is fresh (same chain id, the
+/// escrow at the same address), so the first run's unfinished settlement must not be
+/// posted on it. The daemon keeps the old share db aside and starts a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_share_db_of_an_earlier_chain_is_kept_aside_and_never_settled() {
+    let net = registry();
+    let client = dev_signer(1).unwrap().address();
+    let db = net.dir.path().join("chain.db");
+    let (mut first, _, d1) = common::net::anvil_with_escrow(1).await;
+    let extra = settling(&net, &first, &d1, 1);
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let mut dnode = Node::start(
+        &daemon_args(&net, &db, "0", &extra),
+        net.dir.path().join("daemon-1.log"),
+    );
+    let mut dm = daemon(&dnode.address).await;
+    let node = dev_signer(2).unwrap().address().to_string();
+    let mut a = Signer::register(&net.registry.address, &node).await;
+    a.payer = unfed_node::voucher::Payer::wallet(dev_signer(1).unwrap());
+    a.terms = settling_terms(&d1);
+    let batch: Vec<_> = (0..3).map(|_| a.next("s1")).collect();
+    assert!(
+        submit(&mut dm, &a.node, batch)
+            .await
+            .iter()
+            .all(|r| r.accepted)
+    );
+    // The client never deposited on the first chain: the settlement stays unfinished.
+    let st = wait_status(&mut dm, "an unfinished settlement", |st| {
+        st.settlements.iter().any(|s| s.status == "underfunded")
+    })
+    .await;
+    let old = <[u8; 32]>::try_from(st.settlements[0].hash.as_slice()).unwrap();
+    dnode.terminate();
+    first.stop().unwrap();
+
+    let (second, operator, d2) = common::net::anvil_with_escrow(1).await;
+    assert_eq!(
+        d2.escrow, d1.escrow,
+        "a fresh Anvil puts the escrow at the same address"
+    );
+    // On the new chain the client can pay, so only the stamp stands in the way.
+    let deposit = parse_amount("10").unwrap();
+    let payer = operator.as_wallet(dev_signer(1).unwrap()).unwrap();
+    operator
+        .fund(&d2, client, deposit, U256::ZERO)
+        .await
+        .unwrap();
+    payer.deposit(&d2, deposit).await.unwrap();
+
+    let extra = settling(&net, &second, &d2, 1);
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let dnode = Node::start(
+        &daemon_args(&net, &db, "0", &extra),
+        net.dir.path().join("daemon-2.log"),
+    );
+    let mut dm = daemon(&dnode.address).await;
+    let st = dm
+        .get_chain_status(GetChainStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(st.settlements.is_empty() && st.height == 0, "{st:?}");
+    let log = std::fs::read_to_string(&dnode.log).unwrap();
+    assert!(log.contains("belongs to another chain"), "{log}");
+    let kept: Vec<_> = std::fs::read_dir(net.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("chain.db.") && n.ends_with(".stale"))
+        .collect();
+    assert_eq!(kept.len(), 1, "the old db is kept beside: {kept:?}");
+    assert!(log.contains(&kept[0]), "the log names the kept file: {log}");
+    // The old db still holds the unfinished settlement; the new chain never saw it.
+    let old_db = unfed_node::daemon::Store::open(&net.dir.path().join(&kept[0])).unwrap();
+    assert!(old_db.settlements().unwrap().iter().any(|s| s.hash == old));
+    assert_eq!(
+        operator
+            .settlement(&d2, old.into())
+            .await
+            .unwrap()
+            .posted_at,
+        0
+    );
+    assert_eq!(operator.client_balance(&d2, client).await.unwrap(), deposit);
 }

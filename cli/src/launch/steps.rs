@@ -158,12 +158,77 @@ async fn start_anvil(ctx: &Context, step: &Step) -> anyhow::Result<Outcome> {
     })
 }
 
-fn operator(ctx: &Context) -> anyhow::Result<PrivateKeySigner> {
-    match &ctx.loaded.spec.chain.operator_key_file {
-        Some(file) => unfed_chain::read_key_file(&ctx.loaded.resolve(file)),
-        None => unfed_chain::dev_signer(ctx.plan.operator_wallet.unwrap_or(0) as u32),
+/// One key per duty, so that a process holding one can do nothing else: the admin
+/// deploys and assigns roles (kept by `up`), the settler posts settlements (daemon),
+/// the slasher slashes (registry), the faucet pays grants (dashboard, faucet on only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Duty {
+    Admin,
+    Settler,
+    Slasher,
+    Faucet,
+}
+
+/// Dev wallets of the settler, slasher and faucet on Anvil: far past the node wallets,
+/// not prefunded (`deploy` sends them gas).
+const DEV_DUTY_WALLET: u32 = 1000;
+
+impl Duty {
+    fn name(self) -> &'static str {
+        match self {
+            Duty::Admin => "operator",
+            Duty::Settler => "settler",
+            Duty::Slasher => "slasher",
+            Duty::Faucet => "faucet",
+        }
+    }
+
+    fn spec_key(self) -> String {
+        format!("{}_key_file", self.name())
     }
 }
+
+/// The key of `duty` and its file: the spec's, or (on Anvil) a dev key written 0600 to
+/// keys/ (the admin's is never written: no process is given it).
+fn duty_key(ctx: &Context, duty: Duty) -> anyhow::Result<(PrivateKeySigner, PathBuf)> {
+    if let Some(file) = ctx.loaded.spec.chain.key_file(&duty.spec_key()) {
+        let path = ctx.loaded.resolve(file);
+        return Ok((unfed_chain::read_key_file(&path)?, path));
+    }
+    let path = ctx.key_path(duty.name());
+    if duty == Duty::Admin {
+        // The admin key stays with `up`: no process gets it, so it is not written out.
+        let index = ctx.plan.operator_wallet.unwrap_or(0) as u32;
+        return Ok((unfed_chain::dev_signer(index)?, path));
+    }
+    let signer = unfed_chain::dev_signer(DEV_DUTY_WALLET + duty as u32)?;
+    unfed_chain::write_key_file(&path, &signer)?;
+    Ok((signer, path))
+}
+
+pub(crate) fn operator(ctx: &Context) -> anyhow::Result<PrivateKeySigner> {
+    Ok(duty_key(ctx, Duty::Admin)?.0)
+}
+
+/// The client's wallet: the spec's `chain.client_key_file`, else (Anvil) dev wallet
+/// `index`; either way written 0600 to keys/client.key for `unfedctl client`.
+pub(crate) fn client_signer(ctx: &Context, index: usize) -> anyhow::Result<PrivateKeySigner> {
+    let signer = match &ctx.loaded.spec.chain.client_key_file {
+        Some(file) => unfed_chain::read_key_file(&ctx.loaded.resolve(file))?,
+        None => unfed_chain::dev_signer(index as u32)?,
+    };
+    unfed_chain::write_key_file(&ctx.key_path("client"), &signer)?;
+    Ok(signer)
+}
+
+/// Whether the dashboard's faucet is switched on for this `up` (its environment).
+fn faucet_on() -> bool {
+    let env: std::collections::HashMap<String, String> = std::env::vars().collect();
+    unfed_node::web::args::truthy(&env, unfed_node::web::args::FAUCET_ENABLED_ENV, false)
+}
+
+/// Tokens the dev faucet wallet starts with (a grant is 10 by default).
+const FAUCET_FLOAT_TOKENS: u64 = 100_000;
 
 /// A spec amount in the token's smallest units.
 pub(crate) fn wei(amount: TokenAmount) -> U256 {
@@ -198,17 +263,46 @@ async fn deploy(ctx: &Context, inputs: Inputs) -> anyhow::Result<Outcome> {
     if record.chain_id == 0 {
         record.chain_id = chain.chain_id().await?;
     }
+    let daemon = &ctx.loaded.spec.daemon;
+    // Work done just before a withdrawal request is settled within one settlement
+    // interval and can be challenged within the window: the money waits for both.
+    let settle_interval = daemon.block_interval_seconds * daemon.settlement_blocks.max(1);
     let deployment = chain
         .deploy(&EscrowParams {
             min_stake: wei(econ.min_stake),
             cooldown_secs: econ.cooldown_seconds,
             challenge_window_secs: econ.challenge_window_seconds,
+            withdraw_delay_secs: econ.challenge_window_seconds + settle_interval,
             slash_destination: SlashDestination::Pool,
             slash_bps: econ.slash_bps(),
             ..EscrowParams::default()
         })
         .await
         .context("deploying UnfedToken + UnfedEscrow")?;
+    let (settler, _) = duty_key(ctx, Duty::Settler)?;
+    let (slasher, _) = duty_key(ctx, Duty::Slasher)?;
+    chain
+        .assign_roles(&deployment, settler.address(), slasher.address())
+        .await
+        .context("handing the settler and slasher roles to their keys")?;
+    for who in [settler.address(), slasher.address()] {
+        let eth = gas_needed(&chain, who).await?;
+        chain
+            .fund(&deployment, who, U256::ZERO, eth)
+            .await
+            .with_context(|| format!("sending gas money to {who}"))?;
+    }
+    if faucet_on() {
+        let (faucet, _) = duty_key(ctx, Duty::Faucet)?;
+        let who = faucet.address();
+        let float = U256::from(FAUCET_FLOAT_TOKENS) * U256::from(10).pow(U256::from(18));
+        let have = chain.token_balance(&deployment, who).await?;
+        let eth = gas_needed(&chain, who).await?;
+        chain
+            .fund(&deployment, who, float.saturating_sub(have), eth)
+            .await
+            .context("funding the faucet wallet")?;
+    }
     record.token = Some(deployment.token.to_string());
     record.escrow = Some(deployment.escrow.to_string());
     record.operator = Some(chain.address().to_string());
@@ -256,10 +350,9 @@ async fn fund_and_stake(ctx: &Context, inputs: Inputs) -> anyhow::Result<Outcome
         });
     }
     if let Some(index) = ctx.plan.client_wallet {
-        let client = unfed_chain::dev_signer(index as u32)?;
+        let client = client_signer(ctx, index)?;
         let who = client.address();
         let deposit = wei(ctx.loaded.spec.economics.client_deposit);
-        unfed_chain::write_key_file(&ctx.key_path("client"), &client)?;
         let eth = gas_needed(&operator, who).await?;
         operator
             .fund(&deployment, who, deposit, eth)
@@ -570,8 +663,12 @@ async fn start_registry(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::R
         cmd.arg("--chain-rpc").arg(&chain.rpc_url);
         cmd.arg("--escrow")
             .arg(chain.escrow.as_deref().context("escrow not deployed")?);
-        // The registry slashes proven cheaters as the escrow operator.
-        cmd.arg("--operator-key-file").arg(operator_key_file(ctx)?);
+        // The registry slashes proven cheaters with the slasher key, nothing else.
+        cmd.arg("--operator-key-file")
+            .arg(duty_key(ctx, Duty::Slasher)?.1);
+        // Exclusions outlive a registry restart.
+        cmd.arg("--state-db")
+            .arg(ctx.plan.run_dir.join("registry-state.db"));
     }
     let (port, addr) = spawn_node(ctx, step, "registry", cmd, None, Readiness::Answers).await?;
     Ok(Outcome {
@@ -645,18 +742,6 @@ fn stake_identity(cmd: &mut std::process::Command, step: &Step, inputs: &Inputs)
     }
 }
 
-/// The operator's key file: the spec's, or the dev operator key written 0600 to keys/.
-fn operator_key_file(ctx: &Context) -> anyhow::Result<std::path::PathBuf> {
-    Ok(match &ctx.loaded.spec.chain.operator_key_file {
-        Some(file) => ctx.loaded.resolve(file),
-        None => {
-            let path = ctx.key_path("operator");
-            unfed_chain::write_key_file(&path, &operator(ctx)?)?;
-            path
-        }
-    })
-}
-
 /// The spec's per-token prices, for the roles that bill or quote them.
 fn price_args(cmd: &mut std::process::Command, spec: &crate::spec::TestnetSpec) {
     cmd.arg("--price-per-input-token")
@@ -696,7 +781,9 @@ async fn start_daemon(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::Res
     price_args(&mut cmd, spec);
     if let Some(chain) = &inputs.chain {
         contract_args(&mut cmd, chain)?;
-        cmd.arg("--operator-key-file").arg(operator_key_file(ctx)?);
+        // The daemon posts and challenges settlements with the settler key only.
+        cmd.arg("--operator-key-file")
+            .arg(duty_key(ctx, Duty::Settler)?.1);
     }
     let eth_address = stake_identity(&mut cmd, step, &inputs);
     let readiness = Readiness::ListedBy(registry);
@@ -739,8 +826,12 @@ async fn start_web(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::Result
     }
     if let Some(chain) = &inputs.chain {
         contract_args(&mut cmd, chain)?;
-        // The faucet pays from the operator's wallet (it runs only if switched on).
-        cmd.arg("--operator-key-file").arg(operator_key_file(ctx)?);
+        // Only a switched-on faucet gets a key: its own token wallet, no escrow role.
+        cmd.env_remove(unfed_node::daemon::args::OPERATOR_KEY_FILE_ENV);
+        if faucet_on() {
+            cmd.arg("--operator-key-file")
+                .arg(duty_key(ctx, Duty::Faucet)?.1);
+        }
         if chain.client.is_some() {
             // Demo sessions pay as the dev client, signing its vouchers.
             cmd.arg("--demo-wallet-key-file")

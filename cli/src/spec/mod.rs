@@ -19,6 +19,14 @@ use diagnostics::Reporter;
 
 /// The spec `unfedctl` runs when none is given: the built-in tiny model, 2 shards, a local chain.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../../specs/tiny.toml");
+/// The keys an external chain needs (one per duty, plus the client's), by spec key.
+const EXTERNAL_KEYS: [(&str, &str); 4] = [
+    ("operator_key_file", "escrow admin"),
+    ("settler_key_file", "settlement poster (the daemon)"),
+    ("slasher_key_file", "slasher (the registry)"),
+    ("client_key_file", "client wallet"),
+];
+
 pub const EMBEDDED_NAME: &str = "<embedded specs/tiny.toml>";
 
 /// A checked spec and where it came from.
@@ -189,15 +197,18 @@ fn check_rules(loaded: &LoadedSpec, report: &mut Reporter) {
                     "chain.mode = \"external\" needs chain.rpc_url (e.g. rpc_url = \"http://127.0.0.1:8545\")",
                 );
             }
-            if chain.operator_key_file.is_none() {
-                report.at(
-                    spans.key_or_section("chain", "mode"),
-                    "chain.mode = \"external\" needs chain.operator_key_file (a 0600 file holding the operator's private key)",
-                );
+            // The public dev mnemonic is never used off Anvil: anyone could sweep it.
+            for (key, what) in EXTERNAL_KEYS {
+                if chain.key_file(key).is_none() {
+                    report.at(
+                        spans.key_or_section("chain", "mode"),
+                        format!("chain.mode = \"external\" needs chain.{key} (a 0600 file holding the {what}'s private key; the public dev keys are refused off Anvil)"),
+                    );
+                }
             }
         }
         mode => {
-            for key in ["rpc_url", "operator_key_file"] {
+            for key in std::iter::once("rpc_url").chain(CHAIN_KEY_FILES) {
                 if let Some(span) = spans.get(&format!("chain.{key}")) {
                     report.at(
                         Some(span),
@@ -350,6 +361,10 @@ mod tests {
         });
         spec.chain.rpc_url = Some(String::new());
         spec.chain.operator_key_file = Some(String::new());
+        spec.chain.settler_key_file = Some(String::new());
+        spec.chain.slasher_key_file = Some(String::new());
+        spec.chain.faucet_key_file = Some(String::new());
+        spec.chain.client_key_file = Some(String::new());
         spec.chain.port = Some(1);
         spec.model.source = Some(String::new());
         spec.model.path = Some(String::new());

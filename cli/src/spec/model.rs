@@ -58,11 +58,43 @@ pub enum ChainMode {
 pub struct ChainSection {
     pub mode: ChainMode,
     pub rpc_url: Option<String>,
+    /// The escrow admin (deploys, configures, assigns roles).
     pub operator_key_file: Option<String>,
+    /// Posts and challenges settlements (given to the daemon only).
+    pub settler_key_file: Option<String>,
+    /// Slashes proven cheaters (given to the registry only).
+    pub slasher_key_file: Option<String>,
+    /// The faucet's token wallet (given to the dashboard only, when the faucet is on).
+    pub faucet_key_file: Option<String>,
+    /// The dev client's wallet (deposits and pays for chats).
+    pub client_key_file: Option<String>,
     /// None: 8545, or a free port when base_port = 0.
     pub port: Option<u16>,
     pub block_time: u64,
     pub chain_id: u64,
+}
+
+/// The `[chain]` keys naming a key file, one per duty plus the client's.
+pub const CHAIN_KEY_FILES: [&str; 5] = [
+    "operator_key_file",
+    "settler_key_file",
+    "slasher_key_file",
+    "faucet_key_file",
+    "client_key_file",
+];
+
+impl ChainSection {
+    /// The key file the spec sets under `chain.<key>`.
+    pub fn key_file(&self, key: &str) -> Option<&str> {
+        match key {
+            "operator_key_file" => self.operator_key_file.as_deref(),
+            "settler_key_file" => self.settler_key_file.as_deref(),
+            "slasher_key_file" => self.slasher_key_file.as_deref(),
+            "faucet_key_file" => self.faucet_key_file.as_deref(),
+            "client_key_file" => self.client_key_file.as_deref(),
+            _ => None,
+        }
+    }
 }
 
 impl Default for ChainSection {
@@ -71,6 +103,10 @@ impl Default for ChainSection {
             mode: ChainMode::Anvil,
             rpc_url: None,
             operator_key_file: None,
+            settler_key_file: None,
+            slasher_key_file: None,
+            faucet_key_file: None,
+            client_key_file: None,
             port: None,
             block_time: 0,
             chain_id: 31337,

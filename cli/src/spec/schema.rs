@@ -150,7 +150,27 @@ pub static SECTIONS: &[Section] = &[
             key!(
                 "operator_key_file",
                 Kind::Str,
-                "Operator private key file (mode 0600) for an external chain."
+                "Admin private key file (mode 0600) for an external chain: deploys and assigns the roles."
+            ),
+            key!(
+                "settler_key_file",
+                Kind::Str,
+                "Settler private key file (0600), external chain: the daemon posts settlements with it."
+            ),
+            key!(
+                "slasher_key_file",
+                Kind::Str,
+                "Slasher private key file (0600), external chain: the registry slashes cheaters with it."
+            ),
+            key!(
+                "faucet_key_file",
+                Kind::Str,
+                "Faucet wallet key file (0600), external chain: the dashboard's faucet pays from it. Without it the faucet cannot pay."
+            ),
+            key!(
+                "client_key_file",
+                Kind::Str,
+                "Client wallet key file (0600), external chain: the client that deposits and pays for chats."
             ),
             key!(
                 "port",

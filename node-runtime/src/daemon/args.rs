@@ -8,7 +8,8 @@ use unfed_chain::{Address, Chain, Deployment};
 
 use super::{DaemonConfig, Limits, Prices, Settler};
 
-/// Environment variable naming the operator key file (the escrow's operator wallet).
+/// Environment variable naming the key file of the role's escrow duty (the daemon's
+/// settler, the registry's slasher, the dashboard's faucet wallet).
 pub const OPERATOR_KEY_FILE_ENV: &str = "UNFED_OPERATOR_KEY_FILE";
 
 /// The cluster's per-token prices, as the daemon bills them and the dashboard quotes them.
@@ -80,7 +81,7 @@ pub struct DaemonArgs {
     /// daemon then only records settlements).
     #[arg(long)]
     chain_id: Option<u64>,
-    /// Chain RPC URL; with --escrow and an operator key, settlements are posted on-chain.
+    /// Chain RPC URL; with --escrow and the settler key, settlements are posted on-chain.
     #[arg(long)]
     chain_rpc: Option<String>,
     #[arg(long)]
@@ -88,7 +89,8 @@ pub struct DaemonArgs {
     /// Token contract (informational; the escrow knows its token).
     #[arg(long)]
     token: Option<String>,
-    /// File holding the escrow operator's private key (mode 0600).
+    /// File holding the escrow settler's private key (mode 0600): the key allowed to post
+    /// and challenge settlements, nothing else.
     #[arg(long, env = OPERATOR_KEY_FILE_ENV)]
     operator_key_file: Option<PathBuf>,
     /// How often unfinished settlements are advanced.
@@ -130,7 +132,7 @@ impl DaemonArgs {
                 }))
             }
             _ => bail!(
-                "on-chain settlement needs --chain-rpc, --escrow and the operator key (--operator-key-file or {OPERATOR_KEY_FILE_ENV}); pass all three, or none to only record settlements"
+                "on-chain settlement needs --chain-rpc, --escrow and the settler key (--operator-key-file or {OPERATOR_KEY_FILE_ENV}); pass all three, or none to only record settlements"
             ),
         }
     }

@@ -160,6 +160,12 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    if let Some(s) = &cfg.settler {
+        let stamp = crate::stamp::ChainStamp::of(&s.chain, s.deployment.escrow)
+            .await
+            .context("identifying the chain the share db belongs to")?;
+        crate::stamp::claim(&cfg.db, &stamp)?;
+    }
     let store = Arc::new(Mutex::new(Store::open(&cfg.db)?));
     {
         let st = store.lock().expect("store poisoned");

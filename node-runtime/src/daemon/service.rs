@@ -267,10 +267,22 @@ impl Daemon for DaemonService {
                 cap: cap.to_string(),
             }));
         };
+        let unavailable = |e: unfed_chain::ChainError| {
+            Status::unavailable(format!("reading the deposit of {client}: {e}"))
+        };
+        // Money on its way out is not there to pay: a pending withdrawal request counts
+        // as gone.
         let deposit = chain
             .client_balance(d, client)
             .await
-            .map_err(|e| Status::unavailable(format!("reading the deposit of {client}: {e}")))?;
+            .map_err(unavailable)?
+            .saturating_sub(
+                chain
+                    .withdrawal_request(d, client)
+                    .await
+                    .map_err(unavailable)?
+                    .amount,
+            );
         if deposit < owed + cap {
             return Err(Status::failed_precondition(format!(
                 "insufficient deposit: {client} has {} in the escrow, owes {} for work not yet settled, and this session may cost up to {}; deposit at least {} more (unfedctl deposit)",

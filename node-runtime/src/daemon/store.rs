@@ -478,11 +478,40 @@ impl Store {
 
     /// Moves a settlement to `status` (clearing its error) after a successful chain step.
     pub fn settlement_advanced(&self, hash: &[u8; 32], status: &str, posted_at: u64) -> Result<()> {
+        advance_in(&self.conn, hash, status, posted_at)
+    }
+
+    /// Parks a settlement in `status` (e.g. underfunded) with `why`, to be looked at
+    /// again at `retry_at_ms`; not a failure, so attempts do not grow.
+    pub fn settlement_parked(
+        &self,
+        hash: &[u8; 32],
+        status: &str,
+        why: &str,
+        retry_at_ms: u64,
+    ) -> Result<()> {
         self.conn.execute(
-            "UPDATE settlements SET status = ?2, last_error = '', next_attempt_ms = 0,
-             posted_at = CASE WHEN ?3 > 0 THEN ?3 ELSE posted_at END WHERE hash = ?1",
-            params![&hash[..], status, posted_at],
+            "UPDATE settlements SET status = ?2, last_error = ?3, next_attempt_ms = ?4 WHERE hash = ?1",
+            params![&hash[..], status, why, retry_at_ms],
         )?;
+        Ok(())
+    }
+
+    /// Closes a settlement that paid a cheater in `status` and, atomically, records its
+    /// honest part (if any) as a new pending settlement.
+    pub fn settlement_reformed(
+        &mut self,
+        hash: &[u8; 32],
+        status: &str,
+        posted_at: u64,
+        honest: Option<&Settlement>,
+    ) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        advance_in(&tx, hash, status, posted_at)?;
+        if let Some(h) = honest {
+            insert_settlement(&tx, h)?;
+        }
+        tx.commit()?;
         Ok(())
     }
 
@@ -505,6 +534,15 @@ fn tip_in(tx: &Transaction) -> Result<Tip> {
         )
         .optional()?;
     Ok(row.unwrap_or((GENESIS, 0)))
+}
+
+fn advance_in(conn: &Connection, hash: &[u8; 32], status: &str, posted_at: u64) -> Result<()> {
+    conn.execute(
+        "UPDATE settlements SET status = ?2, last_error = '', next_attempt_ms = 0,
+         posted_at = CASE WHEN ?3 > 0 THEN ?3 ELSE posted_at END WHERE hash = ?1",
+        params![&hash[..], status, posted_at],
+    )?;
+    Ok(())
 }
 
 fn insert_settlement(tx: &Transaction, s: &Settlement) -> Result<()> {

@@ -184,11 +184,18 @@ impl Store {
         for row in rows {
             let (voucher, node, client, height, amount) = row?;
             let amount: U256 = amount.parse().context("a stored share amount")?;
-            let settled = height.and_then(|h| {
-                settlements.iter().find(|s| {
-                    s.client.eq_ignore_ascii_case(&client)
-                        && (s.from_height..=s.to_height).contains(&h)
+            // The settlements of the share's blocks for its client; a re-formed honest
+            // part sits beside the original, so the live one naming the node decides.
+            let covering: Vec<_> = settlements
+                .iter()
+                .filter(|s| {
+                    height.is_some_and(|h| (s.from_height..=s.to_height).contains(&h))
+                        && s.client.eq_ignore_ascii_case(&client)
                 })
+                .collect();
+            let naming = covering.iter().rev().find(|s| {
+                s.nodes.iter().any(|n| n.eq_ignore_ascii_case(&node))
+                    && !matches!(s.status.as_str(), "challenged" | "withheld")
             });
             if out
                 .last()
@@ -203,16 +210,12 @@ impl Store {
             }
             let e = out.last_mut().expect("pushed above");
             e.shares += 1;
-            match settled {
-                None => e.pending += amount,
-                Some(s) if !s.nodes.iter().any(|n| n.eq_ignore_ascii_case(&node)) => {
-                    e.withheld += amount
-                }
+            match naming {
                 Some(s) if s.status == "finalized" => e.paid += amount,
-                Some(s) if s.status == "challenged" || s.status == "withheld" => {
-                    e.withheld += amount
-                }
                 Some(_) => e.pending += amount,
+                // Summarised, but no live settlement pays this node: withheld.
+                None if !covering.is_empty() => e.withheld += amount,
+                None => e.pending += amount,
             }
         }
         Ok(out)

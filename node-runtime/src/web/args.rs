@@ -59,7 +59,7 @@ pub struct WebArgs {
     /// Token contract (the faucet pays in it).
     #[arg(long)]
     token: Option<String>,
-    /// The faucet's paying wallet: the escrow operator's key file (0600).
+    /// The faucet's paying wallet: its own token wallet's key file (0600), no escrow role.
     #[arg(long, env = OPERATOR_KEY_FILE_ENV)]
     operator_key_file: Option<PathBuf>,
     #[command(flatten)]
@@ -248,6 +248,13 @@ impl WebArgs {
         let bound = listener.local_addr()?;
         let site = format!("{scheme}://{bound}");
         let same_origin = SameOrigin::new(scheme, bound, self.public_host.clone());
+        if let Some(chain) = self.chain()? {
+            // Faucet cooldowns and the rest of web.db belong to one chain.
+            let stamp = crate::stamp::ChainStamp::of(&chain.reader, chain.deployment.escrow)
+                .await
+                .context("identifying the chain web.db belongs to")?;
+            crate::stamp::claim(&self.db, &stamp)?;
+        }
         let mut state = self.state(&env, site.clone())?;
         state.dev_wallet = super::dev_wallet::offer(&self.host, self.chain_rpc.as_deref()).await;
         match &state.dev_wallet {

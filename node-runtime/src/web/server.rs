@@ -25,7 +25,7 @@ pub struct ChainAccess {
     pub deployment: Deployment,
     /// Read-only calls.
     pub reader: Chain,
-    /// The faucet's paying wallet (the operator), if one was given.
+    /// The faucet's paying wallet (its own token wallet, no escrow role), if given.
     pub payer: Option<Chain>,
 }
 
