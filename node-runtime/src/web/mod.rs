@@ -7,6 +7,7 @@ pub mod auth;
 pub mod chat;
 pub mod faucet;
 pub mod https;
+pub mod openai;
 pub mod origin;
 pub mod probe;
 pub mod server;
