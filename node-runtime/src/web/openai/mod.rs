@@ -8,8 +8,8 @@
 pub mod error;
 pub mod keys;
 pub mod payer;
-pub mod request;
-pub mod stops;
+mod request;
+mod stops;
 
 use std::convert::Infallible;
 use std::sync::Arc;

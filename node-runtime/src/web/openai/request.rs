@@ -96,7 +96,8 @@ pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, OpenAiErr
 /// Asks for nothing: what a client sends for a feature it does not use.
 fn neutral(v: &Value) -> bool {
     match v {
-        Value::Null | Value::Bool(false) => true,
+        Value::Null => true,
+        Value::Bool(b) => !b,
         Value::Number(n) => n.as_f64() == Some(0.0),
         Value::String(s) => s.is_empty() || s == "none" || s == "auto",
         Value::Array(a) => a.is_empty(),
