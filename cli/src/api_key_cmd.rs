@@ -81,7 +81,10 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     };
     let ttl = expires_days.map(|d| Duration::from_secs(d * 86_400));
     let key = create_key(&plan.run_dir, wallet, &label, ttl)?;
-    let base = state.as_ref().and_then(|s| s.dashboard.as_deref()).map(base_url);
+    let base = state
+        .as_ref()
+        .and_then(|s| s.dashboard.as_deref())
+        .map(base_url);
     if json {
         let v = serde_json::json!({ "key": key, "wallet": wallet.to_string(), "label": label, "base_url": base });
         println!("{v}");

@@ -33,12 +33,17 @@ fn curl(url: &str, key: &str, body: &Value) -> (u16, String, String) {
 /// The events of an SSE body: each `data: ...` block, checked to be framed as one line
 /// and a blank line.
 fn events(body: &str) -> Vec<String> {
-    assert!(body.ends_with("\n\n"), "the stream ends with a blank line: {body:?}");
+    assert!(
+        body.ends_with("\n\n"),
+        "the stream ends with a blank line: {body:?}"
+    );
     body.trim_end_matches("\n\n")
         .split("\n\n")
         .filter(|e| !e.starts_with(':')) // keep-alive comments
         .map(|e| {
-            let data = e.strip_prefix("data: ").unwrap_or_else(|| panic!("not a data event: {e:?}"));
+            let data = e
+                .strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("not a data event: {e:?}"));
             assert!(!data.contains('\n'), "one line per event: {e:?}");
             data.to_string()
         })
@@ -60,7 +65,11 @@ fn openai_sdk_and_curl_reach_a_testnet_unchanged() {
     let net = Net::new("");
     let up = run(unfedctl().arg("up").arg(&net.spec).arg("--detach"));
     let up_out = text(&up.stdout);
-    assert!(up.status.success(), "up failed:\n{up_out}\n{}", text(&up.stderr));
+    assert!(
+        up.status.success(),
+        "up failed:\n{up_out}\n{}",
+        text(&up.stderr)
+    );
     // `up` on Anvil prints the base URL and a dev key.
     let line = up_out
         .lines()
@@ -73,7 +82,10 @@ fn openai_sdk_and_curl_reach_a_testnet_unchanged() {
         .find(|w| w.starts_with("unfed-sk-"))
         .unwrap()
         .to_string();
-    assert!(base.starts_with("http://127.0.0.1:") && base.ends_with("/v1"), "{line}");
+    assert!(
+        base.starts_with("http://127.0.0.1:") && base.ends_with("/v1"),
+        "{line}"
+    );
 
     // A key of its own, as a user would make one; the dev key keeps working beside it.
     let created = run(unfedctl()
@@ -86,7 +98,10 @@ fn openai_sdk_and_curl_reach_a_testnet_unchanged() {
     assert_eq!(created["base_url"], base.as_str());
     assert_ne!(key, dev_key);
     let db = std::fs::read(net.run_dir().join("web.db")).unwrap();
-    assert!(!db.windows(key.len()).any(|w| w == key.as_bytes()), "stored hashed");
+    assert!(
+        !db.windows(key.len()).any(|w| w == key.as_bytes()),
+        "stored hashed"
+    );
 
     let (prompt, max_tokens) = ("What is a network?", "24");
     let chat = run(unfedctl().arg("chat").arg(&net.spec).args([
@@ -112,7 +127,12 @@ fn openai_sdk_and_curl_reach_a_testnet_unchanged() {
         .lines()
         .rev()
         .find_map(|l| serde_json::from_str(l).ok())
-        .unwrap_or_else(|| panic!("the driver printed no result:\n{out}\n{}", text(&drive.stderr)));
+        .unwrap_or_else(|| {
+            panic!(
+                "the driver printed no result:\n{out}\n{}",
+                text(&drive.stderr)
+            )
+        });
     let web_log = std::fs::read_to_string(net.run_dir().join("logs/web.log")).unwrap_or_default();
     assert!(
         drive.status.success() && seen.get("error").is_none(),
@@ -136,7 +156,11 @@ fn openai_sdk_and_curl_reach_a_testnet_unchanged() {
         cost,
         prompt_tokens * 100_000_000_000_000 + tokens as u128 * 1_000_000_000_000_000
     );
-    let finish = if chat["stopped_on_eos"] == true { "stop" } else { "length" };
+    let finish = if chat["stopped_on_eos"] == true {
+        "stop"
+    } else {
+        "length"
+    };
     assert_eq!(seen["greedy"]["finish_reason"], finish);
     assert_eq!(seen["stream"]["text"], chat["text"], "{seen:#}");
     assert_eq!(seen["stream"]["finish_reason"], finish);
@@ -146,7 +170,13 @@ fn openai_sdk_and_curl_reach_a_testnet_unchanged() {
     assert_eq!(seen["seeded"][0], seen["seeded"][1], "{seen:#}");
     assert!(!seen["seeded"][0].as_str().unwrap().is_empty());
     assert_eq!(seen["completion"]["object"], "text_completion");
-    assert_eq!(seen["completion"]["usage"]["completion_tokens"].as_u64().unwrap() <= 8, true);
+    assert_eq!(
+        seen["completion"]["usage"]["completion_tokens"]
+            .as_u64()
+            .unwrap()
+            <= 8,
+        true
+    );
     // Refusals: status, OpenAI's error type, and the field at fault.
     assert_eq!(seen["bad_key"]["status"], 401, "{seen:#}");
     assert_eq!(seen["bad_key"]["type"], "authentication_error");
@@ -154,7 +184,10 @@ fn openai_sdk_and_curl_reach_a_testnet_unchanged() {
     assert_eq!(seen["unknown_model"]["code"], "model_not_found");
     assert_eq!(seen["long_prompt"]["status"], 400, "{seen:#}");
     assert!(
-        seen["long_prompt"]["message"].as_str().unwrap().contains("context"),
+        seen["long_prompt"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("context"),
         "{seen:#}"
     );
     assert_eq!(seen["n2"]["status"], 400);
@@ -185,7 +218,10 @@ fn openai_sdk_and_curl_reach_a_testnet_unchanged() {
         assert_eq!(c["object"], "chat.completion.chunk");
         assert_eq!(c["id"], chunks[0]["id"], "one id per stream");
     }
-    assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], finish);
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        finish
+    );
 
     // A stop sequence from the middle of the greedy answer cuts it there.
     let full = chat["text"].as_str().unwrap();
@@ -198,7 +234,10 @@ fn openai_sdk_and_curl_reach_a_testnet_unchanged() {
     let (status, _, answer) = curl(&url, &dev_key, &plain);
     assert_eq!(status, 200, "{answer}");
     let answer: Value = serde_json::from_str(&answer).unwrap();
-    assert_eq!(answer["choices"][0]["message"]["content"], expected, "stop {stop:?}");
+    assert_eq!(
+        answer["choices"][0]["message"]["content"], expected,
+        "stop {stop:?}"
+    );
     assert_eq!(answer["choices"][0]["finish_reason"], "stop");
     // Streamed with the same stop: the same text.
     plain["stream"] = json!(true);
@@ -208,7 +247,9 @@ fn openai_sdk_and_curl_reach_a_testnet_unchanged() {
         .filter(|e| *e != "[DONE]")
         .filter_map(|e| {
             let v: Value = serde_json::from_str(e).unwrap();
-            v["choices"][0]["delta"]["content"].as_str().map(str::to_string)
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
         })
         .collect();
     assert_eq!(streamed, expected);
@@ -225,7 +266,9 @@ fn openai_sdk_and_curl_reach_a_testnet_unchanged() {
     assert!(err["error"]["message"].is_string() && err["error"].get("code").is_some());
 
     // Throughput at one session: the API's streamed decode rate against `chat`'s.
-    let api = seen["stream"]["decode_tokens_per_s"].as_f64().unwrap_or(0.0);
+    let api = seen["stream"]["decode_tokens_per_s"]
+        .as_f64()
+        .unwrap_or(0.0);
     let cli = chat["decode_tokens_per_s"].as_f64().unwrap();
     println!(
         "decode throughput at one session: API {api:.1} tok/s, unfedctl chat {cli:.1} tok/s ({:+.1} %)",

@@ -137,7 +137,9 @@ impl TextCodec {
             let texts: Vec<String> = turns.iter().map(Turn::marked_text).collect();
             return Ok(texts.join("\n"));
         };
-        let typed = ["'type'", "\"type\"", ".type"].iter().any(|k| t.contains(k));
+        let typed = ["'type'", "\"type\"", ".type"]
+            .iter()
+            .any(|k| t.contains(k));
         let messages: Vec<minijinja::Value> = turns
             .iter()
             .map(|turn| {

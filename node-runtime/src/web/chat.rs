@@ -273,12 +273,12 @@ async fn image_prompt(
         prompt.render_with_image(c)
     })
     .await
-        .map_err(|e| {
-            let text = format!("{e:#}");
-            // A text-only model or a bad image is the request's fault; the rest upstream.
-            let status = if text.contains("text-only") { 400 } else { 502 };
-            ApiError::new(status, text)
-        })
+    .map_err(|e| {
+        let text = format!("{e:#}");
+        // A text-only model or a bad image is the request's fault; the rest upstream.
+        let status = if text.contains("text-only") { 400 } else { 502 };
+        ApiError::new(status, text)
+    })
 }
 
 /// The dashboard's chat: billed to the signed-in wallet (`session`).

@@ -149,9 +149,9 @@ impl ApiKeys {
             return Err(KeyRefusal::Expired { label });
         }
         Ok(KeyRecord {
-            wallet: wallet
-                .parse()
-                .map_err(|_| KeyRefusal::Store(format!("a key's wallet {wallet:?} is not an address")))?,
+            wallet: wallet.parse().map_err(|_| {
+                KeyRefusal::Store(format!("a key's wallet {wallet:?} is not an address"))
+            })?,
             label,
             created_ms: created as u64,
             expires_ms: expires.map(|e| e as u64),

@@ -307,3 +307,21 @@ async fn drive(
     };
     Ok(Finished { out, finish })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generations_beyond_the_cap_are_refused_with_429_until_one_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = ApiKeys::open(&dir.path().join("web.db")).unwrap();
+        let api = ApiState::new(keys, 1);
+        let held = api.slot().unwrap();
+        let refused = api.slot().unwrap_err();
+        assert_eq!(refused.status.as_u16(), 429);
+        assert_eq!(refused.body()["error"]["type"], "rate_limit_error");
+        drop(held);
+        assert!(api.slot().is_ok());
+    }
+}

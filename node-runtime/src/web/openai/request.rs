@@ -233,8 +233,7 @@ impl ChatRequest {
                 image: has_image,
             });
         }
-        self.options
-            .check(JobPrompt::Conversation(turns), image)
+        self.options.check(JobPrompt::Conversation(turns), image)
     }
 }
 
@@ -245,7 +244,11 @@ fn content(i: usize, v: &Value, image: &mut Option<String>) -> Result<(String, b
     let parts = match v {
         Value::String(s) => return Ok((s.clone(), false)),
         Value::Array(parts) => parts,
-        _ => return bad(format!("messages[{i}].content must be a string or a list of parts")),
+        _ => {
+            return bad(format!(
+                "messages[{i}].content must be a string or a list of parts"
+            ));
+        }
     };
     let mut text = String::new();
     let mut has_image = false;
@@ -284,7 +287,9 @@ impl CompletionRequest {
     pub fn check(self) -> Result<Checked, OpenAiError> {
         let text = match &self.prompt {
             Value::String(s) => s.clone(),
-            Value::Array(a) if a.len() == 1 && a[0].is_string() => a[0].as_str().unwrap_or_default().to_string(),
+            Value::Array(a) if a.len() == 1 && a[0].is_string() => {
+                a[0].as_str().unwrap_or_default().to_string()
+            }
             _ => {
                 return Err(OpenAiError::param(
                     "prompt",
@@ -296,7 +301,8 @@ impl CompletionRequest {
             return Err(OpenAiError::param("prompt", "`prompt` is empty"));
         }
         // A completion continues the text as is: no chat template.
-        self.options.check(JobPrompt::Text { text, raw: true }, None)
+        self.options
+            .check(JobPrompt::Text { text, raw: true }, None)
     }
 }
 
@@ -318,10 +324,15 @@ mod tests {
     fn unsupported_or_out_of_range_fields_are_refused_by_name() {
         let base = |extra: Value| {
             let mut v = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
-            v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            v.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
             v
         };
-        assert_eq!(refused_param(base(json!({"n": 2}))), (400, Some("n".into())));
+        assert_eq!(
+            refused_param(base(json!({"n": 2}))),
+            (400, Some("n".into()))
+        );
         assert_eq!(
             refused_param(base(json!({"logprobs": true}))),
             (400, Some("logprobs".into()))
@@ -350,7 +361,10 @@ mod tests {
         .unwrap();
         assert_eq!(ok.stops, vec!["\n".to_string()]);
         assert_eq!(ok.job.max_tokens, Some(3));
-        assert_eq!((ok.job.sampling.temperature, ok.job.sampling.seed), (0.0, 5));
+        assert_eq!(
+            (ok.job.sampling.temperature, ok.job.sampling.seed),
+            (0.0, 5)
+        );
     }
 
     #[test]
@@ -372,8 +386,10 @@ mod tests {
         assert!(turns[1].image && !turns[0].image);
         assert_eq!(c.job.image.as_deref(), Some("data:image/png;base64,AAAA"));
         // Only data URLs: this server fetches nothing on a client's behalf.
-        let (status, param) = refused_param(json!({"model": "m", "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]}]}));
+        let (status, param) = refused_param(
+            json!({"model": "m", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]}]}),
+        );
         assert_eq!((status, param.as_deref()), (400, Some("messages")));
     }
 }

@@ -71,9 +71,18 @@ mod tests {
 
     #[test]
     fn cuts_at_a_stop_spanning_pieces_and_releases_false_starts() {
-        assert_eq!(run(&["END"], &["ab", "cE", "N", "Dxyz"]), ("abc".into(), true));
-        assert_eq!(run(&["END"], &["ab", "cE", "N", "x"]), ("abcENx".into(), false));
-        assert_eq!(run(&["\n", "zz"], &["hello", " world\nmore"]), ("hello world".into(), true));
+        assert_eq!(
+            run(&["END"], &["ab", "cE", "N", "Dxyz"]),
+            ("abc".into(), true)
+        );
+        assert_eq!(
+            run(&["END"], &["ab", "cE", "N", "x"]),
+            ("abcENx".into(), false)
+        );
+        assert_eq!(
+            run(&["\n", "zz"], &["hello", " world\nmore"]),
+            ("hello world".into(), true)
+        );
         assert_eq!(run(&[], &["a", "b"]), ("ab".into(), false));
         // The earliest of several stops wins.
         assert_eq!(run(&["c", "ab"], &["xabc"]), ("x".into(), true));
