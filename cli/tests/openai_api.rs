@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{Net, run, text, unfedctl};
+use common::{Net, driver_result, run, text, unfedctl};
 use serde_json::{Value, json};
 
 const INSTALL: &str = "npm ci --prefix tests/web-e2e";
@@ -122,23 +122,7 @@ fn openai_sdk_and_curl_reach_a_testnet_unchanged() {
         .env("MAX_TOKENS", max_tokens)
         .output()
         .expect("run node");
-    let out = text(&drive.stdout);
-    let seen: Value = out
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str(l).ok())
-        .unwrap_or_else(|| {
-            panic!(
-                "the driver printed no result:\n{out}\n{}",
-                text(&drive.stderr)
-            )
-        });
-    let web_log = std::fs::read_to_string(net.run_dir().join("logs/web.log")).unwrap_or_default();
-    assert!(
-        drive.status.success() && seen.get("error").is_none(),
-        "the SDK run failed: {seen:#}\n{}\nweb log:\n{web_log}",
-        text(&drive.stderr)
-    );
+    let seen = driver_result(&net, &drive, "SDK run");
 
     assert_eq!(seen["models"], json!([chat["model"]]), "{seen:#}");
     // Greedy: exactly what `unfedctl chat` says, plain and streamed.

@@ -29,7 +29,7 @@ use unfed_proto::ModelState;
 
 use self::error::OpenAiError;
 use self::keys::ApiKeys;
-use self::request::{ChatRequest, Checked, CompletionRequest, parse};
+use self::request::{ChatRequest, Checked, CompletionRequest, Request, parse};
 use self::stops::StopScan;
 use super::chat::{Prepared, prepare_job};
 use super::server::WebState;
@@ -116,9 +116,7 @@ async fn chat_completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, OpenAiError> {
-    let payer = payer::payer_of(&s.api.keys, &headers)?;
-    let checked = parse::<ChatRequest>(&body)?.check()?;
-    respond(s, payer, Kind::Chat, checked).await
+    serve::<ChatRequest>(s, &headers, &body, Kind::Chat).await
 }
 
 async fn completions(
@@ -126,9 +124,19 @@ async fn completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, OpenAiError> {
-    let payer = payer::payer_of(&s.api.keys, &headers)?;
-    let checked = parse::<CompletionRequest>(&body)?.check()?;
-    respond(s, payer, Kind::Completion, checked).await
+    serve::<CompletionRequest>(s, &headers, &body, Kind::Completion).await
+}
+
+/// The key first (401 whatever the body), then the body's checks, then the answer.
+async fn serve<R: Request>(
+    s: Arc<WebState>,
+    headers: &HeaderMap,
+    body: &[u8],
+    kind: Kind,
+) -> Result<Response, OpenAiError> {
+    let payer = payer::payer_of(&s.api.keys, headers)?;
+    let checked = parse::<R>(body)?.check()?;
+    respond(s, payer, kind, checked).await
 }
 
 /// What every answer object of one request shares.

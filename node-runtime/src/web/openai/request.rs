@@ -87,6 +87,11 @@ pub struct Checked {
     pub include_usage: bool,
 }
 
+/// A request body of one endpoint, checked into what to generate.
+pub trait Request: serde::de::DeserializeOwned {
+    fn check(self) -> Result<Checked, OpenAiError>;
+}
+
 /// Parses a JSON body, answering a malformed one with OpenAI's 400.
 pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, OpenAiError> {
     serde_json::from_slice(body)
@@ -203,8 +208,8 @@ fn stops(v: Option<Value>) -> Result<Vec<String>, OpenAiError> {
     Ok(list)
 }
 
-impl ChatRequest {
-    pub fn check(self) -> Result<Checked, OpenAiError> {
+impl Request for ChatRequest {
+    fn check(self) -> Result<Checked, OpenAiError> {
         if self.messages.is_empty() {
             return Err(OpenAiError::param(
                 "messages",
@@ -283,8 +288,8 @@ fn content(i: usize, v: &Value, image: &mut Option<String>) -> Result<(String, b
     Ok((text, has_image))
 }
 
-impl CompletionRequest {
-    pub fn check(self) -> Result<Checked, OpenAiError> {
+impl Request for CompletionRequest {
+    fn check(self) -> Result<Checked, OpenAiError> {
         let text = match &self.prompt {
             Value::String(s) => s.clone(),
             Value::Array(a) if a.len() == 1 && a[0].is_string() => {
