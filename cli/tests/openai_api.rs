@@ -154,13 +154,8 @@ fn openai_sdk_and_curl_reach_a_testnet_unchanged() {
     assert_eq!(seen["seeded"][0], seen["seeded"][1], "{seen:#}");
     assert!(!seen["seeded"][0].as_str().unwrap().is_empty());
     assert_eq!(seen["completion"]["object"], "text_completion");
-    assert_eq!(
-        seen["completion"]["usage"]["completion_tokens"]
-            .as_u64()
-            .unwrap()
-            <= 8,
-        true
-    );
+    let completed = seen["completion"]["usage"]["completion_tokens"].as_u64();
+    assert!(completed.is_some_and(|n| (1..=8).contains(&n)), "{seen:#}");
     // Refusals: status, OpenAI's error type, and the field at fault.
     assert_eq!(seen["bad_key"]["status"], 401, "{seen:#}");
     assert_eq!(seen["bad_key"]["type"], "authentication_error");
