@@ -46,6 +46,11 @@ pub fn domain(chain_id: u64, escrow: Address) -> Eip712Domain {
     }
 }
 
+/// keccak256, for keys derived from secrets.
+pub fn keccak(bytes: &[u8]) -> B256 {
+    keccak256(bytes)
+}
+
 /// What a voucher commits to for `session_id`.
 pub fn session_hash(session_id: &str) -> B256 {
     let mut b = b"unfed-session\0".to_vec();

@@ -1,5 +1,6 @@
 //! `unfedctl` as a library: the testnet spec, the launch plan and the verbs.
 
+pub mod api_key_cmd;
 pub mod bench_cmd;
 pub mod billing_cmd;
 pub mod chain_cmd;

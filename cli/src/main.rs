@@ -3,7 +3,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use unfedctl::{
-    billing_cmd, chain_cmd, client_cmd, init, launch, model_cmd, plan, preflight, spec,
+    api_key_cmd, billing_cmd, chain_cmd, client_cmd, init, launch, model_cmd, plan, preflight, spec,
 };
 
 /// One testnet spec in, one running UNFED network out.
@@ -108,6 +108,9 @@ enum Command {
     Billing(billing_cmd::Commands),
     #[command(flatten)]
     Client(client_cmd::Commands),
+    /// Keys of the OpenAI-compatible API the dashboard serves at /v1/.
+    #[command(subcommand)]
+    ApiKey(api_key_cmd::Command),
 }
 
 #[derive(Subcommand)]
@@ -291,6 +294,7 @@ fn main() -> ExitCode {
         Command::Chain(cmd) => chain_cmd::run(cmd),
         Command::Billing(cmd) => billing_cmd::run(cmd),
         Command::Client(cmd) => client_cmd::run(cmd),
+        Command::ApiKey(cmd) => api_key_cmd::run(cmd),
     };
     match result {
         Ok(code) => code,

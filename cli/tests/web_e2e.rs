@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{Net, run, state, text, unfedctl};
+use common::{Net, driver_result, run, state, text, unfedctl};
 use serde_json::Value;
 
 const INSTALL: &str =
@@ -90,24 +90,8 @@ fn a_wallet_signs_in_chats_and_pays_in_a_real_browser() {
         .env("CHROMIUM", &chromium)
         .output()
         .expect("run node");
-    let out = text(&drive.stdout);
     println!("screenshots in {}", shots.display());
-    let seen: Value = out
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str(l).ok())
-        .unwrap_or_else(|| {
-            panic!(
-                "the driver printed no result:\n{out}\n{}",
-                text(&drive.stderr)
-            )
-        });
-    let web_log = std::fs::read_to_string(net.run_dir().join("logs/web.log")).unwrap_or_default();
-    assert!(
-        drive.status.success() && seen.get("error").is_none(),
-        "the browser run failed: {seen:#}\n{}\nweb log:\n{web_log}",
-        text(&drive.stderr)
-    );
+    let seen = driver_result(&net, &drive, "browser run");
 
     assert_eq!(
         seen["signed_in_as"].as_str().unwrap().to_lowercase(),

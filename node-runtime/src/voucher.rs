@@ -291,6 +291,40 @@ impl std::fmt::Debug for Payer {
     }
 }
 
+/// The delegate key an API key stands for: derived from the secret, so the dashboard
+/// can sign a request's voucher only while the request presents the key, and the
+/// stored hash of the key signs nothing.
+pub fn key_delegate(secret: &str) -> PrivateKeySigner {
+    let mut b = b"unfed-api-key-delegate\0".to_vec();
+    b.extend_from_slice(secret.as_bytes());
+    PrivateKeySigner::from_bytes(&unfed_chain::voucher::keccak(&b))
+        .expect("a keccak hash is a valid key with overwhelming probability")
+}
+
+/// A delegation as stored (proto bytes, the client implied by its owner).
+pub fn delegation_bytes(d: &Delegation) -> Vec<u8> {
+    prost::Message::encode_to_vec(&pb::Delegation {
+        delegate: d.delegate.to_string(),
+        max_spend: d.max_spend.to_string(),
+        expiry: d.expiry,
+        nonce: d.nonce.clone(),
+        signature: d.signature.clone(),
+    })
+}
+
+/// The stored delegation of `client`.
+pub fn delegation_from_bytes(client: Address, bytes: &[u8]) -> Result<Delegation> {
+    let d = <pb::Delegation as prost::Message>::decode(bytes).context("a stored delegation")?;
+    Ok(Delegation {
+        client,
+        delegate: address("delegate", &d.delegate)?,
+        max_spend: amount("delegation max_spend", &d.max_spend)?,
+        expiry: d.expiry,
+        nonce: d.nonce,
+        signature: d.signature,
+    })
+}
+
 /// How long a voucher stays valid: long enough for a long generation.
 const VOUCHER_LIFETIME_SECS: u64 = 3600;
 

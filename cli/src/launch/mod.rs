@@ -188,7 +188,8 @@ pub async fn up(loaded: LoadedSpec, plan: LaunchPlan, opts: UpOptions) -> anyhow
         mut state,
         took,
     } = start(loaded, plan, opts.wait_timeout).await?;
-    print_summary(&ctx, &state, took);
+    let dev_key = dev_api_key(&ctx, &state)?;
+    print_summary(&ctx, &state, took, dev_key.as_deref());
     if opts.detach {
         // Nobody owns the processes now; `down` stops them itself.
         state.up_pid = None;
@@ -347,7 +348,24 @@ async fn wait_ready(ctx: &Context, state: &RunState) -> anyhow::Result<()> {
     }
 }
 
-fn print_summary(ctx: &Context, state: &RunState, took: Duration) {
+/// On a local Anvil chain, a dev key for the dashboard's OpenAI-compatible API, billing
+/// the testnet's client wallet.
+fn dev_api_key(ctx: &Context, state: &RunState) -> anyhow::Result<Option<String>> {
+    let anvil = ctx.loaded.spec.chain.mode == crate::spec::ChainMode::Anvil;
+    let client = state.chain.as_ref().and_then(|c| c.client.as_deref());
+    let (true, Some(client), Some(_)) = (anvil, client, &state.dashboard) else {
+        return Ok(None);
+    };
+    let wallet = client
+        .parse()
+        .context("the recorded client wallet is not an EVM address")?;
+    let key = unfed_chain::read_key_file(&ctx.key_path("client"))?;
+    let chain = state.chain.as_ref().expect("checked above");
+    crate::api_key_cmd::create_key(&ctx.plan.run_dir, wallet, "dev", None, Some((&key, chain)))
+        .map(Some)
+}
+
+fn print_summary(ctx: &Context, state: &RunState, took: Duration, dev_key: Option<&str>) {
     println!(
         "\ntestnet '{}' is up in {:.1}s",
         ctx.plan.name,
@@ -361,6 +379,12 @@ fn print_summary(ctx: &Context, state: &RunState, took: Duration) {
     }
     if let Some(url) = &state.dashboard {
         println!("  dashboard  {url}");
+        if let Some(key) = dev_key {
+            println!(
+                "  openai     {} with API key {key} (dev key, bills the client wallet)",
+                crate::api_key_cmd::base_url(url)
+            );
+        }
     }
     if let Some(chain) = &state.chain {
         println!(

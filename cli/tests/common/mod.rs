@@ -56,3 +56,26 @@ pub fn state(spec: &Path) -> Value {
     let path = spec.parent().unwrap().join(".unfed/net/state.json");
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
+
+/// The JSON line a Node driver (tests/web-e2e/*.mjs) printed last, checked to report no
+/// error; on failure the panic shows the driver's output and the dashboard's log.
+pub fn driver_result(net: &Net, drive: &Output, what: &str) -> Value {
+    let out = text(&drive.stdout);
+    let seen: Value = out
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "the driver printed no result:\n{out}\n{}",
+                text(&drive.stderr)
+            )
+        });
+    let web_log = std::fs::read_to_string(net.run_dir().join("logs/web.log")).unwrap_or_default();
+    assert!(
+        drive.status.success() && seen.get("error").is_none(),
+        "the {what} failed: {seen:#}\n{}\nweb log:\n{web_log}",
+        text(&drive.stderr)
+    );
+    seen
+}

@@ -530,6 +530,21 @@ pub async fn image_prompt_decoded(
     img: &RgbImage,
     raw: bool,
 ) -> Result<ImagePrompt> {
+    image_prompt_with(client, registry, model, img, |codec| {
+        codec.render_image_prompt(user_text, raw)
+    })
+    .await
+}
+
+/// `image_prompt_decoded` with the text rendered by `render` (e.g. a whole conversation
+/// through `TextCodec::render_conversation`); it must place the `<image>` marker.
+pub async fn image_prompt_with(
+    client: &mut super::Client,
+    registry: &str,
+    model: &str,
+    img: &RgbImage,
+    render: impl FnOnce(&super::text::TextCodec) -> Result<String>,
+) -> Result<ImagePrompt> {
     let (manifest, files) = client.manifest(model).await?;
     let Some(vision) = &manifest.config.vision else {
         anyhow::bail!(
@@ -558,7 +573,7 @@ pub async fn image_prompt_decoded(
     }
     let processed = processor.preprocess(img);
     let codec = super::text::TextCodec::from_manifest_files(&files, model)?;
-    let text = codec.render_image_prompt(user_text, raw)?;
+    let text = render(&codec)?;
     let expanded = expand_image_prompt(&text, &processed, seq_len)?;
     // transformers' processor tokenizes the expanded text with special tokens on.
     let prompt_ids = codec.encode_prompt(&expanded, true)?;

@@ -4,6 +4,52 @@ use anyhow::{Context, Result, anyhow};
 use tokenizers::Tokenizer;
 use unfed_proto::GetManifestResponse;
 
+/// One message of a conversation: its role (system, user, assistant), its text, and
+/// whether it carries the prompt's image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Turn {
+    pub role: String,
+    pub text: String,
+    pub image: bool,
+}
+
+impl Turn {
+    pub fn user(text: &str) -> Self {
+        Self {
+            role: "user".into(),
+            text: text.into(),
+            image: false,
+        }
+    }
+
+    /// The text, with the `<image>` marker where the image goes when it has one.
+    fn marked_text(&self) -> String {
+        if self.image {
+            super::image::user_message_with_image(&self.text)
+        } else {
+            self.text.clone()
+        }
+    }
+
+    /// `[{type: text}, {type: image}, {type: text}]` around the marker, empty parts left out.
+    fn typed_parts(&self) -> minijinja::Value {
+        let marked = self.marked_text();
+        let (before, after) = marked
+            .split_once(super::image::IMAGE_TOKEN)
+            .expect("user_message_with_image adds the marker");
+        let text_part = |s: &str| minijinja::context! { type => "text", text => s };
+        let mut parts = Vec::new();
+        if !before.is_empty() {
+            parts.push(text_part(before));
+        }
+        parts.push(minijinja::context! { type => "image" });
+        if !after.is_empty() {
+            parts.push(text_part(after));
+        }
+        minijinja::Value::from(parts)
+    }
+}
+
 pub struct TextCodec {
     tokenizer: Tokenizer,
     chat_template: Option<String>,
@@ -62,44 +108,54 @@ impl TextCodec {
     /// The prompt as the model expects it: wrapped in the chat template for instruct
     /// models (one user turn, generation prompt added) unless `raw`.
     pub fn render_prompt(&self, user: &str, raw: bool) -> Result<String> {
-        match (&self.chat_template, raw) {
-            (Some(t), false) => self.render_user_turn(t, minijinja::Value::from(user)),
-            _ => Ok(user.to_string()),
+        if raw {
+            return Ok(user.to_string());
         }
+        self.render_conversation(&[Turn::user(user)])
     }
 
     /// `render_prompt` for a turn with one image, placed where `text` says `<image>` (or
-    /// first). Templates of multimodal models (SmolVLM's) read typed content parts, so
-    /// they get `[{type: image}, {type: text, text}]` as transformers' processors pass
-    /// them; other templates get the text with the `<image>` marker in it.
+    /// first).
     pub fn render_image_prompt(&self, text: &str, raw: bool) -> Result<String> {
-        let marked = super::image::user_message_with_image(text);
-        match (&self.chat_template, raw) {
-            (Some(t), false)
-                if ["'type'", "\"type\"", ".type"]
-                    .iter()
-                    .any(|k| t.contains(k)) =>
-            {
-                let (before, after) = marked
-                    .split_once(super::image::IMAGE_TOKEN)
-                    .expect("user_message_with_image adds the marker");
-                let text_part = |s: &str| minijinja::context! { type => "text", text => s };
-                let mut parts = Vec::new();
-                if !before.is_empty() {
-                    parts.push(text_part(before));
-                }
-                parts.push(minijinja::context! { type => "image" });
-                if !after.is_empty() {
-                    parts.push(text_part(after));
-                }
-                self.render_user_turn(t, minijinja::Value::from(parts))
-            }
-            _ => self.render_prompt(&marked, raw),
+        if raw {
+            return Ok(super::image::user_message_with_image(text));
         }
+        self.render_conversation(&[Turn {
+            image: true,
+            ..Turn::user(text)
+        }])
     }
 
-    /// The chat template over one user turn with `content`, generation prompt added.
-    fn render_user_turn(&self, t: &str, content: minijinja::Value) -> Result<String> {
+    /// A whole conversation through the chat template, generation prompt added. A turn
+    /// with the image places it where its text says `<image>` (or first): templates of
+    /// multimodal models (SmolVLM's) read typed content parts, so they get
+    /// `[{type: image}, {type: text, text}]` as transformers' processors pass them; other
+    /// templates get the text with the `<image>` marker in it. Without a template the
+    /// turns' texts are joined by newlines (one user turn: its text as is).
+    pub fn render_conversation(&self, turns: &[Turn]) -> Result<String> {
+        let Some(t) = &self.chat_template else {
+            let texts: Vec<String> = turns.iter().map(Turn::marked_text).collect();
+            return Ok(texts.join("\n"));
+        };
+        let typed = ["'type'", "\"type\"", ".type"]
+            .iter()
+            .any(|k| t.contains(k));
+        let messages: Vec<minijinja::Value> = turns
+            .iter()
+            .map(|turn| {
+                let content = if turn.image && typed {
+                    turn.typed_parts()
+                } else {
+                    minijinja::Value::from(turn.marked_text())
+                };
+                minijinja::context! { role => turn.role.clone(), content => content }
+            })
+            .collect();
+        self.render_template(t, messages)
+    }
+
+    /// The chat template over `messages`, generation prompt added.
+    fn render_template(&self, t: &str, messages: Vec<minijinja::Value>) -> Result<String> {
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -115,7 +171,7 @@ impl TextCodec {
         env.add_template("chat", t)
             .context("the model's chat template does not parse")?;
         let ctx = minijinja::context! {
-            messages => vec![minijinja::context! { role => "user", content => content }],
+            messages => messages,
             add_generation_prompt => true,
             bos_token => self.bos_token.clone(),
             eos_token => self.eos_token.clone(),
@@ -129,6 +185,17 @@ impl TextCodec {
     /// prompt gets the tokenizer's post-processing (as `tokenizer(prompt)` does).
     pub fn encode_prompt(&self, user: &str, raw: bool) -> Result<Vec<u32>> {
         let text = self.render_prompt(user, raw)?;
+        self.encode_rendered(&text, raw)
+    }
+
+    /// Token ids of a conversation (`render_conversation`).
+    pub fn encode_conversation(&self, turns: &[Turn]) -> Result<Vec<u32>> {
+        let text = self.render_conversation(turns)?;
+        self.encode_rendered(&text, false)
+    }
+
+    /// Token ids of rendered text: special tokens added unless the template wrote them.
+    fn encode_rendered(&self, text: &str, raw: bool) -> Result<Vec<u32>> {
         let templated = self.chat_template.is_some() && !raw;
         let enc = self
             .tokenizer

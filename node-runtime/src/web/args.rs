@@ -91,6 +91,9 @@ pub struct WebArgs {
     /// (the spec's mpc.output = "decode_client_sample").
     #[arg(long)]
     decode_client_sample: bool,
+    /// Generations the OpenAI-compatible API (/v1/) runs at once; beyond, 429.
+    #[arg(long, default_value_t = 16)]
+    api_max_concurrent: usize,
 }
 
 /// How the switches read an environment variable (unset = `default`).
@@ -212,6 +215,11 @@ impl WebArgs {
             );
         }
         let prices = self.prices.prices()?;
+        if self.api_max_concurrent == 0 {
+            bail!("--api-max-concurrent 0 would refuse every API request; use at least 1");
+        }
+        // First: it creates the database private (0600) when it is new.
+        let keys = super::openai::keys::ApiKeys::open(&self.db)?;
         Ok(WebState {
             registry: self.registry.clone(),
             net: self.tls.client_net()?,
@@ -235,6 +243,7 @@ impl WebArgs {
             })),
             decode_client_sample: self.decode_client_sample,
             dev_wallet: Err("not checked yet".into()),
+            api: super::openai::ApiState::new(keys, self.api_max_concurrent),
         })
     }
 

@@ -19,10 +19,11 @@ use unfed_proto::{ModelState, SamplingParams, Tensor};
 use super::server::{ApiError, ApiResult, WebState};
 use super::views::amount;
 use crate::client::text::IncrementalDecoder;
+use crate::client::text::Turn;
 use crate::client::{Client, GenerateOptions, GenerateOutput, TextCodec, image};
 
 /// Longest generation one request may ask for.
-const MAX_TOKENS_LIMIT: usize = 4096;
+pub(super) const MAX_TOKENS_LIMIT: usize = 4096;
 
 fn default_max_tokens() -> usize {
     128
@@ -96,31 +97,124 @@ impl ChatBody {
     }
 }
 
-/// A checked request, ready to generate.
-struct Prepared {
-    client: Client,
-    model: String,
-    codec: Arc<TextCodec>,
-    ids: Vec<u32>,
-    /// Image features from the vision shards, for an image prompt.
-    features: Option<Tensor>,
-    /// The model's MPC pair, when it has one: the chat goes through it.
-    private: Option<PrivateRoute>,
-    opts: GenerateOptions,
-    /// The billed wallet; None = the daemon's default client (demo mode without sign-in).
-    payer: Option<Address>,
+/// What to generate from, whoever asked: the dashboard's chat body and the
+/// OpenAI-compatible API (`web::openai`) both become one, checked by their own rules.
+pub(super) struct Job {
+    /// Default: the registry's READY model (the first, if several).
+    pub model: Option<String>,
+    pub prompt: JobPrompt,
+    /// A PNG or JPEG for a vision-language model, base64 or a `data:` URL.
+    pub image: Option<String>,
+    /// None = the rest of the model's context, at most MAX_TOKENS_LIMIT.
+    pub max_tokens: Option<usize>,
+    pub sampling: SamplingParams,
 }
 
-/// The READY model to use: the one asked for, or the first READY one.
-async fn pick_model(client: &mut Client, asked: Option<String>) -> Result<String, ApiError> {
-    if let Some(model) = asked.filter(|m| !m.is_empty()) {
-        client
-            .require_ready(&model)
-            .await
-            .map_err(|e| ApiError::new(503, format!("{e:#}")))?;
-        return Ok(model);
+pub(super) enum JobPrompt {
+    /// One user message through the chat template, or as is with `raw`.
+    Text { text: String, raw: bool },
+    /// A whole conversation through the chat template.
+    Conversation(Vec<Turn>),
+}
+
+impl JobPrompt {
+    fn encode(&self, codec: &TextCodec) -> anyhow::Result<Vec<u32>> {
+        match self {
+            JobPrompt::Text { text, raw } => codec.encode_prompt(text, *raw),
+            JobPrompt::Conversation(turns) => codec.encode_conversation(turns),
+        }
     }
+
+    /// The text with the image's marker in it, as the model reads it.
+    fn render_with_image(&self, codec: &TextCodec) -> anyhow::Result<String> {
+        match self {
+            JobPrompt::Text { text, raw } => codec.render_image_prompt(text, *raw),
+            JobPrompt::Conversation(turns) => codec.render_conversation(turns),
+        }
+    }
+}
+
+/// A checked request, ready to generate.
+pub(super) struct Prepared {
+    pub client: Client,
+    pub model: String,
+    pub codec: Arc<TextCodec>,
+    pub ids: Vec<u32>,
+    /// Image features from the vision shards, for an image prompt.
+    pub features: Option<Tensor>,
+    /// The model's MPC pair, when it has one: the chat goes through it.
+    pub private: Option<PrivateRoute>,
+    pub opts: GenerateOptions,
+    /// The billed wallet; None = the daemon's default client (demo mode without sign-in).
+    pub payer: Option<Address>,
+}
+
+impl Prepared {
+    /// Runs the generation, calling `on_token` as each token arrives.
+    pub async fn generate(&mut self, on_token: impl FnMut(u32)) -> anyhow::Result<GenerateOutput> {
+        self.client
+            .generate_via(
+                &self.model,
+                self.private.as_ref(),
+                &self.ids,
+                self.features.as_ref(),
+                &self.opts,
+                on_token,
+            )
+            .await
+    }
+
+    /// `generate` on a task of its own: token ids arrive on the receiver as they come,
+    /// and the task gives this back with the output.
+    pub fn spawn(
+        mut self,
+    ) -> (
+        tokio::task::JoinHandle<(Prepared, anyhow::Result<GenerateOutput>)>,
+        tokio::sync::mpsc::UnboundedReceiver<u32>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            let out = self
+                .generate(|id| {
+                    let _ = tx.send(id);
+                })
+                .await;
+            (self, out)
+        });
+        (task, rx)
+    }
+}
+
+/// The READY model to use: the one asked for (404 if the registry does not know it), or
+/// the first READY one.
+async fn pick_model(client: &mut Client, asked: Option<String>) -> Result<String, ApiError> {
     let models = client.list_models().await.map_err(ApiError::upstream)?;
+    if let Some(model) = asked.filter(|m| !m.is_empty()) {
+        return match models.iter().find(|m| m.model == model) {
+            None => {
+                let known: Vec<&str> = models.iter().map(|m| m.model.as_str()).collect();
+                Err(ApiError::new(
+                    404,
+                    format!(
+                        "unknown model `{model}`: the network serves {}; GET /v1/models lists them",
+                        if known.is_empty() {
+                            "no model yet".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                ))
+            }
+            Some(m) if m.state != ModelState::Ready as i32 => Err(ApiError::new(
+                503,
+                format!(
+                    "model `{model}` is {}; wait for its nodes or start the missing ones",
+                    crate::client::readiness_text(m)
+                ),
+            )),
+            Some(_) => Ok(model),
+        };
+    }
     if let Some(m) = models.iter().find(|m| m.state == ModelState::Ready as i32) {
         return Ok(m.model.clone());
     }
@@ -137,18 +231,24 @@ async fn pick_model(client: &mut Client, asked: Option<String>) -> Result<String
     ))
 }
 
-async fn codec(s: &WebState, client: &mut Client, model: &str) -> Result<Arc<TextCodec>, ApiError> {
+/// The model's text codec and its context length in tokens, fetched once per model.
+async fn codec(
+    s: &WebState,
+    client: &mut Client,
+    model: &str,
+) -> Result<(Arc<TextCodec>, usize), ApiError> {
     if let Some(c) = s.codecs.lock().expect("codecs poisoned").get(model) {
         return Ok(c.clone());
     }
-    let (_, files) = client.manifest(model).await.map_err(ApiError::upstream)?;
+    let (manifest, files) = client.manifest(model).await.map_err(ApiError::upstream)?;
     let codec =
         Arc::new(TextCodec::from_manifest_files(&files, model).map_err(ApiError::upstream)?);
+    let entry = (codec, manifest.config.text.max_position_embeddings);
     s.codecs
         .lock()
         .expect("codecs poisoned")
-        .insert(model.to_string(), codec.clone());
-    Ok(codec)
+        .insert(model.to_string(), entry.clone());
+    Ok(entry)
 }
 
 /// Decodes an uploaded image and runs it through the model's vision shards.
@@ -156,7 +256,7 @@ async fn image_prompt(
     s: &WebState,
     client: &mut Client,
     model: &str,
-    body: &ChatBody,
+    prompt: &JobPrompt,
     data: &str,
 ) -> Result<image::ImagePrompt, ApiError> {
     use base64::Engine;
@@ -169,24 +269,28 @@ async fn image_prompt(
         .map_err(|e| ApiError::new(400, format!("the image is not valid base64: {e}")))?;
     let img = image::decode_image(&bytes, "the attached image", image::ImageLimits::default())
         .map_err(|e| ApiError::new(400, e.to_string()))?;
-    image::image_prompt_decoded(client, &s.registry, model, &body.prompt, &img, body.raw)
-        .await
-        .map_err(|e| {
-            let text = format!("{e:#}");
-            // A text-only model or a bad image is the request's fault; the rest upstream.
-            let status = if text.contains("text-only") { 400 } else { 502 };
-            ApiError::new(status, text)
-        })
+    image::image_prompt_with(client, &s.registry, model, &img, |c| {
+        prompt.render_with_image(c)
+    })
+    .await
+    .map_err(|e| {
+        let text = format!("{e:#}");
+        // A text-only model or a bad image is the request's fault; the rest upstream.
+        let status = if text.contains("text-only") { 400 } else { 502 };
+        ApiError::new(status, text)
+    })
 }
 
+/// The dashboard's chat: billed to the signed-in wallet (`session`).
 async fn prepare(
     s: &WebState,
     session: Option<&str>,
     body: ChatBody,
 ) -> Result<Prepared, ApiError> {
     let payer = match s.auth.session(session) {
-        Ok(address) => Some(address),
-        Err(_) if s.switches.demo => s.switches.demo_wallet,
+        Ok(address) => (Some(address), s.auth.payer(session)),
+        // Chat without sign-in in demo mode: as the demo wallet.
+        Err(_) if s.switches.demo => (s.switches.demo_wallet, s.switches.demo_payer.clone()),
         Err(e) => {
             return Err(ApiError::new(
                 e.http_status(),
@@ -195,27 +299,67 @@ async fn prepare(
         }
     };
     body.check()?;
+    let job = Job {
+        model: body.model,
+        prompt: JobPrompt::Text {
+            text: body.prompt,
+            raw: body.raw,
+        },
+        image: body.image,
+        max_tokens: Some(body.max_tokens),
+        sampling: SamplingParams {
+            temperature: body.temperature,
+            top_p: body.top_p,
+            top_k: body.top_k,
+            repetition_penalty: body.repetition_penalty,
+            seed: body.seed,
+        },
+    };
+    prepare_job(s, payer, job).await
+}
+
+/// Everything before generating, the same for every front end: the model, the prompt's
+/// tokens (and image features), the context and deposit checks, the private route and
+/// the options the spec's private modes ask for. `payer` is billed through the vouchers
+/// `signer` signs (no signer: an unpaid chat, which nodes that bill refuse).
+pub(super) async fn prepare_job(
+    s: &WebState,
+    (payer, signer): (Option<Address>, Option<crate::voucher::Payer>),
+    job: Job,
+) -> Result<Prepared, ApiError> {
     let mut client = Client::connect(&s.net, &s.registry)
         .await
         .map_err(|e| ApiError::new(503, format!("{e:#}")))?;
-    let model = pick_model(&mut client, body.model.clone()).await?;
-    let codec = codec(s, &mut client, &model).await?;
+    let model = pick_model(&mut client, job.model.clone()).await?;
+    let (codec, context) = codec(s, &mut client, &model).await?;
     let private = client
         .private_route(&model, &s.private)
         .await
         .map_err(|e| ApiError::new(502, format!("{e:#}")))?;
-    let (ids, features) = match &body.image {
+    let (ids, features) = match &job.image {
         None => {
-            let ids = codec
-                .encode_prompt(&body.prompt, body.raw)
+            let ids = job
+                .prompt
+                .encode(&codec)
                 .map_err(|e| ApiError::new(400, format!("{e:#}")))?;
             (ids, None)
         }
         Some(data) => {
-            let p = image_prompt(s, &mut client, &model, &body, data).await?;
+            let p = image_prompt(s, &mut client, &model, &job.prompt, data).await?;
             (p.prompt_ids, Some(p.features))
         }
     };
+    let room = context.saturating_sub(ids.len());
+    let max_tokens = job.max_tokens.unwrap_or(room.min(MAX_TOKENS_LIMIT));
+    if max_tokens == 0 || max_tokens > room {
+        return Err(ApiError::new(
+            400,
+            format!(
+                "the prompt has {} tokens and max_tokens is {max_tokens}: the model's context is {context} tokens, so at most {room} can be generated after this prompt; shorten the prompt or lower max_tokens",
+                ids.len()
+            ),
+        ));
+    }
     if let (Some(c), Some(who)) = (&s.chain, payer) {
         let deposit = c
             .reader
@@ -223,7 +367,7 @@ async fn prepare(
             .await
             .map_err(|e| ApiError::upstream(e.into()))?;
         // The whole chat's cap, as the voucher will state it.
-        let needed = s.prices.cost(ids.len() as u64, body.max_tokens as u64);
+        let needed = s.prices.cost(ids.len() as u64, max_tokens as u64);
         if deposit < needed {
             return Err(ApiError::new(
                 402,
@@ -236,19 +380,9 @@ async fn prepare(
         }
     }
     let opts = GenerateOptions {
-        max_tokens: body.max_tokens,
-        sampling: SamplingParams {
-            temperature: body.temperature,
-            top_p: body.top_p,
-            top_k: body.top_k,
-            repetition_penalty: body.repetition_penalty,
-            seed: body.seed,
-        },
-        payer: match s.auth.session(session) {
-            Ok(_) => s.auth.payer(session),
-            // Chat without sign-in in demo mode: as the demo wallet.
-            Err(_) => s.switches.demo_payer.clone(),
-        },
+        max_tokens,
+        sampling: job.sampling,
+        payer: signer,
         decode_client_sample: s.decode_client_sample,
         ..Default::default()
     };
@@ -326,18 +460,7 @@ pub async fn chat(
 ) -> ApiResult<Value> {
     let token = bearer(&headers).map(str::to_string).or(body.token.clone());
     let mut p = prepare(&s, token.as_deref(), body).await?;
-    let out = p
-        .client
-        .generate_via(
-            &p.model,
-            p.private.as_ref(),
-            &p.ids,
-            p.features.as_ref(),
-            &p.opts,
-            |_| {},
-        )
-        .await
-        .map_err(ApiError::generation)?;
+    let out = p.generate(|_| {}).await.map_err(ApiError::generation)?;
     Ok(Json(summary(&s, &p, &out).await))
 }
 
@@ -400,25 +523,8 @@ async fn stream_chat(s: &WebState, socket: &mut WebSocket, mut p: Prepared) -> b
     if !send(socket, started).await {
         return false;
     }
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let (mut client, model, ids, opts) = (p.client, p.model.clone(), p.ids.clone(), p.opts.clone());
-    let (private, features) = (p.private.take(), p.features.take());
-    let generation = tokio::spawn(async move {
-        let out = client
-            .generate_via(
-                &model,
-                private.as_ref(),
-                &ids,
-                features.as_ref(),
-                &opts,
-                |id| {
-                    let _ = tx.send(id);
-                },
-            )
-            .await;
-        (client, out)
-    });
     let codec = p.codec.clone();
+    let (generation, mut rx) = p.spawn();
     let mut decoder = IncrementalDecoder::new(&codec);
     let mut open = true;
     loop {
@@ -443,7 +549,7 @@ async fn stream_chat(s: &WebState, socket: &mut WebSocket, mut p: Prepared) -> b
             },
         }
     }
-    let (client, out) = match generation.await {
+    let (p, out) = match generation.await {
         Ok(r) => r,
         Err(e) => {
             let e = ApiError::new(500, format!("the generation task failed: {e}"));
@@ -454,10 +560,7 @@ async fn stream_chat(s: &WebState, socket: &mut WebSocket, mut p: Prepared) -> b
         return false;
     }
     let done = match out {
-        Ok(out) => {
-            let p = Prepared { client, ..p };
-            json!({ "type": "done", "summary": summary(s, &p, &out).await })
-        }
+        Ok(out) => json!({ "type": "done", "summary": summary(s, &p, &out).await }),
         Err(e) => ws_error(ApiError::generation(e)),
     };
     send(socket, done).await

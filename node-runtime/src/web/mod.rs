@@ -8,6 +8,7 @@ pub mod chat;
 pub mod dev_wallet;
 pub mod faucet;
 pub mod https;
+pub mod openai;
 pub mod origin;
 pub mod probe;
 pub mod server;

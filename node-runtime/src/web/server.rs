@@ -56,13 +56,15 @@ pub struct WebState {
     pub switches: Switches,
     /// What the sign-in message names.
     pub site: String,
-    pub(super) codecs: Mutex<HashMap<String, Arc<TextCodec>>>,
+    pub(super) codecs: Mutex<HashMap<String, (Arc<TextCodec>, usize)>>,
     /// The public parameters of MPC pairs (chats of a model with a pair go through it).
     pub(super) private: crate::client::private::PublicParams,
     /// Chats sample here from logits the last shard seals to this server.
     pub(super) decode_client_sample: bool,
     /// One-click sign-in as the testnet's dev client: its address, or why it is off.
     pub dev_wallet: Result<Address, String>,
+    /// The OpenAI-compatible API's keys and generation slots.
+    pub api: super::openai::ApiState,
 }
 
 impl WebState {
@@ -185,6 +187,7 @@ pub fn router(state: Arc<WebState>, same_origin: SameOrigin) -> Router {
         .route("/api/faucet", post(wallet::faucet))
         .route("/api/chat", post(chat::chat))
         .route("/api/chat/ws", get(chat::chat_ws))
+        .merge(super::openai::routes())
         .fallback(not_found)
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(
