@@ -112,6 +112,7 @@ impl Anvil {
         if let Some(id) = opts.chain_id {
             cmd.args(["--chain-id", &id.to_string()]);
         }
+        cmd.args(["--timestamp", &unique_genesis_time()?.to_string()]);
         match &opts.log_file {
             Some(path) => {
                 if let Some(dir) = path.parent() {
@@ -333,6 +334,46 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// The directory for downloaded tools: `$UNFED_CACHE_DIR`, else `$XDG_CACHE_HOME/unfed`,
 /// else `~/.cache/unfed`.
+/// `path` opened and exclusively locked (flock) until the returned file is dropped.
+fn locked(path: &Path) -> anyhow::Result<File> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening lock file {}", path.display()))?;
+    // SAFETY: flock on a file descriptor we own; released when `f` is dropped.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("locking {}", path.display()));
+    }
+    Ok(f)
+}
+
+/// A genesis time (unix seconds) no other Anvil started on this machine has used. Two
+/// fresh Anvils with one chain id differ only by it, and chain-stamped databases tell
+/// chains apart by their genesis hash, so a testnet restarted within the same second
+/// must not reproduce the last one's genesis.
+fn unique_genesis_time() -> anyhow::Result<u64> {
+    use std::io::{Read, Seek, Write};
+    let dir = cache_dir()?;
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("creating cache directory {}", dir.display()))?;
+    let mut f = locked(&dir.join("anvil-genesis-time"))?;
+    let mut last = String::new();
+    f.read_to_string(&mut last)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let t = now.max(last.trim().parse::<u64>().unwrap_or(0) + 1);
+    f.set_len(0)?;
+    f.rewind()?;
+    f.write_all(t.to_string().as_bytes())?;
+    Ok(t)
+}
+
 pub fn cache_dir() -> anyhow::Result<PathBuf> {
     let non_empty = |k: &str| {
         std::env::var_os(k)
@@ -399,14 +440,7 @@ pub fn install_anvil(cache: &Path) -> anyhow::Result<PathBuf> {
     }
     std::fs::create_dir_all(cache)
         .with_context(|| format!("creating cache directory {}", cache.display()))?;
-    let lock_path = cache.join("anvil.lock");
-    let lock = File::create(&lock_path)
-        .with_context(|| format!("creating lock file {}", lock_path.display()))?;
-    // SAFETY: flock on a file descriptor we own; released when `lock` is dropped.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("locking {}", lock_path.display()));
-    }
+    let _lock = locked(&cache.join("anvil.lock"))?;
     if bin.is_file() {
         return Ok(bin); // another process installed it while we waited
     }
