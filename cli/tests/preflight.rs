@@ -115,15 +115,32 @@ fn a_readable_node_key_fails() {
 fn a_readable_operator_key_fails() {
     let net = Net::new("");
     let key = readable_key(&net);
+    // Every other key an external chain needs, private.
+    let private = |name: &str| {
+        let p = net.dir.path().join(name);
+        std::fs::write(&p, format!("0x{}\n", "22".repeat(32))).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p.display().to_string()
+    };
+    let (settler, slasher, client, node, daemon) = (
+        private("s.key"),
+        private("l.key"),
+        private("c.key"),
+        private("n.key"),
+        private("d.key"),
+    );
     std::fs::write(
         &net.spec,
         format!(
-            "{}[chain]\nmode = \"external\"\nrpc_url = \"http://127.0.0.1:1\"\noperator_key_file = \"{key}\"\n",
+            "{}[chain]\nmode = \"external\"\nrpc_url = \"http://127.0.0.1:1\"\noperator_key_file = \"{key}\"\nsettler_key_file = \"{settler}\"\nslasher_key_file = \"{slasher}\"\nclient_key_file = \"{client}\"\n[model]\ntext_shards = 1\n[[node]]\nrole = \"compute\"\neth_key = \"{node}\"\n[[node]]\nrole = \"daemon\"\neth_key = \"{daemon}\"\n",
             std::fs::read_to_string(&net.spec).unwrap()
         ),
     )
     .unwrap();
-    no_go(&preflight_spec(&net), "operator key file is private: ");
+    no_go(
+        &preflight_spec(&net),
+        "chain.operator_key_file is private: ",
+    );
 }
 
 #[test]

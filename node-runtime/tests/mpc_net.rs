@@ -8,7 +8,7 @@ mod daemon_common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::net::{Net, Node, s, split_into, start_pair};
+use common::net::{Net, Node, s, start_pair};
 use common::web::Web;
 use daemon_common::wait_status;
 use unfed_node::client::GenerateOptions;
@@ -127,10 +127,7 @@ async fn model_status(net: &Net) -> unfed_proto::ModelStatus {
 
 /// A registry that requires the MPC pair, serving the builtin model split in two.
 fn require_mpc_net() -> (Net, PathBuf) {
-    let dir = Net::prepare();
-    let tiny = dir.path().join("tiny-src");
-    unfed_model::builtin::write_tiny(&tiny).unwrap();
-    let split = split_into(&tiny, &dir.path().join("splits"), "tiny", 2);
+    let (dir, split) = Net::prepare_tiny(2);
     let registry = Node::start_with_env(
         &[
             s("registry"),
@@ -225,10 +222,7 @@ async fn shard0_in_mpc_over_grpc_gates_readiness_and_matches_the_plaintext_token
 
 #[tokio::test(flavor = "multi_thread")]
 async fn full_output_2pc_over_grpc_generates_the_plaintext_tokens_and_bills_the_pair() {
-    let dir = Net::prepare();
-    let tiny = dir.path().join("tiny-src");
-    unfed_model::builtin::write_tiny(&tiny).unwrap();
-    let split = split_into(&tiny, &dir.path().join("splits"), "tiny", 2);
+    let (dir, split) = Net::prepare_tiny(2);
     let net = Net::registry(dir);
     let (reg, dir) = (net.registry.address.clone(), net.dir.path().to_path_buf());
     let daemon = start_daemon(&reg, &dir);

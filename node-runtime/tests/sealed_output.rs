@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::net::{Net, split_into};
+use common::net::Net;
 use unfed_node::client::GenerateOptions;
 use unfed_node::seal::{Opener, logits_context};
 use unfed_proto::compute_client::ComputeClient;
@@ -15,10 +15,7 @@ const PROMPT: [u32; 5] = [3, 14, 15, 92, 65];
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_client_samples_from_logits_sealed_to_it() {
-    let dir = Net::prepare();
-    let tiny = dir.path().join("tiny-src");
-    unfed_model::builtin::write_tiny(&tiny).unwrap();
-    split_into(&tiny, &dir.path().join("splits"), "tiny", 2);
+    let (dir, _) = Net::prepare_tiny(2);
     let mut net = Net::registry(dir);
     net.compute("tiny", 0);
     net.compute("tiny", 1);

@@ -9,7 +9,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::net::{Net, Node, issue, s, split_into};
+use common::net::{Net, Node, issue, s};
 use ed25519_dalek::Signer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -104,10 +104,7 @@ async fn copy(
 
 /// The built-in model in 2 shards, shard 0 advertised behind `tap`; one chat through it.
 async fn chat_through_tap(tls: bool) -> Tap {
-    let dir = Net::prepare();
-    let tiny = dir.path().join("tiny-src");
-    unfed_model::builtin::write_tiny(&tiny).unwrap();
-    split_into(&tiny, &dir.path().join("splits"), "tiny", 2);
+    let (dir, _) = Net::prepare_tiny(2);
     let mut net = Net::registry_with(dir, tls);
     let tap = Tap::start().await;
     let mut args = net.compute_args("tiny", 0, "0");
@@ -219,10 +216,7 @@ fn end(session: &str, route: &[Hop], signature: Vec<u8>) -> EndSessionRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_guarded_rpc_refuses_outsiders_and_serves_its_caller() {
-    let dir = Net::prepare();
-    let tiny = dir.path().join("tiny-src");
-    unfed_model::builtin::write_tiny(&tiny).unwrap();
-    split_into(&tiny, &dir.path().join("splits"), "tiny", 2);
+    let (dir, _) = Net::prepare_tiny(2);
     let mut net = Net::registry(dir);
     let (files0, files1) = (issue("compute-0"), issue("compute-1"));
     let c0 = start_as(&mut net, 0, &files0);
@@ -478,10 +472,7 @@ async fn every_guarded_rpc_refuses_outsiders_and_serves_its_caller() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn party_b_takes_only_the_registered_party_a() {
-    let dir = Net::prepare();
-    let tiny = dir.path().join("tiny-src");
-    unfed_model::builtin::write_tiny(&tiny).unwrap();
-    let split = split_into(&tiny, &dir.path().join("splits"), "tiny", 1);
+    let (dir, split) = Net::prepare_tiny(1);
     let net = Net::registry(dir);
     let (_a, b) = common::net::start_pair(
         &split,

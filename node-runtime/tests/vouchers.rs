@@ -6,7 +6,7 @@
 mod common;
 mod daemon_common;
 
-use common::net::{Net, Node, s, split_into};
+use common::net::{Net, Node, s};
 use daemon_common::*;
 use unfed_chain::voucher::{SignedVoucher, SpendingVoucher, session_hash};
 use unfed_chain::{Address, PrivateKeySigner, U256, dev_signer, parse_amount};
@@ -69,10 +69,7 @@ fn step(session: &str, step: u32) -> ForwardRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paid_node_works_only_under_a_valid_voucher_naming_it_once() {
-    let dir = Net::prepare();
-    let tiny = dir.path().join("tiny-src");
-    unfed_model::builtin::write_tiny(&tiny).unwrap();
-    split_into(&tiny, &dir.path().join("splits"), "tiny", 1);
+    let (dir, _) = Net::prepare_tiny(1);
     let mut net = Net::registry(dir);
     let mut args = net.compute_args("tiny", 0, "0");
     args.extend([s("--node-id"), s("n0"), s("--require-voucher")]);

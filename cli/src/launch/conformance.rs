@@ -220,8 +220,17 @@ async fn chat_matches_engine(net: &Testnet) -> anyhow::Result<usize> {
     let mut client = Client::connect(&net.ctx.net, registry).await?;
     let (_, files) = client.manifest(model).await?;
     let prompt = TextCodec::from_manifest_files(&files, model)?.encode_prompt(PROMPT, true)?;
+    // The testnet's client pays, as `unfedctl chat` would.
+    let client_key = net.ctx.key_path("client");
+    let payer = match client_key.is_file() {
+        true => Some(unfed_node::voucher::Payer::wallet(
+            unfed_chain::read_key_file(&client_key)?,
+        )),
+        false => None,
+    };
     let opts = GenerateOptions {
         max_tokens: MAX_TOKENS,
+        payer,
         ..GenerateOptions::default()
     };
     let network = client.generate(model, &prompt, &opts, |_| {}).await?.tokens;

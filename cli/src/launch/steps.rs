@@ -710,7 +710,7 @@ async fn start_shard(
             cmd.arg("--chain-rpc").arg(&chain.rpc_url);
         }
     }
-    require_voucher(&mut cmd, &inputs);
+    require_voucher(ctx, &mut cmd, &inputs);
     let eth_address = stake_identity(&mut cmd, step, &inputs);
     let readiness = Readiness::ListedBy(registry);
     let kind = if vision { "vision" } else { "compute" };
@@ -794,9 +794,16 @@ async fn start_daemon(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::Res
     })
 }
 
-/// On a testnet that pays for work, nodes work only under a client's spending voucher.
-fn require_voucher(cmd: &mut std::process::Command, inputs: &Inputs) {
-    if inputs.chain.is_some() {
+/// On a testnet that pays for work (a chain and a daemon), nodes work only under a
+/// client's spending voucher.
+fn require_voucher(ctx: &Context, cmd: &mut std::process::Command, inputs: &Inputs) {
+    let pays = inputs.chain.is_some()
+        && ctx
+            .plan
+            .steps
+            .iter()
+            .any(|s| s.kind == crate::plan::StepKind::Daemon);
+    if pays {
         cmd.arg("--require-voucher");
     }
 }
@@ -874,7 +881,7 @@ async fn start_mpc(
     } else if let Some(layers) = &step.layers {
         cmd.arg("--layers").arg(layers.len().to_string());
     }
-    require_voucher(&mut cmd, &inputs);
+    require_voucher(ctx, &mut cmd, &inputs);
     let eth_address = stake_identity(&mut cmd, step, &inputs);
     let kind = if peer.is_some() { "mpc_a" } else { "mpc_b" };
     let readiness = Readiness::ListedBy(registry);

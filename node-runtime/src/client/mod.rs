@@ -157,8 +157,11 @@ impl Client {
         })
     }
 
-    /// The daemon the registry lists, and its voucher terms.
-    async fn daemon(&mut self) -> Result<&mut (DaemonClient<Channel>, crate::voucher::Terms)> {
+    /// The daemon the registry lists, and its voucher terms (`None`: no daemon, so no
+    /// work is paid and no voucher is needed).
+    async fn daemon(
+        &mut self,
+    ) -> Result<Option<&mut (DaemonClient<Channel>, crate::voucher::Terms)>> {
         if self.daemon.is_none() {
             let nodes = self
                 .registry
@@ -169,9 +172,9 @@ impl Client {
                 .context("Discover failed")?
                 .into_inner()
                 .nodes;
-            let d = nodes.into_iter().find(|n| n.role == "daemon").context(
-                "the registry lists no daemon: nobody can check a spending voucher; start the daemon, or chat without a paying wallet",
-            )?;
+            let Some(d) = nodes.into_iter().find(|n| n.role == "daemon") else {
+                return Ok(None);
+            };
             let mut c =
                 crate::daemon::client(&self.net, &d.address, crate::net::Pin::parse(&d.tls_pin)?)
                     .await?;
@@ -182,7 +185,7 @@ impl Client {
                 .into_inner();
             self.daemon = Some((c, crate::voucher::Terms::from_proto(&terms)?));
         }
-        Ok(self.daemon.as_mut().expect("set above"))
+        Ok(self.daemon.as_mut())
     }
 
     /// The spending voucher and billing salt of a session over `route` (node ids of the
@@ -199,7 +202,10 @@ impl Client {
             return Ok(None);
         };
         let payer = payer.clone();
-        let (daemon, terms) = self.daemon().await?;
+        let Some((daemon, terms)) = self.daemon().await? else {
+            tracing::debug!("no daemon listed: the session is unpaid");
+            return Ok(None);
+        };
         let caps = (
             u32::try_from(prompt_rows).context("prompt too long")?,
             u32::try_from(opts.max_tokens).context("max_tokens too large")?,

@@ -239,6 +239,16 @@ impl Net {
         dir
     }
 
+    /// `prepare` with the built-in model split into `shards` as model "tiny"; returns
+    /// the dir and the split.
+    pub fn prepare_tiny(shards: usize) -> (tempfile::TempDir, PathBuf) {
+        let dir = Self::prepare();
+        let tiny = dir.path().join("tiny-src");
+        unfed_model::builtin::write_tiny(&tiny).unwrap();
+        let split = split_into(&tiny, &dir.path().join("splits"), "tiny", shards);
+        (dir, split)
+    }
+
     /// A registry over `dir/splits` (every split under it is served).
     pub fn registry(dir: tempfile::TempDir) -> Net {
         Self::registry_with(dir, true)
