@@ -344,27 +344,24 @@ pub fn check(
     let len = t.route.len() as u32;
     let price = terms.cost(s.input_tokens.into(), s.output_tokens.into());
     let amount = hop_amount(price, index as u32, len);
-    let spent = store.spent(&digest)?;
-    if spent + amount > t.maxSpend {
+    // The voucher's own cap, then its delegation's (spent over all its vouchers).
+    let mut caps = vec![("voucher", t.maxSpend, store.spent(&digest)?)];
+    if let Some(d) = &v.delegation {
+        let id = d.id(v.chain_id, v.escrow);
+        caps.push((
+            "delegation",
+            d.max_spend,
+            store.spent_under_delegation(id.as_slice())?,
+        ));
+    }
+    if let Some((what, cap, spent)) = caps
+        .into_iter()
+        .find(|(_, cap, spent)| *spent + amount > *cap)
+    {
         return fail(
             Reject::VoucherCap,
-            format!(
-                "the voucher's spend cap {} would be exceeded ({spent} billed)",
-                t.maxSpend
-            ),
+            format!("the {what}'s spend cap {cap} would be exceeded ({spent} billed)"),
         );
-    }
-    if let Some(d) = &v.delegation {
-        let under = store.spent_under_delegation(d.id(v.chain_id, v.escrow).as_slice())?;
-        if under + amount > d.max_spend {
-            return fail(
-                Reject::VoucherCap,
-                format!(
-                    "the delegation's spend cap {} would be exceeded ({under} billed)",
-                    d.max_spend
-                ),
-            );
-        }
     }
     store.insert_voucher(&digest, &v, &body)?;
     Ok(Ok(Placement {
