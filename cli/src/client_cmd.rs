@@ -244,6 +244,7 @@ async fn chat(a: ChatArgs) -> Result<ExitCode> {
             top_k: a.top_k,
             repetition_penalty: a.repetition_penalty,
             seed: a.seed,
+            ..Default::default()
         },
         decode_client_sample: a.decode_client_sample || r.decode_client_sample,
         payer: r.payer.clone(),

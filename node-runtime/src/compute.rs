@@ -136,6 +136,8 @@ struct Inner {
     cheat: Option<Cheat>,
     /// Registered nodes (attestation keys); `None` when serving unregistered.
     peers: Option<Arc<Peers>>,
+    /// The registry's address: a next hop that fails a forward is reported there.
+    registry: Option<String>,
     checker: Option<Arc<SpotChecker>>,
     inputs: InputLog,
     /// Output shares of MPC pairs, waiting for the client's Forward that names them.
@@ -225,8 +227,13 @@ pub fn sampling_of(p: Option<&SamplingParams>) -> SamplingConfig {
             p.repetition_penalty
         },
         seed: p.seed,
+        // Bounded: each costs the node one draw before the session's first step.
+        sampled_before: p.sampled_before.min(MAX_SAMPLED_BEFORE),
     }
 }
+
+/// More tokens than any context holds; a larger `sampled_before` is clamped to it.
+const MAX_SAMPLED_BEFORE: u32 = 1 << 20;
 
 impl ComputeService {
     pub fn new(shard: LoadedShard, cfg: &ComputeConfig) -> Self {
@@ -260,6 +267,7 @@ impl ComputeService {
                 key: cfg.share_key.clone(),
                 cheat: cfg.cheat,
                 peers,
+                registry: cfg.registry.clone(),
                 checker,
                 inputs: InputLog::default(),
                 handoffs: Inbox::new(cfg.hop_timeout * 2),
@@ -408,6 +416,19 @@ impl ComputeService {
             )));
         }
         Ok(())
+    }
+
+    /// Tells the registry, in the background, that `hop` failed a forward (it probes
+    /// the node and delists it if it does not answer).
+    fn report_unresponsive(&self, hop: &Hop, why: &str) {
+        let Some(registry) = self.inner.registry.clone() else {
+            return;
+        };
+        let (inner, node, why) = (self.inner.clone(), hop.node_id.clone(), why.to_string());
+        tokio::spawn(async move {
+            let me = (inner.node_id.as_str(), &inner.key);
+            crate::membership::report_unresponsive(&inner.net, &registry, me, &node, &why).await;
+        });
     }
 
     fn refuse_hop(&self, why: String) -> Status {
@@ -919,6 +940,7 @@ impl Compute for ComputeService {
                     }
                     Err(s) if s.message().starts_with("node ") => return Err(s),
                     Err(s) => {
+                        self.report_unresponsive(&next, s.message());
                         return Err(Status::unavailable(format!(
                             "node {} (shard {}) at {} is unreachable: {}",
                             next.node_id,
@@ -1052,6 +1074,23 @@ impl Compute for ComputeService {
                 .forwards
                 .load(std::sync::atomic::Ordering::Relaxed),
         }))
+    }
+}
+
+/// Whether the compute node at `hop` answers a Health call within `timeout`.
+pub async fn probe_health(net: &crate::net::Net, hop: &Hop, timeout: Duration) -> Result<()> {
+    let probe = async {
+        let pin = crate::net::Pin::parse(&hop.tls_pin)?;
+        let channel = net.channel_with(&hop.address, timeout, pin)?;
+        ComputeClient::new(channel)
+            .health(HealthRequest {})
+            .await
+            .map_err(|s| anyhow::anyhow!("unreachable: {}", s.message()))?;
+        anyhow::Ok(())
+    };
+    match tokio::time::timeout(timeout, probe).await {
+        Ok(r) => r,
+        Err(_) => anyhow::bail!("no health answer within {} ms (hung?)", timeout.as_millis()),
     }
 }
 

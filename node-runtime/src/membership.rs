@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use unfed_proto::registry_client::RegistryClient;
-use unfed_proto::{HeartbeatRequest, RegisterRequest, UnregisterRequest};
+use unfed_proto::{HeartbeatRequest, RegisterRequest, UnregisterRequest, UnresponsiveReport};
 
 use crate::net::Net;
 use crate::net::auth::CallProof;
@@ -67,6 +67,34 @@ pub async fn unregister(net: &Net, registry: &str, node_id: &str, key: &ed25519_
     match c.unregister(req).await {
         Ok(_) => tracing::info!("unregistered"),
         Err(e) => tracing::warn!("could not unregister: {}", e.message()),
+    }
+}
+
+/// Best-effort report that `node` failed a forward this node (`me`: its id and share
+/// key, which signs the report) made to it; the registry probes it.
+pub async fn report_unresponsive(
+    net: &Net,
+    registry: &str,
+    (me, key): (&str, &ed25519_dalek::SigningKey),
+    node: &str,
+    why: &str,
+) {
+    let Ok(mut c) = registry_client(net, registry) else {
+        return;
+    };
+    let proof = CallProof::sign(key, crate::registry::REPORT_UNRESPONSIVE, me);
+    let req = UnresponsiveReport {
+        reporter_id: me.to_string(),
+        node_id: node.to_string(),
+        reason: why.to_string(),
+        timestamp: proof.timestamp,
+        nonce: proof.nonce,
+        signature: proof.signature,
+    };
+    match c.report_unresponsive(req).await {
+        Ok(v) if v.get_ref().delisted => tracing::warn!(node, "reported unresponsive: delisted"),
+        Ok(_) => tracing::info!(node, "reported unresponsive: it answers the registry"),
+        Err(e) => tracing::warn!(node, "could not report it unresponsive: {}", e.message()),
     }
 }
 

@@ -559,6 +559,42 @@ impl Registry for RegistryService {
         }))
     }
 
+    async fn report_unresponsive(
+        &self,
+        req: Request<UnresponsiveReport>,
+    ) -> Result<Response<UnresponsiveVerdict>, Status> {
+        let peer = crate::net::Peer::of(&req);
+        let r = req.into_inner();
+        let proof = (r.timestamp, r.nonce, r.signature);
+        if !self.authorize_node(&peer, &r.reporter_id, proof, REPORT_UNRESPONSIVE)? {
+            return Err(Status::permission_denied(format!(
+                "report about {} refused: {} is not a registered node; only registered nodes report failed hops",
+                r.node_id, r.reporter_id
+            )));
+        }
+        let target = self.state().nodes.get(&r.node_id).map(|n| n.info.clone());
+        let Some(target) = target.filter(|t| t.role == "compute") else {
+            return Ok(Response::new(UnresponsiveVerdict { delisted: false }));
+        };
+        let hop = Hop {
+            node_id: target.node_id.clone(),
+            address: target.address.clone(),
+            shard_index: target.shard_index,
+            tls_pin: target.tls_pin.clone(),
+        };
+        // The report only prompts a probe: what delists is the node not answering us.
+        let Err(why) = crate::compute::probe_health(&self.config.net, &hop, PROBE_TIMEOUT).await
+        else {
+            tracing::info!(node = %r.node_id, reporter = %r.reporter_id, "reported unresponsive, but it answers");
+            return Ok(Response::new(UnresponsiveVerdict { delisted: false }));
+        };
+        let delisted = self.state().nodes.remove(&r.node_id).is_some();
+        if delisted {
+            tracing::warn!(node = %r.node_id, reporter = %r.reporter_id, "delisted: {why:#} (reported: {})", r.reason);
+        }
+        Ok(Response::new(UnresponsiveVerdict { delisted }))
+    }
+
     async fn report_fraud(
         &self,
         req: Request<FraudReport>,
@@ -752,6 +788,10 @@ pub async fn run(
 /// What a heartbeat and an unregistration sign (net::auth::CallProof purposes).
 pub const HEARTBEAT: &str = "registry.Heartbeat";
 pub const UNREGISTER: &str = "registry.Unregister";
+pub const REPORT_UNRESPONSIVE: &str = "registry.ReportUnresponsive";
+
+/// How long a reported node has to answer the registry's health probe.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
 
 /// A registration naming a certificate pin must come over mutual TLS with that
 /// certificate; over TLS, a registration must name one (nodes are pinned by peers).

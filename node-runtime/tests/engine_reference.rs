@@ -60,6 +60,7 @@ fn seeded_sampling_is_reproducible_and_differs_from_greedy() {
             top_p: 0.95,
             repetition_penalty: 1.1,
             seed,
+            sampled_before: 0,
         };
         generate(&model, prompt, 16, s, false).unwrap().tokens
     };

@@ -30,6 +30,7 @@ async fn the_client_samples_from_logits_sealed_to_it() {
             top_p: 0.95,
             repetition_penalty: 1.3,
             seed: 7,
+            ..Default::default()
         },
     ] {
         let opts = GenerateOptions {

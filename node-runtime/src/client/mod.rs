@@ -1,6 +1,7 @@
 //! The client library `unfedctl chat` and the web dashboard share: discover the nodes
 //! of a model, pick a route (one replica per shard), and generate token by token.
 
+pub mod failover;
 pub mod image;
 pub mod private;
 pub mod text;
@@ -81,6 +82,10 @@ pub struct GenerateOutput {
     /// The client sampled the tokens (full_output_2pc or decode_client_sample), not the
     /// last shard.
     pub sampled_by_client: bool,
+    /// Hops that failed mid-generation and were replaced by replaying the session.
+    pub failovers: usize,
+    /// Time from those failures coming back to the replayed step's token.
+    pub failover_ms: f64,
 }
 
 impl GenerateOutput {
@@ -134,7 +139,13 @@ pub struct Client {
     pub step_timeout: Duration,
     /// The daemon vouchers are checked with, and its terms (found on first use).
     daemon: Option<(DaemonClient<Channel>, crate::voucher::Terms)>,
+    /// Nodes that failed a step of this client, not routed to until their ban ends.
+    bans: failover::Bans,
 }
+
+/// Failovers of one generation before it gives up (each bans a node, so a shard runs
+/// out of replicas long before this; the cap bounds a flapping network).
+const MAX_FAILOVERS: usize = 8;
 
 impl Client {
     /// Connects to the registry at `registry` over `net` (TLS with the testnet's CA, or
@@ -154,6 +165,7 @@ impl Client {
                 .max_encoding_message_size(crate::net::limits::REGISTRY),
             step_timeout: Duration::from_secs(60),
             daemon: None,
+            bans: failover::Bans::default(),
         })
     }
 
@@ -284,9 +296,30 @@ impl Client {
         Ok(status.clone())
     }
 
-    /// One live replica per text shard, in shard order (chosen at random among replicas).
+    /// One live replica per text shard, in shard order (chosen at random among the
+    /// replicas this client has not banned).
     pub async fn route(&mut self, model: &str) -> Result<Vec<Hop>> {
-        let status = self.require_ready(model).await?;
+        self.route_keeping(model, &[]).await
+    }
+
+    /// `route`, keeping the hops of `keep` that are not banned.
+    async fn route_keeping(&mut self, model: &str, keep: &[Hop]) -> Result<Vec<Hop>> {
+        let status = match self.require_ready(model).await {
+            Ok(s) => s,
+            // The registry may have delisted the nodes this client banned already.
+            Err(e) => {
+                return Err(
+                    match keep.iter().find_map(|h| {
+                        self.bans
+                            .exhausted(model, h.shard_index)
+                            .filter(|_| self.bans.is_banned(&h.node_id))
+                    }) {
+                        Some(exhausted) => e.context(exhausted),
+                        None => e,
+                    },
+                );
+            }
+        };
         let nodes = self
             .registry
             .discover(DiscoverRequest {
@@ -305,7 +338,22 @@ impl Client {
         }
         let mut route = Vec::new();
         for i in 0..status.text_shards_total {
-            let Some(n) = by_shard.get(&i).and_then(|v| v.choose(&mut rand::rng())) else {
+            let kept = keep
+                .iter()
+                .find(|h| h.shard_index == i && !self.bans.is_banned(&h.node_id));
+            if let Some(h) = kept {
+                route.push(h.clone());
+                continue;
+            }
+            let listed = by_shard.get(&i).map(Vec::as_slice).unwrap_or_default();
+            let live: Vec<&&NodeInfo> = listed
+                .iter()
+                .filter(|n| !self.bans.is_banned(&n.node_id))
+                .collect();
+            let Some(n) = live.choose(&mut rand::rng()) else {
+                if let Some(exhausted) = self.bans.exhausted(model, i) {
+                    bail!(exhausted);
+                }
                 bail!(
                     "text shard {i} of `{model}` has no live node; the registry's view changed, retry"
                 );
@@ -332,6 +380,61 @@ impl Client {
         let manifest: Manifest = serde_json::from_str(&resp.manifest_json)
             .context("the registry served a manifest that does not parse")?;
         Ok((manifest, resp))
+    }
+
+    /// A session over `route` whose first step carries `rows` rows and which may run
+    /// `opts.max_tokens` steps, under a voucher for that route when `opts` pays.
+    async fn open_session(
+        &mut self,
+        model: &str,
+        route: &[Hop],
+        rows: usize,
+        opts: &GenerateOptions,
+        eos: &[u32],
+    ) -> Result<RouteSession> {
+        let session_id = hex::encode(rand::random::<[u8; 16]>());
+        let paid = route.iter().map(|h| h.node_id.clone()).collect();
+        let billing = self.voucher((model, &session_id), paid, rows, opts).await?;
+        Ok(
+            RouteSession::open(&self.net, route, &session_id, self.step_timeout, opts, eos)?
+                .billed(billing),
+        )
+    }
+
+    /// After `failure` of a step over `route`: bans the nodes that failed (those that
+    /// do not answer a health probe, else the one the error names) and returns a route
+    /// with other replicas in their place. Errors when the failure is not a node's
+    /// (bad input) or a shard has no replica left.
+    async fn fail_over(
+        &mut self,
+        model: &str,
+        route: &[Hop],
+        failure: anyhow::Error,
+    ) -> Result<Vec<Hop>> {
+        let Some(hop_failed) = failure
+            .downcast_ref::<failover::HopFailed>()
+            .filter(|f| f.replayable())
+        else {
+            return Err(failure);
+        };
+        let mut failed = failover::unresponsive(&self.net, route).await;
+        if failed.is_empty() {
+            let Some(named) = hop_failed.named(route) else {
+                return Err(failure);
+            };
+            failed.push((named.clone(), hop_failed.message.clone()));
+        }
+        for (hop, why) in &failed {
+            tracing::warn!(
+                node = hop.node_id,
+                shard = hop.shard_index,
+                "failing over: {why}"
+            );
+            self.bans.ban(hop, why);
+        }
+        self.route_keeping(model, route)
+            .await
+            .map_err(|e| e.context(format!("{failure:#}")))
     }
 
     /// Generates from `prompt_ids`, calling `on_token` as each token arrives.
@@ -372,49 +475,64 @@ impl Client {
                 );
             }
         }
-        let route = self.route(model).await?;
-        let session_id = hex::encode(rand::random::<[u8; 16]>());
-        let billing = self
-            .voucher(
-                (model, &session_id),
-                route.iter().map(|h| h.node_id.clone()).collect(),
-                prompt_ids.len(),
-                opts,
-            )
+        let mut route = self.route(model).await?;
+        let mut hops = self
+            .open_session(model, &route, prompt_ids.len(), opts, &eos)
             .await?;
-        let mut hops = RouteSession::open(
-            &self.net,
-            &route,
-            &session_id,
-            self.step_timeout,
-            opts,
-            &eos,
-        )?
-        .billed(billing);
         let mut out = GenerateOutput {
             prompt_tokens: prompt_ids.len(),
-            route: route.clone(),
             sampled_by_client: opts.decode_client_sample,
             ..Default::default()
         };
         let start = Instant::now();
         let mut input = prompt_ids.to_vec();
-        let mut position = 0u32;
-        for step in 0..opts.max_tokens as u32 {
+        // Of the current session: a failover starts a new one at 0.
+        let (mut step, mut position) = (0u32, 0u32);
+        let mut failed_at = None;
+        while out.tokens.len() < opts.max_tokens {
             let image = if step == 0 {
                 image_features.cloned()
             } else {
                 None
             };
             let tokens = forward_request::Input::Tokens(TokenIds { ids: input.clone() });
-            let resp = hops
+            let resp = match hops
                 .step(model, (step, position), tokens, &input, image, opts)
-                .await?;
-            if step == 0 {
+                .await
+            {
+                Ok(r) => r,
+                Err(failure) if out.failovers < MAX_FAILOVERS => {
+                    failed_at = Some(Instant::now());
+                    route = self.fail_over(model, &route, failure).await?;
+                    // The prompt and the tokens so far, as one prefill, rebuild every
+                    // hop's KV cache; the sampler continues after the tokens so far.
+                    let replay = [prompt_ids, &out.tokens].concat();
+                    let left = GenerateOptions {
+                        max_tokens: opts.max_tokens - out.tokens.len(),
+                        ..opts.clone()
+                    };
+                    let next = self
+                        .open_session(model, &route, replay.len(), &left, &eos)
+                        .await?;
+                    let mut old = std::mem::replace(&mut hops, next);
+                    hops.resume_after(old.local.take(), out.tokens.len() as u32);
+                    // Frees the survivors' caches; a hung hop must not hold us up.
+                    tokio::spawn(old.end());
+                    (input, step, position) = (replay, 0, 0);
+                    out.failovers += 1;
+                    continue;
+                }
+                Err(failure) => return Err(failure),
+            };
+            if let Some(t) = failed_at.take() {
+                out.failover_ms += t.elapsed().as_secs_f64() * 1e3;
+            }
+            if out.tokens.is_empty() {
                 out.ttft_ms = start.elapsed().as_secs_f64() * 1e3;
             }
             out.add_timings(&resp.timings);
             position += input.len() as u32;
+            step += 1;
             out.tokens.push(resp.token_id);
             on_token(resp.token_id);
             if opts.stop_on_eos && resp.is_eos {
@@ -427,6 +545,7 @@ impl Client {
                 break;
             }
         }
+        out.route = route;
         out.total_ms = start.elapsed().as_secs_f64() * 1e3;
         hops.end().await;
         Ok(out)
@@ -446,6 +565,8 @@ pub(crate) struct RouteSession {
     /// The session's owner key: its public half opens the session on every hop, and
     /// only a signature by it ends the session early.
     owner: ed25519_dalek::SigningKey,
+    /// Tokens sampled before this session (it replays an earlier one's).
+    sampled_before: u32,
 }
 
 /// decode_client_sample on the client: the key the logits are sealed to, the sampler
@@ -513,6 +634,7 @@ impl RouteSession {
             local,
             billing: None,
             owner: crate::shares::generate_key(),
+            sampled_before: 0,
         })
     }
 
@@ -520,6 +642,15 @@ impl RouteSession {
     pub(crate) fn billed(mut self, billing: Option<(SpendingVoucher, Vec<u8>)>) -> Self {
         self.billing = billing;
         self
+    }
+
+    /// This session replays one that sampled `sampled_before` tokens: the sampler
+    /// continues after them (the client's own, when it samples).
+    fn resume_after(&mut self, local: Option<LocalSampling>, sampled_before: u32) {
+        if local.is_some() {
+            self.local = local;
+        }
+        self.sampled_before = sampled_before;
     }
 
     /// One step at (`step`, `position`): `input` to the entry hop (`ids` are the step's
@@ -541,7 +672,10 @@ impl RouteSession {
             step,
             position,
             input: Some(input),
-            sampling: Some(opts.sampling),
+            sampling: Some(SamplingParams {
+                sampled_before: self.sampled_before,
+                ..opts.sampling
+            }),
             route: self.rest.clone(),
             penalty_tokens: if penalty { ids.to_vec() } else { Vec::new() },
             hidden_dtype: opts.hidden_dtype as i32,
@@ -588,7 +722,11 @@ impl RouteSession {
                         s.message()
                     )
                 };
-                bail!("generation failed at step {step}: {msg}");
+                Err(failover::HopFailed {
+                    code: s.code(),
+                    message: format!("generation failed at step {step}: {msg}"),
+                }
+                .into())
             }
         }
     }

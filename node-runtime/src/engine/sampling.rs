@@ -15,6 +15,9 @@ pub struct SamplingConfig {
     /// 1 (or 0) = off.
     pub repetition_penalty: f32,
     pub seed: u64,
+    /// Tokens already sampled under `seed` (a replayed session): the generator starts
+    /// after their draws.
+    pub sampled_before: u32,
 }
 
 impl Default for SamplingConfig {
@@ -25,6 +28,7 @@ impl Default for SamplingConfig {
             top_p: 1.0,
             repetition_penalty: 1.0,
             seed: 0,
+            sampled_before: 0,
         }
     }
 }
@@ -43,8 +47,15 @@ pub struct Sampled {
 
 impl Sampler {
     pub fn new(cfg: SamplingConfig) -> Self {
+        let mut rng = StdRng::seed_from_u64(cfg.seed);
+        // `sample` draws once per token, and only when not greedy.
+        if cfg.temperature > 0.0 {
+            for _ in 0..cfg.sampled_before {
+                let _: f32 = rng.random();
+            }
+        }
         Self {
-            rng: StdRng::seed_from_u64(cfg.seed),
+            rng,
             cfg,
             seen: Vec::new(),
         }
@@ -175,6 +186,7 @@ mod tests {
             top_p,
             repetition_penalty: 1.0,
             seed,
+            sampled_before: 0,
         }
     }
 
@@ -196,6 +208,20 @@ mod tests {
             "another seed, other tokens"
         );
         assert!(a.iter().any(|&t| t != a[0]), "temperature sampling varies");
+    }
+
+    #[test]
+    fn a_sampler_resumed_after_n_tokens_continues_the_seeded_sequence() {
+        let full = draws(cfg(1.5, 0, 1.0, 42), 40);
+        let resumed = draws(
+            SamplingConfig {
+                sampled_before: 25,
+                ..cfg(1.5, 0, 1.0, 42)
+            },
+            15,
+        );
+        assert_eq!(resumed, full[25..], "continues, does not restart");
+        assert_ne!(resumed, full[..15], "a restart would repeat the start");
     }
 
     #[test]

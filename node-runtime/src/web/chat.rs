@@ -313,6 +313,7 @@ async fn prepare(
             top_k: body.top_k,
             repetition_penalty: body.repetition_penalty,
             seed: body.seed,
+            ..Default::default()
         },
     };
     prepare_job(s, payer, job).await

@@ -176,6 +176,7 @@ impl Options {
                     top_k: self.top_k.unwrap_or(0),
                     repetition_penalty,
                     seed: self.seed.unwrap_or_else(rand::random),
+                    ..Default::default()
                 },
             },
             stops,
