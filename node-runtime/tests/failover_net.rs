@@ -231,3 +231,59 @@ async fn with_both_replicas_of_a_shard_dead_the_chat_fails_within_5s_naming_shar
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_false_report_does_not_delist_a_live_node_and_an_anonymous_reporter_is_refused() {
+    let net = two_replicas_of_shard_1().await;
+    let mut client = net.client().await;
+    let nodes = client
+        .registry_mut()
+        .discover(unfed_proto::DiscoverRequest {
+            model: "tiny".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    let id_at = |i: usize| {
+        let n = nodes.iter().find(|n| n.address == net.computes[i].address);
+        n.unwrap().node_id.clone()
+    };
+    let (reporter, victim) = (id_at(0), id_at(1));
+    let report = || unfed_proto::UnresponsiveReport {
+        reporter_id: reporter.clone(),
+        node_id: victim.clone(),
+        reason: "made up".into(),
+        ..Default::default()
+    };
+    // Anonymous (no client certificate, no signature) though it names a real reporter.
+    let refused = client
+        .registry_mut()
+        .report_unresponsive(report())
+        .await
+        .expect_err("an unauthenticated report is refused");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    // A registered node (its own certificate) lying about a live node.
+    let arg = |k: &str| {
+        let a = &net.computes[0].args;
+        std::path::PathBuf::from(&a[a.iter().position(|x| x == k).unwrap() + 1])
+    };
+    let tls = unfed_node::net::TlsFiles {
+        cert: arg("--tls-cert"),
+        key: arg("--tls-key"),
+        ca: arg("--tls-ca"),
+    };
+    let as_node = unfed_node::net::Net::from_files(&tls).unwrap();
+    let mut registry =
+        unfed_node::membership::registry_client(&as_node, &net.registry.address).unwrap();
+    let verdict = registry
+        .report_unresponsive(report())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!verdict.delisted, "the node answers the probe");
+    let m = client.list_models().await.unwrap();
+    let tiny = m.iter().find(|m| m.model == "tiny").unwrap();
+    assert_eq!(tiny.nodes, 3, "nothing changed: {tiny:?}");
+    assert_eq!(tiny.state, unfed_proto::ModelState::Ready as i32);
+}
