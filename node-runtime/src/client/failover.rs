@@ -100,6 +100,13 @@ impl Bans {
             .is_some_and(|b| b.until > Instant::now())
     }
 
+    /// `node_id` answered again: route to it (a later failure bans it longer).
+    pub fn lift(&mut self, node_id: &str) {
+        if let Some(b) = self.nodes.get_mut(node_id) {
+            b.until = Instant::now();
+        }
+    }
+
     /// "text shard N has no live replica: tried ...", naming the nodes of `shard` that
     /// are banned and why; `None` when none is.
     pub fn exhausted(&self, model: &str, shard: u32) -> Option<String> {

@@ -345,11 +345,33 @@ impl Client {
                 route.push(h.clone());
                 continue;
             }
-            let listed = by_shard.get(&i).map(Vec::as_slice).unwrap_or_default();
-            let live: Vec<&&NodeInfo> = listed
+            let listed: Vec<Hop> = by_shard
+                .get(&i)
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .map(|n| Hop {
+                    node_id: n.node_id.clone(),
+                    address: n.address.clone(),
+                    shard_index: i,
+                    tls_pin: n.tls_pin.clone(),
+                })
+                .collect();
+            let mut live: Vec<&Hop> = listed
                 .iter()
                 .filter(|n| !self.bans.is_banned(&n.node_id))
                 .collect();
+            if live.is_empty() {
+                // Only banned replicas are listed: one that is back (restarted) is live.
+                let down = failover::unresponsive(&self.net, &listed).await;
+                live = listed
+                    .iter()
+                    .filter(|h| !down.iter().any(|(d, _)| d.node_id == h.node_id))
+                    .collect();
+                for h in &live {
+                    self.bans.lift(&h.node_id);
+                }
+            }
             let Some(n) = live.choose(&mut rand::rng()) else {
                 if let Some(exhausted) = self.bans.exhausted(model, i) {
                     bail!(exhausted);
@@ -358,12 +380,7 @@ impl Client {
                     "text shard {i} of `{model}` has no live node; the registry's view changed, retry"
                 );
             };
-            route.push(Hop {
-                node_id: n.node_id.clone(),
-                address: n.address.clone(),
-                shard_index: i,
-                tls_pin: n.tls_pin.clone(),
-            });
+            route.push((*n).clone());
         }
         Ok(route)
     }
