@@ -170,11 +170,14 @@ fn foreground_up(net: &Net, marker: &str) -> Child {
         .spawn()
         .unwrap();
     let mut seen = String::new();
-    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
         let line = line.unwrap();
         seen.push_str(&line);
         seen.push('\n');
         if line.contains("running in the foreground") {
+            // Keep reading: a closed pipe would end `up` with SIGPIPE, not by our signal.
+            std::thread::spawn(move || lines.for_each(drop));
             return child;
         }
     }

@@ -139,6 +139,7 @@ pub async fn start(
     wait_timeout: Duration,
 ) -> anyhow::Result<Testnet> {
     let run_dir = plan.run_dir.clone();
+    let mut signals = StopSignals::listen()?;
     refuse_if_running(&loaded, &plan)?;
     let checks = crate::preflight::spec_checks(&loaded, &plan, false);
     if crate::preflight::failures(&checks) > 0 {
@@ -190,7 +191,7 @@ pub async fn start(
     let walk = walk(&net.ctx, &mut net.state, started);
     let result = tokio::select! {
         r = walk => r,
-        signal = stop_requested() => Err(anyhow::anyhow!("interrupted by {signal}")),
+        signal = signals.recv() => Err(anyhow::anyhow!("interrupted by {signal}")),
     };
     if let Err(err) = result {
         println!("tearing down");
@@ -202,6 +203,8 @@ pub async fn start(
 }
 
 pub async fn up(loaded: LoadedSpec, plan: LaunchPlan, opts: UpOptions) -> anyhow::Result<ExitCode> {
+    // Listening before the launch: a signal during it or right after is not missed.
+    let mut signals = StopSignals::listen()?;
     let mut net = start(loaded, plan, opts.wait_timeout).await?;
     let (ctx, state) = (&net.ctx, &mut net.state);
     let dev_key = dev_api_key(ctx, state)?;
@@ -217,8 +220,7 @@ pub async fn up(loaded: LoadedSpec, plan: LaunchPlan, opts: UpOptions) -> anyhow
     }
     state.ready = true;
     state.save(&ctx.plan.run_dir)?;
-    // Listening from here on, so a signal between two polls is not missed.
-    let stop = stop_requested();
+    let stop = signals.recv();
     tokio::pin!(stop);
     let mut supervisor = supervise::Supervisor::new(&net.ctx);
     let signal = loop {
@@ -248,20 +250,31 @@ pub async fn up(loaded: LoadedSpec, plan: LaunchPlan, opts: UpOptions) -> anyhow
 }
 
 /// Ctrl-C at the terminal, SIGTERM (`unfedctl down`, a service manager) or SIGHUP (the
-/// terminal closed); which one, for the message.
-async fn stop_requested() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    ) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return "SIGINT";
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => "SIGINT",
-        _ = term.recv() => "SIGTERM",
-        _ = hup.recv() => "SIGHUP",
+/// terminal closed). Listening starts when this is created, not when it is first awaited,
+/// so a signal that arrives in between is not lost.
+struct StopSignals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn listen() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Which signal came, for the message.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.hup.recv() => "SIGHUP",
+        }
     }
 }
 
