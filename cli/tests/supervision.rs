@@ -181,6 +181,7 @@ fn foreground_up(net: &Net, marker: &str) -> Child {
             return child;
         }
     }
+    let _ = child.wait();
     panic!("up ended before READY:\n{seen}");
 }
 
