@@ -262,21 +262,11 @@ fn supervisor_says(net: &Net, file: &str, needle: &str, secs: u64) -> String {
     }
 }
 
-fn up_detached(net: &Net) {
-    let out = run(unfedctl().arg("up").arg(&net.spec).arg("--detach"));
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-}
-
 #[test]
 fn a_killed_compute_node_is_restarted_and_the_model_is_ready_again_within_5s() {
     // The default testnet: Anvil, registry, daemon, two compute nodes, dashboard.
     let net = Net::new("");
-    up_detached(&net);
+    net.up_detached();
     let old = pid_of(&net, "compute-0");
     let killed = Instant::now();
     signal(old, Signal::SIGKILL);
@@ -299,14 +289,7 @@ fn a_killed_compute_node_is_restarted_and_the_model_is_ready_again_within_5s() {
         "READY again only after {took:?}:\n{out}"
     );
     // The restarted node serves: a chat goes through it (the only shard-0 node).
-    let chat = run(unfedctl().arg("chat").arg(&net.spec).args([
-        "--prompt",
-        "Hello",
-        "--max-tokens",
-        "4",
-        "--json",
-    ]));
-    assert!(chat.status.success(), "{}", text(&chat.stderr));
+    net.chat_ok();
 }
 
 #[test]
@@ -315,7 +298,7 @@ fn a_node_crashing_in_a_loop_is_left_stopped_after_the_cap_and_the_rest_keeps_ru
         "[chain]\nmode = \"none\"\n[daemon]\nenabled = false\n[web]\nenabled = false\n\
          [nodes]\nmax_restarts_per_minute = 2\n",
     );
-    up_detached(&net);
+    net.up_detached();
     // From now on compute-1 cannot load its shard: every restart crashes.
     std::fs::write(
         net.run_dir().join("shards/text_shard_1.safetensors"),
