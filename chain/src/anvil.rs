@@ -68,6 +68,9 @@ pub struct AnvilOptions {
     pub accounts: Option<u32>,
     /// Where Anvil's stdout/stderr go; `None` discards them.
     pub log_file: Option<PathBuf>,
+    /// Spawns the prepared command instead of `Command::spawn` (`unfedctl up` ties
+    /// Anvil's life to its own this way).
+    pub spawn: Option<fn(Command) -> std::io::Result<Child>>,
 }
 
 /// A running Anvil. Dropping it stops the process unless it was `detach`ed.
@@ -130,9 +133,11 @@ impl Anvil {
                 cmd.stdout(Stdio::null()).stderr(Stdio::piped());
             }
         }
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
+        let spawned = match opts.spawn {
+            Some(spawn) => spawn(cmd),
+            None => cmd.spawn(),
+        };
+        let mut child = spawned.with_context(|| format!("starting {}", bin.display()))?;
         let stderr = child.stderr.take().map(keep_tail);
         let mut anvil = Anvil {
             pid: child.id(),

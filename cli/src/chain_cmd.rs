@@ -16,7 +16,7 @@ use unfed_chain::{
 };
 
 use crate::launch::node_cmd::NodeCommand;
-use crate::launch::process;
+use crate::launch::pid::{Now, left_alone};
 use crate::launch::state::{ChainRecord, RunState, WalletRecord};
 use crate::launch::steps::{self, Context, Inputs, wei};
 use crate::plan::{LaunchPlan, Step, StepKind};
@@ -123,6 +123,7 @@ impl Verbs {
                 pki: None,
                 ready_timeout: Duration::from_secs(60),
                 running: Default::default(),
+                tied: false,
             },
         })
     }
@@ -170,7 +171,7 @@ impl Verbs {
         state
             .processes
             .iter()
-            .find(|p| p.kind == "anvil" && process::alive(p.pid))
+            .find(|p| p.kind == "anvil" && p.now() == Now::Ours)
             .map(|p| p.pid)
     }
 
@@ -475,9 +476,13 @@ impl Verbs {
             return Ok(());
         };
         for p in state.processes.iter().filter(|p| p.kind == "anvil") {
-            if process::alive(p.pid) {
-                unfed_chain::anvil::stop_pid(p.pid)?;
-                println!("stopped anvil (pid {})", p.pid);
+            match p.now() {
+                Now::Ours => {
+                    unfed_chain::anvil::stop_pid(p.pid)?;
+                    println!("stopped anvil (pid {})", p.pid);
+                }
+                Now::Gone => {}
+                Now::Other(why) => println!("{}", left_alone(&p.name, p.pid, &why)),
             }
         }
         state.processes.retain(|p| p.kind != "anvil");

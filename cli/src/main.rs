@@ -54,6 +54,9 @@ enum Command {
         /// Seconds one step may take to become ready.
         #[arg(long, default_value_t = 120)]
         wait_timeout: u64,
+        /// Internal: run as the background supervisor that `--detach` starts.
+        #[arg(long, hide = true, conflicts_with = "detach")]
+        supervise: bool,
     },
     /// Stop a testnet started with `up`: every process, newest first (SIGTERM, grace, SIGKILL).
     Down {
@@ -251,11 +254,15 @@ fn main() -> ExitCode {
             spec,
             detach,
             wait_timeout,
+            supervise,
         } => (|| {
             let loaded = spec::load(spec.as_deref())?;
             let plan = plan::LaunchPlan::build(&loaded, plan::model_facts(&loaded))?;
+            if detach {
+                return launch::detach::run(&loaded, &plan, spec.as_deref(), wait_timeout);
+            }
             let opts = launch::UpOptions {
-                detach,
+                supervise,
                 wait_timeout: std::time::Duration::from_secs(wait_timeout),
             };
             runtime()?.block_on(launch::up(loaded, plan, opts))

@@ -3,11 +3,14 @@
 //! on failure or Ctrl-C.
 
 pub mod conformance;
+pub mod detach;
 pub mod node_cmd;
+pub mod pid;
 pub mod pki;
 pub mod process;
 pub mod state;
 pub mod status;
+pub mod supervise;
 
 pub use status::status;
 pub mod steps;
@@ -23,12 +26,15 @@ use crate::spec::LoadedSpec;
 use state::RunState;
 use steps::{Context, Inputs, Outcome, StepFailed};
 
+/// How often the foreground `up` looks for processes that exited.
+const EXIT_POLL: Duration = Duration::from_millis(100);
+
 /// Grace between SIGTERM and SIGKILL when stopping a process.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
 pub struct UpOptions {
-    /// Return once the model is READY, leaving the testnet running.
-    pub detach: bool,
+    /// Run as the background supervisor of `up --detach` (output to its log files).
+    pub supervise: bool,
     /// How long one step may take to become ready.
     pub wait_timeout: Duration,
 }
@@ -70,26 +76,13 @@ fn teardown(ctx: &Context, state: &mut RunState) {
     running.children.clear();
     state.processes.clear();
     state.up_pid = None;
+    state.up_identity = None;
+    state.ready = false;
     let _ = state.save(&ctx.plan.run_dir);
 }
 
-/// The first process that exited on its own, if any.
-fn exited(ctx: &Context) -> Option<(String, std::path::PathBuf)> {
-    let mut running = ctx.running.lock().unwrap();
-    let running = &mut *running;
-    for (record, child) in running.processes.iter().zip(running.children.iter_mut()) {
-        let gone = match child {
-            Some(c) => !matches!(c.try_wait(), Ok(None)),
-            None => !process::alive(record.pid),
-        };
-        if gone {
-            return Some((record.name.clone(), record.log.clone()));
-        }
-    }
-    None
-}
-
-/// A testnet started by this process.
+/// A testnet started by this process. Dropping it (a panic included) stops every
+/// process, newest first.
 pub struct Testnet {
     pub ctx: Context,
     pub state: RunState,
@@ -103,27 +96,51 @@ impl Testnet {
     }
 }
 
-/// Start everything the plan lists, wave by wave; on failure or Ctrl-C, stop what started.
+impl Drop for Testnet {
+    fn drop(&mut self) {
+        if !self
+            .ctx
+            .running
+            .lock()
+            .map(|r| r.processes.is_empty())
+            .unwrap_or(true)
+        {
+            println!("tearing down");
+            self.teardown();
+        }
+    }
+}
+
+/// Refuse to start a testnet whose recorded processes still run.
+pub fn refuse_if_running(loaded: &LoadedSpec, plan: &LaunchPlan) -> anyhow::Result<()> {
+    let Some(existing) = RunState::load(&plan.run_dir)? else {
+        return Ok(());
+    };
+    let alive = existing.alive();
+    if alive.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&str> = alive.iter().map(|p| p.name.as_str()).collect();
+    bail!(
+        "testnet '{}' is already running ({}; registry at {}); see `unfedctl status {}` or stop it with `unfedctl down {}`",
+        plan.name,
+        names.join(", "),
+        existing.registry.as_deref().unwrap_or("?"),
+        loaded.display_path,
+        loaded.display_path
+    )
+}
+
+/// Start everything the plan lists, wave by wave; on failure, a stop signal or a panic,
+/// stop what started.
 pub async fn start(
     loaded: LoadedSpec,
     plan: LaunchPlan,
     wait_timeout: Duration,
 ) -> anyhow::Result<Testnet> {
     let run_dir = plan.run_dir.clone();
-    if let Some(existing) = RunState::load(&run_dir)? {
-        let alive = existing.alive();
-        if !alive.is_empty() {
-            let names: Vec<&str> = alive.iter().map(|p| p.name.as_str()).collect();
-            bail!(
-                "testnet '{}' is already running ({}; registry at {}); see `unfedctl status {}` or stop it with `unfedctl down {}`",
-                plan.name,
-                names.join(", "),
-                existing.registry.as_deref().unwrap_or("?"),
-                loaded.display_path,
-                loaded.display_path
-            );
-        }
-    }
+    let mut signals = StopSignals::listen()?;
+    refuse_if_running(&loaded, &plan)?;
     let checks = crate::preflight::spec_checks(&loaded, &plan, false);
     if crate::preflight::failures(&checks) > 0 {
         crate::preflight::report(&checks);
@@ -149,13 +166,15 @@ pub async fn start(
         plan,
         ready_timeout: wait_timeout,
         running: Default::default(),
+        tied: true,
     };
     let started = Instant::now();
-    let mut state = RunState {
+    let state = RunState {
         name: ctx.plan.name.clone(),
         spec: ctx.plan.spec.clone(),
         tls_ca: ctx.pki.as_ref().map(|p| p.ca_path()),
         up_pid: Some(std::process::id()),
+        up_identity: pid::identity(std::process::id()),
         ..RunState::default()
     };
     state.save(&run_dir)?;
@@ -164,77 +183,97 @@ pub async fn start(
         ctx.plan.name,
         run_dir.display()
     );
-
-    let walk = walk(&ctx, &mut state, started);
+    let mut net = Testnet {
+        ctx,
+        state,
+        took: Duration::ZERO,
+    };
+    let walk = walk(&net.ctx, &mut net.state, started);
     let result = tokio::select! {
         r = walk => r,
-        _ = stop_requested() => Err(anyhow::anyhow!("interrupted")),
+        signal = signals.recv() => Err(anyhow::anyhow!("interrupted by {signal}")),
     };
     if let Err(err) = result {
         println!("tearing down");
-        teardown(&ctx, &mut state);
+        net.teardown();
         return Err(err);
     }
-    Ok(Testnet {
-        ctx,
-        state,
-        took: started.elapsed(),
-    })
+    net.took = started.elapsed();
+    Ok(net)
 }
 
 pub async fn up(loaded: LoadedSpec, plan: LaunchPlan, opts: UpOptions) -> anyhow::Result<ExitCode> {
-    let Testnet {
-        ctx,
-        mut state,
-        took,
-    } = start(loaded, plan, opts.wait_timeout).await?;
-    let dev_key = dev_api_key(&ctx, &state)?;
-    print_summary(&ctx, &state, took, dev_key.as_deref());
-    if opts.detach {
-        // Nobody owns the processes now; `down` stops them itself.
-        state.up_pid = None;
-        state.save(&ctx.plan.run_dir)?;
-        return Ok(ExitCode::SUCCESS);
+    // Listening before the launch: a signal during it or right after is not missed.
+    let mut signals = StopSignals::listen()?;
+    let mut net = start(loaded, plan, opts.wait_timeout).await?;
+    let (ctx, state) = (&net.ctx, &mut net.state);
+    let dev_key = dev_api_key(ctx, state)?;
+    print_summary(ctx, state, net.took, dev_key.as_deref());
+    if opts.supervise {
+        println!(
+            "\nsupervised in the background (pid {}, output in {}); `unfedctl down` stops everything",
+            std::process::id(),
+            ctx.plan.run_dir.join("logs").display()
+        );
+    } else {
+        println!("\nrunning in the foreground; Ctrl-C (or `unfedctl down`) stops everything");
     }
-    println!("\nrunning in the foreground; Ctrl-C (or `unfedctl down`) stops everything");
-    // Listening from here on, so a signal between two polls is not missed.
-    let stop = stop_requested();
+    state.ready = true;
+    state.save(&ctx.plan.run_dir)?;
+    let stop = signals.recv();
     tokio::pin!(stop);
-    let why = loop {
+    let mut supervisor = supervise::Supervisor::new(&net.ctx);
+    let signal = loop {
         tokio::select! {
-            _ = &mut stop => break None,
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                if let Some(exited) = exited(&ctx) {
-                    break Some(exited);
+            signal = &mut stop => break signal,
+            _ = tokio::time::sleep(EXIT_POLL) => {
+                let mut interrupted = None;
+                for exit in supervise::reap(&net.ctx) {
+                    let handled = supervisor.handle(&net.ctx, &mut net.state, exit);
+                    interrupted = tokio::select! {
+                        _ = handled => None,
+                        signal = &mut stop => Some(signal),
+                    };
+                    if interrupted.is_some() {
+                        break;
+                    }
+                }
+                if let Some(signal) = interrupted {
+                    break signal;
                 }
             }
         }
     };
-    println!("\nstopping");
-    teardown(&ctx, &mut state);
-    match why {
-        None => Ok(ExitCode::SUCCESS),
-        Some((name, log)) => {
-            eprintln!(
-                "{name} exited unexpectedly; last lines of {}:\n{}",
-                log.display(),
-                process::tail(&log, 20)
-            );
-            Ok(ExitCode::FAILURE)
-        }
-    }
+    println!("\n{signal}: stopping");
+    net.teardown();
+    Ok(ExitCode::SUCCESS)
 }
 
-/// Ctrl-C at the terminal, or SIGTERM from `unfedctl down`.
-async fn stop_requested() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        },
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+/// Ctrl-C at the terminal, SIGTERM (`unfedctl down`, a service manager) or SIGHUP (the
+/// terminal closed). Listening starts when this is created, not when it is first awaited,
+/// so a signal that arrives in between is not lost.
+struct StopSignals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn listen() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Which signal came, for the message.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.hup.recv() => "SIGHUP",
         }
     }
 }
@@ -436,9 +475,10 @@ pub fn down(plan: &LaunchPlan) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     };
     let started = Instant::now();
-    if let Some(pid) = state.up_pid.filter(|p| *p != std::process::id()) {
-        // The owning `up` stops its processes itself (and then knows none of them crashed).
-        if process::alive(pid) {
+    let owner = state.up_pid.filter(|p| *p != std::process::id());
+    match owner.map(|pid| (pid, pid::check(pid, state.up_identity.as_ref()))) {
+        Some((pid, pid::Now::Ours)) => {
+            // The owning `up` stops its processes itself (and then knows none crashed).
             println!("  asking `unfedctl up` (pid {pid}) to stop the testnet");
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid as i32),
@@ -450,11 +490,20 @@ pub fn down(plan: &LaunchPlan) -> anyhow::Result<ExitCode> {
             }
             state = RunState::load(&plan.run_dir)?.unwrap_or(state);
         }
-        state.up_pid = None;
+        Some((pid, pid::Now::Other(why))) => {
+            println!("  {}", pid::left_alone("unfedctl up", pid, &why))
+        }
+        _ => {}
     }
+    state.up_pid = None;
+    state.up_identity = None;
     for record in state.processes.iter().rev() {
-        if process::alive(record.pid) {
-            stop_reporting(record);
+        match record.now() {
+            pid::Now::Ours => stop_reporting(record),
+            pid::Now::Gone => {}
+            pid::Now::Other(why) => {
+                println!("  {}", pid::left_alone(&record.name, record.pid, &why))
+            }
         }
     }
     state.processes.clear();

@@ -1,11 +1,13 @@
 //! Child processes of a testnet: started in their own process group with output to a log
-//! file, stopped group-wide with SIGTERM, a grace period, then SIGKILL.
+//! file, tied to the life of `unfedctl`, stopped group-wide with SIGTERM, a grace period,
+//! then SIGKILL.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -24,8 +26,49 @@ pub fn spawn(mut cmd: Command, log: &Path) -> anyhow::Result<Child> {
         .stdout(out)
         .stderr(err)
         .process_group(0);
-    cmd.spawn()
-        .with_context(|| format!("cannot start {:?}", cmd.get_program()))
+    let program = cmd.get_program().to_owned();
+    spawn_tied(cmd).with_context(|| format!("cannot start {program:?}"))
+}
+
+/// Spawn `cmd` so that the kernel kills it when this process dies, however it dies
+/// (SIGKILL included): PR_SET_PDEATHSIG. The signal fires when the spawning *thread*
+/// exits, so every child is spawned by one thread that lives as long as the process.
+pub fn spawn_tied(mut cmd: Command) -> std::io::Result<Child> {
+    type Job = (Command, mpsc::Sender<std::io::Result<Child>>);
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
+    let parent = std::process::id();
+    // SAFETY: prctl, getppid and _exit are async-signal-safe; nothing here allocates.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            // The parent may have died before the prctl: then nothing would fire.
+            if nix::unistd::getppid().as_raw() as u32 != parent {
+                nix::libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    let spawner = SPAWNER.get_or_init(|| {
+        let (jobs, queue) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("child-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in queue {
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .expect("cannot start the child-spawner thread");
+        Mutex::new(jobs)
+    });
+    let (reply, answer) = mpsc::channel();
+    spawner
+        .lock()
+        .unwrap()
+        .send((cmd, reply))
+        .map_err(|_| std::io::Error::other("the child-spawner thread is gone"))?;
+    answer
+        .recv()
+        .map_err(|_| std::io::Error::other("the child-spawner thread is gone"))?
 }
 
 pub fn alive(pid: u32) -> bool {

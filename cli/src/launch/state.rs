@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use super::process;
+use super::pid::{self, Identity};
 
 pub const STATE_FILE: &str = "state.json";
 
@@ -29,6 +29,12 @@ pub struct RunState {
     /// foreground; `down` asks it to stop them, so it does not report them as crashed.
     #[serde(default)]
     pub up_pid: Option<u32>,
+    /// What `up_pid` was, so a PID reused since is never signalled.
+    #[serde(default)]
+    pub up_identity: Option<Identity>,
+    /// The model went READY under `up_pid` (`up --detach` waits for it).
+    #[serde(default)]
+    pub ready: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -40,6 +46,17 @@ pub struct ProcessRecord {
     pub log: PathBuf,
     pub shard: Option<usize>,
     pub eth_address: Option<String>,
+    /// Start time and command line at spawn: `down` and `status` act on `pid` only
+    /// while both still match.
+    #[serde(default)]
+    pub identity: Option<Identity>,
+}
+
+impl ProcessRecord {
+    /// What runs under the recorded PID now.
+    pub fn now(&self) -> pid::Now {
+        pid::check(self.pid, self.identity.as_ref())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -115,10 +132,11 @@ impl RunState {
         std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))
     }
 
+    /// The recorded processes that still run (a PID another process took does not count).
     pub fn alive(&self) -> Vec<&ProcessRecord> {
         self.processes
             .iter()
-            .filter(|p| process::alive(p.pid))
+            .filter(|p| p.now() == pid::Now::Ours)
             .collect()
     }
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use serde::Serialize;
 use unfed_proto::GetChainStatusRequest;
 
-use super::process;
+use super::pid;
 use super::state::RunState;
 use crate::plan::LaunchPlan;
 
@@ -18,6 +18,9 @@ struct NodeStatus {
     address: Option<String>,
     pid: u32,
     alive: bool,
+    /// Set when another process now holds the recorded PID: what it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pid_reused: Option<String>,
     /// Listed by the registry (admitted, stake still eligible); None for non-nodes.
     admitted: Option<bool>,
     last_heartbeat_ms_ago: Option<u64>,
@@ -106,13 +109,18 @@ async fn gather(plan: &LaunchPlan, state: &RunState) -> Status {
                 .chain
                 .as_ref()
                 .and_then(|c| c.wallets.iter().find(|w| w.node == p.name));
+            let now = p.now();
             NodeStatus {
                 name: p.name.clone(),
                 kind: p.kind.clone(),
                 shard: p.shard,
                 address,
                 pid: p.pid,
-                alive: process::alive(p.pid),
+                alive: now == pid::Now::Ours,
+                pid_reused: match now {
+                    pid::Now::Other(why) => Some(why),
+                    _ => None,
+                },
                 admitted: LISTED_KINDS
                     .contains(&p.kind.as_str())
                     .then_some(entry.is_some()),
@@ -255,7 +263,11 @@ pub async fn status(plan: &LaunchPlan, json: bool) -> anyhow::Result<ExitCode> {
             opt(n.shard.map(|s| s.to_string())),
             opt(n.address.clone()),
             n.pid,
-            if n.alive { "yes" } else { "DEAD" },
+            match (n.alive, &n.pid_reused) {
+                (true, _) => "yes",
+                (false, None) => "DEAD",
+                (false, Some(_)) => "GONE",
+            },
             opt(n
                 .admitted
                 .map(|a| if a { "yes".into() } else { "NO".into() })),
@@ -265,6 +277,11 @@ pub async fn status(plan: &LaunchPlan, json: bool) -> anyhow::Result<ExitCode> {
             opt(n.stake.clone()),
             n.eth_address.as_deref().unwrap_or("-"),
         );
+    }
+    for n in &status.nodes {
+        if let Some(why) = &n.pid_reused {
+            println!("  {}", pid::left_alone(&n.name, n.pid, why));
+        }
     }
     for m in &status.models {
         println!(

@@ -33,6 +33,9 @@ pub struct Context {
     /// Every process started so far, recorded the moment it is spawned (before it is
     /// ready), so an interrupted or failed launch can stop it too.
     pub running: std::sync::Mutex<Running>,
+    /// Children die with this process (`up`, `test`); false for `chain up`, whose Anvil
+    /// outlives the command.
+    pub tied: bool,
 }
 
 /// Started processes in start order, with the child handles we can reap.
@@ -128,6 +131,9 @@ async fn start_anvil(ctx: &Context, step: &Step) -> anyhow::Result<Outcome> {
         chain_id: Some(chain.chain_id),
         accounts: Some(wallets.max(10)),
         log_file: Some(log.clone()),
+        spawn: ctx
+            .tied
+            .then_some(process::spawn_tied as fn(_) -> std::io::Result<_>),
     })
     .await?;
     let record = ChainRecord {
@@ -149,6 +155,7 @@ async fn start_anvil(ctx: &Context, step: &Step) -> anyhow::Result<Outcome> {
         log,
         shard: None,
         eth_address: None,
+        identity: super::pid::identity(pid),
     };
     ctx.running.lock().unwrap().add(process, None);
     Ok(Outcome {
@@ -533,6 +540,7 @@ async fn spawn_node(
         log: log.clone(),
         shard: step.shard,
         eth_address,
+        identity: super::pid::identity(child.id()),
     };
     let slot = ctx.running.lock().unwrap().add(record, None);
     let deadline = Instant::now() + ctx.ready_timeout;

@@ -207,6 +207,8 @@ pub struct NodesSection {
     pub replicas: usize,
     pub heartbeat_seconds: u64,
     pub spot_check: f64,
+    pub restart: RestartPolicy,
+    pub max_restarts_per_minute: u32,
 }
 
 impl Default for NodesSection {
@@ -216,8 +218,20 @@ impl Default for NodesSection {
             replicas: 1,
             heartbeat_seconds: 10,
             spot_check: 0.05,
+            restart: RestartPolicy::OnFailure,
+            max_restarts_per_minute: 5,
         }
     }
+}
+
+/// What `up` does when a process it started exits after the launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Restart after a crash (non-zero exit or a signal), not after a clean exit.
+    OnFailure,
+    Always,
+    Never,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

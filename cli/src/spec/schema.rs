@@ -83,6 +83,7 @@ const SECONDS: Kind = Kind::Int {
 };
 
 pub const CHAIN_MODES: &[&str] = &["anvil", "external", "none"];
+pub const RESTART_POLICIES: &[&str] = &["on-failure", "always", "never"];
 pub const MPC_OUTPUTS: &[&str] = &["off", "decode_client_sample", "full_output_2pc"];
 pub const NODE_ROLES: &[&str] = &["compute", "vision", "mpc_a", "mpc_b", "daemon"];
 pub const DISPUTE_STAGES: &[&str] = &["shadow", "soft", "enforced"];
@@ -312,6 +313,16 @@ pub static SECTIONS: &[Section] = &[
                 "spot_check",
                 Kind::Fraction,
                 "Fraction of its neighbours' hops a compute node has re-executed by an independent replica. Default 0.05."
+            ),
+            key!(
+                "restart",
+                Kind::Enum(RESTART_POLICIES),
+                "What `up` does when a node exits: \"on-failure\" (restart after a crash), \"always\" or \"never\". Restarts back off exponentially. Anvil is never restarted (its chain would be gone). Default \"on-failure\"."
+            ),
+            key!(
+                "max_restarts_per_minute",
+                Kind::Int { min: 1, max: 1000 },
+                "Restarts of one node within a minute after which it is left stopped, with a message. Default 5."
             ),
         ],
     },

@@ -27,6 +27,30 @@ impl Net {
         Net { dir, spec }
     }
 
+    /// `unfedctl up --detach`, which must succeed; its output.
+    pub fn up_detached(&self) -> Output {
+        let out = run(unfedctl().arg("up").arg(&self.spec).arg("--detach"));
+        assert!(
+            out.status.success(),
+            "up failed:\n{}\n{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        out
+    }
+
+    /// A short `unfedctl chat`, which must succeed.
+    pub fn chat_ok(&self) {
+        let chat = run(unfedctl().arg("chat").arg(&self.spec).args([
+            "--prompt",
+            "Hello",
+            "--max-tokens",
+            "4",
+            "--json",
+        ]));
+        assert!(chat.status.success(), "{}", text(&chat.stderr));
+    }
+
     /// The run directory `up` uses for this spec.
     pub fn run_dir(&self) -> PathBuf {
         self.dir.path().join(".unfed/net")
