@@ -375,6 +375,7 @@ async fn chat_once(
             "decode_tokens_per_s": out.decode_tokens_per_s(),
             "stopped_on_eos": out.stopped_on_eos,
             "sampled_by": if out.sampled_by_client { "client" } else { "last shard" },
+            "privacy": {"mode": out.privacy.name(), "sees": out.privacy.sees()},
             "route": out.route.iter().map(|h| json!({"node_id": h.node_id, "shard_index": h.shard_index, "address": h.address})).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string(&v)?);

@@ -127,39 +127,20 @@ fn privacy_statement(
     spec: &crate::spec::TestnetSpec,
     mpc_layers: Option<&Range<usize>>,
 ) -> Vec<String> {
-    let always = "every node: the sequence length, the step count and timing";
-    let pair = "mpc-a/mpc-b: nothing else — every element they receive is a uniformly masked share";
-    let next = match mpc_layers {
-        Some(r) => format!(
-            "the compute shard holding layer {k}: the layer-{k} activations (it reconstructs the pair's output shares) and every activation after them",
-            k = r.end
-        ),
-        None => "the compute shard after the MPC layers: their output activations (it reconstructs the pair's output shares) and every activation after them".to_string(),
+    use unfed_node::privacy::{Mode, Mpc};
+    let mpc = match (spec.mpc.pairs, spec.mpc.output) {
+        (0, _) => Mpc::None,
+        (_, MpcOutput::FullOutput2pc) => Mpc::FullOutput,
+        _ => Mpc::HandOff {
+            layer: mpc_layers.map(|r| r.end),
+        },
     };
-    let last = if spec.mpc.output == MpcOutput::DecodeClientSample {
-        "the last compute shard: the logits of every step (it returns them sealed to the client, which samples; the shards before it learn nothing of them)"
-    } else {
-        "the last compute shard: every generated token (it samples)"
-    };
-    let mut lines: Vec<String> = match (spec.mpc.pairs, spec.mpc.output) {
-        (0, _) => vec![
-            "compute shard 0: the prompt's token ids (no MPC pair)".into(),
-            "each compute shard: its input activations; the last shard: every generated token"
-                .into(),
-        ],
-        (_, MpcOutput::FullOutput2pc) => vec![
-            pair.into(),
-            "compute nodes: not on the private route (full_output_2pc: the pair runs every layer and the head; only the client sees the logits)".into(),
-        ],
-        _ => vec![pair.into(), next, last.into()],
-    };
-    lines.insert(0, always.into());
-    if spec.model.vision_shards > 0 {
-        lines.push(
-            "vision shards: the image of an image prompt (they encode it in plaintext)".into(),
-        );
+    Mode {
+        mpc,
+        client_samples: spec.mpc.output == MpcOutput::DecodeClientSample,
+        vision: spec.model.vision_shards > 0,
     }
-    lines
+    .sees()
 }
 
 /// Wallet indices: 0 operator, 1 client, then staked nodes in start order.

@@ -69,6 +69,13 @@ fn a_pair_running_part_of_shard0_hands_its_output_to_shard0_and_the_client_sampl
     assert!(plan.contains("the layer-1 activations"), "{plan}");
     assert!(plan.contains("sealed to the client"), "{plan}");
     assert_eq!(ours["sampled_by"], "client");
+    // The same statement as `plan`'s: the node holding layer 1 can recover the prompt.
+    let sees = ours["privacy"]["sees"].to_string();
+    assert!(
+        sees.contains("layer 1") && sees.contains("recover the prompt"),
+        "{sees}"
+    );
+    assert!(plan.contains("recover the prompt"), "{plan}");
 
     let plain = Net::new(body);
     up(&plain);
@@ -99,6 +106,12 @@ fn a_full_output_pair_starts_b_then_a_and_serves_private_chats() {
         route(&ours),
         [wallet(&st, "mpc-a-0"), wallet(&st, "mpc-b-0")]
     );
+    let sees = ours["privacy"]["sees"].to_string();
+    assert!(
+        sees.contains("hides the prompt and the output from every node"),
+        "{sees}"
+    );
+    assert!(!sees.contains("recover the prompt"), "{sees}");
 
     let plain = Net::new(body);
     up(&plain);

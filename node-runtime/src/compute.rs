@@ -431,6 +431,29 @@ impl ComputeService {
         });
     }
 
+    /// On a private route (fed by an MPC pair, or the client samples) the client keeps
+    /// the penalty's tokens and the seed: a request that sends them is refused.
+    fn check_private_sampling(&self, req: &ForwardRequest) -> Result<(), Status> {
+        let route = if !req.client_key.is_empty() {
+            "decode_client_sample (the client samples)"
+        } else if matches!(req.input, Some(forward_request::Input::Mpc(_))) {
+            "a route through an MPC pair"
+        } else {
+            return Ok(());
+        };
+        let seed = req.sampling.is_some_and(|p| p.seed != 0) && !req.client_key.is_empty();
+        if req.penalty_tokens.is_empty() && !seed {
+            return Ok(());
+        }
+        Err(Status::invalid_argument(format!(
+            "node {} (shard {}): on {route} the client applies the repetition penalty and keeps the seed, \
+             but this request sends {}; use decode_client_sample so the client samples",
+            self.inner.node_id,
+            self.shard_index(),
+            if seed { "the seed" } else { "penalty_tokens" }
+        )))
+    }
+
     fn refuse_hop(&self, why: String) -> Status {
         Status::permission_denied(format!(
             "node {} (shard {}): {why}",
@@ -565,8 +588,13 @@ impl ComputeService {
     }
 
     /// The MPC pair's output for this step, reconstructed from the shares its parties
-    /// handed over, as the hidden state entering layer `m.layer`.
-    async fn mpc_input(&self, req: &ForwardRequest, m: &MpcInput) -> Result<Tensor, Status> {
+    /// handed over, as the hidden state entering layer `m.layer`, and the parties'
+    /// share attestations (all this node keeps of it).
+    async fn mpc_input(
+        &self,
+        req: &ForwardRequest,
+        m: &MpcInput,
+    ) -> Result<(Tensor, Vec<Attestation>), Status> {
         let e = &self.inner.shard.entry;
         let fail = |why: String| {
             format!(
@@ -598,10 +626,10 @@ impl ComputeService {
         let rows =
             reconstruct(&a, &b, m).map_err(|e| Status::invalid_argument(fail(format!("{e:#}"))))?;
         let h = self.inner.shard.model.config().hidden_size;
-        Ok(wire::encode(
-            &rows,
-            &[1, m.rows as usize, h],
-            DType::DtypeF32,
+        let shares = [a, b].into_iter().filter_map(|s| s.attestation).collect();
+        Ok((
+            wire::encode(&rows, &[1, m.rows as usize, h], DType::DtypeF32),
+            shares,
         ))
     }
 
@@ -780,17 +808,22 @@ impl Compute for ComputeService {
         let model_id = &self.inner.shard.manifest.model_id;
         // Fed by an MPC pair: both parties' signed shares replace the previous hop's
         // attested hidden state.
+        self.check_private_sampling(&req)?;
         let mut from_layer = None;
+        let mut handoff = None;
         if let Some(forward_request::Input::Mpc(m)) = &req.input {
             let m = m.clone();
-            let hidden = self.mpc_input(&req, &m).await?;
+            let (hidden, shares) = self.mpc_input(&req, &m).await?;
             req.input = Some(forward_request::Input::Hidden(hidden));
             from_layer = Some(m.layer);
+            handoff = Some(attest::handoff_input(shares, m.layer, &req.penalty_tokens));
         }
         let rows = input_rows(&req);
         let billing = self.billing(&req, rows)?;
-        let mut step_input = attest::step_input_of(&req.input, &req.penalty_tokens);
-        step_input.from_layer = from_layer;
+        // What is logged and attested: a hand-off's rebuilt activations are the prompt,
+        // so they are known by the parties' share digests only.
+        let step_input =
+            handoff.unwrap_or_else(|| attest::step_input_of(&req.input, &req.penalty_tokens));
         // The previous hop must have attested exactly the hidden state we received.
         let prev = match (&req.input, &self.inner.peers) {
             (Some(forward_request::Input::Hidden(h)), Some(peers)) if from_layer.is_none() => {

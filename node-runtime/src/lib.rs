@@ -9,6 +9,7 @@ pub mod exclusions;
 pub mod membership;
 pub mod mpc;
 pub mod net;
+pub mod privacy;
 pub mod registry;
 pub mod seal;
 pub mod shares;

@@ -23,7 +23,9 @@ use unfed_node::mpc::net::RemotePair;
 use unfed_node::mpc::public::cache_path;
 use unfed_node::mpc::weights::ClientModel;
 use unfed_proto::compute_client::ComputeClient;
-use unfed_proto::{ForwardRequest, GetChainStatusResponse, ModelState, MpcInput, forward_request};
+use unfed_proto::{
+    ForwardRequest, GetChainStatusResponse, ModelState, MpcInput, forward_request, step_input,
+};
 
 const TOKENS: usize = 24;
 const PROMPT: [u32; 6] = [3, 14, 15, 92, 65, 35];
@@ -51,23 +53,7 @@ fn plaintext_tokens(split: &Path) -> Vec<u32> {
 
 /// A share-chain daemon (no chain) that finds the nodes' keys through `registry`.
 fn start_daemon(registry: &str, dir: &Path) -> Node {
-    let args = [
-        s("daemon"),
-        s("--port"),
-        s("0"),
-        s("--registry"),
-        s(registry),
-        s("--db"),
-        dir.join("chain.db").display().to_string(),
-        s("--block-interval-secs"),
-        s("0.1"),
-        s("--heartbeat-secs"),
-        s("1"),
-        s("--chain-id"),
-        daemon_common::CHAIN_ID.to_string(),
-        s("--escrow"),
-        s(daemon_common::ESCROW),
-    ];
+    let args = daemon_common::daemon_args_at(registry, &dir.join("chain.db"), "0", &[]);
     Node::start(&args, dir.join("daemon.log"))
 }
 
@@ -333,6 +319,7 @@ async fn the_pair_hands_its_shares_to_the_next_shard_which_reconstructs_them() {
     assert_eq!(route.len(), 3, "{route:?}");
     assert_eq!(route[2].1, 1, "{route:?}");
     assert_eq!(net.compute_forwards(0).await, 0);
+    handoff_inputs_are_kept_by_digest_only(&net, &a, &pair, &out).await;
 
     // The dashboard's chats of a model with a pair go through it too, paid by the demo
     // wallet's vouchers.
@@ -383,6 +370,7 @@ async fn the_pair_hands_its_shares_to_the_next_shard_which_reconstructs_them() {
     hops.sort();
     assert_eq!(ids, hops);
     assert!(st.nodes.iter().all(|n| n.shares == steps), "{st:?}");
+    private_routes_keep_the_penalty_and_seed(&net, &(pair.clone(), public.clone()), &opts).await;
     drop((a, b));
 
     // Shares the registered parties did not sign are refused as they arrive (not
@@ -437,4 +425,107 @@ async fn the_pair_hands_its_shares_to_the_next_shard_which_reconstructs_them() {
         "{}",
         err.message()
     );
+}
+
+/// Issue 19: the activations the hand-off node rebuilds from the pair's shares are the
+/// prompt, so it keeps them by the parties' signed share digests only. Party A knows the
+/// session and the hand-off address; the neighbour that may spot-check gets digests.
+async fn handoff_inputs_are_kept_by_digest_only(
+    net: &Net,
+    party_a: &Node,
+    pair: &unfed_node::client::private::PairInfo,
+    out: &unfed_node::client::GenerateOutput,
+) {
+    let handoff = &out.route[2].address;
+    let steps = out.tokens.len();
+    let err = common::net::session_inputs(party_a, handoff, &out.session_id, steps)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::PermissionDenied,
+        "{}",
+        err.message()
+    );
+    let checker = &net.computes[0];
+    let got = common::net::session_inputs(checker, handoff, &out.session_id, steps)
+        .await
+        .unwrap();
+    assert_eq!(got.inputs.len(), steps);
+    let mut signers = vec![pair.a.node_id.clone(), pair.b.node_id.clone()];
+    signers.sort();
+    for (step, input) in got.inputs.iter().enumerate() {
+        assert!(input.input.is_none(), "step {step} kept its activations");
+        assert_eq!(input.from_layer, Some(pair.layer_end));
+        let mut by: Vec<String> = input.mpc_shares.iter().map(|a| a.node_id.clone()).collect();
+        by.sort();
+        assert_eq!(by, signers, "step {step}");
+        assert!(input.mpc_shares.iter().all(|a| a.step as usize == step));
+    }
+}
+
+/// Issue 19: on a private route the client applies the repetition penalty and keeps the
+/// seed. Without client sampling such a request is refused, naming the option; with it,
+/// the tokens are those the last shard samples on a plaintext route, and the hand-off
+/// node received neither the penalty's tokens nor the seed. The control (the plaintext
+/// route) shows the same probe sees the activations, the penalty's tokens and the seed.
+async fn private_routes_keep_the_penalty_and_seed(
+    net: &Net,
+    private: &unfed_node::client::private::PrivateRoute,
+    opts: &GenerateOptions,
+) {
+    let mut client = net.client().await;
+    let seeded = GenerateOptions {
+        max_tokens: 8,
+        sampling: unfed_proto::SamplingParams {
+            temperature: 0.9,
+            top_k: 40,
+            top_p: 0.95,
+            repetition_penalty: 1.3,
+            seed: 7,
+        },
+        ..opts.clone()
+    };
+    let err = client
+        .generate_via("tiny", Some(private), &PROMPT, None, &seeded, |_| {})
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("decode_client_sample"),
+        "{err:#}"
+    );
+    let sealed = GenerateOptions {
+        decode_client_sample: true,
+        ..seeded.clone()
+    };
+    let out = client
+        .generate_via("tiny", Some(private), &PROMPT, None, &sealed, |_| {})
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", net.logs()));
+    let plain = client
+        .generate("tiny", &PROMPT, &seeded, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(out.tokens, plain.tokens);
+    let checker = &net.computes[0];
+    let steps = out.tokens.len();
+    let got = common::net::session_inputs(checker, &out.route[2].address, &out.session_id, steps)
+        .await
+        .unwrap();
+    assert_eq!(got.sampling, None);
+    assert!(
+        got.inputs
+            .iter()
+            .all(|i| i.penalty_tokens.is_empty() && i.input.is_none())
+    );
+    let got =
+        common::net::session_inputs(checker, &plain.route[1].address, &plain.session_id, steps)
+            .await
+            .unwrap();
+    assert_eq!(got.sampling.map(|p| p.seed), Some(7));
+    assert!(got.inputs[0].penalty_tokens.starts_with(&PROMPT));
+    match &got.inputs[0].input {
+        Some(step_input::Input::Hidden(t)) => assert!(t.data.len() >= PROMPT.len() * 4),
+        other => panic!("the plaintext route's input is not a hidden state: {other:?}"),
+    }
 }

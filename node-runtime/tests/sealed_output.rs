@@ -5,11 +5,13 @@
 
 mod common;
 
-use common::net::Net;
+use common::net::{Net, session_inputs};
 use unfed_node::client::GenerateOptions;
 use unfed_node::seal::{Opener, logits_context};
 use unfed_proto::compute_client::ComputeClient;
-use unfed_proto::{ForwardRequest, Hop, SamplingParams, TokenIds, forward_request};
+use unfed_proto::{
+    ForwardRequest, Hop, SamplingParams, SessionInputsResponse, TokenIds, forward_request,
+};
 
 const PROMPT: [u32; 5] = [3, 14, 15, 92, 65];
 
@@ -52,13 +54,67 @@ async fn the_client_samples_from_logits_sealed_to_it() {
             .await
             .unwrap_or_else(|e| panic!("{e:#}\n{}", net.logs()));
         assert_eq!(client_samples.tokens, shard_samples.tokens, "{sampling:?}");
+        // What the nodes received: when the client samples, neither the penalty's
+        // tokens (the prompt and the output) nor the seed; when the last shard samples
+        // (the control), both.
+        let penalty = sampling.repetition_penalty != 0.0;
+        for (out, client_side) in [(&client_samples, true), (&shard_samples, false)] {
+            let seen = received(&net, &out.session_id, out.tokens.len()).await;
+            let last = &seen[1];
+            assert_eq!(last.sampling.is_some(), !client_side, "{sampling:?}");
+            let sent: Vec<u32> = last
+                .inputs
+                .iter()
+                .flat_map(|i| i.penalty_tokens.clone())
+                .collect();
+            if client_side || !penalty {
+                assert!(sent.is_empty(), "{sent:?}");
+            } else {
+                assert!(sent.starts_with(&PROMPT), "{sent:?}");
+                assert_eq!(last.sampling.map(|p| p.seed), Some(7));
+            }
+            assert!(
+                seen[0]
+                    .inputs
+                    .iter()
+                    .all(|i| i.penalty_tokens.is_empty() || !client_side)
+            );
+        }
+    }
+    // A request that hands the seed or the penalty's tokens to a node while asking for
+    // sealed logits is refused, naming the option.
+    let route = client.route("tiny").await.unwrap();
+    let mut shard0 = ComputeClient::new(crate::common::net::channel(&route[0].address).await);
+    for (seed, penalty_tokens) in [(7, vec![]), (0, PROMPT.to_vec())] {
+        let err = shard0
+            .forward(ForwardRequest {
+                model_id: "tiny".into(),
+                session_id: "leaky".into(),
+                input: Some(forward_request::Input::Tokens(TokenIds {
+                    ids: PROMPT.to_vec(),
+                })),
+                route: vec![route[1].clone()],
+                client_key: Opener::new().public_key().to_vec(),
+                sampling: Some(SamplingParams {
+                    seed,
+                    ..Default::default()
+                }),
+                penalty_tokens,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(
+            err.message().contains("decode_client_sample"),
+            "{}",
+            err.message()
+        );
     }
 
     // One step by hand: what comes back through shard 0 is sealed logits, no token; only
     // the client's key opens it, for this step only.
-    let route = client.route("tiny").await.unwrap();
     let me = Opener::new();
-    let mut shard0 = ComputeClient::new(crate::common::net::channel(&route[0].address).await);
     let req = ForwardRequest {
         model_id: "tiny".into(),
         session_id: "sealed".into(),
@@ -109,4 +165,17 @@ async fn the_client_samples_from_logits_sealed_to_it() {
     };
     let err = shard0.forward(bad).await.unwrap_err();
     assert!(err.message().contains("X25519"), "{}", err.message());
+}
+
+/// What each shard's node kept of `session` (its SessionInputs, asked by its neighbour).
+async fn received(net: &Net, session: &str, steps: usize) -> Vec<SessionInputsResponse> {
+    let (n0, n1) = (&net.computes[0], &net.computes[1]);
+    vec![
+        session_inputs(n1, &n0.address, session, steps)
+            .await
+            .unwrap(),
+        session_inputs(n0, &n1.address, session, steps)
+            .await
+            .unwrap(),
+    ]
 }

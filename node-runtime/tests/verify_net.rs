@@ -476,6 +476,7 @@ async fn forged_replayed_and_excess_reports_are_refused() {
             input: Some(step_input::Input::Tokens(TokenIds { ids: ids.clone() })),
             penalty_tokens: vec![],
             from_layer: None,
+            mpc_shares: vec![],
         };
         let out = unfed_node::wire::encode(&vec![0.0; 3 * h], &[1, 3, h], DType::DtypeF32);
         let mut a = Attestation {

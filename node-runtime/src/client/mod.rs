@@ -86,6 +86,10 @@ pub struct GenerateOutput {
     pub failovers: usize,
     /// Time from those failures coming back to the replayed step's token.
     pub failover_ms: f64,
+    /// The session the nodes know this generation by (the last one, after a failover).
+    pub session_id: String,
+    /// What the nodes could learn of it.
+    pub privacy: crate::privacy::Mode,
 }
 
 impl GenerateOutput {
@@ -499,6 +503,11 @@ impl Client {
         let mut out = GenerateOutput {
             prompt_tokens: prompt_ids.len(),
             sampled_by_client: opts.decode_client_sample,
+            privacy: crate::privacy::Mode {
+                mpc: crate::privacy::Mpc::None,
+                client_samples: opts.decode_client_sample,
+                vision: image_features.is_some(),
+            },
             ..Default::default()
         };
         let start = Instant::now();
@@ -563,10 +572,16 @@ impl Client {
             }
         }
         out.route = route;
+        out.session_id = hops.session_id.clone();
         out.total_ms = start.elapsed().as_secs_f64() * 1e3;
         hops.end().await;
         Ok(out)
     }
+}
+
+/// The sampling applies a repetition penalty (which needs every token of the session).
+pub fn has_penalty(p: &SamplingParams) -> bool {
+    p.repetition_penalty > 0.0 && p.repetition_penalty != 1.0
 }
 
 /// One session's route through the compute nodes: the entry hop and those after it.
@@ -681,20 +696,26 @@ impl RouteSession {
         image_features: Option<Tensor>,
         opts: &GenerateOptions,
     ) -> Result<ForwardResponse> {
-        let penalty =
-            opts.sampling.repetition_penalty > 0.0 && opts.sampling.repetition_penalty != 1.0;
+        // When the client samples, the penalty and the seed stay here: the tokens the
+        // penalty sees are the prompt and the output, and with the seed the last shard
+        // could redo the sampling.
+        let node_samples = self.local.is_none();
         let req = ForwardRequest {
             model_id: model.to_string(),
             session_id: self.session_id.clone(),
             step,
             position,
             input: Some(input),
-            sampling: Some(SamplingParams {
+            sampling: node_samples.then_some(SamplingParams {
                 sampled_before: self.sampled_before,
                 ..opts.sampling
             }),
             route: self.rest.clone(),
-            penalty_tokens: if penalty { ids.to_vec() } else { Vec::new() },
+            penalty_tokens: if node_samples && has_penalty(&opts.sampling) {
+                ids.to_vec()
+            } else {
+                Vec::new()
+            },
             hidden_dtype: opts.hidden_dtype as i32,
             image_features,
             attestations: Vec::new(),

@@ -284,6 +284,12 @@ impl Client {
         if prompt_ids.is_empty() {
             bail!("the prompt is empty: nothing to generate from");
         }
+        if !pair.full_output && !opts.decode_client_sample && super::has_penalty(&opts.sampling) {
+            bail!(
+                "the repetition penalty needs every prompt and output token, which a private route keeps from the nodes: \
+                 turn on decode_client_sample (`--decode-client-sample`, or mpc.output = \"decode_client_sample\" in the spec) so the client applies it, or set --repetition-penalty 1"
+            );
+        }
         let session = hex::encode(rand::random::<[u8; 16]>());
         let mut route = Vec::new();
         if !pair.full_output {
@@ -340,6 +346,18 @@ impl Client {
             prompt_tokens: prompt_ids.len(),
             route: [vec![pair.a.clone(), pair.b.clone()], route.clone()].concat(),
             sampled_by_client: pair.full_output || opts.decode_client_sample,
+            session_id: session.clone(),
+            privacy: crate::privacy::Mode {
+                mpc: if pair.full_output {
+                    crate::privacy::Mpc::FullOutput
+                } else {
+                    crate::privacy::Mpc::HandOff {
+                        layer: Some(pair.layer_end as usize),
+                    }
+                },
+                client_samples: !pair.full_output && opts.decode_client_sample,
+                vision: image_features.is_some(),
+            },
             ..Default::default()
         };
         let start = Instant::now();

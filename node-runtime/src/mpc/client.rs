@@ -85,6 +85,23 @@ fn silu(x: f64) -> f64 {
     x / (1.0 + (-x).exp())
 }
 
+/// Test-only fault (feature `privacy-mutation`): party A gets the first row of every "h"
+/// in the clear and B a zero row, so the privacy tests can show that they catch a leak.
+#[cfg(feature = "privacy-mutation")]
+fn leak_first_row(
+    kind: &str,
+    shape: &[usize],
+    enc: &[u64],
+    (mut a, mut b): (Vec<u64>, Vec<u64>),
+) -> (Vec<u64>, Vec<u64>) {
+    if kind == "h" {
+        let w = shape.last().copied().unwrap_or(0);
+        a[..w].copy_from_slice(&enc[..w]);
+        b[..w].fill(0);
+    }
+    (a, b)
+}
+
 pub struct Client<'a> {
     pub model: &'a ClientModel,
 }
@@ -100,7 +117,10 @@ impl Client<'_> {
         x: &[f64],
     ) -> Result<()> {
         let enc: Vec<u64> = x.iter().map(|v| encode_at(*v, FRAC_BITS)).collect();
-        let (a, b) = share(&enc, &mut sess.rng);
+        let shares = share(&enc, &mut sess.rng);
+        #[cfg(feature = "privacy-mutation")]
+        let shares = leak_first_row(kind, shape, &enc, shares);
+        let (a, b) = shares;
         port.send(Peer::A, kind, shape, a)?;
         port.send(Peer::B, kind, shape, b)
     }

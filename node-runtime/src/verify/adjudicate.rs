@@ -195,6 +195,9 @@ impl Adjudicator {
                 ));
             }
         }
+        if let Some(why) = attest::not_checkable(&r.inputs) {
+            return Err(refuse("not_checkable", why));
+        }
         if claimed_output(r).map(|o| o.digest()) != Some(a.output_digest.clone()) {
             return Err(refuse(
                 "bad_evidence",
@@ -370,6 +373,7 @@ async fn probe_attestation(
                 input: Some(input),
                 penalty_tokens: vec![],
                 from_layer: None,
+                mpc_shares: vec![],
             }],
             sampling: None,
             hidden_dtype: DType::DtypeF32 as i32,

@@ -16,8 +16,17 @@ pub fn tokens_bytes(ids: &[u32]) -> Vec<u8> {
     ids.iter().flat_map(|t| t.to_le_bytes()).collect()
 }
 
-/// Digest of one step's input.
+/// Digest of one step's input. An input rebuilt from an MPC pair's shares is known only
+/// by the parties' signed share digests: a digest of its activations would let anyone
+/// holding the attestation test guesses of the prompt.
 pub fn input_digest(input: &StepInput) -> Vec<u8> {
+    if !input.mpc_shares.is_empty() {
+        let mut bytes = b"unfed-mpc-handoff-v1".to_vec();
+        for share in &input.mpc_shares {
+            put(&mut bytes, &share.output_digest);
+        }
+        return digest(&bytes);
+    }
     match &input.input {
         Some(step_input::Input::Tokens(t)) => digest(&tokens_bytes(&t.ids)),
         Some(step_input::Input::Hidden(h)) => digest(&h.data),
@@ -36,7 +45,27 @@ pub fn step_input_of(input: &Option<forward_request::Input>, penalty: &[u32]) ->
         }),
         penalty_tokens: penalty.to_vec(),
         from_layer: None,
+        mpc_shares: Vec::new(),
     }
+}
+
+/// The step input of a hop fed by an MPC pair: the parties' share attestations only.
+pub fn handoff_input(shares: Vec<Attestation>, layer: u32, penalty: &[u32]) -> StepInput {
+    StepInput {
+        input: None,
+        penalty_tokens: penalty.to_vec(),
+        from_layer: Some(layer),
+        mpc_shares: shares,
+    }
+}
+
+/// Why a session's inputs cannot be re-executed, when one of them came from MPC shares.
+pub fn not_checkable(inputs: &[StepInput]) -> Option<String> {
+    let step = inputs.iter().position(|i| !i.mpc_shares.is_empty())?;
+    Some(format!(
+        "not checkable: the input of step {step} was rebuilt from the MPC pair's shares; \
+         those activations are the prompt, so no node keeps them (only the parties' signed share digests)"
+    ))
 }
 
 fn put(out: &mut Vec<u8>, field: &[u8]) {
@@ -129,5 +158,30 @@ mod tests {
         assert!(verify(&key.verifying_key(), &c).is_err());
         let other = crate::shares::generate_key();
         assert!(verify(&other.verifying_key(), &a).is_err());
+    }
+
+    /// A hand-off input is bound to the parties' share digests, keeps no activations,
+    /// and is reported as not checkable rather than re-executed.
+    #[test]
+    fn a_handoff_input_is_known_by_its_share_digests() {
+        let share = |party: &str, bytes: &[u8]| Attestation {
+            node_id: party.into(),
+            output_digest: digest(bytes),
+            ..Default::default()
+        };
+        let input = handoff_input(vec![share("a", b"x"), share("b", b"y")], 2, &[]);
+        assert!(input.input.is_none());
+        let swapped = handoff_input(vec![share("a", b"x"), share("b", b"z")], 2, &[]);
+        assert_ne!(input_digest(&input), input_digest(&swapped));
+        assert_ne!(input_digest(&input), input_digest(&StepInput::default()));
+        let plain = step_input_of(
+            &Some(forward_request::Input::Tokens(unfed_proto::TokenIds {
+                ids: vec![1],
+            })),
+            &[],
+        );
+        assert_eq!(not_checkable(std::slice::from_ref(&plain)), None);
+        let why = not_checkable(&[plain, input]).unwrap();
+        assert!(why.contains("step 1") && why.contains("MPC pair"), "{why}");
     }
 }

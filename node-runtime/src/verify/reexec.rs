@@ -52,6 +52,9 @@ pub fn reexecute(
     if inputs.is_empty() {
         bail!("no inputs to re-execute");
     }
+    if let Some(why) = super::attest::not_checkable(inputs) {
+        bail!("{why}");
+    }
     let mut cache = model.new_cache();
     let mut sampler = Sampler::new(sampling);
     let h = model.config().hidden_size;

@@ -317,8 +317,11 @@ impl SpotChecker {
                 .map(|a| a.node_id.clone())
                 .unwrap_or_default();
             match me.check(s).await {
-                Ok(None) => tracing::info!(node = %accused, "spot check passed"),
-                Ok(Some(v)) => {
+                Ok(Checked::Passed) => tracing::info!(node = %accused, "spot check passed"),
+                Ok(Checked::NotCheckable(why)) => {
+                    tracing::info!(node = %accused, "spot check recorded as {why}")
+                }
+                Ok(Checked::Ruled(v)) => {
                     tracing::warn!(node = %accused, guilty = v.guilty, accepted = v.accepted, reason = %v.reason, "{}", v.message)
                 }
                 Err(e) => tracing::info!(node = %accused, "spot check skipped: {e:#}"),
@@ -359,12 +362,18 @@ impl SpotChecker {
             .into_inner())
     }
 
-    /// `Ok(None)`: the hop re-executed identically. `Ok(Some(verdict))`: it did not,
-    /// and the registry ruled on the report.
-    pub async fn check(&self, s: Suspect) -> Result<Option<FraudVerdict>> {
+    /// Re-executes the suspect's hop on an independent replica; a mismatch is reported
+    /// to the registry, which rules.
+    pub async fn check(&self, s: Suspect) -> Result<Checked> {
         let accused = s.attestations.last().context("no attestation")?.clone();
         let info = self.peers.get(&accused.node_id).await?;
         let inputs = fetch_inputs(&self.peers, &info, &accused.session_id, &s.attestations).await?;
+        if let Some(why) = attest::not_checkable(&inputs) {
+            // The accused committed to these share digests when it served the step; they
+            // must be the registered pair's, or "not checkable" would be an excuse.
+            check_handoff_shares(&self.peers, &accused, &inputs).await?;
+            return Ok(Checked::NotCheckable(why));
+        }
         let replicas = self
             .peers
             .replicas(accused.shard_index, &[&accused.node_id, &self.node_id])
@@ -378,7 +387,7 @@ impl SpotChecker {
         let recomputed =
             reexecute_on(&self.peers, verifier, &accused.model_id, &inputs, &s).await?;
         if compare(&s.output, &recomputed).is_ok() {
-            return Ok(None);
+            return Ok(Checked::Passed);
         }
         let mut report = FraudReport {
             reporter: self.node_id.clone(),
@@ -395,8 +404,54 @@ impl SpotChecker {
             kind: String::new(),
         };
         attest::sign_report(&self.key, &mut report);
-        Ok(Some(self.send(report).await?))
+        Ok(Checked::Ruled(self.send(report).await?))
     }
+}
+
+/// How a spot check ended.
+#[derive(Debug)]
+pub enum Checked {
+    /// The hop re-executed identically.
+    Passed,
+    /// The hop's input came from MPC shares, which no node keeps; why, for the record.
+    NotCheckable(String),
+    /// It did not re-execute identically, and the registry ruled on the report.
+    Ruled(FraudVerdict),
+}
+
+/// Every MPC-fed input of the accused carries one share attestation of each party of
+/// the registered pair, for this session and step, with a valid signature.
+async fn check_handoff_shares(
+    peers: &Peers,
+    accused: &Attestation,
+    inputs: &[StepInput],
+) -> Result<()> {
+    for (step, input) in inputs.iter().enumerate() {
+        if input.mpc_shares.is_empty() {
+            continue;
+        }
+        let mut roles: Vec<String> = Vec::new();
+        for share in &input.mpc_shares {
+            if share.session_id != accused.session_id
+                || share.step as usize != step
+                || share.model_id != accused.model_id
+            {
+                bail!(
+                    "the accused's step {step} names a share attestation of another session, step or model"
+                );
+            }
+            let info = peers.get(&share.node_id).await?;
+            peers.verify(share).await.with_context(|| {
+                format!("the share attestation of step {step} by {}", share.node_id)
+            })?;
+            roles.push(info.role);
+        }
+        roles.sort();
+        if roles != ["mpc_a", "mpc_b"] {
+            bail!("the accused's step {step} is not fed by one share of each MPC party: {roles:?}");
+        }
+    }
+    Ok(())
 }
 
 fn unix_now() -> u64 {

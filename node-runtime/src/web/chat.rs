@@ -444,6 +444,7 @@ async fn summary(s: &WebState, p: &Prepared, out: &GenerateOutput) -> Value {
         "deposit": deposit,
         "route": route,
         "sampled_by": if out.sampled_by_client { "client" } else { "last shard" },
+        "privacy": {"mode": out.privacy.name(), "sees": out.privacy.sees()},
     })
 }
 

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub mod net;
+pub mod relay;
 pub mod web;
 
 #[derive(Deserialize)]

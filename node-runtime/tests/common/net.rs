@@ -157,6 +157,21 @@ impl Node {
         }
     }
 
+    /// The transport of this node's own TLS identity (its certificate and key), to
+    /// call other nodes as it would.
+    pub fn identity(&self) -> unfed_node::net::Net {
+        let flag = |name: &str| {
+            let i = self.args.iter().position(|a| a == name).expect(name);
+            PathBuf::from(&self.args[i + 1])
+        };
+        unfed_node::net::Net::from_files(&unfed_node::net::TlsFiles {
+            cert: flag("--tls-cert"),
+            key: flag("--tls-key"),
+            ca: flag("--tls-ca"),
+        })
+        .unwrap()
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -417,6 +432,17 @@ pub fn party(
     extra: &[&str],
     log: PathBuf,
 ) -> Node {
+    Node::start(&party_args(role, split, registry, peer, extra), log)
+}
+
+/// The arguments of `party`.
+pub fn party_args(
+    role: &str,
+    split: &Path,
+    registry: Option<&str>,
+    peer: Option<&str>,
+    extra: &[&str],
+) -> Vec<String> {
     let mut args = vec![
         s("mpc"),
         s("--role"),
@@ -437,7 +463,7 @@ pub fn party(
         args.extend([s("--peer"), s(p)]);
     }
     args.extend(extra.iter().map(|x| x.to_string()));
-    Node::start(&args, log)
+    args
 }
 
 /// Party B, then party A dialing it: (A, B); logs mpc-a.log and mpc-b.log in `logs`.
@@ -457,4 +483,25 @@ pub fn start_pair(
         logs.join("mpc-a.log"),
     );
     (a, b)
+}
+
+/// `SessionInputs` of `session` up to `up_to` on `node`, called with `caller`'s certificate.
+pub async fn session_inputs(
+    caller: &Node,
+    node: &str,
+    session: &str,
+    up_to: usize,
+) -> Result<unfed_proto::SessionInputsResponse, tonic::Status> {
+    let ch = caller
+        .identity()
+        .connect(node, Duration::from_secs(30), None)
+        .await
+        .unwrap();
+    unfed_proto::compute_client::ComputeClient::new(ch)
+        .session_inputs(unfed_proto::SessionInputsRequest {
+            session_id: session.into(),
+            up_to_step: up_to as u32 - 1,
+        })
+        .await
+        .map(|r| r.into_inner())
 }

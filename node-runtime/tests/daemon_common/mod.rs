@@ -221,12 +221,22 @@ pub fn registry() -> Net {
 }
 
 pub fn daemon_args(net: &Net, db: &std::path::Path, port: &str, extra: &[&str]) -> Vec<String> {
+    daemon_args_at(&net.registry.address, db, port, extra)
+}
+
+/// A daemon's arguments: it finds the nodes' keys through `registry`, its db at `db`.
+pub fn daemon_args_at(
+    registry: &str,
+    db: &std::path::Path,
+    port: &str,
+    extra: &[&str],
+) -> Vec<String> {
     let mut a = vec![
         s("daemon"),
         s("--port"),
         s(port),
         s("--registry"),
-        net.registry.address.clone(),
+        s(registry),
         s("--db"),
         db.display().to_string(),
         s("--block-interval-secs"),

@@ -187,6 +187,15 @@ function showSummary(s) {
   el.dataset.text = s.text;
   state.lastRoute = s.route;
   showRoute();
+  // The same "sees:" lines as `unfedctl plan` and `chat --json`.
+  if (s.privacy) {
+    const items = [s.privacy.mode].concat(s.privacy.sees).map((line) => {
+      const li = document.createElement("li");
+      li.textContent = line;
+      return li;
+    });
+    $("#privacy").replaceChildren(...items);
+  }
 }
 
 function showRoute() {
