@@ -18,7 +18,7 @@ use unfed_proto::*;
 use crate::engine::batcher::{BatchConfig, Batcher, Job, StepError, StepRows};
 use crate::engine::sampling::{Sampler, SamplingConfig};
 use crate::engine::{
-    Session, SessionStore, ShardModel, ShardOutput, ShardSpec, WeightFiles,
+    Session, SessionError, SessionStore, ShardModel, ShardOutput, ShardSpec, WeightFiles,
 };
 use crate::mpc::handoff::{Inbox, check_share, reconstruct};
 use crate::verify::attest;
@@ -653,18 +653,20 @@ impl ComputeService {
         };
         let inner = self.inner.clone();
         let sampling = sampling_of(req.sampling.as_ref());
+        let need = input_rows(req) as usize * inner.shard.model.kv_bytes_per_position();
         let session = inner
             .sessions
-            .open(&req.session_id, req.step, &req.owner_key, || Session {
+            .open(&req.session_id, req.step, &req.owner_key, need, || Session {
                 cache: inner.shard.model.new_cache(),
                 sampler: Some(Sampler::new(sampling)),
             })
             .map_err(|e| {
-                Status::failed_precondition(format!(
-                    "node {} (shard {}): {e}",
-                    inner.node_id,
-                    self.shard_index()
-                ))
+                let why = format!("node {} (shard {}): {e}", inner.node_id, self.shard_index());
+                // Busy is worth retrying here later or on another replica; the rest is not.
+                match e {
+                    SessionError::Busy { .. } => Status::resource_exhausted(why),
+                    _ => Status::failed_precondition(why),
+                }
             })?;
         let (sid, position, penalty) = (
             req.session_id.clone(),

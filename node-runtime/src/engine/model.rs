@@ -283,6 +283,12 @@ impl ShardModel {
         self.weight_bytes
     }
 
+    /// Bytes one position adds to a session's KV cache on this shard (f32 keys and
+    /// values of every layer).
+    pub fn kv_bytes_per_position(&self) -> usize {
+        self.layers.len() * 2 * self.cfg.num_key_value_heads * self.cfg.head_dim * 4
+    }
+
     pub fn new_cache(&self) -> KvCache {
         KvCache {
             layers: (0..self.layers.len())
