@@ -36,6 +36,14 @@ pub struct BenchArgs {
     /// and measure both against the single process in the same run (the cost of TLS).
     #[arg(long)]
     pub compare_tls: bool,
+    /// Start 1, 2, 4, … N sessions at once against the network: aggregate and
+    /// per-session decode tok/s and inter-token latency at each level.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub concurrency: Option<u64>,
+    /// With --concurrency: write the figures as JSON to this file, and a plot of tok/s
+    /// against sessions beside it (same name, .svg).
+    #[arg(long, value_name = "FILE.json", requires = "concurrency")]
+    pub output: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Default, serde::Serialize)]
@@ -102,6 +110,9 @@ struct Measured {
 }
 
 pub async fn bench(a: BenchArgs) -> Result<ExitCode> {
+    if let Some(n) = a.concurrency {
+        return concurrency(&a, n as usize).await;
+    }
     let mut testnets = Vec::new();
     let (mut networks, model, shards_dir) = if a.compare_tls {
         if a.target.registry.is_some() {
@@ -321,6 +332,59 @@ async fn measure(
             "TLS / plaintext decode (median of paired runs): {r:.3} ({:+.1} %)",
             (r - 1.0) * 100.0
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--concurrency N`: the sweep of `bench_load` against the target network.
+async fn concurrency(a: &BenchArgs, max: usize) -> Result<ExitCode> {
+    if a.compare_tls {
+        bail!("--concurrency measures one running network: drop --compare-tls");
+    }
+    let r = resolve(&a.target)?;
+    let mut client = Client::connect(&r.net, &r.registry).await?;
+    let model = pick_model(&mut client, r.model).await?;
+    client.require_ready(&model).await?;
+    let (manifest, _) = client.manifest(&model).await?;
+    let load = crate::bench_load::Load {
+        net: &r.net,
+        registry: &r.registry,
+        model: &model,
+        opts: GenerateOptions {
+            max_tokens: a.tokens,
+            stop_on_eos: !a.ignore_eos,
+            payer: r.payer,
+            ..Default::default()
+        },
+        vocab: manifest.config.text.vocab_size as u32,
+        prompt_tokens: a.prompt_tokens,
+        runs: a.runs,
+    };
+    let levels = load.sweep(max).await?;
+    let report = json!({
+        "model": model, "prompt_tokens": a.prompt_tokens, "tokens": a.tokens,
+        "runs": a.runs, "levels": levels,
+    });
+    if let Some(path) = &a.output {
+        let svg = path.with_extension("svg");
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::write(&svg, crate::bench_load::plot(&model, &levels))
+            .with_context(|| format!("cannot write {}", svg.display()))?;
+        eprintln!("wrote {} and {}", path.display(), svg.display());
+    }
+    if a.target.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        crate::bench_load::print(&model, &levels);
+    }
+    let differ: Vec<_> = levels
+        .iter()
+        .filter(|l| !l.tokens_match_one_session)
+        .map(|l| l.sessions)
+        .collect();
+    if !differ.is_empty() {
+        bail!("session 0 got other tokens with {differ:?} concurrent sessions than alone");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -2,6 +2,7 @@
 
 pub mod api_key_cmd;
 pub mod bench_cmd;
+pub mod bench_load;
 pub mod billing_cmd;
 pub mod chain_cmd;
 pub mod client_cmd;

@@ -531,3 +531,44 @@ fn a_vision_checkpoint_saved_by_transformers_5_chats_like_transformers() {
     );
     assert_eq!(&answer["token_ids"].as_array().unwrap()[..], &want[..]);
 }
+
+/// `bench --concurrency`: levels 1, 2, 4 with their figures, session 0's tokens the same
+/// at every level, and the JSON and its plot written where asked.
+#[test]
+fn bench_concurrency_sweeps_sessions_and_writes_json_and_plot() {
+    let net = testnet("[chain]\nmode = \"none\"\n[model]\ntext_shards = 2\n");
+    let spec = net.spec.as_path();
+    up_detached(spec);
+    let out_dir = tempfile::tempdir().unwrap();
+    let report = out_dir.path().join("sweep.json");
+    let bench = run(unfedctl()
+        .arg("bench")
+        .arg(spec)
+        .args(["--concurrency", "4", "--tokens", "8", "--runs", "1"])
+        .args(["--ignore-eos", "--output"])
+        .arg(&report));
+    assert!(bench.status.success(), "{}", text(&bench.stderr));
+    let table = text(&bench.stdout);
+    assert!(table.contains("aggregate tok/s"), "{table}");
+    let v: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let levels = v["levels"].as_array().unwrap();
+    let sessions: Vec<u64> = levels
+        .iter()
+        .map(|l| l["sessions"].as_u64().unwrap())
+        .collect();
+    assert_eq!(sessions, [1, 2, 4], "{v}");
+    for l in levels {
+        assert_eq!(l["tokens_match_one_session"], true, "{l}");
+        assert!(l["aggregate_decode_tokens_per_s"].as_f64().unwrap() > 0.0, "{l}");
+        assert!(l["inter_token_p99_ms"].as_f64() >= l["inter_token_p50_ms"].as_f64());
+    }
+    let svg = std::fs::read_to_string(report.with_extension("svg")).unwrap();
+    assert_eq!(svg.matches("<circle").count(), 2 * levels.len(), "{svg}");
+
+    let bad = run(unfedctl()
+        .arg("bench")
+        .arg(spec)
+        .args(["--concurrency", "2", "--compare-tls"]));
+    assert!(!bad.status.success());
+    assert!(text(&bad.stderr).contains("drop --compare-tls"));
+}

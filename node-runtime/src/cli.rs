@@ -125,6 +125,13 @@ struct ComputeArgs {
     /// Memory cap of all sessions' KV caches; the least recently used are evicted.
     #[arg(long, default_value_t = 2048)]
     kv_cache_mb: usize,
+    /// Longest wait (microseconds) for other sessions' steps to join a batch; only
+    /// while more sessions are active than have arrived (0: never wait).
+    #[arg(long, default_value_t = 500, env = "UNFED_BATCH_WAIT_US", value_parser = clap::value_parser!(u64).range(0..=1000))]
+    batch_wait_us: u64,
+    /// Most sessions' steps in one batch.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=256))]
+    batch_max: u64,
     /// Daemon host:port for compute shares (default: the daemon the registry lists).
     #[arg(long)]
     daemon: Option<String>,
@@ -331,6 +338,10 @@ async fn run_compute(a: ComputeArgs) -> Result<()> {
         cheat: a.cheat,
         net,
         require_voucher: a.billing.require_voucher,
+        batch: crate::engine::batcher::BatchConfig {
+            wait: Duration::from_micros(a.batch_wait_us),
+            max_steps: a.batch_max as usize,
+        },
     };
     if vision {
         let shard = tokio::task::spawn_blocking(move || {

@@ -15,9 +15,10 @@ use unfed_proto::compute_client::ComputeClient;
 use unfed_proto::compute_server::{Compute, ComputeServer};
 use unfed_proto::*;
 
+use crate::engine::batcher::{BatchConfig, Batcher, Job, StepError, StepRows};
 use crate::engine::sampling::{Sampler, SamplingConfig};
 use crate::engine::{
-    Session, SessionStore, ShardInput, ShardModel, ShardOutput, ShardSpec, WeightFiles,
+    Session, SessionError, SessionStore, ShardModel, ShardOutput, ShardSpec, WeightFiles,
 };
 use crate::mpc::handoff::{Inbox, check_share, reconstruct};
 use crate::verify::attest;
@@ -51,6 +52,8 @@ pub struct ComputeConfig {
     pub net: crate::net::Net,
     /// Refuse sessions without a spending voucher naming this node.
     pub require_voucher: bool,
+    /// How concurrent sessions' steps are batched.
+    pub batch: BatchConfig,
 }
 
 /// The loaded shard and its manifest entry.
@@ -58,6 +61,12 @@ pub struct LoadedShard {
     pub manifest: Manifest,
     pub entry: ShardEntry,
     pub model: ShardModel,
+}
+
+impl AsRef<ShardModel> for LoadedShard {
+    fn as_ref(&self) -> &ShardModel {
+        &self.model
+    }
 }
 
 /// Loads text shard `index` of the split in `dir` (only that shard's file).
@@ -121,7 +130,9 @@ pub struct ComputeService {
 }
 
 struct Inner {
-    shard: LoadedShard,
+    shard: Arc<LoadedShard>,
+    /// Runs the steps of concurrent sessions as batches through the shard.
+    batcher: Batcher,
     node_id: String,
     sessions: SessionStore,
     hop_timeout: Duration,
@@ -254,8 +265,10 @@ impl ComputeService {
             ))),
             _ => None,
         };
+        let shard = Arc::new(shard);
         Self {
             inner: Arc::new(Inner {
+                batcher: Batcher::start(shard.clone(), cfg.batch),
                 shard,
                 node_id: cfg.node_id.clone(),
                 sessions: SessionStore::new(cfg.session_idle, cfg.kv_cap_bytes),
@@ -644,7 +657,7 @@ impl ComputeService {
         let input = match &req.input {
             Some(forward_request::Input::Tokens(t)) if spec.has_embedding => {
                 match &req.image_features {
-                    Some(f) => Input::Embedded(
+                    Some(f) => StepRows::Embedded(
                         crate::vision::merge::image_prompt_rows(
                             &self.inner.shard.model,
                             &self.inner.shard.manifest.config,
@@ -654,7 +667,7 @@ impl ComputeService {
                         .map_err(|e| Status::invalid_argument(format!("{e:#}")))?,
                         t.ids.len(),
                     ),
-                    None => Input::Tokens(t.ids.clone()),
+                    None => StepRows::Tokens(t.ids.clone()),
                 }
             }
             Some(forward_request::Input::Hidden(t))
@@ -665,7 +678,7 @@ impl ComputeService {
                 let h = self.inner.shard.model.config().hidden_size;
                 match shape[..] {
                     [1, seq, hh] | [seq, hh] if hh == h => {
-                        Input::Hidden(data, seq, from_layer.map(|l| l as usize))
+                        StepRows::Hidden(data, seq, from_layer.map(|l| l as usize))
                     }
                     _ => {
                         return Err(Status::invalid_argument(format!(
@@ -689,18 +702,20 @@ impl ComputeService {
         };
         let inner = self.inner.clone();
         let sampling = sampling_of(req.sampling.as_ref());
+        let need = input_rows(req) as usize * inner.shard.model.kv_bytes_per_position();
         let session = inner
             .sessions
-            .open(&req.session_id, req.step, &req.owner_key, || Session {
+            .open(&req.session_id, req.step, &req.owner_key, need, || Session {
                 cache: inner.shard.model.new_cache(),
                 sampler: Some(Sampler::new(sampling)),
             })
             .map_err(|e| {
-                Status::failed_precondition(format!(
-                    "node {} (shard {}): {e}",
-                    inner.node_id,
-                    self.shard_index()
-                ))
+                let why = format!("node {} (shard {}): {e}", inner.node_id, self.shard_index());
+                // Busy is worth retrying here later or on another replica; the rest is not.
+                match e {
+                    SessionError::Busy { .. } => Status::resource_exhausted(why),
+                    _ => Status::failed_precondition(why),
+                }
             })?;
         let (sid, position, penalty) = (
             req.session_id.clone(),
@@ -714,40 +729,20 @@ impl ComputeService {
                 crate::seal::logits_context(&req.model_id, &req.session_id, req.step),
             )
         });
-        tokio::task::spawn_blocking(move || {
-            let mut s = session.lock().expect("session poisoned");
-            if s.cache.len() != position {
-                return Err(Status::failed_precondition(format!(
-                    "session {sid}: step starts at position {position} but {} positions are cached",
-                    s.cache.len()
-                )));
-            }
-            let input = match &input {
-                Input::Tokens(ids) => ShardInput::Tokens(ids),
-                Input::Hidden(d, seq, None) => ShardInput::Hidden {
-                    data: d.clone(),
-                    seq: *seq,
-                },
-                Input::Hidden(d, seq, Some(layer)) => ShardInput::HiddenAt {
-                    data: d.clone(),
-                    seq: *seq,
-                    layer: *layer,
-                },
-                Input::Embedded(d, seq) => ShardInput::Embedded {
-                    data: d.clone(),
-                    seq: *seq,
-                },
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let who = format!("node {} (shard {})", inner.node_id, inner.shard.entry.index);
+        let finish = move |s: &mut Session, out: Result<ShardOutput, StepError>| {
+            let out = match out {
+                Ok(out) => out,
+                Err(StepError::Misplaced(why)) => {
+                    let _ = reply.send(Err(Status::failed_precondition(why)));
+                    return;
+                }
+                Err(StepError::Failed(e)) => {
+                    let _ = reply.send(Err(Status::invalid_argument(format!("{who}: {e:#}"))));
+                    return;
+                }
             };
-            let out = inner
-                .shard
-                .model
-                .forward(&mut s.cache, input)
-                .map_err(|e| {
-                    Status::invalid_argument(format!(
-                        "node {} (shard {}): {e:#}",
-                        inner.node_id, inner.shard.entry.index
-                    ))
-                })?;
             if let Some(sampler) = s.sampler.as_mut() {
                 sampler.observe(&penalty);
             }
@@ -769,21 +764,20 @@ impl ComputeService {
                 }
                 (ShardOutput::Hidden { data, seq }, _) => Ok(HiddenOut(data, seq)),
             };
-            drop(s);
             inner.sessions.account(&sid, bytes);
-            out
-        })
-        .await
-        .map_err(|e| Status::internal(format!("shard worker failed: {e}")))?
+            let _ = reply.send(out);
+        };
+        self.inner.batcher.submit(Job {
+            session_id: req.session_id.clone(),
+            session,
+            position,
+            rows: input,
+            finish: Box::new(finish),
+        });
+        answer
+            .await
+            .map_err(|_| Status::internal("the shard worker dropped the step"))?
     }
-}
-
-enum Input {
-    Tokens(Vec<u32>),
-    /// Rows, their count, and the layer they enter at when not the shard's first.
-    Hidden(Vec<f32>, usize, Option<usize>),
-    /// Prompt rows with image features in place of the image placeholders.
-    Embedded(Vec<f32>, usize),
 }
 
 /// What this node's step produced.
@@ -1092,6 +1086,7 @@ impl Compute for ComputeService {
 
     async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
         let (sessions, bytes) = self.inner.sessions.usage();
+        let (batches, largest) = self.inner.batcher.stats();
         let e = &self.inner.shard.entry;
         Ok(Response::new(HealthResponse {
             node_id: self.inner.node_id.clone(),
@@ -1106,6 +1101,8 @@ impl Compute for ComputeService {
                 .inner
                 .forwards
                 .load(std::sync::atomic::Ordering::Relaxed),
+            batches,
+            largest_batch: largest as u32,
         }))
     }
 }

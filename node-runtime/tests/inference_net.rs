@@ -150,6 +150,15 @@ async fn eight_concurrent_sessions_each_get_their_own_output() {
             .unwrap_or_else(|e| panic!("session {i}: {e:#}"));
         assert_eq!(got, expected[i], "session {i} got another session's tokens");
     }
+    // The sessions overlapped, so the shards ran some of their steps as batches: the
+    // tokens above are what batched steps produce.
+    for node in 0..2 {
+        let health = net.compute_health(node).await;
+        assert!(
+            health.largest_batch > 1 && health.batches < health.forwards,
+            "node {node} never batched: {health:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

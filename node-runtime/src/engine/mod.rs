@@ -1,5 +1,6 @@
 //! The inference engine: decoder blocks for a layer range, KV-cache sessions, sampling.
 
+pub mod batcher;
 pub mod generate;
 pub mod linear;
 pub mod model;

@@ -283,6 +283,12 @@ impl ShardModel {
         self.weight_bytes
     }
 
+    /// Bytes one position adds to a session's KV cache on this shard (f32 keys and
+    /// values of every layer).
+    pub fn kv_bytes_per_position(&self) -> usize {
+        self.layers.len() * 2 * self.cfg.num_key_value_heads * self.cfg.head_dim * 4
+    }
+
     pub fn new_cache(&self) -> KvCache {
         KvCache {
             layers: (0..self.layers.len())
@@ -314,6 +320,51 @@ impl ShardModel {
     }
 
     pub fn forward(&self, cache: &mut KvCache, input: ShardInput<'_>) -> Result<ShardOutput> {
+        self.forward_batch(vec![(cache, input)])
+            .pop()
+            .expect("one output per input")
+    }
+
+    /// Several sessions' steps as one batch: their rows go through every projection
+    /// together (one pass over the weights for all of them), each attends only to its
+    /// own cache at its own positions. The projections are batch-invariant, so each
+    /// session's output is bit-identical to running it alone. Inputs entering at
+    /// different layers (MPC hand-offs) run as separate groups. One result per input,
+    /// in order; a bad input fails alone.
+    pub fn forward_batch(
+        &self,
+        items: Vec<(&mut KvCache, ShardInput<'_>)>,
+    ) -> Vec<Result<ShardOutput>> {
+        let mut results: Vec<Option<Result<ShardOutput>>> = Vec::with_capacity(items.len());
+        let mut groups: std::collections::BTreeMap<usize, Vec<Entry<'_>>> = Default::default();
+        for (index, (cache, input)) in items.into_iter().enumerate() {
+            match self.prepare(cache.len, input) {
+                Ok((x, seq, first)) => {
+                    groups.entry(first).or_default().push(Entry {
+                        index,
+                        cache,
+                        x,
+                        seq,
+                    });
+                    results.push(None);
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
+        for (first, mut group) in groups {
+            let outs = self.run_group(first, &mut group);
+            for (entry, out) in group.iter().zip(outs) {
+                results[entry.index] = Some(out);
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every input has a result"))
+            .collect()
+    }
+
+    /// The input's rows `[seq, hidden]`, their count, and the layer they enter at.
+    fn prepare(&self, pos: usize, input: ShardInput<'_>) -> Result<(Vec<f32>, usize, usize)> {
         let h = self.cfg.hidden_size;
         let mut first = self.spec.layer_start;
         let (x, seq) = match input {
@@ -351,7 +402,6 @@ impl ShardModel {
         if seq == 0 {
             bail!("empty input: a step needs at least one token");
         }
-        let pos = cache.len;
         if pos + seq > self.cfg.max_position_embeddings {
             bail!(
                 "context overflow: {} cached + {seq} new positions exceed the model's context of {} tokens",
@@ -359,35 +409,121 @@ impl ShardModel {
                 self.cfg.max_position_embeddings
             );
         }
-        let mut x = Tensor::from_vec(x, (seq, h), &Device::Cpu)?;
-        let skip = first - self.spec.layer_start;
-        for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()).skip(skip) {
-            x = self.layer_forward(layer, lc, x, pos, seq)?;
+        Ok((x, seq, first))
+    }
+
+    /// Runs the layers from `first` on a group's stacked rows.
+    fn run_group(&self, first: usize, group: &mut [Entry<'_>]) -> Vec<Result<ShardOutput>> {
+        let h = self.cfg.hidden_size;
+        let rows: usize = group.iter().map(|e| e.seq).sum();
+        let mut stacked = Vec::with_capacity(rows * h);
+        for e in group.iter_mut() {
+            stacked.append(&mut e.x);
         }
-        cache.len += seq;
+        let run = || -> Result<Vec<f32>> {
+            let mut x = Tensor::from_vec(stacked, (rows, h), &Device::Cpu)?;
+            let skip = first - self.spec.layer_start;
+            for (li, layer) in self.layers.iter().enumerate().skip(skip) {
+                let mut spans: Vec<Span<'_>> = group
+                    .iter_mut()
+                    .map(|e| Span {
+                        pos: e.cache.len,
+                        seq: e.seq,
+                        cache: &mut e.cache.layers[li],
+                    })
+                    .collect();
+                x = self.layer_forward(layer, &mut spans, x)?;
+            }
+            Ok(x.flatten_all()?.to_vec1()?)
+        };
+        let x = match run() {
+            Ok(x) => x,
+            Err(e) => return group.iter().map(|_| Err(anyhow::anyhow!("{e:#}"))).collect(),
+        };
+        for e in group.iter_mut() {
+            e.cache.len += e.seq;
+        }
+        // Each session's rows, in group order.
+        let mut offsets = Vec::with_capacity(group.len());
+        let mut at = 0;
+        for e in group.iter() {
+            offsets.push((at, e.seq));
+            at += e.seq;
+        }
         match (&self.final_norm, &self.head) {
             (Some(norm), Some(head)) => {
-                let last = x.narrow(0, seq - 1, 1)?;
-                let normed = candle_nn::ops::rms_norm(&last, norm, self.cfg.rms_norm_eps as f32)?;
-                Ok(ShardOutput::Logits(
-                    head.forward(&normed.flatten_all()?.to_vec1()?, 1),
-                ))
+                let last: Vec<f32> = offsets
+                    .iter()
+                    .flat_map(|&(start, seq)| x[(start + seq - 1) * h..(start + seq) * h].iter())
+                    .copied()
+                    .collect();
+                let logits = Tensor::from_vec(last, (group.len(), h), &Device::Cpu)
+                    .and_then(|t| candle_nn::ops::rms_norm(&t, norm, self.cfg.rms_norm_eps as f32))
+                    .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+                    .map(|normed| head.forward(&normed, group.len()));
+                match logits {
+                    Ok(l) => l
+                        .chunks_exact(head.out_dim)
+                        .map(|row| Ok(ShardOutput::Logits(row.to_vec())))
+                        .collect(),
+                    Err(e) => group.iter().map(|_| Err(anyhow::anyhow!("{e:#}"))).collect(),
+                }
             }
-            _ => Ok(ShardOutput::Hidden {
-                data: x.flatten_all()?.to_vec1()?,
-                seq,
-            }),
+            _ => offsets
+                .iter()
+                .map(|&(start, seq)| {
+                    Ok(ShardOutput::Hidden {
+                        data: x[start * h..(start + seq) * h].to_vec(),
+                        seq,
+                    })
+                })
+                .collect(),
         }
     }
 
-    fn layer_forward(
-        &self,
-        l: &Layer,
-        lc: &mut LayerCache,
-        x: Tensor,
-        pos: usize,
-        seq: usize,
-    ) -> Result<Tensor> {
+    fn layer_forward(&self, l: &Layer, spans: &mut [Span<'_>], x: Tensor) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let eps = cfg.rms_norm_eps as f32;
+        let rows: usize = spans.iter().map(|s| s.seq).sum();
+        let width = nh * hd + 2 * nkv * hd;
+
+        let normed = candle_nn::ops::rms_norm(&x, &l.input_norm, eps)?;
+        let qkv = l.qkv.forward(&normed.flatten_all()?.to_vec1()?, rows);
+        let mut attended = Vec::with_capacity(rows * nh * hd);
+        let mut at = 0;
+        for span in spans.iter_mut() {
+            let own = &qkv[at * width..(at + span.seq) * width];
+            attended.extend(self.attend(span, own)?);
+            at += span.seq;
+        }
+        let o = l.o.forward(&attended, rows);
+        let x = (x + Tensor::from_vec(o, (rows, cfg.hidden_size), &Device::Cpu)?)?;
+
+        let normed = candle_nn::ops::rms_norm(&x, &l.post_norm, eps)?;
+        let gu = l.gate_up.forward(&normed.flatten_all()?.to_vec1()?, rows);
+        let inter = cfg.intermediate_size;
+        let mut act = vec![0f32; rows * inter];
+        for (s, row) in gu.chunks_exact(2 * inter).enumerate() {
+            let (g, u) = row.split_at(inter);
+            for (a, (&g, &u)) in act[s * inter..(s + 1) * inter]
+                .iter_mut()
+                .zip(g.iter().zip(u))
+            {
+                *a = g / (1.0 + (-g).exp()) * u;
+            }
+        }
+        let d = l.down.forward(&act, rows);
+        Ok((x + Tensor::from_vec(d, (rows, cfg.hidden_size), &Device::Cpu)?)?)
+    }
+
+    /// One session's attention for its new rows (`qkv`: `[seq, q | k | v]`), extending
+    /// its cache; returns `[seq, heads * head_dim]`.
+    fn attend(&self, span: &mut Span<'_>, qkv: &[f32]) -> Result<Vec<f32>> {
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (
             cfg.num_attention_heads,
@@ -395,11 +531,8 @@ impl ShardModel {
             cfg.head_dim,
         );
         let n_rep = nh / nkv;
-        let eps = cfg.rms_norm_eps as f32;
-
-        let normed = candle_nn::ops::rms_norm(&x, &l.input_norm, eps)?;
-        let qkv = l.qkv.forward(&normed.flatten_all()?.to_vec1()?, seq);
-        let qkv = Tensor::from_vec(qkv, (seq, nh * hd + 2 * nkv * hd), &Device::Cpu)?;
+        let (pos, seq) = (span.pos, span.seq);
+        let qkv = Tensor::from_slice(qkv, (seq, nh * hd + 2 * nkv * hd), &Device::Cpu)?;
         let heads = |t: Tensor, n: usize| -> Result<Tensor> {
             Ok(t.reshape((seq, n, hd))?
                 .transpose(0, 1)?
@@ -418,6 +551,7 @@ impl ShardModel {
         let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?.squeeze(0)?;
         let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?.squeeze(0)?;
 
+        let lc = &mut *span.cache;
         let (k, v) = match (lc.k.take(), lc.v.take()) {
             (Some(pk), Some(pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
             _ => (k, v),
@@ -445,25 +579,23 @@ impl ShardModel {
         let att = candle_nn::ops::softmax_last_dim(&att)?;
         let out = att.matmul(&v)?; // [nkv, n_rep*seq, hd]
         let out = out.reshape((nh, seq, hd))?.transpose(0, 1)?.contiguous()?; // [seq, nh, hd]
-        let o = l.o.forward(&out.flatten_all()?.to_vec1()?, seq);
-        let x = (x + Tensor::from_vec(o, (seq, cfg.hidden_size), &Device::Cpu)?)?;
-
-        let normed = candle_nn::ops::rms_norm(&x, &l.post_norm, eps)?;
-        let gu = l.gate_up.forward(&normed.flatten_all()?.to_vec1()?, seq);
-        let inter = cfg.intermediate_size;
-        let mut act = vec![0f32; seq * inter];
-        for (s, row) in gu.chunks_exact(2 * inter).enumerate() {
-            let (g, u) = row.split_at(inter);
-            for (a, (&g, &u)) in act[s * inter..(s + 1) * inter]
-                .iter_mut()
-                .zip(g.iter().zip(u))
-            {
-                *a = g / (1.0 + (-g).exp()) * u;
-            }
-        }
-        let d = l.down.forward(&act, seq);
-        Ok((x + Tensor::from_vec(d, (seq, cfg.hidden_size), &Device::Cpu)?)?)
+        Ok(out.flatten_all()?.to_vec1()?)
     }
+}
+
+/// One input of a batch, prepared.
+struct Entry<'c> {
+    index: usize,
+    cache: &'c mut KvCache,
+    x: Vec<f32>,
+    seq: usize,
+}
+
+/// One session's rows in a batched layer: where they start and its cache of the layer.
+struct Span<'c> {
+    pos: usize,
+    seq: usize,
+    cache: &'c mut LayerCache,
 }
 
 /// cos/sin of every position, computed in f32 like transformers' default RoPE.

@@ -29,7 +29,20 @@ pub enum SessionError {
         "session {id} is live on this node: a prompt step never replaces a live session; pick a new session id"
     )]
     InUse { id: String },
+    #[error(
+        "busy: the KV caches of {live} live session(s) hold {used_mb} of {cap_mb} MB and this prompt needs {need_mb} MB more; retry in {retry_secs} s or use another replica"
+    )]
+    Busy {
+        live: usize,
+        used_mb: usize,
+        cap_mb: usize,
+        need_mb: usize,
+        retry_secs: u64,
+    },
 }
+
+/// How long a refused client should wait: sessions end or go idle on this scale.
+const BUSY_RETRY_SECS: u64 = 2;
 
 struct Entry {
     session: Arc<Mutex<Session>>,
@@ -75,12 +88,15 @@ impl SessionStore {
     }
 
     /// The session for a step: step 0 starts it (refused while one with that id is
-    /// live), later steps must find it. `owner` (step 0) is the key that may end it.
+    /// live, and refused as busy when its prompt's `need` bytes of cache do not fit
+    /// beside the live sessions: admission waits rather than evicting them), later steps
+    /// must find it. `owner` (step 0) is the key that may end it.
     pub fn open(
         &self,
         id: &str,
         step: u32,
         owner: &[u8],
+        need: usize,
         create: impl FnOnce() -> Session,
     ) -> Result<Arc<Mutex<Session>>, SessionError> {
         let mut inner = self.inner.lock().expect("session map poisoned");
@@ -88,6 +104,16 @@ impl SessionStore {
         if step == 0 {
             if inner.live.contains_key(id) {
                 return Err(SessionError::InUse { id: id.to_string() });
+            }
+            let used: usize = inner.live.values().map(|e| e.bytes).sum();
+            if used + need > self.cap_bytes {
+                return Err(SessionError::Busy {
+                    live: inner.live.len(),
+                    used_mb: used >> 20,
+                    cap_mb: self.cap_bytes >> 20,
+                    need_mb: need.div_ceil(1 << 20),
+                    retry_secs: BUSY_RETRY_SECS,
+                });
             }
             let session = Arc::new(Mutex::new(create()));
             inner.live.insert(
@@ -206,7 +232,7 @@ mod tests {
 
     fn open(s: &SessionStore, id: &str, step: u32) -> Result<Arc<Mutex<Session>>, SessionError> {
         // A zero-layer cache is enough: the store accounts the bytes it is told.
-        s.open(id, step, b"owner", || Session {
+        s.open(id, step, b"owner", 0, || Session {
             cache: KvCache::empty_for_tests(),
             sampler: Some(Sampler::new(SamplingConfig::default())),
         })
@@ -232,6 +258,29 @@ mod tests {
             open(&s, live, 2).unwrap();
         }
         assert_eq!(s.usage(), (3, 3 << 20));
+    }
+
+    #[test]
+    fn a_prompt_that_does_not_fit_is_refused_as_busy_and_live_sessions_stay() {
+        let s = store(3 << 20, Duration::from_secs(300));
+        for id in ["a", "b"] {
+            open(&s, id, 0).unwrap();
+            s.account(id, 1 << 20);
+        }
+        let new = |need| {
+            s.open("c", 0, b"owner", need, || Session {
+                cache: KvCache::empty_for_tests(),
+                sampler: None,
+            })
+        };
+        let err = new(2 << 20).err().expect("no room for 2 MB");
+        assert!(matches!(err, SessionError::Busy { live: 2, .. }), "{err}");
+        assert!(err.to_string().contains("retry in 2 s"), "{err}");
+        for live in ["a", "b"] {
+            open(&s, live, 1).unwrap();
+        }
+        assert_eq!(s.usage(), (2, 2 << 20));
+        new(1 << 20).expect("1 MB fits");
     }
 
     #[test]

@@ -350,6 +350,11 @@ impl Net {
 
     /// Forward calls compute node `i` has run (its Health).
     pub async fn compute_forwards(&self, i: usize) -> u64 {
+        self.compute_health(i).await.forwards
+    }
+
+    /// Compute node `i`'s Health report.
+    pub async fn compute_health(&self, i: usize) -> unfed_proto::HealthResponse {
         let mut c = unfed_proto::compute_client::ComputeClient::new(
             channel(&self.computes[i].address).await,
         );
@@ -357,7 +362,6 @@ impl Net {
             .await
             .unwrap()
             .into_inner()
-            .forwards
     }
 
     pub async fn client(&self) -> Client {
