@@ -483,6 +483,7 @@ async fn private_routes_keep_the_penalty_and_seed(
             top_p: 0.95,
             repetition_penalty: 1.3,
             seed: 7,
+            ..Default::default()
         },
         ..opts.clone()
     };
