@@ -174,7 +174,13 @@ pub fn print(model: &str, levels: &[Level]) {
     println!("model {model}: sessions started together, median of runs");
     println!(
         "{:>8} {:>16} {:>18} {:>12} {:>12} {:>10} {:>8}",
-        "sessions", "aggregate tok/s", "per-session tok/s", "ITL p50 ms", "ITL p99 ms", "× one", "tokens"
+        "sessions",
+        "aggregate tok/s",
+        "per-session tok/s",
+        "ITL p50 ms",
+        "ITL p99 ms",
+        "× one",
+        "tokens"
     );
     for l in levels {
         println!(
@@ -185,7 +191,11 @@ pub fn print(model: &str, levels: &[Level]) {
             l.inter_token_p50_ms,
             l.inter_token_p99_ms,
             l.aggregate_over_one_session,
-            if l.tokens_match_one_session { "same" } else { "DIFFER" }
+            if l.tokens_match_one_session {
+                "same"
+            } else {
+                "DIFFER"
+            }
         );
     }
 }

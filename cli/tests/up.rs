@@ -559,7 +559,10 @@ fn bench_concurrency_sweeps_sessions_and_writes_json_and_plot() {
     assert_eq!(sessions, [1, 2, 4], "{v}");
     for l in levels {
         assert_eq!(l["tokens_match_one_session"], true, "{l}");
-        assert!(l["aggregate_decode_tokens_per_s"].as_f64().unwrap() > 0.0, "{l}");
+        assert!(
+            l["aggregate_decode_tokens_per_s"].as_f64().unwrap() > 0.0,
+            "{l}"
+        );
         assert!(l["inter_token_p99_ms"].as_f64() >= l["inter_token_p50_ms"].as_f64());
     }
     let svg = std::fs::read_to_string(report.with_extension("svg")).unwrap();

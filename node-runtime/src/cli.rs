@@ -135,6 +135,10 @@ struct ComputeArgs {
     /// Daemon host:port for compute shares (default: the daemon the registry lists).
     #[arg(long)]
     daemon: Option<String>,
+    /// Directory that keeps undelivered compute shares and the key signing them, so
+    /// paid work survives a daemon outage and a restart of this node.
+    #[arg(long)]
+    share_spool: Option<PathBuf>,
     /// Fraction of the neighbouring hops this node spot-checks by re-execution on an
     /// independent replica (0 disables; needs --registry).
     #[arg(long, env = "UNFED_SPOT_CHECK", default_value_t = 0.05, value_parser = fraction)]
@@ -332,8 +336,9 @@ async fn run_compute(a: ComputeArgs) -> Result<()> {
         session_idle: Duration::from_secs(a.session_idle_secs.max(1)),
         kv_cap_bytes: a.kv_cache_mb << 20,
         stake_key,
-        share_key: crate::shares::generate_key(),
+        share_key: crate::share_spool::share_key(a.share_spool.as_deref())?,
         daemon: a.daemon,
+        share_spool: a.share_spool,
         spot_check: a.spot_check,
         cheat: a.cheat,
         net,

@@ -44,6 +44,8 @@ pub struct ComputeConfig {
     pub share_key: ed25519_dalek::SigningKey,
     /// Daemon host:port for compute shares; `None`: the daemon the registry lists.
     pub daemon: Option<String>,
+    /// Undelivered shares are kept here across daemon outages and restarts.
+    pub share_spool: Option<std::path::PathBuf>,
     /// Fraction of the neighbours' hops this node spot-checks (needs a registry).
     pub spot_check: f64,
     /// Test/demo only: how this node cheats.
@@ -705,9 +707,11 @@ impl ComputeService {
         let need = input_rows(req) as usize * inner.shard.model.kv_bytes_per_position();
         let session = inner
             .sessions
-            .open(&req.session_id, req.step, &req.owner_key, need, || Session {
-                cache: inner.shard.model.new_cache(),
-                sampler: Some(Sampler::new(sampling)),
+            .open(&req.session_id, req.step, &req.owner_key, need, || {
+                Session {
+                    cache: inner.shard.model.new_cache(),
+                    sampler: Some(Sampler::new(sampling)),
+                }
             })
             .map_err(|e| {
                 let why = format!("node {} (shard {}): {e}", inner.node_id, self.shard_index());
@@ -1087,6 +1091,8 @@ impl Compute for ComputeService {
     async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
         let (sessions, bytes) = self.inner.sessions.usage();
         let (batches, largest) = self.inner.batcher.stats();
+        let (shares_recorded, shares_pending) =
+            self.inner.shares.as_ref().map_or((0, 0), |s| s.counts());
         let e = &self.inner.shard.entry;
         Ok(Response::new(HealthResponse {
             node_id: self.inner.node_id.clone(),
@@ -1103,6 +1109,8 @@ impl Compute for ComputeService {
                 .load(std::sync::atomic::Ordering::Relaxed),
             batches,
             largest_batch: largest as u32,
+            shares_recorded,
+            shares_pending,
         }))
     }
 }
@@ -1156,6 +1164,7 @@ fn share_sink(cfg: &ComputeConfig, shard: &LoadedShard) -> Option<crate::shares:
         net: cfg.net.clone(),
         batch: 64,
         flush_every: Duration::from_millis(200),
+        spool: cfg.share_spool.clone(),
     });
     Some(sink)
 }

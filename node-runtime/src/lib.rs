@@ -12,6 +12,7 @@ pub mod net;
 pub mod privacy;
 pub mod registry;
 pub mod seal;
+pub mod share_spool;
 pub mod shares;
 pub mod stamp;
 pub mod verify;

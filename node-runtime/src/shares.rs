@@ -116,6 +116,18 @@ pub struct SinkConfig {
     pub batch: usize,
     /// A partial batch is sent after this long.
     pub flush_every: std::time::Duration,
+    /// Keeps undelivered shares on disk here (`share_spool`); `key` must then be the
+    /// spool's key so shares from an earlier run still verify.
+    pub spool: Option<std::path::PathBuf>,
+}
+
+/// What the sink has done, for Health.
+#[derive(Debug, Default)]
+pub struct SinkCounters {
+    /// Shares signed since the node started.
+    pub recorded: std::sync::atomic::AtomicU64,
+    /// Signed shares the daemon has not acknowledged yet.
+    pub pending: std::sync::atomic::AtomicU64,
 }
 
 /// Hops waiting in the channel before the sink falls behind; beyond it hops are
@@ -130,19 +142,31 @@ const BACKLOG: usize = 1_000_000;
 pub struct ShareSink {
     tx: tokio::sync::mpsc::Sender<Hop>,
     dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    counters: std::sync::Arc<SinkCounters>,
 }
 
 impl ShareSink {
     /// Starts the submission task (on the current tokio runtime).
     pub fn spawn(cfg: SinkConfig) -> (ShareSink, tokio::task::JoinHandle<()>) {
         let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
-        let task = tokio::spawn(Submitter::new(cfg).run(rx));
+        let counters = std::sync::Arc::new(SinkCounters::default());
+        let task = tokio::spawn(Submitter::new(cfg, counters.clone()).run(rx));
         (
             ShareSink {
                 tx,
                 dropped: Default::default(),
+                counters,
             },
             task,
+        )
+    }
+
+    /// (shares signed since start, shares not yet acknowledged by a daemon).
+    pub fn counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.counters.recorded.load(Relaxed),
+            self.counters.pending.load(Relaxed),
         )
     }
 
@@ -169,30 +193,69 @@ struct Submitter {
     tip: Vec<u8>,
     nonce: u64,
     /// Signed shares and the voucher each one names.
-    backlog:
-        std::collections::VecDeque<(ComputeShare, std::sync::Arc<unfed_proto::SpendingVoucher>)>,
+    backlog: std::collections::VecDeque<crate::share_spool::Pending>,
+    /// The backlog on disk (its records are the backlog's, in order).
+    spool: Option<crate::share_spool::Spool>,
+    counters: std::sync::Arc<SinkCounters>,
     daemon: Option<unfed_proto::daemon_client::DaemonClient<tonic::transport::Channel>>,
-    warned_no_daemon: bool,
 }
 
 /// Sessions idle this long lose their link state (the KV cache is gone too).
 const LINK_IDLE: std::time::Duration = std::time::Duration::from_secs(1800);
 
 impl Submitter {
-    fn new(cfg: SinkConfig) -> Self {
+    fn new(cfg: SinkConfig, counters: std::sync::Arc<SinkCounters>) -> Self {
         let nonce = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
-        Self {
+        let (spool, backlog) = match cfg.spool.as_deref().map(crate::share_spool::Spool::open) {
+            None => (None, Default::default()),
+            Some(Ok((spool, left))) => {
+                if !left.is_empty() {
+                    tracing::info!(
+                        shares = left.len(),
+                        "delivering shares an earlier run left in the spool"
+                    );
+                }
+                (Some(spool), left.into())
+            }
+            Some(Err(e)) => {
+                tracing::error!(
+                    "the share spool cannot be used, shares are kept in memory only: {e:#}"
+                );
+                (None, Default::default())
+            }
+        };
+        let sub = Self {
             cfg,
             links: Default::default(),
             tip: GENESIS.to_vec(),
             nonce,
-            backlog: Default::default(),
+            backlog,
+            spool,
+            counters,
             daemon: None,
-            warned_no_daemon: false,
+        };
+        sub.count_pending();
+        sub
+    }
+
+    fn count_pending(&self) {
+        self.counters.pending.store(
+            self.backlog.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// Writes the spool again after deliveries (or a dropped share) changed the backlog.
+    fn respool(&mut self) {
+        if let Some(spool) = &mut self.spool
+            && let Err(e) = spool.replace(self.backlog.iter())
+        {
+            tracing::error!("rewriting the share spool: {e:#}");
         }
+        self.count_pending();
     }
 
     fn sign_hop(&mut self, hop: Hop) {
@@ -233,8 +296,19 @@ impl Submitter {
             tracing::error!(
                 "share backlog full (daemon unreachable for long): the oldest share is dropped"
             );
+            self.respool();
         }
-        self.backlog.push_back((share, hop.billing.voucher.clone()));
+        let item = (share, hop.billing.voucher.clone());
+        if let Some(spool) = &mut self.spool
+            && let Err(e) = spool.append(&item)
+        {
+            tracing::error!("spooling a share: {e:#}");
+        }
+        self.backlog.push_back(item);
+        self.counters
+            .recorded
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.count_pending();
     }
 
     /// Connects to the daemon; `Ok(false)` when the registry lists none (a network
@@ -273,16 +347,26 @@ impl Submitter {
         Ok(true)
     }
 
-    /// Sends the oldest batch of the backlog; it leaves the backlog only once answered.
+    /// Sends the backlog, oldest first, and rewrites the spool for what is left.
     async fn flush(&mut self) -> Result<()> {
+        let before = self.backlog.len();
+        let sent = self.send_backlog().await;
+        if self.backlog.len() != before {
+            self.respool();
+        }
+        sent
+    }
+
+    /// Sends the oldest batches of the backlog; one leaves the backlog only once
+    /// answered. Paid shares wait for a daemon to be listed (again): the session's
+    /// voucher was checked by one.
+    async fn send_backlog(&mut self) -> Result<()> {
         while !self.backlog.is_empty() {
             if !self.connect().await? {
-                if !self.warned_no_daemon {
-                    tracing::warn!("the registry lists no daemon: compute shares are not recorded");
-                    self.warned_no_daemon = true;
-                }
-                self.backlog.clear();
-                return Ok(());
+                bail!(
+                    "the registry lists no daemon; {} share(s) wait for one",
+                    self.backlog.len()
+                );
             }
             let n = self.backlog.len().min(self.cfg.batch.max(1));
             let mut vouchers: Vec<unfed_proto::SpendingVoucher> = Vec::new();

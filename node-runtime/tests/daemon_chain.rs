@@ -66,9 +66,13 @@ async fn every_rejection_reason_and_blocks_only_when_shares_are_pending() {
     rejected(&one(&mut d, "node-a", missing).await, "missing_field");
 
     let mut stale = a.next("s1");
-    stale.timestamp_ms -= 300_000;
+    stale.timestamp_ms -= 7 * 3600 * 1000;
     a.resign(&mut stale);
     rejected(&one(&mut d, "node-a", stale).await, "timestamp_skew");
+    let mut ahead = a.next("s1");
+    ahead.timestamp_ms += 300_000;
+    a.resign(&mut ahead);
+    rejected(&one(&mut d, "node-a", ahead).await, "timestamp_skew");
 
     let mut ghost = Signer::unregistered("ghost");
     rejected(

@@ -5,7 +5,9 @@
 mod common;
 mod daemon_common;
 
-use common::net::{Net, Node, split_into};
+use std::time::{Duration, Instant};
+
+use common::net::{Net, Node, s, split_into};
 use daemon_common::{daemon, wait_status};
 use unfed_node::client::GenerateOptions;
 
@@ -15,40 +17,14 @@ async fn each_hop_of_an_answer_yields_exactly_one_accepted_share() {
     let checkpoint = common::fixtures_root().join("qwen2-f32");
     split_into(&checkpoint, &tmp.path().join("splits"), "m", 2);
     let mut net = Net::registry(tmp);
-    let args: Vec<String> = [
-        "daemon",
-        "--port",
-        "0",
-        "--registry",
-        &net.registry.address,
-        "--db",
-        &net.dir.path().join("chain.db").display().to_string(),
-        "--block-interval-secs",
-        "0.1",
-        "--heartbeat-secs",
-        "1",
-        "--chain-id",
-        &daemon_common::CHAIN_ID.to_string(),
-        "--escrow",
-        daemon_common::ESCROW,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let dnode = Node::start(&args, net.dir.path().join("daemon.log"));
+    let dnode = Node::start(&daemon_args(&net), net.dir.path().join("daemon.log"));
     net.compute("m", 0);
     net.compute("m", 1);
     net.wait_ready("m", 2).await;
     let mut client = net.client().await;
     let prompt = [1u32, 2, 3, 4, 5, 6, 7];
     let (steps_a, steps_b) = (6usize, 4usize);
-    let payer = unfed_node::voucher::Payer::wallet(unfed_chain::dev_signer(9).unwrap());
-    let opts = |n| GenerateOptions {
-        max_tokens: n,
-        stop_on_eos: false,
-        payer: Some(payer.clone()),
-        ..Default::default()
-    };
+    let opts = paid;
     let a = client
         .generate("m", &prompt, &opts(steps_a), |_| {})
         .await
@@ -82,6 +58,142 @@ async fn each_hop_of_an_answer_yields_exactly_one_accepted_share() {
     let log = std::fs::read_to_string(&dnode.log).unwrap();
     assert!(!log.contains("share rejected"), "{log}");
     no_token_recoverable(&net.dir.path().join("chain.db"), [&a.tokens, &b.tokens]);
+}
+
+/// A daemon (no chain) that finds the nodes through `net`'s registry and keeps its
+/// share chain in the net's dir, so a restarted one carries on with it.
+fn daemon_args(net: &Net) -> Vec<String> {
+    [
+        "daemon",
+        "--port",
+        "0",
+        "--registry",
+        &net.registry.address,
+        "--db",
+        &net.dir.path().join("chain.db").display().to_string(),
+        "--block-interval-secs",
+        "0.1",
+        "--heartbeat-secs",
+        "1",
+        "--chain-id",
+        &daemon_common::CHAIN_ID.to_string(),
+        "--escrow",
+        daemon_common::ESCROW,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// A paid answer of `n` tokens, whatever the model says (no stop at EOS).
+fn paid(n: usize) -> GenerateOptions {
+    let payer = unfed_node::voucher::Payer::wallet(unfed_chain::dev_signer(9).unwrap());
+    GenerateOptions {
+        max_tokens: n,
+        stop_on_eos: false,
+        payer: Some(payer),
+        ..Default::default()
+    }
+}
+
+/// kill -9 of the daemon three tokens into an answer, the registry delisting it, and a
+/// compute node killed and restarted while its shares wait: once a daemon is back, the
+/// chain holds exactly one share per hop per step served, none lost, none doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_outage_and_a_node_restart_lose_no_share() {
+    let tmp = Net::prepare();
+    let checkpoint = common::fixtures_root().join("qwen2-f32");
+    split_into(&checkpoint, &tmp.path().join("splits"), "m", 2);
+    let mut net = Net::registry(tmp);
+    let mut dnode = Node::start(&daemon_args(&net), net.dir.path().join("daemon.log"));
+    let spool = |net: &Net, shard: usize| net.dir.path().join(format!("spool-{shard}"));
+    for shard in 0..2 {
+        let mut args = net.compute_args("m", shard, "0");
+        // A fixed id: the restarted node is the same node on another port.
+        args.extend([s("--node-id"), format!("m-{shard}"), s("--share-spool")]);
+        args.push(spool(&net, shard).display().to_string());
+        let node = net.start(&args, net.dir.path().join(format!("m-{shard}.log")));
+        net.computes.push(node);
+    }
+    net.wait_ready("m", 2).await;
+    let mut client = net.client().await;
+    let steps = 24usize;
+    let mut seen = 0;
+    let out = client
+        .generate("m", &[1, 2, 3, 4, 5], &paid(steps), |_| {
+            seen += 1;
+            if seen == 3 {
+                dnode.kill();
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", net.logs()));
+    assert_eq!(out.tokens.len(), steps);
+
+    // The registry drops the dead daemon: the shares wait rather than being cleared.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let listed = client
+            .registry_mut()
+            .discover(unfed_proto::DiscoverRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .nodes;
+        if !listed.iter().any(|n| n.role == "daemon") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the dead daemon stays listed");
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll again until the deadline
+    }
+    // Every hop of shard 1 is signed (and so spooled); some wait for a daemon.
+    let pending = loop {
+        let h = net.compute_health(1).await;
+        if h.shares_recorded == steps as u64 {
+            break h.shares_pending;
+        }
+        assert!(Instant::now() < deadline, "shard 1 signed {h:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await; // poll again until the deadline
+    };
+    assert!(pending > 0, "the daemon died before shard 1's shares left");
+    net.computes[1].kill();
+    let on_disk = unfed_node::share_spool::pending_in(&spool(&net, 1)).unwrap();
+    assert_eq!(
+        on_disk.len() as u64,
+        pending,
+        "the spool holds what was pending"
+    );
+
+    let args = net.computes[1].args.clone();
+    net.computes[1] = net.start(&args, net.dir.path().join("m-1-restarted.log"));
+    net.wait_ready("m", 2).await;
+    let dnode = Node::start(&daemon_args(&net), net.dir.path().join("daemon-2.log"));
+    let mut dm = daemon(&dnode.address).await;
+    let hops = 2 * steps as u64;
+    let st = wait_status(&mut dm, "every share delivered", |st| {
+        st.shares >= hops && st.pending_shares == 0
+    })
+    .await;
+    assert_eq!(
+        st.shares,
+        hops,
+        "one share per hop per step\n{}",
+        net.logs()
+    );
+    for n in &st.nodes {
+        assert_eq!(n.shares, steps as u64, "{n:?}");
+    }
+    for i in 0..2 {
+        let h = net.compute_health(i).await;
+        assert_eq!(h.shares_pending, 0, "{h:?}");
+        assert!(
+            unfed_node::share_spool::pending_in(&spool(&net, i))
+                .unwrap()
+                .is_empty()
+        );
+    }
+    let log = std::fs::read_to_string(net.dir.path().join("m-1-restarted.log")).unwrap();
+    assert!(log.contains("earlier run left in the spool"), "{log}");
 }
 
 /// The daemon learns counts, never tokens: no stored commitment matches any token id

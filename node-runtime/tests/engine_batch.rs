@@ -18,10 +18,18 @@ fn logits(out: ShardOutput) -> Vec<f32> {
 /// Greedy decode of one session alone: the logits of every step.
 fn alone(model: &ShardModel, prompt: &[u32], steps: usize) -> Vec<Vec<f32>> {
     let mut cache = model.new_cache();
-    let mut out = vec![logits(model.forward(&mut cache, ShardInput::Tokens(prompt)).unwrap())];
+    let mut out = vec![logits(
+        model
+            .forward(&mut cache, ShardInput::Tokens(prompt))
+            .unwrap(),
+    )];
     for _ in 1..steps {
         let next = [argmax(out.last().unwrap())];
-        out.push(logits(model.forward(&mut cache, ShardInput::Tokens(&next)).unwrap()));
+        out.push(logits(
+            model
+                .forward(&mut cache, ShardInput::Tokens(&next))
+                .unwrap(),
+        ));
     }
     out
 }

@@ -60,6 +60,11 @@ impl Context {
     pub fn key_path(&self, name: &str) -> PathBuf {
         self.plan.run_dir.join("keys").join(format!("{name}.key"))
     }
+    /// Where a node keeps its undelivered shares: in the run, so a restart (by the
+    /// supervisor) delivers what the dead process had signed.
+    pub fn share_spool(&self, name: &str) -> PathBuf {
+        self.plan.run_dir.join("spool").join(name)
+    }
 }
 
 /// What a finished step leaves behind (its process, if any, is already in `Context::running`).
@@ -711,6 +716,7 @@ async fn start_shard(
     if !vision {
         cmd.arg("--spot-check")
             .arg(ctx.loaded.spec.nodes.spot_check.to_string());
+        cmd.arg("--share-spool").arg(ctx.share_spool(&step.name));
     }
     if let Some(cheat) = &step.cheat {
         cmd.arg("--cheat").arg(cheat);
@@ -884,6 +890,7 @@ async fn start_mpc(
     cmd.arg("--registry").arg(&registry);
     cmd.arg("--heartbeat-secs")
         .arg(spec.nodes.heartbeat_seconds.to_string());
+    cmd.arg("--share-spool").arg(ctx.share_spool(&step.name));
     if spec.mpc.output == crate::spec::MpcOutput::FullOutput2pc {
         cmd.arg("--full-output");
     } else if let Some(layers) = &step.layers {

@@ -94,29 +94,34 @@ impl Supervisor {
                 RestartPolicy::Always => true,
             };
             println!("{name} {}", exit.describe());
+            // state.json drops a node left stopped before that is reported.
             if exit.record.kind == "anvil" {
+                self.forget(ctx, state);
                 println!(
                     "  anvil is not restarted: the chain's state died with it; `unfedctl down` and `up` again"
                 );
-                return self.forget(ctx, state);
+                return;
             }
             if !wanted {
+                self.forget(ctx, state);
                 println!(
                     "  left stopped ([nodes] restart = \"{}\")",
                     policy_name(self.policy)
                 );
-                return self.forget(ctx, state);
+                return;
             }
             let history = self.restarts.entry(name.clone()).or_default();
             history.retain(|t| t.elapsed() < WINDOW);
             if history.len() >= self.cap {
+                let restarts = history.len();
+                self.forget(ctx, state);
                 eprintln!(
                     "{name} was restarted {} times within a minute and exited again: left stopped. \
                      Read {} for why; raise [nodes] max_restarts_per_minute to allow more",
-                    history.len(),
+                    restarts,
                     exit.record.log.display()
                 );
-                return self.forget(ctx, state);
+                return;
             }
             let backoff = FIRST_BACKOFF
                 .saturating_mul(1 << history.len().min(16))

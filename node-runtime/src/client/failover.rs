@@ -41,8 +41,17 @@ impl HopFailed {
         )
     }
 
-    /// The first route hop the message names ("node ID (shard N)").
+    /// The node at fault: the one a hop refused ("rejected the hop from ID"), else the
+    /// first route hop the message names ("node ID (shard N)").
     pub fn named<'a>(&self, route: &'a [Hop]) -> Option<&'a Hop> {
+        let refused = route.iter().find(|h| {
+            self.message
+                .contains(&format!("rejected the hop from {}", h.node_id))
+        });
+        refused.or_else(|| self.first_named(route))
+    }
+
+    fn first_named<'a>(&self, route: &'a [Hop]) -> Option<&'a Hop> {
         route
             .iter()
             .filter_map(|h| {

@@ -86,6 +86,8 @@ pub struct GenerateOutput {
     pub failovers: usize,
     /// Time from those failures coming back to the replayed step's token.
     pub failover_ms: f64,
+    /// Why each failover happened, as the route reported it.
+    pub failures: Vec<String>,
     /// The session the nodes know this generation by (the last one, after a failover).
     pub session_id: String,
     /// What the nodes could learn of it.
@@ -529,6 +531,7 @@ impl Client {
                 Ok(r) => r,
                 Err(failure) if out.failovers < MAX_FAILOVERS => {
                     failed_at = Some(Instant::now());
+                    out.failures.push(format!("{failure:#}"));
                     route = self.fail_over(model, &route, failure).await?;
                     // The prompt and the tokens so far, as one prefill, rebuild every
                     // hop's KV cache; the sampler continues after the tokens so far.

@@ -65,9 +65,13 @@ pub struct DaemonArgs {
     /// A settlement summary covers this many blocks.
     #[arg(long, default_value_t = 6)]
     settlement_blocks: u64,
-    /// Shares whose timestamp is further than this from the daemon's clock are refused.
+    /// Shares stamped further ahead of the daemon's clock than this are refused.
     #[arg(long, default_value_t = 120)]
     max_skew_secs: u64,
+    /// Shares older than this are refused; younger ones are accepted late (nodes keep
+    /// them while the daemon is away).
+    #[arg(long, default_value_t = 6 * 3600)]
+    max_late_secs: u64,
     #[arg(long, default_value_t = 100_000)]
     max_shares_per_session: u64,
     /// Shares one node may submit per --window-secs.
@@ -157,6 +161,7 @@ impl DaemonArgs {
         let settler = self.settler()?;
         let limits = Limits {
             max_skew: Duration::from_secs(self.max_skew_secs),
+            max_late: Duration::from_secs(self.max_late_secs),
             max_shares_per_session: self.max_shares_per_session,
             max_shares_per_window: self.max_shares_per_window,
             window: Duration::from_secs(self.window_secs.max(1)),

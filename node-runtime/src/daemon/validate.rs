@@ -57,7 +57,11 @@ impl Reject {
 /// Limits a share must respect.
 #[derive(Debug, Clone)]
 pub struct Limits {
+    /// How far ahead of the daemon's clock a share may be stamped.
     pub max_skew: Duration,
+    /// How old a share may be: nodes keep shares while the daemon is away and
+    /// deliver them late.
+    pub max_late: Duration,
     pub max_shares_per_session: u64,
     pub max_shares_per_window: u64,
     pub window: Duration,
@@ -69,6 +73,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_skew: Duration::from_secs(120),
+            max_late: Duration::from_secs(6 * 3600),
             max_shares_per_session: 100_000,
             max_shares_per_window: 100_000,
             window: Duration::from_secs(60),
@@ -118,14 +123,26 @@ pub fn check_stateless(submitter: &str, s: &ComputeShare, limits: &Limits, now_m
             format!("missing or malformed field: {field}"),
         );
     }
-    let skew = now_ms.abs_diff(s.timestamp_ms);
-    if skew > limits.max_skew.as_millis() as u64 {
+    let ahead = s.timestamp_ms.saturating_sub(now_ms);
+    if ahead > limits.max_skew.as_millis() as u64 {
         return fail(
             Reject::TimestampSkew,
             format!(
-                "timestamp is {:.1} s away from the daemon's clock (max {} s); check the node's clock",
-                skew as f64 / 1e3,
+                "timestamp is {:.1} s ahead of the daemon's clock (max {} s); check the node's clock",
+                ahead as f64 / 1e3,
                 limits.max_skew.as_secs()
+            ),
+        );
+    }
+    let age = now_ms.saturating_sub(s.timestamp_ms);
+    if age > limits.max_late.as_millis() as u64 {
+        return fail(
+            Reject::TimestampSkew,
+            format!(
+                "the share is {:.1} s old, older than the daemon accepts (--max-late-secs {}); \
+                 check the node's clock",
+                age as f64 / 1e3,
+                limits.max_late.as_secs()
             ),
         );
     }

@@ -167,7 +167,8 @@ impl Worker {
             }
             self.collect(&rx, &mut jobs);
             let now = Instant::now();
-            self.seen.retain(|_, t| now.duration_since(*t) < ACTIVE_WINDOW);
+            self.seen
+                .retain(|_, t| now.duration_since(*t) < ACTIVE_WINDOW);
             for job in &jobs {
                 self.seen.insert(job.session_id.clone(), now);
             }

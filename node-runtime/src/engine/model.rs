@@ -438,7 +438,12 @@ impl ShardModel {
         };
         let x = match run() {
             Ok(x) => x,
-            Err(e) => return group.iter().map(|_| Err(anyhow::anyhow!("{e:#}"))).collect(),
+            Err(e) => {
+                return group
+                    .iter()
+                    .map(|_| Err(anyhow::anyhow!("{e:#}")))
+                    .collect();
+            }
         };
         for e in group.iter_mut() {
             e.cache.len += e.seq;
@@ -466,7 +471,10 @@ impl ShardModel {
                         .chunks_exact(head.out_dim)
                         .map(|row| Ok(ShardOutput::Logits(row.to_vec())))
                         .collect(),
-                    Err(e) => group.iter().map(|_| Err(anyhow::anyhow!("{e:#}"))).collect(),
+                    Err(e) => group
+                        .iter()
+                        .map(|_| Err(anyhow::anyhow!("{e:#}")))
+                        .collect(),
                 }
             }
             _ => offsets

@@ -62,6 +62,9 @@ pub struct MpcArgs {
     /// How long a party waits for a message within a step before failing the session.
     #[arg(long, default_value_t = 30)]
     timeout_secs: u64,
+    /// Directory that keeps undelivered compute shares and the key signing them.
+    #[arg(long)]
+    share_spool: Option<PathBuf>,
     #[command(flatten)]
     billing: crate::cli::BillingArgs,
     #[command(flatten)]
@@ -152,7 +155,7 @@ impl MpcArgs {
         tracing::info!(model = %manifest.model_id, layers = ?layers, full_output = full, role, "MPC party loaded");
         let timeout = Duration::from_secs(self.timeout_secs.max(1));
         // Signs the output shares this party hands to the next shard (registered below).
-        let share_key = crate::shares::generate_key();
+        let share_key = crate::share_spool::share_key(self.share_spool.as_deref())?;
         let signer = Signer {
             node_id: node_id.clone(),
             model_id: manifest.model_id.clone(),
@@ -172,6 +175,7 @@ impl MpcArgs {
                     net: net.clone(),
                     batch: 64,
                     flush_every: Duration::from_millis(200),
+                    spool: self.share_spool.clone(),
                 })
                 .0,
             ),
