@@ -54,29 +54,11 @@ fn port_free(port: u16) -> bool {
     std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
 
-/// `up --detach`, which must succeed; its output.
-fn up_detached(spec: &std::path::Path) -> std::process::Output {
-    let out = run(unfedctl().arg("up").arg(spec).arg("--detach"));
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    out
-}
-
 #[test]
 fn up_detach_then_status_then_down_leaves_nothing_running() {
     let net = testnet("");
     let spec = net.spec.as_path();
-    let out = run(unfedctl().arg("up").arg(spec).arg("--detach"));
-    assert!(
-        out.status.success(),
-        "up failed:\n{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    let out = net.up_detached();
     let stdout = text(&out.stdout);
     assert!(
         stdout.contains("model      builtin-tiny (READY)"),
@@ -295,7 +277,7 @@ fn a_vision_language_model_gets_its_vision_shard_after_the_text_shards() {
         fixture.display()
     ));
     let spec = net.spec.as_path();
-    let out = up_detached(spec);
+    let out = net.up_detached();
     assert!(text(&out.stdout).contains("model      idefics3-f32 (READY)"));
     let st = state(spec);
     let names: Vec<&str> = st["processes"]
@@ -327,7 +309,7 @@ fn a_vision_language_model_gets_its_vision_shard_after_the_text_shards() {
 fn without_a_chain_everything_runs_unstaked() {
     let net = testnet("[chain]\nmode = \"none\"\n");
     let spec = net.spec.as_path();
-    up_detached(spec);
+    net.up_detached();
     let st = state(spec);
     let names: Vec<&str> = st["processes"]
         .as_array()
@@ -356,7 +338,7 @@ fn web_tls_serves_the_dashboard_over_https_from_the_testnet_ca() {
         "[chain]\nmode = \"none\"\n[daemon]\nenabled = false\n[web]\ntls = true\nhost = \"0.0.0.0\"\n",
     );
     let spec = net.spec.as_path();
-    let out = up_detached(spec);
+    let out = net.up_detached();
     assert!(
         text(&out.stdout).contains("dashboard  https://127.0.0.1:"),
         "{}",
@@ -455,7 +437,7 @@ fn ignore_eos_generates_exactly_max_tokens_in_chat_and_bench() {
         model.path().display()
     ));
     let spec = net.spec.as_path();
-    up_detached(spec);
+    net.up_detached();
     let chat = |extra: &[&str]| -> Value {
         let out = run(unfedctl()
             .arg("chat")
@@ -509,7 +491,7 @@ fn a_vision_checkpoint_saved_by_transformers_5_chats_like_transformers() {
         model.display()
     ));
     let spec = net.spec.as_path();
-    up_detached(spec);
+    net.up_detached();
     let want = reference["generated_ids"].as_array().unwrap();
     let chat = run(unfedctl()
         .arg("chat")
@@ -538,7 +520,7 @@ fn a_vision_checkpoint_saved_by_transformers_5_chats_like_transformers() {
 fn bench_concurrency_sweeps_sessions_and_writes_json_and_plot() {
     let net = testnet("[chain]\nmode = \"none\"\n[model]\ntext_shards = 2\n");
     let spec = net.spec.as_path();
-    up_detached(spec);
+    net.up_detached();
     let out_dir = tempfile::tempdir().unwrap();
     let report = out_dir.path().join("sweep.json");
     let bench = run(unfedctl()
