@@ -132,7 +132,8 @@ pub async fn bench(a: BenchArgs) -> Result<ExitCode> {
             l.spec.web.enabled = false;
             let plan = crate::plan::LaunchPlan::build(&l, crate::plan::model_facts(&l))?;
             shards_dir = plan.shards_dir.clone();
-            let net = crate::launch::start(l, plan, Duration::from_secs(120)).await?;
+            let net =
+                crate::launch::start(l, plan, Duration::from_secs(120), Default::default()).await?;
             let registry = net.state.registry.clone().context("no registry started")?;
             let client = Client::connect(&net.ctx.net, &registry).await?;
             // The testnet's dev client pays, as `chat` would.

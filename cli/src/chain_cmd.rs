@@ -124,6 +124,7 @@ impl Verbs {
                 ready_timeout: Duration::from_secs(60),
                 running: Default::default(),
                 tied: false,
+                relays: Default::default(),
             },
         })
     }

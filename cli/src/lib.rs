@@ -5,6 +5,7 @@ pub mod bench_cmd;
 pub mod bench_load;
 pub mod billing_cmd;
 pub mod chain_cmd;
+pub mod chaos_plan;
 pub mod client_cmd;
 pub mod init;
 pub mod launch;

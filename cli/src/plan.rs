@@ -111,6 +111,9 @@ pub struct LaunchPlan {
     pub privacy: Vec<String>,
     /// Which links are encrypted and how peers are authenticated.
     pub links: &'static str,
+    /// The faults `unfedctl test` injects, in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub chaos: Vec<crate::chaos_plan::ChaosEvent>,
 }
 
 /// Which links are encrypted, for `plan` and `status`.
@@ -413,6 +416,7 @@ impl LaunchPlan {
                 step.ready_when = READY_NODE;
             }
         }
+        let chaos = crate::chaos_plan::check(loaded, &steps, &mut report);
         report.finish()?;
 
         let run_dir = match spec.testnet.run_dir.as_str() {
@@ -432,7 +436,18 @@ impl LaunchPlan {
             steps,
             privacy,
             links: links_statement(spec.testnet.tls),
+            chaos,
         })
+    }
+
+    /// Text shards the compute nodes serve: the hops of one step.
+    pub fn text_shards(&self) -> usize {
+        self.steps
+            .iter()
+            .filter(|s| s.kind == StepKind::Compute)
+            .filter_map(|s| s.shard)
+            .max()
+            .map_or(0, |m| m + 1)
     }
 
     pub fn step(&self, name: &str) -> Option<&Step> {
@@ -513,6 +528,7 @@ impl LaunchPlan {
                 );
             }
         }
+        crate::chaos_plan::render(&self.chaos, &mut out);
         out
     }
 }

@@ -123,7 +123,7 @@ fn replicas_and_overrides() {
 
 #[test]
 fn shipped_spec_plans() {
-    for spec in ["tiny", "qwen", "smolvlm"] {
+    for spec in ["tiny", "qwen", "smolvlm", "chaos"] {
         let plan = plan(spec);
         insta::assert_snapshot!(format!("{spec}_text"), plan.render_text());
         insta::assert_json_snapshot!(format!("{spec}_json"), plan);

@@ -49,11 +49,11 @@ fn unknown_key_names_section_known_keys_and_a_suggestion() {
 fn unknown_section_and_top_level_key() {
     assert_eq!(
         one_problem("[nodez]\nstake = \"1\"\n"),
-        "x.toml:1:2: unknown section 'nodez' (did you mean [nodes]?); known sections: [testnet], [chain], [economics], [model], [mpc], [nodes], [daemon], [web], [[node]]"
+        "x.toml:1:2: unknown section 'nodez' (did you mean [nodes]?); known sections: [testnet], [chain], [economics], [model], [mpc], [nodes], [daemon], [web], [[node]], [[chaos]]"
     );
     assert_eq!(
         one_problem("stake = 1\n"),
-        "x.toml:1:1: unknown top-level key 'stake'; known sections: [testnet], [chain], [economics], [model], [mpc], [nodes], [daemon], [web], [[node]]"
+        "x.toml:1:1: unknown top-level key 'stake'; known sections: [testnet], [chain], [economics], [model], [mpc], [nodes], [daemon], [web], [[node]], [[chaos]]"
     );
 }
 
@@ -287,5 +287,44 @@ fn cheating_is_for_compute_nodes_on_a_local_anvil_only() {
     );
     assert!(
         one_problem("[[node]]\nrole = \"compute\"\ncheat = \"lie\"\n").contains("\"skip-layers\"")
+    );
+}
+
+#[test]
+fn chaos_a_network_cannot_ride_out_is_a_spec_error() {
+    let spec = |chaos: &str| {
+        format!("[model]\ntext_shards = 2\n[nodes]\nreplicas = 2\n[[chaos]]\n{chaos}")
+    };
+    assert_eq!(
+        one_problem(&spec("target = \"compute-9\"\naction = \"kill\"\nat = 1\n")),
+        "x.toml:6:10: [[chaos]] #1: target = \"compute-9\" is no node of this plan; targets: daemon, compute-0, compute-0-r1, compute-1, compute-1-r1"
+    );
+    assert_eq!(
+        one_problem(
+            "[model]\ntext_shards = 2\n[[chaos]]\ntarget = \"compute-1\"\naction = \"kill\"\nat = 1\n"
+        ),
+        "x.toml:4:10: [[chaos]] #1: compute-1 is the only node of text shard 1: a chat cannot ride out its kill; set nodes.replicas = 2"
+    );
+    assert_eq!(
+        one_problem(&spec("target = \"compute-0\"\naction = \"stop\"\nat = 1\n")),
+        "x.toml:7:10: [[chaos]] #1: stop needs duration (seconds)"
+    );
+    assert_eq!(
+        one_problem(&spec(
+            "target = \"compute-0\"\naction = \"kill\"\nat = 1\nafter_tokens = 3\n"
+        )),
+        "x.toml:8:6: [[chaos]] #1: give exactly one of at (seconds after the chats start) or after_tokens"
+    );
+    assert_eq!(
+        one_problem(&spec(
+            "target = \"registry\"\naction = \"stop\"\nat = 1\nduration = 1\n"
+        )),
+        "x.toml:6:10: [[chaos]] #1: target = \"registry\" is a Registry node: chaos targets compute nodes and the daemon (a failing registry, MPC party, vision shard or dashboard is not ridden out yet)"
+    );
+    assert_eq!(
+        one_problem(&spec(
+            "target = \"compute-0\"\naction = \"slow\"\nat = 1\nduration = 1\n"
+        )),
+        "x.toml:7:10: [[chaos]] #1: slow needs delay_ms"
     );
 }

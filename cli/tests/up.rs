@@ -557,3 +557,46 @@ fn bench_concurrency_sweeps_sessions_and_writes_json_and_plot() {
     assert!(!bad.status.success());
     assert!(text(&bad.stderr).contains("drop --compare-tls"));
 }
+
+/// specs/chaos.toml: kill, stop, slow and partition of compute nodes and a kill of the
+/// daemon, each ridden out (chats equal the undisturbed run, READY again, no share
+/// lost); JUnit has one case per fault.
+#[test]
+fn the_chaos_spec_passes_unfedctl_test_with_a_junit_case_per_fault() {
+    let dir = tempfile::tempdir().unwrap();
+    let junit = dir.path().join("junit.xml");
+    let out = run(unfedctl()
+        .args(["test", "../specs/chaos.toml", "--junit"])
+        .arg(&junit));
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    let xml = std::fs::read_to_string(&junit).unwrap();
+    assert!(xml.contains("failures=\"0\""), "{xml}");
+    for case in [
+        "chaos_1_kill_compute-1-r1",
+        "chaos_2_stop_compute-0",
+        "chaos_3_slow_compute-1",
+        "chaos_4_partition_compute-0-r1",
+        "chaos_5_kill_daemon",
+    ] {
+        assert!(xml.contains(&format!("name=\"{case}\"")), "{case}: {xml}");
+        assert!(stdout.contains(&format!("[PASS] {case}")), "{stdout}");
+    }
+    assert!(stdout.contains("shares for"), "{stdout}");
+}
+
+/// A bound the network cannot meet fails its case (and the run), naming the bound.
+#[test]
+fn a_chaos_fault_not_ridden_out_in_time_fails_its_case() {
+    let net = testnet(
+        "[chain]\nmode = \"none\"\n[nodes]\nreplicas = 2\n\
+         [[chaos]]\ntarget = \"compute-1-r1\"\naction = \"kill\"\nafter_tokens = 2\nready_within = 0\n",
+    );
+    let out = run(unfedctl().arg("test").arg(&net.spec));
+    let stdout = text(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("[FAIL] chaos_1_kill_compute-1-r1: not READY again within 0s"),
+        "{stdout}"
+    );
+}

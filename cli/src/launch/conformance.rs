@@ -21,7 +21,7 @@ const PROMPT: &str = "The quick brown fox";
 const MAX_TOKENS: usize = 16;
 
 struct CaseResult {
-    name: &'static str,
+    name: String,
     took: Duration,
     failure: Option<String>,
 }
@@ -36,12 +36,16 @@ pub async fn test(
     make_ephemeral(&mut loaded, run_dir.path());
     let plan = LaunchPlan::build(&loaded, model_facts(&loaded))?;
     let started = Instant::now();
-    let mut net = start(loaded, plan, wait_timeout).await?;
+    let relays = super::relay::Relays::for_chaos(&plan);
+    let mut net = start(loaded, plan, wait_timeout, relays).await?;
     println!(
         "testnet up in {:.2}s; running conformance checks",
         net.took.as_secs_f64()
     );
-    let results = run_cases(&net).await;
+    let mut results = run_cases(&net).await;
+    if !net.ctx.plan.chaos.is_empty() {
+        results.extend(run_chaos(&mut net).await);
+    }
     net.teardown();
 
     let failed = results.iter().filter(|r| r.failure.is_some()).count();
@@ -89,7 +93,7 @@ async fn run_cases(net: &Testnet) -> Vec<CaseResult> {
                 Err(e) => Some(format!("{e:#}")),
             };
             results.push(CaseResult {
-                name: $name,
+                name: $name.into(),
                 took: t.elapsed(),
                 failure,
             });
@@ -172,14 +176,7 @@ async fn nodes_admitted(net: &Testnet) -> anyhow::Result<()> {
         .await?
         .route(model)
         .await?;
-    let shards = net
-        .ctx
-        .plan
-        .steps
-        .iter()
-        .filter(|s| s.kind == StepKind::Compute)
-        .filter_map(|s| s.shard);
-    let expected = shards.max().map_or(0, |m| m + 1);
+    let expected = net.ctx.plan.text_shards();
     ensure!(
         route.len() == expected,
         "the route has {} hops, the plan {expected} text shards",
@@ -218,33 +215,102 @@ async fn stakes_on_chain(net: &Testnet) -> anyhow::Result<()> {
 async fn chat_matches_engine(net: &Testnet) -> anyhow::Result<usize> {
     let (registry, model) = registry_and_model(net)?;
     let mut client = Client::connect(&net.ctx.net, registry).await?;
-    let (_, files) = client.manifest(model).await?;
-    let prompt = TextCodec::from_manifest_files(&files, model)?.encode_prompt(PROMPT, true)?;
-    // The testnet's client pays, as `unfedctl chat` would.
-    let client_key = net.ctx.key_path("client");
-    let payer = match client_key.is_file() {
-        true => Some(unfed_node::voucher::Payer::wallet(
-            unfed_chain::read_key_file(&client_key)?,
-        )),
-        false => None,
-    };
+    let prompt = prompt_ids(&mut client, model).await?;
     let opts = GenerateOptions {
         max_tokens: MAX_TOKENS,
-        payer,
+        payer: payer(net)?,
         ..GenerateOptions::default()
     };
     let network = client.generate(model, &prompt, &opts, |_| {}).await?.tokens;
-
-    let source = super::steps::model_source_dir(&net.ctx.loaded, &net.ctx.plan);
-    let reference = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<u32>> {
-        let (_, whole) = load_checkpoint(&source)?;
-        Ok(generate(&whole, &prompt, MAX_TOKENS, SamplingConfig::default(), true)?.tokens)
-    })
-    .await??;
+    let reference = engine_answer(net, prompt, MAX_TOKENS, true).await?;
     if network != reference {
         bail!("the testnet generated {network:?}, the single-process engine {reference:?}");
     }
     Ok(network.len())
+}
+
+/// The conformance prompt's token ids under `model`'s tokenizer.
+async fn prompt_ids(client: &mut Client, model: &str) -> anyhow::Result<Vec<u32>> {
+    let (_, files) = client.manifest(model).await?;
+    TextCodec::from_manifest_files(&files, model)?.encode_prompt(PROMPT, true)
+}
+
+/// The testnet's client wallet, which pays as `unfedctl chat` would (none unstaked).
+fn payer(net: &Testnet) -> anyhow::Result<Option<unfed_node::voucher::Payer>> {
+    let client_key = net.ctx.key_path("client");
+    if !client_key.is_file() {
+        return Ok(None);
+    }
+    let key = unfed_chain::read_key_file(&client_key)?;
+    Ok(Some(unfed_node::voucher::Payer::wallet(key)))
+}
+
+/// The unsplit model's greedy answer to `prompt`, in this process.
+async fn engine_answer(
+    net: &Testnet,
+    prompt: Vec<u32>,
+    tokens: usize,
+    stop_on_eos: bool,
+) -> anyhow::Result<Vec<u32>> {
+    let source = super::steps::model_source_dir(&net.ctx.loaded, &net.ctx.plan);
+    tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<u32>> {
+        let (_, whole) = load_checkpoint(&source)?;
+        let sampling = SamplingConfig::default();
+        Ok(generate(&whole, &prompt, tokens, sampling, stop_on_eos)?.tokens)
+    })
+    .await?
+}
+
+/// One case per `[[chaos]]` fault, in order, each ridden out while the restart policy
+/// is applied to whatever exits.
+async fn run_chaos(net: &mut Testnet) -> Vec<CaseResult> {
+    let t = Instant::now();
+    let chats = match chaos_chats(net).await {
+        Ok(c) => c,
+        Err(e) => {
+            return vec![CaseResult {
+                name: "chaos_setup".into(),
+                took: t.elapsed(),
+                failure: Some(format!("{e:#}")),
+            }];
+        }
+    };
+    let ctx = &net.ctx;
+    let faults = async {
+        let mut results = Vec::new();
+        for (i, event) in ctx.plan.chaos.iter().enumerate() {
+            println!("chaos {}: {}", i + 1, event.describe());
+            let t = Instant::now();
+            let outcome = super::chaos::ride_out(ctx, &chats, event).await;
+            if let Ok(account) = &outcome {
+                println!("  {account}");
+            }
+            results.push(CaseResult {
+                name: event.case_name(i),
+                took: t.elapsed(),
+                failure: outcome.err().map(|e| format!("{e:#}")),
+            });
+        }
+        results
+    };
+    super::supervise_until(ctx, &mut net.state, faults).await
+}
+
+async fn chaos_chats(net: &Testnet) -> anyhow::Result<super::chaos::Chats> {
+    let (registry, model) = registry_and_model(net)?;
+    let mut client = Client::connect(&net.ctx.net, registry).await?;
+    let prompt = prompt_ids(&mut client, model).await?;
+    let tokens = super::chaos::CHAOS_TOKENS;
+    let reference = engine_answer(net, prompt.clone(), tokens, false).await?;
+    let hops = net.ctx.plan.text_shards();
+    Ok(super::chaos::Chats {
+        registry: registry.to_string(),
+        model: model.to_string(),
+        prompt,
+        reference,
+        payer: payer(net)?,
+        hops,
+    })
 }
 
 fn junit_xml(suite: &str, results: &[CaseResult], took: Duration) -> String {
@@ -288,15 +354,7 @@ fn junit_xml(suite: &str, results: &[CaseResult], took: Duration) -> String {
 /// The daemon records exactly one share per hop of the chat: tokens × text shards.
 async fn shares_recorded(net: &Testnet, generated: Option<usize>) -> anyhow::Result<()> {
     let tokens = generated.context("the chat check failed, so there is nothing to count")?;
-    let hops = net
-        .ctx
-        .plan
-        .steps
-        .iter()
-        .filter(|s| s.kind == StepKind::Compute)
-        .filter_map(|s| s.shard)
-        .max()
-        .map_or(0, |m| m + 1);
+    let hops = net.ctx.plan.text_shards();
     let expected = (tokens * hops) as u64;
     let daemon = net
         .state

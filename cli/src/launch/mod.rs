@@ -2,12 +2,14 @@
 //! each step only once everything it depends on is ready, and tear it all down in reverse
 //! on failure or Ctrl-C.
 
+pub mod chaos;
 pub mod conformance;
 pub mod detach;
 pub mod node_cmd;
 pub mod pid;
 pub mod pki;
 pub mod process;
+pub mod relay;
 pub mod state;
 pub mod status;
 pub mod supervise;
@@ -137,6 +139,7 @@ pub async fn start(
     loaded: LoadedSpec,
     plan: LaunchPlan,
     wait_timeout: Duration,
+    relays: relay::Relays,
 ) -> anyhow::Result<Testnet> {
     let run_dir = plan.run_dir.clone();
     let mut signals = StopSignals::listen()?;
@@ -167,6 +170,7 @@ pub async fn start(
         ready_timeout: wait_timeout,
         running: Default::default(),
         tied: true,
+        relays,
     };
     let started = Instant::now();
     let state = RunState {
@@ -205,7 +209,7 @@ pub async fn start(
 pub async fn up(loaded: LoadedSpec, plan: LaunchPlan, opts: UpOptions) -> anyhow::Result<ExitCode> {
     // Listening before the launch: a signal during it or right after is not missed.
     let mut signals = StopSignals::listen()?;
-    let mut net = start(loaded, plan, opts.wait_timeout).await?;
+    let mut net = start(loaded, plan, opts.wait_timeout, Default::default()).await?;
     let (ctx, state) = (&net.ctx, &mut net.state);
     let dev_key = dev_api_key(ctx, state)?;
     print_summary(ctx, state, net.took, dev_key.as_deref());
@@ -220,33 +224,34 @@ pub async fn up(loaded: LoadedSpec, plan: LaunchPlan, opts: UpOptions) -> anyhow
     }
     state.ready = true;
     state.save(&ctx.plan.run_dir)?;
-    let stop = signals.recv();
-    tokio::pin!(stop);
-    let mut supervisor = supervise::Supervisor::new(&net.ctx);
-    let signal = loop {
-        tokio::select! {
-            signal = &mut stop => break signal,
-            _ = tokio::time::sleep(EXIT_POLL) => {
-                let mut interrupted = None;
-                for exit in supervise::reap(&net.ctx) {
-                    let handled = supervisor.handle(&net.ctx, &mut net.state, exit);
-                    interrupted = tokio::select! {
-                        _ = handled => None,
-                        signal = &mut stop => Some(signal),
-                    };
-                    if interrupted.is_some() {
-                        break;
-                    }
-                }
-                if let Some(signal) = interrupted {
-                    break signal;
-                }
-            }
-        }
-    };
+    let signal = supervise_until(&net.ctx, &mut net.state, signals.recv()).await;
     println!("\n{signal}: stopping");
     net.teardown();
     Ok(ExitCode::SUCCESS)
+}
+
+/// Applies the restart policy to every process that exits until `until` completes;
+/// returns its output.
+pub async fn supervise_until<T>(
+    ctx: &Context,
+    state: &mut RunState,
+    until: impl std::future::Future<Output = T>,
+) -> T {
+    tokio::pin!(until);
+    let mut supervisor = supervise::Supervisor::new(ctx);
+    loop {
+        tokio::select! {
+            out = &mut until => return out,
+            _ = tokio::time::sleep(EXIT_POLL) => {
+                for exit in supervise::reap(ctx) {
+                    tokio::select! {
+                        _ = supervisor.handle(ctx, state, exit) => {}
+                        out = &mut until => return out,
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Ctrl-C at the terminal, SIGTERM (`unfedctl down`, a service manager) or SIGHUP (the

@@ -36,6 +36,8 @@ pub struct Context {
     /// Children die with this process (`up`, `test`); false for `chain up`, whose Anvil
     /// outlives the command.
     pub tied: bool,
+    /// Relays in front of the nodes chaos slows or cuts (`unfedctl test` only).
+    pub relays: super::relay::Relays,
 }
 
 /// Started processes in start order, with the child handles we can reap.
@@ -524,6 +526,10 @@ async fn spawn_node(
     readiness: Readiness,
 ) -> anyhow::Result<(u16, String)> {
     let log = ctx.log_path(&step.name);
+    let relay = ctx.relays.front(&step.name).await?;
+    if let Some(relay) = &relay {
+        cmd.arg("--advertise").arg(relay.addr.to_string());
+    }
     if let Some(pki) = &ctx.pki {
         // Every node serves TLS with its own certificate; the dashboard only dials.
         if kind != "web" {
@@ -554,10 +560,18 @@ async fn spawn_node(
             let message = format!("{} exited ({status}) before it was ready", step.name);
             break Err(StepFailed { log, message });
         }
-        if let Some(addr) = listening_address(&log)
-            && readiness.reached(&ctx.net, &addr).await
-        {
-            break Ok(addr);
+        if let Some(addr) = listening_address(&log) {
+            // Peers dial the relay when there is one: that is the address to check.
+            let advertised = match &relay {
+                Some(relay) => {
+                    relay.set_upstream(addr.parse().context("the node's listening address")?);
+                    relay.addr.to_string()
+                }
+                None => addr,
+            };
+            if readiness.reached(&ctx.net, &advertised).await {
+                break Ok(advertised);
+            }
         }
         if Instant::now() > deadline {
             let message = match (listening_address(&log), &readiness) {
@@ -583,10 +597,9 @@ async fn spawn_node(
     let mut running = ctx.running.lock().unwrap();
     running.children[slot] = Some(child);
     let addr = result?;
-    let port = addr
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
+    // The node's own port (restarts reuse it), whatever address peers dial.
+    let port = listening_address(&running.processes[slot].log)
+        .and_then(|a| a.rsplit(':').next().and_then(|p| p.parse().ok()))
         .unwrap_or_default();
     running.processes[slot].port = Some(port);
     Ok((port, addr))

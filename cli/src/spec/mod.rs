@@ -359,6 +359,15 @@ mod tests {
             eth_key: Some(String::new()),
             cheat: Some(String::new()),
         });
+        spec.chaos.push(ChaosEntry {
+            target: String::new(),
+            action: ChaosAction::Kill,
+            at: Some(1.0),
+            after_tokens: Some(1),
+            duration: Some(1.0),
+            delay_ms: Some(1),
+            ready_within: Some(1.0),
+        });
         spec.chain.rpc_url = Some(String::new());
         spec.chain.operator_key_file = Some(String::new());
         spec.chain.settler_key_file = Some(String::new());

@@ -18,6 +18,9 @@ pub struct TestnetSpec {
     pub web: WebSection,
     #[serde(rename = "node")]
     pub node_overrides: Vec<NodeOverride>,
+    /// Faults `unfedctl test` injects (`[[chaos]]`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub chaos: Vec<ChaosEntry>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -293,6 +296,43 @@ impl NodeRole {
             NodeRole::MpcB => "mpc_b",
             NodeRole::Daemon => "daemon",
         }
+    }
+}
+
+/// One `[[chaos]]` fault.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChaosEntry {
+    pub target: String,
+    pub action: ChaosAction,
+    pub at: Option<f64>,
+    pub after_tokens: Option<u32>,
+    pub duration: Option<f64>,
+    pub delay_ms: Option<u64>,
+    pub ready_within: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChaosAction {
+    Kill,
+    Stop,
+    Slow,
+    Partition,
+}
+
+impl ChaosAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChaosAction::Kill => "kill",
+            ChaosAction::Stop => "stop",
+            ChaosAction::Slow => "slow",
+            ChaosAction::Partition => "partition",
+        }
+    }
+
+    /// Faults that go through a relay in front of the target.
+    pub fn needs_relay(self) -> bool {
+        matches!(self, ChaosAction::Slow | ChaosAction::Partition)
     }
 }
 

@@ -18,6 +18,8 @@ pub enum Kind {
     Amount,
     /// A decimal fraction in `[0, 1]`: 0.5 or "0.5".
     Fraction,
+    /// A number of seconds in `[0, 3600]`, fractions allowed: 2 or 0.5.
+    Seconds,
 }
 
 impl Kind {
@@ -29,6 +31,7 @@ impl Kind {
             Kind::Enum(values) => format!("one of {}", quoted_list(values)),
             Kind::Amount => "a token amount such as \"200\" or \"0.5\"".into(),
             Kind::Fraction => "a fraction between 0 and 1, such as 0.5".into(),
+            Kind::Seconds => "a number of seconds, such as 2 or 0.5".into(),
         }
     }
 }
@@ -89,6 +92,7 @@ pub const NODE_ROLES: &[&str] = &["compute", "vision", "mpc_a", "mpc_b", "daemon
 pub const DISPUTE_STAGES: &[&str] = &["shadow", "soft", "enforced"];
 pub const CHEATS: &[&str] = &["skip-layers", "perturb", "wrong-token", "forge-attestation"];
 pub const LOG_FORMATS: &[&str] = &["text", "json"];
+pub const CHAOS_ACTIONS: &[&str] = &["kill", "stop", "slow", "partition"];
 
 macro_rules! key {
     ($name:literal, $kind:expr, $doc:literal) => {
@@ -406,6 +410,54 @@ pub static SECTIONS: &[Section] = &[
                 "cheat",
                 Kind::Enum(CHEATS),
                 "Test/demo only, compute nodes on a local Anvil chain: \"skip-layers\", \"perturb\", \"wrong-token\" or \"forge-attestation\"."
+            ),
+        ],
+    },
+    Section {
+        name: "chaos",
+        array: true,
+        doc: "A fault `unfedctl test` injects while its chats run (`up` ignores these).",
+        keys: &[
+            key!(
+                "target",
+                Kind::Str,
+                "The node, by its plan name: a compute node or the daemon (required)."
+            ),
+            key!(
+                "action",
+                Kind::Enum(CHAOS_ACTIONS),
+                "\"kill\" (SIGKILL; the restart policy brings it back), \"stop\" (SIGSTOP for duration), \"slow\" (delay_ms added to every message, through a relay) or \"partition\" (its links cut for duration) (required)."
+            ),
+            key!(
+                "at",
+                Kind::Seconds,
+                "When, in seconds after the chats start. Give at or after_tokens."
+            ),
+            key!(
+                "after_tokens",
+                Kind::Int {
+                    min: 1,
+                    max: 100_000
+                },
+                "When: once the chats have produced this many tokens."
+            ),
+            key!(
+                "duration",
+                Kind::Seconds,
+                "How long stop, slow and partition last (required for them)."
+            ),
+            key!(
+                "delay_ms",
+                Kind::Int {
+                    min: 1,
+                    max: 10_000
+                },
+                "Latency slow adds to every message, each way (required for slow)."
+            ),
+            key!(
+                "ready_within",
+                Kind::Seconds,
+                "The model must be READY with every node again within this many seconds after the fault ends. Default 10."
             ),
         ],
     },

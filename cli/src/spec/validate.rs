@@ -254,6 +254,20 @@ fn check_value(kind: Kind, value: &Value, key: &str) -> Result<(), String> {
                 .map_err(|e| format!("bad value for '{key}': {e}")),
             _ => Err(wrong()),
         },
+        Kind::Seconds => {
+            let f = match value {
+                Value::Float(f) => *f.value(),
+                Value::Integer(i) => *i.value() as f64,
+                _ => return Err(wrong()),
+            };
+            if (0.0..=3600.0).contains(&f) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "'{key}' must be between 0 and 3600 seconds, found {f}"
+                ))
+            }
+        }
         Kind::Fraction => {
             let f = match value {
                 Value::Float(f) => *f.value(),

@@ -152,6 +152,8 @@ pub struct Client {
 /// Failovers of one generation before it gives up (each bans a node, so a shard runs
 /// out of replicas long before this; the cap bounds a flapping network).
 const MAX_FAILOVERS: usize = 8;
+/// How long a chat waits for an unavailable daemon to check its voucher.
+const DAEMON_RESTART_GRACE: Duration = Duration::from_secs(10);
 
 impl Client {
     /// Connects to the registry at `registry` over `net` (TLS with the testnet's CA, or
@@ -220,22 +222,36 @@ impl Client {
             return Ok(None);
         };
         let payer = payer.clone();
-        let Some((daemon, terms)) = self.daemon().await? else {
-            tracing::debug!("no daemon listed: the session is unpaid");
-            return Ok(None);
-        };
         let caps = (
             u32::try_from(prompt_rows).context("prompt too long")?,
             u32::try_from(opts.max_tokens).context("max_tokens too large")?,
         );
-        let (voucher, salt) = payer.issue(terms, (model, session), route, caps)?;
-        daemon
-            .check_voucher(CheckVoucherRequest {
-                voucher: Some(voucher.clone()),
-            })
-            .await
-            .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
-        Ok(Some((voucher, salt)))
+        // A daemon restarting (its supervisor brings it back in about a second) is
+        // waited for, re-resolved through the registry, rather than failing the chat.
+        let deadline = Instant::now() + DAEMON_RESTART_GRACE;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let Some((daemon, terms)) = self.daemon().await? else {
+                tracing::debug!("no daemon listed: the session is unpaid");
+                return Ok(None);
+            };
+            let (voucher, salt) = payer.issue(terms, (model, session), route.clone(), caps)?;
+            let checked = daemon
+                .check_voucher(CheckVoucherRequest {
+                    voucher: Some(voucher.clone()),
+                })
+                .await;
+            match checked {
+                Ok(_) => return Ok(Some((voucher, salt))),
+                Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                    tracing::warn!("the daemon is unavailable, retrying: {}", s.message());
+                    self.daemon = None;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                Err(s) => bail!("{}", s.message()),
+            }
+        }
     }
 
     /// The transport this client dials nodes with.

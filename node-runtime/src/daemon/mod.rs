@@ -59,11 +59,14 @@ pub struct DaemonConfig {
 }
 
 /// A connected client of the daemon at `addr` (pinned to `pin` when known).
+/// A daemon connection.
+pub type DaemonClient = unfed_proto::daemon_client::DaemonClient<tonic::transport::Channel>;
+
 pub async fn client(
     net: &crate::net::Net,
     addr: &str,
     pin: Option<crate::net::Pin>,
-) -> Result<unfed_proto::daemon_client::DaemonClient<tonic::transport::Channel>> {
+) -> Result<DaemonClient> {
     let ch = net.connect(addr, crate::net::REQUEST_TIMEOUT, pin).await?;
     Ok(unfed_proto::daemon_client::DaemonClient::new(ch)
         .max_decoding_message_size(crate::net::limits::DAEMON)
