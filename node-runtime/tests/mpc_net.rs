@@ -530,3 +530,96 @@ async fn private_routes_keep_the_penalty_and_seed(
         other => panic!("the plaintext route's input is not a hidden state: {other:?}"),
     }
 }
+
+/// Issue 20: a party of the pair serving a private chat dies mid-generation. The client
+/// bans that pair, re-deals through the other one (the prompt and the tokens so far as
+/// one prefill) and the answer equals the undisturbed one. With no pair left, the error
+/// says so within seconds. Each A is paired with the B it dials, not any listed B.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_party_fails_over_to_another_pair_with_the_same_tokens() {
+    let (dir, split) = Net::prepare_tiny(2);
+    let net = Net::registry(dir);
+    let reg = net.registry.address.clone();
+    let logs = |i: usize| {
+        let d = net.dir.path().join(format!("pair-{i}"));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    };
+    let (a1, b1) = start_pair(&split, Some(&reg), &["--full-output"], &logs(1));
+    let (a2, b2) = start_pair(&split, Some(&reg), &["--full-output"], &logs(2));
+    let mut parties = [a1, b1, a2, b2];
+    let mut client = net.client().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let listed = |nodes: &[unfed_proto::NodeInfo]| {
+        parties
+            .iter()
+            .all(|p| nodes.iter().any(|n| n.address == p.address))
+    };
+    loop {
+        let nodes = client
+            .registry_mut()
+            .discover(unfed_proto::DiscoverRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .nodes;
+        if listed(&nodes) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{nodes:?}\n{}", net.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll again until the deadline
+    }
+    let params = PublicParams::new(PublicSource::Split(split.clone()));
+    let private = client
+        .private_route("tiny", &params)
+        .await
+        .unwrap()
+        .unwrap();
+    let index = |addr: &str| parties.iter().position(|p| p.address == addr).unwrap();
+    let (a, b) = (index(&private.0.a.address), index(&private.0.b.address));
+    assert_eq!(
+        b,
+        a + 1,
+        "party A {a} was paired with a B it does not dial ({b})"
+    );
+    let opts = GenerateOptions {
+        max_tokens: TOKENS,
+        stop_on_eos: false,
+        ..Default::default()
+    };
+    let undisturbed = client
+        .generate_via("tiny", Some(&private), &PROMPT, None, &opts, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(undisturbed.tokens, plaintext_tokens(&split));
+
+    let mut seen = 0;
+    let out = client
+        .generate_via("tiny", Some(&private), &PROMPT, None, &opts, |_| {
+            seen += 1;
+            if seen == 3 {
+                parties[a].kill();
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(out.tokens, undisturbed.tokens);
+    assert_eq!(out.failovers, 1, "{:?}", out.failures);
+    let other = if a == 0 { 2 } else { 0 };
+    assert_eq!(out.route[0].address, parties[other].address);
+    assert_eq!(out.route[1].address, parties[other + 1].address);
+
+    // The other pair dies too: nothing to re-deal through, and the error says so.
+    parties[other + 1].kill();
+    let t = Instant::now();
+    let err = client
+        .generate_via("tiny", Some(&private), &PROMPT, None, &opts, |_| {})
+        .await
+        .unwrap_err();
+    let err = format!("{err:#}");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert!(
+        err.contains("no other live MPC pair") || err.contains("no live MPC pair"),
+        "{err}"
+    );
+}

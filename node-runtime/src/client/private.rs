@@ -94,7 +94,8 @@ async fn party_info(net: &crate::net::Net, hop: &Hop, name: &str) -> Result<MpcI
 }
 
 impl Client {
-    /// A live pair (party A and party B) of `model`, if the registry lists one.
+    /// A live pair (party A and the party B it dials) of `model` that this client has
+    /// not banned, if the registry lists one.
     pub async fn mpc_pair(&mut self, model: &str) -> Result<Option<PairInfo>> {
         let nodes = self
             .registry_mut()
@@ -105,50 +106,87 @@ impl Client {
             .context("Discover failed")?
             .into_inner()
             .nodes;
-        let find = |role: &str| {
+        let parties = |role: &str| -> Vec<Hop> {
             nodes
                 .iter()
-                .find(|n| n.role == role && n.model == model)
+                .filter(|n| n.role == role && n.model == model)
                 .map(|n| Hop {
                     node_id: n.node_id.clone(),
                     address: n.address.clone(),
                     shard_index: 0,
                     tls_pin: n.tls_pin.clone(),
                 })
+                .collect()
         };
-        let (Some(a), Some(b)) = (find("mpc_a"), find("mpc_b")) else {
-            return Ok(None);
-        };
+        let (all_a, all_b) = (parties("mpc_a"), parties("mpc_b"));
         let net = self.net().clone();
-        let (ia, ib) = (
-            party_info(&net, &a, "A").await?,
-            party_info(&net, &b, "B").await?,
-        );
-        if (ia.layer_end, ia.full_output, &ia.public_sha256)
-            != (ib.layer_end, ib.full_output, &ib.public_sha256)
-        {
-            bail!(
-                "the MPC parties of `{model}` disagree: A {} runs layers [0, {}) (full output {}, public parameters {}), B {} runs [0, {}) (full output {}, public parameters {}); restart them from the same split and settings",
-                a.node_id,
-                ia.layer_end,
-                ia.full_output,
-                ia.public_sha256,
-                b.node_id,
-                ib.layer_end,
-                ib.full_output,
-                ib.public_sha256
-            );
+        let mut tried = Vec::new();
+        for a in all_a.iter().filter(|a| !self.bans.is_banned(&a.node_id)) {
+            let ia = match party_info(&net, a, "A").await {
+                Ok(i) => i,
+                Err(e) => {
+                    tried.push(format!("{e:#}"));
+                    continue;
+                }
+            };
+            // A pairs with the B it dials (any B when it does not say, as older parties).
+            let b = all_b.iter().find(|b| {
+                !self.bans.is_banned(&b.node_id) && (ia.peer.is_empty() || b.address == ia.peer)
+            });
+            let Some(b) = b else {
+                tried.push(format!(
+                    "party A {} dials party B at {}, which is not listed or is banned",
+                    a.node_id, ia.peer
+                ));
+                continue;
+            };
+            match party_info(&net, b, "B").await {
+                Ok(ib) => return Ok(Some(pair_info(model, (a.clone(), ia), (b.clone(), ib))?)),
+                Err(e) => tried.push(format!("{e:#}")),
+            }
         }
-        Ok(Some(PairInfo {
-            a,
-            b,
-            layer_end: ia.layer_end,
-            full_output: ia.full_output,
-            public_sha256: ia.public_sha256,
-            public_bytes: ia.public_bytes,
-        }))
+        if tried.is_empty() {
+            return Ok(None);
+        }
+        bail!(
+            "no live MPC pair for `{model}`: {}; start another pair or retry once one is back",
+            tried.join("; ")
+        )
     }
+}
 
+/// The pair of `a` and `b`, which must run the same layers from the same parameters.
+fn pair_info(
+    model: &str,
+    (a, ia): (Hop, MpcInfoResponse),
+    (b, ib): (Hop, MpcInfoResponse),
+) -> Result<PairInfo> {
+    if (ia.layer_end, ia.full_output, &ia.public_sha256)
+        != (ib.layer_end, ib.full_output, &ib.public_sha256)
+    {
+        bail!(
+            "the MPC parties of `{model}` disagree: A {} runs layers [0, {}) (full output {}, public parameters {}), B {} runs [0, {}) (full output {}, public parameters {}); restart them from the same split and settings",
+            a.node_id,
+            ia.layer_end,
+            ia.full_output,
+            ia.public_sha256,
+            b.node_id,
+            ib.layer_end,
+            ib.full_output,
+            ib.public_sha256
+        );
+    }
+    Ok(PairInfo {
+        a,
+        b,
+        layer_end: ia.layer_end,
+        full_output: ia.full_output,
+        public_sha256: ia.public_sha256,
+        public_bytes: ia.public_bytes,
+    })
+}
+
+impl Client {
     /// Generates through `private` when given, else through the compute route.
     pub async fn generate_via(
         &mut self,
@@ -249,12 +287,7 @@ impl Client {
     /// holding `layer` (the last shard when the pair ran every layer) to the last.
     async fn route_after(&mut self, model: &str, layer: u32) -> Result<Vec<Hop>> {
         let route = self.route(model).await?;
-        let (manifest, _) = self.manifest(model).await?;
-        let entry = manifest
-            .text_shards()
-            .position(|s| (s.layer_start..s.layer_end).contains(&(layer as usize)))
-            .unwrap_or(route.len().saturating_sub(1));
-        Ok(route[entry..].to_vec())
+        self.after_pair(model, &route, layer).await
     }
 
     /// Generates from `prompt_ids` through `pair` (and, unless it runs the head, the
@@ -290,63 +323,20 @@ impl Client {
                  turn on decode_client_sample (`--decode-client-sample`, or mpc.output = \"decode_client_sample\" in the spec) so the client applies it, or set --repetition-penalty 1"
             );
         }
-        let session = hex::encode(rand::random::<[u8; 16]>());
+        let mut pair = pair.clone();
         let mut route = Vec::new();
         if !pair.full_output {
             route = self.route_after(model, pair.layer_end).await?;
         }
-        // One voucher for the whole route: the pair's parties first.
-        let paid: Vec<String> = [&pair.a, &pair.b]
-            .into_iter()
-            .chain(&route)
-            .map(|h| h.node_id.clone())
-            .collect();
-        let billing = self
-            .voucher((model, &session), paid, prompt_ids.len(), opts)
+        let mut live = self
+            .open_live(model, &mut pair, &route, prompt_ids.len(), opts, public)
             .await?;
-        let mut hops = None;
-        if !pair.full_output {
-            hops = Some(
-                RouteSession::open(
-                    self.net(),
-                    &route,
-                    &session,
-                    self.step_timeout,
-                    opts,
-                    &public.cfg.eos_token_ids,
-                )?
-                .billed(billing.clone()),
-            );
-        }
-        let handoff = route.first().cloned();
-        let mut remote = RemotePair::connect(
-            self.net(),
-            &pair.a,
-            &pair.b,
-            &session,
-            Duration::from_secs(30),
-            &SessionOptions {
-                handoff,
-                voucher: billing.as_ref().map(|b| b.0.clone()),
-                billing_salt: billing.map(|b| b.1).unwrap_or_default(),
-            },
-        )
-        .await
-        .with_context(|| {
-            format!(
-                "opening an MPC session with party A {} and party B {}",
-                pair.a.node_id, pair.b.node_id
-            )
-        })?;
         let client = MpcClient { model: public };
-        let mut sess = ClientSession::new();
         let mut sampler = Sampler::new(crate::compute::sampling_of(Some(&opts.sampling)));
         sampler.observe(prompt_ids);
         let mut out = GenerateOutput {
             prompt_tokens: prompt_ids.len(),
-            route: [vec![pair.a.clone(), pair.b.clone()], route.clone()].concat(),
             sampled_by_client: pair.full_output || opts.decode_client_sample,
-            session_id: session.clone(),
             privacy: crate::privacy::Mode {
                 mpc: if pair.full_output {
                     crate::privacy::Mpc::FullOutput
@@ -362,11 +352,14 @@ impl Client {
         };
         let start = Instant::now();
         let mut input = prompt_ids.to_vec();
-        let mut position = 0u32;
-        for step in 0..opts.max_tokens as u32 {
+        // Of the current session: a failover starts a new one at 0.
+        let (mut step, mut position) = (0u32, 0u32);
+        let mut failed_at = None;
+        while out.tokens.len() < opts.max_tokens {
             let t = Instant::now();
             // The client embeds its own tokens, and merges the image features into the
-            // prompt's placeholder rows as shard 0 would.
+            // prompt's placeholder rows as shard 0 would (each session's first step
+            // carries the whole prompt).
             let rows = match (image_features, step) {
                 (Some(f), 0) => {
                     let (manifest, _) = self.manifest(model).await?;
@@ -379,45 +372,84 @@ impl Client {
                 }
                 _ => public.embed(&input)?,
             };
-            let output = remote
-                .step(&client, &mut sess, &rows)
-                .map_err(|e| anyhow::anyhow!("private generation failed at step {step}: {e:#}"))?;
-            let mpc_ms = t.elapsed().as_secs_f64() * 1e3;
-            let mut timings = vec![HopTiming {
-                node_id: pair.a.node_id.clone(),
-                shard_index: 0,
-                compute_ms: mpc_ms,
-                total_ms: mpc_ms,
-            }];
-            let (token, is_eos) = match (output, hops.as_mut()) {
-                (ClientOutput::Logits(logits), None) => {
+            let stepped = live
+                .step(&pair, &client, (model, step, position), &rows, &input, opts)
+                .await;
+            let (token, is_eos, timings) = match stepped {
+                Ok(Stepped::Token(token, is_eos, mut timings)) => {
+                    let mpc_ms = t.elapsed().as_secs_f64() * 1e3;
+                    timings.insert(
+                        0,
+                        HopTiming {
+                            node_id: pair.a.node_id.clone(),
+                            shard_index: 0,
+                            compute_ms: mpc_ms,
+                            total_ms: mpc_ms,
+                        },
+                    );
+                    (token, is_eos, timings)
+                }
+                Ok(Stepped::Logits(logits)) => {
                     let token = sampler.sample(logits).token;
                     sampler.observe(&[token]);
-                    (token, public.cfg.eos_token_ids.contains(&token))
+                    let mpc_ms = t.elapsed().as_secs_f64() * 1e3;
+                    let timing = HopTiming {
+                        node_id: pair.a.node_id.clone(),
+                        shard_index: 0,
+                        compute_ms: mpc_ms,
+                        total_ms: mpc_ms,
+                    };
+                    let is_eos = public.cfg.eos_token_ids.contains(&token);
+                    (token, is_eos, vec![timing])
                 }
-                (ClientOutput::Hidden(_), Some(hops)) => {
-                    let handed = forward_request::Input::Mpc(MpcInput {
-                        layer: pair.layer_end,
-                        rows: input.len() as u32,
-                        party_a: pair.a.node_id.clone(),
-                        party_b: pair.b.node_id.clone(),
-                    });
-                    let resp = hops
-                        .step(model, (step, position), handed, &input, None, opts)
+                Err(failure) if out.failovers < super::MAX_FAILOVERS && failure.replayable() => {
+                    failed_at = Some(Instant::now());
+                    out.failures.push(format!("{:#}", failure.error));
+                    match failure.at {
+                        FailedAt::Pair => {
+                            for party in [&pair.a, &pair.b] {
+                                self.bans.ban(party, &format!("{:#}", failure.error));
+                            }
+                            pair = self.next_pair(model, &pair).await?;
+                        }
+                        FailedAt::Route => {
+                            let full = self.fail_over(model, &route, failure.error).await?;
+                            route = self.after_pair(model, &full, pair.layer_end).await?;
+                        }
+                    }
+                    // The prompt and the tokens so far, as one prefill, rebuild every
+                    // party's and hop's state; the samplers continue after the tokens.
+                    let replay = [prompt_ids, &out.tokens].concat();
+                    let left = GenerateOptions {
+                        max_tokens: opts.max_tokens - out.tokens.len(),
+                        ..opts.clone()
+                    };
+                    let next = self
+                        .open_live(model, &mut pair, &route, replay.len(), &left, public)
                         .await?;
-                    timings.extend(resp.timings);
-                    (resp.token_id, resp.is_eos)
+                    let mut old = std::mem::replace(&mut live, next);
+                    if let (Some(old_hops), Some(hops)) = (old.hops.as_mut(), live.hops.as_mut()) {
+                        hops.resume_after(old_hops.local.take(), out.tokens.len() as u32);
+                    }
+                    if let Some(hops) = old.hops.take() {
+                        // Frees the survivors' caches; a hung hop must not hold us up.
+                        tokio::spawn(hops.end());
+                    }
+                    (input, step, position) = (replay, 0, 0);
+                    out.failovers += 1;
+                    continue;
                 }
-                _ => bail!(
-                    "the MPC pair's output does not match what it advertised (full output: {})",
-                    pair.full_output
-                ),
+                Err(failure) => return Err(failure.error),
             };
-            if step == 0 {
+            if let Some(t) = failed_at.take() {
+                out.failover_ms += t.elapsed().as_secs_f64() * 1e3;
+            }
+            if out.tokens.is_empty() {
                 out.ttft_ms = start.elapsed().as_secs_f64() * 1e3;
             }
             out.add_timings(&timings);
             position += input.len() as u32;
+            step += 1;
             out.tokens.push(token);
             on_token(token);
             if opts.stop_on_eos && is_eos {
@@ -430,10 +462,231 @@ impl Client {
                 break;
             }
         }
+        out.route = [vec![pair.a.clone(), pair.b.clone()], route].concat();
+        out.session_id = live.session.clone();
         out.total_ms = start.elapsed().as_secs_f64() * 1e3;
-        if let Some(hops) = hops {
+        if let Some(hops) = live.hops {
             hops.end().await;
         }
         Ok(out)
+    }
+
+    /// `open_private` through `pair`, or through another pair (into `pair`) when this
+    /// client banned it or it cannot be reached.
+    async fn open_live(
+        &mut self,
+        model: &str,
+        pair: &mut PairInfo,
+        route: &[Hop],
+        rows: usize,
+        opts: &GenerateOptions,
+        public: &ClientModel,
+    ) -> Result<PrivateSession> {
+        loop {
+            if self.bans.is_banned(&pair.a.node_id) || self.bans.is_banned(&pair.b.node_id) {
+                *pair = self.next_pair(model, pair).await?;
+            }
+            match self
+                .open_private(model, pair, route, rows, opts, public)
+                .await
+            {
+                Err(e) if e.is::<PairUnreachable>() => {
+                    for party in [&pair.a, &pair.b] {
+                        self.bans.ban(party, &format!("{e:#}"));
+                    }
+                }
+                opened => return opened,
+            }
+        }
+    }
+
+    /// A session through `pair` (and `route` after it) whose first step carries `rows`
+    /// rows, under one voucher for the whole route, the pair's parties first.
+    async fn open_private(
+        &mut self,
+        model: &str,
+        pair: &PairInfo,
+        route: &[Hop],
+        rows: usize,
+        opts: &GenerateOptions,
+        public: &ClientModel,
+    ) -> Result<PrivateSession> {
+        let session = hex::encode(rand::random::<[u8; 16]>());
+        let paid: Vec<String> = [&pair.a, &pair.b]
+            .into_iter()
+            .chain(route)
+            .map(|h| h.node_id.clone())
+            .collect();
+        let billing = self.voucher((model, &session), paid, rows, opts).await?;
+        let mut hops = None;
+        if !pair.full_output {
+            hops = Some(
+                RouteSession::open(
+                    self.net(),
+                    route,
+                    &session,
+                    self.step_timeout,
+                    opts,
+                    &public.cfg.eos_token_ids,
+                )?
+                .billed(billing.clone()),
+            );
+        }
+        let remote = RemotePair::connect(
+            self.net(),
+            &pair.a,
+            &pair.b,
+            &session,
+            Duration::from_secs(30),
+            &SessionOptions {
+                handoff: route.first().cloned(),
+                voucher: billing.as_ref().map(|b| b.0.clone()),
+                billing_salt: billing.map(|b| b.1).unwrap_or_default(),
+            },
+        )
+        .await
+        .map_err(|e| {
+            anyhow::Error::new(PairUnreachable(format!("{e:#}"))).context(format!(
+                "opening an MPC session with party A {} and party B {}",
+                pair.a.node_id, pair.b.node_id
+            ))
+        })?;
+        Ok(PrivateSession {
+            session,
+            remote,
+            sess: ClientSession::new(),
+            hops,
+        })
+    }
+
+    /// Another live pair after `failed` (banned): one with the same layers and public
+    /// parameters, so the client's copy still fits.
+    async fn next_pair(&mut self, model: &str, failed: &PairInfo) -> Result<PairInfo> {
+        let why = || {
+            format!(
+                "the MPC pair of party A {} and party B {} failed",
+                failed.a.node_id, failed.b.node_id
+            )
+        };
+        let Some(pair) = self.mpc_pair(model).await.with_context(why)? else {
+            bail!(
+                "{}, and `{model}` has no other live MPC pair; start another pair or retry once it is back",
+                why()
+            );
+        };
+        if (pair.layer_end, pair.full_output, &pair.public_sha256)
+            != (failed.layer_end, failed.full_output, &failed.public_sha256)
+        {
+            bail!(
+                "{}; the other pair (party A {}) runs other layers or parameters, so this generation cannot continue on it",
+                why(),
+                pair.a.node_id
+            );
+        }
+        Ok(pair)
+    }
+
+    /// The hops of `full` (one per shard) after a pair that runs layers [0, `layer`).
+    async fn after_pair(&mut self, model: &str, full: &[Hop], layer: u32) -> Result<Vec<Hop>> {
+        let (manifest, _) = self.manifest(model).await?;
+        let entry = manifest
+            .text_shards()
+            .position(|s| (s.layer_start..s.layer_end).contains(&(layer as usize)))
+            .unwrap_or(full.len().saturating_sub(1));
+        Ok(full[entry..].to_vec())
+    }
+}
+
+/// A pair that could not open a session (a party down or refusing).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct PairUnreachable(String);
+
+/// One private session: the pair's, and the compute route's after a hand-off.
+struct PrivateSession {
+    session: String,
+    remote: RemotePair,
+    sess: ClientSession,
+    hops: Option<RouteSession>,
+}
+
+/// What one step produced: the logits for the client to sample (full_output_2pc), or
+/// the token the route's last shard sampled, with its hops' timings.
+enum Stepped {
+    Logits(Vec<f32>),
+    Token(u32, bool, Vec<HopTiming>),
+}
+
+/// Where a step failed: in the pair, or on the compute route after it.
+enum FailedAt {
+    Pair,
+    Route,
+}
+
+struct StepFailure {
+    at: FailedAt,
+    error: anyhow::Error,
+    /// A protocol mismatch is not a node's failure: another pair would not help.
+    fatal: bool,
+}
+
+impl StepFailure {
+    fn replayable(&self) -> bool {
+        !self.fatal
+            && match self.at {
+                FailedAt::Pair => true,
+                FailedAt::Route => self
+                    .error
+                    .downcast_ref::<super::failover::HopFailed>()
+                    .is_some_and(|f| f.replayable()),
+            }
+    }
+}
+
+impl PrivateSession {
+    async fn step(
+        &mut self,
+        pair: &PairInfo,
+        client: &MpcClient<'_>,
+        (model, step, position): (&str, u32, u32),
+        rows: &[f32],
+        input: &[u32],
+        opts: &GenerateOptions,
+    ) -> std::result::Result<Stepped, StepFailure> {
+        let failed = |at, fatal, error| StepFailure { at, error, fatal };
+        let output = self
+            .remote
+            .step(client, &mut self.sess, rows)
+            .map_err(|e| {
+                failed(
+                    FailedAt::Pair,
+                    false,
+                    anyhow::anyhow!("private generation failed at step {step}: {e:#}"),
+                )
+            })?;
+        match (output, self.hops.as_mut()) {
+            (ClientOutput::Logits(logits), None) => Ok(Stepped::Logits(logits)),
+            (ClientOutput::Hidden(_), Some(hops)) => {
+                let handed = forward_request::Input::Mpc(MpcInput {
+                    layer: pair.layer_end,
+                    rows: input.len() as u32,
+                    party_a: pair.a.node_id.clone(),
+                    party_b: pair.b.node_id.clone(),
+                });
+                let resp = hops
+                    .step(model, (step, position), handed, input, None, opts)
+                    .await
+                    .map_err(|e| failed(FailedAt::Route, false, e))?;
+                Ok(Stepped::Token(resp.token_id, resp.is_eos, resp.timings))
+            }
+            _ => Err(failed(
+                FailedAt::Pair,
+                true,
+                anyhow::anyhow!(
+                    "the MPC pair's output does not match what it advertised (full output: {})",
+                    pair.full_output
+                ),
+            )),
+        }
     }
 }

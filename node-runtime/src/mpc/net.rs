@@ -253,16 +253,20 @@ impl PartyService {
                 "this party is not registered (no --registry): it cannot tell party A from a stranger",
             )
         })?;
-        let a = peers
-            .by_role("mpc_a")
+        let parties = peers
+            .with_role("mpc_a")
             .await
             .map_err(|e| Status::unavailable(format!("{e:#}")))?;
-        if !crate::net::auth::is_registered_pin(caller, &a.tls_pin) {
+        if !parties
+            .iter()
+            .any(|a| crate::net::auth::is_registered_pin(caller, &a.tls_pin))
+        {
             tracing::warn!(remote = ?caller.remote, "refused a link claiming to be party A");
+            let ids: Vec<&str> = parties.iter().map(|a| a.node_id.as_str()).collect();
             return Err(Status::permission_denied(format!(
-                "the caller's certificate ({}) is not that of the registered party A {}",
+                "the caller's certificate ({}) is not that of a registered party A ({})",
                 pin.short(),
-                a.node_id
+                ids.join(", ")
             )));
         }
         Ok(())
@@ -277,7 +281,13 @@ impl PartyService {
                 ..Default::default()
             });
         };
-        let b = peers.by_role("mpc_b").await?;
+        // Of several pairs, ours is the B registered at the address we dial.
+        let b = peers
+            .with_role("mpc_b")
+            .await?
+            .into_iter()
+            .find(|b| b.address == addr)
+            .with_context(|| format!("no registered party B at {addr} (--peer)"))?;
         if self.net.is_tls() && b.tls_pin.is_empty() {
             bail!(
                 "the registered party B {} has no certificate pin",
@@ -399,6 +409,7 @@ impl Mpc for PartyService {
             frac_bits: super::ring::FRAC_BITS,
             public_sha256: self.public.sha256.clone(),
             public_bytes: self.public.bytes.len() as u64,
+            peer: self.peer.clone().unwrap_or_default(),
         }))
     }
 

@@ -135,13 +135,15 @@ impl Peers {
     }
 
     /// The registered node of `role` (e.g. "mpc_b") of this model, freshly discovered.
-    pub async fn by_role(&self, role: &str) -> Result<NodeInfo> {
+    /// Every registered node of `role` (several MPC pairs may serve a model).
+    pub async fn with_role(&self, role: &str) -> Result<Vec<NodeInfo>> {
         self.refresh().await?;
         let g = self.nodes.lock().expect("peers poisoned");
-        g.1.values()
-            .find(|n| n.role == role)
-            .cloned()
-            .ok_or_else(|| anyhow!("the registry lists no {role} for `{}`", self.model))
+        let nodes: Vec<NodeInfo> = g.1.values().filter(|n| n.role == role).cloned().collect();
+        if nodes.is_empty() {
+            return Err(anyhow!("the registry lists no {role} for `{}`", self.model));
+        }
+        Ok(nodes)
     }
 
     /// The node's registration, refreshing at most once a second on a miss.
