@@ -155,6 +155,12 @@ const MAX_FAILOVERS: usize = 8;
 /// How long a chat waits for an unavailable daemon to check its voucher.
 const DAEMON_RESTART_GRACE: Duration = Duration::from_secs(10);
 
+/// Sleeps `backoff`, then doubles it, up to a second.
+async fn back_off(backoff: &mut Duration) {
+    tokio::time::sleep(*backoff).await;
+    *backoff = (*backoff * 2).min(Duration::from_secs(1));
+}
+
 impl Client {
     /// Connects to the registry at `registry` over `net` (TLS with the testnet's CA, or
     /// plaintext for a loopback testnet that opted out).
@@ -231,7 +237,17 @@ impl Client {
         let deadline = Instant::now() + DAEMON_RESTART_GRACE;
         let mut backoff = Duration::from_millis(100);
         loop {
-            let Some((daemon, terms)) = self.daemon().await? else {
+            // A restarted daemon may serve a new certificate before the registry lists
+            // its new pin: that too is waited for.
+            let listed = match self.daemon().await {
+                Err(e) if Instant::now() < deadline => {
+                    tracing::warn!("the daemon cannot be reached, retrying: {e:#}");
+                    back_off(&mut backoff).await;
+                    continue;
+                }
+                listed => listed?,
+            };
+            let Some((daemon, terms)) = listed else {
                 tracing::debug!("no daemon listed: the session is unpaid");
                 return Ok(None);
             };
@@ -246,8 +262,7 @@ impl Client {
                 Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
                     tracing::warn!("the daemon is unavailable, retrying: {}", s.message());
                     self.daemon = None;
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    back_off(&mut backoff).await;
                 }
                 Err(s) => bail!("{}", s.message()),
             }
