@@ -42,10 +42,98 @@ fn split_vl(root: &std::path::Path, text: usize, vision: usize) -> std::path::Pa
 fn serve_vl(net: &mut Net) {
     net.compute(MODEL, 0);
     net.compute(MODEL, 1);
+    serve_vision(net, 0);
+}
+
+/// A vision node serving vision shard 0; returns its index in `net.computes`.
+fn serve_vision(net: &mut Net, replica: usize) -> usize {
     let mut args = net.compute_args(MODEL, 0, "0");
     args.extend([s("--model-type"), s("smolvlm_vision")]);
-    let log = net.dir.path().join("vision-0.log");
+    let log = net.dir.path().join(format!("vision-0-r{replica}.log"));
     net.computes.push(common::net::Node::start(&args, log));
+    net.computes.len() - 1
+}
+
+/// `image_prompt` of the reference prompt and `image`.
+async fn vision_prompt(
+    client: &mut unfed_node::client::Client,
+    registry: &str,
+    image: &std::path::Path,
+) -> anyhow::Result<unfed_node::client::image::ImagePrompt> {
+    let prompt = &reference().prompt;
+    image_prompt(
+        client,
+        registry,
+        MODEL,
+        prompt,
+        image,
+        false,
+        ImageLimits::default(),
+    )
+    .await
+}
+
+/// Issue 20: the vision node encoding a chat's image is dead: the client bans it and
+/// encodes through the other replica, with the same features and tokens. With none
+/// left, the error names the vision shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_vision_node_fails_over_to_its_replica() {
+    let dir = Net::prepare();
+    split_vl(&dir.path().join("splits"), 2, 1);
+    let mut net = Net::registry(dir);
+    serve_vl(&mut net);
+    let twin = serve_vision(&mut net, 1);
+    net.wait_ready(MODEL, 4).await;
+    let mut client = net.client().await;
+    let case = reference()
+        .cases
+        .iter()
+        .find(|c| c.do_image_splitting)
+        .unwrap();
+    let image = vision_common::fixtures().join("vision").join(&case.image);
+    let registry = net.registry.address.clone();
+    let undisturbed = vision_prompt(&mut client, &registry, &image).await.unwrap();
+    // Whichever replica the client would pick first is dead.
+    let tls = common::net::transport();
+    let first = vision_addresses(&tls, &net.registry.address, MODEL)
+        .await
+        .unwrap()[0]
+        .address
+        .clone();
+    let dead = net
+        .computes
+        .iter()
+        .position(|n| n.address == first)
+        .unwrap();
+    net.computes[dead].kill();
+    let p = vision_prompt(&mut client, &registry, &image)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", net.logs()));
+    assert_eq!(p.prompt_ids, undisturbed.prompt_ids);
+    assert_eq!(p.features, undisturbed.features);
+    let opts = GenerateOptions {
+        max_tokens: case.generated_ids.len(),
+        ..Default::default()
+    };
+    let out = client
+        .generate_with_image(MODEL, &p.prompt_ids, Some(&p.features), &opts, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(out.tokens, case.generated_ids, "{}", label(case));
+
+    let other = if dead == twin { 2 } else { twin };
+    net.computes[other].kill();
+    let err = format!(
+        "{:#}",
+        vision_prompt(&mut client, &registry, &image)
+            .await
+            .err()
+            .unwrap()
+    );
+    assert!(
+        err.contains("vision shard 0 of `smolvlm-tiny` has no live replica"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

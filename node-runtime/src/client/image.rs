@@ -17,7 +17,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::Deserialize;
 
-use crate::vision::PixelBatch;
+use crate::vision::{self, PixelBatch};
 
 pub use resample::resize_lanczos;
 
@@ -578,9 +578,33 @@ pub async fn image_prompt_with(
     // transformers' processor tokenizes the expanded text with special tokens on.
     let prompt_ids = codec.encode_prompt(&expanded, true)?;
     let net = client.net().clone();
-    let shards = crate::vision::service::vision_addresses(&net, registry, model).await?;
-    let (data, rows) =
-        crate::vision::service::encode_image(&net, &shards, model, &processed.batch).await?;
+    // A vision node that fails is banned and the tiles go through another replica of
+    // its shard (each attempt bans one node, so this ends).
+    let (data, rows) = loop {
+        let bans = &client.bans;
+        let banned = |id: &str| bans.is_banned(id);
+        let shards = vision::service::vision_route(&net, registry, model, &banned).await?;
+        let encoded = vision::service::encode_image(&net, &shards, model, &processed.batch).await;
+        let failed = match &encoded {
+            Err(e) => e.downcast_ref::<vision::service::EncodeFailed>(),
+            Ok(_) => None,
+        };
+        let replayable = failed.is_some_and(|f| {
+            super::failover::HopFailed {
+                code: f.code,
+                message: f.message.clone(),
+            }
+            .replayable()
+        });
+        match failed {
+            Some(f) if replayable => {
+                let (hop, why) = (f.hop.clone(), format!("{f}"));
+                tracing::warn!(node = hop.node_id, "failing over: {why}");
+                client.bans.ban(&hop, &why);
+            }
+            _ => break encoded?,
+        }
+    };
     let width = data.len() / rows.max(1);
     Ok(ImagePrompt {
         prompt_ids,

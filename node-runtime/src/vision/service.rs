@@ -236,6 +236,15 @@ fn hidden_from_wire(h: &VisionHidden) -> Result<PatchStates, Status> {
     })
 }
 
+/// A vision hop that failed an encode: which node, and the gRPC code and message.
+#[derive(Debug, thiserror::Error)]
+#[error("vision shard {} at {}: {message}", hop.shard_index, hop.address)]
+pub struct EncodeFailed {
+    pub hop: unfed_proto::Hop,
+    pub code: tonic::Code,
+    pub message: String,
+}
+
 /// Runs preprocessed tiles through the vision shards `hops` (shard 0 first, each pinned
 /// to its registered certificate) and returns the image features `[rows, text_hidden]`
 /// as (values, rows).
@@ -254,20 +263,25 @@ pub async fn encode_image(
     for (i, hop) in hops.iter().enumerate() {
         let address = &hop.address;
         let pin = crate::net::Pin::parse(&hop.tls_pin)?;
-        let mut client = VisionClient::new(
-            net.connect(address, ENCODE_TIMEOUT, pin)
-                .await
-                .with_context(|| format!("cannot reach vision shard {i} at {address}"))?,
-        )
-        .max_decoding_message_size(crate::net::limits::VISION)
-        .max_encoding_message_size(crate::net::limits::VISION);
+        let failed = |code, message: String| EncodeFailed {
+            hop: hop.clone(),
+            code,
+            message,
+        };
+        let ch = net
+            .connect(address, ENCODE_TIMEOUT, pin)
+            .await
+            .map_err(|e| failed(tonic::Code::Unavailable, format!("cannot reach it: {e:#}")))?;
+        let mut client = VisionClient::new(ch)
+            .max_decoding_message_size(crate::net::limits::VISION)
+            .max_encoding_message_size(crate::net::limits::VISION);
         let resp = client
             .encode(EncodeRequest {
                 model_id: model_id.to_string(),
                 input: Some(input),
             })
             .await
-            .map_err(|s| anyhow::anyhow!("vision shard {i} at {address}: {}", s.message()))?
+            .map_err(|s| failed(s.code(), s.message().to_string()))?
             .into_inner();
         match resp.output {
             Some(encode_response::Output::Features(t)) if i + 1 == hops.len() => {
@@ -326,6 +340,17 @@ pub async fn vision_addresses(
     registry: &str,
     model: &str,
 ) -> Result<Vec<unfed_proto::Hop>> {
+    vision_route(net, registry, model, &|_| false).await
+}
+
+/// One listed replica per vision shard, in shard order, skipping the nodes `banned`
+/// names (those that failed this client).
+pub async fn vision_route(
+    net: &crate::net::Net,
+    registry: &str,
+    model: &str,
+    banned: &(dyn Fn(&str) -> bool + Sync),
+) -> Result<Vec<unfed_proto::Hop>> {
     let mut client = crate::membership::registry_client(net, registry)?;
     let nodes = client
         .discover(unfed_proto::DiscoverRequest {
@@ -357,7 +382,14 @@ pub async fn vision_addresses(
         })
         .collect();
     shards.sort_by_key(|s| s.0);
+    let listed: std::collections::BTreeSet<u32> = shards.iter().map(|s| s.0).collect();
+    shards.retain(|s| !banned(&s.2.node_id));
     shards.dedup_by_key(|s| s.0);
+    if let Some(gone) = listed.iter().find(|i| !shards.iter().any(|s| s.0 == **i)) {
+        bail!(
+            "vision shard {gone} of `{model}` has no live replica: every listed one failed for this client; start another replica of it, or retry once one is back"
+        );
+    }
     let total = shards.first().map_or(0, |s| s.1 as usize);
     if shards.is_empty() || shards.len() != total {
         bail!(
