@@ -87,7 +87,8 @@ impl Default for BatchConfig {
     }
 }
 
-/// Sessions that stepped within this window count as active: the batch waits for them.
+/// Sessions that stepped within this window, and still exist, count as active: the
+/// batch waits for them.
 const ACTIVE_WINDOW: Duration = Duration::from_millis(500);
 
 #[derive(Clone)]
@@ -140,8 +141,9 @@ impl Batcher {
 struct Worker {
     cfg: BatchConfig,
     stats: Arc<Stats>,
-    /// When each session last stepped.
-    seen: HashMap<String, Instant>,
+    /// When each session last stepped; ended sessions (dropped by the store) no
+    /// longer count, so back-to-back sessions never wait for the one before.
+    seen: HashMap<String, (Instant, std::sync::Weak<Mutex<Session>>)>,
     /// Steps held back from the last batch (a second step of a session already in it).
     held: Vec<Job>,
 }
@@ -167,10 +169,12 @@ impl Worker {
             }
             self.collect(&rx, &mut jobs);
             let now = Instant::now();
-            self.seen
-                .retain(|_, t| now.duration_since(*t) < ACTIVE_WINDOW);
+            self.seen.retain(|_, (t, session)| {
+                now.duration_since(*t) < ACTIVE_WINDOW && session.strong_count() > 0
+            });
             for job in &jobs {
-                self.seen.insert(job.session_id.clone(), now);
+                let session = Arc::downgrade(&job.session);
+                self.seen.insert(job.session_id.clone(), (now, session));
             }
             let (batch, held) = one_step_per_session(jobs);
             self.held = held;
@@ -182,7 +186,8 @@ impl Worker {
 
     /// Adds waiting steps; waits for more while fewer than the active sessions are in.
     fn collect(&self, rx: &Receiver<Job>, jobs: &mut Vec<Job>) {
-        let expected = self.seen.len().min(self.cfg.max_steps);
+        let live = self.seen.values().filter(|(_, s)| s.strong_count() > 0);
+        let expected = live.count().min(self.cfg.max_steps);
         let deadline = Instant::now() + self.cfg.wait;
         while jobs.len() < self.cfg.max_steps {
             match rx.try_recv() {
