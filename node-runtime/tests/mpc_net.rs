@@ -548,27 +548,13 @@ async fn a_dead_party_fails_over_to_another_pair_with_the_same_tokens() {
     let (a1, b1) = start_pair(&split, Some(&reg), &["--full-output"], &logs(1));
     let (a2, b2) = start_pair(&split, Some(&reg), &["--full-output"], &logs(2));
     let mut parties = [a1, b1, a2, b2];
-    let mut client = net.client().await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let listed = |nodes: &[unfed_proto::NodeInfo]| {
+    net.wait_listing("every party listed", |nodes| {
         parties
             .iter()
             .all(|p| nodes.iter().any(|n| n.address == p.address))
-    };
-    loop {
-        let nodes = client
-            .registry_mut()
-            .discover(unfed_proto::DiscoverRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .nodes;
-        if listed(&nodes) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{nodes:?}\n{}", net.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await; // poll again until the deadline
-    }
+    })
+    .await;
+    let mut client = net.client().await;
     let params = PublicParams::new(PublicSource::Split(split.clone()));
     let private = client
         .private_route("tiny", &params)

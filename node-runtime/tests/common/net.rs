@@ -370,6 +370,31 @@ impl Net {
             .unwrap()
     }
 
+    /// Polls the registry's node list until `done` holds for it (20 s deadline, `what`
+    /// names the wait in the failure).
+    pub async fn wait_listing(&self, what: &str, done: impl Fn(&[unfed_proto::NodeInfo]) -> bool) {
+        let mut client = self.client().await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let nodes = client
+                .registry_mut()
+                .discover(unfed_proto::DiscoverRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .nodes;
+            if done(&nodes) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {nodes:?}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await; // poll again until the deadline
+        }
+    }
+
     /// Polls until the registry reports `model` READY with `nodes` nodes.
     pub async fn wait_ready(&self, model: &str, nodes: u32) {
         let mut client = self.client().await;
