@@ -147,7 +147,7 @@ fn assert_no_process_left(marker: &str, secs: u64) {
             Instant::now() < deadline,
             "processes of the run left: {left:#?}"
         );
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(50)); // poll again until the deadline
     }
 }
 
@@ -258,7 +258,7 @@ fn supervisor_says(net: &Net, file: &str, needle: &str, secs: u64) -> String {
             "no {needle:?} in {}:\n{seen}",
             path.display()
         );
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(20)); // poll again until the deadline
     }
 }
 

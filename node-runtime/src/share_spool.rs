@@ -94,11 +94,17 @@ impl Spool {
 
 /// Writes `items` to `path` through a renamed temp file; returns it open for appends.
 fn rewrite<'a>(path: &Path, items: impl Iterator<Item = &'a Pending>) -> Result<File> {
-    let tmp = path.with_extension("tmp");
     let mut out = Vec::new();
     for item in items {
         out.extend_from_slice(&record(item));
     }
+    if out.is_empty() {
+        // Everything delivered, the common case on every flush: truncate, no sync (a
+        // lost truncation only resends shares the daemon counts once).
+        File::create(path).with_context(|| format!("emptying {}", path.display()))?;
+        return Ok(OpenOptions::new().append(true).open(path)?);
+    }
+    let tmp = path.with_extension("tmp");
     let mut file = File::create(&tmp)?;
     file.write_all(&out)?;
     file.sync_data()?;

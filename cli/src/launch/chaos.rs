@@ -13,6 +13,7 @@ use unfed_node::client::{Client, GenerateOptions, GenerateOutput};
 use unfed_proto::{GetChainStatusRequest, ModelState};
 
 use super::relay::Fault;
+use super::state::ProcessRecord;
 use super::steps::Context;
 use crate::chaos_plan::{ChaosEvent, Trigger};
 use crate::plan::StepKind;
@@ -191,26 +192,16 @@ async fn inject(
 
 /// The target runs (a new process after a kill) and answers where peers dial it.
 async fn serving(ctx: &Context, event: &ChaosEvent, old_pid: u32) -> anyhow::Result<()> {
-    let (pid, port) = {
-        let running = ctx.running.lock().unwrap();
-        let p = running
-            .processes
-            .iter()
-            .rfind(|p| p.name == event.target)
-            .with_context(|| format!("{} is not running (left stopped?)", event.target))?;
-        (p.pid, p.port)
-    };
+    let target = process(ctx, |p| p.name == event.target)
+        .with_context(|| format!("{} is not running (left stopped?)", event.target))?;
     if event.action == ChaosAction::Kill {
         ensure!(
-            pid != old_pid,
+            target.pid != old_pid,
             "{} has not been restarted yet",
             event.target
         );
     }
-    let addr = match ctx.relays.get(&event.target) {
-        Some(relay) => relay.addr.to_string(),
-        None => format!("127.0.0.1:{}", port.context("no port recorded")?),
-    };
+    let addr = dial_address(ctx, &target)?;
     match event.target_kind {
         StepKind::Daemon => {
             let mut d = unfed_node::daemon::client(&ctx.net, &addr, None).await?;
@@ -258,21 +249,10 @@ async fn daemon_shares(ctx: &Context) -> anyhow::Result<Option<u64>> {
 }
 
 async fn daemon(ctx: &Context) -> anyhow::Result<Option<unfed_node::daemon::DaemonClient>> {
-    let name_port = {
-        let running = ctx.running.lock().unwrap();
-        running
-            .processes
-            .iter()
-            .rfind(|p| p.kind == "daemon")
-            .map(|p| (p.name.clone(), p.port))
-    };
-    let Some((name, port)) = name_port else {
+    let Some(daemon) = process(ctx, |p| p.kind == "daemon") else {
         return Ok(None);
     };
-    let addr = match ctx.relays.get(&name) {
-        Some(relay) => relay.addr.to_string(),
-        None => format!("127.0.0.1:{}", port.context("the daemon has no port")?),
-    };
+    let addr = dial_address(ctx, &daemon)?;
     Ok(Some(
         unfed_node::daemon::client(&ctx.net, &addr, None).await?,
     ))
@@ -307,13 +287,23 @@ async fn shares_delivered(ctx: &Context, before: u64, low: u64) -> anyhow::Resul
 }
 
 fn pid_of(ctx: &Context, name: &str) -> anyhow::Result<u32> {
-    let running = ctx.running.lock().unwrap();
-    running
-        .processes
-        .iter()
-        .rfind(|p| p.name == name)
+    process(ctx, |p| p.name == name)
         .map(|p| p.pid)
         .with_context(|| format!("{name} is not running"))
+}
+
+/// The newest running process `matches` picks.
+fn process(ctx: &Context, matches: impl Fn(&ProcessRecord) -> bool) -> Option<ProcessRecord> {
+    let running = ctx.running.lock().unwrap();
+    running.processes.iter().rfind(|p| matches(p)).cloned()
+}
+
+/// Where peers dial `p`: the relay chaos put in front of it, else its own port.
+fn dial_address(ctx: &Context, p: &ProcessRecord) -> anyhow::Result<String> {
+    Ok(match ctx.relays.get(&p.name) {
+        Some(relay) => relay.addr.to_string(),
+        None => format!("127.0.0.1:{}", p.port.context("no port recorded")?),
+    })
 }
 
 fn signal(pid: u32, sig: Signal) -> anyhow::Result<()> {

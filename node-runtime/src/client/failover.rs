@@ -23,22 +23,9 @@ pub struct HopFailed {
 }
 
 impl HopFailed {
-    /// Failures another replica may not have: the node is gone, hung, restarted (the
-    /// session is unknown there) or refused the hop. Bad input fails everywhere alike.
+    /// A failure another replica may not have (`replayable_code`).
     pub fn replayable(&self) -> bool {
-        use tonic::Code::*;
-        matches!(
-            self.code,
-            Unavailable
-                | DeadlineExceeded
-                | Cancelled
-                | Unknown
-                | Internal
-                | Aborted
-                | FailedPrecondition
-                | PermissionDenied
-                | NotFound
-        )
+        replayable_code(self.code)
     }
 
     /// The node at fault: the one a hop refused ("rejected the hop from ID"), else the
@@ -62,6 +49,25 @@ impl HopFailed {
             .min_by_key(|(at, _)| *at)
             .map(|(_, h)| h)
     }
+}
+
+/// Whether a hop that failed with `code` may work elsewhere: the node is gone, hung,
+/// restarted (the session is unknown there) or refused the hop. Bad input fails
+/// everywhere alike.
+pub fn replayable_code(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    matches!(
+        code,
+        Unavailable
+            | DeadlineExceeded
+            | Cancelled
+            | Unknown
+            | Internal
+            | Aborted
+            | FailedPrecondition
+            | PermissionDenied
+            | NotFound
+    )
 }
 
 struct Ban {

@@ -589,15 +589,8 @@ pub async fn image_prompt_with(
             Err(e) => e.downcast_ref::<vision::service::EncodeFailed>(),
             Ok(_) => None,
         };
-        let replayable = failed.is_some_and(|f| {
-            super::failover::HopFailed {
-                code: f.code,
-                message: f.message.clone(),
-            }
-            .replayable()
-        });
         match failed {
-            Some(f) if replayable => {
+            Some(f) if super::failover::replayable_code(f.code) => {
                 let (hop, why) = (f.hop.clone(), format!("{f}"));
                 tracing::warn!(node = hop.node_id, "failing over: {why}");
                 client.bans.ban(&hop, &why);

@@ -373,34 +373,22 @@ impl Client {
                 _ => public.embed(&input)?,
             };
             let stepped = live
-                .step(&pair, &client, (model, step, position), &rows, &input, opts)
+                .step(
+                    &pair,
+                    &client,
+                    (model, step, position),
+                    (&rows, t),
+                    &input,
+                    opts,
+                )
                 .await;
             let (token, is_eos, timings) = match stepped {
-                Ok(Stepped::Token(token, is_eos, mut timings)) => {
-                    let mpc_ms = t.elapsed().as_secs_f64() * 1e3;
-                    timings.insert(
-                        0,
-                        HopTiming {
-                            node_id: pair.a.node_id.clone(),
-                            shard_index: 0,
-                            compute_ms: mpc_ms,
-                            total_ms: mpc_ms,
-                        },
-                    );
-                    (token, is_eos, timings)
-                }
-                Ok(Stepped::Logits(logits)) => {
+                Ok(Stepped::Token(token, is_eos, timings)) => (token, is_eos, timings),
+                Ok(Stepped::Logits(logits, timings)) => {
                     let token = sampler.sample(logits).token;
                     sampler.observe(&[token]);
-                    let mpc_ms = t.elapsed().as_secs_f64() * 1e3;
-                    let timing = HopTiming {
-                        node_id: pair.a.node_id.clone(),
-                        shard_index: 0,
-                        compute_ms: mpc_ms,
-                        total_ms: mpc_ms,
-                    };
                     let is_eos = public.cfg.eos_token_ids.contains(&token);
-                    (token, is_eos, vec![timing])
+                    (token, is_eos, timings)
                 }
                 Err(failure) if out.failovers < super::MAX_FAILOVERS && failure.replayable() => {
                     failed_at = Some(Instant::now());
@@ -611,9 +599,10 @@ struct PrivateSession {
 }
 
 /// What one step produced: the logits for the client to sample (full_output_2pc), or
-/// the token the route's last shard sampled, with its hops' timings.
+/// the token the route's last shard sampled; with the timings of the pair, then of the
+/// route's hops.
 enum Stepped {
-    Logits(Vec<f32>),
+    Logits(Vec<f32>, Vec<HopTiming>),
     Token(u32, bool, Vec<HopTiming>),
 }
 
@@ -649,7 +638,7 @@ impl PrivateSession {
         pair: &PairInfo,
         client: &MpcClient<'_>,
         (model, step, position): (&str, u32, u32),
-        rows: &[f32],
+        (rows, started): (&[f32], Instant),
         input: &[u32],
         opts: &GenerateOptions,
     ) -> std::result::Result<Stepped, StepFailure> {
@@ -664,8 +653,16 @@ impl PrivateSession {
                     anyhow::anyhow!("private generation failed at step {step}: {e:#}"),
                 )
             })?;
+        // The pair's time: from embedding the rows to its output.
+        let mpc_ms = started.elapsed().as_secs_f64() * 1e3;
+        let mut timings = vec![HopTiming {
+            node_id: pair.a.node_id.clone(),
+            shard_index: 0,
+            compute_ms: mpc_ms,
+            total_ms: mpc_ms,
+        }];
         match (output, self.hops.as_mut()) {
-            (ClientOutput::Logits(logits), None) => Ok(Stepped::Logits(logits)),
+            (ClientOutput::Logits(logits), None) => Ok(Stepped::Logits(logits, timings)),
             (ClientOutput::Hidden(_), Some(hops)) => {
                 let handed = forward_request::Input::Mpc(MpcInput {
                     layer: pair.layer_end,
@@ -677,7 +674,8 @@ impl PrivateSession {
                     .step(model, (step, position), handed, input, None, opts)
                     .await
                     .map_err(|e| failed(FailedAt::Route, false, e))?;
-                Ok(Stepped::Token(resp.token_id, resp.is_eos, resp.timings))
+                timings.extend(resp.timings);
+                Ok(Stepped::Token(resp.token_id, resp.is_eos, timings))
             }
             _ => Err(failed(
                 FailedAt::Pair,
