@@ -17,7 +17,7 @@ async fn each_hop_of_an_answer_yields_exactly_one_accepted_share() {
     let checkpoint = common::fixtures_root().join("qwen2-f32");
     split_into(&checkpoint, &tmp.path().join("splits"), "m", 2);
     let mut net = Net::registry(tmp);
-    let dnode = Node::start(&daemon_args(&net), net.dir.path().join("daemon.log"));
+    let dnode = listed_daemon(&net).await;
     net.compute("m", 0);
     net.compute("m", 1);
     net.wait_ready("m", 2).await;
@@ -86,6 +86,13 @@ fn daemon_args(net: &Net) -> Vec<String> {
 }
 
 /// A paid answer of `n` tokens, whatever the model says (no stop at EOS).
+/// A daemon the registry lists: a client finding none runs its session unpaid.
+async fn listed_daemon(net: &Net) -> Node {
+    let node = Node::start(&daemon_args(net), net.dir.path().join("daemon.log"));
+    net.wait_daemon_listed().await;
+    node
+}
+
 fn paid(n: usize) -> GenerateOptions {
     let payer = unfed_node::voucher::Payer::wallet(unfed_chain::dev_signer(9).unwrap());
     GenerateOptions {
@@ -105,7 +112,7 @@ async fn a_daemon_outage_and_a_node_restart_lose_no_share() {
     let checkpoint = common::fixtures_root().join("qwen2-f32");
     split_into(&checkpoint, &tmp.path().join("splits"), "m", 2);
     let mut net = Net::registry(tmp);
-    let mut dnode = Node::start(&daemon_args(&net), net.dir.path().join("daemon.log"));
+    let mut dnode = listed_daemon(&net).await;
     let spool = |net: &Net, shard: usize| net.dir.path().join(format!("spool-{shard}"));
     for shard in 0..2 {
         let mut args = net.compute_args("m", shard, "0");
@@ -343,6 +350,7 @@ async fn chat_on_a_staked_testnet_is_paid_exactly_at_the_configured_prices() {
         computes: Vec::new(),
         tls: true,
     };
+    net.wait_daemon_listed().await;
     for (shard, wallet) in [(0usize, 2u32), (1, 3)] {
         let mut a = net.compute_args("m", shard, "0");
         a.extend([

@@ -262,6 +262,7 @@ async fn the_pair_hands_its_shares_to_the_next_shard_which_reconstructs_them() {
     let daemon = start_daemon(&reg, &logs);
     let (a, b) = start_pair(&split, Some(&reg), &[], &logs);
     net.wait_ready("tiny", 4).await;
+    net.wait_daemon_listed().await;
     let mut client = net.client().await;
     // The client fetches the public parameters from the pair and caches them by digest.
     let cache = net.dir.path().join("cache");

@@ -156,6 +156,7 @@ impl Staked {
             dir.join("daemon.log"),
             &[(unfed_chain::STAKE_KEY_FILE_ENV, key.as_path())],
         ));
+        self.net.wait_daemon_listed().await;
     }
 
     /// Stakes a fresh wallet and starts a compute node for `shard` on it.

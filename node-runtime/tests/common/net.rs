@@ -370,6 +370,15 @@ impl Net {
             .unwrap()
     }
 
+    /// Waits until the registry lists a daemon: a client that finds none runs its
+    /// sessions unpaid, so a paid test must not start before.
+    pub async fn wait_daemon_listed(&self) {
+        self.wait_listing("no daemon listed", |nodes| {
+            nodes.iter().any(|n| n.role == "daemon")
+        })
+        .await;
+    }
+
     /// Polls the registry's node list until `done` holds for it (20 s deadline, `what`
     /// names the wait in the failure).
     pub async fn wait_listing(&self, what: &str, done: impl Fn(&[unfed_proto::NodeInfo]) -> bool) {
