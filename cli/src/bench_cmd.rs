@@ -9,8 +9,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::json;
+use unfed_node::client::private::PrivateRoute;
 use unfed_node::client::{Client, GenerateOptions};
 use unfed_node::engine::SamplingConfig;
+use unfed_node::mpc::net::{LinkTraffic, MpcTraffic};
 
 use crate::client_cmd::{Target, pick_model, resolve};
 
@@ -100,13 +102,31 @@ fn paired_ratio(a: &[Run], b: &[Run]) -> f64 {
 
 /// A network under measurement and what it measured.
 struct Measured {
-    label: &'static str,
+    label: String,
     client: Client,
     /// Signs the sessions' spending vouchers (the testnet's dev client).
     payer: Option<unfed_node::voucher::Payer>,
     runs: Vec<Run>,
     /// Per hop, ms per token not spent computing or waiting downstream; client RPC.
     overhead: (Vec<f64>, f64),
+    /// Generate through this MPC pair (the private mode) instead of the compute route.
+    private: Option<PrivateRoute>,
+    /// The client's traffic with the pair in the last run.
+    traffic: Option<MpcTraffic>,
+}
+
+impl Measured {
+    fn new(label: String, client: Client, payer: Option<unfed_node::voucher::Payer>) -> Self {
+        Self {
+            label,
+            client,
+            payer,
+            runs: Vec::new(),
+            overhead: Default::default(),
+            private: None,
+            traffic: None,
+        }
+    }
 }
 
 pub async fn bench(a: BenchArgs) -> Result<ExitCode> {
@@ -143,13 +163,7 @@ pub async fn bench(a: BenchArgs) -> Result<ExitCode> {
                 )),
                 None => None,
             };
-            networks.push(Measured {
-                label,
-                client,
-                payer,
-                runs: Vec::new(),
-                overhead: Default::default(),
-            });
+            networks.push(Measured::new(label.to_string(), client, payer));
             testnets.push((net, dir));
         }
         let model = pick_model(&mut networks[0].client, a.target.model.clone()).await?;
@@ -158,13 +172,21 @@ pub async fn bench(a: BenchArgs) -> Result<ExitCode> {
         let r = resolve(&a.target)?;
         let mut client = Client::connect(&r.net, &r.registry).await?;
         let model = pick_model(&mut client, r.model).await?;
-        let networks = vec![Measured {
-            label: "network",
-            client,
-            payer: r.payer,
-            runs: Vec::new(),
-            overhead: Default::default(),
-        }];
+        let mut networks = vec![Measured::new("network".into(), client, r.payer.clone())];
+        // A model with an MPC pair: its private mode too, against the plaintext route.
+        let mut private = Client::connect(&r.net, &r.registry).await?;
+        if let Some(route) =
+            crate::client_cmd::private_route(&mut private, &model, r.shards_dir.as_deref()).await?
+        {
+            let mode = if route.0.full_output {
+                "full_output_2pc".to_string()
+            } else {
+                format!("MPC to layer {}", route.0.layer_end)
+            };
+            let mut m = Measured::new(format!("private ({mode})"), private, r.payer);
+            m.private = Some(route);
+            networks.push(m);
+        }
         (networks, model, r.shards_dir)
     };
     let result = measure(&a, &mut networks, &model, shards_dir).await;
@@ -232,10 +254,14 @@ async fn measure(
                 payer: net.payer.clone(),
                 ..opts.clone()
             };
-            let out = net.client.generate(model, &prompt, &opts, |_| {}).await?;
+            let out = net
+                .client
+                .generate_via(model, net.private.as_ref(), &prompt, None, &opts, |_| {})
+                .await?;
             if i == 0 {
                 continue; // warm-up
             }
+            net.traffic = out.mpc_traffic.clone();
             net.runs.push((
                 out.ttft_ms,
                 out.total_ms - out.ttft_ms,
@@ -270,6 +296,9 @@ async fn measure(
                     "decode_ratio": paired_ratio(&n.runs, &single),
                     "per_hop_overhead_ms": n.overhead.0,
                     "client_rpc_overhead_ms": n.overhead.1,
+                    "over_plaintext_network_decode_ratio": (n.private.is_some())
+                        .then(|| paired_ratio(&n.runs, &networks[0].runs)),
+                    "mpc_traffic": n.traffic.as_ref().map(traffic_json),
                 })
             })
             .collect();
@@ -328,6 +357,16 @@ async fn measure(
             n.overhead.1
         );
     }
+    for n in networks.iter().filter(|n| n.private.is_some()) {
+        println!(
+            "{} / network decode (median of paired runs): {:.3}",
+            n.label,
+            paired_ratio(&n.runs, &networks[0].runs)
+        );
+        if let Some(t) = &n.traffic {
+            print_traffic(t);
+        }
+    }
     if let Some(r) = tls_cost {
         println!(
             "TLS / plaintext decode (median of paired runs): {r:.3} ({:+.1} %)",
@@ -335,6 +374,67 @@ async fn measure(
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// (bytes, messages) per unit of `per`, each way, of one party's link.
+fn per(t: &LinkTraffic, per: usize) -> [f64; 4] {
+    let d = per.max(1) as f64;
+    [
+        t.sent_bytes as f64 / d,
+        t.received_bytes as f64 / d,
+        t.sent_msgs as f64 / d,
+        t.received_msgs as f64 / d,
+    ]
+}
+
+fn traffic_json(t: &MpcTraffic) -> serde_json::Value {
+    let party = |i: usize| {
+        let (p, d) = (
+            per(&t.prefill[i], t.prefill_rows),
+            per(&t.decode[i], t.decode_steps),
+        );
+        json!({
+            "to_party_bytes_per_prompt_token": p[0],
+            "from_party_bytes_per_prompt_token": p[1],
+            "to_party_bytes_per_generated_token": d[0],
+            "from_party_bytes_per_generated_token": d[1],
+            "to_party_messages_per_decode_step": d[2],
+            "from_party_messages_per_decode_step": d[3],
+        })
+    };
+    json!({
+        "a": party(0), "b": party(1),
+        "prompt_tokens": t.prefill_rows, "decode_steps": t.decode_steps,
+    })
+}
+
+fn bytes(b: f64) -> String {
+    match b {
+        b if b >= 1e6 => format!("{:.2} MB", b / 1e6),
+        b if b >= 1e3 => format!("{:.1} kB", b / 1e3),
+        b => format!("{b:.0} B"),
+    }
+}
+
+/// The client's traffic with each party: per prompt token (the steps carrying a
+/// prompt), per generated token, and messages per decode step (client → party / back).
+fn print_traffic(t: &MpcTraffic) {
+    println!(
+        "{:<10} {:>26} {:>26} {:>20}",
+        "", "per prompt token (→ / ←)", "per generated token", "messages / step"
+    );
+    for (i, name) in ["party A", "party B"].iter().enumerate() {
+        let (p, d) = (
+            per(&t.prefill[i], t.prefill_rows),
+            per(&t.decode[i], t.decode_steps),
+        );
+        println!(
+            "{name:<10} {:>26} {:>26} {:>20}",
+            format!("{} / {}", bytes(p[0]), bytes(p[1])),
+            format!("{} / {}", bytes(d[0]), bytes(d[1])),
+            format!("{:.0} / {:.0}", d[2], d[3])
+        );
+    }
 }
 
 /// `--concurrency N`: the sweep of `bench_load` against the target network.

@@ -228,6 +228,22 @@ async fn models(t: Target) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The model's MPC pair when it has one, with the public parameters of its layers: from
+/// the spec's split, else fetched from the pair (cached by digest).
+pub(crate) async fn private_route(
+    client: &mut Client,
+    model: &str,
+    shards_dir: Option<&std::path::Path>,
+) -> Result<Option<PrivateRoute>> {
+    let source = match shards_dir {
+        Some(dir) => PublicSource::Split(dir.to_path_buf()),
+        None => PublicSource::Fetch(unfed_chain::anvil::cache_dir()?),
+    };
+    client
+        .private_route(model, &PublicParams::new(source))
+        .await
+}
+
 async fn chat(a: ChatArgs) -> Result<ExitCode> {
     let r = resolve(&a.target)?;
     let mut client = Client::connect(&r.net, &r.registry).await?;
@@ -255,15 +271,7 @@ async fn chat(a: ChatArgs) -> Result<ExitCode> {
         ..ImageLimits::default()
     };
     let image = a.image.as_deref().map(|i| (r.registry.as_str(), i, limits));
-    // Through the model's MPC pair when it has one; the public parameters of its layers
-    // come from the spec's split, else from the pair (cached by digest).
-    let source = match &r.shards_dir {
-        Some(dir) => PublicSource::Split(dir.clone()),
-        None => PublicSource::Fetch(unfed_chain::anvil::cache_dir()?),
-    };
-    let private = client
-        .private_route(&model, &PublicParams::new(source))
-        .await?;
+    let private = private_route(&mut client, &model, r.shards_dir.as_deref()).await?;
     match &a.prompt {
         Some(p) => {
             let turn = Turn {

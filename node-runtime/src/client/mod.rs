@@ -92,6 +92,8 @@ pub struct GenerateOutput {
     pub session_id: String,
     /// What the nodes could learn of it.
     pub privacy: crate::privacy::Mode,
+    /// Through an MPC pair: what the client exchanged with each party.
+    pub mpc_traffic: Option<crate::mpc::net::MpcTraffic>,
 }
 
 impl GenerateOutput {

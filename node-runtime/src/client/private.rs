@@ -372,6 +372,7 @@ impl Client {
                 }
                 _ => public.embed(&input)?,
             };
+            let before = live.remote.traffic();
             let stepped = live
                 .step(
                     &pair,
@@ -436,6 +437,12 @@ impl Client {
                 out.ttft_ms = start.elapsed().as_secs_f64() * 1e3;
             }
             out.add_timings(&timings);
+            let moved = live.remote.traffic();
+            out.mpc_traffic.get_or_insert_default().add_step(
+                step == 0,
+                input.len(),
+                [moved[0].since(before[0]), moved[1].since(before[1])],
+            );
             position += input.len() as u32;
             step += 1;
             out.tokens.push(token);

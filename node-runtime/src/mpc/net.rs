@@ -3,6 +3,7 @@
 //! so the protocol code is the same in-process and between machines.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -60,6 +61,93 @@ fn from_proto(m: MpcMessage, from: Peer) -> Msg {
     }
 }
 
+/// Bytes (protobuf-encoded, as they go on the gRPC stream) and messages of one link,
+/// counted by the client for `unfedctl bench`.
+#[derive(Debug, Default)]
+pub struct Meter {
+    sent_bytes: AtomicU64,
+    sent_msgs: AtomicU64,
+    received_bytes: AtomicU64,
+    received_msgs: AtomicU64,
+}
+
+/// A [`Meter`]'s counts at one moment, or the difference of two.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LinkTraffic {
+    pub sent_bytes: u64,
+    pub sent_msgs: u64,
+    pub received_bytes: u64,
+    pub received_msgs: u64,
+}
+
+impl Meter {
+    fn count(&self, sent: bool, msg: &MpcMessage) {
+        let bytes = prost::Message::encoded_len(msg) as u64;
+        let (b, n) = if sent {
+            (&self.sent_bytes, &self.sent_msgs)
+        } else {
+            (&self.received_bytes, &self.received_msgs)
+        };
+        b.fetch_add(bytes, Ordering::Relaxed);
+        n.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> LinkTraffic {
+        LinkTraffic {
+            sent_bytes: self.sent_bytes.load(Ordering::Relaxed),
+            sent_msgs: self.sent_msgs.load(Ordering::Relaxed),
+            received_bytes: self.received_bytes.load(Ordering::Relaxed),
+            received_msgs: self.received_msgs.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl LinkTraffic {
+    /// What was counted between `earlier` and `self`.
+    pub fn since(self, earlier: LinkTraffic) -> LinkTraffic {
+        LinkTraffic {
+            sent_bytes: self.sent_bytes - earlier.sent_bytes,
+            sent_msgs: self.sent_msgs - earlier.sent_msgs,
+            received_bytes: self.received_bytes - earlier.received_bytes,
+            received_msgs: self.received_msgs - earlier.received_msgs,
+        }
+    }
+
+    pub fn add(&mut self, o: LinkTraffic) {
+        self.sent_bytes += o.sent_bytes;
+        self.sent_msgs += o.sent_msgs;
+        self.received_bytes += o.received_bytes;
+        self.received_msgs += o.received_msgs;
+    }
+}
+
+/// The client's traffic with party A ([0]) and B ([1]) over a generation: the steps
+/// that carried a prompt (the first of a session, a replay after a failover too) and
+/// the decode steps after them.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct MpcTraffic {
+    pub prefill: [LinkTraffic; 2],
+    pub prefill_rows: usize,
+    pub decode: [LinkTraffic; 2],
+    pub decode_steps: usize,
+}
+
+impl MpcTraffic {
+    /// Adds one step of `rows` rows (`prefill`: the session's first) that moved `moved`.
+    pub fn add_step(&mut self, prefill: bool, rows: usize, moved: [LinkTraffic; 2]) {
+        let into = if prefill {
+            self.prefill_rows += rows;
+            &mut self.prefill
+        } else {
+            self.decode_steps += 1;
+            &mut self.decode
+        };
+        for (acc, m) in into.iter_mut().zip(moved) {
+            acc.add(m);
+        }
+    }
+}
+
 type Outgoing = UnboundedReceiverStream<Result<MpcMessage, Status>>;
 type PublicStream =
     std::pin::Pin<Box<dyn futures::Stream<Item = Result<PublicParamsChunk, Status>> + Send>>;
@@ -68,12 +156,17 @@ type PublicStream =
 /// stream carries `Result`s, a client stream plain messages).
 fn outgoing<T: Send + 'static>(
     wrap: fn(MpcMessage) -> T,
+    meter: Option<Arc<Meter>>,
 ) -> (Sender<Msg>, UnboundedReceiverStream<T>) {
     let (tx, rx) = channel::<Msg>();
     let (stream_tx, stream_rx) = tokio::sync::mpsc::unbounded_channel();
     std::thread::spawn(move || {
         while let Ok(m) = rx.recv() {
-            if stream_tx.send(wrap(to_proto(&m))).is_err() {
+            let m = to_proto(&m);
+            if let Some(meter) = &meter {
+                meter.count(true, &m);
+            }
+            if stream_tx.send(wrap(m)).is_err() {
                 break;
             }
         }
@@ -83,10 +176,17 @@ fn outgoing<T: Send + 'static>(
 
 /// A receiver of the messages arriving on `stream` from `peer`; it disconnects when the
 /// stream ends, so a dead peer fails the next receive at once.
-fn incoming(mut stream: Streaming<MpcMessage>, peer: Peer) -> Receiver<Msg> {
+fn incoming(
+    mut stream: Streaming<MpcMessage>,
+    peer: Peer,
+    meter: Option<Arc<Meter>>,
+) -> Receiver<Msg> {
     let (tx, rx) = channel();
     tokio::spawn(async move {
         while let Ok(Some(m)) = stream.message().await {
+            if let Some(meter) = &meter {
+                meter.count(false, &m);
+            }
             if tx.send(from_proto(m, peer)).is_err() {
                 break;
             }
@@ -129,6 +229,7 @@ async fn dial(
     me: Peer,
     them: Peer,
     options: &SessionOptions,
+    meter: Option<Arc<Meter>>,
 ) -> Result<(Sender<Msg>, Receiver<Msg>)> {
     let addr = &to.address;
     let pin = crate::net::Pin::parse(&to.tls_pin)?;
@@ -140,7 +241,7 @@ async fn dial(
     let mut client = MpcClient::new(ch)
         .max_decoding_message_size(crate::net::limits::MPC)
         .max_encoding_message_size(crate::net::limits::MPC);
-    let (tx, stream) = outgoing(|m| m);
+    let (tx, stream) = outgoing(|m| m, meter.clone());
     let mut first = hello(session, me);
     if let Some(h) = &options.handoff {
         first.handoff = h.address.clone();
@@ -155,7 +256,7 @@ async fn dial(
             s.message()
         )
     })?;
-    Ok((tx, incoming(resp.into_inner(), them)))
+    Ok((tx, incoming(resp.into_inner(), them, meter)))
 }
 
 type Link = (Sender<Msg>, Receiver<Msg>);
@@ -481,8 +582,8 @@ impl Mpc for PartyService {
         } else {
             None
         };
-        let (tx, stream) = outgoing(Ok);
-        let rx = incoming(inbound, from);
+        let (tx, stream) = outgoing(Ok, None);
+        let rx = incoming(inbound, from, None);
         if self.is_a && from == Peer::Client {
             let to = self
                 .counterpart_b()
@@ -495,6 +596,7 @@ impl Mpc for PartyService {
                 Peer::A,
                 Peer::B,
                 &Default::default(),
+                None,
             )
             .await
             .map_err(|e| Status::unavailable(format!("{e:#}")))?;
@@ -508,6 +610,8 @@ impl Mpc for PartyService {
 /// The client's session with a pair running elsewhere.
 pub struct RemotePair {
     port: Port,
+    /// The links to A and B.
+    meters: [Arc<Meter>; 2],
 }
 
 impl RemotePair {
@@ -521,9 +625,29 @@ impl RemotePair {
         timeout: Duration,
         options: &SessionOptions,
     ) -> Result<Self> {
-        let (atx, arx) = dial(net, a, session, Peer::Client, Peer::A, options).await?;
-        let (btx, brx) = dial(net, b, session, Peer::Client, Peer::B, options).await?;
+        let meters: [Arc<Meter>; 2] = Default::default();
+        let (atx, arx) = dial(
+            net,
+            a,
+            session,
+            Peer::Client,
+            Peer::A,
+            options,
+            Some(meters[0].clone()),
+        )
+        .await?;
+        let (btx, brx) = dial(
+            net,
+            b,
+            session,
+            Peer::Client,
+            Peer::B,
+            options,
+            Some(meters[1].clone()),
+        )
+        .await?;
         Ok(Self {
+            meters,
             port: Port::new(
                 Peer::Client,
                 session,
@@ -544,5 +668,11 @@ impl RemotePair {
         let out = tokio::task::block_in_place(|| client.step(sess, &self.port, input));
         self.port.step += 1;
         out
+    }
+
+    /// The client's traffic with A and with B so far (a message the client has sent
+    /// counts once it is on its way).
+    pub fn traffic(&self) -> [LinkTraffic; 2] {
+        [self.meters[0].snapshot(), self.meters[1].snapshot()]
     }
 }
