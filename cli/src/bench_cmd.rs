@@ -283,8 +283,9 @@ async fn measure(
     }
     drop(local);
     let s = summarize(&single, prompt.len());
-    let tls_cost =
-        (networks.len() == 2).then(|| paired_ratio(&networks[0].runs, &networks[1].runs));
+    let tls_cost = a
+        .compare_tls
+        .then(|| paired_ratio(&networks[0].runs, &networks[1].runs));
     if a.target.json {
         let nets: Vec<_> = networks
             .iter()
@@ -324,17 +325,17 @@ async fn measure(
         a.tokens
     );
     println!(
-        "{:<20} {:>14} {:>14} {:>10} {:>16}",
+        "{:<28} {:>14} {:>14} {:>10} {:>16}",
         "", "prefill tok/s", "decode tok/s", "TTFT ms", "decode / single"
     );
     println!(
-        "{:<20} {:>14.1} {:>14.1} {:>10.2} {:>16}",
+        "{:<28} {:>14.1} {:>14.1} {:>10.2} {:>16}",
         "single-process", s.prefill_tokens_per_s, s.decode_tokens_per_s, s.ttft_ms, "1.000"
     );
     for n in networks.iter() {
         let sp = summarize(&n.runs, prompt.len());
         println!(
-            "{:<20} {:>14.1} {:>14.1} {:>10.2} {:>16.3}",
+            "{:<28} {:>14.1} {:>14.1} {:>10.2} {:>16.3}",
             n.label,
             sp.prefill_tokens_per_s,
             sp.decode_tokens_per_s,

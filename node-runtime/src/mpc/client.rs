@@ -1,21 +1,32 @@
-//! The client's side: it embeds its own tokens, deals the Beaver triples, and computes
-//! the non-linear steps (RMSNorm, RoPE, softmax, SiLU·up) on values it reconstructs from
-//! the parties' shares, handing back fresh shares. It learns only its own request's
-//! activations; A and B see nothing but uniformly masked ring elements.
+//! The client's side: it embeds its own tokens and computes everything that is not a
+//! public linear layer — RMSNorm, RoPE, attention over its own keys and values (kept
+//! here, in the clear: they are its request's), SiLU·up — on values it reconstructs
+//! from the parties' shares, handing back fresh shares. A gets its shares as one seed
+//! per step ([`mask`]); B gets x − r. It learns only its own request's activations; A and
+//! B see nothing but a seed and uniformly masked ring elements.
 
 use anyhow::Result;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
-use super::beaver::{self, Batch};
+use super::mask::MaskStream;
 use super::port::{Peer, Port};
-use super::ring::{FRAC_BITS, add, decode_at, encode_at, share};
+use super::ring::{FRAC_BITS, add, decode_at, encode_at, sub};
 use super::weights::ClientModel;
 
-/// The client's state of one session: its randomness and the positions done.
+/// The client's state of one session: its randomness, the positions done, and per layer
+/// the keys and values of those positions (after RoPE).
 pub struct ClientSession {
     rng: ChaCha20Rng,
     pos: usize,
+    kv: Vec<LayerKv>,
+}
+
+/// One layer's keys and values, [positions, kv_heads · head_dim] each.
+#[derive(Default)]
+struct LayerKv {
+    k: Vec<f64>,
+    v: Vec<f64>,
 }
 
 impl ClientSession {
@@ -30,7 +41,11 @@ impl ClientSession {
     }
 
     fn with_rng(rng: ChaCha20Rng) -> Self {
-        Self { rng, pos: 0 }
+        Self {
+            rng,
+            pos: 0,
+            kv: Vec::new(),
+        }
     }
 
     pub fn position(&self) -> usize {
@@ -85,21 +100,55 @@ fn silu(x: f64) -> f64 {
     x / (1.0 + (-x).exp())
 }
 
-/// Test-only fault (feature `privacy-mutation`): party A gets the first row of every "h"
-/// in the clear and B a zero row, so the privacy tests can show that they catch a leak.
-#[cfg(feature = "privacy-mutation")]
-fn leak_first_row(
-    kind: &str,
-    shape: &[usize],
-    enc: &[u64],
-    (mut a, mut b): (Vec<u64>, Vec<u64>),
-) -> (Vec<u64>, Vec<u64>) {
-    if kind == "h" {
-        let w = shape.last().copied().unwrap_or(0);
-        a[..w].copy_from_slice(&enc[..w]);
-        b[..w].fill(0);
+/// Attention heads and their sizes.
+#[derive(Clone, Copy)]
+struct Heads {
+    q: usize,
+    kv: usize,
+    dim: usize,
+}
+
+/// Causal attention of `t` new rows (positions `pos..pos + t`) whose q, k, v are in
+/// `qkv` [t, (q + 2·kv)·dim] after RoPE: appends their keys and values to `cache` and
+/// returns [t, q·dim], each query head reading its group's key-value head.
+fn attend(cache: &mut LayerKv, qkv: &[f64], h: Heads, pos: usize) -> Vec<f64> {
+    let (q_dim, kv_dim) = (h.q * h.dim, h.kv * h.dim);
+    let width = q_dim + 2 * kv_dim;
+    for row in qkv.chunks(width) {
+        cache.k.extend_from_slice(&row[q_dim..q_dim + kv_dim]);
+        cache.v.extend_from_slice(&row[q_dim + kv_dim..]);
     }
-    (a, b)
+    let scale = 1.0 / (h.dim as f64).sqrt();
+    let per_group = h.q / h.kv;
+    let mut out = vec![0.0; qkv.len() / width * q_dim];
+    let mut probs = Vec::new();
+    for (i, row) in qkv.chunks(width).enumerate() {
+        // Row i is position pos + i: it sees positions up to itself.
+        let visible = pos + i + 1;
+        for head in 0..h.q {
+            let g = head / per_group;
+            let q = &row[head * h.dim..(head + 1) * h.dim];
+            let key = |j: usize| &cache.k[j * kv_dim + g * h.dim..j * kv_dim + (g + 1) * h.dim];
+            probs.clear();
+            probs.extend(
+                (0..visible).map(|j| q.iter().zip(key(j)).map(|(a, b)| a * b).sum::<f64>() * scale),
+            );
+            let max = probs.iter().fold(f64::MIN, |m, v| m.max(*v));
+            let mut sum = 0.0;
+            for p in probs.iter_mut() {
+                *p = (*p - max).exp();
+                sum += *p;
+            }
+            let o = &mut out[i * q_dim + head * h.dim..i * q_dim + (head + 1) * h.dim];
+            for (j, p) in probs.iter().enumerate() {
+                let v = &cache.v[j * kv_dim + g * h.dim..j * kv_dim + (g + 1) * h.dim];
+                for (acc, x) in o.iter_mut().zip(v) {
+                    *acc += p / sum * x;
+                }
+            }
+        }
+    }
+    out
 }
 
 pub struct Client<'a> {
@@ -107,22 +156,18 @@ pub struct Client<'a> {
 }
 
 impl Client<'_> {
-    /// Sends fresh shares of `x` to A and B as `kind`.
+    /// Shares `x` as `kind`: A's share is the next mask of its seed's stream, B gets
+    /// the rest.
     fn reshare(
         &self,
         port: &Port,
-        sess: &mut ClientSession,
+        masks: &mut MaskStream,
         kind: &str,
         shape: &[usize],
         x: &[f64],
     ) -> Result<()> {
         let enc: Vec<u64> = x.iter().map(|v| encode_at(*v, FRAC_BITS)).collect();
-        let shares = share(&enc, &mut sess.rng);
-        #[cfg(feature = "privacy-mutation")]
-        let shares = leak_first_row(kind, shape, &enc, shares);
-        let (a, b) = shares;
-        port.send(Peer::A, kind, shape, a)?;
-        port.send(Peer::B, kind, shape, b)
+        port.send(Peer::B, kind, shape, sub(&enc, &masks.next(kind, shape)))
     }
 
     /// Both parties' shares of `kind`, reconstructed and decoded from 2·FRAC_BITS.
@@ -133,13 +178,6 @@ impl Client<'_> {
             .iter()
             .map(|v| decode_at(*v, 2 * FRAC_BITS))
             .collect())
-    }
-
-    fn deal(&self, port: &Port, sess: &mut ClientSession, kind: &str, batch: &Batch) -> Result<()> {
-        let (for_a, for_b) = beaver::deal(batch, &mut sess.rng);
-        let kind = format!("triple.{kind}");
-        port.send(Peer::A, &kind, &[for_a.len()], for_a)?;
-        port.send(Peer::B, &kind, &[for_b.len()], for_b)
     }
 
     /// One step over `input` [rows, hidden] (embedded rows: the client embeds its own
@@ -158,12 +196,21 @@ impl Client<'_> {
         let t = input.len() / hdim;
         let s = sess.pos + t;
         let eps = cfg.rms_norm_eps;
+        let (seed, mut masks) = MaskStream::draw(&mut sess.rng);
         port.send(Peer::A, "begin", &[1], vec![t as u64])?;
+        port.send(Peer::A, "seed", &[seed.len()], seed)?;
         port.send(Peer::B, "begin", &[1], vec![t as u64])?;
+        let masks = &mut masks;
+        let heads = Heads {
+            q: nh,
+            kv: nkv,
+            dim: hd,
+        };
+        sess.kv
+            .resize_with(self.model.norms.len(), LayerKv::default);
         let mut x: Vec<f64> = input.iter().map(|v| *v as f64).collect();
-        let scale = 1.0 / (hd as f64).sqrt();
-        for (norm1, norm2) in &self.model.norms {
-            self.reshare(port, sess, "h", &[t, hdim], &rms_norm(&x, norm1, eps))?;
+        for ((norm1, norm2), kv) in self.model.norms.iter().zip(&mut sess.kv) {
+            self.reshare(port, masks, "h", &[t, hdim], &rms_norm(&x, norm1, eps))?;
             let mut qkv = self.gather(port, "qkv2f", &[t, qkv_dim])?;
             rope(&mut qkv, qkv_dim, 0, nh, &self.model.inv_freq, sess.pos);
             rope(
@@ -174,68 +221,30 @@ impl Client<'_> {
                 &self.model.inv_freq,
                 sess.pos,
             );
-            self.reshare(port, sess, "qkv", &[t, qkv_dim], &qkv)?;
-            let scores = Batch {
-                heads: nh,
-                groups: nkv,
-                m: t,
-                k: hd,
-                n: s,
-                transposed: true,
-            };
-            self.deal(port, sess, "scores", &scores)?;
-            let mut att = self.gather(port, "scores2f", &[nh, t, s])?;
-            for (i, row) in att.chunks_mut(s).enumerate() {
-                // Row i is position pos + (i mod t): it sees positions up to itself.
-                let visible = sess.pos + i % t + 1;
-                let max = row[..visible]
-                    .iter()
-                    .fold(f64::MIN, |m, v| m.max(*v * scale));
-                let mut sum = 0.0;
-                for (j, v) in row.iter_mut().enumerate() {
-                    *v = if j < visible {
-                        (*v * scale - max).exp()
-                    } else {
-                        0.0
-                    };
-                    sum += *v;
-                }
-                row.iter_mut().for_each(|v| *v /= sum);
-            }
-            self.reshare(port, sess, "probs", &[nh, t, s], &att)?;
-            let pv = Batch {
-                heads: nh,
-                groups: nkv,
-                m: t,
-                k: s,
-                n: hd,
-                transposed: false,
-            };
-            self.deal(port, sess, "pv", &pv)?;
-            let attn = self.gather(port, "attn2f", &[t, q_dim])?;
-            self.reshare(port, sess, "attn", &[t, q_dim], &attn)?;
+            let attn = attend(kv, &qkv, heads, sess.pos);
+            self.reshare(port, masks, "attn", &[t, q_dim], &attn)?;
             let o = self.gather(port, "o2f", &[t, hdim])?;
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
-            self.reshare(port, sess, "h2", &[t, hdim], &rms_norm(&x, norm2, eps))?;
+            self.reshare(port, masks, "h2", &[t, hdim], &rms_norm(&x, norm2, eps))?;
             let gu = self.gather(port, "gu2f", &[t, 2 * inter])?;
             let m: Vec<f64> = gu
                 .chunks(2 * inter)
                 .flat_map(|r| (0..inter).map(move |j| silu(r[j]) * r[inter + j]))
                 .collect();
-            self.reshare(port, sess, "m", &[t, inter], &m)?;
+            self.reshare(port, masks, "m", &[t, inter], &m)?;
             let d = self.gather(port, "down2f", &[t, hdim])?;
             x.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
         }
         sess.pos = s;
         if let Some(norm) = &self.model.final_norm {
             let last = &x[(t - 1) * hdim..];
-            self.reshare(port, sess, "final", &[1, hdim], &rms_norm(last, norm, eps))?;
+            self.reshare(port, masks, "final", &[1, hdim], &rms_norm(last, norm, eps))?;
             let logits = self.gather(port, "logits2f", &[1, cfg.vocab_size])?;
             return Ok(ClientOutput::Logits(
                 logits.iter().map(|v| *v as f32).collect(),
             ));
         }
-        self.reshare(port, sess, "out", &[t, hdim], &x)?;
+        self.reshare(port, masks, "out", &[t, hdim], &x)?;
         Ok(ClientOutput::Hidden(x.iter().map(|v| *v as f32).collect()))
     }
 }

@@ -8,25 +8,25 @@
 //! Design:
 //! - Values are fixed point in Z_2^64 with [`ring::FRAC_BITS`] = 20 fractional bits; masks
 //!   come from ChaCha20 seeded by the OS (never floating-point noise).
-//! - Linear layers run locally on shares with the public weights (in fixed point).
-//! - Products of two secret values — attention scores Q·Kᵀ and probabilities × V — use
-//!   Beaver matrix triples dealt by the client and compressed with PRG seeds
-//!   ([`beaver`]); the openings go between A and B. Keys and values stay in shares on A
-//!   and B across decode steps.
-//! - Non-linear steps (RMSNorm, RoPE, softmax, SiLU·up) and the rescaling of every
-//!   product are client-aided: A and B send their shares to the client, which already
-//!   knows its prompt, reconstructs, computes in f64, and sends back fresh shares. This is
-//!   exact (no polynomial approximations, no probabilistic local truncation) and cheaper:
-//!   per layer and step it costs 6 client round trips carrying
-//!   O(T·(hidden + qkv + intermediate) + heads·T·S) ring elements, against CrypTen-style
-//!   2PC approximations that need ~10–20 A↔B rounds for each of softmax (exp by repeated
-//!   squaring, reciprocal by Newton iterations), each RMSNorm (inverse square root by
-//!   Newton) and SiLU (sigmoid via exp and reciprocal), each round carrying Beaver
-//!   openings of the same tensors — about 60+ rounds per layer, with approximation error.
+//! - The linear layers — the public weights, nearly all of the compute and memory — run
+//!   on shares at the parties, each locally (no A↔B interaction).
+//! - Everything else is client-aided: RMSNorm, RoPE, attention (Q·Kᵀ, softmax, ·V over
+//!   the keys and values the client keeps), SiLU·up, and the rescaling of every product.
+//!   A and B send their shares of a layer's output to the client, which already knows
+//!   its prompt, reconstructs, computes in f64, and shares the next input afresh. Exact
+//!   (no polynomial approximations, no probabilistic local truncation), and cheap: 4
+//!   round trips per layer and step, against CrypTen-style 2PC approximations that need
+//!   ~10–20 A↔B rounds for each softmax, RMSNorm and SiLU (~60+ per layer, with error).
+//!   Attention at the client costs it what dealing Beaver triples for the same products
+//!   cost it (the dealer computes A·B), and saves the A↔B openings of the cached keys
+//!   and values, which grew with the context at every step.
+//! - A's shares are expanded from one seed per step ([`mask`]): the client sends A 32
+//!   bytes a step and B x − r for each tensor x; A needs nothing else within a step, so
+//!   only B's answers are on the critical path.
 //! - What leaks: to A and B, the sequence length, the step count and timing (every
-//!   message's shape); nothing else (every element they receive is uniformly masked — see
-//!   the privacy tests). The client sees its own request's activations. The shard after
-//!   the MPC layers reconstructs the layer-k activations of the request.
+//!   message's shape); nothing else (A receives a random seed, B uniformly masked
+//!   elements — see the privacy tests). The client sees its own request's activations.
+//!   The shard after the MPC layers reconstructs the layer-k activations of the request.
 //!
 //! - Where the output goes: with full output the client gets logit shares and samples;
 //!   otherwise each party hands its share of the layer-k output to the compute node
@@ -37,10 +37,10 @@
 //! [`local::LocalPair`] runs both parties in-process (threads linked by channels); the
 //! node role carries the same messages ([`port`]) between processes.
 
-pub mod beaver;
 pub mod client;
 pub mod handoff;
 pub mod local;
+pub mod mask;
 pub mod net;
 pub mod party;
 pub mod port;

@@ -54,24 +54,6 @@ pub fn add_assign(a: &mut [u64], b: &[u64]) {
     }
 }
 
-/// An element of a matrix multiplied into ring shares: a ring element, or a public
-/// weight kept as i32 and sign-extended (half the memory of a ring element).
-pub trait RingWeight: Copy + Sync {
-    fn ring(self) -> u64;
-}
-
-impl RingWeight for u64 {
-    fn ring(self) -> u64 {
-        self
-    }
-}
-
-impl RingWeight for i32 {
-    fn ring(self) -> u64 {
-        self as i64 as u64
-    }
-}
-
 /// A public weight at FRAC_BITS in an i32: `None` outside ±2^11 (no real checkpoint's
 /// weights come near; the party refuses such a model rather than wrap).
 pub fn encode_weight(w: f32) -> Option<i32> {
@@ -79,39 +61,79 @@ pub fn encode_weight(w: f32) -> Option<i32> {
     (v.abs() <= i32::MAX as f64).then_some(v as i32)
 }
 
-/// `x` [m, k] times `y`ᵀ where `y` is [n, k]: [m, n].
-pub fn mm_nt<W: RingWeight>(x: &[u64], y: &[W], m: usize, k: usize, n: usize) -> Vec<u64> {
-    debug_assert_eq!((x.len(), y.len()), (m * k, n * k));
-    let mut out = vec![0u64; m * n];
-    out.par_chunks_mut(n.max(1))
-        .enumerate()
-        .for_each(|(i, row)| {
-            let xi = &x[i * k..(i + 1) * k];
-            for (j, o) in row.iter_mut().enumerate() {
-                let yj = &y[j * k..(j + 1) * k];
-                *o = xi.iter().zip(yj).fold(0u64, |acc, (a, b)| {
-                    acc.wrapping_add(a.wrapping_mul(b.ring()))
-                });
-            }
-        });
-    out
+/// Σ x_i · w_i in the ring, each weight sign-extended.
+#[inline(always)]
+fn dot_body(x: &[u64], w: &[i32]) -> u64 {
+    // Wrapping adds reassociate freely, so this loop vectorizes.
+    x.iter().zip(w).fold(0u64, |acc, (a, b)| {
+        acc.wrapping_add(a.wrapping_mul(*b as i64 as u64))
+    })
 }
 
-/// `x` [m, k] times `y` [k, n]: [m, n].
-pub fn mm_nn(x: &[u64], y: &[u64], m: usize, k: usize, n: usize) -> Vec<u64> {
-    debug_assert_eq!((x.len(), y.len()), (m * k, k * n));
-    let mut out = vec![0u64; m * n];
-    out.par_chunks_mut(n.max(1))
+/// `dot_body` compiled with AVX-512 (8 lanes of 64-bit multiplies).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq")]
+fn dot_avx512(x: &[u64], w: &[i32]) -> u64 {
+    dot_body(x, w)
+}
+
+/// `dot_body` compiled with AVX2 (64-bit multiplies from 32-bit ones, 4 lanes).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn dot_avx2(x: &[u64], w: &[i32]) -> u64 {
+    dot_body(x, w)
+}
+
+/// The dot product with the widest vector unit this CPU has.
+fn dot(x: &[u64], w: &[i32]) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512dq") {
+            // SAFETY: the CPU has the features the function was compiled for.
+            return unsafe { dot_avx512(x, w) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: as above.
+            return unsafe { dot_avx2(x, w) };
+        }
+    }
+    dot_body(x, w)
+}
+
+/// Weight rows per parallel task: enough tasks to spread one decode row ([1, n]) over
+/// the cores, each long enough to outweigh its scheduling.
+const TASK: usize = 64;
+
+/// `x` [m, k] times `w`ᵀ where `w` is [n, k] (public weights, sign-extended): [m, n].
+/// Each weight row is read once for all rows of `x` (it stays in cache), not once per row.
+pub fn mm_nt(x: &[u64], w: &[i32], m: usize, k: usize, n: usize) -> Vec<u64> {
+    debug_assert_eq!((x.len(), w.len()), (m * k, n * k));
+    if k == 0 || m == 0 {
+        return vec![0u64; m * n];
+    }
+    // Column-major while computing: [n, m].
+    let mut by_col = vec![0u64; n * m];
+    by_col
+        .par_chunks_mut(TASK * m)
         .enumerate()
-        .for_each(|(i, row)| {
-            for kk in 0..k {
-                let a = x[i * k + kk];
-                let yr = &y[kk * n..(kk + 1) * n];
-                for (o, b) in row.iter_mut().zip(yr) {
-                    *o = o.wrapping_add(a.wrapping_mul(*b));
+        .for_each(|(c, chunk)| {
+            for (jj, col) in chunk.chunks_mut(m).enumerate() {
+                let j = c * TASK + jj;
+                let wj = &w[j * k..(j + 1) * k];
+                for (i, o) in col.iter_mut().enumerate() {
+                    *o = dot(&x[i * k..(i + 1) * k], wj);
                 }
             }
         });
+    if m == 1 {
+        return by_col;
+    }
+    let mut out = vec![0u64; m * n];
+    for (j, col) in by_col.chunks(m).enumerate() {
+        for (i, v) in col.iter().enumerate() {
+            out[i * n + j] = *v;
+        }
+    }
     out
 }
 
@@ -190,15 +212,27 @@ mod tests {
     }
 
     #[test]
-    fn matrix_products_agree() {
-        let x: Vec<u64> = (1..=6).collect(); // [2, 3]
-        let y: Vec<u64> = (1..=6).collect(); // [3, 2] or [2, 3]ᵀ
-        assert_eq!(mm_nn(&x, &y, 2, 3, 2), vec![22, 28, 49, 64]);
-        assert_eq!(mm_nt(&x, &y, 2, 3, 2), vec![14, 32, 32, 77]);
-        // Negative i32 weights enter sign-extended: the same product as in the ring.
-        let w: Vec<i32> = vec![-1, 2, -3, 4, -5, 6];
-        let wr: Vec<u64> = w.iter().map(|v| v.ring()).collect();
-        assert_eq!(mm_nt(&x, &w, 2, 3, 2), mm_nt(&x, &wr, 2, 3, 2));
+    fn the_product_is_the_ring_product_of_sign_extended_weights() {
+        use rand::RngCore;
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(2);
+        // Lengths that are not multiples of any vector width, rows over task borders.
+        let (m, k, n) = (3, 37, 45);
+        let x: Vec<u64> = (0..m * k).map(|_| rng.next_u64()).collect();
+        let w: Vec<i32> = (0..n * k).map(|_| rng.next_u32() as i32).collect();
+        let got = mm_nt(&x, &w, m, k, n);
+        for i in 0..m {
+            for j in 0..n {
+                // In i128: the exact sum, reduced mod 2^64 at the end.
+                let want = (0..k)
+                    .map(|t| x[i * k + t] as i128 * w[j * k + t] as i128)
+                    .fold(0i128, |acc, p| acc.wrapping_add(p)) as u64;
+                assert_eq!(got[i * n + j], want, "({i}, {j})");
+            }
+        }
+        assert_eq!(
+            mm_nt(&[1, 2, 3], &[-1, 2, -3], 1, 3, 1),
+            vec![(-6i64) as u64]
+        );
         assert_eq!(encode_weight(4096.0), None);
         assert_eq!(encode_weight(-1.5), Some(-(3 << (FRAC_BITS - 1))));
     }
