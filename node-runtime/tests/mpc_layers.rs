@@ -156,17 +156,20 @@ fn shard0_in_mpc_is_accurate_and_token_identical_on_every_fixture() {
     }
 }
 
-#[test]
-fn full_output_2pc_generates_the_plaintext_tokens_on_the_builtin_model() {
-    let (_keep, tiny) = builtin();
-    let s = Setup::open(&tiny);
+/// full_output_2pc on one checkpoint: greedy tokens equal the plaintext engine's, each
+/// step continuing from the plaintext token so one divergence cannot hide others.
+fn full_output_matches_plaintext(name: &str, dir: &Path, prompt: &[u32]) {
+    let s = Setup::open(dir);
     let whole = s.plain(0, s.layers());
     let (party, cm) = s.mpc(0..s.layers(), true);
+    // With tied embeddings the client computes the head: the parties hold none.
+    let tied = s.cfg.text.tie_word_embeddings;
+    assert_eq!(party.head.is_none(), tied, "{name}");
     let mut pair = LocalPair::start(party, "full", Duration::from_secs(30), Hooks::default());
     let client = Client { model: &cm };
     let mut sess = ClientSession::new();
     let mut cache = whole.new_cache();
-    let mut input = vec![3u32, 14, 15, 92, 65, 35];
+    let mut input = prompt.to_vec();
     let (mut ours, mut plain) = (Vec::new(), Vec::new());
     let mut worst = 0f64;
     for _ in 0..TOKENS {
@@ -185,13 +188,27 @@ fn full_output_2pc_generates_the_plaintext_tokens_on_the_builtin_model() {
         let (a, b) = (argmax(&l), argmax(&reference));
         ours.push(a);
         plain.push(b);
-        // Both continue from the plaintext token, so one divergence cannot hide others.
         input = vec![b];
     }
     pair.finish().unwrap();
-    println!("full-output 2PC logits max error {worst:.2e} × RMS");
-    assert!(worst < 1e-2, "{worst:.2e}");
-    assert_eq!(ours, plain);
+    println!("{name} (tied head: {tied}): full-output 2PC logits max error {worst:.2e} × RMS");
+    assert!(worst < 1e-2, "{name}: {worst:.2e}");
+    assert_eq!(ours, plain, "{name}");
+}
+
+#[test]
+fn full_output_2pc_generates_the_plaintext_tokens_with_a_tied_and_an_untied_head() {
+    let (_keep, tiny) = builtin();
+    full_output_matches_plaintext("builtin-tiny", &tiny, &[3, 14, 15, 92, 65, 35]);
+    // A tied checkpoint (the client's head) and an untied one (the parties').
+    let mut ran = Vec::new();
+    for (name, dir, r) in common::text_fixtures() {
+        if name == "qwen2-bf16" || name == "llama-f32" {
+            full_output_matches_plaintext(&name, &dir, &r.cases[0].prompt_ids);
+            ran.push(name);
+        }
+    }
+    assert_eq!(ran.len(), 2, "{ran:?}");
 }
 
 /// χ² statistic of the top bytes of `values` against the uniform distribution.

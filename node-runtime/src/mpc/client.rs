@@ -237,8 +237,11 @@ impl Client<'_> {
         }
         sess.pos = s;
         if let Some(norm) = &self.model.final_norm {
-            let last = &x[(t - 1) * hdim..];
-            self.reshare(port, masks, "final", &[1, hdim], &rms_norm(last, norm, eps))?;
+            let hn = rms_norm(&x[(t - 1) * hdim..], norm, eps);
+            self.reshare(port, masks, "final", &[1, hdim], &hn)?;
+            if let Some(logits) = self.model.logits(&hn) {
+                return Ok(ClientOutput::Logits(logits));
+            }
             let logits = self.gather(port, "logits2f", &[1, cfg.vocab_size])?;
             return Ok(ClientOutput::Logits(
                 logits.iter().map(|v| *v as f32).collect(),

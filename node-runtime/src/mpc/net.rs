@@ -506,7 +506,7 @@ impl Mpc for PartyService {
         Ok(Response::new(MpcInfoResponse {
             model_id: self.signer.model_id.clone(),
             layer_end: self.model.layers.len() as u32,
-            full_output: self.model.head.is_some(),
+            full_output: self.model.full_output,
             frac_bits: super::ring::FRAC_BITS,
             public_sha256: self.public.sha256.clone(),
             public_bytes: self.public.bytes.len() as u64,
@@ -562,7 +562,7 @@ impl Mpc for PartyService {
             voucher: first.voucher.clone(),
             billing_salt: first.billing_salt.clone(),
         };
-        if options.handoff.is_some() && self.model.head.is_some() {
+        if options.handoff.is_some() && self.model.full_output {
             return Err(Status::invalid_argument(
                 "this pair runs every layer and the head (full_output_2pc): the logits go to the client, not to a compute node; open the session without a hand-off",
             ));

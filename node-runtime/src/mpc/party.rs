@@ -52,8 +52,9 @@ impl Inputs<'_> {
 
 impl Party<'_> {
     /// One step of `t` rows (the client's "begin" said how many) through every layer.
-    /// Returns this party's share of the output (hidden states at FRAC_BITS, or logits at
-    /// 2·FRAC_BITS when the pair runs the head).
+    /// Returns this party's share of the output (hidden states at FRAC_BITS, or with full
+    /// output the logits at 2·FRAC_BITS, or the final-normed row when the client
+    /// computes the head).
     pub fn step(&self, sess: &mut PartySession, port: &Port, t: usize) -> Result<Vec<u64>> {
         let cfg = &self.model.cfg;
         let hdim = cfg.hidden_size;
@@ -90,9 +91,13 @@ impl Party<'_> {
             to_client("down2f", &[t, hdim], layer.down.forward(&m, t, a))?;
         }
         sess.len += t;
-        if let Some(head) = &self.model.head {
-            // Only the last row's logits: the client samples from them.
+        if self.model.full_output {
+            // Only the last row: the client samples from its logits.
             let hn = inputs.next("final", &[1, hdim])?;
+            let Some(head) = &self.model.head else {
+                // The client computes the head: the normed row is the step's output.
+                return Ok(hn);
+            };
             let logits = head.forward(&hn, 1, a);
             to_client("logits2f", &[1, head.out_dim], logits.clone())?;
             return Ok(logits);

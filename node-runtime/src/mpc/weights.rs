@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use unfed_model::TextConfig;
 
 use super::ring::FixedLinear;
-use crate::engine::linear::WeightData;
+use crate::engine::linear::{Linear, WeightData};
 use crate::engine::weights::WeightFiles;
 
 fn dense(w: &WeightData, rows: usize, cols: usize) -> Vec<f32> {
@@ -61,11 +61,22 @@ pub struct PartyLayer {
     pub down: FixedLinear,
 }
 
-/// A party's copy of the MPC layers (and, for full-output 2PC, the LM head).
+/// A party's copy of the MPC layers (and, for full-output 2PC, the LM head unless the
+/// client computes it).
 pub struct PartyModel {
     pub cfg: TextConfig,
     pub layers: Vec<PartyLayer>,
+    /// The pair runs every layer: the client gets the output, nothing is handed off.
+    pub full_output: bool,
     pub head: Option<FixedLinear>,
+}
+
+/// With tied embeddings the LM head is the embedding, which the client already holds:
+/// it computes the logits itself from the final hidden state it reconstructs anyway, so
+/// no logits travel (2 × vocabulary ring elements a step) and the parties skip the
+/// largest matrix. Both sides decide from the model's config.
+pub fn client_computes_head(cfg: &TextConfig) -> bool {
+    cfg.tie_word_embeddings
 }
 
 fn check(cfg: &TextConfig, layers: &Range<usize>) -> Result<()> {
@@ -113,7 +124,8 @@ impl PartyModel {
                 down: fixed(files, &mlp("down_proj"), h, inter)?,
             });
         }
-        let head = if head {
+        let full_output = head;
+        let head = if head && !client_computes_head(cfg) {
             let name = if files.contains("lm_head.weight") {
                 "lm_head".to_string()
             } else {
@@ -126,6 +138,7 @@ impl PartyModel {
         Ok(Self {
             cfg: cfg.clone(),
             layers: out,
+            full_output,
             head,
         })
     }
@@ -134,7 +147,8 @@ impl PartyModel {
 /// The client's public parameters: embedding, norms, RoPE.
 pub struct ClientModel {
     pub cfg: TextConfig,
-    pub embed: WeightData,
+    /// The embedding, as a matrix the tied LM head can run on.
+    pub embed: Linear,
     /// (input norm, post-attention norm) of each MPC layer.
     pub norms: Vec<(Vec<f32>, Vec<f32>)>,
     /// The final norm, when the pair also runs the LM head.
@@ -190,7 +204,12 @@ impl ClientModel {
             .collect();
         Ok(Self {
             cfg: cfg.clone(),
-            embed: files.matrix(&format!("{prefix}embed_tokens.weight"), cfg.vocab_size, h)?,
+            embed: Linear {
+                weight: files.matrix(&format!("{prefix}embed_tokens.weight"), cfg.vocab_size, h)?,
+                out_dim: cfg.vocab_size,
+                in_dim: h,
+                bias: None,
+            },
             norms,
             final_norm,
             inv_freq,
@@ -227,8 +246,18 @@ impl ClientModel {
                     self.cfg.vocab_size
                 );
             }
-            self.embed.row_into(id as usize, h, row);
+            self.embed.weight.row_into(id as usize, h, row);
         }
         Ok(out)
+    }
+
+    /// The logits of the final-normed hidden state `hn` when the client computes the LM
+    /// head ([`client_computes_head`]); `None` when the pair does.
+    pub fn logits(&self, hn: &[f64]) -> Option<Vec<f32>> {
+        if self.final_norm.is_none() || !client_computes_head(&self.cfg) {
+            return None;
+        }
+        let h: Vec<f32> = hn.iter().map(|v| *v as f32).collect();
+        Some(self.embed.forward(&h, 1))
     }
 }
