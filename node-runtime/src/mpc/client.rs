@@ -11,7 +11,7 @@ use rand_chacha::ChaCha20Rng;
 
 use super::mask::MaskStream;
 use super::port::{Peer, Port};
-use super::ring::{FRAC_BITS, add, decode_at, encode_at, sub};
+use super::ring::{FRAC_BITS, encode_at, open_dropped, sub};
 use super::weights::ClientModel;
 
 /// The client's state of one session: its randomness, the positions done, and per layer
@@ -170,13 +170,14 @@ impl Client<'_> {
         port.send(Peer::B, kind, shape, sub(&enc, &masks.next(kind, shape)))
     }
 
-    /// Both parties' shares of `kind`, reconstructed and decoded from 2·FRAC_BITS.
+    /// Both parties' shares of `kind` (products, without their dropped low bits),
+    /// reconstructed.
     fn gather(&self, port: &Port, kind: &str, shape: &[usize]) -> Result<Vec<f64>> {
         let a = port.recv(Peer::A, kind, shape)?;
         let b = port.recv(Peer::B, kind, shape)?;
-        Ok(add(&a, &b)
-            .iter()
-            .map(|v| decode_at(*v, 2 * FRAC_BITS))
+        Ok(a.iter()
+            .zip(&b)
+            .map(|(x, y)| open_dropped(*x, *y))
             .collect())
     }
 

@@ -32,13 +32,55 @@ fn peer_name(p: Peer) -> &'static str {
     }
 }
 
+/// `data` in the narrowest whole number of bytes every element fits in: (packed bytes,
+/// width), or `None` when that is all 8.
+fn pack(data: &[u64]) -> Option<(Vec<u8>, u32)> {
+    let bits = 64 - data.iter().fold(0u64, |acc, v| acc | v).leading_zeros();
+    let width = bits.div_ceil(8).max(1) as usize;
+    if width >= 8 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(data.len() * width);
+    for v in data {
+        out.extend_from_slice(&v.to_le_bytes()[..width]);
+    }
+    Some((out, width as u32))
+}
+
+/// The elements of a message, packed or not; `None` for a malformed packing.
+fn unpack(m: &MpcMessage) -> Option<Vec<u64>> {
+    let width = m.packed_width as usize;
+    if width == 0 {
+        return Some(m.data.clone());
+    }
+    if width >= 8 || !m.data.is_empty() || m.packed.len() % width != 0 {
+        return None;
+    }
+    Some(
+        m.packed
+            .chunks(width)
+            .map(|c| {
+                let mut b = [0u8; 8];
+                b[..width].copy_from_slice(c);
+                u64::from_le_bytes(b)
+            })
+            .collect(),
+    )
+}
+
 fn to_proto(m: &Msg) -> MpcMessage {
+    let (data, packed, packed_width) = match pack(&m.data) {
+        Some((bytes, width)) => (Vec::new(), bytes, width),
+        None => (m.data.clone(), Vec::new(), 0),
+    };
     MpcMessage {
+        packed,
+        packed_width,
         session: m.header.session.clone(),
         step: m.header.step,
         kind: m.header.kind.clone(),
         shape: m.header.shape.iter().map(|d| *d as u64).collect(),
-        data: m.data.clone(),
+        data,
         from: peer_name(m.from).to_string(),
         handoff: String::new(),
         handoff_pin: String::new(),
@@ -48,6 +90,8 @@ fn to_proto(m: &Msg) -> MpcMessage {
 }
 
 fn from_proto(m: MpcMessage, from: Peer) -> Msg {
+    // A malformed packing arrives as no elements, which the receiver refuses by shape.
+    let data = unpack(&m).unwrap_or_default();
     Msg {
         // The link says who is at the other end, whatever the message claims.
         from,
@@ -57,7 +101,7 @@ fn from_proto(m: MpcMessage, from: Peer) -> Msg {
             kind: m.kind,
             shape: m.shape.iter().map(|d| *d as usize).collect(),
         },
-        data: m.data,
+        data,
     }
 }
 
@@ -674,5 +718,43 @@ impl RemotePair {
     /// counts once it is on its way).
     pub fn traffic(&self) -> [LinkTraffic; 2] {
         [self.meters[0].snapshot(), self.meters[1].snapshot()]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(data: Vec<u64>) -> Msg {
+        Msg {
+            from: Peer::A,
+            header: Header {
+                session: "s".into(),
+                step: 0,
+                kind: "k".into(),
+                shape: vec![data.len()],
+            },
+            data,
+        }
+    }
+
+    #[test]
+    fn elements_travel_in_the_narrowest_width_and_arrive_unchanged() {
+        let near_44_bits: Vec<u64> = ((1u64 << 44) - 2..(1 << 44)).collect();
+        let cases: [(Vec<u64>, u32); 4] = [
+            (vec![1, 255], 1),
+            (near_44_bits, 6),
+            (vec![u64::MAX, 3], 0),
+            (vec![], 1),
+        ];
+        for (data, width) in cases {
+            let wire = to_proto(&msg(data.clone()));
+            assert_eq!(wire.packed_width, width, "{data:?}");
+            assert_eq!(from_proto(wire, Peer::A).data, data);
+        }
+        // A packing that does not divide into elements arrives as none (refused by shape).
+        let mut wire = to_proto(&msg(vec![1 << 40, 2]));
+        wire.packed.pop();
+        assert!(from_proto(wire, Peer::A).data.is_empty());
     }
 }

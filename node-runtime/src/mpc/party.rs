@@ -9,6 +9,7 @@ use anyhow::{Result, bail};
 
 use super::mask::{MaskStream, SEED_WORDS};
 use super::port::{Peer, Port, PortError};
+use super::ring::drop_low_bits;
 use super::weights::PartyModel;
 
 /// A party's state of one session: the positions done.
@@ -76,19 +77,20 @@ impl Party<'_> {
         } else {
             Inputs::Sent(port)
         };
-        let to_client = |kind: &str, shape: &[usize], data: Vec<u64>| {
-            port.send(Peer::Client, kind, shape, data)
+        // Every output is a share of products, which the client needs at FRAC_BITS only.
+        let to_client = |kind: &str, shape: &[usize], data: &[u64]| {
+            port.send(Peer::Client, kind, shape, drop_low_bits(data))
         };
         let a = self.is_a;
         for layer in &self.model.layers {
             let h = inputs.next("h", &[t, hdim])?;
-            to_client("qkv2f", &[t, qkv_dim], layer.qkv.forward(&h, t, a))?;
+            to_client("qkv2f", &[t, qkv_dim], &layer.qkv.forward(&h, t, a))?;
             let attn = inputs.next("attn", &[t, q_dim])?;
-            to_client("o2f", &[t, hdim], layer.o.forward(&attn, t, a))?;
+            to_client("o2f", &[t, hdim], &layer.o.forward(&attn, t, a))?;
             let h2 = inputs.next("h2", &[t, hdim])?;
-            to_client("gu2f", &[t, 2 * inter], layer.gate_up.forward(&h2, t, a))?;
+            to_client("gu2f", &[t, 2 * inter], &layer.gate_up.forward(&h2, t, a))?;
             let m = inputs.next("m", &[t, inter])?;
-            to_client("down2f", &[t, hdim], layer.down.forward(&m, t, a))?;
+            to_client("down2f", &[t, hdim], &layer.down.forward(&m, t, a))?;
         }
         sess.len += t;
         if self.model.full_output {
@@ -99,7 +101,7 @@ impl Party<'_> {
                 return Ok(hn);
             };
             let logits = head.forward(&hn, 1, a);
-            to_client("logits2f", &[1, head.out_dim], logits.clone())?;
+            to_client("logits2f", &[1, head.out_dim], &logits)?;
             return Ok(logits);
         }
         inputs.next("out", &[t, hdim])
