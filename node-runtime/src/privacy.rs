@@ -45,7 +45,7 @@ impl Mode {
     pub fn sees(&self) -> Vec<String> {
         let mut lines =
             vec!["every node: the sequence length, the step count and timing".to_string()];
-        let pair = "mpc-a/mpc-b: nothing else (every element they receive is a uniformly masked share or an opening of one)";
+        let pair = "mpc-a/mpc-b: nothing else (A receives one random seed per step, B only uniformly masked shares)";
         let last = if self.client_samples {
             "the last compute shard: the logits of every step, sealed to the client, which samples with its own seed and repetition penalty (the logits show the likely next tokens: their argmax is the greedy token)"
         } else {

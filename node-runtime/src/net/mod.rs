@@ -35,7 +35,7 @@ pub mod limits {
     pub const DAEMON: usize = 16 << 20;
     /// Preprocessed image tiles in, features out.
     pub const VISION: usize = 128 << 20;
-    /// Shares of a layer's activations and Beaver triples.
+    /// Shares of a layer's activations (a prefill's are the largest).
     pub const MPC: usize = 256 << 20;
 }
 
