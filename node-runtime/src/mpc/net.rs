@@ -670,26 +670,10 @@ impl RemotePair {
         options: &SessionOptions,
     ) -> Result<Self> {
         let meters: [Arc<Meter>; 2] = Default::default();
-        let (atx, arx) = dial(
-            net,
-            a,
-            session,
-            Peer::Client,
-            Peer::A,
-            options,
-            Some(meters[0].clone()),
-        )
-        .await?;
-        let (btx, brx) = dial(
-            net,
-            b,
-            session,
-            Peer::Client,
-            Peer::B,
-            options,
-            Some(meters[1].clone()),
-        )
-        .await?;
+        let link =
+            |to, them, meter| dial(net, to, session, Peer::Client, them, options, Some(meter));
+        let (atx, arx) = link(a, Peer::A, meters[0].clone()).await?;
+        let (btx, brx) = link(b, Peer::B, meters[1].clone()).await?;
         Ok(Self {
             meters,
             port: Port::new(
