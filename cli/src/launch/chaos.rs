@@ -208,16 +208,46 @@ async fn serving(ctx: &Context, event: &ChaosEvent, old_pid: u32) -> anyhow::Res
             d.get_chain_status(GetChainStatusRequest {}).await?;
         }
         _ => {
-            let ch = ctx
-                .net
-                .connect(&addr, unfed_node::net::REQUEST_TIMEOUT, None)
-                .await?;
-            unfed_proto::compute_client::ComputeClient::new(ch)
-                .health(unfed_proto::HealthRequest {})
-                .await?;
+            compute_health(ctx, &target).await?;
         }
     }
     Ok(())
+}
+
+async fn compute_health(
+    ctx: &Context,
+    p: &ProcessRecord,
+) -> anyhow::Result<unfed_proto::HealthResponse> {
+    let ch = ctx
+        .net
+        .connect(
+            &dial_address(ctx, p)?,
+            unfed_node::net::REQUEST_TIMEOUT,
+            None,
+        )
+        .await?;
+    Ok(unfed_proto::compute_client::ComputeClient::new(ch)
+        .health(unfed_proto::HealthRequest {})
+        .await?
+        .into_inner())
+}
+
+/// Shares signed by the compute nodes and not yet acknowledged by a daemon.
+async fn shares_in_flight(ctx: &Context) -> anyhow::Result<u64> {
+    let computes: Vec<ProcessRecord> = {
+        let running = ctx.running.lock().unwrap();
+        running
+            .processes
+            .iter()
+            .filter(|p| p.kind == "compute")
+            .cloned()
+            .collect()
+    };
+    let mut pending = 0;
+    for p in &computes {
+        pending += compute_health(ctx, p).await?.shares_pending;
+    }
+    Ok(pending)
 }
 
 /// Nodes the registry counts for `model`; an error unless the model is READY.
@@ -258,11 +288,16 @@ async fn daemon(ctx: &Context) -> anyhow::Result<Option<unfed_node::daemon::Daem
     ))
 }
 
-/// Waits until the daemon has accepted at least `low` shares since `before`; returns
-/// how many it accepted.
+/// Waits until the daemon has accepted at least `low` shares since `before` and no
+/// compute node holds one back (so none of this case's shares lands in the next case's
+/// count: a failover's replay may add some after the `low` first); returns how many it
+/// accepted.
 async fn shares_delivered(ctx: &Context, before: u64, low: u64) -> anyhow::Result<u64> {
     let deadline = Instant::now() + PATIENCE;
     loop {
+        // Read before the daemon's count: when nothing was pending then, the count
+        // includes every share signed so far.
+        let in_flight = shares_in_flight(ctx).await.ok();
         let status = match daemon(ctx).await? {
             Some(mut d) => d.get_chain_status(GetChainStatusRequest {}).await.ok(),
             None => None,
@@ -270,13 +305,17 @@ async fn shares_delivered(ctx: &Context, before: u64, low: u64) -> anyhow::Resul
         if let Some(st) = status.map(|s| s.into_inner()) {
             // `shares` counts every accepted share, in a block or still pending.
             let added = st.shares.saturating_sub(before);
-            if added >= low {
+            if added >= low && in_flight == Some(0) {
                 return Ok(added);
             }
             if Instant::now() > deadline {
+                let secs = PATIENCE.as_secs();
+                ensure!(
+                    added >= low,
+                    "the daemon recorded {added} shares, fewer than the {low} hops served, within {secs}s: shares were lost"
+                );
                 bail!(
-                    "the daemon recorded {added} shares, fewer than the {low} hops served, within {}s: shares were lost",
-                    PATIENCE.as_secs()
+                    "the compute nodes still hold shares back after {secs}s ({in_flight:?} pending)"
                 );
             }
         } else if Instant::now() > deadline {
