@@ -53,7 +53,7 @@ fn unpack(m: &MpcMessage) -> Option<Vec<u64>> {
     if width == 0 {
         return Some(m.data.clone());
     }
-    if width >= 8 || !m.data.is_empty() || m.packed.len() % width != 0 {
+    if width >= 8 || !m.data.is_empty() || !m.packed.len().is_multiple_of(width) {
         return None;
     }
     Some(

@@ -37,7 +37,7 @@ pub struct Party<'a> {
 /// Where a party's input shares come from within a step.
 enum Inputs<'a> {
     /// Party A: expanded from the step's seed.
-    Seeded(MaskStream),
+    Seeded(Box<MaskStream>),
     /// Party B: sent by the client.
     Sent(&'a Port),
 }
@@ -73,7 +73,7 @@ impl Party<'_> {
         }
         let mut inputs = if self.is_a {
             let seed = port.recv(Peer::Client, "seed", &[SEED_WORDS])?;
-            Inputs::Seeded(MaskStream::from_words(&seed))
+            Inputs::Seeded(Box::new(MaskStream::from_words(&seed)))
         } else {
             Inputs::Sent(port)
         };
