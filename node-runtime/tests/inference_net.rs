@@ -158,6 +158,13 @@ async fn eight_concurrent_sessions_each_get_their_own_output() {
             health.largest_batch > 1 && health.batches < health.forwards,
             "node {node} never batched: {health:?}"
         );
+        // Every client ended its session: no KV cache is left behind (nor counted as an
+        // active session the batcher would wait for).
+        assert_eq!(
+            (health.sessions, health.kv_cache_bytes),
+            (0, 0),
+            "node {node}: {health:?}"
+        );
     }
 }
 
