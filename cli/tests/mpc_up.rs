@@ -113,6 +113,49 @@ fn a_full_output_pair_starts_b_then_a_and_serves_private_chats() {
     );
     assert!(!sees.contains("recover the prompt"), "{sees}");
 
+    // `bench` measures the private mode beside the plaintext route, with the client's
+    // traffic per party: A gets a seed a step, B the masked tensors, both answer alike.
+    let bench = run(unfedctl().arg("bench").arg(&private.spec).args([
+        "--tokens",
+        "8",
+        "--runs",
+        "1",
+        "--ignore-eos",
+        "--json",
+    ]));
+    assert!(bench.status.success(), "{}", text(&bench.stderr));
+    let b: Value = serde_json::from_slice(&bench.stdout).unwrap();
+    let p = &b["networks"][1];
+    assert_eq!(p["label"], "private (full_output_2pc)", "{b}");
+    assert_eq!(p["generated_tokens"], 8, "{b}");
+    let t = &p["mpc_traffic"];
+    assert_eq!(
+        (t["prompt_tokens"].as_u64(), t["decode_steps"].as_u64()),
+        (Some(23), Some(7)),
+        "{t}"
+    );
+    let per = |party: &str, what: &str| t[party][what].as_f64().unwrap();
+    assert!(
+        per("a", "to_party_bytes_per_generated_token") < 200.0,
+        "{t}"
+    );
+    assert!(
+        per("b", "to_party_bytes_per_generated_token") > 1000.0,
+        "{t}"
+    );
+    let (from_a, from_b) = (
+        per("a", "from_party_bytes_per_generated_token"),
+        per("b", "from_party_bytes_per_generated_token"),
+    );
+    assert!(
+        from_a > 1000.0 && (from_a - from_b).abs() < 0.01 * from_a,
+        "{t}"
+    );
+    assert!(
+        p["over_plaintext_network_decode_ratio"].as_f64().unwrap() > 0.0,
+        "{b}"
+    );
+
     let plain = Net::new(body);
     up(&plain);
     assert_eq!(ours["token_ids"], chat(&plain)["token_ids"]);
