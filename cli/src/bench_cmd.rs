@@ -172,12 +172,12 @@ pub async fn bench(a: BenchArgs) -> Result<ExitCode> {
         let r = resolve(&a.target)?;
         let mut client = Client::connect(&r.net, &r.registry).await?;
         let model = pick_model(&mut client, r.model).await?;
-        let mut networks = vec![Measured::new("network".into(), client, r.payer.clone())];
         // A model with an MPC pair: its private mode too, against the plaintext route.
-        let mut private = Client::connect(&r.net, &r.registry).await?;
-        if let Some(route) =
-            crate::client_cmd::private_route(&mut private, &model, r.shards_dir.as_deref()).await?
-        {
+        let private =
+            crate::client_cmd::private_route(&mut client, &model, r.shards_dir.as_deref()).await?;
+        let mut networks = vec![Measured::new("network".into(), client, r.payer.clone())];
+        if let Some(route) = private {
+            let private = Client::connect(&r.net, &r.registry).await?;
             let mode = if route.0.full_output {
                 "full_output_2pc".to_string()
             } else {
@@ -377,23 +377,27 @@ async fn measure(
     Ok(ExitCode::SUCCESS)
 }
 
-/// (bytes, messages) per unit of `per`, each way, of one party's link.
-fn per(t: &LinkTraffic, per: usize) -> [f64; 4] {
-    let d = per.max(1) as f64;
-    [
-        t.sent_bytes as f64 / d,
-        t.received_bytes as f64 / d,
-        t.sent_msgs as f64 / d,
-        t.received_msgs as f64 / d,
-    ]
+/// Party `i`'s rates: per prompt token and per decode step, each [bytes to the party,
+/// bytes from it, messages to it, messages from it].
+fn rates(t: &MpcTraffic, i: usize) -> ([f64; 4], [f64; 4]) {
+    let per = |l: &LinkTraffic, n: usize| {
+        let d = n.max(1) as f64;
+        [
+            l.sent_bytes as f64 / d,
+            l.received_bytes as f64 / d,
+            l.sent_msgs as f64 / d,
+            l.received_msgs as f64 / d,
+        ]
+    };
+    (
+        per(&t.prefill[i], t.prefill_rows),
+        per(&t.decode[i], t.decode_steps),
+    )
 }
 
 fn traffic_json(t: &MpcTraffic) -> serde_json::Value {
     let party = |i: usize| {
-        let (p, d) = (
-            per(&t.prefill[i], t.prefill_rows),
-            per(&t.decode[i], t.decode_steps),
-        );
+        let (p, d) = rates(t, i);
         json!({
             "to_party_bytes_per_prompt_token": p[0],
             "from_party_bytes_per_prompt_token": p[1],
@@ -425,10 +429,7 @@ fn print_traffic(t: &MpcTraffic) {
         "", "per prompt token (→ / ←)", "per generated token", "messages / step"
     );
     for (i, name) in ["party A", "party B"].iter().enumerate() {
-        let (p, d) = (
-            per(&t.prefill[i], t.prefill_rows),
-            per(&t.decode[i], t.decode_steps),
-        );
+        let (p, d) = rates(t, i);
         println!(
             "{name:<10} {:>26} {:>26} {:>20}",
             format!("{} / {}", bytes(p[0]), bytes(p[1])),

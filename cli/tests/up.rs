@@ -455,16 +455,7 @@ fn ignore_eos_generates_exactly_max_tokens_in_chat_and_bench() {
     assert_eq!(full["token_ids"].as_array().unwrap().len(), 20, "{full}");
     assert_eq!(full["stopped_on_eos"], false);
 
-    let bench = run(unfedctl().arg("bench").arg(spec).args([
-        "--tokens",
-        "12",
-        "--runs",
-        "1",
-        "--ignore-eos",
-        "--json",
-    ]));
-    assert!(bench.status.success(), "{}", text(&bench.stderr));
-    let b: Value = serde_json::from_slice(&bench.stdout).unwrap();
+    let b = common::bench_json(spec, 12);
     assert_eq!(
         (
             b["networks"][0]["generated_tokens"].as_u64(),

@@ -8,7 +8,6 @@
 //! Range: a value at 2·FRAC_BITS must stay below 2^63 in magnitude, i.e. |x| < 2^23 (8.4 M)
 //! for products; a value at FRAC_BITS below 2^43. Resolution: 2^-20 ≈ 9.5e-7.
 
-use rand::RngCore;
 use rayon::prelude::*;
 
 /// Fractional bits of an activation or weight.
@@ -27,17 +26,6 @@ pub fn encode(x: f32) -> u64 {
 /// Decodes a ring element carrying `scale` fractional bits.
 pub fn decode_at(v: u64, scale: u32) -> f64 {
     v as i64 as f64 / (1u64 << scale) as f64
-}
-
-/// Splits `values` (already encoded) into two additive shares: the first is uniform.
-pub fn share(values: &[u64], rng: &mut impl RngCore) -> (Vec<u64>, Vec<u64>) {
-    let mask: Vec<u64> = (0..values.len()).map(|_| rng.next_u64()).collect();
-    let other = values
-        .iter()
-        .zip(&mask)
-        .map(|(v, m)| v.wrapping_sub(*m))
-        .collect();
-    (mask, other)
 }
 
 /// Low bits a party drops from each element of its share of a product (2·FRAC_BITS)
@@ -212,7 +200,18 @@ impl FixedLinear {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::SeedableRng;
+    use rand::{RngCore, SeedableRng};
+
+    /// Splits `values` (already encoded) into two additive shares: the first is uniform.
+    fn share(values: &[u64], rng: &mut impl RngCore) -> (Vec<u64>, Vec<u64>) {
+        let mask: Vec<u64> = (0..values.len()).map(|_| rng.next_u64()).collect();
+        let other = values
+            .iter()
+            .zip(&mask)
+            .map(|(v, m)| v.wrapping_sub(*m))
+            .collect();
+        (mask, other)
+    }
 
     #[test]
     fn shares_reconstruct_and_products_keep_their_scale() {
@@ -234,7 +233,6 @@ mod tests {
 
     #[test]
     fn the_product_is_the_ring_product_of_sign_extended_weights() {
-        use rand::RngCore;
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(2);
         // Lengths that are not multiples of any vector width, rows over task borders.
         let (m, k, n) = (3, 37, 45);
@@ -260,7 +258,6 @@ mod tests {
 
     #[test]
     fn shares_without_their_low_bits_open_to_within_one_unit() {
-        use rand::RngCore;
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(5);
         let unit = 1.0 / (1u64 << FRAC_BITS) as f64;
         for x in [
