@@ -140,8 +140,8 @@ pub async fn join(
         }
     }
     let chain = bundle.chain.as_ref().map(|c| ChainRecord {
-        // This host never dials the chain: the control host staked for it.
-        rpc_url: String::new(),
+        // Empty: this host never dials the control host's Anvil.
+        rpc_url: c.rpc_url.clone().unwrap_or_default(),
         chain_id: c.chain_id,
         token: Some(c.token.clone()),
         escrow: Some(c.escrow.clone()),

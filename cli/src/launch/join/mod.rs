@@ -42,6 +42,10 @@ pub struct BundleChain {
     pub chain_id: u64,
     pub token: String,
     pub escrow: String,
+    /// An external chain's RPC: the joining host stakes there from its own funded keys
+    /// (`[[node]] eth_key`). `None` on the control host's Anvil, which it never dials.
+    #[serde(default)]
+    pub rpc_url: Option<String>,
 }
 
 impl Bundle {

@@ -113,6 +113,8 @@ pub async fn start(ctx: &Context, state: &RunState) -> anyhow::Result<(JoinServi
             chain_id: c.chain_id,
             token: c.token.clone().unwrap_or_default(),
             escrow: c.escrow.clone().unwrap_or_default(),
+            rpc_url: (ctx.loaded.spec.chain.mode == crate::spec::ChainMode::External)
+                .then(|| c.rpc_url.clone()),
         }),
     };
     let admission = Admission {
@@ -284,6 +286,11 @@ impl Admission {
         if chain.stake_info(d, wallet).await?.active >= stake {
             return Ok(());
         }
+        ensure!(
+            !node.stake_transactions.is_empty(),
+            "wallet {wallet} has not staked {}: on an external chain the joining host stakes from its own funded key",
+            unfed_chain::format_amount(stake)
+        );
         let raw: Vec<unfed_chain::Bytes> = node
             .stake_transactions
             .iter()
