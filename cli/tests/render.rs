@@ -537,3 +537,49 @@ fn every_node_command_is_accepted_by_unfed_node() {
     }
     assert_eq!(nodes, 8);
 }
+
+#[test]
+fn wait_hands_the_deployed_contracts_to_the_node_through_an_env_file() {
+    use unfedctl::launch::state::{ChainRecord, RunState};
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    let env = dir.path().join("chain.env");
+    let wait = |timeout: &str| {
+        unfedctl()
+            .args(["wait", "--timeout", timeout, "--chain-state"])
+            .arg(&state)
+            .arg("--env-file")
+            .arg(&env)
+            .output()
+            .unwrap()
+    };
+    // Recorded chain, contracts not deployed yet: still waiting at the deadline.
+    let mut run = RunState {
+        chain: Some(ChainRecord {
+            rpc_url: "http://anvil:8545".into(),
+            chain_id: 31337,
+            token: None,
+            escrow: None,
+            operator: None,
+            client: None,
+            wallets: vec![],
+        }),
+        ..RunState::default()
+    };
+    run.save(dir.path()).unwrap();
+    let o = wait("1s");
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("contracts not deployed yet"));
+    assert!(!env.exists());
+    // What `unfedctl chain deploy` records, in the format it records it.
+    let chain = run.chain.as_mut().unwrap();
+    chain.escrow = Some("0x5FbDB2315678afecb367f032d93F642f64180aa3".into());
+    chain.token = Some("0xe7f1725E7734CE288F8367e1Bb143E90bb3F0512".into());
+    run.save(dir.path()).unwrap();
+    let o = wait("5s");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read_to_string(&env).unwrap(),
+        "UNFED_ESCROW=0x5FbDB2315678afecb367f032d93F642f64180aa3\nUNFED_TOKEN=0xe7f1725E7734CE288F8367e1Bb143E90bb3F0512\nUNFED_CHAIN_ID=31337\n"
+    );
+}

@@ -22,9 +22,6 @@ pub enum Target {
     Kubernetes,
 }
 
-/// Anvil's image when `[chain] mode = "anvil"` (ours holds no Anvil).
-pub const DEFAULT_ANVIL_IMAGE: &str = "ghcr.io/foundry-rs/foundry:stable";
-
 #[derive(clap::Args, Debug)]
 pub struct RenderArgs {
     /// Testnet spec (TOML). Default: the embedded specs/tiny.toml.
@@ -39,9 +36,10 @@ pub struct RenderArgs {
     /// Directory to write the manifests to (created; must be empty if it exists).
     #[arg(short, long, value_name = "DIR")]
     pub output: PathBuf,
-    /// Image running Anvil (chain.mode = "anvil").
-    #[arg(long, default_value = DEFAULT_ANVIL_IMAGE)]
-    pub anvil_image: String,
+    /// Image running Anvil (chain.mode = "anvil") with `anvil` on PATH. Default: --image
+    /// (the Dockerfile puts Anvil in it).
+    #[arg(long)]
+    pub anvil_image: Option<String>,
     /// StorageClass of the shared data volume (ReadWriteMany); default: the cluster's.
     #[arg(long)]
     pub storage_class: Option<String>,
@@ -77,8 +75,8 @@ pub fn run(args: RenderArgs) -> anyhow::Result<ExitCode> {
     let loaded = crate::spec::load(args.spec.as_deref())?;
     let plan = LaunchPlan::build(&loaded, crate::plan::model_facts(&loaded))?;
     let opts = Options {
+        anvil_image: args.anvil_image.unwrap_or_else(|| image.clone()),
         image,
-        anvil_image: args.anvil_image,
         storage_class: args.storage_class,
         storage_size: args.storage_size,
     };
