@@ -443,8 +443,8 @@ impl<'a> Kube<'a> {
         let pvc = PersistentVolumeClaim {
             metadata: self.meta("data", "data"),
             spec: Some(PersistentVolumeClaimSpec {
-                // Written by the Jobs, read by every node pod, on any machine.
-                access_modes: Some(vec![s("ReadWriteMany")]),
+                // Written by the Jobs, read by every node pod (read-only mounts).
+                access_modes: Some(vec![s(self.opts.data_access.mode())]),
                 storage_class_name: self.opts.storage_class.clone(),
                 resources: Some(VolumeResourceRequirements {
                     requests: Some(BTreeMap::from([(

@@ -46,6 +46,28 @@ pub struct RenderArgs {
     /// Size of the shared data volume (checkpoint + shards + chain state).
     #[arg(long, default_value = "20Gi")]
     pub storage_size: String,
+    /// Access mode of the shared data volume.
+    #[arg(long, value_enum, default_value = "read-write-many")]
+    pub data_access: DataAccess,
+}
+
+/// How the shared data volume may be mounted.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum DataAccess {
+    /// Pods on any machine (the Jobs write, every node reads): needs an RWX class (NFS,
+    /// CephFS, a cloud file store).
+    ReadWriteMany,
+    /// Every pod on one machine (kind, minikube, a single-node k3s): any class works.
+    ReadWriteOnce,
+}
+
+impl DataAccess {
+    pub fn mode(self) -> &'static str {
+        match self {
+            DataAccess::ReadWriteMany => "ReadWriteMany",
+            DataAccess::ReadWriteOnce => "ReadWriteOnce",
+        }
+    }
 }
 
 /// What a render needs besides the spec and plan.
@@ -55,6 +77,7 @@ pub struct Options {
     pub anvil_image: String,
     pub storage_class: Option<String>,
     pub storage_size: String,
+    pub data_access: DataAccess,
 }
 
 /// One rendered object.
@@ -79,6 +102,7 @@ pub fn run(args: RenderArgs) -> anyhow::Result<ExitCode> {
         image,
         storage_class: args.storage_class,
         storage_size: args.storage_size,
+        data_access: args.data_access,
     };
     let (namespace, docs) = render(&loaded, &plan, &opts)?;
     write(&args.output, &docs)?;
