@@ -583,3 +583,73 @@ fn wait_hands_the_deployed_contracts_to_the_node_through_an_env_file() {
         "UNFED_ESCROW=0x5FbDB2315678afecb367f032d93F642f64180aa3\nUNFED_TOKEN=0xe7f1725E7734CE288F8367e1Bb143E90bb3F0512\nUNFED_CHAIN_ID=31337\n"
     );
 }
+
+/// compute-0's memory request and how it was estimated.
+fn compute0_memory(docs: &[(String, Value)]) -> (String, String) {
+    let (_, doc) = docs
+        .iter()
+        .find(|(f, _)| f.ends_with("statefulset-compute-0.yaml"))
+        .unwrap();
+    let t = &doc["spec"]["template"];
+    (
+        t["spec"]["containers"][0]["resources"]["requests"]["memory"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+        t["metadata"]["annotations"]["unfed.dev/memory-estimate"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+    )
+}
+
+#[test]
+fn memory_requests_come_from_the_split_or_the_config() {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/qwen2-f32");
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("net.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "[testnet]\nname = \"net\"\n[chain]\nmode = \"none\"\n[model]\npath = \"{}\"\ntext_shards = 2\n",
+            model.display()
+        ),
+    )
+    .unwrap();
+    let spec = spec.to_str().unwrap();
+    let (_a, docs) = render(spec);
+    let (memory, how) = compute0_memory(&docs);
+    assert!(how.contains("config.json"), "{how}");
+    // Unsplit: the weights estimated from the shape, plus 512Mi KV cache and 256Mi runtime.
+    assert_eq!(memory, "769Mi", "{how}");
+
+    // Once split on this machine, the manifest's exact sizes are used.
+    let shards = dir.path().join(".unfed/net/shards");
+    let o = unfedctl()
+        .arg("split")
+        .arg(&model)
+        .arg("-o")
+        .arg(&shards)
+        .args(["--text-shards", "2"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(shards.join("manifest.json")).unwrap()).unwrap();
+    let size = manifest["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["index"] == 0 && s["stack"] == "text")
+        .unwrap()["size"]
+        .as_u64()
+        .unwrap();
+    let (_b, docs) = render(spec);
+    let (memory, how) = compute0_memory(&docs);
+    assert!(how.contains("manifest.json"), "{how}");
+    assert_eq!(
+        memory,
+        format!("{}Mi", size.div_ceil(1 << 20) + 768),
+        "{how}"
+    );
+}
