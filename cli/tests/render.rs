@@ -653,3 +653,92 @@ fn memory_requests_come_from_the_split_or_the_config() {
         "{how}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chain_job_script_deploys_funds_and_stakes_on_an_anvil_started_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("net.toml");
+    std::fs::write(
+        &spec,
+        "[testnet]\nname = \"net\"\n[mpc]\npairs = 0\n[daemon]\nenabled = false\n[web]\nenabled = false\n",
+    )
+    .unwrap();
+    let (_r, docs) = render(spec.to_str().unwrap());
+    let doc = |suffix: &str| {
+        docs.iter()
+            .find(|(f, _)| f.ends_with(suffix))
+            .unwrap_or_else(|| panic!("no {suffix}"))
+            .1
+            .clone()
+    };
+    // The Anvil Deployment's place is taken by a local Anvil (loopback).
+    let anvil = unfed_chain::Anvil::start(&unfed_chain::AnvilOptions::default())
+        .await
+        .unwrap();
+    let run = dir.path().join("run");
+    let cluster_spec = dir.path().join("in-cluster.toml");
+    let text = doc("configmap-spec.yaml")["data"]["testnet.toml"]
+        .as_str()
+        .unwrap()
+        .replace("/data/run", run.to_str().unwrap());
+    std::fs::write(&cluster_spec, text).unwrap();
+    let job = doc("job-chain.yaml");
+    let script = job["spec"]["template"]["spec"]["containers"][0]["command"][2]
+        .as_str()
+        .unwrap()
+        .replace(
+            "/etc/unfed/spec/testnet.toml",
+            cluster_spec.to_str().unwrap(),
+        )
+        .replace("/data/run", run.to_str().unwrap())
+        .replace("http://anvil.net.svc:8545", &anvil.endpoint());
+    let bin = Path::new(env!("CARGO_BIN_EXE_unfedctl"));
+    let path = format!(
+        "{}:{}",
+        bin.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let o = tokio::process::Command::new("/bin/sh")
+        .args(["-c", &script])
+        .env("PATH", path)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{script}\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(run.join("fund-stake.done").exists());
+    // What the nodes' init containers then read.
+    let env = dir.path().join("chain.env");
+    let o = unfedctl()
+        .args(["wait", "--timeout", "5s", "--chain-state"])
+        .arg(run.join("state.json"))
+        .arg("--env-file")
+        .arg(&env)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let env = std::fs::read_to_string(env).unwrap();
+    assert!(env.contains("UNFED_ESCROW=0x"), "{env}");
+    // The wallets staked are the ones the node Secrets hold (same --eth-address).
+    let state: Value =
+        serde_json::from_slice(&std::fs::read(run.join("state.json")).unwrap()).unwrap();
+    let set = doc("statefulset-compute-0.yaml");
+    let args = node_args(
+        &serde_json::from_value::<Vec<String>>(
+            set["spec"]["template"]["spec"]["containers"][0]["command"].clone(),
+        )
+        .unwrap(),
+    );
+    let i = args.iter().position(|a| a == "--eth-address").unwrap();
+    let staked = state["chain"]["wallets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["node"] == "compute-0")
+        .unwrap();
+    assert_eq!(staked["address"].as_str(), Some(args[i + 1].as_str()));
+}
