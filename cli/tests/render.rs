@@ -742,3 +742,82 @@ async fn the_chain_job_script_deploys_funds_and_stakes_on_an_anvil_started_elsew
         .unwrap();
     assert_eq!(staked["address"].as_str(), Some(args[i + 1].as_str()));
 }
+
+#[test]
+fn an_external_chain_gets_the_specs_key_files_as_secrets_and_paths_in_the_config_map() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut keys = Vec::new();
+    for (i, name) in ["operator", "settler", "slasher", "client", "node"]
+        .iter()
+        .enumerate()
+    {
+        let path = dir.path().join(format!("{name}.key"));
+        let key = format!("0x{:064x}", 0xabc0 + i);
+        std::fs::write(&path, &key).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        keys.push(key);
+    }
+    let spec = dir.path().join("ext.toml");
+    std::fs::write(
+        &spec,
+        "[testnet]\nname = \"ext\"\n[chain]\nmode = \"external\"\nrpc_url = \"https://rpc.example:8545\"\n\
+         operator_key_file = \"operator.key\"\nsettler_key_file = \"settler.key\"\n\
+         slasher_key_file = \"slasher.key\"\nclient_key_file = \"client.key\"\n\
+         [model]\ntext_shards = 1\n[mpc]\npairs = 0\n[daemon]\nenabled = false\n[web]\nenabled = false\n\
+         [[node]]\nrole = \"compute\"\nshard = 0\neth_key = \"node.key\"\n",
+    )
+    .unwrap();
+    let (_r, docs) = render(spec.to_str().unwrap());
+    assert!(
+        !docs.iter().any(|(f, _)| f.contains("anvil")),
+        "no Anvil off testnet mode"
+    );
+    let secrets = secret_values(&docs);
+    let chain_keys: BTreeMap<_, _> = secrets
+        .iter()
+        .filter(|(k, _)| k.contains("secret-chain-keys"))
+        .map(|(k, v)| (k.rsplit(':').next().unwrap().to_string(), v.clone()))
+        .collect();
+    assert_eq!(
+        chain_keys.keys().collect::<Vec<_>>(),
+        [
+            "client.key",
+            "node-0.key",
+            "operator.key",
+            "settler.key",
+            "slasher.key"
+        ]
+    );
+    let config = docs
+        .iter()
+        .find(|(f, _)| f.ends_with("configmap-spec.yaml"))
+        .unwrap()
+        .1["data"]["testnet.toml"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        config.contains("eth_key = \"/etc/unfed/chain-keys/node-0.key\""),
+        "{config}"
+    );
+    for key in &keys {
+        assert!(!config.contains(key.as_str()));
+        assert!(chain_keys.values().any(|v| v == key));
+    }
+    // The node runs as the spec's key: its Secret holds it, the rpc is the spec's.
+    assert!(
+        secrets
+            .iter()
+            .any(|(k, v)| k.contains("compute-0-keys") && v == &keys[4])
+    );
+    let job = &docs
+        .iter()
+        .find(|(f, _)| f.ends_with("job-chain.yaml"))
+        .unwrap()
+        .1;
+    let script = job["spec"]["template"]["spec"]["containers"][0]["command"][2]
+        .as_str()
+        .unwrap();
+    assert!(!script.contains("--rpc-url"), "{script}");
+}

@@ -74,14 +74,18 @@ pub struct Kube<'a> {
     pub docs: Vec<Document>,
 }
 
-/// `name` as a DNS-1123 label: lowercase alphanumerics and '-', at most 63 characters.
+/// `name` as a DNS-1035 label (a Service name): lowercase alphanumerics and '-',
+/// starting with a letter; short enough that the pod name `<name>-0` is a label too.
 pub fn dns_label(name: &str) -> String {
     let mut out: String = name
         .to_ascii_lowercase()
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
         .collect();
-    out.truncate(63);
+    if out.starts_with(|c: char| c.is_ascii_digit()) {
+        out.insert_str(0, "n-");
+    }
+    out.truncate(55);
     out.trim_matches('-').to_string()
 }
 
@@ -403,7 +407,8 @@ impl<'a> Kube<'a> {
             ..Default::default()
         };
         self.push("spec", &spec)?;
-        if !chain_keys.is_empty() {
+        let has_chain_keys = !chain_keys.is_empty();
+        if has_chain_keys {
             let secret = self.secret("chain-keys", "chain", chain_keys.into_iter().collect());
             self.push("chain-keys", &secret)?;
         }
@@ -413,7 +418,7 @@ impl<'a> Kube<'a> {
         }
         self.split_job()?;
         if self.staked() {
-            self.chain_job()?;
+            self.chain_job(has_chain_keys)?;
         }
         let plan = self.plan;
         for step in plan
@@ -641,7 +646,7 @@ impl<'a> Kube<'a> {
 
     /// Deploys the contracts, funds and stakes every wallet (`unfedctl chain` verbs, which
     /// record state.json in the run directory on the data volume), then leaves a marker.
-    fn chain_job(&mut self) -> anyhow::Result<()> {
+    fn chain_job(&mut self, has_keys: bool) -> anyhow::Result<()> {
         let rpc = match self.loaded.spec.chain.mode {
             ChainMode::Anvil => format!(
                 " --rpc-url {}",
@@ -652,10 +657,6 @@ impl<'a> Kube<'a> {
         let script = format!(
             "set -e; unfedctl chain deploy {SPEC_FILE}{rpc}; unfedctl chain fund {SPEC_FILE}; unfedctl chain stake {SPEC_FILE}; touch {STAKED_MARKER}"
         );
-        let has_keys = self
-            .docs
-            .iter()
-            .any(|d| d.file.ends_with("-secret-chain-keys.yaml"));
         let extra = if has_keys {
             vec![(
                 secret_volume("chain-keys", "chain-keys"),
@@ -1129,5 +1130,18 @@ impl<'a> Kube<'a> {
             ..Default::default()
         };
         self.push(&name, &set)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dns_label;
+
+    #[test]
+    fn names_become_service_names() {
+        assert_eq!(dns_label("compute-0-r1"), "compute-0-r1");
+        assert_eq!(dns_label("GPU_box.1"), "gpu-box-1");
+        assert_eq!(dns_label("0gpu"), "n-0gpu");
+        assert!(dns_label(&"x".repeat(80)).len() <= 55);
     }
 }

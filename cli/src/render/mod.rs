@@ -209,7 +209,8 @@ fn cluster_spec(
         };
     for key in crate::spec::CHAIN_KEY_FILES {
         if let Some(file) = loaded.spec.chain.key_file(key) {
-            move_key(&mut doc["chain"][key], file, format!("{key}.key"))?;
+            let duty = key.trim_end_matches("_key_file");
+            move_key(&mut doc["chain"][key], file, format!("{duty}.key"))?;
         }
     }
     for (i, node) in loaded.spec.node_overrides.iter().enumerate() {
