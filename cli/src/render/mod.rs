@@ -40,7 +40,8 @@ pub struct RenderArgs {
     /// (the Dockerfile puts Anvil in it).
     #[arg(long)]
     pub anvil_image: Option<String>,
-    /// StorageClass of the shared data volume (ReadWriteMany); default: the cluster's.
+    /// StorageClass of the shared data volume (it must offer --data-access); default:
+    /// the cluster's default class.
     #[arg(long)]
     pub storage_class: Option<String>,
     /// Size of the shared data volume (checkpoint + shards + chain state).
