@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "unfed/v1/daemon.proto",
         "unfed/v1/vision.proto",
         "unfed/v1/mpc.proto",
+        "unfed/v1/join.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

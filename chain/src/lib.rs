@@ -9,12 +9,13 @@ pub mod contracts;
 pub mod escrow;
 pub mod keys;
 pub mod personal;
+pub mod presigned;
 pub mod voucher;
 
 pub use admission::{
     AdmissionVerifier, RegistrationPayload, RejectReason, Rejection, sign_registration,
 };
-pub use alloy::primitives::{Address, U256};
+pub use alloy::primitives::{Address, Bytes, U256};
 pub use alloy::signers::local::PrivateKeySigner;
 pub use amount::{format_amount, parse_amount};
 pub use anvil::{Anvil, AnvilOptions};

@@ -131,6 +131,8 @@ impl Verbs {
                 running: Default::default(),
                 tied: false,
                 relays: Default::default(),
+                host: None,
+                bind: "127.0.0.1".into(),
             },
         })
     }

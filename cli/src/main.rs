@@ -58,11 +58,21 @@ enum Command {
         /// Internal: run as the background supervisor that `--detach` starts.
         #[arg(long, hide = true, conflicts_with = "detach")]
         supervise: bool,
+        /// Join a testnet that spans machines as this `[[host]]` of the spec (with --join).
+        #[arg(long, requires = "join")]
+        host: Option<String>,
+        /// The join bundle the control host's `up` wrote for this host
+        /// (<run_dir>/join/<host>.json there).
+        #[arg(long, requires = "host")]
+        join: Option<PathBuf>,
     },
     /// Stop a testnet started with `up`: every process, newest first (SIGTERM, grace, SIGKILL).
     Down {
         /// Testnet spec (TOML). Default: the embedded specs/tiny.toml.
         spec: Option<PathBuf>,
+        /// Stop only the part this joined `[[host]]` runs.
+        #[arg(long)]
+        host: Option<String>,
     },
     /// Show a testnet's processes and model readiness.
     Status {
@@ -70,6 +80,9 @@ enum Command {
         spec: Option<PathBuf>,
         #[arg(long)]
         json: bool,
+        /// The part this joined `[[host]]` runs.
+        #[arg(long)]
+        host: Option<String>,
     },
     /// Print a node's log (`logs SPEC` lists them).
     Logs {
@@ -264,23 +277,29 @@ fn main() -> ExitCode {
             detach,
             wait_timeout,
             supervise,
+            host,
+            join,
         } => (|| {
             let loaded = spec::load(spec.as_deref())?;
             let plan = plan::LaunchPlan::build(&loaded, plan::model_facts(&loaded))?;
+            let (plan, join) = match (host, join) {
+                (Some(host), Some(bundle)) => (plan.joined_as(&host)?, Some((host, bundle))),
+                _ => (plan, None),
+            };
             if detach {
-                return launch::detach::run(&loaded, &plan, spec.as_deref(), wait_timeout);
+                return launch::detach::run(&loaded, &plan, spec.as_deref(), wait_timeout, join);
             }
             let opts = launch::UpOptions {
                 supervise,
                 wait_timeout: std::time::Duration::from_secs(wait_timeout),
+                join,
             };
             runtime()?.block_on(launch::up(loaded, plan, opts))
         })(),
-        Command::Down { spec } => plan::load_plan(spec.as_deref())
-            .map_err(Into::into)
-            .and_then(|p| launch::down(&p)),
-        Command::Status { spec, json } => plan::load_plan(spec.as_deref())
-            .map_err(Into::into)
+        Command::Down { spec, host } => {
+            host_plan(spec.as_deref(), host.as_deref()).and_then(|p| launch::down(&p))
+        }
+        Command::Status { spec, json, host } => host_plan(spec.as_deref(), host.as_deref())
             .and_then(|p| runtime()?.block_on(launch::status(&p, json))),
         Command::Logs { spec, node, follow } => {
             // `unfedctl logs registry`: one argument that is no file is a node of the default testnet.
@@ -331,6 +350,18 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// The plan of a testnet, or of the part a joined host runs.
+fn host_plan(
+    spec: Option<&std::path::Path>,
+    host: Option<&str>,
+) -> anyhow::Result<plan::LaunchPlan> {
+    let plan = plan::load_plan(spec)?;
+    match host {
+        Some(host) => plan.joined_as(host),
+        None => Ok(plan),
     }
 }
 

@@ -78,6 +78,9 @@ pub struct Step {
     /// The `[[node]]` entry that configured this step, for messages.
     #[serde(skip)]
     pub override_index: Option<usize>,
+    /// The `[[host]]` that runs it; `None`: the control host (or the only machine).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     /// How `up` knows the step is ready.
     pub ready_when: &'static str,
     pub detail: String,
@@ -114,6 +117,9 @@ pub struct LaunchPlan {
     /// The faults `unfedctl test` injects, in order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub chaos: Vec<crate::chaos_plan::ChaosEvent>,
+    /// The machines of a testnet that spans hosts (empty: one machine).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<crate::spec::HostEntry>,
 }
 
 /// Which links are encrypted, for `plan` and `status`.
@@ -233,6 +239,7 @@ impl LaunchPlan {
             eth_key: None,
             cheat: None,
             override_index: None,
+            host: None,
             ready_when: if kind.is_process() {
                 READY_PROCESS
             } else {
@@ -437,7 +444,46 @@ impl LaunchPlan {
             privacy,
             links: links_statement(spec.testnet.tls),
             chaos,
+            hosts: spec.hosts.clone(),
         })
+    }
+
+    /// The plan as joined host `host` runs it: its own run directory (and split) under
+    /// the spec's, so hosts sharing a file system do not collide.
+    pub fn joined_as(mut self, host: &str) -> anyhow::Result<Self> {
+        crate::launch::join::host::check_host(&self, host)?;
+        self.run_dir = self.run_dir.join("hosts").join(host);
+        self.shards_dir = self.run_dir.join("shards");
+        Ok(self)
+    }
+
+    /// The control host, when the testnet spans hosts.
+    pub fn control_host(&self) -> Option<&crate::spec::HostEntry> {
+        self.hosts.iter().find(|h| h.control)
+    }
+
+    /// The host a step runs on (`None` on a one-machine testnet).
+    pub fn host_of(&self, step: &Step) -> Option<&crate::spec::HostEntry> {
+        match &step.host {
+            Some(name) => self.hosts.iter().find(|h| &h.name == name),
+            None => self.control_host(),
+        }
+    }
+
+    /// The address the nodes of `host` (`None`: the control host) listen on.
+    pub fn bind_address(&self, host: Option<&str>) -> String {
+        let entry = match host {
+            Some(name) => self.hosts.iter().find(|h| h.name == name),
+            None => self.control_host(),
+        };
+        entry.map_or_else(|| "127.0.0.1".to_string(), |h| h.address.clone())
+    }
+
+    /// Whether `step` runs on host `host` (`None`: the control host).
+    pub fn runs_on(&self, step: &Step, host: Option<&str>) -> bool {
+        let control = self.control_host().map(|h| h.name.as_str());
+        let of = step.host.as_deref().filter(|h| Some(*h) != control);
+        of == host.filter(|h| Some(*h) != control)
     }
 
     /// Text shards the compute nodes serve: the hops of one step.
@@ -521,9 +567,13 @@ impl LaunchPlan {
                     .stake
                     .map(|s| format!("  stake {s}"))
                     .unwrap_or_default();
+                let host = match self.host_of(step) {
+                    Some(h) => format!("  @{} ({})", h.name, h.address),
+                    None => String::new(),
+                };
                 let _ = writeln!(
                     out,
-                    "  {:<width$}  {:<7} {}{stake}{after}",
+                    "  {:<width$}  {:<7} {}{stake}{after}{host}",
                     step.name, port, step.detail
                 );
             }
@@ -567,6 +617,7 @@ fn apply_overrides(
         step.stake = node.stake;
         step.eth_key = node.eth_key.as_ref().map(|k| loaded.resolve(k));
         step.cheat = node.cheat.clone();
+        step.host = node.host.clone();
     }
     // Renames must be followed by the steps that depend on the renamed ones.
     let renames: HashMap<String, String> = default_names(steps);

@@ -49,11 +49,11 @@ fn unknown_key_names_section_known_keys_and_a_suggestion() {
 fn unknown_section_and_top_level_key() {
     assert_eq!(
         one_problem("[nodez]\nstake = \"1\"\n"),
-        "x.toml:1:2: unknown section 'nodez' (did you mean [nodes]?); known sections: [testnet], [chain], [economics], [model], [mpc], [nodes], [daemon], [web], [[node]], [[chaos]]"
+        "x.toml:1:2: unknown section 'nodez' (did you mean [nodes]?); known sections: [testnet], [chain], [economics], [model], [mpc], [nodes], [daemon], [web], [[node]], [[host]], [[chaos]]"
     );
     assert_eq!(
         one_problem("stake = 1\n"),
-        "x.toml:1:1: unknown top-level key 'stake'; known sections: [testnet], [chain], [economics], [model], [mpc], [nodes], [daemon], [web], [[node]], [[chaos]]"
+        "x.toml:1:1: unknown top-level key 'stake'; known sections: [testnet], [chain], [economics], [model], [mpc], [nodes], [daemon], [web], [[node]], [[host]], [[chaos]]"
     );
 }
 
@@ -327,4 +327,51 @@ fn chaos_a_network_cannot_ride_out_is_a_spec_error() {
         )),
         "x.toml:7:10: [[chaos]] #1: slow needs delay_ms"
     );
+}
+
+#[test]
+fn hosts_and_the_nodes_placed_on_them() {
+    let hosts = "[[host]]\nname = \"ctl\"\naddress = \"10.0.0.1\"\ncontrol = true\n[[host]]\nname = \"b\"\naddress = \"10.0.0.2\"\n";
+    let node_on = |host: &str, role: &str| {
+        format!("{hosts}[[node]]\nrole = \"{role}\"\nshard = 1\nhost = \"{host}\"\n")
+    };
+    assert_eq!(problems(&node_on("b", "compute")), Vec::<String>::new());
+    let err = one_problem(&node_on("zz", "compute"));
+    assert!(
+        err.ends_with("[[node]] #1 host = \"zz\" names no [[host]] (declared: ctl, b)"),
+        "{err}"
+    );
+    let err = one_problem(&format!(
+        "{hosts}[mpc]\npairs = 1\n[[node]]\nrole = \"mpc_a\"\nhost = \"b\"\n"
+    ));
+    assert!(
+        err.contains("role \"mpc_a\" runs on the control host; only compute and vision nodes join"),
+        "{err}"
+    );
+    let err = one_problem(&hosts.replace("control = true\n", ""));
+    assert!(
+        err.contains("0 [[host]] entries have control = true"),
+        "{err}"
+    );
+    let err = one_problem(&hosts.replace("10.0.0.2", "b.example"));
+    assert!(
+        err.contains("address \"b.example\" is not an IP address"),
+        "{err}"
+    );
+    let err = one_problem(&hosts.replace("name = \"b\"", "name = \"ctl\""));
+    assert!(err.contains("name \"ctl\" is used twice"), "{err}");
+    let all = problems(&format!("[testnet]\ntls = false\n{hosts}"));
+    assert_eq!(all.len(), 2, "{all:#?}");
+    assert!(
+        all[1].ends_with("[[host]] \"b\" is at 10.0.0.2, off loopback, but testnet.tls = false: links between hosts must be encrypted; set testnet.tls = true"),
+        "{all:#?}"
+    );
+    // Loopback aliases may run plaintext (one machine).
+    let local = hosts.replace("10.0.0.", "127.0.0.");
+    assert_eq!(
+        problems(&format!("[testnet]\ntls = false\n{local}")),
+        Vec::<String>::new()
+    );
+    let err = one_problem(&format!("{hosts}[[host]]\nname = \"c\"\n"));
+    assert!(err.contains("address"), "{err}");
 }

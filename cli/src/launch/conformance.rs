@@ -78,8 +78,11 @@ pub(crate) fn make_ephemeral(loaded: &mut LoadedSpec, run_dir: &Path) {
     spec.testnet.run_dir = run_dir.display().to_string();
     spec.chain.port = None;
     spec.web.port = None;
+    // An ephemeral copy runs on this machine alone, whatever hosts the spec spans.
+    spec.hosts.clear();
     for node in &mut spec.node_overrides {
         node.port = None;
+        node.host = None;
     }
 }
 

@@ -25,6 +25,7 @@ pub fn run(
     plan: &LaunchPlan,
     spec: Option<&Path>,
     wait_timeout: u64,
+    join: Option<(String, PathBuf)>,
 ) -> anyhow::Result<ExitCode> {
     super::refuse_if_running(loaded, plan)?;
     let logs = plan.run_dir.join("logs");
@@ -36,6 +37,9 @@ pub fn run(
     cmd.arg("up");
     if let Some(spec) = spec {
         cmd.arg(spec);
+    }
+    if let Some((host, bundle)) = &join {
+        cmd.arg("--host").arg(host).arg("--join").arg(bundle);
     }
     cmd.args(["--wait-timeout", &wait_timeout.to_string(), SUPERVISE_FLAG])
         .stdin(Stdio::null())

@@ -5,6 +5,7 @@
 pub mod chaos;
 pub mod conformance;
 pub mod detach;
+pub mod join;
 pub mod node_cmd;
 pub mod pid;
 pub mod pki;
@@ -39,6 +40,8 @@ pub struct UpOptions {
     pub supervise: bool,
     /// How long one step may take to become ready.
     pub wait_timeout: Duration,
+    /// Join a testnet as this `[[host]]` with this bundle.
+    pub join: Option<(String, std::path::PathBuf)>,
 }
 
 /// Record what a step produced and persist it, with every process started so far.
@@ -141,6 +144,17 @@ pub async fn start(
     wait_timeout: Duration,
     relays: relay::Relays,
 ) -> anyhow::Result<Testnet> {
+    start_as(loaded, plan, wait_timeout, relays, None).await
+}
+
+/// `start` on the control host (`joined` = None) or on a host that joined the testnet.
+pub async fn start_as(
+    loaded: LoadedSpec,
+    plan: LaunchPlan,
+    wait_timeout: Duration,
+    relays: relay::Relays,
+    joined: Option<join::Joined>,
+) -> anyhow::Result<Testnet> {
     let run_dir = plan.run_dir.clone();
     let mut signals = StopSignals::listen()?;
     refuse_if_running(&loaded, &plan)?;
@@ -152,10 +166,32 @@ pub async fn start(
     std::fs::create_dir_all(run_dir.join("logs"))
         .with_context(|| format!("cannot create {}", run_dir.display()))?;
 
-    let pki = if loaded.spec.testnet.tls {
-        Some(pki::TestnetPki::create(&run_dir, &plan.name)?)
-    } else {
-        None
+    let (host, pki, registry, chain) = match joined {
+        Some(j) => (Some(j.host), j.pki, Some(j.registry), j.chain),
+        None if loaded.spec.testnet.tls => {
+            let pki = pki::TestnetPki::create(&run_dir, &plan.name)?;
+            (None, Some(pki), None, None)
+        }
+        None => (None, None, None, None),
+    };
+    let bind = plan.bind_address(host.as_deref());
+    let relays = match plan
+        .hosts
+        .iter()
+        .find(|h| Some(&h.name) == host.as_ref() || (host.is_none() && h.control))
+    {
+        Some(entry) if entry.delay_ms.is_some() => {
+            let here = plan
+                .steps
+                .iter()
+                .filter(|s| plan.runs_on(s, host.as_deref()));
+            relay::Relays::delaying(
+                here.map(|s| s.name.clone()),
+                bind.parse().context("the host's address")?,
+                Duration::from_millis(entry.delay_ms.unwrap_or_default()),
+            )
+        }
+        _ => relays,
     };
     let net = match &pki {
         Some(p) => p.client_net()?,
@@ -171,6 +207,8 @@ pub async fn start(
         running: Default::default(),
         tied: true,
         relays,
+        host,
+        bind,
     };
     let started = Instant::now();
     let state = RunState {
@@ -179,6 +217,8 @@ pub async fn start(
         tls_ca: ctx.pki.as_ref().map(|p| p.ca_path()),
         up_pid: Some(std::process::id()),
         up_identity: pid::identity(std::process::id()),
+        registry,
+        chain,
         ..RunState::default()
     };
     state.save(&run_dir)?;
@@ -209,10 +249,37 @@ pub async fn start(
 pub async fn up(loaded: LoadedSpec, plan: LaunchPlan, opts: UpOptions) -> anyhow::Result<ExitCode> {
     // Listening before the launch: a signal during it or right after is not missed.
     let mut signals = StopSignals::listen()?;
-    let mut net = start(loaded, plan, opts.wait_timeout, Default::default()).await?;
+    let joined = match &opts.join {
+        Some((host, bundle)) => {
+            // Before the join spends the bundle's token.
+            refuse_if_running(&loaded, &plan)?;
+            Some(join::host::join(&loaded, &plan, host, bundle).await?)
+        }
+        None => None,
+    };
+    let mut net = start_as(loaded, plan, opts.wait_timeout, Default::default(), joined).await?;
     let (ctx, state) = (&net.ctx, &mut net.state);
     let dev_key = dev_api_key(ctx, state)?;
     print_summary(ctx, state, net.took, dev_key.as_deref());
+    // The control host of a testnet that spans hosts admits the others.
+    let _join_service = match ctx.host.is_none() && ctx.plan.hosts.len() > 1 {
+        true => {
+            let (service, bundles) = join::serve::start(ctx, state).await?;
+            println!("joining hosts are admitted at {}:", service.addr);
+            for (host, bundle) in ctx.plan.hosts.iter().filter(|h| !h.control).zip(&bundles) {
+                println!(
+                    "  on {} ({}): unfedctl up {} --host {} --join {}",
+                    host.name,
+                    host.address,
+                    ctx.plan.spec,
+                    host.name,
+                    bundle.display()
+                );
+            }
+            Some(service)
+        }
+        false => None,
+    };
     if opts.supervise {
         println!(
             "\nsupervised in the background (pid {}, output in {}); `unfedctl down` stops everything",
@@ -287,6 +354,7 @@ impl StopSignals {
 async fn walk(ctx: &Context, state: &mut RunState, started: Instant) -> anyhow::Result<()> {
     let progress = &Progress::new();
     for (_, wave) in ctx.plan.waves() {
+        let wave: Vec<_> = wave.into_iter().filter(|s| ctx.runs_here(s)).collect();
         let inputs = Inputs {
             chain: state.chain.clone(),
             registry: state.registry.clone(),
@@ -373,11 +441,15 @@ impl Progress {
     }
 }
 
-/// The launch is done when the registry says the model is READY.
+/// The launch is done when the registry says the model is READY; on a control host
+/// whose nodes are partly elsewhere, once its own part runs (the others join later).
 async fn wait_ready(ctx: &Context, state: &RunState) -> anyhow::Result<()> {
     let (Some(registry), Some(model)) = (&state.registry, &state.model_id) else {
         return Ok(());
     };
+    if ctx.host.is_none() && ctx.plan.steps.iter().any(|s| !ctx.runs_here(s)) {
+        return Ok(());
+    }
     let mut client = unfed_node::client::Client::connect(&ctx.net, registry).await?;
     let deadline = Instant::now() + ctx.ready_timeout;
     loop {
@@ -419,7 +491,13 @@ fn print_summary(ctx: &Context, state: &RunState, took: Duration, dev_key: Optio
         println!("  registry   {registry}");
     }
     if let Some(model) = &state.model_id {
-        println!("  model      {model} (READY)");
+        let elsewhere = ctx.host.is_none() && ctx.plan.steps.iter().any(|s| !ctx.runs_here(s));
+        let when = if elsewhere {
+            "READY once every host has joined"
+        } else {
+            "READY"
+        };
+        println!("  model      {model} ({when})");
     }
     if let Some(url) = &state.dashboard {
         println!("  dashboard  {url}");
@@ -431,10 +509,12 @@ fn print_summary(ctx: &Context, state: &RunState, took: Duration, dev_key: Optio
         }
     }
     if let Some(chain) = &state.chain {
-        println!(
-            "  chain      {} (chain id {})",
-            chain.rpc_url, chain.chain_id
-        );
+        if !chain.rpc_url.is_empty() {
+            println!(
+                "  chain      {} (chain id {})",
+                chain.rpc_url, chain.chain_id
+            );
+        }
         if let (Some(token), Some(escrow)) = (&chain.token, &chain.escrow) {
             println!("  contracts  token {token}, escrow {escrow}");
         }
@@ -451,6 +531,11 @@ fn print_summary(ctx: &Context, state: &RunState, took: Duration, dev_key: Optio
         path => format!(" {path}"),
     };
     println!("\nnext:");
+    if let Some(host) = &ctx.host {
+        // A joined host runs only its part; chats and the rest go through the control host.
+        println!("  unfedctl status{spec} --host {host}\n  unfedctl down{spec} --host {host}");
+        return;
+    }
     println!("  unfedctl chat{spec} --prompt \"Hello\"");
     if let Some(registry) = &state.registry {
         println!("  unfedctl models --registry {registry}");

@@ -3,7 +3,7 @@
 //! the node as they are (TLS included) — late by a set delay, or not at all.
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,15 +29,15 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Listens on a free loopback port; forwards once `set_upstream` names the node.
-    async fn bind() -> anyhow::Result<Arc<Relay>> {
-        let listener = TcpListener::bind("127.0.0.1:0")
+    /// Listens on a free port of `ip`; forwards once `set_upstream` names the node.
+    async fn bind(ip: IpAddr, fault: Fault) -> anyhow::Result<Arc<Relay>> {
+        let listener = TcpListener::bind((ip, 0))
             .await
-            .context("binding a chaos relay")?;
+            .with_context(|| format!("binding a relay on {ip}"))?;
         let relay = Arc::new(Relay {
             addr: listener.local_addr()?,
             upstream: watch::channel(None).0,
-            fault: watch::channel(Fault::None).0,
+            fault: watch::channel(fault).0,
         });
         tokio::spawn(accept(listener, relay.clone()));
         Ok(relay)
@@ -120,15 +120,40 @@ async fn pump(
     tokio::join!(read, write);
 }
 
-/// The relays of a launch: which nodes get one (those a chaos fault slows or cuts),
-/// and each relay once made, kept across restarts of its node.
-#[derive(Default)]
+/// The relays of a launch: which nodes get one (those a chaos fault slows or cuts, or
+/// a host's `delay_ms` slows), and each relay once made, kept across restarts of its node.
 pub struct Relays {
     wanted: HashSet<String>,
     made: Mutex<HashMap<String, Arc<Relay>>>,
+    /// Where the relays listen (the host's address).
+    ip: IpAddr,
+    /// What a new relay does until told otherwise.
+    initial: Fault,
+}
+
+impl Default for Relays {
+    fn default() -> Self {
+        Self {
+            wanted: HashSet::new(),
+            made: Default::default(),
+            ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            initial: Fault::None,
+        }
+    }
 }
 
 impl Relays {
+    /// Relays on `ip` delaying every connection to `nodes` by `delay` each way: a
+    /// host's emulated wide-area link.
+    pub fn delaying(nodes: impl IntoIterator<Item = String>, ip: IpAddr, delay: Duration) -> Self {
+        Self {
+            wanted: nodes.into_iter().collect(),
+            made: Default::default(),
+            ip,
+            initial: Fault::Delay(delay),
+        }
+    }
+
     /// Relays for the targets of `plan`'s slow and partition faults.
     pub fn for_chaos(plan: &crate::plan::LaunchPlan) -> Self {
         Self {
@@ -138,7 +163,7 @@ impl Relays {
                 .filter(|e| e.action.needs_relay())
                 .map(|e| e.target.clone())
                 .collect(),
-            made: Default::default(),
+            ..Self::default()
         }
     }
 
@@ -150,7 +175,7 @@ impl Relays {
         if let Some(r) = self.get(node) {
             return Ok(Some(r));
         }
-        let relay = Relay::bind().await?;
+        let relay = Relay::bind(self.ip, self.initial).await?;
         self.made
             .lock()
             .unwrap()
@@ -180,7 +205,9 @@ mod tests {
                 });
             }
         });
-        let relay = Relay::bind().await.unwrap();
+        let relay = Relay::bind(IpAddr::V4(Ipv4Addr::LOCALHOST), Fault::None)
+            .await
+            .unwrap();
         relay.set_upstream(echo_addr);
         let roundtrip = |relay: SocketAddr| async move {
             let mut s = TcpStream::connect(relay).await.unwrap();

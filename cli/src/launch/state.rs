@@ -50,9 +50,19 @@ pub struct ProcessRecord {
     /// while both still match.
     #[serde(default)]
     pub identity: Option<Identity>,
+    /// The address peers dial (the host's, or a relay's in front of the node).
+    #[serde(default)]
+    pub address: Option<String>,
 }
 
 impl ProcessRecord {
+    /// Where the node is dialled: its advertised address, else its port on loopback.
+    pub fn dial_address(&self) -> Option<String> {
+        self.address
+            .clone()
+            .or_else(|| self.port.map(|port| format!("127.0.0.1:{port}")))
+    }
+
     /// What runs under the recorded PID now.
     pub fn now(&self) -> pid::Now {
         pid::check(self.pid, self.identity.as_ref())

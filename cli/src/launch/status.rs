@@ -54,9 +54,31 @@ struct ModelLine {
     shards: String,
 }
 
+/// A machine of a testnet that spans hosts, and the nodes the registry lists there.
+#[derive(Serialize)]
+struct HostLine {
+    name: String,
+    address: String,
+    control: bool,
+    /// When it joined (unix seconds), as the control host recorded it.
+    joined_at: Option<u64>,
+    /// Listed by the registry at this host's address: node id, role, shard, address.
+    nodes: Vec<HostNode>,
+}
+
+#[derive(Serialize)]
+struct HostNode {
+    node: String,
+    role: String,
+    shard: u32,
+    address: String,
+}
+
 #[derive(Serialize)]
 struct Status {
     name: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    hosts: Vec<HostLine>,
     registry: Option<String>,
     /// Which links are encrypted.
     links: &'static str,
@@ -103,7 +125,7 @@ async fn gather(plan: &LaunchPlan, state: &RunState) -> Status {
         .processes
         .iter()
         .map(|p| {
-            let address = p.port.map(|port| format!("127.0.0.1:{port}"));
+            let address = p.dial_address();
             let entry = listed.iter().find(|n| Some(&n.address) == address.as_ref());
             let wallet = state
                 .chain
@@ -157,24 +179,24 @@ async fn gather(plan: &LaunchPlan, state: &RunState) -> Status {
         .processes
         .iter()
         .find(|p| p.kind == "daemon")
-        .and_then(|p| p.port);
+        .and_then(|p| p.dial_address());
     let daemon_height = match daemon {
-        Some(port) => match async {
-            unfed_node::daemon::client(&state.net()?, &format!("127.0.0.1:{port}"), None).await
+        Some(addr) => {
+            match async { unfed_node::daemon::client(&state.net()?, &addr, None).await }.await {
+                Ok(mut d) => d
+                    .get_chain_status(GetChainStatusRequest {})
+                    .await
+                    .ok()
+                    .map(|r| r.into_inner().height),
+                Err(_) => None,
+            }
         }
-        .await
-        {
-            Ok(mut d) => d
-                .get_chain_status(GetChainStatusRequest {})
-                .await
-                .ok()
-                .map(|r| r.into_inner().height),
-            Err(_) => None,
-        },
         None => None,
     };
+    let hosts = host_lines(plan, state, &listed);
     Status {
         name: plan.name.clone(),
+        hosts,
         registry: state.registry.clone(),
         links: crate::plan::links_statement(state.tls_ca.is_some()),
         dashboard: state.dashboard.clone(),
@@ -201,6 +223,55 @@ async fn gather(plan: &LaunchPlan, state: &RunState) -> Status {
             })
             .collect(),
     }
+}
+
+/// Every `[[host]]` with what the registry lists at its address; node ids (wallets)
+/// are shown by node name where this host's records know it.
+fn host_lines(
+    plan: &LaunchPlan,
+    state: &RunState,
+    listed: &[unfed_proto::NodeInfo],
+) -> Vec<HostLine> {
+    let joined = super::join::read_joined(&plan.run_dir);
+    let mut names: Vec<(String, String)> = joined.iter().flat_map(|j| j.nodes.clone()).collect();
+    if let Some(chain) = &state.chain {
+        names.extend(
+            chain
+                .wallets
+                .iter()
+                .map(|w| (w.node.clone(), w.address.clone())),
+        );
+    }
+    plan.hosts
+        .iter()
+        .map(|h| {
+            let record = joined.iter().find(|j| j.name == h.name);
+            let ip_of = |addr: &str| addr.rsplit_once(':').map(|(ip, _)| ip.to_string());
+            let nodes = listed
+                .iter()
+                .filter(|n| ip_of(&n.address).as_deref() == Some(h.address.as_str()))
+                .map(|n| {
+                    let name = names
+                        .iter()
+                        .find(|(_, wallet)| wallet.eq_ignore_ascii_case(&n.node_id))
+                        .map_or_else(|| n.node_id.clone(), |(name, _)| name.clone());
+                    HostNode {
+                        node: name,
+                        role: n.role.clone(),
+                        shard: n.shard_index,
+                        address: n.address.clone(),
+                    }
+                })
+                .collect();
+            HostLine {
+                name: h.name.clone(),
+                address: h.address.clone(),
+                control: h.control,
+                joined_at: record.map(|r| r.joined_at),
+                nodes,
+            }
+        })
+        .collect()
 }
 
 /// Each wallet's stake on-chain (active + cooling), by address.
@@ -287,6 +358,28 @@ pub async fn status(plan: &LaunchPlan, json: bool) -> anyhow::Result<ExitCode> {
         println!(
             "  model {}: {}, {} node(s), shards {}",
             m.model, m.status, m.nodes, m.shards
+        );
+    }
+    for h in &status.hosts {
+        let role = match (h.control, h.joined_at) {
+            (true, _) => "control",
+            (false, Some(_)) => "joined",
+            (false, None) => "not joined",
+        };
+        let nodes: Vec<String> = h
+            .nodes
+            .iter()
+            .map(|n| format!("{} ({} shard {})", n.node, n.role, n.shard))
+            .collect();
+        println!(
+            "  host {} {} [{role}]: {}",
+            h.name,
+            h.address,
+            if nodes.is_empty() {
+                "no node listed".into()
+            } else {
+                nodes.join(", ")
+            }
         );
     }
     println!("  links: {}", status.links);

@@ -36,8 +36,14 @@ pub struct Context {
     /// Children die with this process (`up`, `test`); false for `chain up`, whose Anvil
     /// outlives the command.
     pub tied: bool,
-    /// Relays in front of the nodes chaos slows or cuts (`unfedctl test` only).
+    /// Relays in front of the nodes chaos slows or cuts (`unfedctl test`), or that a
+    /// host's `delay_ms` slows.
     pub relays: super::relay::Relays,
+    /// The `[[host]]` this launch runs as when it joined a testnet; `None`: the control
+    /// host (or the only machine).
+    pub host: Option<String>,
+    /// The address this host's nodes listen on and are dialled at.
+    pub bind: String,
 }
 
 /// Started processes in start order, with the child handles we can reap.
@@ -56,6 +62,15 @@ impl Running {
 }
 
 impl Context {
+    /// Whether this launch runs `step`: a joined host runs its own nodes and its own
+    /// split, the control host everything else.
+    pub fn runs_here(&self, step: &Step) -> bool {
+        match &self.host {
+            Some(host) => step.kind == StepKind::Split || self.plan.runs_on(step, Some(host)),
+            None => self.plan.runs_on(step, None),
+        }
+    }
+
     pub fn log_path(&self, name: &str) -> PathBuf {
         self.plan.run_dir.join("logs").join(format!("{name}.log"))
     }
@@ -123,7 +138,7 @@ pub async fn run(ctx: &Context, step: &Step, inputs: Inputs) -> anyhow::Result<O
                 .find(|p| p.kind == "mpc_b" && p.shard == step.shard)
                 .and_then(|p| p.port)
                 .with_context(|| format!("{b_name} is not running"))?;
-            start_mpc(ctx, step, inputs, Some(format!("127.0.0.1:{b_port}"))).await
+            start_mpc(ctx, step, inputs, Some(format!("{}:{b_port}", ctx.bind))).await
         }
     }
 }
@@ -163,6 +178,7 @@ async fn start_anvil(ctx: &Context, step: &Step) -> anyhow::Result<Outcome> {
         shard: None,
         eth_address: None,
         identity: super::pid::identity(pid),
+        address: None,
     };
     ctx.running.lock().unwrap().add(process, None);
     Ok(Outcome {
@@ -343,7 +359,9 @@ async fn fund_and_stake(ctx: &Context, inputs: Inputs) -> anyhow::Result<Outcome
     let deployment = record.deployment()?;
     let operator = Chain::connect(&record.rpc_url, operator(ctx)?)?;
     let mut wallets = Vec::new();
-    for step in ctx.plan.steps.iter().filter(|s| s.wallet.is_some()) {
+    // Nodes of joined hosts bring their own wallets (see `join`).
+    let here = ctx.plan.steps.iter().filter(|s| ctx.runs_here(s));
+    for step in here.filter(|s| s.wallet.is_some()) {
         let (signer, key_file) = node_signer(ctx, step)?;
         let stake = step.stake.unwrap_or(ctx.loaded.spec.nodes.stake);
         let who = signer.address();
@@ -405,7 +423,11 @@ pub fn model_source_dir(loaded: &LoadedSpec, plan: &LaunchPlan) -> PathBuf {
 }
 
 /// Split the spec's model into `dir`, unless `dir` already holds a split of the same source.
-fn split_cached(loaded: &LoadedSpec, source_dir: &Path, dir: &Path) -> anyhow::Result<String> {
+pub(crate) fn split_cached(
+    loaded: &LoadedSpec,
+    source_dir: &Path,
+    dir: &Path,
+) -> anyhow::Result<String> {
     let spec = &loaded.spec;
     let shape = format!(
         "text={} vision={}\n",
@@ -530,10 +552,18 @@ async fn spawn_node(
     if let Some(relay) = &relay {
         cmd.arg("--advertise").arg(relay.addr.to_string());
     }
+    if kind != "web" {
+        // The dashboard binds the spec's web.host instead.
+        cmd.arg("--host").arg(&ctx.bind);
+    }
     if let Some(pki) = &ctx.pki {
         // Every node serves TLS with its own certificate; the dashboard only dials.
         if kind != "web" {
-            let files = pki.issue(&step.name, &["127.0.0.1", "localhost"])?;
+            let mut names = vec!["127.0.0.1", "localhost"];
+            if !names.contains(&ctx.bind.as_str()) {
+                names.push(&ctx.bind);
+            }
+            let files = pki.issue(&step.name, &names)?;
             cmd.arg("--tls-cert").arg(&files.cert);
             cmd.arg("--tls-key").arg(&files.key);
         }
@@ -552,6 +582,7 @@ async fn spawn_node(
         shard: step.shard,
         eth_address,
         identity: super::pid::identity(child.id()),
+        address: None,
     };
     let slot = ctx.running.lock().unwrap().add(record, None);
     let deadline = Instant::now() + ctx.ready_timeout;
@@ -602,6 +633,7 @@ async fn spawn_node(
         .and_then(|a| a.rsplit(':').next().and_then(|p| p.parse().ok()))
         .unwrap_or_default();
     running.processes[slot].port = Some(port);
+    running.processes[slot].address = Some(addr.clone());
     Ok((port, addr))
 }
 

@@ -117,6 +117,12 @@ pub fn run(args: RenderArgs) -> anyhow::Result<ExitCode> {
         "apply them with: kubectl apply -f {}",
         args.output.display()
     );
+    if !plan.hosts.is_empty() {
+        // Pods are placed by the scheduler; node affinity is for the cluster's operator.
+        println!(
+            "note: the spec's [[host]] placement is not rendered: Kubernetes schedules the pods"
+        );
+    }
     if loaded.spec.model.path.is_some() {
         println!(
             "then copy the checkpoint into the split Job's pod (see README, \"On Kubernetes\")"

@@ -163,11 +163,7 @@ fn check_rules(loaded: &LoadedSpec, report: &mut Reporter) {
     let spec = &loaded.spec;
     let spans = &loaded.spans;
     let name = &spec.testnet.name;
-    if name.is_empty()
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
+    if !valid_name(name) {
         report.at(
             spans.key_or_section("testnet", "name"),
             format!("testnet.name \"{name}\" may contain only letters, digits, '-' and '_' (it names the run directory)"),
@@ -296,6 +292,8 @@ fn check_rules(loaded: &LoadedSpec, report: &mut Reporter) {
         }
     }
 
+    check_hosts(loaded, report);
+
     let mpc = &spec.mpc;
     if !loaded.sound(&["mpc.output", "mpc.pairs", "mpc.layers", "model.text_shards"]) {
         return;
@@ -321,6 +319,89 @@ fn check_rules(loaded: &LoadedSpec, report: &mut Reporter) {
     if mpc.layers.is_some() && mpc.pairs == 0 {
         report.at(spans.get("mpc.layers"), "mpc.layers needs mpc.pairs >= 1");
     }
+}
+
+/// `[[host]]` entries and the nodes placed on them.
+fn check_hosts(loaded: &LoadedSpec, report: &mut Reporter) {
+    let (spec, spans) = (&loaded.spec, &loaded.spans);
+    let hosts = &spec.hosts;
+    let names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+    for (i, host) in hosts.iter().enumerate() {
+        let at = |key: &str| spans.key_or_section(&format!("host[{i}]"), key);
+        if !valid_name(&host.name) {
+            report.at(
+                at("name"),
+                format!(
+                    "[[host]] #{} name \"{}\" may contain only letters, digits, '-' and '_'",
+                    i + 1,
+                    host.name
+                ),
+            );
+        }
+        if names[..i].contains(&host.name.as_str()) {
+            report.at(
+                at("name"),
+                format!(
+                    "[[host]] name \"{}\" is used twice; host names must be unique",
+                    host.name
+                ),
+            );
+        }
+        match host.address.parse::<std::net::IpAddr>() {
+            Err(_) => report.at(
+                at("address"),
+                format!("[[host]] \"{}\" address \"{}\" is not an IP address; give the address the other hosts dial it at (nodes bind it)", host.name, host.address),
+            ),
+            Ok(ip) if ip.is_unspecified() => report.at(
+                at("address"),
+                format!("[[host]] \"{}\" address {ip} is no address to dial; give the host's own IP address", host.name),
+            ),
+            Ok(ip) if !ip.is_loopback() && !spec.testnet.tls => report.at(
+                at("address"),
+                format!("[[host]] \"{}\" is at {ip}, off loopback, but testnet.tls = false: links between hosts must be encrypted; set testnet.tls = true", host.name),
+            ),
+            Ok(_) => {}
+        }
+    }
+    let controls = hosts.iter().filter(|h| h.control).count();
+    if !hosts.is_empty() && controls != 1 {
+        report.at(
+            spans.get("host[0]"),
+            format!("{controls} [[host]] entries have control = true; exactly one host is the control host (it runs the chain, the registry and every node not placed elsewhere)"),
+        );
+    }
+    for (i, node) in spec.node_overrides.iter().enumerate() {
+        let Some(host) = &node.host else { continue };
+        let span = spans.get(&format!("node[{i}].host"));
+        if !names.contains(&host.as_str()) {
+            let known = if names.is_empty() {
+                "none is declared".to_string()
+            } else {
+                format!("declared: {}", names.join(", "))
+            };
+            report.at(
+                span,
+                format!(
+                    "[[node]] #{} host = \"{host}\" names no [[host]] ({known})",
+                    i + 1
+                ),
+            );
+        } else if !matches!(node.role, NodeRole::Compute | NodeRole::Vision)
+            && hosts.iter().any(|h| h.name == *host && !h.control)
+        {
+            report.at(
+                span,
+                format!("[[node]] #{} role \"{}\" runs on the control host; only compute and vision nodes join from other hosts", i + 1, node.role.as_str()),
+            );
+        }
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 pub fn mode_name(mode: ChainMode) -> &'static str {
@@ -358,6 +439,13 @@ mod tests {
             stake: Some(TokenAmount::whole(1)),
             eth_key: Some(String::new()),
             cheat: Some(String::new()),
+            host: Some(String::new()),
+        });
+        spec.hosts.push(HostEntry {
+            name: String::new(),
+            address: String::new(),
+            control: true,
+            delay_ms: Some(1),
         });
         spec.chaos.push(ChaosEntry {
             target: String::new(),

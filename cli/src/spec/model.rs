@@ -18,6 +18,9 @@ pub struct TestnetSpec {
     pub web: WebSection,
     #[serde(rename = "node")]
     pub node_overrides: Vec<NodeOverride>,
+    /// Machines of a testnet that spans hosts (`[[host]]`); empty: everything on this one.
+    #[serde(rename = "host", skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<HostEntry>,
     /// Faults `unfedctl test` injects (`[[chaos]]`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub chaos: Vec<ChaosEntry>,
@@ -349,4 +352,18 @@ pub struct NodeOverride {
     pub eth_key: Option<String>,
     /// Test/demo cheating mode of a compute node (local Anvil only).
     pub cheat: Option<String>,
+    /// The `[[host]]` that runs this node; default: the control host.
+    pub host: Option<String>,
+}
+
+/// One `[[host]]`: a machine of the testnet, by the address the others dial it at.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostEntry {
+    pub name: String,
+    pub address: String,
+    /// The host with the chain, the registry and every node not placed elsewhere.
+    #[serde(default)]
+    pub control: bool,
+    /// Emulated network latency (ms, each way) in front of this host's nodes.
+    pub delay_ms: Option<u64>,
 }

@@ -411,6 +411,41 @@ pub static SECTIONS: &[Section] = &[
                 Kind::Enum(CHEATS),
                 "Test/demo only, compute nodes on a local Anvil chain: \"skip-layers\", \"perturb\", \"wrong-token\" or \"forge-attestation\"."
             ),
+            key!(
+                "host",
+                Kind::Str,
+                "The [[host]] that runs this node (compute or vision); default: the control host."
+            ),
+        ],
+    },
+    Section {
+        name: "host",
+        array: true,
+        doc: "A machine of a testnet that spans hosts. The control host runs the chain, the registry and every node not placed elsewhere; the others join it with `unfedctl up SPEC --host NAME --join BUNDLE`.",
+        keys: &[
+            key!(
+                "name",
+                Kind::Str,
+                "The host's name (letters, digits, '-', '_') (required)."
+            ),
+            key!(
+                "address",
+                Kind::Str,
+                "The IP address the other hosts dial this one at; its nodes listen there (required)."
+            ),
+            key!(
+                "control",
+                Kind::Bool,
+                "The control host: exactly one host has control = true. Default false."
+            ),
+            key!(
+                "delay_ms",
+                Kind::Int {
+                    min: 1,
+                    max: 10_000
+                },
+                "Testing only: latency added each way to every connection to this host's nodes, through a relay on the host (emulates a wide-area link)."
+            ),
         ],
     },
     Section {

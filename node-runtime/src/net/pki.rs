@@ -104,6 +104,19 @@ pub struct Issued {
     pub pin: Pin,
 }
 
+/// A new key and a signing request for it, both PEM: what a joining node sends the CA.
+pub fn signing_request(name: &str) -> Result<(String, String)> {
+    let key = key_pair()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name);
+    params.distinguished_name = dn;
+    let csr = params
+        .serialize_request(&key)
+        .context("making a certificate signing request")?;
+    Ok((key.serialize_pem(), csr.pem()?))
+}
+
 fn key_pair() -> Result<KeyPair> {
     KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).context("generating a key pair")
 }
@@ -134,13 +147,44 @@ impl Ca {
     /// Issues a certificate for `name` valid for `hosts` (IP addresses or DNS names the
     /// node is dialled at), usable as server and as client, for `days` days.
     pub fn issue(&self, name: &str, hosts: &[String], days: i64) -> Result<Issued> {
+        let key = key_pair()?;
+        let cert_pem = self.sign(name, hosts, days, &key)?;
+        Ok(Issued {
+            pin: Pin::of_spki(&key.subject_public_key_info()),
+            cert_pem,
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Issues a certificate for the key of a signing request made elsewhere (a host
+    /// joining the testnet keeps its keys): the CA decides the name and the hosts, the
+    /// request contributes only its public key (its signature is checked).
+    pub fn issue_for_request(
+        &self,
+        name: &str,
+        hosts: &[String],
+        days: i64,
+        csr_pem: &str,
+    ) -> Result<String> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).context(
+            "the certificate signing request is not a valid, self-signed PKCS#10 request",
+        )?;
+        self.sign(name, hosts, days, &csr.public_key)
+    }
+
+    fn sign(
+        &self,
+        name: &str,
+        hosts: &[String],
+        days: i64,
+        key: &impl rcgen::PublicKeyData,
+    ) -> Result<String> {
         if hosts.is_empty() {
             bail!("a node certificate needs at least one host name or address");
         }
         let ca_key = KeyPair::from_pem(&self.key_pem).context("the CA key")?;
         let issuer =
             Issuer::from_ca_cert_pem(&self.cert_pem, ca_key).context("the CA certificate")?;
-        let key = key_pair()?;
         let mut params = CertificateParams::new(hosts.to_vec())
             .with_context(|| format!("host names {hosts:?}"))?;
         let mut dn = DistinguishedName::new();
@@ -154,12 +198,7 @@ impl Ca {
         ];
         params.not_before = now_offset(-1);
         params.not_after = now_offset(days);
-        let cert = params.signed_by(&key, &issuer)?;
-        Ok(Issued {
-            pin: Pin::of_spki(&key.subject_public_key_info()),
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
+        Ok(params.signed_by(key, &issuer)?.pem())
     }
 
     /// Loads the CA of a run directory (the key file must be private).
@@ -289,5 +328,29 @@ mod tests {
         assert!(err.contains("does not belong"), "{err}");
         let key_a = PrivateKeyDer::from_pem_slice(a.key_pem.as_bytes()).unwrap();
         check_key_matches(&cert, &key_a).unwrap();
+    }
+
+    /// A joining node's request gets a certificate for its own key, with the names the
+    /// CA chose (not the request's), and a tampered request is refused.
+    #[test]
+    fn a_signing_request_gets_a_certificate_for_its_key_and_the_cas_names() {
+        let ca = Ca::generate("t").unwrap();
+        let (key_pem, csr_pem) = signing_request("compute-1").unwrap();
+        let cert = ca
+            .issue_for_request("compute-1", &["10.1.0.2".into()], 30, &csr_pem)
+            .unwrap();
+        key_matches(&cert, &key_pem).unwrap();
+        CertFacts::signed_by(&cert, &ca.cert_pem).unwrap();
+        let info = CertFacts::of_pem(&cert).unwrap();
+        assert!(info.covers("10.1.0.2") && !info.covers("127.0.0.1"));
+        // One base64 character of the signed body changed: the signature no longer holds.
+        let mut tampered = csr_pem.clone().into_bytes();
+        let at = csr_pem.find('\n').unwrap() + 60;
+        tampered[at] = if tampered[at] == b'A' { b'B' } else { b'A' };
+        let tampered = String::from_utf8(tampered).unwrap();
+        assert!(
+            ca.issue_for_request("x", &["10.1.0.2".into()], 30, &tampered)
+                .is_err()
+        );
     }
 }
