@@ -41,7 +41,13 @@ pub enum ChainCommand {
         spec: Option<PathBuf>,
     },
     /// Deploy UnfedToken and UnfedEscrow with the spec's economics.
-    Deploy { spec: Option<PathBuf> },
+    Deploy {
+        spec: Option<PathBuf>,
+        /// The chain's RPC URL when its Anvil was started elsewhere (e.g. the Anvil
+        /// Deployment `unfedctl render --target kubernetes` writes); recorded in state.json.
+        #[arg(long)]
+        rpc_url: Option<String>,
+    },
     /// Write each node's key to keys/<node>.key (0600) and send it gas money and the
     /// tokens it is to stake; fund the dev client with its deposit.
     Fund { spec: Option<PathBuf> },
@@ -73,7 +79,7 @@ pub fn run(cmd: Commands) -> anyhow::Result<ExitCode> {
     let Commands::Chain(cmd) = cmd;
     let spec_path = match &cmd {
         ChainCommand::Up { spec }
-        | ChainCommand::Deploy { spec }
+        | ChainCommand::Deploy { spec, .. }
         | ChainCommand::Fund { spec }
         | ChainCommand::Stake { spec }
         | ChainCommand::Status { spec, .. }
@@ -94,7 +100,7 @@ pub fn run(cmd: Commands) -> anyhow::Result<ExitCode> {
     runtime.block_on(async {
         match cmd {
             ChainCommand::Up { .. } => verbs.up().await,
-            ChainCommand::Deploy { .. } => verbs.deploy().await,
+            ChainCommand::Deploy { rpc_url, .. } => verbs.deploy(rpc_url).await,
             ChainCommand::Fund { .. } => verbs.fund().await,
             ChainCommand::Stake { .. } => verbs.stake().await,
             ChainCommand::Status { json, .. } => verbs.status(json).await,
@@ -202,8 +208,22 @@ impl Verbs {
         Ok(())
     }
 
-    async fn deploy(&self) -> anyhow::Result<()> {
+    async fn deploy(&self, rpc_url: Option<String>) -> anyhow::Result<()> {
         let mut state = self.state()?;
+        if let Some(url) = rpc_url
+            && state.chain.as_ref().map(|c| &c.rpc_url) != Some(&url)
+        {
+            // Another chain than the one recorded: nothing recorded for it holds.
+            state.chain = Some(ChainRecord {
+                rpc_url: url,
+                chain_id: 0,
+                token: None,
+                escrow: None,
+                operator: None,
+                client: None,
+                wallets: Vec::new(),
+            });
+        }
         self.deploy_into(&mut state).await
     }
 

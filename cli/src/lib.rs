@@ -13,4 +13,5 @@ pub mod model_cmd;
 pub mod model_source;
 pub mod plan;
 pub mod preflight;
+pub mod render;
 pub mod spec;

@@ -3,7 +3,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use unfedctl::{
-    api_key_cmd, billing_cmd, chain_cmd, client_cmd, init, launch, model_cmd, plan, preflight, spec,
+    api_key_cmd, billing_cmd, chain_cmd, client_cmd, init, launch, model_cmd, plan, preflight,
+    render, spec,
 };
 
 /// One testnet spec in, one running UNFED network out.
@@ -127,6 +128,14 @@ enum Command {
     /// Keys of the OpenAI-compatible API the dashboard serves at /v1/.
     #[command(subcommand)]
     ApiKey(api_key_cmd::Command),
+    /// Write deployment manifests for a spec: `--target kubernetes` gives a namespace,
+    /// Secrets (a fresh CA, a certificate per node, wallet keys), the model split and
+    /// chain Jobs, and a StatefulSet + headless Service per node, started in the plan's
+    /// order by init containers. Apply with `kubectl apply -f DIR`.
+    Render(render::RenderArgs),
+    /// Wait until a dependency is ready (the init containers of rendered pods): a node's
+    /// plaintext health port SERVING, a TCP port open, a file present, contracts deployed.
+    Wait(render::wait::WaitArgs),
 }
 
 #[derive(Subcommand)]
@@ -321,6 +330,8 @@ fn main() -> ExitCode {
         Command::Billing(cmd) => billing_cmd::run(cmd),
         Command::Client(cmd) => client_cmd::run(cmd),
         Command::ApiKey(cmd) => api_key_cmd::run(cmd),
+        Command::Render(args) => render::run(args),
+        Command::Wait(args) => render::wait::run(args),
     };
     match result {
         Ok(code) => code,

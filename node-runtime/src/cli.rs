@@ -85,6 +85,8 @@ struct RegistryArgs {
     state_db: Option<PathBuf>,
     #[command(flatten)]
     tls: crate::net::TlsArgs,
+    #[command(flatten)]
+    health: crate::health::HealthArgs,
 }
 
 #[derive(clap::Args)]
@@ -153,6 +155,8 @@ struct ComputeArgs {
     billing: BillingArgs,
     #[command(flatten)]
     tls: crate::net::TlsArgs,
+    #[command(flatten)]
+    health: crate::health::HealthArgs,
 }
 
 /// Whether a node works only for paying sessions.
@@ -293,6 +297,8 @@ async fn run_registry(a: RegistryArgs) -> Result<()> {
             .map(Arc::new),
     };
     let listener = bind(&a.host, a.port).await?;
+    // The registry is ready once it listens: it serves from its first accepted call.
+    a.health.start(&a.host).await?.set_serving(true).await;
     registry::run(config, listener, shutdown_signal()).await
 }
 
@@ -317,6 +323,7 @@ async fn run_compute(a: ComputeArgs) -> Result<()> {
     }
     let net = a.tls.net(a.advertise.as_deref().unwrap_or(&a.host))?;
     let listener = bind(&a.host, a.port).await?;
+    let health = a.health.start(&a.host).await?;
     let bound = listener.local_addr()?;
     let advertise = a.advertise.unwrap_or_else(|| bound.to_string());
     let node_id = a
@@ -343,6 +350,7 @@ async fn run_compute(a: ComputeArgs) -> Result<()> {
         cheat: a.cheat,
         net,
         require_voucher: a.billing.require_voucher,
+        health,
         batch: crate::engine::batcher::BatchConfig {
             wait: Duration::from_micros(a.batch_wait_us),
             max_steps: a.batch_max as usize,

@@ -56,6 +56,9 @@ pub struct ComputeConfig {
     pub require_voucher: bool,
     /// How concurrent sessions' steps are batched.
     pub batch: BatchConfig,
+    /// Where readiness is reported (--health-port): admitted by the registry, or
+    /// serving when there is none.
+    pub health: crate::health::Health,
 }
 
 /// The loaded shard and its manifest entry.
@@ -1238,6 +1241,7 @@ pub(crate) async fn membership(
         node_id: cfg.node_id.clone(),
         what: "node",
         heartbeat: cfg.heartbeat,
+        health: cfg.health.clone(),
     };
     crate::membership::keep_registered(member, || registration(&cfg, &manifest, &entry), ready)
         .await
@@ -1294,6 +1298,9 @@ pub async fn run(
             }
             Err(_) => {}
         }
+    }
+    if cfg.registry.is_none() {
+        cfg.health.set_serving(true).await;
     }
     tracing::info!(node = %cfg.node_id, shard = cfg.shard_index, address = %cfg.advertise, "compute node serving");
     let result = server.await.context("compute server task failed")?;

@@ -6,6 +6,7 @@ pub mod compute;
 pub mod daemon;
 pub mod engine;
 pub mod exclusions;
+pub mod health;
 pub mod membership;
 pub mod mpc;
 pub mod net;

@@ -163,6 +163,8 @@ pub struct Member {
     /// "node", "daemon", ...: how log lines and errors name us.
     pub what: &'static str,
     pub heartbeat: Duration,
+    /// Reports SERVING while admitted (the --health-port, when there is one).
+    pub health: crate::health::Health,
 }
 
 /// Runs until the task is dropped. The first outcome (admitted, or refused) is sent on
@@ -207,6 +209,7 @@ pub async fn keep_registered(
                 Ok(r) if r.accepted => {
                     tracing::info!(registry = %registry, "registered as {}", member.what);
                     registered = true;
+                    member.health.set_serving(true).await;
                     if let Some(tx) = ready.take() {
                         let _ = tx.send(Ok(()));
                     }
@@ -241,6 +244,7 @@ pub async fn keep_registered(
                         member.what
                     );
                     registered = false;
+                    member.health.set_serving(false).await;
                     continue;
                 }
                 Ok(_) => {}

@@ -201,7 +201,7 @@ pub enum Duty {
 
 /// Dev wallets of the settler, slasher and faucet on Anvil: far past the node wallets,
 /// not prefunded (`deploy` sends them gas).
-const DEV_DUTY_WALLET: u32 = 1000;
+pub(crate) const DEV_DUTY_WALLET: u32 = 1000;
 
 impl Duty {
     fn name(self) -> &'static str {

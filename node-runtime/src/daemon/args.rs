@@ -59,6 +59,8 @@ pub struct DaemonArgs {
     heartbeat_secs: u64,
     #[command(flatten)]
     tls: crate::net::TlsArgs,
+    #[command(flatten)]
+    health: crate::health::HealthArgs,
     /// A block is cut this often when shares are pending.
     #[arg(long, default_value_t = 10.0)]
     block_interval_secs: f64,
@@ -171,6 +173,7 @@ impl DaemonArgs {
             .tls
             .net(self.advertise.as_deref().unwrap_or(&self.host))?;
         let listener = crate::cli::bind(&self.host, self.port).await?;
+        let health = self.health.start(&self.host).await?;
         let bound = listener.local_addr()?;
         let advertise = self.advertise.unwrap_or_else(|| bound.to_string());
         let node_id = self
@@ -194,6 +197,7 @@ impl DaemonArgs {
             stake_key,
             share_key: crate::shares::generate_key(),
             net,
+            health,
         };
         super::run(cfg, listener, crate::shutdown_signal()).await
     }

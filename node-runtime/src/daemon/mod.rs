@@ -56,6 +56,8 @@ pub struct DaemonConfig {
     /// Signs heartbeats and the unregistration (registered as the share key).
     pub share_key: ed25519_dalek::SigningKey,
     pub net: crate::net::Net,
+    /// Where readiness is reported (--health-port): SERVING once admitted.
+    pub health: crate::health::Health,
 }
 
 /// A connected client of the daemon at `addr` (pinned to `pin` when known).
@@ -118,6 +120,7 @@ async fn membership(cfg: Arc<DaemonConfig>, ready: tokio::sync::oneshot::Sender<
         node_id: cfg.node_id.clone(),
         what: "daemon",
         heartbeat: cfg.heartbeat,
+        health: cfg.health.clone(),
     };
     crate::membership::keep_registered(member, || registration(&cfg), ready).await
 }

@@ -69,6 +69,8 @@ pub struct MpcArgs {
     billing: crate::cli::BillingArgs,
     #[command(flatten)]
     tls: crate::net::TlsArgs,
+    #[command(flatten)]
+    health: crate::health::HealthArgs,
 }
 
 impl MpcArgs {
@@ -140,6 +142,7 @@ impl MpcArgs {
             .tls
             .net(self.advertise.as_deref().unwrap_or(&self.host))?;
         let listener = crate::cli::bind(&self.host, self.port).await?;
+        let health = self.health.start(&self.host).await?;
         let advertise = self.advertise.clone().unwrap_or_else(|| {
             listener
                 .local_addr()
@@ -221,6 +224,7 @@ impl MpcArgs {
                 node_id: node_id.clone(),
                 what: role,
                 heartbeat: Duration::from_secs(self.heartbeat_secs.max(1)),
+                health: health.clone(),
             };
             let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
             let key = stake_key.clone();
@@ -246,6 +250,7 @@ impl MpcArgs {
             task.abort();
             result??;
         } else {
+            health.set_serving(true).await;
             server.await??;
         }
         Ok(())

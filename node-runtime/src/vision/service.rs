@@ -325,6 +325,9 @@ pub async fn run(
             return Err(e);
         }
     }
+    if cfg.registry.is_none() {
+        cfg.health.set_serving(true).await;
+    }
     tracing::info!(node = %cfg.node_id, shard = cfg.shard_index, address = %cfg.advertise, "vision node serving");
     let result = server.await.context("vision server task failed")?;
     if let Some(m) = member {
