@@ -73,9 +73,11 @@ pub struct Linear {
     pub bias: Option<Vec<f32>>,
 }
 
-/// Output rows handled by one parallel task: large enough to amortise scheduling,
-/// small enough to balance two cores.
-const ROWS_PER_TASK: usize = 32;
+/// Fewest output rows one parallel task handles: enough to amortise scheduling.
+const MIN_ROWS_PER_TASK: usize = 32;
+/// Tasks per thread for a large matrix: a few, so the threads stay balanced, not
+/// thousands, whose scheduling would cost more than the rows they compute.
+const TASKS_PER_THREAD: usize = 4;
 
 impl Linear {
     /// `x` is `[rows, in]` row-major; returns `[rows, out]` row-major.
@@ -83,10 +85,13 @@ impl Linear {
         assert_eq!(x.len(), rows * self.in_dim, "linear input shape");
         // Computed transposed ([out, rows]) so each task owns a contiguous output chunk.
         let mut yt = vec![0f32; self.out_dim * rows];
-        yt.par_chunks_mut(ROWS_PER_TASK * rows)
+        // Splitting the output rows changes no element's arithmetic, only who computes it.
+        let per_task = (self.out_dim / (rayon::current_num_threads() * TASKS_PER_THREAD))
+            .max(MIN_ROWS_PER_TASK);
+        yt.par_chunks_mut(per_task * rows)
             .enumerate()
             .for_each(|(task, chunk)| {
-                let first = task * ROWS_PER_TASK;
+                let first = task * per_task;
                 let n = chunk.len() / rows;
                 self.rows_kernel(first, n, x, rows, chunk);
             });
@@ -149,50 +154,26 @@ fn rows_kernel_body<const FMA: bool>(
     rows: usize,
     out: &mut [f32],
 ) {
-    match w {
-        WeightData::F32(v) => rows_of::<f32, FMA>(&v[first * cols..], cols, n, x, rows, out),
-        // Few token rows (decode): bf16 widened as it is loaded, so the weights are read
-        // once and nothing else is written.
-        WeightData::Bf16(v) if FMA && rows < X_TILE => {
-            rows_of::<u16, FMA>(&v[first * cols..], cols, n, x, rows, out)
-        }
-        // Many token rows (prefill, large batches): each group of weight rows is widened
-        // once into a buffer and reused by every token row.
-        WeightData::Bf16(v) => {
-            let mut buf = vec![0f32; W_TILE * cols];
-            for o in (0..n).step_by(W_TILE) {
-                let g = W_TILE.min(n - o);
-                let r = first + o;
-                widen(&v[r * cols..(r + g) * cols], &mut buf[..g * cols]);
-                let out = &mut out[o * rows..(o + g) * rows];
-                rows_of::<f32, FMA>(&buf[..g * cols], cols, g, x, rows, out);
-            }
-        }
-    }
-}
-
-/// `out[o * rows + s] = dot(w[o], x[s])` for the first `n` rows of `w`, `W_TILE` weight
-/// rows at a time.
-#[inline(always)]
-fn rows_of<E: Weight, const FMA: bool>(
-    w: &[E],
-    cols: usize,
-    n: usize,
-    x: &[f32],
-    rows: usize,
-    out: &mut [f32],
-) {
+    // Weight rows are widened once per group and reused by every token row.
+    let mut buf = vec![0f32; W_TILE * cols];
     let mut o = 0;
     while o < n {
         let g = W_TILE.min(n - o);
-        let wrows = &w[o * cols..(o + g) * cols];
+        let r = first + o;
+        let wrows: &[f32] = match w {
+            WeightData::F32(v) => &v[r * cols..(r + g) * cols],
+            WeightData::Bf16(v) => {
+                widen(&v[r * cols..(r + g) * cols], &mut buf[..g * cols]);
+                &buf[..g * cols]
+            }
+        };
         let out = &mut out[o * rows..(o + g) * rows];
         if g == W_TILE {
-            let w4: [&[E]; W_TILE] = std::array::from_fn(|k| &wrows[k * cols..(k + 1) * cols]);
-            tile_rows::<E, W_TILE, FMA>(w4, x, cols, rows, out);
+            let w4: [&[f32]; W_TILE] = std::array::from_fn(|k| &wrows[k * cols..(k + 1) * cols]);
+            tile_rows::<W_TILE, FMA>(w4, x, cols, rows, out);
         } else {
             for k in 0..g {
-                tile_rows::<E, 1, FMA>(
+                tile_rows::<1, FMA>(
                     [&wrows[k * cols..(k + 1) * cols]],
                     x,
                     cols,
@@ -205,41 +186,6 @@ fn rows_of<E: Weight, const FMA: bool>(
     }
 }
 
-/// A weight element: f32, or bf16 bits widened where they are used. Either way each
-/// output is the same sequence of f32 FMAs, so the two give the same bits.
-trait Weight: Copy {
-    fn tile<const R: usize, const T: usize, const FMA: bool>(
-        w: [&[Self]; R],
-        x: [&[f32]; T],
-    ) -> [[f32; T]; R];
-}
-
-impl Weight for f32 {
-    #[inline(always)]
-    fn tile<const R: usize, const T: usize, const FMA: bool>(
-        w: [&[f32]; R],
-        x: [&[f32]; T],
-    ) -> [[f32; T]; R] {
-        tile::<R, T, FMA>(w, x)
-    }
-}
-
-impl Weight for u16 {
-    #[inline(always)]
-    fn tile<const R: usize, const T: usize, const FMA: bool>(
-        w: [&[u16]; R],
-        x: [&[f32]; T],
-    ) -> [[f32; T]; R] {
-        #[cfg(target_arch = "x86_64")]
-        if FMA {
-            // SAFETY: FMA is only true under `rows_kernel_avx2`, whose caller checked the CPU.
-            return unsafe { tile_avx2_bf16::<R, T>(w, x) };
-        }
-        let wide: [Vec<f32>; R] = w.map(|r| r.iter().map(|&b| bf16_to_f32(b)).collect());
-        tile::<R, T, FMA>(std::array::from_fn(|k| wide[k].as_slice()), x)
-    }
-}
-
 /// Weight rows per register tile.
 const W_TILE: usize = 4;
 /// Token rows per register tile: 4 × 3 accumulators of 8 lanes plus the operands fit
@@ -249,8 +195,8 @@ const X_TILE: usize = 3;
 
 /// `out[k * rows + s] = dot(w[k], x[s])` for every token row `s`.
 #[inline(always)]
-fn tile_rows<E: Weight, const R: usize, const FMA: bool>(
-    w: [&[E]; R],
+fn tile_rows<const R: usize, const FMA: bool>(
+    w: [&[f32]; R],
     x: &[f32],
     cols: usize,
     rows: usize,
@@ -259,14 +205,14 @@ fn tile_rows<E: Weight, const R: usize, const FMA: bool>(
     let xrow = |s: usize| &x[s * cols..(s + 1) * cols];
     let mut s = 0;
     while s + X_TILE <= rows {
-        let d = E::tile::<R, X_TILE, FMA>(w, std::array::from_fn(|t| xrow(s + t)));
+        let d = tile::<R, X_TILE, FMA>(w, std::array::from_fn(|t| xrow(s + t)));
         for (k, dk) in d.iter().enumerate() {
             out[k * rows + s..k * rows + s + X_TILE].copy_from_slice(dk);
         }
         s += X_TILE;
     }
     for s in s..rows {
-        let d = E::tile::<R, 1, FMA>(w, [xrow(s)]);
+        let d = tile::<R, 1, FMA>(w, [xrow(s)]);
         for (k, dk) in d.iter().enumerate() {
             out[k * rows + s] = dk[0];
         }
@@ -316,64 +262,13 @@ unsafe fn tile_avx2<const R: usize, const T: usize>(
         }
         i += L;
     }
-    // SAFETY: AVX2 is enabled in this function.
-    unsafe { finish_avx2(acc, |r, t| (n..cols).map(|i| w[r][i] * x[t][i]).sum()) }
-}
-
-/// [`tile_avx2`] on bf16 weight rows, each 8 widened in registers as they are loaded:
-/// the same FMAs on the same values in the same order, so the same bits.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn tile_avx2_bf16<const R: usize, const T: usize>(
-    w: [&[u16]; R],
-    x: [&[f32]; T],
-) -> [[f32; T]; R] {
-    use std::arch::x86_64::*;
-    const L: usize = 8;
-    let cols = w[0].len();
-    assert!(w.iter().all(|v| v.len() == cols) && x.iter().all(|v| v.len() == cols));
-    let n = cols / L * L;
-    let mut acc = [[_mm256_setzero_ps(); T]; R];
-    let mut i = 0;
-    while i < n {
-        // SAFETY: i + L <= n <= cols, the length of every row (asserted above).
-        let xv: [__m256; T] =
-            std::array::from_fn(|t| unsafe { _mm256_loadu_ps(x[t].as_ptr().add(i)) });
-        for r in 0..R {
-            // SAFETY: as above; 8 u16 are 16 bytes.
-            let bits = unsafe { _mm_loadu_si128(w[r].as_ptr().add(i) as *const __m128i) };
-            // A bf16 is the top half of an f32.
-            let wv = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(bits)));
-            for t in 0..T {
-                acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
-            }
-        }
-        i += L;
-    }
-    // SAFETY: AVX2 is enabled in this function.
-    unsafe {
-        finish_avx2(acc, |r, t| {
-            (n..cols).map(|i| bf16_to_f32(w[r][i]) * x[t][i]).sum()
-        })
-    }
-}
-
-/// Each accumulator's lanes summed pairwise, plus the scalar tail `tail(r, t)`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[inline]
-unsafe fn finish_avx2<const R: usize, const T: usize>(
-    acc: [[std::arch::x86_64::__m256; T]; R],
-    tail: impl Fn(usize, usize) -> f32,
-) -> [[f32; T]; R] {
     let mut out = [[0f32; T]; R];
     for r in 0..R {
         for t in 0..T {
-            let mut a = [0f32; 8];
-            // SAFETY: `a` holds exactly 8 floats.
-            unsafe { std::arch::x86_64::_mm256_storeu_ps(a.as_mut_ptr(), acc[r][t]) };
-            out[r][t] = reduce_lanes(a) + tail(r, t);
+            let mut a = [0f32; L];
+            // SAFETY: `a` holds exactly L floats.
+            unsafe { _mm256_storeu_ps(a.as_mut_ptr(), acc[r][t]) };
+            out[r][t] = reduce_lanes(a) + (n..cols).map(|i| w[r][i] * x[t][i]).sum::<f32>();
         }
     }
     out
@@ -473,11 +368,11 @@ mod tests {
         }
     }
 
-    /// bf16 weights give the very bits of the same weights widened to f32, whichever
-    /// kernel runs (decode widens in registers, prefill into a buffer).
+    /// bf16 weights give the very bits of the same weights widened to f32, and a matrix
+    /// big enough to be split into few large tasks the bits of small ones.
     #[test]
     fn bf16_weights_give_the_bits_of_their_f32_widening() {
-        let (out, inp) = (13, 901);
+        let (out, inp) = (4099, 67);
         let wb: Vec<u16> = (0..out * inp)
             .map(|i| ((((i * 7919 % 211) as f32 - 105.0) / 64.0).to_bits() >> 16) as u16)
             .collect();
@@ -497,6 +392,26 @@ mod tests {
             assert!(
                 a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()),
                 "{rows} rows"
+            );
+        }
+        // The same outputs computed 32 rows at a time, as many small tasks would.
+        let (WeightData::F32(w), x) = (&f.weight, vec![0.25f32; inp]) else {
+            unreachable!()
+        };
+        let whole = f.forward(&x, 1);
+        for (i, rows) in w.chunks(32 * inp).enumerate() {
+            let part = Linear {
+                weight: WeightData::F32(rows.to_vec()),
+                out_dim: rows.len() / inp,
+                in_dim: inp,
+                bias: None,
+            };
+            let got = part.forward(&x, 1);
+            let want = &whole[i * 32..i * 32 + got.len()];
+            assert!(
+                got.iter()
+                    .zip(want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits())
             );
         }
     }
