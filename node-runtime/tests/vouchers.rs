@@ -263,12 +263,19 @@ async fn the_daemon_bills_only_what_a_voucher_covers_and_no_forgery_moves_a_depo
     // over the route's two hops; the victim's deposit never moves.
     let prices = unfed_node::daemon::Prices::default();
     let total = prices.cost(5, 2);
+    // The two hops' shares may fall in one block or two (one settlement per block):
+    // wait until every settlement is final and they add up to the session.
+    let settled = |st: &unfed_proto::GetChainStatusResponse| {
+        st.settlements
+            .iter()
+            .map(|s| s.total.parse::<U256>().unwrap())
+            .fold(U256::ZERO, |a, b| a + b)
+    };
     let st = wait_status(&mut dm, "the honest session finalized", |st| {
-        st.settlements.iter().any(|s| s.status == "finalized")
+        settled(st) == total && st.settlements.iter().all(|s| s.status == "finalized")
     })
     .await;
-    assert_eq!(st.settlements.len(), 1, "{st:?}");
-    assert_eq!(st.settlements[0].total, total.to_string());
+    assert!(st.settlements.len() <= 2, "{st:?}");
     assert_eq!(
         operator.client_balance(&d, me).await.unwrap(),
         deposit - total
