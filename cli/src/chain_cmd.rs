@@ -214,15 +214,7 @@ impl Verbs {
             && state.chain.as_ref().map(|c| &c.rpc_url) != Some(&url)
         {
             // Another chain than the one recorded: nothing recorded for it holds.
-            state.chain = Some(ChainRecord {
-                rpc_url: url,
-                chain_id: 0,
-                token: None,
-                escrow: None,
-                operator: None,
-                client: None,
-                wallets: Vec::new(),
-            });
+            state.chain = Some(ChainRecord::at(url));
         }
         self.deploy_into(&mut state).await
     }

@@ -464,19 +464,21 @@ impl LaunchPlan {
 
     /// The host a step runs on (`None` on a one-machine testnet).
     pub fn host_of(&self, step: &Step) -> Option<&crate::spec::HostEntry> {
-        match &step.host {
-            Some(name) => self.hosts.iter().find(|h| &h.name == name),
+        self.host_entry(step.host.as_deref())
+    }
+
+    /// The `[[host]]` named `host`, or (`None`) the control host.
+    pub fn host_entry(&self, host: Option<&str>) -> Option<&crate::spec::HostEntry> {
+        match host {
+            Some(name) => self.hosts.iter().find(|h| h.name == name),
             None => self.control_host(),
         }
     }
 
     /// The address the nodes of `host` (`None`: the control host) listen on.
     pub fn bind_address(&self, host: Option<&str>) -> String {
-        let entry = match host {
-            Some(name) => self.hosts.iter().find(|h| h.name == name),
-            None => self.control_host(),
-        };
-        entry.map_or_else(|| "127.0.0.1".to_string(), |h| h.address.clone())
+        self.host_entry(host)
+            .map_or_else(|| "127.0.0.1".to_string(), |h| h.address.clone())
     }
 
     /// Whether `step` runs on host `host` (`None`: the control host).

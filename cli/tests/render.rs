@@ -432,18 +432,21 @@ fn bad_input_says_what_to_fix() {
         "{err}"
     );
 
+    let render_into = |dir: &Path| {
+        render_err(&[
+            "render",
+            spec,
+            "--target",
+            "kubernetes",
+            "--image",
+            IMAGE,
+            "-o",
+            dir.to_str().unwrap(),
+        ])
+    };
     let file = dir.path().join("a-file");
     std::fs::write(&file, "x").unwrap();
-    let err = render_err(&[
-        "render",
-        spec,
-        "--target",
-        "kubernetes",
-        "--image",
-        IMAGE,
-        "-o",
-        file.to_str().unwrap(),
-    ]);
+    let err = render_into(&file);
     assert!(
         err.contains("is a file") && err.contains("directory"),
         "{err}"
@@ -452,16 +455,7 @@ fn bad_input_says_what_to_fix() {
     let full = dir.path().join("full");
     std::fs::create_dir(&full).unwrap();
     std::fs::write(full.join("old.yaml"), "x").unwrap();
-    let err = render_err(&[
-        "render",
-        spec,
-        "--target",
-        "kubernetes",
-        "--image",
-        IMAGE,
-        "-o",
-        full.to_str().unwrap(),
-    ]);
+    let err = render_into(&full);
     assert!(err.contains("not empty"), "{err}");
     assert!(!Path::new(out).exists(), "a failed render wrote files");
 }

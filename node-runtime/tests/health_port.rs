@@ -56,6 +56,19 @@ async fn wait_for(addr: &str, want: ServingStatus, log: &std::path::Path) {
     }
 }
 
+/// Polls `log` until it contains `needle`.
+async fn wait_for_log(log: &std::path::Path, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(needle) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no \"{needle}\" in:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_process_server_flips_and_serves_only_health() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -112,9 +125,10 @@ async fn compute_node_is_not_serving_until_registered_and_serves_nothing_else() 
         ],
         compute_log.clone(),
     );
-    // No registry yet: the node listens and retries, and the probe says not ready.
+    // No registry yet: the node listens and retries, and the probe says not ready —
+    // still after a registration attempt has failed.
     wait_for(&health, ServingStatus::NotServing, &compute_log).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_for_log(&compute_log, "registry unreachable, retrying").await;
     assert_eq!(status(&health).await, Some(ServingStatus::NotServing));
 
     let _registry = Node::start(

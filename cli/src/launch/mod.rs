@@ -175,12 +175,9 @@ pub async fn start_as(
         None => (None, None, None, None),
     };
     let bind = plan.bind_address(host.as_deref());
-    let relays = match plan
-        .hosts
-        .iter()
-        .find(|h| Some(&h.name) == host.as_ref() || (host.is_none() && h.control))
-    {
-        Some(entry) if entry.delay_ms.is_some() => {
+    let delay = plan.host_entry(host.as_deref()).and_then(|h| h.delay_ms);
+    let relays = match delay {
+        Some(ms) => {
             let here = plan
                 .steps
                 .iter()
@@ -188,10 +185,10 @@ pub async fn start_as(
             relay::Relays::delaying(
                 here.map(|s| s.name.clone()),
                 bind.parse().context("the host's address")?,
-                Duration::from_millis(entry.delay_ms.unwrap_or_default()),
+                Duration::from_millis(ms),
             )
         }
-        _ => relays,
+        None => relays,
     };
     let net = match &pki {
         Some(p) => p.client_net()?,
@@ -447,7 +444,7 @@ async fn wait_ready(ctx: &Context, state: &RunState) -> anyhow::Result<()> {
     let (Some(registry), Some(model)) = (&state.registry, &state.model_id) else {
         return Ok(());
     };
-    if ctx.host.is_none() && ctx.plan.steps.iter().any(|s| !ctx.runs_here(s)) {
+    if ctx.others_join_later() {
         return Ok(());
     }
     let mut client = unfed_node::client::Client::connect(&ctx.net, registry).await?;
@@ -491,8 +488,7 @@ fn print_summary(ctx: &Context, state: &RunState, took: Duration, dev_key: Optio
         println!("  registry   {registry}");
     }
     if let Some(model) = &state.model_id {
-        let elsewhere = ctx.host.is_none() && ctx.plan.steps.iter().any(|s| !ctx.runs_here(s));
-        let when = if elsewhere {
+        let when = if ctx.others_join_later() {
             "READY once every host has joined"
         } else {
             "READY"

@@ -90,6 +90,19 @@ pub struct WalletRecord {
 }
 
 impl ChainRecord {
+    /// A chain at `rpc_url` with nothing known of it yet.
+    pub fn at(rpc_url: String) -> Self {
+        Self {
+            rpc_url,
+            chain_id: 0,
+            token: None,
+            escrow: None,
+            operator: None,
+            client: None,
+            wallets: Vec::new(),
+        }
+    }
+
     /// The token and escrow this chain record points at.
     pub fn deployment(&self) -> anyhow::Result<unfed_chain::Deployment> {
         let parse = |a: &Option<String>, what: &str| -> anyhow::Result<unfed_chain::Address> {

@@ -71,6 +71,11 @@ impl Context {
         }
     }
 
+    /// The control host of a testnet whose other hosts run part of the plan.
+    pub fn others_join_later(&self) -> bool {
+        self.host.is_none() && self.plan.steps.iter().any(|s| !self.runs_here(s))
+    }
+
     pub fn log_path(&self, name: &str) -> PathBuf {
         self.plan.run_dir.join("logs").join(format!("{name}.log"))
     }
@@ -159,13 +164,8 @@ async fn start_anvil(ctx: &Context, step: &Step) -> anyhow::Result<Outcome> {
     })
     .await?;
     let record = ChainRecord {
-        rpc_url: anvil.endpoint(),
         chain_id: anvil.chain_id(),
-        token: None,
-        escrow: None,
-        operator: None,
-        client: None,
-        wallets: Vec::new(),
+        ..ChainRecord::at(anvil.endpoint())
     };
     let port = anvil.port();
     let pid = anvil.detach();
@@ -274,15 +274,7 @@ fn chain_input(inputs: &Inputs, ctx: &Context) -> anyhow::Result<ChainRecord> {
         .rpc_url
         .clone()
         .context("no chain: chain.rpc_url is not set")?;
-    Ok(ChainRecord {
-        rpc_url,
-        chain_id: 0,
-        token: None,
-        escrow: None,
-        operator: None,
-        client: None,
-        wallets: Vec::new(),
-    })
+    Ok(ChainRecord::at(rpc_url))
 }
 
 async fn deploy(ctx: &Context, inputs: Inputs) -> anyhow::Result<Outcome> {

@@ -92,6 +92,7 @@ pub fn key_matches(cert_pem: &str, key_pem: &str) -> Result<()> {
 }
 
 /// A certificate authority: its certificate and key, as PEM.
+#[derive(Clone)]
 pub struct Ca {
     pub cert_pem: String,
     pub key_pem: String,

@@ -140,14 +140,12 @@ pub async fn join(
         }
     }
     let chain = bundle.chain.as_ref().map(|c| ChainRecord {
-        // Empty: this host never dials the control host's Anvil.
-        rpc_url: c.rpc_url.clone().unwrap_or_default(),
         chain_id: c.chain_id,
         token: Some(c.token.clone()),
         escrow: Some(c.escrow.clone()),
-        operator: None,
-        client: None,
         wallets,
+        // Empty: this host never dials the control host's Anvil.
+        ..ChainRecord::at(c.rpc_url.clone().unwrap_or_default())
     });
     Ok(Joined {
         host: host.to_string(),

@@ -74,10 +74,7 @@ pub async fn start(ctx: &Context, state: &RunState) -> anyhow::Result<(JoinServi
         .clone()
         .context("the registry is not running")?;
     let model_id = state.model_id.clone().context("the model is not split")?;
-    let ca = ctx.pki.as_ref().and_then(|p| p.ca()).map(|ca| Ca {
-        cert_pem: ca.cert_pem.clone(),
-        key_pem: ca.key_pem.clone(),
-    });
+    let ca = ctx.pki.as_ref().and_then(|p| p.ca()).cloned();
     let listener = tokio::net::TcpListener::bind((ctx.bind.as_str(), 0))
         .await
         .with_context(|| format!("cannot listen on {} for joining hosts", ctx.bind))?;
@@ -183,7 +180,7 @@ impl Admission {
             "'{}' is the control host; it runs `unfedctl up` without --join",
             host.name
         );
-        let wanted: Vec<&str> = self
+        let mut expected: Vec<&str> = self
             .plan
             .steps
             .iter()
@@ -192,7 +189,6 @@ impl Admission {
             .collect();
         let mut asked: Vec<&str> = r.nodes.iter().map(|n| n.name.as_str()).collect();
         asked.sort();
-        let mut expected = wanted.clone();
         expected.sort();
         ensure!(
             asked == expected,
