@@ -55,6 +55,41 @@ struct Speed {
     ttft_ms: f64,
 }
 
+/// What the memory allows: a decode step reads every weight once, so the machine's read
+/// rate (measured in this run) over the bytes per step bounds single-session decode.
+#[derive(serde::Serialize)]
+struct DecodeBound {
+    weight_bytes_per_token: usize,
+    memory_read_gb_per_s: f64,
+    bound_tokens_per_s: f64,
+    single_process_fraction: f64,
+}
+
+impl DecodeBound {
+    async fn measure(bytes: usize, single_decode: f64) -> Result<Self> {
+        let rate =
+            tokio::task::spawn_blocking(unfed_node::engine::bandwidth::read_bytes_per_second)
+                .await?;
+        let bound = rate / bytes.max(1) as f64;
+        Ok(Self {
+            weight_bytes_per_token: bytes,
+            memory_read_gb_per_s: rate / 1e9,
+            bound_tokens_per_s: bound,
+            single_process_fraction: single_decode / bound,
+        })
+    }
+
+    fn print(&self) {
+        println!(
+            "weight-streaming bound: {:.1} MB read per token at {:.1} GB/s (measured now) = {:.1} tok/s; single-process decode at {:.0} % of it",
+            self.weight_bytes_per_token as f64 / 1e6,
+            self.memory_read_gb_per_s,
+            self.bound_tokens_per_s,
+            self.single_process_fraction * 100.0
+        );
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return 0.0;
@@ -281,8 +316,9 @@ async fn measure(
             net.overhead = (hop_over, client_side);
         }
     }
-    drop(local);
     let s = summarize(&single, prompt.len());
+    let bound = DecodeBound::measure(local.decode_read_bytes(), s.decode_tokens_per_s).await?;
+    drop(local);
     let tls_cost = a
         .compare_tls
         .then(|| paired_ratio(&networks[0].runs, &networks[1].runs));
@@ -313,6 +349,7 @@ async fn measure(
             "client_rpc_overhead_ms": networks[0].overhead.1,
             "networks": nets,
             "tls_over_plaintext_decode_ratio": tls_cost,
+            "decode_bound": bound,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
@@ -343,6 +380,7 @@ async fn measure(
             paired_ratio(&n.runs, &single)
         );
     }
+    bound.print();
     for n in networks.iter() {
         let hops: Vec<String> = n
             .overhead

@@ -2,6 +2,8 @@
 //! the same run: `cargo bench -p unfed-node --bench linear`.
 //! Prefill (23 token rows) is compute-bound; decode (1 row) is bound by weight traffic,
 //! where bf16 weights widened in registers read half the bytes of f32.
+//! `linear/fma-peak` measures the machine's FMA peak in the same run (GFLOP/s, every
+//! thread), so each shape's throughput reads as a fraction of it.
 
 use candle_core::{Device, Tensor};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
@@ -23,7 +25,7 @@ fn values(n: usize, seed: usize) -> Vec<f32> {
 }
 
 fn matmul(c: &mut Criterion) {
-    for rows in [23usize, 1] {
+    for rows in [23usize, 8, 1] {
         let mut g = c.benchmark_group(format!("linear/{rows}-rows"));
         g.sample_size(20);
         for (name, inp, out) in SHAPES {
@@ -52,5 +54,54 @@ fn matmul(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, matmul);
+/// Independent 8-lane FMA chains per thread: enough to cover the FMA latency on both pipes.
+const CHAINS: usize = 10;
+const STEPS: usize = 1 << 16;
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn fma_chains() -> f32 {
+    use std::arch::x86_64::*;
+    let (m, a) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
+    let mut acc = [_mm256_set1_ps(1.0); CHAINS];
+    for _ in 0..STEPS {
+        for v in acc.iter_mut() {
+            *v = _mm256_fmadd_ps(*v, m, a);
+        }
+    }
+    let mut out = [0f32; 8];
+    // SAFETY: `out` holds 8 floats.
+    unsafe {
+        _mm256_storeu_ps(
+            out.as_mut_ptr(),
+            acc.iter().fold(acc[0], |s, v| _mm256_add_ps(s, *v)),
+        )
+    };
+    out[0]
+}
+
+fn fma_peak(c: &mut Criterion) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        use rayon::prelude::*;
+        let threads = rayon::current_num_threads();
+        let mut g = c.benchmark_group("linear/fma-peak");
+        g.sample_size(20);
+        g.throughput(Throughput::Elements(
+            (threads * STEPS * CHAINS * 8 * 2) as u64,
+        ));
+        g.bench_function("avx2", |b| {
+            b.iter(|| {
+                (0..threads)
+                    // SAFETY: the CPU supports AVX2 and FMA (checked above).
+                    .into_par_iter()
+                    .map(|_| unsafe { fma_chains() })
+                    .sum::<f32>()
+            })
+        });
+        g.finish();
+    }
+}
+
+criterion_group!(benches, fma_peak, matmul);
 criterion_main!(benches);

@@ -7,6 +7,8 @@
 
 use rayon::prelude::*;
 
+use super::hugepages::weight_buffer;
+
 /// Row-major `[out, in]` weights as stored in memory.
 pub enum WeightData {
     F32(Vec<f32>),
@@ -22,6 +24,18 @@ impl WeightData {
         }
     }
 
+    /// Elements (weights), whatever their width.
+    pub fn len(&self) -> usize {
+        match self {
+            WeightData::F32(v) => v.len(),
+            WeightData::Bf16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Row `r` of a matrix with `cols` columns, widened into `out`.
     pub fn row_into(&self, r: usize, cols: usize, out: &mut [f32]) {
         match self {
@@ -32,8 +46,9 @@ impl WeightData {
 
     /// Stacks matrices with equal column counts row-wise (fusing q/k/v or gate/up).
     pub fn concat_rows(parts: Vec<WeightData>) -> WeightData {
+        let len = parts.iter().map(|p| p.len()).sum::<usize>();
         if parts.iter().all(|p| matches!(p, WeightData::Bf16(_))) {
-            let mut out = Vec::new();
+            let mut out = weight_buffer(len);
             for p in parts {
                 if let WeightData::Bf16(v) = p {
                     out.extend_from_slice(&v);
@@ -41,7 +56,7 @@ impl WeightData {
             }
             WeightData::Bf16(out)
         } else {
-            let mut out = Vec::new();
+            let mut out = weight_buffer(len);
             for p in parts {
                 match p {
                     WeightData::F32(v) => out.extend_from_slice(&v),
@@ -120,8 +135,15 @@ impl Linear {
         #[cfg(target_arch = "x86_64")]
         {
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU supports the features the function is compiled for.
-                unsafe { rows_kernel_avx2(&self.weight, self.in_dim, first, n, x, rows, out) };
+                // SAFETY: the CPU supports the features the functions are compiled for.
+                match &self.weight {
+                    WeightData::Bf16(w) if rows == 1 => unsafe {
+                        decode_bf16_avx2(w, self.in_dim, first, n, x, out)
+                    },
+                    _ => unsafe {
+                        rows_kernel_avx2(&self.weight, self.in_dim, first, n, x, rows, out)
+                    },
+                }
                 return;
             }
         }
@@ -141,6 +163,82 @@ unsafe fn rows_kernel_avx2(
     out: &mut [f32],
 ) {
     rows_kernel_body::<true>(w, cols, first, n, x, rows, out)
+}
+
+/// Weight rows per tile of the one-token bf16 kernel: eight independent FMA chains keep
+/// both FMA pipes busy (four would wait on the FMA latency).
+const DECODE_TILE: usize = 8;
+/// How many tiles ahead the one-token kernel prefetches.
+const PREFETCH_TILES: usize = 1;
+
+/// `out[o] = dot(W[first + o], x)` for one token row and bf16 weights. Decode streams
+/// each weight once, so they are widened in registers as they are loaded instead of
+/// through a buffer: the loads then never pause for a separate widening pass. Each
+/// output is the same per-lane FMA sequence and reduction as [`tile_avx2`], so the same
+/// bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn decode_bf16_avx2(
+    w: &[u16],
+    cols: usize,
+    first: usize,
+    n: usize,
+    x: &[f32],
+    out: &mut [f32],
+) {
+    let mut o = 0;
+    while o + DECODE_TILE <= n {
+        let d = unsafe { decode_tile_bf16::<DECODE_TILE>(w, cols, first + o, x) };
+        out[o..o + DECODE_TILE].copy_from_slice(&d);
+        o += DECODE_TILE;
+    }
+    for (k, y) in out[o..n].iter_mut().enumerate() {
+        *y = unsafe { decode_tile_bf16::<1>(w, cols, first + o + k, x) }[0];
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn decode_tile_bf16<const R: usize>(
+    w: &[u16],
+    cols: usize,
+    first: usize,
+    x: &[f32],
+) -> [f32; R] {
+    use std::arch::x86_64::*;
+    const L: usize = 8;
+    assert!(x.len() == cols && (first + R) * cols <= w.len());
+    let rows: [&[u16]; R] = std::array::from_fn(|k| &w[(first + k) * cols..(first + k + 1) * cols]);
+    let n = cols / L * L;
+    let mut acc = [_mm256_setzero_ps(); R];
+    // The rows are read side by side, R streams at once, which the hardware prefetcher
+    // follows poorly; so the next tile's block (contiguous) is fetched ahead, in step.
+    let ahead = w.as_ptr().wrapping_add((first + R * PREFETCH_TILES) * cols) as *const i8;
+    let mut i = 0;
+    while i < n {
+        for line in (0..L * R * 2).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(i * R * 2 + line));
+        }
+        // SAFETY: i + L <= n <= cols, the length of x and of every row (asserted above).
+        let xv = unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) };
+        for k in 0..R {
+            let raw = unsafe { _mm_loadu_si128(rows[k].as_ptr().add(i) as *const __m128i) };
+            // A bf16 is the top half of an f32: zero-extend and shift.
+            let wv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+            acc[k] = _mm256_fmadd_ps(wv, xv, acc[k]);
+        }
+        i += L;
+    }
+    std::array::from_fn(|k| {
+        let mut a = [0f32; L];
+        // SAFETY: `a` holds exactly L floats.
+        unsafe { _mm256_storeu_ps(a.as_mut_ptr(), acc[k]) };
+        reduce_lanes(a)
+            + (n..cols)
+                .map(|i| bf16_to_f32(rows[k][i]) * x[i])
+                .sum::<f32>()
+    })
 }
 
 /// `out[o * rows + s] = dot(W[first + o], x[s])` for `o < n`.
@@ -164,6 +262,8 @@ fn rows_kernel_body<const FMA: bool>(
             WeightData::F32(v) => &v[r * cols..(r + g) * cols],
             WeightData::Bf16(v) => {
                 widen(&v[r * cols..(r + g) * cols], &mut buf[..g * cols]);
+                // The next group streams in while this one is multiplied.
+                prefetch(&v[(r + g) * cols..((r + 2 * g) * cols).min(v.len())]);
                 &buf[..g * cols]
             }
         };
@@ -186,6 +286,21 @@ fn rows_kernel_body<const FMA: bool>(
     }
 }
 
+/// Asks for `data` to be brought towards the core ahead of its use (into L2: a whole
+/// group's lines at once would crowd the L1's miss buffers).
+#[inline(always)]
+fn prefetch<T>(data: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+        let p = data.as_ptr() as *const i8;
+        for off in (0..std::mem::size_of_val(data)).step_by(64) {
+            // SAFETY: a prefetch never faults, and `off` stays inside `data`.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(p.add(off)) };
+        }
+    }
+}
+
 /// Weight rows per register tile.
 const W_TILE: usize = 4;
 /// Token rows per register tile: 4 × 3 accumulators of 8 lanes plus the operands fit
@@ -202,20 +317,40 @@ fn tile_rows<const R: usize, const FMA: bool>(
     rows: usize,
     out: &mut [f32],
 ) {
-    let xrow = |s: usize| &x[s * cols..(s + 1) * cols];
     let mut s = 0;
-    while s + X_TILE <= rows {
-        let d = tile::<R, X_TILE, FMA>(w, std::array::from_fn(|t| xrow(s + t)));
-        for (k, dk) in d.iter().enumerate() {
-            out[k * rows + s..k * rows + s + X_TILE].copy_from_slice(dk);
+    while s < rows {
+        // Widest tiles first, but never a lone row after them: a one-row pass waits on
+        // the FMA latency and costs as much as a full tile, so four rows go as 2 + 2.
+        let t = match rows - s {
+            4 | 2 => 2,
+            1 => 1,
+            _ => X_TILE,
+        };
+        match t {
+            X_TILE => put_tile::<R, X_TILE, FMA>(w, x, cols, rows, s, out),
+            2 => put_tile::<R, 2, FMA>(w, x, cols, rows, s, out),
+            _ => put_tile::<R, 1, FMA>(w, x, cols, rows, s, out),
         }
-        s += X_TILE;
+        s += t;
     }
-    for s in s..rows {
-        let d = tile::<R, 1, FMA>(w, [xrow(s)]);
-        for (k, dk) in d.iter().enumerate() {
-            out[k * rows + s] = dk[0];
-        }
+}
+
+/// Token rows `s..s + T` of [`tile_rows`].
+#[inline(always)]
+fn put_tile<const R: usize, const T: usize, const FMA: bool>(
+    w: [&[f32]; R],
+    x: &[f32],
+    cols: usize,
+    rows: usize,
+    s: usize,
+    out: &mut [f32],
+) {
+    let d = tile::<R, T, FMA>(
+        w,
+        std::array::from_fn(|t| &x[(s + t) * cols..(s + t + 1) * cols]),
+    );
+    for (k, dk) in d.iter().enumerate() {
+        out[k * rows + s..k * rows + s + T].copy_from_slice(dk);
     }
 }
 

@@ -1,7 +1,9 @@
 //! The inference engine: decoder blocks for a layer range, KV-cache sessions, sampling.
 
+pub mod bandwidth;
 pub mod batcher;
 pub mod generate;
+pub mod hugepages;
 pub mod linear;
 pub mod model;
 pub mod sampling;

@@ -283,6 +283,12 @@ impl ShardModel {
         self.weight_bytes
     }
 
+    /// Bytes of weights one decode step reads: every matrix, but one row of the
+    /// embedding table.
+    pub fn decode_read_bytes(&self) -> usize {
+        self.weight_bytes - self.embed.as_ref().map_or(0, |e| e.nbytes())
+    }
+
     /// Bytes one position adds to a session's KV cache on this shard (f32 keys and
     /// values of every layer).
     pub fn kv_bytes_per_position(&self) -> usize {

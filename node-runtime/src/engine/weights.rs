@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
+use super::hugepages::collect_weights;
 use super::linear::{WeightData, bf16_to_f32};
 
 /// The tensors of one or more safetensors files, looked up by HF name.
@@ -82,12 +83,12 @@ impl WeightFiles {
             bail!("tensor `{name}` has shape {shape:?}, the config implies [{rows}, {cols}]");
         }
         Ok(match dtype {
-            Dtype::BF16 => WeightData::Bf16(
+            Dtype::BF16 => WeightData::Bf16(collect_weights(
+                rows * cols,
                 bytes
                     .chunks_exact(2)
-                    .map(|b| u16::from_le_bytes([b[0], b[1]]))
-                    .collect(),
-            ),
+                    .map(|b| u16::from_le_bytes([b[0], b[1]])),
+            )),
             _ => WeightData::F32(to_f32(name, dtype, bytes)?),
         })
     }
@@ -126,18 +127,24 @@ impl WeightFiles {
 
 fn to_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
     Ok(match dtype {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|b| bf16_to_f32(u16::from_le_bytes([b[0], b[1]])))
-            .collect(),
+        Dtype::F32 => collect_weights(
+            bytes.len() / 4,
+            bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        ),
+        Dtype::F16 => collect_weights(
+            bytes.len() / 2,
+            bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+        ),
+        Dtype::BF16 => collect_weights(
+            bytes.len() / 2,
+            bytes
+                .chunks_exact(2)
+                .map(|b| bf16_to_f32(u16::from_le_bytes([b[0], b[1]]))),
+        ),
         other => bail!("tensor `{name}` has dtype {other:?}; only f32, f16 and bf16 are supported"),
     })
 }
