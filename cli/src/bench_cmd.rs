@@ -65,6 +65,10 @@ struct DecodeBound {
     single_process_fraction: f64,
 }
 
+/// Below this, a model's weights stay in the last-level cache of most CPUs between
+/// tokens, so memory bandwidth bounds nothing.
+const CACHE_RESIDENT_BYTES: usize = 64 << 20;
+
 impl DecodeBound {
     async fn measure(bytes: usize, single_decode: f64) -> Result<Self> {
         let rate =
@@ -80,6 +84,13 @@ impl DecodeBound {
     }
 
     fn print(&self) {
+        if self.weight_bytes_per_token < CACHE_RESIDENT_BYTES {
+            println!(
+                "weight-streaming bound: none; the {:.1} MB of weights a token reads stay in the CPU caches",
+                self.weight_bytes_per_token as f64 / 1e6
+            );
+            return;
+        }
         println!(
             "weight-streaming bound: {:.1} MB read per token at {:.1} GB/s (measured now) = {:.1} tok/s; single-process decode at {:.0} % of it",
             self.weight_bytes_per_token as f64 / 1e6,

@@ -146,6 +146,15 @@ fn a_full_output_pair_starts_b_then_a_and_serves_private_chats() {
         p["over_plaintext_network_decode_ratio"].as_f64().unwrap() > 0.0,
         "{b}"
     );
+    // The bound from the same run: the built-in model's matrices (a few MB, no embedding
+    // table) over a read rate some memory really has.
+    let bound = &b["decode_bound"];
+    let bytes = bound["weight_bytes_per_token"].as_u64().unwrap();
+    assert!((100_000..16_000_000).contains(&bytes), "{bound}");
+    assert!(
+        bound["memory_read_gb_per_s"].as_f64().unwrap() > 0.5,
+        "{bound}"
+    );
 
     let plain = Net::new(body);
     up(&plain);
