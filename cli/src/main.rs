@@ -252,6 +252,7 @@ fn run_preflight(cmd: PreflightCommand) -> anyhow::Result<ExitCode> {
 const EXIT_USAGE: u8 = 2;
 
 fn main() -> ExitCode {
+    unfed_node::engine::fix_thread_count();
     // Piping into `head` must end the program quietly, not panic on a closed stdout.
     // SAFETY: set once at start-up, before any thread exists.
     unsafe {

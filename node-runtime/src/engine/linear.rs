@@ -90,6 +90,10 @@ pub struct Linear {
 
 /// Fewest output rows one parallel task handles: enough to amortise scheduling.
 const MIN_ROWS_PER_TASK: usize = 32;
+/// Below this many multiply-adds (tens of microseconds on one core) a matmul runs on the
+/// calling thread: waking the pool would cost more than it saves, and its threads then
+/// spin, taking the cores other shards and processes on the machine are waiting for.
+const PARALLEL_MACS: usize = 1 << 18;
 /// Tasks per thread for a large matrix: a few, so the threads stay balanced, not
 /// thousands, whose scheduling would cost more than the rows they compute.
 const TASKS_PER_THREAD: usize = 4;
@@ -101,15 +105,19 @@ impl Linear {
         // Computed transposed ([out, rows]) so each task owns a contiguous output chunk.
         let mut yt = vec![0f32; self.out_dim * rows];
         // Splitting the output rows changes no element's arithmetic, only who computes it.
-        let per_task = (self.out_dim / (rayon::current_num_threads() * TASKS_PER_THREAD))
-            .max(MIN_ROWS_PER_TASK);
-        yt.par_chunks_mut(per_task * rows)
-            .enumerate()
-            .for_each(|(task, chunk)| {
-                let first = task * per_task;
-                let n = chunk.len() / rows;
-                self.rows_kernel(first, n, x, rows, chunk);
-            });
+        if self.out_dim * self.in_dim * rows < PARALLEL_MACS {
+            self.rows_kernel(0, self.out_dim, x, rows, &mut yt);
+        } else {
+            let per_task = (self.out_dim / (rayon::current_num_threads() * TASKS_PER_THREAD))
+                .max(MIN_ROWS_PER_TASK);
+            yt.par_chunks_mut(per_task * rows)
+                .enumerate()
+                .for_each(|(task, chunk)| {
+                    let first = task * per_task;
+                    let n = chunk.len() / rows;
+                    self.rows_kernel(first, n, x, rows, chunk);
+                });
+        }
         let mut y = if rows == 1 {
             yt
         } else {
