@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput, criterion_group};
 use unfed_node::engine::generate::load_checkpoint;
 use unfed_node::engine::model::{KvCache, ShardInput, ShardModel};
 
@@ -80,4 +80,9 @@ fn benches(c: &mut Criterion) {
 }
 
 criterion_group!(decode_batch, benches);
-criterion_main!(decode_batch);
+// As the binaries do: candle otherwise re-reads /proc/cpuinfo on every matmul it runs.
+fn main() {
+    unfed_node::engine::fix_thread_count();
+    decode_batch();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -6,7 +6,7 @@
 //! thread), so each shape's throughput reads as a fraction of it.
 
 use candle_core::{Device, Tensor};
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use unfed_node::engine::linear::{Linear, WeightData};
 
 /// (name, in, out) of the Qwen2.5-0.5B projections as the engine fuses them.
@@ -56,7 +56,7 @@ fn matmul(c: &mut Criterion) {
 
 /// Independent 8-lane FMA chains per thread: enough to cover the FMA latency on both pipes.
 const CHAINS: usize = 10;
-const STEPS: usize = 1 << 16;
+const STEPS: usize = 1 << 20;
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
@@ -104,4 +104,9 @@ fn fma_peak(c: &mut Criterion) {
 }
 
 criterion_group!(benches, fma_peak, matmul);
-criterion_main!(benches);
+// As the binaries do: candle otherwise re-reads /proc/cpuinfo on every matmul it runs.
+fn main() {
+    unfed_node::engine::fix_thread_count();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
