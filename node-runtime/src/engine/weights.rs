@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
-use super::hugepages::collect_weights;
+use super::hugepages::weight_buffer;
 use super::linear::{WeightData, bf16_to_f32};
 
 /// The tensors of one or more safetensors files, looked up by HF name.
@@ -83,12 +83,9 @@ impl WeightFiles {
             bail!("tensor `{name}` has shape {shape:?}, the config implies [{rows}, {cols}]");
         }
         Ok(match dtype {
-            Dtype::BF16 => WeightData::Bf16(collect_weights(
-                rows * cols,
-                bytes
-                    .chunks_exact(2)
-                    .map(|b| u16::from_le_bytes([b[0], b[1]])),
-            )),
+            Dtype::BF16 => WeightData::Bf16(copy_released(bytes, 2, |b| {
+                u16::from_le_bytes([b[0], b[1]])
+            })),
             _ => WeightData::F32(to_f32(name, dtype, bytes)?),
         })
     }
@@ -125,26 +122,103 @@ impl WeightFiles {
     }
 }
 
+/// Bytes copied between releases: a few MiB, so a tensor's file pages and its copy are
+/// never both whole in memory (a 272 MB head would otherwise peak at twice that).
+const RELEASE_BLOCK: usize = 8 << 20;
+
+/// `bytes` decoded `width` bytes per element into a weight buffer, block by block, each
+/// block's file pages dropped from the process once copied: loading peaks near the
+/// weights' size, not near twice it. The page cache keeps the pages; a second read of the
+/// tensor (a tied head) faults them back in.
+fn copy_released<T>(bytes: &[u8], width: usize, decode: impl Fn(&[u8]) -> T) -> Vec<T> {
+    let mut out = weight_buffer(bytes.len() / width);
+    for block in bytes.chunks(RELEASE_BLOCK) {
+        out.extend(block.chunks_exact(width).map(&decode));
+        release(block);
+    }
+    out
+}
+
+/// Unmaps the whole pages of `block`, a range of a read-only file mapping.
+fn release(block: &[u8]) {
+    #[cfg(target_os = "linux")]
+    {
+        const PAGE: usize = 4096;
+        let start = (block.as_ptr() as usize).next_multiple_of(PAGE);
+        let end = (block.as_ptr() as usize + block.len()) / PAGE * PAGE;
+        if end > start {
+            // SAFETY: whole pages inside a read-only private file mapping that is never
+            // written: MADV_DONTNEED only unmaps them, and any later read of the range
+            // gets the same bytes from the file again.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+        }
+    }
+}
+
 fn to_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
     Ok(match dtype {
-        Dtype::F32 => collect_weights(
-            bytes.len() / 4,
-            bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        ),
-        Dtype::F16 => collect_weights(
-            bytes.len() / 2,
-            bytes
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
-        ),
-        Dtype::BF16 => collect_weights(
-            bytes.len() / 2,
-            bytes
-                .chunks_exact(2)
-                .map(|b| bf16_to_f32(u16::from_le_bytes([b[0], b[1]]))),
-        ),
+        Dtype::F32 => copy_released(bytes, 4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        Dtype::F16 => copy_released(bytes, 2, |b| {
+            half::f16::from_le_bytes([b[0], b[1]]).to_f32()
+        }),
+        Dtype::BF16 => copy_released(bytes, 2, |b| bf16_to_f32(u16::from_le_bytes([b[0], b[1]]))),
         other => bail!("tensor `{name}` has dtype {other:?}; only f32, f16 and bf16 are supported"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Resident bytes of this process's mappings of `path` (from /proc/self/smaps).
+    fn resident(path: &Path) -> usize {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut ours = false;
+        let mut kb = 0;
+        for line in smaps.lines() {
+            let first = line.split_whitespace().next().unwrap_or("");
+            if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+                ours = line.ends_with(path.to_str().unwrap());
+            } else if ours && let Some(v) = line.strip_prefix("Rss:") {
+                kb += v
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<usize>()
+                    .unwrap();
+            }
+        }
+        kb * 1024
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_copied_matrix_leaves_no_file_pages_resident() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        let (rows, cols) = (1024, 2048); // 4 MiB of bf16
+        let data: Vec<u8> = (0..rows * cols * 2).map(|i| (i % 251) as u8).collect();
+        let view =
+            safetensors::tensor::TensorView::new(Dtype::BF16, vec![rows, cols], &data).unwrap();
+        std::fs::write(&path, safetensors::serialize([("w", view)], None).unwrap()).unwrap();
+        let files = WeightFiles::open(std::slice::from_ref(&path)).unwrap();
+        // Control: reading the tensor makes its pages resident, and the probe sees them.
+        let (_, _, bytes) = files.view("w").unwrap();
+        let sum: u64 = bytes.iter().map(|&b| b as u64).sum();
+        assert!(sum > 0);
+        assert!(resident(&path) >= rows * cols * 2, "{}", resident(&path));
+        let m = files.matrix("w", rows, cols).unwrap();
+        assert!(
+            resident(&path) < 64 << 10,
+            "{} bytes still resident",
+            resident(&path)
+        );
+        // The copy is intact, and the file reads the same again after the release.
+        let WeightData::Bf16(w) = m else {
+            panic!("bf16 stays bf16")
+        };
+        assert_eq!(w[12345], u16::from_le_bytes([data[24690], data[24691]]));
+        let (_, _, again) = files.view("w").unwrap();
+        assert_eq!(again, &data[..]);
+    }
 }
