@@ -19,21 +19,26 @@ use common::unfedctl;
 
 const IMAGE: &str = "registry.example/unfed:test";
 
+/// `unfedctl render SPEC --target kubernetes --image IMAGE -o OUT`.
+fn kube_args<'a>(spec: &'a str, out: &'a str) -> [&'a str; 8] {
+    [
+        "render",
+        spec,
+        "--target",
+        "kubernetes",
+        "--image",
+        IMAGE,
+        "-o",
+        out,
+    ]
+}
+
 /// Renders `spec` (relative to the crate dir) into a temp dir; the files in order.
 fn render(spec: &str) -> (tempfile::TempDir, Vec<(String, Value)>) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("k8s");
     let o = unfedctl()
-        .args([
-            "render",
-            spec,
-            "--target",
-            "kubernetes",
-            "--image",
-            IMAGE,
-            "-o",
-        ])
-        .arg(&out)
+        .args(kube_args(spec, out.to_str().unwrap()))
         .output()
         .unwrap();
     assert!(
@@ -432,18 +437,7 @@ fn bad_input_says_what_to_fix() {
         "{err}"
     );
 
-    let render_into = |dir: &Path| {
-        render_err(&[
-            "render",
-            spec,
-            "--target",
-            "kubernetes",
-            "--image",
-            IMAGE,
-            "-o",
-            dir.to_str().unwrap(),
-        ])
-    };
+    let render_into = |dir: &Path| render_err(&kube_args(spec, dir.to_str().unwrap()));
     let file = dir.path().join("a-file");
     std::fs::write(&file, "x").unwrap();
     let err = render_into(&file);

@@ -15,7 +15,8 @@ const PASSES: usize = 3;
 pub fn read_bytes_per_second() -> f64 {
     let words = BUFFER_BYTES / 8;
     // On the pages weights get, and non-zero, so every page is really mapped and read.
-    let buf = super::hugepages::collect_weights(words, 0..words as u64);
+    let mut buf = super::hugepages::weight_buffer(words);
+    buf.extend(0..words as u64);
     let chunk = words.div_ceil(rayon::current_num_threads());
     let mut best = f64::MAX;
     for _ in 0..PASSES {

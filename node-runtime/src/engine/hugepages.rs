@@ -23,10 +23,3 @@ pub fn weight_buffer<T>(len: usize) -> Vec<T> {
     }
     v
 }
-
-/// `items` collected into a [`weight_buffer`].
-pub fn collect_weights<T>(len: usize, items: impl Iterator<Item = T>) -> Vec<T> {
-    let mut v = weight_buffer(len);
-    v.extend(items);
-    v
-}

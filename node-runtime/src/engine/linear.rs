@@ -239,10 +239,9 @@ unsafe fn decode_tile_bf16<const R: usize>(
         i += L;
     }
     std::array::from_fn(|k| {
-        let mut a = [0f32; L];
-        // SAFETY: `a` holds exactly L floats.
-        unsafe { _mm256_storeu_ps(a.as_mut_ptr(), acc[k]) };
-        reduce_lanes(a)
+        // SAFETY: AVX2 is enabled in this function.
+        let lanes = unsafe { sum_lanes_avx2(acc[k]) };
+        lanes
             + (n..cols)
                 .map(|i| bf16_to_f32(rows[k][i]) * x[i])
                 .sum::<f32>()
@@ -408,13 +407,23 @@ unsafe fn tile_avx2<const R: usize, const T: usize>(
     let mut out = [[0f32; T]; R];
     for r in 0..R {
         for t in 0..T {
-            let mut a = [0f32; L];
-            // SAFETY: `a` holds exactly L floats.
-            unsafe { _mm256_storeu_ps(a.as_mut_ptr(), acc[r][t]) };
-            out[r][t] = reduce_lanes(a) + (n..cols).map(|i| w[r][i] * x[t][i]).sum::<f32>();
+            // SAFETY: AVX2 is enabled in this function.
+            let lanes = unsafe { sum_lanes_avx2(acc[r][t]) };
+            out[r][t] = lanes + (n..cols).map(|i| w[r][i] * x[t][i]).sum::<f32>();
         }
     }
     out
+}
+
+/// An accumulator's 8 lanes summed by [`reduce_lanes`], as every kernel sums them.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn sum_lanes_avx2(acc: std::arch::x86_64::__m256) -> f32 {
+    let mut a = [0f32; 8];
+    // SAFETY: `a` holds exactly 8 floats.
+    unsafe { std::arch::x86_64::_mm256_storeu_ps(a.as_mut_ptr(), acc) };
+    reduce_lanes(a)
 }
 
 /// Pairwise sum of the lanes: symmetric rounding, identical in both kernels.
