@@ -32,12 +32,12 @@ fn matmul(c: &mut Criterion) {
             let w = values(out * inp, 1);
             let x = values(rows * inp, 2);
             g.throughput(Throughput::Elements((2 * rows * inp * out) as u64));
-            let ours = Linear {
-                weight: WeightData::Bf16(w.iter().map(|v| (v.to_bits() >> 16) as u16).collect()),
-                out_dim: out,
-                in_dim: inp,
-                bias: None,
-            };
+            let ours = Linear::new(
+                WeightData::Bf16(w.iter().map(|v| (v.to_bits() >> 16) as u16).collect()),
+                out,
+                inp,
+                None,
+            );
             g.bench_with_input(BenchmarkId::new("unfed-bf16", name), &x, |b, x| {
                 b.iter(|| ours.forward(x, rows))
             });

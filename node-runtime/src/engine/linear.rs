@@ -81,15 +81,52 @@ fn widen(src: &[u16], dst: &mut [f32]) {
 }
 
 /// `y = x · Wᵀ + b` for a weight `W` of shape `[out, in]`.
+///
+/// The weights are kept in panels of [`PANEL`] output rows stored column by column (all
+/// of a panel's weights for input `k`, then for `k + 1`, ...), so one load brings the
+/// weights of 16 outputs for one input and every output accumulates in its own vector
+/// lane: no horizontal sums, and one decode or batch streams each panel once, in order.
+/// Every output is then the same chain of FMAs over `k = 0..in`, whatever the tile,
+/// batch or thread computes it: results do not depend on the batch.
 pub struct Linear {
-    pub weight: WeightData,
-    pub out_dim: usize,
-    pub in_dim: usize,
-    pub bias: Option<Vec<f32>>,
+    /// Panels first, then the `out % PANEL` rows left over, row-major.
+    weight: WeightData,
+    out_dim: usize,
+    in_dim: usize,
+    bias: Option<Vec<f32>>,
 }
 
-/// Fewest output rows one parallel task handles: enough to amortise scheduling.
-const MIN_ROWS_PER_TASK: usize = 32;
+/// Output rows per panel: two 8-lane vectors.
+const PANEL: usize = 16;
+
+/// Where output `j` of a panel sits among the panel's 16 weights of one input. bf16
+/// panels are stored so that interleaving them with zeros (which widens a bf16 to f32)
+/// yields outputs 0..8 from the low halves of the two 128-bit lanes and 8..16 from the
+/// high halves; f32 panels are in order.
+fn slot(bf16: bool, j: usize) -> usize {
+    match (bf16, j / 4) {
+        (true, 1) => j + 4,
+        (true, 2) => j - 4,
+        _ => j,
+    }
+}
+
+/// Rearranges row-major weights into panels, in place (one panel of scratch), so a
+/// matrix never needs twice its memory.
+fn pack<T: Copy + Default>(w: &mut [T], out: usize, cols: usize, bf16: bool) {
+    let mut rows = vec![T::default(); PANEL * cols];
+    for panel in w[..out / PANEL * PANEL * cols].chunks_exact_mut(PANEL * cols) {
+        rows.copy_from_slice(panel);
+        for k in 0..cols {
+            for j in 0..PANEL {
+                panel[k * PANEL + slot(bf16, j)] = rows[j * cols + k];
+            }
+        }
+    }
+}
+
+/// Fewest panels one parallel task handles: enough to amortise scheduling.
+const MIN_PANELS_PER_TASK: usize = 2;
 /// Below this many multiply-adds (tens of microseconds on one core) a matmul runs on the
 /// calling thread: waking the pool would cost more than it saves, and its threads then
 /// spin, taking the cores other shards and processes on the machine are waiting for.
@@ -99,33 +136,117 @@ const PARALLEL_MACS: usize = 1 << 18;
 const TASKS_PER_THREAD: usize = 4;
 
 impl Linear {
+    /// A layer over row-major `[out, in]` weights, repacked into panels in place.
+    pub fn new(
+        mut weight: WeightData,
+        out_dim: usize,
+        in_dim: usize,
+        bias: Option<Vec<f32>>,
+    ) -> Self {
+        assert_eq!(weight.len(), out_dim * in_dim, "linear weight shape");
+        if let Some(b) = &bias {
+            assert_eq!(b.len(), out_dim, "linear bias shape");
+        }
+        match &mut weight {
+            WeightData::F32(v) => pack(v, out_dim, in_dim, false),
+            WeightData::Bf16(v) => pack(v, out_dim, in_dim, true),
+        }
+        Self {
+            weight,
+            out_dim,
+            in_dim,
+            bias,
+        }
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.out_dim
+    }
+
+    pub fn in_dim(&self) -> usize {
+        self.in_dim
+    }
+
+    /// Bytes of weights (what one pass over the matrix reads).
+    pub fn nbytes(&self) -> usize {
+        self.weight.nbytes()
+    }
+
+    /// Row `r` of the weights, widened into `out` (an embedding lookup in a tied table).
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        let cols = self.in_dim;
+        let panels = self.out_dim / PANEL;
+        if r >= panels * PANEL {
+            return self.weight.row_into(r, cols, out);
+        }
+        let (base, j) = (r / PANEL * PANEL * cols, r % PANEL);
+        let at = |k: usize| base + k * PANEL;
+        match &self.weight {
+            WeightData::F32(v) => {
+                for (k, o) in out.iter_mut().enumerate() {
+                    *o = v[at(k) + slot(false, j)];
+                }
+            }
+            WeightData::Bf16(v) => {
+                for (k, o) in out.iter_mut().enumerate() {
+                    *o = bf16_to_f32(v[at(k) + slot(true, j)]);
+                }
+            }
+        }
+    }
+
     /// `x` is `[rows, in]` row-major; returns `[rows, out]` row-major.
     pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
         assert_eq!(x.len(), rows * self.in_dim, "linear input shape");
-        // Computed transposed ([out, rows]) so each task owns a contiguous output chunk.
-        let mut yt = vec![0f32; self.out_dim * rows];
-        // Splitting the output rows changes no element's arithmetic, only who computes it.
-        if self.out_dim * self.in_dim * rows < PARALLEL_MACS {
-            self.rows_kernel(0, self.out_dim, x, rows, &mut yt);
+        // Each task fills a contiguous block `[rows, n]` for its outputs; the blocks are
+        // laid side by side into `y` afterwards (for one row they already are `y`).
+        let mut blocks = vec![0f32; self.out_dim * rows];
+        let panels = self.out_dim / PANEL;
+        // Splitting the panels changes no element's arithmetic, only who computes it.
+        let per_task = if self.out_dim * self.in_dim * rows < PARALLEL_MACS {
+            panels.max(1)
         } else {
-            let per_task = (self.out_dim / (rayon::current_num_threads() * TASKS_PER_THREAD))
-                .max(MIN_ROWS_PER_TASK);
-            yt.par_chunks_mut(per_task * rows)
-                .enumerate()
-                .for_each(|(task, chunk)| {
-                    let first = task * per_task;
-                    let n = chunk.len() / rows;
-                    self.rows_kernel(first, n, x, rows, chunk);
-                });
+            panels
+                .div_ceil(rayon::current_num_threads() * TASKS_PER_THREAD)
+                .max(MIN_PANELS_PER_TASK)
+        };
+        let spans: Vec<(usize, usize)> = (0..panels.div_ceil(per_task).max(1))
+            .map(|t| {
+                let first = t * per_task * PANEL;
+                let last = if (t + 1) * per_task >= panels {
+                    self.out_dim
+                } else {
+                    (t + 1) * per_task * PANEL
+                };
+                (first, last - first)
+            })
+            .collect();
+        let mut chunks = Vec::with_capacity(spans.len());
+        let mut rest = blocks.as_mut_slice();
+        for &(_, n) in &spans {
+            let (chunk, tail) = rest.split_at_mut(n * rows);
+            chunks.push(chunk);
+            rest = tail;
+        }
+        let run = |((first, n), chunk): (&(usize, usize), &mut &mut [f32])| {
+            self.block(*first, *n, x, rows, chunk)
+        };
+        if spans.len() == 1 {
+            spans.iter().zip(chunks.iter_mut()).for_each(run);
+        } else {
+            spans.par_iter().zip(chunks.par_iter_mut()).for_each(run);
         }
         let mut y = if rows == 1 {
-            yt
+            blocks
         } else {
             let mut y = vec![0f32; rows * self.out_dim];
-            for o in 0..self.out_dim {
+            let mut at = 0;
+            for &(first, n) in &spans {
                 for s in 0..rows {
-                    y[s * self.out_dim + o] = yt[o * rows + s];
+                    let o = s * self.out_dim + first;
+                    y[o..o + n].copy_from_slice(&blocks[at + s * n..at + (s + 1) * n]);
                 }
+                at += n * rows;
             }
             y
         };
@@ -139,337 +260,223 @@ impl Linear {
         y
     }
 
-    fn rows_kernel(&self, first: usize, n: usize, x: &[f32], rows: usize, out: &mut [f32]) {
+    /// Outputs `first..first + n` (`first` on a panel boundary) for every token row, into
+    /// `out` as `[rows, n]`.
+    fn block(&self, first: usize, n: usize, x: &[f32], rows: usize, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         {
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU supports the features the functions are compiled for.
-                match &self.weight {
-                    WeightData::Bf16(w) if rows == 1 => unsafe {
-                        decode_bf16_avx2(w, self.in_dim, first, n, x, out)
-                    },
-                    _ => unsafe {
-                        rows_kernel_avx2(&self.weight, self.in_dim, first, n, x, rows, out)
-                    },
-                }
-                return;
+                // SAFETY: the CPU supports the features the function is compiled for.
+                return unsafe { block_avx2(self, first, n, x, rows, out) };
             }
         }
-        rows_kernel_body::<false>(&self.weight, self.in_dim, first, n, x, rows, out);
+        block_body::<false>(self, first, n, x, rows, out)
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn rows_kernel_avx2(
-    w: &WeightData,
-    cols: usize,
+unsafe fn block_avx2(l: &Linear, first: usize, n: usize, x: &[f32], rows: usize, out: &mut [f32]) {
+    block_body::<true>(l, first, n, x, rows, out)
+}
+
+/// Panels taken together by the one-row (decode) kernel: 8 independent FMA chains keep
+/// both FMA pipes busy while four weight streams are read.
+const DECODE_PANELS: usize = 4;
+/// Most token rows per tile of the batched kernel: 6 × 2 accumulators, the panel's two
+/// weight vectors and a broadcast fill the 16 vector registers of AVX2.
+const MAX_TILE_ROWS: usize = 6;
+
+#[inline(always)]
+fn block_body<const FMA: bool>(
+    l: &Linear,
     first: usize,
     n: usize,
     x: &[f32],
     rows: usize,
     out: &mut [f32],
 ) {
-    rows_kernel_body::<true>(w, cols, first, n, x, rows, out)
-}
-
-/// Weight rows per tile of the one-token bf16 kernel: eight independent FMA chains keep
-/// both FMA pipes busy (four would wait on the FMA latency).
-const DECODE_TILE: usize = 8;
-/// How many tiles ahead the one-token kernel prefetches.
-const PREFETCH_TILES: usize = 1;
-
-/// `out[o] = dot(W[first + o], x)` for one token row and bf16 weights. Decode streams
-/// each weight once, so they are widened in registers as they are loaded instead of
-/// through a buffer: the loads then never pause for a separate widening pass. Each
-/// output is the same per-lane FMA sequence and reduction as [`tile_avx2`], so the same
-/// bits.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn decode_bf16_avx2(
-    w: &[u16],
-    cols: usize,
-    first: usize,
-    n: usize,
-    x: &[f32],
-    out: &mut [f32],
-) {
-    let mut o = 0;
-    while o + DECODE_TILE <= n {
-        let d = unsafe { decode_tile_bf16::<DECODE_TILE>(w, cols, first + o, x) };
-        out[o..o + DECODE_TILE].copy_from_slice(&d);
-        o += DECODE_TILE;
-    }
-    for (k, y) in out[o..n].iter_mut().enumerate() {
-        *y = unsafe { decode_tile_bf16::<1>(w, cols, first + o + k, x) }[0];
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn decode_tile_bf16<const R: usize>(
-    w: &[u16],
-    cols: usize,
-    first: usize,
-    x: &[f32],
-) -> [f32; R] {
-    use std::arch::x86_64::*;
-    const L: usize = 8;
-    assert!(x.len() == cols && (first + R) * cols <= w.len());
-    let rows: [&[u16]; R] = std::array::from_fn(|k| &w[(first + k) * cols..(first + k + 1) * cols]);
-    let n = cols / L * L;
-    let mut acc = [_mm256_setzero_ps(); R];
-    // The rows are read side by side, R streams at once, which the hardware prefetcher
-    // follows poorly; so the next tile's block (contiguous) is fetched ahead, in step.
-    let ahead = w.as_ptr().wrapping_add((first + R * PREFETCH_TILES) * cols) as *const i8;
-    let mut i = 0;
-    while i < n {
-        for line in (0..L * R * 2).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(i * R * 2 + line));
+    let cols = l.in_dim;
+    let full = (n / PANEL).min(l.out_dim / PANEL - first / PANEL);
+    let xs: Vec<&[f32]> = x.chunks_exact(cols).collect();
+    let first_panel = first / PANEL;
+    let mut p = 0;
+    if rows == 1 {
+        while p + DECODE_PANELS <= full {
+            put::<FMA, DECODE_PANELS, 1>(l, first_panel, p, &xs, 0, n, out);
+            p += DECODE_PANELS;
         }
-        // SAFETY: i + L <= n <= cols, the length of x and of every row (asserted above).
-        let xv = unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) };
-        for k in 0..R {
-            let raw = unsafe { _mm_loadu_si128(rows[k].as_ptr().add(i) as *const __m128i) };
-            // A bf16 is the top half of an f32: zero-extend and shift.
-            let wv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-            acc[k] = _mm256_fmadd_ps(wv, xv, acc[k]);
-        }
-        i += L;
     }
-    std::array::from_fn(|k| {
-        // SAFETY: AVX2 is enabled in this function.
-        let lanes = unsafe { sum_lanes_avx2(acc[k]) };
-        lanes
-            + (n..cols)
-                .map(|i| bf16_to_f32(rows[k][i]) * x[i])
-                .sum::<f32>()
-    })
-}
-
-/// `out[o * rows + s] = dot(W[first + o], x[s])` for `o < n`.
-#[inline(always)]
-fn rows_kernel_body<const FMA: bool>(
-    w: &WeightData,
-    cols: usize,
-    first: usize,
-    n: usize,
-    x: &[f32],
-    rows: usize,
-    out: &mut [f32],
-) {
-    // Weight rows are widened once per group and reused by every token row.
-    let mut buf = vec![0f32; W_TILE * cols];
-    let mut o = 0;
-    while o < n {
-        let g = W_TILE.min(n - o);
-        let r = first + o;
-        let wrows: &[f32] = match w {
-            WeightData::F32(v) => &v[r * cols..(r + g) * cols],
-            WeightData::Bf16(v) => {
-                widen(&v[r * cols..(r + g) * cols], &mut buf[..g * cols]);
-                // The next group streams in while this one is multiplied.
-                prefetch(&v[(r + g) * cols..((r + 2 * g) * cols).min(v.len())]);
-                &buf[..g * cols]
+    // Token rows in tiles of at most MAX_TILE_ROWS, as even as possible: a short last
+    // tile would wait on the FMA latency and cost as much as a full one.
+    let tiles = rows.div_ceil(MAX_TILE_ROWS);
+    while p < full {
+        let mut s = 0;
+        for t in 0..tiles {
+            let size = rows / tiles + usize::from(t < rows % tiles);
+            match size {
+                1 => put::<FMA, 1, 1>(l, first_panel, p, &xs, s, n, out),
+                2 => put::<FMA, 1, 2>(l, first_panel, p, &xs, s, n, out),
+                3 => put::<FMA, 1, 3>(l, first_panel, p, &xs, s, n, out),
+                4 => put::<FMA, 1, 4>(l, first_panel, p, &xs, s, n, out),
+                5 => put::<FMA, 1, 5>(l, first_panel, p, &xs, s, n, out),
+                _ => put::<FMA, 1, MAX_TILE_ROWS>(l, first_panel, p, &xs, s, n, out),
             }
-        };
-        let out = &mut out[o * rows..(o + g) * rows];
-        if g == W_TILE {
-            let w4: [&[f32]; W_TILE] = std::array::from_fn(|k| &wrows[k * cols..(k + 1) * cols]);
-            tile_rows::<W_TILE, FMA>(w4, x, cols, rows, out);
-        } else {
-            for k in 0..g {
-                tile_rows::<1, FMA>(
-                    [&wrows[k * cols..(k + 1) * cols]],
-                    x,
-                    cols,
-                    rows,
-                    &mut out[k * rows..(k + 1) * rows],
-                );
+            s += size;
+        }
+        p += 1;
+    }
+    // Rows past the last whole panel, stored row-major: the same FMA chain per output.
+    for r in full * PANEL..n {
+        let row = first + r;
+        let mut w = vec![0f32; cols];
+        l.weight.row_into(row, cols, &mut w);
+        for (s, xr) in xs.iter().enumerate() {
+            let mut acc = 0f32;
+            for (a, b) in w.iter().zip(*xr) {
+                acc = if FMA { a.mul_add(*b, acc) } else { acc + a * b };
             }
-        }
-        o += g;
-    }
-}
-
-/// Asks for `data` to be brought towards the core ahead of its use (into L2: a whole
-/// group's lines at once would crowd the L1's miss buffers).
-#[inline(always)]
-fn prefetch<T>(data: &[T]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
-        let p = data.as_ptr() as *const i8;
-        for off in (0..std::mem::size_of_val(data)).step_by(64) {
-            // SAFETY: a prefetch never faults, and `off` stays inside `data`.
-            unsafe { _mm_prefetch::<_MM_HINT_T1>(p.add(off)) };
+            out[s * n + r] = acc;
         }
     }
 }
 
-/// Weight rows per register tile.
-const W_TILE: usize = 4;
-/// Token rows per register tile: 4 × 3 accumulators of 8 lanes plus the operands fit
-/// the 16 vector registers of AVX2, and each load feeds 3–4 FMAs (prefill is
-/// compute-bound; decode has one token row and stays bound by weight traffic).
-const X_TILE: usize = 3;
-
-/// `out[k * rows + s] = dot(w[k], x[s])` for every token row `s`.
+/// Panels `p..p + NP` of the block starting at panel `first_panel`, for token rows
+/// `s..s + T`, stored into the block's `[rows, n]` output.
 #[inline(always)]
-fn tile_rows<const R: usize, const FMA: bool>(
-    w: [&[f32]; R],
-    x: &[f32],
-    cols: usize,
-    rows: usize,
-    out: &mut [f32],
-) {
-    let mut s = 0;
-    while s < rows {
-        // Widest tiles first, but never a lone row after them: a one-row pass waits on
-        // the FMA latency and costs as much as a full tile, so four rows go as 2 + 2.
-        let t = match rows - s {
-            4 | 2 => 2,
-            1 => 1,
-            _ => X_TILE,
-        };
-        match t {
-            X_TILE => put_tile::<R, X_TILE, FMA>(w, x, cols, rows, s, out),
-            2 => put_tile::<R, 2, FMA>(w, x, cols, rows, s, out),
-            _ => put_tile::<R, 1, FMA>(w, x, cols, rows, s, out),
-        }
-        s += t;
-    }
-}
-
-/// Token rows `s..s + T` of [`tile_rows`].
-#[inline(always)]
-fn put_tile<const R: usize, const T: usize, const FMA: bool>(
-    w: [&[f32]; R],
-    x: &[f32],
-    cols: usize,
-    rows: usize,
+fn put<const FMA: bool, const NP: usize, const T: usize>(
+    l: &Linear,
+    first_panel: usize,
+    p: usize,
+    xs: &[&[f32]],
     s: usize,
+    n: usize,
     out: &mut [f32],
 ) {
-    let d = tile::<R, T, FMA>(
-        w,
-        std::array::from_fn(|t| &x[(s + t) * cols..(s + t + 1) * cols]),
-    );
-    for (k, dk) in d.iter().enumerate() {
-        out[k * rows + s..k * rows + s + T].copy_from_slice(dk);
+    let d = panels::<FMA, NP, T>(l, first_panel + p, std::array::from_fn(|t| xs[s + t]));
+    for (q, dq) in d.iter().enumerate() {
+        for (t, dt) in dq.iter().enumerate() {
+            let o = (s + t) * n + (p + q) * PANEL;
+            out[o..o + PANEL].copy_from_slice(dt);
+        }
     }
 }
 
-/// Dot products of `R` weight rows with `T` token rows, 8 lanes each, accumulated in
-/// registers; the pairwise lane reduction keeps rounding the same for every tile shape.
+/// Outputs of panels `first..first + NP` for `T` token rows: `[panel][row][output]`.
 #[inline(always)]
-fn tile<const R: usize, const T: usize, const FMA: bool>(
-    w: [&[f32]; R],
+fn panels<const FMA: bool, const NP: usize, const T: usize>(
+    l: &Linear,
+    first: usize,
     x: [&[f32]; T],
-) -> [[f32; T]; R] {
-    #[cfg(target_arch = "x86_64")]
-    if FMA {
-        // SAFETY: FMA is only true under `rows_kernel_avx2`, whose caller checked the CPU.
-        return unsafe { tile_avx2::<R, T>(w, x) };
+) -> [[[f32; PANEL]; T]; NP] {
+    let cols = l.in_dim;
+    assert!((first + NP) * PANEL <= l.out_dim && x.iter().all(|r| r.len() == cols));
+    let span = first * PANEL * cols..(first + NP) * PANEL * cols;
+    match &l.weight {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: FMA is only true under `block_avx2`, whose caller checked the CPU; the
+        // span holds NP whole panels (asserted above).
+        WeightData::Bf16(w) if FMA => unsafe {
+            panels_avx2::<true, NP, T>(w[span].as_ptr() as *const u8, cols, x)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        WeightData::F32(w) if FMA => unsafe {
+            panels_avx2::<false, NP, T>(w[span].as_ptr() as *const u8, cols, x)
+        },
+        w => panels_portable::<FMA, NP, T>(w, first, cols, x),
     }
-    tile_portable::<R, T, FMA>(w, x)
 }
 
-/// The AVX2 form of [`tile_portable`] (same FMA order per lane, same reduction, so the
-/// same bits): the compiler does not keep the portable form's 96 accumulators in registers.
+/// How far ahead (in inputs) each panel's weights are prefetched: a memory latency's
+/// worth of decode steps.
+const PREFETCH_INPUTS: usize = 32;
+
+/// The AVX2 form of [`panels_portable`]: per output lane the same FMA chain, so the
+/// same bits. `w` points at `NP` consecutive panels of `BF16` or f32 weights.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn tile_avx2<const R: usize, const T: usize>(
-    w: [&[f32]; R],
+unsafe fn panels_avx2<const BF16: bool, const NP: usize, const T: usize>(
+    w: *const u8,
+    cols: usize,
     x: [&[f32]; T],
-) -> [[f32; T]; R] {
+) -> [[[f32; PANEL]; T]; NP] {
     use std::arch::x86_64::*;
-    const L: usize = 8;
-    let cols = w[0].len();
-    assert!(w.iter().all(|v| v.len() == cols) && x.iter().all(|v| v.len() == cols));
-    let n = cols / L * L;
-    let mut acc = [[_mm256_setzero_ps(); T]; R];
-    let mut i = 0;
-    while i < n {
-        // SAFETY: i + L <= n <= cols, the length of every row (asserted above).
-        let xv: [__m256; T] =
-            std::array::from_fn(|t| unsafe { _mm256_loadu_ps(x[t].as_ptr().add(i)) });
-        for r in 0..R {
-            let wv = unsafe { _mm256_loadu_ps(w[r].as_ptr().add(i)) };
-            for t in 0..T {
-                acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
+    let elem = if BF16 { 2 } else { 4 };
+    let (step, panel_bytes) = (PANEL * elem, PANEL * elem * cols);
+    let mut acc = [[[_mm256_setzero_ps(); 2]; T]; NP];
+    let zero = _mm256_setzero_si256();
+    for k in 0..cols {
+        // SAFETY: k < cols, the length of every token row (checked by the caller).
+        let xb: [__m256; T] =
+            std::array::from_fn(|t| unsafe { _mm256_broadcast_ss(&*x[t].as_ptr().add(k)) });
+        for (p, acc) in acc.iter_mut().enumerate() {
+            let at = w.wrapping_add(p * panel_bytes + k * step);
+            _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH_INPUTS * step) as *const i8);
+            // SAFETY: `at` is input k of panel p, inside the NP panels the caller passed.
+            let (lo, hi) = unsafe {
+                if BF16 {
+                    // A bf16 is the top half of an f32: interleaving with zeros widens it.
+                    let v = _mm256_loadu_si256(at as *const __m256i);
+                    (
+                        _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v)),
+                        _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v)),
+                    )
+                } else {
+                    let f = at as *const f32;
+                    (_mm256_loadu_ps(f), _mm256_loadu_ps(f.add(8)))
+                }
+            };
+            for (a, xv) in acc.iter_mut().zip(&xb) {
+                a[0] = _mm256_fmadd_ps(lo, *xv, a[0]);
+                a[1] = _mm256_fmadd_ps(hi, *xv, a[1]);
             }
         }
-        i += L;
     }
-    let mut out = [[0f32; T]; R];
-    for r in 0..R {
-        for t in 0..T {
-            // SAFETY: AVX2 is enabled in this function.
-            let lanes = unsafe { sum_lanes_avx2(acc[r][t]) };
-            out[r][t] = lanes + (n..cols).map(|i| w[r][i] * x[t][i]).sum::<f32>();
+    let mut out = [[[0f32; PANEL]; T]; NP];
+    for (o, a) in out.iter_mut().zip(&acc) {
+        for (o, a) in o.iter_mut().zip(a) {
+            // SAFETY: each half is 8 floats.
+            unsafe {
+                _mm256_storeu_ps(o.as_mut_ptr(), a[0]);
+                _mm256_storeu_ps(o.as_mut_ptr().add(8), a[1]);
+            }
         }
     }
     out
 }
 
-/// An accumulator's 8 lanes summed by [`reduce_lanes`], as every kernel sums them.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[inline]
-unsafe fn sum_lanes_avx2(acc: std::arch::x86_64::__m256) -> f32 {
-    let mut a = [0f32; 8];
-    // SAFETY: `a` holds exactly 8 floats.
-    unsafe { std::arch::x86_64::_mm256_storeu_ps(a.as_mut_ptr(), acc) };
-    reduce_lanes(a)
-}
-
-/// Pairwise sum of the lanes: symmetric rounding, identical in both kernels.
+/// Panels `first..first + NP` for `T` token rows, one FMA (or multiply-add) chain per
+/// output over the inputs in order.
 #[inline(always)]
-fn reduce_lanes(mut a: [f32; 8]) -> f32 {
-    let mut width = a.len();
-    while width > 1 {
-        width /= 2;
-        for i in 0..width {
-            a[i] += a[i + width];
-        }
-    }
-    a[0]
-}
-
-#[inline(always)]
-fn tile_portable<const R: usize, const T: usize, const FMA: bool>(
-    w: [&[f32]; R],
+fn panels_portable<const FMA: bool, const NP: usize, const T: usize>(
+    w: &WeightData,
+    first: usize,
+    cols: usize,
     x: [&[f32]; T],
-) -> [[f32; T]; R] {
-    const L: usize = 8;
-    let cols = w[0].len();
-    let n = cols / L * L;
-    let wb: [&[f32]; R] = w.map(|v| &v[..n]);
-    let xb: [&[f32]; T] = x.map(|v| &v[..n]);
-    let mut acc = [[[0f32; L]; T]; R];
-    for i in (0..n).step_by(L) {
-        let xc: [&[f32; L]; T] = xb.map(|v| v[i..i + L].try_into().unwrap());
-        for r in 0..R {
-            let wc: &[f32; L] = wb[r][i..i + L].try_into().unwrap();
-            for t in 0..T {
-                for j in 0..L {
-                    acc[r][t][j] = if FMA {
-                        wc[j].mul_add(xc[t][j], acc[r][t][j])
+) -> [[[f32; PANEL]; T]; NP] {
+    let mut out = [[[0f32; PANEL]; T]; NP];
+    let mut wk = [0f32; PANEL];
+    for (p, out) in out.iter_mut().enumerate() {
+        let base = (first + p) * PANEL * cols;
+        for k in 0..cols {
+            let at = base + k * PANEL;
+            for (j, v) in wk.iter_mut().enumerate() {
+                *v = match w {
+                    WeightData::F32(w) => w[at + slot(false, j)],
+                    WeightData::Bf16(w) => bf16_to_f32(w[at + slot(true, j)]),
+                };
+            }
+            for (o, xr) in out.iter_mut().zip(&x) {
+                for (acc, wv) in o.iter_mut().zip(&wk) {
+                    *acc = if FMA {
+                        wv.mul_add(xr[k], *acc)
                     } else {
-                        acc[r][t][j] + wc[j] * xc[t][j]
+                        *acc + wv * xr[k]
                     };
                 }
             }
-        }
-    }
-    let mut out = [[0f32; T]; R];
-    for r in 0..R {
-        for t in 0..T {
-            let tail: f32 = (n..cols).map(|i| w[r][i] * x[t][i]).sum();
-            out[r][t] = reduce_lanes(acc[r][t]) + tail;
         }
     }
     out
@@ -506,12 +513,7 @@ mod tests {
             (WeightData::F32(wf.clone()), &wf),
             (WeightData::Bf16(wb), &wb_f),
         ] {
-            let lin = Linear {
-                weight: data,
-                out_dim: out,
-                in_dim: inp,
-                bias: Some(vec![0.5; out]),
-            };
+            let lin = Linear::new(data, out, inp, Some(vec![0.5; out]));
             let y = lin.forward(&x, rows);
             let want = naive(reference, &x, rows, out, inp);
             for (a, b) in y.iter().zip(&want) {
@@ -521,7 +523,8 @@ mod tests {
     }
 
     /// bf16 weights give the very bits of the same weights widened to f32, and a matrix
-    /// big enough to be split into few large tasks the bits of small ones.
+    /// big enough to be split into tasks the bits of small ones, whose rows fall in other
+    /// panels or past the last panel.
     #[test]
     fn bf16_weights_give_the_bits_of_their_f32_widening() {
         let (out, inp) = (4099, 67);
@@ -529,13 +532,8 @@ mod tests {
             .map(|i| ((((i * 7919 % 211) as f32 - 105.0) / 64.0).to_bits() >> 16) as u16)
             .collect();
         let wf: Vec<f32> = wb.iter().map(|&b| bf16_to_f32(b)).collect();
-        let lin = |weight| Linear {
-            weight,
-            out_dim: out,
-            in_dim: inp,
-            bias: None,
-        };
-        let (bf, f) = (lin(WeightData::Bf16(wb)), lin(WeightData::F32(wf)));
+        let lin = |weight| Linear::new(weight, out, inp, None);
+        let (bf, f) = (lin(WeightData::Bf16(wb)), lin(WeightData::F32(wf.clone())));
         for rows in [1, 2, 3, 7] {
             let x: Vec<f32> = (0..rows * inp)
                 .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
@@ -546,20 +544,13 @@ mod tests {
                 "{rows} rows"
             );
         }
-        // The same outputs computed 32 rows at a time, as many small tasks would.
-        let (WeightData::F32(w), x) = (&f.weight, vec![0.25f32; inp]) else {
-            unreachable!()
-        };
+        // The same outputs computed 20 rows at a time: one panel and four rows past it.
+        let x = vec![0.25f32; inp];
         let whole = f.forward(&x, 1);
-        for (i, rows) in w.chunks(32 * inp).enumerate() {
-            let part = Linear {
-                weight: WeightData::F32(rows.to_vec()),
-                out_dim: rows.len() / inp,
-                in_dim: inp,
-                bias: None,
-            };
+        for (i, rows) in wf.chunks(20 * inp).enumerate() {
+            let part = Linear::new(WeightData::F32(rows.to_vec()), rows.len() / inp, inp, None);
             let got = part.forward(&x, 1);
-            let want = &whole[i * 32..i * 32 + got.len()];
+            let want = &whole[i * 20..i * 20 + got.len()];
             assert!(
                 got.iter()
                     .zip(want)
@@ -568,22 +559,37 @@ mod tests {
         }
     }
 
+    /// A packed matrix still gives back each of its rows (a tied embedding's lookup).
+    #[test]
+    fn rows_read_back_from_the_panels() {
+        let (out, inp) = (53, 9);
+        let wf: Vec<f32> = (0..out * inp).map(|i| (i % 251) as f32).collect();
+        let wb: Vec<u16> = wf.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+        for data in [WeightData::F32(wf.clone()), WeightData::Bf16(wb.clone())] {
+            let reference = WeightData::F32(wf.clone());
+            let lin = Linear::new(data, out, inp, None);
+            let (mut got, mut want) = (vec![0f32; inp], vec![0f32; inp]);
+            for r in 0..out {
+                lin.row_into(r, &mut got);
+                reference.row_into(r, inp, &mut want);
+                // bf16 keeps the small integers exactly.
+                assert_eq!(got, want, "row {r}");
+            }
+        }
+    }
+
     /// Every output element is the same sequence of FMAs whatever the tile it falls in,
     /// so a token's row is bit-identical whether it is computed in a prefill batch or
     /// alone (decode) — replicas re-executing a hop reproduce it exactly.
     #[test]
     fn results_do_not_depend_on_the_batch() {
-        let (out, inp) = (11, 45);
+        // Five whole panels (four decoded together, one alone) and seven rows past them.
+        let (out, inp) = (87, 45);
         let w: Vec<u16> = (0..out * inp)
             .map(|i| ((((i * 7919 % 211) as f32 - 105.0) / 64.0).to_bits() >> 16) as u16)
             .collect();
-        let lin = Linear {
-            weight: WeightData::Bf16(w),
-            out_dim: out,
-            in_dim: inp,
-            bias: None,
-        };
-        for rows in 1..=8 {
+        let lin = Linear::new(WeightData::Bf16(w), out, inp, None);
+        for rows in (1..=8).chain([13, 23]) {
             let x: Vec<f32> = (0..rows * inp)
                 .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
                 .collect();

@@ -188,33 +188,28 @@ impl ShardModel {
             layers.push(Layer {
                 input_norm: vec_t(&format!("{p}input_layernorm.weight"), h)?,
                 post_norm: vec_t(&format!("{p}post_attention_layernorm.weight"), h)?,
-                qkv: Linear {
-                    weight: qkv_w,
-                    out_dim: q_dim + 2 * kv_dim,
-                    in_dim: h,
-                    bias: qkv_b,
-                },
-                o: Linear {
-                    weight: files.matrix(&attn("o_proj.weight"), h, q_dim)?,
-                    out_dim: h,
-                    in_dim: q_dim,
-                    bias: None,
-                },
-                gate_up: Linear {
-                    weight: WeightData::concat_rows(vec![
+                qkv: Linear::new(qkv_w, q_dim + 2 * kv_dim, h, qkv_b),
+                o: Linear::new(
+                    files.matrix(&attn("o_proj.weight"), h, q_dim)?,
+                    h,
+                    q_dim,
+                    None,
+                ),
+                gate_up: Linear::new(
+                    WeightData::concat_rows(vec![
                         files.matrix(&mlp("gate_proj.weight"), inter, h)?,
                         files.matrix(&mlp("up_proj.weight"), inter, h)?,
                     ]),
-                    out_dim: 2 * inter,
-                    in_dim: h,
-                    bias: None,
-                },
-                down: Linear {
-                    weight: files.matrix(&mlp("down_proj.weight"), h, inter)?,
-                    out_dim: h,
-                    in_dim: inter,
-                    bias: None,
-                },
+                    2 * inter,
+                    h,
+                    None,
+                ),
+                down: Linear::new(
+                    files.matrix(&mlp("down_proj.weight"), h, inter)?,
+                    h,
+                    inter,
+                    None,
+                ),
             });
         }
         let embed_name = format!("{prefix}embed_tokens.weight");
@@ -235,12 +230,7 @@ impl ShardModel {
                 .context("the last shard needs lm_head.weight (or the tied embedding)")?;
             (
                 Some(vec_t(&format!("{prefix}norm.weight"), h)?),
-                Some(Linear {
-                    weight: w,
-                    out_dim: cfg.vocab_size,
-                    in_dim: h,
-                    bias: None,
-                }),
+                Some(Linear::new(w, cfg.vocab_size, h, None)),
             )
         } else {
             (None, None)
@@ -248,15 +238,10 @@ impl ShardModel {
         let (cos, sin) = rope_tables(cfg)?;
         let weight_bytes = layers
             .iter()
-            .map(|l| {
-                l.qkv.weight.nbytes()
-                    + l.o.weight.nbytes()
-                    + l.gate_up.weight.nbytes()
-                    + l.down.weight.nbytes()
-            })
+            .map(|l| l.qkv.nbytes() + l.o.nbytes() + l.gate_up.nbytes() + l.down.nbytes())
             .sum::<usize>()
             + embed.as_ref().map_or(0, |e| e.nbytes())
-            + head.as_ref().map_or(0, |l| l.weight.nbytes());
+            + head.as_ref().map_or(0, |l| l.nbytes());
         Ok(Self {
             cfg: cfg.clone(),
             spec,
@@ -474,7 +459,7 @@ impl ShardModel {
                     .map(|normed| head.forward(&normed, group.len()));
                 match logits {
                     Ok(l) => l
-                        .chunks_exact(head.out_dim)
+                        .chunks_exact(head.out_dim())
                         .map(|row| Ok(ShardOutput::Logits(row.to_vec())))
                         .collect(),
                     Err(e) => group

@@ -204,12 +204,12 @@ impl ClientModel {
             .collect();
         Ok(Self {
             cfg: cfg.clone(),
-            embed: Linear {
-                weight: files.matrix(&format!("{prefix}embed_tokens.weight"), cfg.vocab_size, h)?,
-                out_dim: cfg.vocab_size,
-                in_dim: h,
-                bias: None,
-            },
+            embed: Linear::new(
+                files.matrix(&format!("{prefix}embed_tokens.weight"), cfg.vocab_size, h)?,
+                cfg.vocab_size,
+                h,
+                None,
+            ),
             norms,
             final_norm,
             inv_freq,
@@ -246,7 +246,7 @@ impl ClientModel {
                     self.cfg.vocab_size
                 );
             }
-            self.embed.weight.row_into(id as usize, h, row);
+            self.embed.row_into(id as usize, row);
         }
         Ok(out)
     }

@@ -188,16 +188,16 @@ impl VisionModel {
             );
         }
         let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-            Ok(Linear {
-                weight: files.matrix(&format!("{name}.weight"), out, inp)?,
-                out_dim: out,
-                in_dim: inp,
-                bias: if bias {
+            Ok(Linear::new(
+                files.matrix(&format!("{name}.weight"), out, inp)?,
+                out,
+                inp,
+                if bias {
                     Some(files.vector(&format!("{name}.bias"), out)?)
                 } else {
                     None
                 },
-            })
+            ))
         };
         let norm = |name: &str| -> Result<Norm> {
             Ok(Norm {
@@ -223,12 +223,12 @@ impl VisionModel {
                 position.row_into(r, h, row);
             }
             Some(Embeddings {
-                patch: Linear {
-                    weight: WeightData::F32(kernel),
-                    out_dim: h,
-                    in_dim: c * p * p,
-                    bias: Some(files.vector(&format!("{e}patch_embedding.bias"), h)?),
-                },
+                patch: Linear::new(
+                    WeightData::F32(kernel),
+                    h,
+                    c * p * p,
+                    Some(files.vector(&format!("{e}patch_embedding.bias"), h)?),
+                ),
                 position: pos,
             })
         } else {
@@ -243,16 +243,16 @@ impl VisionModel {
             qkv_b.extend(files.vector(&attn("v_proj.bias"), h)?);
             layers.push(EncoderLayer {
                 norm1: norm(&format!("{p}layer_norm1"))?,
-                qkv: Linear {
-                    weight: WeightData::concat_rows(vec![
+                qkv: Linear::new(
+                    WeightData::concat_rows(vec![
                         files.matrix(&attn("q_proj.weight"), h, h)?,
                         files.matrix(&attn("k_proj.weight"), h, h)?,
                         files.matrix(&attn("v_proj.weight"), h, h)?,
                     ]),
-                    out_dim: 3 * h,
-                    in_dim: h,
-                    bias: Some(qkv_b),
-                },
+                    3 * h,
+                    h,
+                    Some(qkv_b),
+                ),
                 out: linear(&attn("out_proj"), h, h, true)?,
                 norm2: norm(&format!("{p}layer_norm2"))?,
                 fc1: linear(&format!("{p}mlp.fc1"), cfg.intermediate_size, h, true)?,
@@ -270,14 +270,14 @@ impl VisionModel {
             }
             Some(Head {
                 post_norm: norm(&format!("{VISION_PREFIX}post_layernorm"))?,
-                projection: Linear {
-                    weight: files
+                projection: Linear::new(
+                    files
                         .matrix(CONNECTOR_WEIGHT, text_hidden, h * s2)
                         .context("the last vision shard needs the connector projection")?,
-                    out_dim: text_hidden,
-                    in_dim: h * s2,
-                    bias: None,
-                },
+                    text_hidden,
+                    h * s2,
+                    None,
+                ),
             })
         } else {
             None
@@ -349,7 +349,7 @@ impl VisionModel {
                     self.cfg.layer_norm_eps as f32,
                 );
                 let shuffled = pixel_shuffle(&states, h, self.cfg.scale_factor)?;
-                let rows = shuffled.len() / head.projection.in_dim;
+                let rows = shuffled.len() / head.projection.in_dim();
                 let data = head.projection.forward(&shuffled, rows);
                 debug_assert_eq!(data.len(), rows * self.text_hidden);
                 Ok(VisionOutput::Features { rows, data })
