@@ -511,6 +511,7 @@ async fn concurrency(a: &BenchArgs, max: usize) -> Result<ExitCode> {
         vocab: manifest.config.text.vocab_size as u32,
         prompt_tokens: a.prompt_tokens,
         runs: a.runs,
+        hops: client.route(&model).await?,
     };
     let levels = load.sweep(max).await?;
     let report = json!({

@@ -42,6 +42,9 @@ pub struct Level {
     pub aggregate_over_one_session: f64,
     /// Session 0 (the same prompt at every level) got the tokens it gets alone.
     pub tokens_match_one_session: bool,
+    /// Per shard (route order): sessions' steps per batch the node ran at this level,
+    /// from its Health counters (how much of the weight traffic the sessions shared).
+    pub steps_per_batch: Vec<f64>,
 }
 
 /// 1, 2, 4, … up to `max`, and `max` itself.
@@ -61,6 +64,26 @@ pub struct Load<'a> {
     pub vocab: u32,
     pub prompt_tokens: usize,
     pub runs: usize,
+    /// The compute nodes whose batching is reported: one route, a node per shard (with
+    /// replicas, sessions may also use others).
+    pub hops: Vec<unfed_proto::Hop>,
+}
+
+/// (forwards, batches) of each hop, from its Health answer.
+async fn batch_counters(
+    net: &unfed_node::net::Net,
+    hops: &[unfed_proto::Hop],
+) -> Result<Vec<(u64, u64)>> {
+    let mut out = Vec::with_capacity(hops.len());
+    for hop in hops {
+        let h = unfed_node::compute::health(net, hop, unfed_node::net::REQUEST_TIMEOUT)
+            .await
+            .with_context(|| {
+                format!("health of node {} (shard {})", hop.node_id, hop.shard_index)
+            })?;
+        out.push((h.forwards, h.batches));
+    }
+    Ok(out)
 }
 
 impl Load<'_> {
@@ -84,6 +107,7 @@ impl Load<'_> {
             let mut per_session = Vec::new();
             let mut gaps = Vec::new();
             let mut first_tokens = None;
+            let before = batch_counters(self.net, &self.hops).await?;
             for _ in 0..self.runs.max(1) {
                 let traces = self.run(n).await?;
                 aggregate.push(aggregate_rate(&traces));
@@ -95,6 +119,12 @@ impl Load<'_> {
                 }));
                 first_tokens.get_or_insert_with(|| traces[0].tokens.clone());
             }
+            let after = batch_counters(self.net, &self.hops).await?;
+            let steps_per_batch = before
+                .iter()
+                .zip(&after)
+                .map(|((f0, b0), (f1, b1))| (f1 - f0) as f64 / (b1 - b0).max(1) as f64)
+                .collect();
             let aggregate = median(aggregate);
             let first_tokens = first_tokens.unwrap_or_default();
             let (one, one_tokens) = alone.get_or_insert_with(|| (aggregate, first_tokens.clone()));
@@ -107,6 +137,7 @@ impl Load<'_> {
                 inter_token_p99_ms: percentile(&gaps, 0.99),
                 aggregate_over_one_session: if *one > 0.0 { aggregate / *one } else { 0.0 },
                 tokens_match_one_session: first_tokens == *one_tokens,
+                steps_per_batch,
             });
         }
         Ok(out)
@@ -173,7 +204,7 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 pub fn print(model: &str, levels: &[Level]) {
     println!("model {model}: sessions started together, median of runs");
     println!(
-        "{:>8} {:>16} {:>18} {:>12} {:>12} {:>10} {:>8}",
+        "{:>8} {:>16} {:>18} {:>12} {:>12} {:>10} {:>8}  steps/batch by shard",
         "sessions",
         "aggregate tok/s",
         "per-session tok/s",
@@ -184,7 +215,7 @@ pub fn print(model: &str, levels: &[Level]) {
     );
     for l in levels {
         println!(
-            "{:>8} {:>16.1} {:>18.1} {:>12.2} {:>12.2} {:>10.2} {:>8}",
+            "{:>8} {:>16.1} {:>18.1} {:>12.2} {:>12.2} {:>10.2} {:>8}  {}",
             l.sessions,
             l.aggregate_decode_tokens_per_s,
             l.per_session_decode_tokens_per_s,
@@ -195,7 +226,12 @@ pub fn print(model: &str, levels: &[Level]) {
                 "same"
             } else {
                 "DIFFER"
-            }
+            },
+            l.steps_per_batch
+                .iter()
+                .map(|b| format!("{b:.1}"))
+                .collect::<Vec<_>>()
+                .join(" / ")
         );
     }
 }
@@ -314,6 +350,7 @@ mod tests {
             inter_token_p99_ms: 2.0,
             aggregate_over_one_session: agg / 100.0,
             tokens_match_one_session: true,
+            steps_per_batch: vec![1.0],
         };
         let svg = plot("a<b", &[level(1, 100.0), level(2, 180.0), level(4, 300.0)]);
         assert_eq!(svg.matches("<circle").count(), 6);

@@ -537,6 +537,20 @@ fn bench_concurrency_sweeps_sessions_and_writes_json_and_plot() {
             "{l}"
         );
         assert!(l["inter_token_p99_ms"].as_f64() >= l["inter_token_p50_ms"].as_f64());
+        // Each shard's batches held between one step and one per session; a lone session
+        // is never batched with anything.
+        let n = l["sessions"].as_f64().unwrap();
+        let per_shard: Vec<f64> = l["steps_per_batch"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_f64().unwrap())
+            .collect();
+        assert_eq!(per_shard.len(), 2, "{l}");
+        assert!(per_shard.iter().all(|b| *b >= 1.0 && *b <= n), "{l}");
+        if n == 1.0 {
+            assert_eq!(per_shard, [1.0, 1.0], "{l}");
+        }
     }
     let svg = std::fs::read_to_string(report.with_extension("svg")).unwrap();
     assert_eq!(svg.matches("<circle").count(), 2 * levels.len(), "{svg}");

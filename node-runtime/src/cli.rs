@@ -129,7 +129,7 @@ struct ComputeArgs {
     kv_cache_mb: usize,
     /// Longest wait (microseconds) for other sessions' steps to join a batch; only
     /// while more sessions are active than have arrived (0: never wait).
-    #[arg(long, default_value_t = 500, env = "UNFED_BATCH_WAIT_US", value_parser = clap::value_parser!(u64).range(0..=1000))]
+    #[arg(long, default_value_t = 1000, env = "UNFED_BATCH_WAIT_US", value_parser = clap::value_parser!(u64).range(0..=1000))]
     batch_wait_us: u64,
     /// Most sessions' steps in one batch.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=256))]
@@ -354,6 +354,7 @@ async fn run_compute(a: ComputeArgs) -> Result<()> {
         batch: crate::engine::batcher::BatchConfig {
             wait: Duration::from_micros(a.batch_wait_us),
             max_steps: a.batch_max as usize,
+            align: false,
         },
     };
     if vision {

@@ -273,7 +273,14 @@ impl ComputeService {
         let shard = Arc::new(shard);
         Self {
             inner: Arc::new(Inner {
-                batcher: Batcher::start(shard.clone(), cfg.batch),
+                batcher: Batcher::start(
+                    shard.clone(),
+                    BatchConfig {
+                        // Routes start at shard 0: there the sessions' groups merge.
+                        align: shard.entry.index == 0,
+                        ..cfg.batch
+                    },
+                ),
                 shard,
                 node_id: cfg.node_id.clone(),
                 sessions: SessionStore::new(cfg.session_idle, cfg.kv_cap_bytes),
@@ -1120,14 +1127,19 @@ impl Compute for ComputeService {
 
 /// Whether the compute node at `hop` answers a Health call within `timeout`.
 pub async fn probe_health(net: &crate::net::Net, hop: &Hop, timeout: Duration) -> Result<()> {
+    health(net, hop, timeout).await.map(|_| ())
+}
+
+/// The Health answer of the compute node at `hop`, within `timeout`.
+pub async fn health(net: &crate::net::Net, hop: &Hop, timeout: Duration) -> Result<HealthResponse> {
     let probe = async {
         let pin = crate::net::Pin::parse(&hop.tls_pin)?;
         let channel = net.channel_with(&hop.address, timeout, pin)?;
-        ComputeClient::new(channel)
+        let answer = ComputeClient::new(channel)
             .health(HealthRequest {})
             .await
             .map_err(|s| anyhow::anyhow!("unreachable: {}", s.message()))?;
-        anyhow::Ok(())
+        anyhow::Ok(answer.into_inner())
     };
     match tokio::time::timeout(timeout, probe).await {
         Ok(r) => r,

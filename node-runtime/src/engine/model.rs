@@ -78,6 +78,7 @@ struct LayerCache {
 }
 
 /// The KV cache of one session on one shard.
+#[derive(Default)]
 pub struct KvCache {
     layers: Vec<LayerCache>,
     len: usize,
