@@ -9,10 +9,10 @@
 //! Sessions through a route of several shards tend to split into groups that alternate
 //! between the shards (one group here while another is at the next hop), and then
 //! every shard reads its weights once per group. The first shard of the route therefore
-//! also waits for an active session whose step is due within most of a round (its last
-//! arrival plus its own interval between steps): the groups merge into one batch that
-//! then moves along the route together. Later shards never wait long, so two shards
-//! never wait for each other.
+//! also waits, up to most of a round, while an active session's step is due within it
+//! (its last arrival plus its own interval between steps): the groups merge into one
+//! batch that then moves along the route together. Later shards never wait long, so
+//! two shards never wait for each other.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -170,11 +170,10 @@ impl Seen {
         self.session.strong_count() > 0
     }
 
-    /// When its next step should arrive if it keeps its pace, and how long past that it
-    /// is still worth waiting for (a quarter of its interval).
+    /// When its next step should arrive if it keeps its pace, and when, a whole interval
+    /// later still, it counts as paused.
     fn due(&self) -> Option<(Instant, Instant)> {
-        self.interval
-            .map(|i| (self.last + i, self.last + i + i / 4))
+        self.interval.map(|i| (self.last + i, self.last + 2 * i))
     }
 }
 
@@ -283,11 +282,18 @@ impl Worker {
         let Some(reach) = round.get(round.len() / 2).map(|r| *r * 3 / 4) else {
             return short;
         };
-        live()
+        // Waiting up to that reach, not to each session's own due time: arrivals of a
+        // round spread over milliseconds, and a step that misses its batch runs alone.
+        let now = Instant::now();
+        let coming = live()
             .filter(|(id, _)| !in_batch.contains(&id.as_str()))
             .filter_map(|(_, s)| s.due())
-            .filter(|(due, _)| *due <= first + reach)
-            .fold(short, |until, (_, late)| until.max(late))
+            .any(|(due, paused)| due <= first + reach && now < paused);
+        if coming {
+            short.max(first + reach)
+        } else {
+            short
+        }
     }
 }
 
@@ -388,6 +394,9 @@ mod tests {
         let first = Instant::now();
         // A is here; B, on the same 20 ms pace, is due 10 ms from now.
         let w = worker(true, first, &[("a", &a, 20, 20), ("b", &b, 10, 20)]);
+        assert_eq!(w.deadline(first, &["a"]), first + 15 * MS);
+        // B is 5 ms past due: a round's arrivals spread, so it is still waited for.
+        let w = worker(true, first, &[("a", &a, 20, 20), ("b", &b, 25, 20)]);
         assert_eq!(w.deadline(first, &["a"]), first + 15 * MS);
         // A later shard only waits the short wait: two shards never wait for each other.
         let w = worker(false, first, &[("a", &a, 20, 20), ("b", &b, 10, 20)]);
