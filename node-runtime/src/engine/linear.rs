@@ -297,7 +297,8 @@ fn block_body<const FMA: bool>(
     out: &mut [f32],
 ) {
     let cols = l.in_dim;
-    let full = (n / PANEL).min(l.out_dim / PANEL - first / PANEL);
+    // `first` is on a panel boundary, so the block's whole panels are its first n / PANEL.
+    let full = n / PANEL;
     let xs: Vec<&[f32]> = x.chunks_exact(cols).collect();
     let first_panel = first / PANEL;
     let mut p = 0;
@@ -327,10 +328,9 @@ fn block_body<const FMA: bool>(
         p += 1;
     }
     // Rows past the last whole panel, stored row-major: the same FMA chain per output.
+    let mut w = vec![0f32; if full * PANEL < n { cols } else { 0 }];
     for r in full * PANEL..n {
-        let row = first + r;
-        let mut w = vec![0f32; cols];
-        l.weight.row_into(row, cols, &mut w);
+        l.weight.row_into(first + r, cols, &mut w);
         for (s, xr) in xs.iter().enumerate() {
             let mut acc = 0f32;
             for (a, b) in w.iter().zip(*xr) {
