@@ -105,7 +105,14 @@ impl Sampler {
             }
             chosen
         };
-        let logprob = log_softmax_at(&logits, token as usize);
+        let chosen = logits[token as usize];
+        // A greedy token's logit is the largest (one pass over the vocabulary saved).
+        let max = if self.cfg.temperature <= 0.0 && !chosen.is_nan() {
+            chosen
+        } else {
+            max_of(&logits)
+        };
+        let logprob = log_softmax_at(&logits, token as usize, max);
         if self.penalty_active() {
             self.seen.push(token);
         }
@@ -151,15 +158,14 @@ impl Sampler {
     }
 }
 
-/// Index of the largest value, the first one on ties (like torch.argmax).
+/// Index of the largest value, the first one on ties (like torch.argmax). NaNs never
+/// win, except a NaN first value, which nothing beats.
 pub fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
+    if v.first().is_none_or(|x| x.is_nan()) {
+        return 0;
     }
-    best as u32
+    let max = max_of(v);
+    v.iter().position(|x| *x == max).unwrap_or(0) as u32
 }
 
 fn softmax(v: &[f32]) -> Vec<f32> {
@@ -169,10 +175,66 @@ fn softmax(v: &[f32]) -> Vec<f32> {
     e.into_iter().map(|x| x / sum).collect()
 }
 
-fn log_softmax_at(v: &[f32], i: usize) -> f32 {
-    let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = v.iter().map(|x| (x - max).exp()).sum();
+/// Lanes of the vocabulary-wide reductions: independent, so they vectorise, and summed
+/// in a fixed order, so every machine gets the same bits.
+const LANES: usize = 8;
+
+/// The largest non-NaN value (-inf if none).
+fn max_of(v: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; LANES];
+    let chunks = v.chunks_exact(LANES);
+    for &x in chunks.remainder() {
+        m[0] = if x > m[0] { x } else { m[0] };
+    }
+    for c in chunks {
+        for (m, &x) in m.iter_mut().zip(c) {
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    m.into_iter()
+        .fold(f32::NEG_INFINITY, |a, b| if b > a { b } else { a })
+}
+
+/// `ln softmax(v)[i]`, given `max`, the largest of `v`. A step's vocabulary is 150k logits, and libm's scalar `exp`
+/// over them cost ~0.6 ms per sampled token, on the path every session's next step
+/// waits for; [`exp_nonpositive`] vectorises (within ~2 ulp, and the result only
+/// reports the token's logprob: the token is the argmax).
+fn log_softmax_at(v: &[f32], i: usize, max: f32) -> f32 {
+    let mut sums = [0f32; LANES];
+    let chunks = v.chunks_exact(LANES);
+    for &x in chunks.remainder() {
+        sums[0] += exp_nonpositive(x - max);
+    }
+    for c in chunks {
+        for (s, &x) in sums.iter_mut().zip(c) {
+            *s += exp_nonpositive(x - max);
+        }
+    }
+    let sum: f32 = sums.iter().sum();
     v[i] - max - sum.ln()
+}
+
+/// `e^x` for `x <= 0`, branch-free: `x = n ln 2 + r` with `|r| <= ln 2 / 2`, a degree-6
+/// Taylor polynomial for `e^r` (error below 2e-7), and `2^n` put in the exponent bits.
+/// Below -87 it returns about 1.6e-38 instead of less: negligible in a sum holding 1.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    let x = if x > -87.0 { x } else { -87.0 };
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    // `t`'s low mantissa bits hold n (-126..=0): n + 127 shifted into the exponent field
+    // is 2^n, with no float-to-int conversion (whose NaN and range checks do not
+    // vectorise).
+    p * f32::from_bits(t.to_bits().wrapping_add(127) << 23)
 }
 
 #[cfg(test)]
@@ -194,6 +256,42 @@ mod tests {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin() * 2.0).collect();
         let mut s = Sampler::new(c);
         (0..n).map(|_| s.sample(logits.clone()).token).collect()
+    }
+
+    /// The vectorised argmax keeps torch's rule (first index on ties) and the old NaN
+    /// behaviour, and the logprob matches an f64 log-softmax on a vocabulary-sized row.
+    #[test]
+    fn argmax_and_logprob_match_a_plain_reference() {
+        let mut v: Vec<f32> = (0..151_939)
+            .map(|i| ((i * 7919 % 1021) as f32 - 510.0) / 37.0)
+            .collect();
+        let top = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let first = v.iter().position(|x| *x == top).unwrap();
+        assert_eq!(argmax(&v), first as u32, "first of the tied maxima");
+        v[151_937] = top + 1.0; // a maximum in the tail past the last whole lane
+        assert_eq!(argmax(&v), 151_937);
+        v[5] = f32::NAN;
+        assert_eq!(argmax(&v), 151_937, "a NaN never wins");
+        v[0] = f32::NAN;
+        assert_eq!(argmax(&v), 0, "nothing beats a NaN first value");
+        assert_eq!(argmax(&[]), 0);
+        v[0] = -3.0;
+        v[5] = -200.0; // far below the max: underflows in f32
+        let max = top + 1.0;
+        let sum: f64 = v.iter().map(|x| ((*x - max) as f64).exp()).sum();
+        for i in [0, 5, 1000, 151_937] {
+            let want = (v[i] - max) as f64 - sum.ln();
+            let got = log_softmax_at(&v, i, max) as f64;
+            assert!(
+                // f32 sums of 150k terms: a few ulp of rounding per lane add up.
+                (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                "logprob of {i}: {got} vs {want}"
+            );
+        }
+        for x in [0.0f32, -1e-3, -0.5, -1.0, -10.0, -50.0, -86.9] {
+            let (got, want) = (exp_nonpositive(x) as f64, (x as f64).exp());
+            assert!((got - want).abs() <= 3e-7 * want, "e^{x}: {got} vs {want}");
+        }
     }
 
     #[test]
