@@ -1,5 +1,6 @@
-//! The engine's matmul against candle's f32 matmul (gemm) on Qwen2.5-0.5B shapes, in
-//! the same run: `cargo bench -p unfed-node --bench linear`.
+//! The engine's matmul, in each compiled form the CPU runs (AVX2; AVX-512VL), against
+//! candle's f32 matmul (gemm) on Qwen2.5-0.5B shapes, in the same run:
+//! `cargo bench -p unfed-node --bench linear`.
 //! Prefill (23 token rows) is compute-bound; decode (1 row) is bound by weight traffic,
 //! where bf16 weights widened in registers read half the bytes of f32.
 //! `linear/fma-peak` measures the machine's FMA peak in the same run (GFLOP/s, every
@@ -7,7 +8,7 @@
 
 use candle_core::{Device, Tensor};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
-use unfed_node::engine::linear::{Linear, WeightData};
+use unfed_node::engine::linear::{Kernel, Linear, WeightData};
 
 /// (name, in, out) of the Qwen2.5-0.5B projections as the engine fuses them.
 const SHAPES: [(&str, usize, usize); 4] = [
@@ -38,9 +39,13 @@ fn matmul(c: &mut Criterion) {
                 inp,
                 None,
             );
-            g.bench_with_input(BenchmarkId::new("unfed-bf16", name), &x, |b, x| {
-                b.iter(|| ours.forward(x, rows))
-            });
+            // Each compiled form this CPU runs (the widest is what the engine uses).
+            for kernel in Kernel::available().into_iter().skip(1) {
+                let id = format!("unfed-bf16-{kernel:?}").to_lowercase();
+                g.bench_with_input(BenchmarkId::new(id, name), &x, |b, x| {
+                    b.iter(|| ours.forward_on(kernel, x, rows))
+                });
+            }
             let wt = Tensor::from_vec(w, (out, inp), &Device::Cpu)
                 .unwrap()
                 .t()

@@ -197,6 +197,20 @@ impl Linear {
 
     /// `x` is `[rows, in]` row-major; returns `[rows, out]` row-major.
     pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        self.run(Kernel::best(), x, rows)
+    }
+
+    /// [`Linear::forward`] on a given compiled form of the kernel (one of
+    /// [`Kernel::available`]), to measure one against another.
+    pub fn forward_on(&self, kernel: Kernel, x: &[f32], rows: usize) -> Vec<f32> {
+        assert!(
+            Kernel::available().contains(&kernel),
+            "this CPU cannot run the {kernel:?} matmul"
+        );
+        self.run(kernel, x, rows)
+    }
+
+    fn run(&self, kernel: Kernel, x: &[f32], rows: usize) -> Vec<f32> {
         assert_eq!(x.len(), rows * self.in_dim, "linear input shape");
         // Each task fills a contiguous block `[rows, n]` for its outputs; the blocks are
         // laid side by side into `y` afterwards (for one row they already are `y`).
@@ -229,7 +243,7 @@ impl Linear {
             rest = tail;
         }
         let run = |((first, n), chunk): (&(usize, usize), &mut &mut [f32])| {
-            self.block(*first, *n, x, rows, chunk)
+            self.block(kernel, *first, *n, x, rows, chunk)
         };
         if spans.len() == 1 {
             spans.iter().zip(chunks.iter_mut()).for_each(run);
@@ -262,22 +276,103 @@ impl Linear {
 
     /// Outputs `first..first + n` (`first` on a panel boundary) for every token row, into
     /// `out` as `[rows, n]`.
-    fn block(&self, first: usize, n: usize, x: &[f32], rows: usize, out: &mut [f32]) {
+    fn block(
+        &self,
+        kernel: Kernel,
+        first: usize,
+        n: usize,
+        x: &[f32],
+        rows: usize,
+        out: &mut [f32],
+    ) {
+        match kernel {
+            // SAFETY: `Kernel::available` offers these only on CPUs with their features.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 if rows <= AVX512_TILE_ROWS => unsafe {
+                block_avx512(self, first, n, x, rows, out)
+            },
+            // Larger batches go in 6-row tiles, which measured faster compiled for AVX2
+            // than for AVX-512 (same bits either way).
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 | Kernel::Avx2 => unsafe { block_avx2(self, first, n, x, rows, out) },
+            Kernel::Portable => block_body::<false, AVX2_TILE_ROWS>(self, first, n, x, rows, out),
+        }
+    }
+}
+
+/// The compiled forms of the matmul. The FMA ones give the same bits (each output is
+/// the same FMA chain); AVX-512's 32 vector registers only let a tile hold a whole
+/// decode batch of up to 8 rows, so the batch streams each panel once, not twice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// Multiply then add (no FMA): other bits than the FMA forms.
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Kernel {
+    /// The widest form this CPU runs, unless `UNFED_MATMUL_KERNEL` names another one it
+    /// runs (to measure one against another).
+    fn best() -> Kernel {
+        static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            let available = Kernel::available();
+            let widest = *available.last().expect("the portable kernel always runs");
+            let Ok(name) = std::env::var("UNFED_MATMUL_KERNEL") else {
+                return widest;
+            };
+            let chosen = available
+                .iter()
+                .find(|k| format!("{k:?}").eq_ignore_ascii_case(&name));
+            chosen.copied().unwrap_or_else(|| {
+                tracing::warn!(
+                    "UNFED_MATMUL_KERNEL={name} is not one this CPU runs ({available:?}); using {widest:?}"
+                );
+                widest
+            })
+        })
+    }
+
+    /// Every form this CPU runs, narrowest first.
+    pub fn available() -> Vec<Kernel> {
+        #[allow(unused_mut)]
+        let mut kernels = vec![Kernel::Portable];
         #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU supports the features the function is compiled for.
-                return unsafe { block_avx2(self, first, n, x, rows, out) };
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            kernels.push(Kernel::Avx2);
+            if std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512vl")
+                && std::is_x86_feature_detected!("avx512bw")
+            {
+                kernels.push(Kernel::Avx512);
             }
         }
-        block_body::<false>(self, first, n, x, rows, out)
+        kernels
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn block_avx2(l: &Linear, first: usize, n: usize, x: &[f32], rows: usize, out: &mut [f32]) {
-    block_body::<true>(l, first, n, x, rows, out)
+    block_body::<true, AVX2_TILE_ROWS>(l, first, n, x, rows, out)
+}
+
+/// The AVX2 kernel compiled with AVX-512VL: the same operations, EVEX-encoded, with 32
+/// vector registers instead of 16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512bw")]
+unsafe fn block_avx512(
+    l: &Linear,
+    first: usize,
+    n: usize,
+    x: &[f32],
+    rows: usize,
+    out: &mut [f32],
+) {
+    block_body::<true, AVX512_TILE_ROWS>(l, first, n, x, rows, out)
 }
 
 /// Panels taken together by the one-row (decode) kernel: 8 independent FMA chains keep
@@ -285,10 +380,13 @@ unsafe fn block_avx2(l: &Linear, first: usize, n: usize, x: &[f32], rows: usize,
 const DECODE_PANELS: usize = 4;
 /// Most token rows per tile of the batched kernel: 6 × 2 accumulators, the panel's two
 /// weight vectors and a broadcast fill the 16 vector registers of AVX2.
-const MAX_TILE_ROWS: usize = 6;
+const AVX2_TILE_ROWS: usize = 6;
+/// With AVX-512VL's 32 registers: 8 × 2 accumulators, the weights and 8 broadcasts. A
+/// decode batch of up to 8 sessions is then one tile, which streams each panel once.
+const AVX512_TILE_ROWS: usize = 8;
 
 #[inline(always)]
-fn block_body<const FMA: bool>(
+fn block_body<const FMA: bool, const TILE_ROWS: usize>(
     l: &Linear,
     first: usize,
     n: usize,
@@ -308,20 +406,26 @@ fn block_body<const FMA: bool>(
             p += DECODE_PANELS;
         }
     }
-    // Token rows in tiles of at most MAX_TILE_ROWS, as even as possible: a short last
-    // tile would wait on the FMA latency and cost as much as a full one.
-    let tiles = rows.div_ceil(MAX_TILE_ROWS);
+    // Token rows in tiles of at most TILE_ROWS, as even as possible: a short last tile
+    // would wait on the FMA latency and cost as much as a full one.
+    let tiles = rows.div_ceil(TILE_ROWS);
     while p < full {
         let mut s = 0;
         for t in 0..tiles {
             let size = rows / tiles + usize::from(t < rows % tiles);
-            match size {
-                1 => put::<FMA, 1, 1>(l, first_panel, p, &xs, s, n, out),
-                2 => put::<FMA, 1, 2>(l, first_panel, p, &xs, s, n, out),
-                3 => put::<FMA, 1, 3>(l, first_panel, p, &xs, s, n, out),
-                4 => put::<FMA, 1, 4>(l, first_panel, p, &xs, s, n, out),
-                5 => put::<FMA, 1, 5>(l, first_panel, p, &xs, s, n, out),
-                _ => put::<FMA, 1, MAX_TILE_ROWS>(l, first_panel, p, &xs, s, n, out),
+            macro_rules! tile {
+                ($($t:literal)*) => {
+                    match size {
+                        $($t => put::<FMA, 1, $t>(l, first_panel, p, &xs, s, n, out),)*
+                        _ => unreachable!("a tile holds at most {TILE_ROWS} rows"),
+                    }
+                };
+            }
+            // Only the widest kernel's tiles are compiled for it.
+            if TILE_ROWS > AVX2_TILE_ROWS {
+                tile!(1 2 3 4 5 6 7 8);
+            } else {
+                tile!(1 2 3 4 5 6);
             }
             s += size;
         }
@@ -388,15 +492,19 @@ fn panels<const FMA: bool, const NP: usize, const T: usize>(
     }
 }
 
-/// How far ahead (in inputs) each panel's weights are prefetched: a memory latency's
-/// worth of decode steps.
-const PREFETCH_INPUTS: usize = 32;
+/// How far ahead (in inputs) each panel's weights are prefetched, for one token row and
+/// for more: roughly a memory latency's worth of steps. Measured on Zen 4 against 32, 128
+/// and 256 for the batch; the differences for one row were within noise.
+const fn prefetch_inputs(rows: usize) -> usize {
+    if rows == 1 { 32 } else { 64 }
+}
 
 /// The AVX2 form of [`panels_portable`]: per output lane the same FMA chain, so the
-/// same bits. `w` points at `NP` consecutive panels of `BF16` or f32 weights.
+/// same bits. `w` points at `NP` consecutive panels of `BF16` or f32 weights. It is
+/// inlined into `block_avx2` or `block_avx512` and compiled with their features, which
+/// the CPU must have.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
+#[inline(always)]
 unsafe fn panels_avx2<const BF16: bool, const NP: usize, const T: usize>(
     w: *const u8,
     cols: usize,
@@ -405,18 +513,20 @@ unsafe fn panels_avx2<const BF16: bool, const NP: usize, const T: usize>(
     use std::arch::x86_64::*;
     let elem = if BF16 { 2 } else { 4 };
     let (step, panel_bytes) = (PANEL * elem, PANEL * elem * cols);
-    let mut acc = [[[_mm256_setzero_ps(); 2]; T]; NP];
-    let zero = _mm256_setzero_si256();
-    for k in 0..cols {
-        // SAFETY: k < cols, the length of every token row (checked by the caller).
-        let xb: [__m256; T] =
-            std::array::from_fn(|t| unsafe { _mm256_broadcast_ss(&*x[t].as_ptr().add(k)) });
-        for (p, acc) in acc.iter_mut().enumerate() {
-            let at = w.wrapping_add(p * panel_bytes + k * step);
-            _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH_INPUTS * step) as *const i8);
-            // SAFETY: `at` is input k of panel p, inside the NP panels the caller passed.
-            let (lo, hi) = unsafe {
-                if BF16 {
+    let ahead = prefetch_inputs(T) * step;
+    // SAFETY: the features are the caller's (see above); k < cols, the length of every
+    // token row (checked by the caller), and `at` is input k of panel p, inside the NP
+    // panels the caller passed.
+    unsafe {
+        let mut acc = [[[_mm256_setzero_ps(); 2]; T]; NP];
+        let zero = _mm256_setzero_si256();
+        for k in 0..cols {
+            let xb: [__m256; T] =
+                std::array::from_fn(|t| _mm256_broadcast_ss(&*x[t].as_ptr().add(k)));
+            for (p, acc) in acc.iter_mut().enumerate() {
+                let at = w.wrapping_add(p * panel_bytes + k * step);
+                _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(ahead) as *const i8);
+                let (lo, hi) = if BF16 {
                     // A bf16 is the top half of an f32: interleaving with zeros widens it.
                     let v = _mm256_loadu_si256(at as *const __m256i);
                     (
@@ -426,25 +536,22 @@ unsafe fn panels_avx2<const BF16: bool, const NP: usize, const T: usize>(
                 } else {
                     let f = at as *const f32;
                     (_mm256_loadu_ps(f), _mm256_loadu_ps(f.add(8)))
+                };
+                for (a, xv) in acc.iter_mut().zip(&xb) {
+                    a[0] = _mm256_fmadd_ps(lo, *xv, a[0]);
+                    a[1] = _mm256_fmadd_ps(hi, *xv, a[1]);
                 }
-            };
-            for (a, xv) in acc.iter_mut().zip(&xb) {
-                a[0] = _mm256_fmadd_ps(lo, *xv, a[0]);
-                a[1] = _mm256_fmadd_ps(hi, *xv, a[1]);
             }
         }
-    }
-    let mut out = [[[0f32; PANEL]; T]; NP];
-    for (o, a) in out.iter_mut().zip(&acc) {
-        for (o, a) in o.iter_mut().zip(a) {
-            // SAFETY: each half is 8 floats.
-            unsafe {
+        let mut out = [[[0f32; PANEL]; T]; NP];
+        for (o, a) in out.iter_mut().zip(&acc) {
+            for (o, a) in o.iter_mut().zip(a) {
                 _mm256_storeu_ps(o.as_mut_ptr(), a[0]);
                 _mm256_storeu_ps(o.as_mut_ptr().add(8), a[1]);
             }
         }
+        out
     }
-    out
 }
 
 /// Panels `first..first + NP` for `T` token rows, one FMA (or multiply-add) chain per
@@ -580,30 +687,38 @@ mod tests {
 
     /// Every output element is the same sequence of FMAs whatever the tile it falls in,
     /// so a token's row is bit-identical whether it is computed in a prefill batch or
-    /// alone (decode) — replicas re-executing a hop reproduce it exactly.
+    /// alone (decode) — replicas re-executing a hop reproduce it exactly — and whichever
+    /// FMA kernel (AVX2 or AVX-512, with their different tiles) the CPU runs.
     #[test]
-    fn results_do_not_depend_on_the_batch() {
+    fn results_do_not_depend_on_the_batch_or_the_kernel() {
         // Five whole panels (four decoded together, one alone) and seven rows past them.
         let (out, inp) = (87, 45);
         let w: Vec<u16> = (0..out * inp)
             .map(|i| ((((i * 7919 % 211) as f32 - 105.0) / 64.0).to_bits() >> 16) as u16)
             .collect();
         let lin = Linear::new(WeightData::Bf16(w), out, inp, None);
-        for rows in (1..=8).chain([13, 23]) {
+        let fma: Vec<Kernel> = Kernel::available()
+            .into_iter()
+            .filter(|k| *k != Kernel::Portable)
+            .collect();
+        for rows in (1..=13).chain([23, 25]) {
             let x: Vec<f32> = (0..rows * inp)
                 .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
                 .collect();
-            let batch = lin.forward(&x, rows);
-            for s in 0..rows {
-                let alone = lin.forward(&x[s * inp..(s + 1) * inp], 1);
-                let same = batch[s * out..(s + 1) * out]
-                    .iter()
-                    .zip(&alone)
-                    .all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(
-                    same,
-                    "row {s} of a {rows}-row batch differs from the row alone"
-                );
+            for &kernel in &fma {
+                let batch = lin.forward_on(kernel, &x, rows);
+                for s in 0..rows {
+                    let alone = lin.forward_on(fma[0], &x[s * inp..(s + 1) * inp], 1);
+                    let same = batch[s * out..(s + 1) * out]
+                        .iter()
+                        .zip(&alone)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(
+                        same,
+                        "row {s} of a {rows}-row batch on {kernel:?} differs from the row alone on {:?}",
+                        fma[0]
+                    );
+                }
             }
         }
     }
