@@ -195,10 +195,10 @@ fn max_of(v: &[f32]) -> f32 {
         .fold(f32::NEG_INFINITY, |a, b| if b > a { b } else { a })
 }
 
-/// `ln softmax(v)[i]`, given `max`, the largest of `v`. A step's vocabulary is 150k logits, and libm's scalar `exp`
-/// over them cost ~0.6 ms per sampled token, on the path every session's next step
-/// waits for; [`exp_nonpositive`] vectorises (within ~2 ulp, and the result only
-/// reports the token's logprob: the token is the argmax).
+/// `ln softmax(v)[i]`, given `max`, the largest of `v`. A step's vocabulary is 150k
+/// logits, and libm's scalar `exp` over them cost ~0.6 ms per sampled token, on the path
+/// every session's next step waits for; [`exp_nonpositive`] vectorises (within ~2 ulp,
+/// and the result only reports the token's logprob: the token is the argmax).
 fn log_softmax_at(v: &[f32], i: usize, max: f32) -> f32 {
     let mut sums = [0f32; LANES];
     let chunks = v.chunks_exact(LANES);
