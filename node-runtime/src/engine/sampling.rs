@@ -84,8 +84,9 @@ impl Sampler {
                 }
             }
         }
-        let token = if self.cfg.temperature <= 0.0 {
-            argmax(&logits)
+        // The token, and the largest logit its logprob is taken against.
+        let (token, max) = if self.cfg.temperature <= 0.0 {
+            argmax_and_max(&logits)
         } else {
             for l in logits.iter_mut() {
                 *l /= self.cfg.temperature;
@@ -103,14 +104,7 @@ impl Sampler {
                     break;
                 }
             }
-            chosen
-        };
-        let chosen = logits[token as usize];
-        // A greedy token's logit is the largest (one pass over the vocabulary saved).
-        let max = if self.cfg.temperature <= 0.0 && !chosen.is_nan() {
-            chosen
-        } else {
-            max_of(&logits)
+            (chosen, max_of(&logits))
         };
         let logprob = log_softmax_at(&logits, token as usize, max);
         if self.penalty_active() {
@@ -161,15 +155,20 @@ impl Sampler {
 /// Index of the largest value, the first one on ties (like torch.argmax). NaNs never
 /// win, except a NaN first value, which nothing beats.
 pub fn argmax(v: &[f32]) -> u32 {
-    if v.first().is_none_or(|x| x.is_nan()) {
-        return 0;
-    }
+    argmax_and_max(v).0
+}
+
+/// [`argmax`], and the largest non-NaN value, found on the way.
+fn argmax_and_max(v: &[f32]) -> (u32, f32) {
     let max = max_of(v);
-    v.iter().position(|x| *x == max).unwrap_or(0) as u32
+    if v.first().is_none_or(|x| x.is_nan()) {
+        return (0, max);
+    }
+    (v.iter().position(|x| *x == max).unwrap_or(0) as u32, max)
 }
 
 fn softmax(v: &[f32]) -> Vec<f32> {
-    let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = max_of(v);
     let e: Vec<f32> = v.iter().map(|x| (x - max).exp()).collect();
     let sum: f32 = e.iter().sum();
     e.into_iter().map(|x| x / sum).collect()
