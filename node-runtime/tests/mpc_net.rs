@@ -213,6 +213,13 @@ async fn full_output_2pc_over_grpc_generates_the_plaintext_tokens_and_bills_the_
     let (reg, dir) = (net.registry.address.clone(), net.dir.path().to_path_buf());
     let daemon = start_daemon(&reg, &dir);
     let (a, b) = start_pair(&split, Some(&reg), &["--full-output"], &dir);
+    // Party A looks party B up in the registry when a session opens.
+    net.wait_listing("the pair listed", |nodes| {
+        [&a, &b]
+            .iter()
+            .all(|p| nodes.iter().any(|n| n.address == p.address))
+    })
+    .await;
     let (manifest, files) = open_split(&split);
     let cfg = &manifest.config;
     let layers = cfg.text.num_hidden_layers;
