@@ -116,7 +116,8 @@ async fn usage_is_paid_exactly_and_an_underfunded_settlement_waits_for_the_depos
     // default client, and one of 3 steps for the poor client, across two blocks.
     let (mut expect_a, mut expect_b, mut expect_poor) = (U256::ZERO, U256::ZERO, U256::ZERO);
     // Each session in a block of its own: two blocks per round, so each round is
-    // exactly one summary of `--settlement-blocks 2`, however fast the shares arrive.
+    // one summary of `--settlement-blocks 2` (or more, when a block falls between the
+    // two nodes' submissions or the test pauses for two intervals).
     for sessions in [["s1", "s2"], ["s3", "s4"]] {
         for sess in sessions {
             let height = dm
@@ -171,7 +172,8 @@ async fn usage_is_paid_exactly_and_an_underfunded_settlement_waits_for_the_depos
     // The poor client's deposit cannot cover its settlement: parked with the reason,
     // not sent (so not a failed attempt).
     // Its two nodes submit apart, so a block may fall between them: the session can
-    // span two settlements, which together pay its usage.
+    // span two settlements, which together pay its usage. No traffic follows it, so its
+    // window is settled because the chain went quiet, not because it filled.
     let poor_total = |st: &unfed_proto::GetChainStatusResponse| {
         st.settlements
             .iter()

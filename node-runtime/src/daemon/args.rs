@@ -64,7 +64,8 @@ pub struct DaemonArgs {
     /// A block is cut this often when shares are pending.
     #[arg(long, default_value_t = 10.0)]
     block_interval_secs: f64,
-    /// A settlement summary covers this many blocks.
+    /// A settlement summary covers this many blocks, or fewer once no block has been cut
+    /// for this many intervals (so the last requests before a quiet spell are paid too).
     #[arg(long, default_value_t = 6)]
     settlement_blocks: u64,
     /// Shares stamped further ahead of the daemon's clock than this are refused.

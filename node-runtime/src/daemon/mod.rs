@@ -75,15 +75,21 @@ pub async fn client(
         .max_encoding_message_size(crate::net::limits::DAEMON))
 }
 
-/// Cuts a block when shares are pending, then a settlement summary every K blocks.
-fn produce(store: &Mutex<Store>, cfg_blocks: u64) -> Result<()> {
+/// Cuts a block when shares are pending, then a settlement summary once the window
+/// since the last one is due (`window_due`).
+fn produce(store: &Mutex<Store>, cfg_blocks: u64, interval: Duration) -> Result<()> {
     let mut st = store.lock().expect("store poisoned");
-    if let Some(b) = st.produce_block(now_ms())? {
+    let now = now_ms();
+    if let Some(b) = st.produce_block(now)? {
         tracing::info!(height = b.height, shares = b.share_count, hash = %hex::encode(b.hash), "block produced");
     }
-    let (_, height) = st.tip()?;
     let settled = st.settled_height()?;
-    if height >= settled + cfg_blocks.max(1) {
+    let Some(tip) = st.recent_blocks(1)?.pop() else {
+        return Ok(());
+    };
+    let quiet = Duration::from_millis(now.saturating_sub(tip.timestamp_ms));
+    if window_due(tip.height - settled, cfg_blocks, quiet, interval) {
+        let height = tip.height;
         let shares = st.shares_in_blocks(settled + 1, height)?;
         let rows = settle::summarize(&st.chain_id()?, settled + 1, height, &shares);
         for r in &rows {
@@ -92,6 +98,16 @@ fn produce(store: &Mutex<Store>, cfg_blocks: u64) -> Result<()> {
         st.record_settlements(height, &rows)?;
     }
     Ok(())
+}
+
+/// Whether the `open` blocks since the last summary are settled now: when they are
+/// `blocks` many, or when no block has been cut for `blocks` intervals. Blocks are cut
+/// only for new shares, so without the second rule the usage of a network's last
+/// requests would wait, unpaid, for traffic that may never come.
+fn window_due(open: u64, blocks: u64, quiet: Duration, interval: Duration) -> bool {
+    let blocks = blocks.max(1);
+    open >= blocks
+        || (open > 0 && quiet >= interval.saturating_mul(u32::try_from(blocks).unwrap_or(u32::MAX)))
 }
 
 fn registration(cfg: &DaemonConfig) -> Result<RegisterRequest> {
@@ -205,8 +221,8 @@ pub async fn run(
             tick.tick().await;
             loop {
                 tick.tick().await;
-                let (store, k) = (store.clone(), cfg.settlement_blocks);
-                match tokio::task::spawn_blocking(move || produce(&store, k)).await {
+                let (store, k, every) = (store.clone(), cfg.settlement_blocks, cfg.block_interval);
+                match tokio::task::spawn_blocking(move || produce(&store, k, every)).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => tracing::error!("block production failed: {e:#}"),
                     Err(e) => tracing::error!("block production task panicked: {e}"),
@@ -237,9 +253,31 @@ pub async fn run(
         s.abort();
     }
     // Shares accepted since the last tick go into a block now rather than at restart.
-    if let Err(e) = produce(&store, cfg.settlement_blocks) {
+    if let Err(e) = produce(&store, cfg.settlement_blocks, cfg.block_interval) {
         tracing::error!("final block failed: {e:#}");
     }
     crate::membership::unregister(&cfg.net, &cfg.registry, &cfg.node_id, &cfg.share_key).await;
     result.context("daemon gRPC server failed")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::window_due;
+    use std::time::Duration;
+
+    #[test]
+    fn a_window_settles_when_full_or_when_the_chain_has_gone_quiet() {
+        let tick = Duration::from_secs(10);
+        // Full: K blocks since the last summary, however recent.
+        assert!(window_due(6, 6, Duration::ZERO, tick));
+        assert!(window_due(7, 6, Duration::ZERO, tick));
+        // Part-full and traffic still arriving: wait for the window to fill.
+        assert!(!window_due(5, 6, Duration::from_secs(59), tick));
+        // Part-full but no block for K intervals: the last usage is settled anyway.
+        assert!(window_due(1, 6, Duration::from_secs(60), tick));
+        // Nothing unsettled: no empty summary, however long the quiet.
+        assert!(!window_due(0, 6, Duration::from_secs(3600), tick));
+        // K = 0 is read as 1.
+        assert!(window_due(1, 0, Duration::ZERO, tick));
+    }
 }
