@@ -153,12 +153,42 @@ struct Measured {
     /// Signs the sessions' spending vouchers (the testnet's dev client).
     payer: Option<unfed_node::voucher::Payer>,
     runs: Vec<Run>,
-    /// Per hop, ms per token not spent computing or waiting downstream; client RPC.
-    overhead: (Vec<f64>, f64),
+    /// Where a token's time goes, ms per token.
+    split: Split,
     /// Generate through this MPC pair (the private mode) instead of the compute route.
     private: Option<PrivateRoute>,
     /// The client's traffic with the pair in the last run.
     traffic: Option<MpcTraffic>,
+}
+
+/// A token's time by where it went, ms per token: each hop's step (from the request's
+/// arrival to its output: checks, queueing and compute), each hop's remaining time not
+/// spent waiting downstream (attesting, sending on, checking the answer), and the client
+/// round trip to the entry hop beyond the hops' own time.
+#[derive(Default)]
+struct Split {
+    compute: Vec<f64>,
+    overhead: Vec<f64>,
+    client: f64,
+}
+
+impl Split {
+    fn of(out: &unfed_node::client::GenerateOutput, steps: f64) -> Self {
+        let hops = &out.hops;
+        let overhead = hops
+            .iter()
+            .enumerate()
+            .map(|(k, h)| {
+                let downstream = hops.get(k + 1).map_or(0.0, |n| n.total_ms);
+                (h.total_ms - h.compute_ms - downstream) / steps
+            })
+            .collect();
+        Self {
+            compute: hops.iter().map(|h| h.compute_ms / steps).collect(),
+            overhead,
+            client: (out.total_ms - hops.first().map_or(0.0, |h| h.total_ms)) / steps,
+        }
+    }
 }
 
 impl Measured {
@@ -168,7 +198,7 @@ impl Measured {
             client,
             payer,
             runs: Vec::new(),
-            overhead: Default::default(),
+            split: Split::default(),
             private: None,
             traffic: None,
         }
@@ -314,17 +344,7 @@ async fn measure(
                 out.tokens.len().saturating_sub(1),
             ));
             let steps = out.tokens.len().max(1) as f64;
-            let hop_over: Vec<f64> = out
-                .hops
-                .iter()
-                .enumerate()
-                .map(|(k, h)| {
-                    let downstream = out.hops.get(k + 1).map_or(0.0, |n| n.total_ms);
-                    (h.total_ms - h.compute_ms - downstream) / steps
-                })
-                .collect();
-            let client_side = (out.total_ms - out.hops.first().map_or(0.0, |h| h.total_ms)) / steps;
-            net.overhead = (hop_over, client_side);
+            net.split = Split::of(&out, steps);
         }
     }
     let s = summarize(&single, prompt.len());
@@ -342,8 +362,9 @@ async fn measure(
                     "generated_tokens": generated(&n.runs),
                     "speed": summarize(&n.runs, prompt.len()),
                     "decode_ratio": paired_ratio(&n.runs, &single),
-                    "per_hop_overhead_ms": n.overhead.0,
-                    "client_rpc_overhead_ms": n.overhead.1,
+                    "per_hop_compute_ms": n.split.compute,
+                    "per_hop_overhead_ms": n.split.overhead,
+                    "client_rpc_overhead_ms": n.split.client,
                     "over_plaintext_network_decode_ratio": (n.private.is_some())
                         .then(|| paired_ratio(&n.runs, &networks[0].runs)),
                     "mpc_traffic": n.traffic.as_ref().map(traffic_json),
@@ -356,8 +377,9 @@ async fn measure(
             "single_process_generated_tokens": generated(&single),
             "network": summarize(&networks[0].runs, prompt.len()),
             "decode_ratio": paired_ratio(&networks[0].runs, &single),
-            "per_hop_overhead_ms": networks[0].overhead.0,
-            "client_rpc_overhead_ms": networks[0].overhead.1,
+            "per_hop_compute_ms": networks[0].split.compute,
+            "per_hop_overhead_ms": networks[0].split.overhead,
+            "client_rpc_overhead_ms": networks[0].split.client,
             "networks": nets,
             "tls_over_plaintext_decode_ratio": tls_cost,
             "decode_bound": bound,
@@ -394,17 +416,18 @@ async fn measure(
     bound.print();
     for n in networks.iter() {
         let hops: Vec<String> = n
-            .overhead
-            .0
+            .split
+            .compute
             .iter()
+            .zip(&n.split.overhead)
             .enumerate()
-            .map(|(k, o)| format!("hop {k} {o:.3}"))
+            .map(|(k, (c, o))| format!("hop {k} {c:.3} + {o:.3}"))
             .collect();
         println!(
-            "{}: overhead ms/token: {}; client RPC {:.3}",
+            "{}: ms/token in the node (step + overhead): {}; client RPC {:.3}",
             n.label,
             hops.join(", "),
-            n.overhead.1
+            n.split.client
         );
     }
     for n in networks.iter().filter(|n| n.private.is_some()) {

@@ -95,13 +95,16 @@ pub fn run(cmd: Commands) -> Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async {
+    // Run as a task, not on the blocking main thread: a task and the connection tasks it
+    // wakes then share a worker, which takes a cross-thread wake-up off every step.
+    let task = rt.spawn(async {
         match cmd {
             Commands::Models(t) => models(t).await,
             Commands::Chat(a) => chat(a).await,
             Commands::Bench(a) => crate::bench_cmd::bench(a).await,
         }
-    })
+    });
+    rt.block_on(task).context("the command's task failed")?
 }
 
 /// The registry address, testnet model and shards dir a target points at.
@@ -291,7 +294,8 @@ async fn chat(a: ChatArgs) -> Result<ExitCode> {
                     std::io::stderr().flush()?;
                 }
                 let mut line = String::new();
-                if stdin.lock().read_line(&mut line)? == 0 {
+                // Waiting for the user blocks this worker; the runtime's others go on.
+                if tokio::task::block_in_place(|| stdin.lock().read_line(&mut line))? == 0 {
                     break;
                 }
                 let line = line.trim();

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use tokio::net::TcpListener;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::Channel;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 use unfed_model::{Manifest, ShardEntry};
 use unfed_proto::compute_client::ComputeClient;
 use unfed_proto::compute_server::{Compute, ComputeServer};
@@ -21,6 +22,7 @@ use crate::engine::{
     Session, SessionError, SessionStore, ShardModel, ShardOutput, ShardSpec, WeightFiles,
 };
 use crate::mpc::handoff::{Inbox, check_share, reconstruct};
+use crate::step_link::StepLink;
 use crate::verify::attest;
 use crate::verify::cheat::Cheat;
 use crate::verify::reexec::{HopOutput, reexecute};
@@ -160,6 +162,9 @@ struct Inner {
     handoffs: Inbox,
     /// The spending voucher of each paid session.
     vouchers: crate::voucher::Book,
+    /// Set when the node shuts down: open step streams end (the server's graceful
+    /// shutdown waits for every open stream).
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 /// Each session's inputs and sampling, kept so that a spot checker can have a hop
@@ -297,6 +302,7 @@ impl ComputeService {
                 inputs: InputLog::default(),
                 handoffs: Inbox::new(cfg.hop_timeout * 2),
                 vouchers: crate::voucher::Book::new(&cfg.node_id, cfg.require_voucher),
+                closing: tokio::sync::watch::channel(false).0,
             }),
         }
     }
@@ -792,26 +798,51 @@ impl ComputeService {
             .await
             .map_err(|_| Status::internal("the shard worker dropped the step"))?
     }
-}
 
-/// What this node's step produced.
-enum LocalOut {
-    /// Last shard: the sampled token and its logprob.
-    Sampled(u32, f32),
-    HiddenOut(Vec<f32>, usize),
-    /// Last shard, decode_client_sample: the logits sealed to the client.
-    SealedOut(Vec<u8>),
-}
-use LocalOut::*;
-
-#[tonic::async_trait]
-impl Compute for ComputeService {
-    async fn forward(
+    /// Runs a session's steps as they arrive on `inbound`, in order, answering each on
+    /// the returned stream, and passes them down the route on a stream of its own. Ends
+    /// when the caller closes its side, at a failed step (with its status), or when the
+    /// node shuts down.
+    fn serve_steps(
         &self,
-        req: Request<ForwardRequest>,
-    ) -> Result<Response<ForwardResponse>, Status> {
+        mut inbound: Streaming<ForwardRequest>,
+    ) -> UnboundedReceiverStream<Result<ForwardResponse, Status>> {
+        let (answers, out) = tokio::sync::mpsc::unbounded_channel();
+        let (this, mut closing) = (self.clone(), self.inner.closing.subscribe());
+        tokio::spawn(async move {
+            let mut next = StepLink::stream();
+            loop {
+                let req = tokio::select! {
+                    m = inbound.message() => m,
+                    _ = closing.wait_for(|c| *c) => {
+                        let _ = answers.send(Err(Status::unavailable(format!(
+                            "node {} (shard {}) is shutting down",
+                            this.inner.node_id,
+                            this.shard_index()
+                        ))));
+                        return;
+                    }
+                };
+                // The caller closed the stream or went away.
+                let Ok(Some(req)) = req else { return };
+                let answer = this.step(req, &mut next).await;
+                let failed = answer.is_err();
+                if answers.send(answer).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        UnboundedReceiverStream::new(out)
+    }
+
+    /// Runs one step of a session here and, but at the last shard, down the rest of
+    /// the route through `link`.
+    async fn step(
+        &self,
+        mut req: ForwardRequest,
+        link: &mut StepLink,
+    ) -> Result<ForwardResponse, Status> {
         let started = Instant::now();
-        let mut req = req.into_inner();
         self.check_model(&req.model_id)?;
         let model_id = &self.inner.shard.manifest.model_id;
         // Fed by an MPC pair: both parties' signed shares replace the previous hop's
@@ -907,12 +938,12 @@ impl Compute for ComputeService {
                     &[],
                     DType::DtypeF32,
                 );
-                Ok(Response::new(ForwardResponse {
+                Ok(ForwardResponse {
                     timings: vec![me(started.elapsed().as_secs_f64() * 1e3)],
                     last_attestation: Some(att),
                     sealed_logits: sealed,
                     ..Default::default()
-                }))
+                })
             }
             Sampled(token, logprob) => {
                 record(&token.to_le_bytes());
@@ -930,14 +961,14 @@ impl Compute for ComputeService {
                     &[],
                     DType::DtypeF32,
                 );
-                Ok(Response::new(ForwardResponse {
+                Ok(ForwardResponse {
                     token_id: token,
                     logprob,
                     is_eos,
                     timings: vec![me(started.elapsed().as_secs_f64() * 1e3)],
                     last_attestation: Some(att),
                     sealed_logits: Vec::new(),
-                }))
+                })
             }
             HiddenOut(data, seq) => {
                 if req.route.is_empty() {
@@ -967,9 +998,10 @@ impl Compute for ComputeService {
                 req.input = Some(forward_request::Input::Hidden(hidden));
                 let sampling = req.sampling;
                 let (session, step) = (req.session_id.clone(), req.step);
-                let mut client = ComputeClient::new(self.channel(&next)?);
-                let mut resp = match client.forward(req).await {
-                    Ok(r) => r.into_inner(),
+                let client = || Ok(ComputeClient::new(self.channel(&next)?));
+                let timeout = self.inner.hop_timeout;
+                let mut resp = match link.step(&next, client, req, timeout).await {
+                    Ok(r) => r,
                     // A failure reported by a node further down already names that node.
                     Err(s)
                         if s.code() != tonic::Code::Unavailable
@@ -997,9 +1029,40 @@ impl Compute for ComputeService {
                 }
                 resp.timings
                     .insert(0, me(started.elapsed().as_secs_f64() * 1e3));
-                Ok(Response::new(resp))
+                Ok(resp)
             }
         }
+    }
+}
+
+/// What this node's step produced.
+enum LocalOut {
+    /// Last shard: the sampled token and its logprob.
+    Sampled(u32, f32),
+    HiddenOut(Vec<f32>, usize),
+    /// Last shard, decode_client_sample: the logits sealed to the client.
+    SealedOut(Vec<u8>),
+}
+use LocalOut::*;
+
+#[tonic::async_trait]
+impl Compute for ComputeService {
+    async fn forward(
+        &self,
+        req: Request<ForwardRequest>,
+    ) -> Result<Response<ForwardResponse>, Status> {
+        self.step(req.into_inner(), &mut StepLink::Unary)
+            .await
+            .map(Response::new)
+    }
+
+    type StepsStream = UnboundedReceiverStream<Result<ForwardResponse, Status>>;
+
+    async fn steps(
+        &self,
+        req: Request<Streaming<ForwardRequest>>,
+    ) -> Result<Response<Self::StepsStream>, Status> {
+        Ok(Response::new(self.serve_steps(req.into_inner())))
     }
 
     async fn end_session(
@@ -1287,6 +1350,11 @@ pub async fn run(
             .max_decoding_message_size(crate::net::limits::COMPUTE)
             .max_encoding_message_size(crate::net::limits::COMPUTE),
     );
+    let closing = service.inner.closing.clone();
+    let shutdown = async move {
+        shutdown.await;
+        closing.send_replace(true);
+    };
     let server = tokio::spawn(async move { net.serve(router, listener, shutdown).await });
     let mut member = None;
     if let Some(registry) = cfg.registry.clone() {

@@ -16,6 +16,7 @@ pub mod seal;
 pub mod share_spool;
 pub mod shares;
 pub mod stamp;
+pub mod step_link;
 pub mod verify;
 pub mod vision;
 pub mod voucher;

@@ -21,6 +21,7 @@ use unfed_proto::registry_client::RegistryClient;
 use unfed_proto::*;
 
 use crate::engine::sampling::Sampler;
+use crate::step_link::StepLink;
 
 pub use text::TextCodec;
 
@@ -625,6 +626,10 @@ pub(crate) struct RouteSession {
     entry: Hop,
     rest: Vec<Hop>,
     compute: ComputeClient<Channel>,
+    /// The session's steps go to the entry hop on one stream.
+    link: StepLink,
+    /// How long a step may take.
+    timeout: Duration,
     session_id: String,
     /// decode_client_sample: the client's key and its own sampler.
     local: Option<LocalSampling>,
@@ -698,6 +703,8 @@ impl RouteSession {
             compute: ComputeClient::new(channel)
                 .max_decoding_message_size(crate::net::limits::COMPUTE)
                 .max_encoding_message_size(crate::net::limits::COMPUTE),
+            link: StepLink::stream(),
+            timeout,
             session_id: session_id.to_string(),
             local,
             billing: None,
@@ -774,9 +781,13 @@ impl RouteSession {
                 _ => Vec::new(),
             },
         };
-        match self.compute.forward(req).await {
-            Ok(r) => {
-                let mut resp = r.into_inner();
+        let compute = self.compute.clone();
+        match self
+            .link
+            .step(&self.entry, || Ok(compute), req, self.timeout)
+            .await
+        {
+            Ok(mut resp) => {
                 if let Some(local) = &mut self.local {
                     local
                         .sample((model, &self.session_id, step), ids, &mut resp)

@@ -46,6 +46,10 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 pings keep idle links open through NATs and find dead peers.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Open HTTP/2 streams one connection may carry: each live session holds one step
+/// stream per hop, and a node's sessions to its next hop share one connection (hyper's
+/// default of 200 would stall the 201st session's first step).
+const MAX_STREAMS_PER_CONNECTION: u32 = 4096;
 
 /// Where a node's TLS material lives (PEM files); the key file must be 0600.
 #[derive(Debug, Clone)]
@@ -253,6 +257,7 @@ impl Net {
     pub fn server(&self) -> tonic::transport::Server {
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
     }
