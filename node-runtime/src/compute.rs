@@ -142,6 +142,8 @@ struct Inner {
     batcher: Batcher,
     node_id: String,
     sessions: SessionStore,
+    /// A session idle this long is dropped, and so is its step stream.
+    session_idle: Duration,
     hop_timeout: Duration,
     /// Next-hop channels by (address, pin).
     channels: Mutex<HashMap<(String, String), Channel>>,
@@ -289,6 +291,7 @@ impl ComputeService {
                 shard,
                 node_id: cfg.node_id.clone(),
                 sessions: SessionStore::new(cfg.session_idle, cfg.kv_cap_bytes),
+                session_idle: cfg.session_idle,
                 hop_timeout: cfg.hop_timeout,
                 channels: Mutex::new(HashMap::new()),
                 net: cfg.net.clone(),
@@ -801,19 +804,30 @@ impl ComputeService {
 
     /// Runs a session's steps as they arrive on `inbound`, in order, answering each on
     /// the returned stream, and passes them down the route on a stream of its own. Ends
-    /// when the caller closes its side, at a failed step (with its status), or when the
-    /// node shuts down.
+    /// when the caller closes its side, at a failed step (with its status), after the
+    /// session's idle time without a step (an abandoned stream holds nothing for long),
+    /// or when the node shuts down.
     fn serve_steps(
         &self,
         mut inbound: Streaming<ForwardRequest>,
     ) -> UnboundedReceiverStream<Result<ForwardResponse, Status>> {
         let (answers, out) = tokio::sync::mpsc::unbounded_channel();
         let (this, mut closing) = (self.clone(), self.inner.closing.subscribe());
+        let idle = self.inner.session_idle;
         tokio::spawn(async move {
             let mut next = StepLink::stream();
             loop {
                 let req = tokio::select! {
-                    m = inbound.message() => m,
+                    m = tokio::time::timeout(idle, inbound.message()) => match m {
+                        Ok(m) => m,
+                        Err(_) => {
+                            let _ = answers.send(Err(Status::deadline_exceeded(format!(
+                                "no step for {} s: the session's step stream is closed",
+                                idle.as_secs()
+                            ))));
+                            return;
+                        }
+                    },
                     _ = closing.wait_for(|c| *c) => {
                         let _ = answers.send(Err(Status::unavailable(format!(
                             "node {} (shard {}) is shutting down",

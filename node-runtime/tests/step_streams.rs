@@ -1,8 +1,11 @@
 //! A session's steps on one Compute.Steps stream per hop: the answers are those unary
-//! Forward calls give, a failed step ends the stream with its status, and a node that
-//! shuts down ends its open streams rather than waiting on them forever.
+//! Forward calls give, a failed step ends the stream with its status, an abandoned
+//! stream is closed after the session's idle time, and a node that shuts down ends its
+//! open streams rather than waiting on them forever.
 
 mod common;
+
+use std::time::Duration;
 
 use common::net::{Net, channel};
 use tokio::sync::mpsc;
@@ -12,6 +15,8 @@ use unfed_proto::{ForwardRequest, Hop, TokenIds, forward_request};
 
 const PROMPT: [u32; 5] = [3, 14, 15, 92, 65];
 const STEPS: u32 = 6;
+/// The entry node's session idle time (`--session-idle-secs`).
+const IDLE_SECS: u64 = 2;
 
 /// Step `step` of greedy session `session` over `route` (the hops after the entry).
 fn request(session: &str, step: u32, ids: Vec<u32>, route: &[Hop]) -> ForwardRequest {
@@ -56,10 +61,14 @@ async fn open(
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn steps_on_a_stream_answer_as_forward_calls_and_end_with_a_failure_or_shutdown() {
+async fn steps_on_a_stream_answer_as_forward_calls_and_it_ends_on_failure_idleness_or_shutdown() {
     let (dir, _) = Net::prepare_tiny(2);
     let mut net = Net::registry(dir);
-    let entry = net.compute("tiny", 0);
+    let mut args = net.compute_args("tiny", 0, "0");
+    args.extend(["--session-idle-secs".into(), IDLE_SECS.to_string()]);
+    let node = net.start(&args, net.dir.path().join("tiny-0.log"));
+    net.computes.push(node);
+    let entry = net.computes.len() - 1;
     net.compute("tiny", 1);
     net.wait_ready("tiny", 2).await;
     let route = net.client().await.route("tiny").await.unwrap();
@@ -108,6 +117,21 @@ async fn steps_on_a_stream_answer_as_forward_calls_and_end_with_a_failure_or_shu
     let _ = tx.send(request("streamed", STEPS, vec![1], &route[1..]));
     assert!(matches!(answers.message().await, Ok(None) | Err(_)));
     assert_eq!(net.compute_forwards(0).await, 2 * STEPS as u64);
+
+    // A stream left open without steps is closed once its session would have expired.
+    let (tx, mut answers) = open(&mut shard0).await;
+    tx.send(request("abandoned", 0, PROMPT.to_vec(), &route[1..]))
+        .unwrap();
+    answers.message().await.unwrap().unwrap();
+    let waited = std::time::Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(20), answers.message())
+        .await
+        .expect("the idle stream was never closed")
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err}");
+    assert!(err.message().contains("no step for"), "{err}");
+    assert!(waited.elapsed() >= Duration::from_secs(IDLE_SECS) - Duration::from_millis(100));
+    drop(tx);
 
     // An open stream (with its own stream on to shard 1) does not hold up a shutdown:
     // the node ends it, saying why, and exits.
