@@ -34,7 +34,8 @@ impl StepLink {
         Self::Stream(None)
     }
 
-    /// Runs `req` at `hop` and returns its answer, waiting at most `timeout` for it.
+    /// Runs `req` at `hop` and returns its answer. On a stream it waits at most
+    /// `timeout` (a stream outlives its channel's timeout, which bounds a unary call).
     /// `client` makes a client for the hop when a call or a new stream needs one. On
     /// any failure the stream is dropped: a late answer can never be taken for the next
     /// step's, and the next step opens a new stream.
