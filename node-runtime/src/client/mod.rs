@@ -781,10 +781,11 @@ impl RouteSession {
                 _ => Vec::new(),
             },
         };
-        let compute = self.compute.clone();
+        // A client is cloned only when a stream opens, not at every step.
+        let compute = || Ok(self.compute.clone());
         match self
             .link
-            .step(&self.entry, || Ok(compute), req, self.timeout)
+            .step(&self.entry, compute, req, self.timeout)
             .await
         {
             Ok(mut resp) => {
