@@ -1,7 +1,7 @@
 //! A session's steps on one Compute.Steps stream per hop: the answers are those unary
-//! Forward calls give, a failed step ends the stream with its status, an abandoned
-//! stream is closed after the session's idle time, and a node that shuts down ends its
-//! open streams rather than waiting on them forever.
+//! Forward calls give, an outsider cannot take over a live session, a failed step ends
+//! the stream with its status, an abandoned stream is closed after the session's idle
+//! time, and a node that shuts down ends its open streams rather than waiting on them.
 
 mod common;
 
@@ -101,6 +101,19 @@ async fn steps_on_a_stream_answer_as_forward_calls_and_it_ends_on_failure_idlene
     }
     assert_eq!(streamed, unary);
     // Each step ran once on each node: unary and streamed steps alike.
+    for node in 0..2 {
+        assert_eq!(net.compute_forwards(node).await, 2 * STEPS as u64);
+    }
+
+    // An outsider's stream cannot take over the live session: a step 0 naming its id is
+    // refused before anything runs.
+    let (intruder, mut refusals) = open(&mut shard0).await;
+    intruder
+        .send(request("streamed", 0, PROMPT.to_vec(), &route[1..]))
+        .unwrap();
+    let err = refusals.message().await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    assert!(err.message().contains("streamed"), "{err}");
     for node in 0..2 {
         assert_eq!(net.compute_forwards(node).await, 2 * STEPS as u64);
     }
