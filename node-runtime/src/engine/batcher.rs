@@ -131,10 +131,10 @@ impl Batcher {
         let (tx, rx) = channel();
         let stats = Arc::new(Stats::default());
         let worker = Worker::new(cfg, stats.clone());
-        std::thread::Builder::new()
-            .name("shard-batcher".into())
-            .spawn(move || worker.run(rx, (*model).as_ref()))
-            .expect("spawn the batch worker");
+        super::pool::spawn_engine_thread("shard-batcher", move || {
+            worker.run(rx, (*model).as_ref())
+        })
+        .expect("spawn the batch worker");
         Self { tx, stats }
     }
 

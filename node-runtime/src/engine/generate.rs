@@ -52,8 +52,19 @@ pub struct Generation {
     pub decode_ms: f64,
 }
 
-/// Generates up to `max_new` tokens, stopping after an EOS id when `stop_on_eos`.
+/// Generates up to `max_new` tokens, stopping after an EOS id when `stop_on_eos`. Runs
+/// on a thread of the engine's pool, as a node's steps do.
 pub fn generate(
+    model: &ShardModel,
+    prompt: &[u32],
+    max_new: usize,
+    sampling: SamplingConfig,
+    stop_on_eos: bool,
+) -> Result<Generation> {
+    super::pool::on_pool(|| generate_here(model, prompt, max_new, sampling, stop_on_eos))
+}
+
+fn generate_here(
     model: &ShardModel,
     prompt: &[u32],
     max_new: usize,

@@ -6,6 +6,7 @@ pub mod generate;
 pub mod hugepages;
 pub mod linear;
 pub mod model;
+pub mod pool;
 pub mod sampling;
 pub mod sessions;
 pub mod weights;
