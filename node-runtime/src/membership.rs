@@ -20,9 +20,14 @@ pub fn registry_client(net: &Net, addr: &str) -> Result<RegistryClient<Channel>>
     let ch = net
         .channel(addr)
         .with_context(|| format!("--registry {addr}"))?;
-    Ok(RegistryClient::new(ch)
+    Ok(registry_client_on(ch))
+}
+
+/// A registry client on a channel the caller keeps, with the registry's message limits.
+pub fn registry_client_on(ch: Channel) -> RegistryClient<Channel> {
+    RegistryClient::new(ch)
         .max_decoding_message_size(crate::net::limits::REGISTRY)
-        .max_encoding_message_size(crate::net::limits::REGISTRY))
+        .max_encoding_message_size(crate::net::limits::REGISTRY)
 }
 
 /// A registry's address with the transport to reach it.

@@ -27,7 +27,14 @@ pub struct Peers {
     registry_pin: Mutex<Option<crate::net::Pin>>,
     /// Channels to peers by (address, pin): a spot check must not pay a handshake.
     channels: Mutex<HashMap<(String, String), tonic::transport::Channel>>,
+    /// The registry's channel, kept for the same reason: discovery runs per spot check.
+    registry_channel: Mutex<Option<tonic::transport::Channel>>,
 }
+
+/// How old a discovery `replicas` answers from while it lists a candidate: the
+/// registry is not asked again at every spot check, and a replica that left since is
+/// only a skipped check.
+const REPLICAS_REUSE: Duration = Duration::from_secs(1);
 
 impl Peers {
     pub fn new(net: crate::net::Net, registry: String, model: String) -> Self {
@@ -38,6 +45,7 @@ impl Peers {
             nodes: Mutex::new((Instant::now() - Duration::from_secs(60), HashMap::new())),
             registry_pin: Mutex::new(None),
             channels: Mutex::default(),
+            registry_channel: Mutex::default(),
         }
     }
 
@@ -49,7 +57,16 @@ impl Peers {
     pub fn registry_client(
         &self,
     ) -> Result<unfed_proto::registry_client::RegistryClient<tonic::transport::Channel>> {
-        crate::membership::registry_client(&self.net, &self.registry)
+        let mut kept = self.registry_channel.lock().expect("peers poisoned");
+        let ch = match &*kept {
+            Some(ch) => ch.clone(),
+            None => {
+                let ch = (self.net.channel(&self.registry))
+                    .with_context(|| format!("--registry {}", self.registry))?;
+                kept.insert(ch).clone()
+            }
+        };
+        Ok(crate::membership::registry_client_on(ch))
     }
 
     /// A client of the compute node `n`, pinned to its registered certificate (the
@@ -185,20 +202,30 @@ impl Peers {
         attest::verify(&self.key(&a.node_id).await?, a)
     }
 
-    /// Other live text nodes of `shard`, freshly discovered.
+    /// Other live text nodes of `shard`: from a discovery under [`REPLICAS_REUSE`] old
+    /// when it lists one, else freshly discovered.
     pub async fn replicas(&self, shard: u32, except: &[&str]) -> Result<Vec<NodeInfo>> {
+        let pick = |nodes: &HashMap<String, NodeInfo>| -> Vec<NodeInfo> {
+            nodes
+                .values()
+                .filter(|n| {
+                    n.role == "compute"
+                        && n.stack == Stack::Text as i32
+                        && n.shard_index == shard
+                        && !except.contains(&n.node_id.as_str())
+                })
+                .cloned()
+                .collect()
+        };
+        {
+            let g = self.nodes.lock().expect("peers poisoned");
+            let found = pick(&g.1);
+            if !found.is_empty() && g.0.elapsed() < REPLICAS_REUSE {
+                return Ok(found);
+            }
+        }
         self.refresh().await?;
-        let g = self.nodes.lock().expect("peers poisoned");
-        Ok(g.1
-            .values()
-            .filter(|n| {
-                n.role == "compute"
-                    && n.stack == Stack::Text as i32
-                    && n.shard_index == shard
-                    && !except.contains(&n.node_id.as_str())
-            })
-            .cloned()
-            .collect())
+        Ok(pick(&self.nodes.lock().expect("peers poisoned").1))
     }
 }
 
