@@ -3,6 +3,7 @@
 //! always; a checkpoint too when UNFED_BENCH_MODEL names its directory (e.g. the
 //! Qwen2.5-0.5B-dims one from bench/transformers_baseline.py).
 //! A decode step reads every weight for a single row; a batch reads them once for all.
+//! Steps run on a thread of the rayon pool, as a node's batch worker runs them.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, Throughput, criterion_group};
 use unfed_node::engine::generate::load_checkpoint;
 use unfed_node::engine::model::{KvCache, ShardInput, ShardModel};
+use unfed_node::engine::pool::on_pool;
 
 const SESSIONS: usize = 8;
 const PROMPT_TOKENS: u32 = 23;
@@ -39,11 +41,13 @@ fn bench_model(c: &mut Criterion, name: &str, dir: &Path) {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 let mut caches = prefilled(&model);
-                let t = Instant::now();
-                for cache in caches.iter_mut() {
-                    model.forward(cache, ShardInput::Tokens(&token)).unwrap();
-                }
-                total += t.elapsed();
+                total += on_pool(|| {
+                    let t = Instant::now();
+                    for cache in caches.iter_mut() {
+                        model.forward(cache, ShardInput::Tokens(&token)).unwrap();
+                    }
+                    t.elapsed()
+                });
             }
             total
         })
@@ -53,15 +57,17 @@ fn bench_model(c: &mut Criterion, name: &str, dir: &Path) {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 let mut caches = prefilled(&model);
-                let t = Instant::now();
-                let items = caches
-                    .iter_mut()
-                    .map(|c| (c, ShardInput::Tokens(&token)))
-                    .collect();
-                for out in model.forward_batch(items) {
-                    out.unwrap();
-                }
-                total += t.elapsed();
+                total += on_pool(|| {
+                    let t = Instant::now();
+                    let items = caches
+                        .iter_mut()
+                        .map(|c| (c, ShardInput::Tokens(&token)))
+                        .collect();
+                    for out in model.forward_batch(items) {
+                        out.unwrap();
+                    }
+                    t.elapsed()
+                });
             }
             total
         })
