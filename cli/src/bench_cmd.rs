@@ -91,12 +91,19 @@ impl DecodeBound {
             );
             return;
         }
+        let single = if self.single_process_fraction > 0.0 {
+            format!(
+                "; single-process decode at {:.0} % of it",
+                self.single_process_fraction * 100.0
+            )
+        } else {
+            String::new()
+        };
         println!(
-            "weight-streaming bound: {:.1} MB read per token at {:.1} GB/s (measured now) = {:.1} tok/s; single-process decode at {:.0} % of it",
+            "weight-streaming bound: {:.1} MB read per token at {:.1} GB/s (measured now) = {:.1} tok/s{single}",
             self.weight_bytes_per_token as f64 / 1e6,
             self.memory_read_gb_per_s,
             self.bound_tokens_per_s,
-            self.single_process_fraction * 100.0
         );
     }
 }
@@ -136,14 +143,20 @@ fn summarize(runs: &[Run], prompt: usize) -> Speed {
 
 /// The median over runs of `a`'s decode rate divided by `b`'s, run by run, so a change
 /// in machine load during the benchmark hits both sides of each ratio alike.
-fn paired_ratio(a: &[Run], b: &[Run]) -> f64 {
-    median(
-        a.iter()
-            .zip(b)
-            .filter(|(x, y)| x.1 > 0.0 && y.1 > 0.0)
-            .map(|(x, y)| decode_rate(x) / decode_rate(y))
-            .collect(),
-    )
+fn paired_ratio(a: &[Run], b: &[Run]) -> Option<f64> {
+    let ratios: Vec<f64> = a
+        .iter()
+        .zip(b)
+        .filter(|(x, y)| x.2 > 0 && y.2 > 0 && x.1 > 0.0 && y.1 > 0.0)
+        .map(|(x, y)| decode_rate(x) / decode_rate(y))
+        .collect();
+    // None when no pair decoded a token (`--tokens 1` measures the prefill only).
+    (!ratios.is_empty()).then(|| median(ratios))
+}
+
+/// A ratio for the table, or "-" when there was nothing to compare.
+fn shown(r: Option<f64>) -> String {
+    r.map_or_else(|| "-".to_string(), |r| format!("{r:.3}"))
 }
 
 /// A network under measurement and what it measured.
@@ -352,7 +365,8 @@ async fn measure(
     drop(local);
     let tls_cost = a
         .compare_tls
-        .then(|| paired_ratio(&networks[0].runs, &networks[1].runs));
+        .then(|| paired_ratio(&networks[0].runs, &networks[1].runs))
+        .flatten();
     if a.target.json {
         let nets: Vec<_> = networks
             .iter()
@@ -366,7 +380,8 @@ async fn measure(
                     "per_hop_overhead_ms": n.split.overhead,
                     "client_rpc_overhead_ms": n.split.client,
                     "over_plaintext_network_decode_ratio": (n.private.is_some())
-                        .then(|| paired_ratio(&n.runs, &networks[0].runs)),
+                        .then(|| paired_ratio(&n.runs, &networks[0].runs))
+                        .flatten(),
                     "mpc_traffic": n.traffic.as_ref().map(traffic_json),
                 })
             })
@@ -405,12 +420,12 @@ async fn measure(
     for n in networks.iter() {
         let sp = summarize(&n.runs, prompt.len());
         println!(
-            "{:<28} {:>14.1} {:>14.1} {:>10.2} {:>16.3}",
+            "{:<28} {:>14.1} {:>14.1} {:>10.2} {:>16}",
             n.label,
             sp.prefill_tokens_per_s,
             sp.decode_tokens_per_s,
             sp.ttft_ms,
-            paired_ratio(&n.runs, &single)
+            shown(paired_ratio(&n.runs, &single))
         );
     }
     bound.print();
@@ -432,9 +447,9 @@ async fn measure(
     }
     for n in networks.iter().filter(|n| n.private.is_some()) {
         println!(
-            "{} / network decode (median of paired runs): {:.3}",
+            "{} / network decode (median of paired runs): {}",
             n.label,
-            paired_ratio(&n.runs, &networks[0].runs)
+            shown(paired_ratio(&n.runs, &networks[0].runs))
         );
         if let Some(t) = &n.traffic {
             print_traffic(t);

@@ -464,6 +464,20 @@ fn ignore_eos_generates_exactly_max_tokens_in_chat_and_bench() {
         (Some(12), Some(12)),
         "{b}"
     );
+    assert!(b["decode_ratio"].as_f64().unwrap() > 0.0, "{b}");
+    // One token is the prefill alone: there is no decode to compare, and the table says
+    // "-" instead of a ratio of zeros (NaN).
+    let prefill = run(unfedctl()
+        .arg("bench")
+        .arg(spec)
+        .args(["--tokens", "1", "--runs", "1"]));
+    assert!(prefill.status.success(), "{}", text(&prefill.stderr));
+    let table = text(&prefill.stdout);
+    let network = table.lines().find(|l| l.starts_with("network ")).unwrap();
+    assert!(
+        network.trim_end().ends_with(" -") && !table.contains("NaN"),
+        "{table}"
+    );
 }
 
 /// A checkpoint saved by transformers 5 (image processor settings nested in
