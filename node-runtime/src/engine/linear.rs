@@ -358,9 +358,10 @@ unsafe fn block_avx2(l: &Linear, first: usize, n: usize, x: &[f32], rows: usize,
     block_body::<true, AVX2_TILE_ROWS, false>(l, first, n, x, rows, out)
 }
 
-/// The AVX2 kernel compiled with AVX-512: one row's decode as AVX2's (EVEX-encoded), and
-/// batches in tiles of whole-panel 16-lane vectors, whose 32 registers hold a tile of
-/// up to [`AVX512_TILE_ROWS`] rows with each weight widened once for all of them.
+/// The AVX2 kernel compiled with AVX-512: one row's decode as AVX2's (EVEX-encoded; a
+/// 16-lane form of it measured 6-31 % slower), and batches in tiles of whole-panel
+/// 16-lane vectors, whose 32 registers hold a tile of up to [`AVX512_TILE_ROWS`] rows
+/// with each weight widened once for all of them.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512bw")]
 unsafe fn block_avx512(
