@@ -142,8 +142,6 @@ struct Inner {
     batcher: Batcher,
     node_id: String,
     sessions: SessionStore,
-    /// A session idle this long is dropped, and so is its step stream.
-    session_idle: Duration,
     hop_timeout: Duration,
     /// Next-hop channels by (address, pin).
     channels: Mutex<HashMap<(String, String), Channel>>,
@@ -291,7 +289,6 @@ impl ComputeService {
                 shard,
                 node_id: cfg.node_id.clone(),
                 sessions: SessionStore::new(cfg.session_idle, cfg.kv_cap_bytes),
-                session_idle: cfg.session_idle,
                 hop_timeout: cfg.hop_timeout,
                 channels: Mutex::new(HashMap::new()),
                 net: cfg.net.clone(),
@@ -813,7 +810,8 @@ impl ComputeService {
     ) -> UnboundedReceiverStream<Result<ForwardResponse, Status>> {
         let (answers, out) = tokio::sync::mpsc::unbounded_channel();
         let (this, mut closing) = (self.clone(), self.inner.closing.subscribe());
-        let idle = self.inner.session_idle;
+        // A stream idle as long as its session would be is closed with it.
+        let idle = self.inner.sessions.idle();
         tokio::spawn(async move {
             let mut next = StepLink::stream();
             loop {

@@ -17,10 +17,13 @@ const RETRY: Duration = Duration::from_millis(500);
 
 /// A lazily connecting client for the registry at `addr` (host:port).
 pub fn registry_client(net: &Net, addr: &str) -> Result<RegistryClient<Channel>> {
-    let ch = net
-        .channel(addr)
-        .with_context(|| format!("--registry {addr}"))?;
-    Ok(registry_client_on(ch))
+    Ok(registry_client_on(registry_channel(net, addr)?))
+}
+
+/// A lazily connecting channel to the registry at `addr`.
+pub fn registry_channel(net: &Net, addr: &str) -> Result<Channel> {
+    net.channel(addr)
+        .with_context(|| format!("--registry {addr}"))
 }
 
 /// A registry client on a channel the caller keeps, with the registry's message limits.

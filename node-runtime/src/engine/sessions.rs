@@ -187,6 +187,11 @@ impl SessionStore {
             .is_some()
     }
 
+    /// How long a session may go without a request before it is dropped.
+    pub fn idle(&self) -> Duration {
+        self.idle
+    }
+
     /// Drops sessions idle for longer than the timeout; returns how many.
     pub fn sweep_idle(&self) -> usize {
         let mut inner = self.inner.lock().expect("session map poisoned");

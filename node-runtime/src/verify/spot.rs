@@ -60,11 +60,12 @@ impl Peers {
         let mut kept = self.registry_channel.lock().expect("peers poisoned");
         let ch = match &*kept {
             Some(ch) => ch.clone(),
-            None => {
-                let ch = (self.net.channel(&self.registry))
-                    .with_context(|| format!("--registry {}", self.registry))?;
-                kept.insert(ch).clone()
-            }
+            None => kept
+                .insert(crate::membership::registry_channel(
+                    &self.net,
+                    &self.registry,
+                )?)
+                .clone(),
         };
         Ok(crate::membership::registry_client_on(ch))
     }
