@@ -11,8 +11,8 @@ use clap::Args;
 use serde_json::json;
 use unfed_node::client::private::PrivateRoute;
 use unfed_node::client::{Client, GenerateOptions};
-use unfed_node::engine::SamplingConfig;
 use unfed_node::mpc::net::{LinkTraffic, MpcTraffic};
+use unfed_node::proto::SamplingParams;
 
 use crate::client_cmd::{Target, pick_model, resolve};
 
@@ -46,6 +46,10 @@ pub struct BenchArgs {
     /// against sessions beside it (same name, .svg).
     #[arg(long, value_name = "FILE.json", requires = "concurrency")]
     pub output: Option<PathBuf>,
+    /// The same seeded sampling in the network and the single process (greedy unless
+    /// --temperature), so both generate the same tokens.
+    #[command(flatten)]
+    pub sampling: crate::client_cmd::Sampling,
 }
 
 #[derive(Clone, Copy, Default, serde::Serialize)]
@@ -172,6 +176,9 @@ struct Measured {
     private: Option<PrivateRoute>,
     /// The client's traffic with the pair in the last run.
     traffic: Option<MpcTraffic>,
+    /// Measured runs whose tokens differ from the single process's in the same round:
+    /// then the two timed different generations.
+    mismatches: usize,
 }
 
 /// A token's time by where it went, ms per token: each hop's step (from the request's
@@ -214,13 +221,16 @@ impl Measured {
             split: Split::default(),
             private: None,
             traffic: None,
+            mismatches: 0,
         }
     }
 }
 
 pub async fn bench(a: BenchArgs) -> Result<ExitCode> {
+    // Bad sampling flags fail before any testnet starts.
+    let sampling = a.sampling.params()?;
     if let Some(n) = a.concurrency {
-        return concurrency(&a, n as usize).await;
+        return concurrency(&a, sampling, n as usize).await;
     }
     let mut testnets = Vec::new();
     let (mut networks, model, shards_dir) = if a.compare_tls {
@@ -278,7 +288,7 @@ pub async fn bench(a: BenchArgs) -> Result<ExitCode> {
         }
         (networks, model, r.shards_dir)
     };
-    let result = measure(&a, &mut networks, &model, shards_dir).await;
+    let result = measure(&a, sampling, &mut networks, &model, shards_dir).await;
     for (mut net, _dir) in testnets {
         net.teardown();
     }
@@ -287,6 +297,7 @@ pub async fn bench(a: BenchArgs) -> Result<ExitCode> {
 
 async fn measure(
     a: &BenchArgs,
+    sampling: SamplingParams,
     networks: &mut [Measured],
     model: &str,
     shards_dir: Option<PathBuf>,
@@ -322,9 +333,12 @@ async fn measure(
         .collect();
     let runs = a.runs.max(1);
     let local = std::sync::Arc::new(local);
+    // The node's reading of the same parameters, so both sample alike.
+    let config = unfed_node::compute::sampling_of(Some(&sampling));
     let opts = GenerateOptions {
         max_tokens: a.tokens,
         stop_on_eos: !a.ignore_eos,
+        sampling,
         ..Default::default()
     };
     // Single-process and network runs alternate within each round.
@@ -332,7 +346,7 @@ async fn measure(
     for i in 0..=runs {
         let (m, p, n, stop) = (local.clone(), prompt.clone(), a.tokens, opts.stop_on_eos);
         let g = tokio::task::spawn_blocking(move || {
-            unfed_node::engine::generate::generate(&m, &p, n, SamplingConfig::default(), stop)
+            unfed_node::engine::generate::generate(&m, &p, n, config, stop)
         })
         .await??;
         if i > 0 {
@@ -351,6 +365,7 @@ async fn measure(
                 continue; // warm-up
             }
             net.traffic = out.mpc_traffic.clone();
+            net.mismatches += usize::from(out.tokens != g.tokens);
             net.runs.push((
                 out.ttft_ms,
                 out.total_ms - out.ttft_ms,
@@ -374,6 +389,7 @@ async fn measure(
                 json!({
                     "label": n.label,
                     "generated_tokens": generated(&n.runs),
+                    "runs_with_other_tokens_than_single": n.mismatches,
                     "speed": summarize(&n.runs, prompt.len()),
                     "decode_ratio": paired_ratio(&n.runs, &single),
                     "per_hop_compute_ms": n.split.compute,
@@ -429,6 +445,12 @@ async fn measure(
         );
     }
     bound.print();
+    for n in networks.iter().filter(|n| n.mismatches > 0) {
+        println!(
+            "{}: {} of {runs} run(s) generated other tokens than the single process: their speeds compare different work",
+            n.label, n.mismatches
+        );
+    }
     for n in networks.iter() {
         let hops: Vec<String> = n
             .split
@@ -527,7 +549,7 @@ fn print_traffic(t: &MpcTraffic) {
 }
 
 /// `--concurrency N`: the sweep of `bench_load` against the target network.
-async fn concurrency(a: &BenchArgs, max: usize) -> Result<ExitCode> {
+async fn concurrency(a: &BenchArgs, sampling: SamplingParams, max: usize) -> Result<ExitCode> {
     if a.compare_tls {
         bail!("--concurrency measures one running network: drop --compare-tls");
     }
@@ -544,6 +566,7 @@ async fn concurrency(a: &BenchArgs, max: usize) -> Result<ExitCode> {
             max_tokens: a.tokens,
             stop_on_eos: !a.ignore_eos,
             payer: r.payer,
+            sampling,
             ..Default::default()
         },
         vocab: manifest.config.text.vocab_size as u32,

@@ -48,6 +48,51 @@ pub struct Target {
     pub client_key_file: Option<PathBuf>,
 }
 
+/// How the next token is chosen (`chat` and `bench`): greedy unless --temperature.
+#[derive(Args, Clone)]
+pub struct Sampling {
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Keep the most probable tokens whose probabilities first sum to this; 1 = off.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Keep the k most probable tokens; 0 = off.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: u32,
+    /// 1 = off.
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl Sampling {
+    /// The request's sampling parameters, once each is in its range.
+    pub fn params(&self) -> Result<SamplingParams> {
+        let t = self.temperature;
+        if !(t.is_finite() && (0.0..=10.0).contains(&t)) {
+            bail!("--temperature {t} is out of range: use 0 (greedy) to 10");
+        }
+        let p = self.top_p;
+        if !(p > 0.0 && p <= 1.0) {
+            bail!("--top-p {p} is out of range: use (0, 1], 1 for off");
+        }
+        let r = self.repetition_penalty;
+        if !(r.is_finite() && r > 0.0) {
+            bail!("--repetition-penalty {r} must be above 0 (1 for off)");
+        }
+        Ok(SamplingParams {
+            temperature: t,
+            top_p: p,
+            top_k: self.top_k,
+            repetition_penalty: r,
+            seed: self.seed,
+            ..Default::default()
+        })
+    }
+}
+
 #[derive(Args)]
 pub struct ChatArgs {
     #[command(flatten)]
@@ -62,18 +107,8 @@ pub struct ChatArgs {
     /// benchmarks).
     #[arg(long)]
     pub ignore_eos: bool,
-    /// 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f32,
-    /// 0 = off.
-    #[arg(long, default_value_t = 0)]
-    pub top_k: u32,
-    #[arg(long, default_value_t = 1.0)]
-    pub repetition_penalty: f32,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub sampling: Sampling,
     /// Tokenize the prompt as is, without the chat template.
     #[arg(long)]
     pub raw: bool,
@@ -257,14 +292,7 @@ async fn chat(a: ChatArgs) -> Result<ExitCode> {
     let opts = GenerateOptions {
         max_tokens: a.max_tokens.unwrap_or_else(|| default_max_tokens(&model)),
         stop_on_eos: !a.ignore_eos,
-        sampling: SamplingParams {
-            temperature: a.temperature,
-            top_p: a.top_p,
-            top_k: a.top_k,
-            repetition_penalty: a.repetition_penalty,
-            seed: a.seed,
-            ..Default::default()
-        },
+        sampling: a.sampling.params()?,
         decode_client_sample: a.decode_client_sample || r.decode_client_sample,
         payer: r.payer.clone(),
         ..Default::default()

@@ -115,7 +115,7 @@ fn a_full_output_pair_starts_b_then_a_and_serves_private_chats() {
 
     // `bench` measures the private mode beside the plaintext route, with the client's
     // traffic per party: A gets a seed a step, B the masked tensors, both answer alike.
-    let b = common::bench_json(&private.spec, 8);
+    let b = common::bench_json(&private.spec, 8, &[]);
     let p = &b["networks"][1];
     assert_eq!(p["label"], "private (full_output_2pc)", "{b}");
     assert_eq!(p["generated_tokens"], 8, "{b}");

@@ -455,16 +455,41 @@ fn ignore_eos_generates_exactly_max_tokens_in_chat_and_bench() {
     assert_eq!(full["token_ids"].as_array().unwrap().len(), 20, "{full}");
     assert_eq!(full["stopped_on_eos"], false);
 
-    let b = common::bench_json(spec, 12);
-    assert_eq!(
-        (
-            b["networks"][0]["generated_tokens"].as_u64(),
-            b["single_process_generated_tokens"].as_u64()
-        ),
-        (Some(12), Some(12)),
-        "{b}"
+    // Greedy, then seeded sampling with every filter (hot enough to leave greedy's
+    // tokens): the network and the single process generate the same tokens, so the
+    // bench compares the same work.
+    let sampled = [
+        "--temperature",
+        "3",
+        "--top-p",
+        "0.95",
+        "--top-k",
+        "40",
+        "--seed",
+        "5",
+    ];
+    let drawn = chat(&[&["--ignore-eos"][..], &sampled].concat());
+    assert_ne!(drawn["token_ids"], full["token_ids"], "{drawn}");
+    for extra in [&[][..], &sampled] {
+        let b = common::bench_json(spec, 12, extra);
+        assert_eq!(
+            (
+                b["networks"][0]["generated_tokens"].as_u64(),
+                b["single_process_generated_tokens"].as_u64(),
+                b["networks"][0]["runs_with_other_tokens_than_single"].as_u64()
+            ),
+            (Some(12), Some(12), Some(0)),
+            "{extra:?}: {b}"
+        );
+        assert!(b["decode_ratio"].as_f64().unwrap() > 0.0, "{b}");
+    }
+    // Out-of-range sampling fails before anything runs, naming the flag.
+    let bad = run(unfedctl().arg("bench").arg(spec).args(["--top-p", "1.5"]));
+    assert!(
+        !bad.status.success() && text(&bad.stderr).contains("--top-p 1.5 is out of range"),
+        "{}",
+        text(&bad.stderr)
     );
-    assert!(b["decode_ratio"].as_f64().unwrap() > 0.0, "{b}");
     // One token is the prefill alone: there is no decode to compare, and the table says
     // "-" instead of a ratio of zeros (NaN).
     let prefill = run(unfedctl()

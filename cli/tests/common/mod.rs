@@ -105,15 +105,19 @@ pub fn driver_result(net: &Net, drive: &Output, what: &str) -> Value {
 }
 
 /// `unfedctl bench SPEC --json` for `tokens` tokens past any EOS, one measured run.
-pub fn bench_json(spec: &Path, tokens: u32) -> Value {
-    let out = run(unfedctl().arg("bench").arg(spec).args([
-        "--tokens",
-        &tokens.to_string(),
-        "--runs",
-        "1",
-        "--ignore-eos",
-        "--json",
-    ]));
+pub fn bench_json(spec: &Path, tokens: u32, extra: &[&str]) -> Value {
+    let out = run(unfedctl()
+        .arg("bench")
+        .arg(spec)
+        .args([
+            "--tokens",
+            &tokens.to_string(),
+            "--runs",
+            "1",
+            "--ignore-eos",
+            "--json",
+        ])
+        .args(extra));
     assert!(out.status.success(), "{}", text(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
