@@ -70,26 +70,19 @@ pub struct Sampling {
 impl Sampling {
     /// The request's sampling parameters, once each is in its range.
     pub fn params(&self) -> Result<SamplingParams> {
-        let t = self.temperature;
-        if !(t.is_finite() && (0.0..=10.0).contains(&t)) {
-            bail!("--temperature {t} is out of range: use 0 (greedy) to 10");
-        }
-        let p = self.top_p;
-        if !(p > 0.0 && p <= 1.0) {
-            bail!("--top-p {p} is out of range: use (0, 1], 1 for off");
-        }
-        let r = self.repetition_penalty;
-        if !(r.is_finite() && r > 0.0) {
-            bail!("--repetition-penalty {r} must be above 0 (1 for off)");
-        }
-        Ok(SamplingParams {
-            temperature: t,
-            top_p: p,
+        let p = SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
             top_k: self.top_k,
-            repetition_penalty: r,
+            repetition_penalty: self.repetition_penalty,
             seed: self.seed,
             ..Default::default()
-        })
+        };
+        let flag = |field: &str| format!("--{}", field.replace('_', "-"));
+        match unfed_node::compute::sampling_out_of_range(&p, flag) {
+            Some(why) => bail!("{why}"),
+            None => Ok(p),
+        }
     }
 }
 

@@ -253,6 +253,31 @@ pub fn sampling_of(p: Option<&SamplingParams>) -> SamplingConfig {
     }
 }
 
+/// Why `p` is not a valid request, naming each field as `name` spells it (the API's
+/// field or the CLI's flag); `None` when every value is in its range.
+pub fn sampling_out_of_range(p: &SamplingParams, name: impl Fn(&str) -> String) -> Option<String> {
+    let (t, top_p, r) = (p.temperature, p.top_p, p.repetition_penalty);
+    if !(t.is_finite() && (0.0..=10.0).contains(&t)) {
+        return Some(format!(
+            "{} {t} is out of range; use 0 (greedy) to 10",
+            name("temperature")
+        ));
+    }
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Some(format!(
+            "{} {top_p} is out of range; use (0, 1]",
+            name("top_p")
+        ));
+    }
+    if !(r.is_finite() && r > 0.0) {
+        return Some(format!(
+            "{} {r} must be positive (1 = off)",
+            name("repetition_penalty")
+        ));
+    }
+    None
+}
+
 /// More tokens than any context holds; a larger `sampled_before` is clamped to it.
 const MAX_SAMPLED_BEFORE: u32 = 1 << 20;
 

@@ -78,22 +78,16 @@ impl ChatBody {
                 self.max_tokens
             ));
         }
-        if !(self.temperature.is_finite() && (0.0..=10.0).contains(&self.temperature)) {
-            return bad(format!(
-                "temperature {} is out of range; use 0 (greedy) to 10",
-                self.temperature
-            ));
+        let sampling = SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+            ..Default::default()
+        };
+        match crate::compute::sampling_out_of_range(&sampling, str::to_string) {
+            Some(why) => bad(why),
+            None => Ok(()),
         }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad(format!("top_p {} is out of range; use (0, 1]", self.top_p));
-        }
-        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
-            return bad(format!(
-                "repetition_penalty {} must be positive (1 = off)",
-                self.repetition_penalty
-            ));
-        }
-        Ok(())
     }
 }
 
