@@ -72,6 +72,47 @@ fn ok(cmd: &mut Command, what: &str) -> Output {
     out
 }
 
+/// Like [`ok`], but a failure also shows the end of every log under `run_dir`: a host
+/// that cannot join is explained by the control host's logs, not by its own output.
+fn ok_or_logs(cmd: &mut Command, what: &str, run_dir: &Path) -> Output {
+    let out = run(cmd);
+    if !out.status.success() {
+        panic!(
+            "{what} failed:\n{}\n{}\n{}",
+            text(&out.stdout),
+            text(&out.stderr),
+            log_tails(run_dir)
+        );
+    }
+    out
+}
+
+/// The last lines of each `*.log` and `*.err` file under `dir`, with its path.
+fn log_tails(dir: &Path) -> String {
+    let mut out = String::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if matches!(
+                path.extension().and_then(|x| x.to_str()),
+                Some("log" | "err")
+            ) {
+                let body = std::fs::read_to_string(&path).unwrap_or_default();
+                let lines: Vec<&str> = body.lines().collect();
+                let tail = lines[lines.len().saturating_sub(25)..].join("\n");
+                out.push_str(&format!("--- {}\n{tail}\n", path.display()));
+            }
+        }
+    }
+    out
+}
+
 /// Runs `cmd`, which must fail; its stderr.
 fn refused(cmd: &mut Command) -> String {
     let out = run(cmd);
@@ -407,13 +448,14 @@ fn three_hosts_in_network_namespaces_serve_one_model_over_tls() {
         spec: spec.clone(),
         hosts: vec!["b", "c"],
     };
-    ok(
+    ok_or_logs(
         ns.unfedctl(0).arg("up").arg(&spec).arg("--detach"),
         "up on ctl",
+        &run_dir,
     );
     for (i, host) in [(1, "b"), (2, "c")] {
         let bundle = run_dir.join(format!("join/{host}.json"));
-        ok(
+        ok_or_logs(
             ns.unfedctl(i)
                 .arg("up")
                 .arg(&spec)
@@ -421,6 +463,7 @@ fn three_hosts_in_network_namespaces_serve_one_model_over_tls() {
                 .arg(&bundle)
                 .arg("--detach"),
             host,
+            &run_dir,
         );
     }
 

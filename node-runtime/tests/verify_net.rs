@@ -16,6 +16,9 @@ use unfed_node::client::GenerateOptions;
 use unfed_proto::registry_client::RegistryClient;
 use unfed_proto::{ListVerdictsRequest, ListVerdictsResponse};
 
+/// Anvil's last funded dev wallet, never staked: the daemon's settler key.
+const SETTLER_WALLET: u32 = 9;
+
 /// A staked testnet: Anvil with the escrow, a registry that slashes as the operator,
 /// and a staked wallet per compute node (dev keys 2, 3, ...).
 struct Staked {
@@ -121,7 +124,15 @@ impl Staked {
             .unwrap();
         let (w, key) = self.wallet().await;
         let dir = self.net.dir.path();
-        let op_key = dir.join("operator.key");
+        // The daemon settles with its own key, as under `unfedctl up`: sharing the
+        // registry's slasher key, its settlements raced the slash for the wallet's nonce.
+        let settler = dev_signer(SETTLER_WALLET).unwrap();
+        self.chain
+            .assign_roles(&self.d, settler.address(), self.chain.address())
+            .await
+            .unwrap();
+        let op_key = dir.join("settler.key");
+        unfed_chain::write_key_file(&op_key, &settler).unwrap();
         let args: Vec<String> = [
             "daemon",
             "--port",

@@ -15,6 +15,11 @@ use super::attest;
 use super::reexec::{HopOutput, compare, reexecute};
 use crate::engine::ShardModel;
 
+/// How often a slash that did not reach the chain is sent, and the pause before the
+/// next attempt (growing with each).
+const SLASH_ATTEMPTS: u32 = 3;
+const SLASH_RETRY_PAUSE: Duration = Duration::from_millis(500);
+
 /// `he_dispute_rollout_stage`: what a guilty verdict does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Stage {
@@ -289,13 +294,29 @@ impl Adjudicator {
             return String::new();
         };
         let before = s.chain.stake_info(&s.deployment, addr).await.ok();
-        if let Err(e) = s
+        // A transaction that never reached the chain (an RPC hiccup, another process
+        // sending from this key and taking its nonce) is sent again; a revert is final.
+        let mut attempt = 1;
+        while let Err(e) = s
             .chain
             .slash(&s.deployment, addr, "fraud proven by re-execution")
             .await
         {
-            tracing::error!(node, "slashNode failed: {e}");
-            return String::new();
+            if e.revert_reason().is_some() || attempt == SLASH_ATTEMPTS {
+                tracing::error!(node, attempt, "slashNode failed: {e}");
+                return String::new();
+            }
+            // Sent but its receipt lost: the stake already fell, and a second slash
+            // would take more than the verdict does.
+            let now = s.chain.stake_info(&s.deployment, addr).await.ok();
+            if let (Some(b), Some(n)) = (&before, &now)
+                && n.active + n.cooling < b.active + b.cooling
+            {
+                break;
+            }
+            tracing::warn!(node, attempt, "slashNode failed, sending it again: {e}");
+            tokio::time::sleep(SLASH_RETRY_PAUSE * attempt).await;
+            attempt += 1;
         }
         let after = s.chain.stake_info(&s.deployment, addr).await.ok();
         match (before, after) {
