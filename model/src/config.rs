@@ -42,6 +42,9 @@ pub struct TextConfig {
     pub head_dim: usize,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
+    /// How the RoPE frequencies are scaled (older manifests have none: the default).
+    #[serde(default)]
+    pub rope_scaling: RopeScaling,
     pub max_position_embeddings: usize,
     pub vocab_size: usize,
     pub tie_word_embeddings: bool,
@@ -50,6 +53,85 @@ pub struct TextConfig {
     pub hidden_act: String,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+}
+
+/// How RoPE frequencies are scaled: config.json's `rope_scaling` (transformers 4.x) or
+/// `rope_parameters` (5.x). Only kinds whose frequencies we compute exactly as
+/// transformers does are accepted; anything else is refused when the config is read.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(tag = "rope_type", rename_all = "lowercase")]
+pub enum RopeScaling {
+    #[default]
+    Default,
+    /// Every frequency divided by `factor` (positions interpolated).
+    Linear { factor: f64 },
+    /// Llama 3.x: wavelengths longer than the original context / `low_freq_factor` are
+    /// divided by `factor`, those shorter than it / `high_freq_factor` kept, and the band
+    /// between blended smoothly.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+impl std::fmt::Display for RopeScaling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RopeScaling::Default => write!(f, "none"),
+            RopeScaling::Linear { factor } => write!(f, "linear, factor {factor}"),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => write!(
+                f,
+                "llama3, factor {factor}, low/high frequency factors \
+                 {low_freq_factor}/{high_freq_factor}, original context {original_max_position_embeddings}"
+            ),
+        }
+    }
+}
+
+impl TextConfig {
+    /// The inverse frequency of each rotated pair of a head, `head_dim / 2` of them,
+    /// with the float32 operations of transformers' rope initialisers in their order,
+    /// so that cos/sin tables (and so the tokens) come out identical.
+    pub fn rope_inv_freq(&self) -> Vec<f32> {
+        let hd = self.head_dim;
+        let theta = self.rope_theta as f32;
+        let base = (0..hd / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / hd as f32));
+        match self.rope_scaling {
+            RopeScaling::Default => base.collect(),
+            RopeScaling::Linear { factor } => base.map(|f| f / factor as f32).collect(),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: context,
+            } => {
+                let factor = factor as f32;
+                // Python computes these from floats in double, torch rounds them to f32.
+                let low_wavelen = (context / low_freq_factor) as f32;
+                let high_wavelen = (context / high_freq_factor) as f32;
+                let band = (high_freq_factor - low_freq_factor) as f32;
+                let two_pi = std::f64::consts::TAU as f32;
+                base.map(|f| {
+                    // torch's `scalar / tensor` is `tensor.reciprocal() * scalar`.
+                    let wavelen = (1.0 / f) * two_pi;
+                    let scaled = if wavelen > low_wavelen { f / factor } else { f };
+                    if wavelen < high_wavelen || wavelen > low_wavelen {
+                        return scaled;
+                    }
+                    let smooth = ((1.0 / wavelen) * context as f32 - low_freq_factor as f32) / band;
+                    (1.0 - smooth) * scaled / factor + smooth * scaled
+                })
+                .collect()
+            }
+        }
+    }
 }
 
 /// The Idefics3 vision tower and connector.

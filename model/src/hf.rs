@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 use crate::checkpoint::Checkpoint;
-use crate::config::{Architecture, DType, ModelConfig, TextConfig, VisionConfig};
+use crate::config::{Architecture, DType, ModelConfig, RopeScaling, TextConfig, VisionConfig};
 use crate::error::{ModelError, Result, io_err};
 
 pub const CONFIG_FILE: &str = "config.json";
@@ -429,6 +429,7 @@ impl Reader<'_> {
             head_dim,
             rms_norm_eps: self.f64(obj, "rms_norm_eps")?.unwrap_or(d.rms_norm_eps),
             rope_theta,
+            rope_scaling: self.rope_scaling(obj)?,
             max_position_embeddings: self.usize(
                 obj,
                 "max_position_embeddings",
@@ -441,6 +442,66 @@ impl Reader<'_> {
             bos_token_id,
             eos_token_ids,
         })
+    }
+
+    /// `rope_scaling` (transformers 4.x) or the scaling part of `rope_parameters` (5.x).
+    fn rope_scaling(&self, obj: &Map<String, Value>) -> Result<RopeScaling> {
+        let found = ["rope_scaling", "rope_parameters"]
+            .into_iter()
+            .find_map(|k| obj.get(k).filter(|v| !v.is_null()).map(|v| (k, v)));
+        let Some((key, params)) = found else {
+            return Ok(RopeScaling::Default);
+        };
+        let p = params
+            .as_object()
+            .ok_or_else(|| self.err(key, "an object"))?;
+        let kind = match p.get("rope_type").or_else(|| p.get("type")) {
+            None | Some(Value::Null) => "default",
+            Some(v) => v
+                .as_str()
+                .ok_or_else(|| self.err(&format!("{key}.rope_type"), "a string"))?,
+        };
+        let positive = |field: &str| -> Result<f64> {
+            let name = format!("{key}.{field}");
+            match p.get(field).and_then(Value::as_f64) {
+                Some(x) if x > 0.0 && x.is_finite() => Ok(x),
+                _ => Err(self.err(
+                    &name,
+                    &format!("a positive number (rope_type \"{kind}\" needs it)"),
+                )),
+            }
+        };
+        match kind {
+            "default" => Ok(RopeScaling::Default),
+            "linear" => Ok(RopeScaling::Linear {
+                factor: positive("factor")?,
+            }),
+            "llama3" => {
+                let (low, high) = (positive("low_freq_factor")?, positive("high_freq_factor")?);
+                if high <= low {
+                    return Err(self.err(
+                        &format!("{key}.high_freq_factor"),
+                        &format!(
+                            "greater than low_freq_factor ({low}), or the blend divides by zero"
+                        ),
+                    ));
+                }
+                Ok(RopeScaling::Llama3 {
+                    factor: positive("factor")?,
+                    low_freq_factor: low,
+                    high_freq_factor: high,
+                    original_max_position_embeddings: positive("original_max_position_embeddings")?,
+                })
+            }
+            other => Err(ModelError::Config {
+                path: self.path.to_path_buf(),
+                msg: format!(
+                    "`{key}.rope_type` \"{other}\" is not supported; supported: default, linear, \
+                     llama3. Outputs would differ from transformers, so the model is refused \
+                     rather than run with other position frequencies"
+                ),
+            }),
+        }
     }
 
     /// Defaults follow transformers' `Idefics3VisionConfig`.

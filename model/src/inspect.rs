@@ -23,6 +23,7 @@ pub struct Inspection {
     pub vocab_size: usize,
     pub max_position_embeddings: usize,
     pub rope_theta: f64,
+    pub rope_scaling: crate::config::RopeScaling,
     pub tie_word_embeddings: bool,
     pub attention_bias: bool,
     pub parameters: u64,
@@ -50,6 +51,7 @@ pub fn inspect(dir: &Path) -> Result<Inspection> {
         vocab_size: t.vocab_size,
         max_position_embeddings: t.max_position_embeddings,
         rope_theta: t.rope_theta,
+        rope_scaling: t.rope_scaling.clone(),
         tie_word_embeddings: t.tie_word_embeddings,
         attention_bias: t.attention_bias,
         parameters: ckpt.parameter_count(),
@@ -103,6 +105,7 @@ impl fmt::Display for Inspection {
         writeln!(f, "vocab            {}", self.vocab_size)?;
         writeln!(f, "max positions    {}", self.max_position_embeddings)?;
         writeln!(f, "rope theta       {}", self.rope_theta)?;
+        writeln!(f, "rope scaling     {}", self.rope_scaling)?;
         writeln!(
             f,
             "tied embeddings  {}",

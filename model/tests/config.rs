@@ -1,6 +1,6 @@
 //! config.json parsing across transformers 4.x / 5.x spellings.
 
-use unfed_model::{Architecture, DType, ModelConfig, ModelError};
+use unfed_model::{Architecture, DType, ModelConfig, ModelError, RopeScaling};
 
 #[test]
 fn qwen2_transformers_4() {
@@ -92,4 +92,99 @@ fn missing_config_names_the_directory() {
     let err = ModelConfig::from_dir(dir.path()).unwrap_err();
     assert!(matches!(err, ModelError::MissingConfig { .. }));
     assert!(err.to_string().contains("no config.json"), "{err}");
+}
+
+/// A Llama config around `rope` (a JSON member: `"rope_scaling": {...}` or similar).
+fn llama_with(rope: &str) -> Result<ModelConfig, ModelError> {
+    ModelConfig::from_json(&format!(
+        r#"{{"model_type":"llama","hidden_size":64,"intermediate_size":128,
+        "num_hidden_layers":2,"num_attention_heads":4,"vocab_size":512,{rope}}}"#
+    ))
+}
+
+#[test]
+fn rope_scaling_of_both_transformers_spellings() {
+    let llama3 = RopeScaling::Llama3 {
+        factor: 32.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 8192.0,
+    };
+    // Llama 3.2 as transformers 4.x writes it…
+    let v4 = llama_with(
+        r#""rope_theta":500000.0,"rope_scaling":{"factor":32.0,"high_freq_factor":4.0,
+        "low_freq_factor":1.0,"original_max_position_embeddings":8192,"rope_type":"llama3"}"#,
+    )
+    .unwrap();
+    assert_eq!(v4.text.rope_scaling, llama3);
+    assert_eq!(v4.text.rope_theta, 500000.0);
+    // …and as 5.x does.
+    let v5 = llama_with(
+        r#""rope_parameters":{"rope_theta":500000.0,"factor":32.0,"high_freq_factor":4.0,
+        "low_freq_factor":1.0,"original_max_position_embeddings":8192,"rope_type":"llama3"}"#,
+    )
+    .unwrap();
+    assert_eq!(v5.text, v4.text);
+    // The legacy `type` key, and a null scaling.
+    let linear = llama_with(r#""rope_scaling":{"type":"linear","factor":2.0}"#).unwrap();
+    assert_eq!(
+        linear.text.rope_scaling,
+        RopeScaling::Linear { factor: 2.0 }
+    );
+    let plain = llama_with(r#""rope_scaling":null"#).unwrap();
+    assert_eq!(plain.text.rope_scaling, RopeScaling::Default);
+}
+
+#[test]
+fn linear_and_llama3_frequencies() {
+    let plain = llama_with(r#""rope_theta":10000.0"#).unwrap().text;
+    let base = plain.rope_inv_freq();
+    assert_eq!(base.len(), 8);
+    let linear = llama_with(r#""rope_scaling":{"rope_type":"linear","factor":4.0}"#)
+        .unwrap()
+        .text;
+    let scaled: Vec<f32> = base.iter().map(|f| f / 4.0).collect();
+    assert_eq!(linear.rope_inv_freq(), scaled);
+    // Wavelengths 2π·10000^(i/8): 6.3, 19.9, 62.8, 199, … against the bands 64/4 = 16
+    // and 64/1 = 64: pair 0 kept, 1 and 2 blended, 3 onwards divided by 8.
+    let l3 = llama_with(
+        r#""rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,
+        "high_freq_factor":4.0,"original_max_position_embeddings":64}"#,
+    )
+    .unwrap()
+    .text
+    .rope_inv_freq();
+    assert_eq!(l3[0], base[0]);
+    for i in [1, 2] {
+        assert!(
+            l3[i] < base[i] && l3[i] > base[i] / 8.0,
+            "pair {i} is blended"
+        );
+    }
+    for i in 3..8 {
+        assert_eq!(l3[i], base[i] / 8.0, "pair {i} is divided by the factor");
+    }
+}
+
+#[test]
+fn unsupported_or_incomplete_rope_scaling_is_refused_by_name() {
+    let msg = |rope: &str| llama_with(rope).unwrap_err().to_string();
+    let yarn = msg(r#""rope_scaling":{"rope_type":"yarn","factor":4.0}"#);
+    assert!(
+        yarn.contains("`rope_scaling.rope_type` \"yarn\" is not supported")
+            && yarn.contains("default, linear, llama3"),
+        "{yarn}"
+    );
+    let missing = msg(r#""rope_parameters":{"rope_type":"llama3","factor":8.0}"#);
+    assert!(
+        missing.contains("`rope_parameters.low_freq_factor` must be a positive number"),
+        "{missing}"
+    );
+    let zero = msg(r#""rope_scaling":{"rope_type":"linear","factor":0}"#);
+    assert!(zero.contains("`rope_scaling.factor`"), "{zero}");
+    let equal = msg(
+        r#""rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":2.0,
+        "high_freq_factor":2.0,"original_max_position_embeddings":64}"#,
+    );
+    assert!(equal.contains("greater than low_freq_factor"), "{equal}");
 }

@@ -20,6 +20,7 @@ const FIXTURES: &[&str] = &[
     "qwen2-sharded",
     "llama-f32",
     "llama-bf16",
+    "llama3-rope-f32",
     "mistral-f32",
     "idefics3-f32",
 ];

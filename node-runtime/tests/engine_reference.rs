@@ -33,6 +33,67 @@ fn greedy_generation_matches_transformers_for_every_fixture() {
 }
 
 #[test]
+fn rope_frequencies_are_transformers_own_to_the_bit() {
+    let mut checked = Vec::new();
+    for (name, dir, reference) in common::fixtures() {
+        let Some(want) = reference.rope_inv_freq else {
+            continue;
+        };
+        let cfg = unfed_model::config::ModelConfig::from_dir(&dir).unwrap();
+        let got = cfg.text.rope_inv_freq();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&want), "{name}: {got:?} against {want:?}");
+        checked.push(name);
+    }
+    assert!(
+        checked.iter().any(|n| n.starts_with("llama3-rope")),
+        "no scaled-rope fixture checked: {checked:?}"
+    );
+}
+
+/// The control for the scaled-rope fixture: the same weights without `rope_scaling`
+/// generate other tokens, so its reference does test the scaling.
+#[test]
+fn the_llama3_rope_fixture_differs_without_its_scaling() {
+    let (_, dir, reference) = common::fixtures()
+        .into_iter()
+        .find(|f| f.0.starts_with("llama3-rope"))
+        .expect("the llama3-rope fixture");
+    let plain = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let path = e.unwrap().path();
+        std::fs::copy(&path, plain.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let config = plain.path().join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    let obj = json.as_object_mut().unwrap();
+    let scaled = obj.remove("rope_scaling").is_some() | obj.remove("rope_parameters").is_some();
+    assert!(scaled, "the fixture's config.json has no rope scaling");
+    obj.insert("rope_theta".into(), 10000.0.into());
+    std::fs::write(&config, serde_json::to_string(&json).unwrap()).unwrap();
+    let (cfg, model) = load_checkpoint(plain.path()).unwrap();
+    assert_eq!(cfg.text.rope_scaling, Default::default());
+    let differing = reference
+        .cases
+        .iter()
+        .filter(|case| {
+            let got = generate(
+                &model,
+                &case.prompt_ids,
+                case.generated_ids.len(),
+                SamplingConfig::default(),
+                true,
+            )
+            .unwrap()
+            .tokens;
+            got != case.generated_ids
+        })
+        .count();
+    assert!(differing > 0, "unscaled RoPE gives the same tokens");
+}
+
+#[test]
 fn a_prompt_longer_than_the_context_is_refused_with_the_sizes() {
     let (name, dir, _) = common::fixtures().remove(0);
     let (cfg, model) = load_checkpoint(&dir).unwrap();

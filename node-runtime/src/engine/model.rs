@@ -598,14 +598,10 @@ struct Span<'c> {
     cache: &'c mut LayerCache,
 }
 
-/// cos/sin of every position, computed in f32 like transformers' default RoPE.
+/// cos/sin of every position, computed in f32 like transformers' RoPE.
 fn rope_tables(cfg: &TextConfig) -> Result<(Tensor, Tensor)> {
-    let hd = cfg.head_dim;
-    let half = hd / 2;
-    let theta = cfg.rope_theta as f32;
-    let inv: Vec<f32> = (0..half)
-        .map(|i| 1.0 / theta.powf((2 * i) as f32 / hd as f32))
-        .collect();
+    let half = cfg.head_dim / 2;
+    let inv = cfg.rope_inv_freq();
     let n = cfg.max_position_embeddings;
     let mut freqs = Vec::with_capacity(n * half);
     for p in 0..n {

@@ -197,11 +197,7 @@ impl ClientModel {
         } else {
             None
         };
-        let hd = cfg.head_dim;
-        let theta = cfg.rope_theta as f32;
-        let inv_freq = (0..hd / 2)
-            .map(|i| 1.0 / theta.powf((2 * i) as f32 / hd as f32))
-            .collect();
+        let inv_freq = cfg.rope_inv_freq();
         Ok(Self {
             cfg: cfg.clone(),
             embed: Linear::new(

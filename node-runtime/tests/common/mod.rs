@@ -12,6 +12,9 @@ pub mod web;
 #[derive(Deserialize)]
 pub struct Reference {
     pub cases: Vec<Case>,
+    /// transformers' RoPE inverse frequencies (fixtures made since rope scaling).
+    #[serde(default)]
+    pub rope_inv_freq: Option<Vec<f32>>,
 }
 
 #[derive(Deserialize, Clone)]
