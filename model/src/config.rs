@@ -46,6 +46,10 @@ pub struct TextConfig {
     #[serde(default)]
     pub rope_scaling: RopeScaling,
     pub max_position_embeddings: usize,
+    /// Sliding-window attention (Mistral; Qwen2 with `use_sliding_window`): the layers
+    /// that see only the latest positions. None when every layer sees the whole context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<SlidingWindow>,
     pub vocab_size: usize,
     pub tie_word_embeddings: bool,
     /// q/k/v projections carry a bias (Qwen2).
@@ -76,6 +80,15 @@ pub enum RopeScaling {
     },
 }
 
+/// Layers whose queries attend only to the last `window` positions, their own included
+/// (key j is seen from query position q when q - j < window, as in transformers).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlidingWindow {
+    pub window: usize,
+    /// Global layer indices, ascending.
+    pub layers: Vec<usize>,
+}
+
 impl std::fmt::Display for RopeScaling {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -96,6 +109,14 @@ impl std::fmt::Display for RopeScaling {
 }
 
 impl TextConfig {
+    /// The attention window of global layer `layer`, if it slides.
+    pub fn attention_window(&self, layer: usize) -> Option<usize> {
+        self.sliding_window
+            .as_ref()
+            .filter(|w| w.layers.contains(&layer))
+            .map(|w| w.window)
+    }
+
     /// The inverse frequency of each rotated pair of a head, `head_dim / 2` of them,
     /// with the float32 operations of transformers' rope initialisers in their order,
     /// so that cos/sin tables (and so the tokens) come out identical.

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 use crate::checkpoint::Checkpoint;
-use crate::config::{Architecture, DType, ModelConfig, RopeScaling, TextConfig, VisionConfig};
+use crate::config::{
+    Architecture, DType, ModelConfig, RopeScaling, SlidingWindow, TextConfig, VisionConfig,
+};
 use crate::error::{ModelError, Result, io_err};
 
 pub const CONFIG_FILE: &str = "config.json";
@@ -28,6 +30,18 @@ struct TextDefaults {
     max_position_embeddings: usize,
     rms_norm_eps: f64,
     attention_bias: bool,
+    /// Which layers slide their attention window when config.json has no `layer_types`.
+    windows: Windows,
+}
+
+/// How a transformers text class decides its sliding-window layers.
+enum Windows {
+    /// Never (Llama).
+    Never,
+    /// Every layer, when `sliding_window` is set; its default when the key is absent.
+    AllLayers(Option<usize>),
+    /// Layers from `max_window_layers` on, when `use_sliding_window` is true (Qwen2).
+    FromMaxWindowLayers,
 }
 
 const QWEN2: TextDefaults = TextDefaults {
@@ -40,6 +54,7 @@ const QWEN2: TextDefaults = TextDefaults {
     max_position_embeddings: 32768,
     rms_norm_eps: 1e-6,
     attention_bias: true,
+    windows: Windows::FromMaxWindowLayers,
 };
 const LLAMA: TextDefaults = TextDefaults {
     vocab_size: 32000,
@@ -51,6 +66,7 @@ const LLAMA: TextDefaults = TextDefaults {
     max_position_embeddings: 2048,
     rms_norm_eps: 1e-6,
     attention_bias: false,
+    windows: Windows::Never,
 };
 const MISTRAL: TextDefaults = TextDefaults {
     vocab_size: 32000,
@@ -62,6 +78,7 @@ const MISTRAL: TextDefaults = TextDefaults {
     max_position_embeddings: 4096 * 32,
     rms_norm_eps: 1e-6,
     attention_bias: false,
+    windows: Windows::AllLayers(Some(4096)),
 };
 
 impl Architecture {
@@ -420,10 +437,12 @@ impl Reader<'_> {
         let bos_token_id = token_ids(obj.get("bos_token_id"), self.path, "bos_token_id")?
             .first()
             .copied();
+        let num_hidden_layers = self.usize(obj, "num_hidden_layers", d.num_hidden_layers)?;
         Ok(TextConfig {
+            sliding_window: self.sliding_window(obj, d, num_hidden_layers)?,
             hidden_size,
             intermediate_size: self.usize(obj, "intermediate_size", d.intermediate_size)?,
-            num_hidden_layers: self.usize(obj, "num_hidden_layers", d.num_hidden_layers)?,
+            num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
@@ -442,6 +461,64 @@ impl Reader<'_> {
             bos_token_id,
             eos_token_ids,
         })
+    }
+
+    /// The sliding-window layers: `layer_types` when listed (transformers 5.x), else
+    /// the class's rule over `sliding_window`, `use_sliding_window`, `max_window_layers`.
+    fn sliding_window(
+        &self,
+        obj: &Map<String, Value>,
+        d: &TextDefaults,
+        layers: usize,
+    ) -> Result<Option<SlidingWindow>> {
+        if matches!(d.windows, Windows::Never) {
+            return Ok(None);
+        }
+        let window = match (obj.get("sliding_window"), &d.windows) {
+            (None, Windows::AllLayers(default)) => *default,
+            (None | Some(Value::Null), _) => None,
+            (Some(v), _) => Some(
+                v.as_u64()
+                    .filter(|w| *w > 0)
+                    .ok_or_else(|| self.err("sliding_window", "a positive integer or null"))?
+                    as usize,
+            ),
+        };
+        let windowed: Vec<usize> = match obj.get("layer_types").filter(|v| !v.is_null()) {
+            Some(types) => {
+                let want =
+                    format!("a list of {layers} \"full_attention\" or \"sliding_attention\"");
+                let types = types
+                    .as_array()
+                    .filter(|t| t.len() == layers)
+                    .ok_or_else(|| self.err("layer_types", &want))?;
+                let mut out = Vec::new();
+                for (i, t) in types.iter().enumerate() {
+                    match t.as_str() {
+                        Some("sliding_attention") => out.push(i),
+                        Some("full_attention") => {}
+                        _ => return Err(self.err("layer_types", &want)),
+                    }
+                }
+                out
+            }
+            None => match d.windows {
+                Windows::AllLayers(_) if window.is_some() => (0..layers).collect(),
+                Windows::FromMaxWindowLayers
+                    if self.bool(obj, "use_sliding_window")?.unwrap_or(false) =>
+                {
+                    (self.usize(obj, "max_window_layers", 28)?..layers).collect()
+                }
+                _ => Vec::new(),
+            },
+        };
+        // Without a window size no layer slides, as in transformers.
+        Ok(window
+            .filter(|_| !windowed.is_empty())
+            .map(|window| SlidingWindow {
+                window,
+                layers: windowed,
+            }))
     }
 
     /// `rope_scaling` (transformers 4.x) or the scaling part of `rope_parameters` (5.x).

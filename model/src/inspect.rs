@@ -24,6 +24,7 @@ pub struct Inspection {
     pub max_position_embeddings: usize,
     pub rope_theta: f64,
     pub rope_scaling: crate::config::RopeScaling,
+    pub sliding_window: Option<crate::config::SlidingWindow>,
     pub tie_word_embeddings: bool,
     pub attention_bias: bool,
     pub parameters: u64,
@@ -52,6 +53,7 @@ pub fn inspect(dir: &Path) -> Result<Inspection> {
         max_position_embeddings: t.max_position_embeddings,
         rope_theta: t.rope_theta,
         rope_scaling: t.rope_scaling.clone(),
+        sliding_window: t.sliding_window.clone(),
         tie_word_embeddings: t.tie_word_embeddings,
         attention_bias: t.attention_bias,
         parameters: ckpt.parameter_count(),
@@ -106,6 +108,14 @@ impl fmt::Display for Inspection {
         writeln!(f, "max positions    {}", self.max_position_embeddings)?;
         writeln!(f, "rope theta       {}", self.rope_theta)?;
         writeln!(f, "rope scaling     {}", self.rope_scaling)?;
+        match &self.sliding_window {
+            Some(w) => writeln!(
+                f,
+                "sliding window   {} positions, layers {:?}",
+                w.window, w.layers
+            )?,
+            None => writeln!(f, "sliding window   none")?,
+        }
         writeln!(
             f,
             "tied embeddings  {}",

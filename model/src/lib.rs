@@ -16,6 +16,8 @@ pub mod split;
 pub mod verify;
 
 pub use checkpoint::{Checkpoint, TensorInfo, TensorView};
-pub use config::{Architecture, DType, ModelConfig, RopeScaling, TextConfig, VisionConfig};
+pub use config::{
+    Architecture, DType, ModelConfig, RopeScaling, SlidingWindow, TextConfig, VisionConfig,
+};
 pub use error::ModelError;
 pub use manifest::{FileEntry, Manifest, ShardEntry, Stack, TensorEntry};

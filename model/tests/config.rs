@@ -1,6 +1,6 @@
 //! config.json parsing across transformers 4.x / 5.x spellings.
 
-use unfed_model::{Architecture, DType, ModelConfig, ModelError, RopeScaling};
+use unfed_model::{Architecture, DType, ModelConfig, ModelError, RopeScaling, SlidingWindow};
 
 #[test]
 fn qwen2_transformers_4() {
@@ -187,4 +187,64 @@ fn unsupported_or_incomplete_rope_scaling_is_refused_by_name() {
         "high_freq_factor":2.0,"original_max_position_embeddings":64}"#,
     );
     assert!(equal.contains("greater than low_freq_factor"), "{equal}");
+}
+
+#[test]
+fn sliding_windows_follow_each_class_and_layer_types() {
+    let cfg = |body: &str| {
+        ModelConfig::from_json(&format!(
+            r#"{{"hidden_size":64,"intermediate_size":128,"num_hidden_layers":4,
+            "num_attention_heads":4,"num_key_value_heads":2,"vocab_size":512,{body}}}"#
+        ))
+    };
+    let window = |body: &str| cfg(body).unwrap().text.sliding_window;
+    let all = |w| {
+        Some(SlidingWindow {
+            window: w,
+            layers: vec![0, 1, 2, 3],
+        })
+    };
+    // Mistral: every layer, 4096 when the key is absent (transformers' default), none if null.
+    assert_eq!(window(r#""model_type":"mistral""#), all(4096));
+    assert_eq!(
+        window(r#""model_type":"mistral","sliding_window":8"#),
+        all(8)
+    );
+    assert_eq!(
+        window(r#""model_type":"mistral","sliding_window":null"#),
+        None
+    );
+    // Qwen2: only with use_sliding_window, from max_window_layers on.
+    let qwen = r#""model_type":"qwen2","sliding_window":8,"max_window_layers":2"#;
+    assert_eq!(window(qwen), None);
+    let on = window(&format!(r#"{qwen},"use_sliding_window":true"#)).unwrap();
+    assert_eq!(on.layers, [2, 3]);
+    let text = cfg(&format!(r#"{qwen},"use_sliding_window":true"#))
+        .unwrap()
+        .text;
+    assert_eq!(text.attention_window(1), None);
+    assert_eq!(text.attention_window(2), Some(8));
+    // transformers 5.x lists the layers.
+    let listed = window(
+        r#""model_type":"qwen2","sliding_window":8,"layer_types":["sliding_attention",
+        "full_attention","sliding_attention","full_attention"]"#,
+    )
+    .unwrap();
+    assert_eq!(listed.layers, [0, 2]);
+    // Llama has no windows.
+    assert_eq!(window(r#""model_type":"llama","sliding_window":8"#), None);
+    for bad in [
+        r#""model_type":"qwen2","sliding_window":8,"layer_types":["full_attention"]"#,
+        r#""model_type":"mistral","layer_types":["full_attention","full_attention","x","full_attention"]"#,
+    ] {
+        let e = cfg(bad).unwrap_err().to_string();
+        assert!(e.contains("`layer_types` must be a list of 4"), "{e}");
+    }
+    let e = cfg(r#""model_type":"mistral","sliding_window":0"#)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`sliding_window` must be a positive integer or null"),
+        "{e}"
+    );
 }

@@ -22,6 +22,8 @@ const FIXTURES: &[&str] = &[
     "llama-bf16",
     "llama3-rope-f32",
     "mistral-f32",
+    "mistral-window-f32",
+    "qwen2-window-f32",
     "idefics3-f32",
 ];
 

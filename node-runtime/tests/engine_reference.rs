@@ -3,6 +3,7 @@
 
 mod common;
 
+use serde_json::Value;
 use unfed_node::engine::SamplingConfig;
 use unfed_node::engine::generate::{generate, load_checkpoint};
 
@@ -51,30 +52,24 @@ fn rope_frequencies_are_transformers_own_to_the_bit() {
     );
 }
 
-/// The control for the scaled-rope fixture: the same weights without `rope_scaling`
-/// generate other tokens, so its reference does test the scaling.
-#[test]
-fn the_llama3_rope_fixture_differs_without_its_scaling() {
+/// Greedy tokens of `fixture` with its config.json edited by `edit`: how many of its
+/// reference cases they miss.
+fn cases_missed_with(fixture: &str, edit: impl Fn(&mut serde_json::Map<String, Value>)) -> usize {
     let (_, dir, reference) = common::fixtures()
         .into_iter()
-        .find(|f| f.0.starts_with("llama3-rope"))
-        .expect("the llama3-rope fixture");
+        .find(|f| f.0 == fixture)
+        .unwrap_or_else(|| panic!("no fixture {fixture}"));
     let plain = tempfile::tempdir().unwrap();
     for e in std::fs::read_dir(&dir).unwrap() {
         let path = e.unwrap().path();
         std::fs::copy(&path, plain.path().join(path.file_name().unwrap())).unwrap();
     }
     let config = plain.path().join("config.json");
-    let mut json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
-    let obj = json.as_object_mut().unwrap();
-    let scaled = obj.remove("rope_scaling").is_some() | obj.remove("rope_parameters").is_some();
-    assert!(scaled, "the fixture's config.json has no rope scaling");
-    obj.insert("rope_theta".into(), 10000.0.into());
+    let mut json: Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    edit(json.as_object_mut().unwrap());
     std::fs::write(&config, serde_json::to_string(&json).unwrap()).unwrap();
-    let (cfg, model) = load_checkpoint(plain.path()).unwrap();
-    assert_eq!(cfg.text.rope_scaling, Default::default());
-    let differing = reference
+    let (_, model) = load_checkpoint(plain.path()).unwrap();
+    reference
         .cases
         .iter()
         .filter(|case| {
@@ -89,8 +84,30 @@ fn the_llama3_rope_fixture_differs_without_its_scaling() {
             .tokens;
             got != case.generated_ids
         })
-        .count();
-    assert!(differing > 0, "unscaled RoPE gives the same tokens");
+        .count()
+}
+
+/// The controls of the fixtures for one feature each: without the feature in their
+/// config.json, the same weights generate other tokens, so their references test it.
+#[test]
+fn the_rope_scaling_and_sliding_window_fixtures_differ_without_them() {
+    let no_rope_scaling = |c: &mut serde_json::Map<String, Value>| {
+        assert!(c.remove("rope_parameters").is_some() | c.remove("rope_scaling").is_some());
+        c.insert("rope_theta".into(), 10000.0.into());
+    };
+    assert!(cases_missed_with("llama3-rope-f32", no_rope_scaling) > 0);
+    let no_window = |c: &mut serde_json::Map<String, Value>| {
+        assert!(c.insert("sliding_window".into(), Value::Null).is_some());
+        c.remove("layer_types");
+    };
+    assert!(cases_missed_with("mistral-window-f32", no_window) > 0);
+    assert!(cases_missed_with("qwen2-window-f32", no_window) > 0);
+    // Qwen2 slides only from max_window_layers on: sliding every layer differs too.
+    let all_layers = |c: &mut serde_json::Map<String, Value>| {
+        c.remove("layer_types");
+        c.insert("max_window_layers".into(), 0.into());
+    };
+    assert!(cases_missed_with("qwen2-window-f32", all_layers) > 0);
 }
 
 #[test]

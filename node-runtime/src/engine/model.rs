@@ -424,7 +424,8 @@ impl ShardModel {
                         cache: &mut e.cache.layers[li],
                     })
                     .collect();
-                x = self.layer_forward(layer, &mut spans, x)?;
+                let window = self.cfg.attention_window(self.spec.layer_start + li);
+                x = self.layer_forward(layer, window, &mut spans, x)?;
             }
             Ok(x.flatten_all()?.to_vec1()?)
         };
@@ -481,7 +482,13 @@ impl ShardModel {
         }
     }
 
-    fn layer_forward(&self, l: &Layer, spans: &mut [Span<'_>], x: Tensor) -> Result<Tensor> {
+    fn layer_forward(
+        &self,
+        l: &Layer,
+        window: Option<usize>,
+        spans: &mut [Span<'_>],
+        x: Tensor,
+    ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (
             cfg.num_attention_heads,
@@ -498,7 +505,7 @@ impl ShardModel {
         let mut at = 0;
         for span in spans.iter_mut() {
             let own = &qkv[at * width..(at + span.seq) * width];
-            attended.extend(self.attend(span, own)?);
+            attended.extend(self.attend(span, own, window)?);
             at += span.seq;
         }
         let o = l.o.forward(&attended, rows);
@@ -522,8 +529,9 @@ impl ShardModel {
     }
 
     /// One session's attention for its new rows (`qkv`: `[seq, q | k | v]`), extending
-    /// its cache; returns `[seq, heads * head_dim]`.
-    fn attend(&self, span: &mut Span<'_>, qkv: &[f32]) -> Result<Vec<f32>> {
+    /// its cache; returns `[seq, heads * head_dim]`. With a `window`, a row sees only
+    /// the last `window` positions up to its own.
+    fn attend(&self, span: &mut Span<'_>, qkv: &[f32], window: Option<usize>) -> Result<Vec<f32>> {
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (
             cfg.num_attention_heads,
@@ -558,7 +566,17 @@ impl ShardModel {
         };
         lc.k = Some(k.clone());
         lc.v = Some(v.clone());
-        let total = pos + seq;
+        // Keys before `first` are outside every new row's window: not even scored.
+        let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        let (k, v) = if first > 0 {
+            (
+                k.narrow(1, first, pos + seq - first)?,
+                v.narrow(1, first, pos + seq - first)?,
+            )
+        } else {
+            (k, v)
+        };
+        let total = pos + seq - first;
 
         // Grouped-query attention without copying keys: the n_rep query heads that share
         // a kv head are stacked along the row axis.
@@ -568,9 +586,15 @@ impl ShardModel {
         if seq > 1 {
             let mut mask = vec![0f32; n_rep * seq * total];
             for r in 0..n_rep * seq {
+                // Row i is position pos + i; key column c is position first + c.
                 let i = r % seq;
-                for j in (pos + i + 1)..total {
-                    mask[r * total + j] = f32::NEG_INFINITY;
+                let row = &mut mask[r * total..(r + 1) * total];
+                let visible_from = window.map_or(0, |w| (pos + i + 1).saturating_sub(w));
+                for (c, m) in row.iter_mut().enumerate() {
+                    let j = first + c;
+                    if j > pos + i || j < visible_from {
+                        *m = f32::NEG_INFINITY;
+                    }
                 }
             }
             let mask = Tensor::from_vec(mask, (n_rep * seq, total), &Device::Cpu)?;

@@ -110,8 +110,15 @@ struct Heads {
 
 /// Causal attention of `t` new rows (positions `pos..pos + t`) whose q, k, v are in
 /// `qkv` [t, (q + 2·kv)·dim] after RoPE: appends their keys and values to `cache` and
-/// returns [t, q·dim], each query head reading its group's key-value head.
-fn attend(cache: &mut LayerKv, qkv: &[f64], h: Heads, pos: usize) -> Vec<f64> {
+/// returns [t, q·dim], each query head reading its group's key-value head. With a
+/// `window`, a row sees only the last `window` positions up to its own.
+fn attend(
+    cache: &mut LayerKv,
+    qkv: &[f64],
+    h: Heads,
+    pos: usize,
+    window: Option<usize>,
+) -> Vec<f64> {
     let (q_dim, kv_dim) = (h.q * h.dim, h.kv * h.dim);
     let width = q_dim + 2 * kv_dim;
     for row in qkv.chunks(width) {
@@ -123,15 +130,17 @@ fn attend(cache: &mut LayerKv, qkv: &[f64], h: Heads, pos: usize) -> Vec<f64> {
     let mut out = vec![0.0; qkv.len() / width * q_dim];
     let mut probs = Vec::new();
     for (i, row) in qkv.chunks(width).enumerate() {
-        // Row i is position pos + i: it sees positions up to itself.
+        // Row i is position pos + i: it sees positions up to itself, within the window.
         let visible = pos + i + 1;
+        let from = window.map_or(0, |w| visible.saturating_sub(w));
         for head in 0..h.q {
             let g = head / per_group;
             let q = &row[head * h.dim..(head + 1) * h.dim];
             let key = |j: usize| &cache.k[j * kv_dim + g * h.dim..j * kv_dim + (g + 1) * h.dim];
             probs.clear();
             probs.extend(
-                (0..visible).map(|j| q.iter().zip(key(j)).map(|(a, b)| a * b).sum::<f64>() * scale),
+                (from..visible)
+                    .map(|j| q.iter().zip(key(j)).map(|(a, b)| a * b).sum::<f64>() * scale),
             );
             let max = probs.iter().fold(f64::MIN, |m, v| m.max(*v));
             let mut sum = 0.0;
@@ -140,7 +149,7 @@ fn attend(cache: &mut LayerKv, qkv: &[f64], h: Heads, pos: usize) -> Vec<f64> {
                 sum += *p;
             }
             let o = &mut out[i * q_dim + head * h.dim..i * q_dim + (head + 1) * h.dim];
-            for (j, p) in probs.iter().enumerate() {
+            for (j, p) in (from..).zip(&probs) {
                 let v = &cache.v[j * kv_dim + g * h.dim..j * kv_dim + (g + 1) * h.dim];
                 for (acc, x) in o.iter_mut().zip(v) {
                     *acc += p / sum * x;
@@ -210,7 +219,7 @@ impl Client<'_> {
         sess.kv
             .resize_with(self.model.norms.len(), LayerKv::default);
         let mut x: Vec<f64> = input.iter().map(|v| *v as f64).collect();
-        for ((norm1, norm2), kv) in self.model.norms.iter().zip(&mut sess.kv) {
+        for (layer, ((norm1, norm2), kv)) in self.model.norms.iter().zip(&mut sess.kv).enumerate() {
             self.reshare(port, masks, "h", &[t, hdim], &rms_norm(&x, norm1, eps))?;
             let mut qkv = self.gather(port, "qkv2f", &[t, qkv_dim])?;
             rope(&mut qkv, qkv_dim, 0, nh, &self.model.inv_freq, sess.pos);
@@ -222,7 +231,7 @@ impl Client<'_> {
                 &self.model.inv_freq,
                 sess.pos,
             );
-            let attn = attend(kv, &qkv, heads, sess.pos);
+            let attn = attend(kv, &qkv, heads, sess.pos, cfg.attention_window(layer));
             self.reshare(port, masks, "attn", &[t, q_dim], &attn)?;
             let o = self.gather(port, "o2f", &[t, hdim])?;
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
