@@ -105,6 +105,28 @@ pub fn text_tensors(
     out
 }
 
+/// Tensors of the decoder's layers that no shard loads: the parts of a variant the
+/// engine does not run (an o_proj or MLP bias, per-head q/k norms, extra norms). Run
+/// without them, the model's outputs would differ from transformers'.
+pub fn unused_layer_tensors<'a>(
+    cfg: &ModelConfig,
+    names: impl IntoIterator<Item = &'a str>,
+) -> Vec<String> {
+    let layers = format!("{}layers.", cfg.text_prefix);
+    let loaded: std::collections::HashSet<String> =
+        text_tensors(cfg, 0..cfg.text.num_hidden_layers, false, false)
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+    names
+        .into_iter()
+        // Old checkpoints saved RoPE's frequencies: the engine computes its own.
+        .filter(|n| n.starts_with(&layers) && !n.ends_with("rotary_emb.inv_freq"))
+        .filter(|n| !loaded.contains(*n))
+        .map(str::to_string)
+        .collect()
+}
+
 /// Every tensor of the Idefics3 vision encoder layers `layers`, plus the patch/position
 /// embeddings (first shard) and post-layernorm + connector (last shard).
 pub fn vision_tensors(

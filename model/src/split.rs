@@ -170,6 +170,19 @@ fn plan<'a>(
     ckpt: &'a Checkpoint,
     opts: &SplitOptions,
 ) -> Result<Vec<ShardPlan<'a>>> {
+    let unused = layout::unused_layer_tensors(cfg, ckpt.tensors().map(|t| t.name.as_str()));
+    if let Some(first) = unused.first() {
+        return Err(ModelError::Invalid {
+            msg: format!(
+                "the checkpoint's decoder layers hold {} tensor(s) unfed does not run, such as \
+                 `{first}`: a {} variant (a bias on o_proj or the MLP, q/k norms, ...) whose \
+                 outputs would differ from transformers without them; it is refused rather \
+                 than split",
+                unused.len(),
+                cfg.architecture
+            ),
+        });
+    }
     let text_layers = cfg.text.num_hidden_layers;
     let text_ranges = ranges("--text-shards", "text", text_layers, opts.text_shards)?;
     let vision_ranges = match (&cfg.vision, opts.vision_shards) {

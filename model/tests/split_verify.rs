@@ -216,6 +216,49 @@ fn copy_fixture(name: &str, to: &Path) -> PathBuf {
     dst
 }
 
+/// Adds an f32 tensor of `len` zeros named `name` to a single-file checkpoint.
+fn add_tensor(dir: &Path, name: &str, len: usize) {
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let data = &bytes[8 + header_len..];
+    header[name] = serde_json::json!({
+        "dtype": "F32",
+        "shape": [len],
+        "data_offsets": [data.len(), data.len() + 4 * len],
+    });
+    let header = serde_json::to_vec(&header).unwrap();
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend(header);
+    out.extend(data);
+    out.extend(vec![0u8; 4 * len]);
+    std::fs::write(&path, out).unwrap();
+}
+
+#[test]
+fn decoder_tensors_the_engine_would_not_run_are_refused_by_name() {
+    let work = tempfile::tempdir().unwrap();
+    for (fixture, extra) in [
+        ("llama-f32", "model.layers.2.self_attn.o_proj.bias"),
+        ("qwen2-f32", "model.layers.0.self_attn.q_norm.weight"),
+        ("mistral-f32", "model.layers.3.mlp.down_proj.bias"),
+    ] {
+        let dir = copy_fixture(fixture, work.path());
+        add_tensor(&dir, extra, 64);
+        expect_clean_failure(
+            &dir,
+            opts(2),
+            &format!("hold 1 tensor(s) unfed does not run, such as `{extra}`"),
+        );
+    }
+    // RoPE frequencies saved by old checkpoints are not weights: the split goes on.
+    let dir = copy_fixture("llama-bf16", work.path());
+    add_tensor(&dir, "model.layers.0.self_attn.rotary_emb.inv_freq", 8);
+    let out = work.path().join("inv-freq-split");
+    split(&dir, &out, &opts(2)).unwrap();
+}
+
 #[test]
 fn bad_inputs_fail_clearly_and_leave_nothing() {
     let work = tempfile::tempdir().unwrap();
