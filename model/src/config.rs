@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "lowercase")]
 pub enum Architecture {
     Qwen2,
+    Qwen3,
     Llama,
     Mistral,
     Idefics3,
@@ -54,6 +55,9 @@ pub struct TextConfig {
     pub tie_word_embeddings: bool,
     /// q/k/v projections carry a bias (Qwen2).
     pub attention_bias: bool,
+    /// Each head's query and key are RMS-normalised before RoPE (Qwen3's q_norm, k_norm).
+    #[serde(default)]
+    pub qk_norm: bool,
     pub hidden_act: String,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,

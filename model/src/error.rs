@@ -19,7 +19,7 @@ pub enum ModelError {
         #[source]
         source: serde_json::Error,
     },
-    #[error("unsupported architecture {found}; supported: qwen2, llama, mistral, idefics3")]
+    #[error("unsupported architecture {found}; supported: qwen2, qwen3, llama, mistral, idefics3")]
     UnsupportedArchitecture { found: String },
     #[error("{}: {msg}", path.display())]
     Config { path: PathBuf, msg: String },

@@ -32,6 +32,8 @@ struct TextDefaults {
     attention_bias: bool,
     /// Which layers slide their attention window when config.json has no `layer_types`.
     windows: Windows,
+    /// Per-head q/k RMSNorm before RoPE.
+    qk_norm: bool,
 }
 
 /// How a transformers text class decides its sliding-window layers.
@@ -55,6 +57,20 @@ const QWEN2: TextDefaults = TextDefaults {
     rms_norm_eps: 1e-6,
     attention_bias: true,
     windows: Windows::FromMaxWindowLayers,
+    qk_norm: false,
+};
+const QWEN3: TextDefaults = TextDefaults {
+    vocab_size: 151936,
+    hidden_size: 4096,
+    intermediate_size: 22016,
+    num_hidden_layers: 32,
+    num_attention_heads: 32,
+    num_key_value_heads: Some(32),
+    max_position_embeddings: 32768,
+    rms_norm_eps: 1e-6,
+    attention_bias: false,
+    windows: Windows::FromMaxWindowLayers,
+    qk_norm: true,
 };
 const LLAMA: TextDefaults = TextDefaults {
     vocab_size: 32000,
@@ -67,6 +83,7 @@ const LLAMA: TextDefaults = TextDefaults {
     rms_norm_eps: 1e-6,
     attention_bias: false,
     windows: Windows::Never,
+    qk_norm: false,
 };
 const MISTRAL: TextDefaults = TextDefaults {
     vocab_size: 32000,
@@ -79,6 +96,7 @@ const MISTRAL: TextDefaults = TextDefaults {
     rms_norm_eps: 1e-6,
     attention_bias: false,
     windows: Windows::AllLayers(Some(4096)),
+    qk_norm: false,
 };
 
 impl Architecture {
@@ -86,6 +104,7 @@ impl Architecture {
     pub fn from_model_type(model_type: &str) -> Result<Self> {
         match model_type.to_ascii_lowercase().as_str() {
             "qwen2" | "qwen2forcausallm" => Ok(Self::Qwen2),
+            "qwen3" | "qwen3forcausallm" => Ok(Self::Qwen3),
             "llama" | "llamaforcausallm" => Ok(Self::Llama),
             "mistral" | "mistralforcausallm" => Ok(Self::Mistral),
             "idefics3" | "smolvlm" | "idefics3forconditionalgeneration" => Ok(Self::Idefics3),
@@ -98,6 +117,7 @@ impl Architecture {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Qwen2 => "qwen2",
+            Self::Qwen3 => "qwen3",
             Self::Llama => "llama",
             Self::Mistral => "mistral",
             Self::Idefics3 => "idefics3",
@@ -244,6 +264,7 @@ impl ModelConfig {
 
         let (text, vision, text_prefix) = match architecture {
             Architecture::Qwen2 => (reader.text(obj, &QWEN2, obj)?, None, "model."),
+            Architecture::Qwen3 => (reader.text(obj, &QWEN3, obj)?, None, "model."),
             Architecture::Llama => (reader.text(obj, &LLAMA, obj)?, None, "model."),
             Architecture::Mistral => (reader.text(obj, &MISTRAL, obj)?, None, "model."),
             Architecture::Idefics3 => {
@@ -457,6 +478,7 @@ impl Reader<'_> {
             vocab_size: self.usize(obj, "vocab_size", d.vocab_size)?,
             tie_word_embeddings,
             attention_bias,
+            qk_norm: d.qk_norm,
             hidden_act: self.string(obj, "hidden_act", "silu")?,
             bos_token_id,
             eos_token_ids,

@@ -92,6 +92,10 @@ pub fn text_tensors(
             out.push(exp(format!("{p}self_attn.k_proj.bias"), &[kv]));
             out.push(exp(format!("{p}self_attn.v_proj.bias"), &[kv]));
         }
+        if t.qk_norm {
+            out.push(exp(format!("{p}self_attn.q_norm.weight"), &[t.head_dim]));
+            out.push(exp(format!("{p}self_attn.k_norm.weight"), &[t.head_dim]));
+        }
         out.push(exp(format!("{p}self_attn.o_proj.weight"), &[h, q]));
         out.push(exp(format!("{p}post_attention_layernorm.weight"), &[h]));
         out.push(exp(format!("{p}mlp.gate_proj.weight"), &[i, h]));

@@ -71,7 +71,7 @@ fn unsupported_architecture_lists_supported() {
     assert!(matches!(err, ModelError::UnsupportedArchitecture { .. }));
     assert_eq!(
         err.to_string(),
-        "unsupported architecture gpt2; supported: qwen2, llama, mistral, idefics3"
+        "unsupported architecture gpt2; supported: qwen2, qwen3, llama, mistral, idefics3"
     );
 }
 
@@ -247,4 +247,24 @@ fn sliding_windows_follow_each_class_and_layer_types() {
         e.contains("`sliding_window` must be a positive integer or null"),
         "{e}"
     );
+}
+
+#[test]
+fn qwen3_norms_each_head_and_has_no_qkv_bias() {
+    let cfg = ModelConfig::from_json(
+        r#"{"architectures":["Qwen3ForCausalLM"],"model_type":"qwen3","hidden_size":64,
+        "intermediate_size":128,"num_hidden_layers":2,"num_attention_heads":4,
+        "num_key_value_heads":2,"head_dim":32,"vocab_size":512}"#,
+    )
+    .unwrap();
+    assert_eq!(cfg.architecture, Architecture::Qwen3);
+    assert!(cfg.text.qk_norm);
+    assert!(!cfg.text.attention_bias);
+    assert_eq!(cfg.text.head_dim, 32, "head_dim is not hidden / heads");
+    let names: Vec<String> = unfed_model::layout::text_tensors(&cfg, 0..1, false, false)
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert!(names.contains(&"model.layers.0.self_attn.q_norm.weight".to_string()));
+    assert!(names.contains(&"model.layers.0.self_attn.k_norm.weight".to_string()));
 }

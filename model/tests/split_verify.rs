@@ -24,6 +24,7 @@ const FIXTURES: &[&str] = &[
     "mistral-f32",
     "mistral-window-f32",
     "qwen2-window-f32",
+    "qwen3-f32",
     "idefics3-f32",
 ];
 
@@ -301,7 +302,7 @@ fn bad_inputs_fail_clearly_and_leave_nothing() {
     expect_clean_failure(
         &gpt,
         opts(1),
-        "unsupported architecture gpt2; supported: qwen2, llama, mistral, idefics3",
+        "unsupported architecture gpt2; supported: qwen2, qwen3, llama, mistral, idefics3",
     );
 }
 

@@ -90,7 +90,7 @@ fn cases_missed_with(fixture: &str, edit: impl Fn(&mut serde_json::Map<String, V
 /// The controls of the fixtures for one feature each: without the feature in their
 /// config.json, the same weights generate other tokens, so their references test it.
 #[test]
-fn the_rope_scaling_and_sliding_window_fixtures_differ_without_them() {
+fn the_rope_scaling_sliding_window_and_qk_norm_fixtures_differ_without_them() {
     let no_rope_scaling = |c: &mut serde_json::Map<String, Value>| {
         assert!(c.remove("rope_parameters").is_some() | c.remove("rope_scaling").is_some());
         c.insert("rope_theta".into(), 10000.0.into());
@@ -108,6 +108,12 @@ fn the_rope_scaling_and_sliding_window_fixtures_differ_without_them() {
         c.insert("max_window_layers".into(), 0.into());
     };
     assert!(cases_missed_with("qwen2-window-f32", all_layers) > 0);
+    // Read as Qwen2 without biases, Qwen3 runs without its per-head q/k norms.
+    let no_qk_norm = |c: &mut serde_json::Map<String, Value>| {
+        c.insert("model_type".into(), "qwen2".into());
+        c.insert("attention_bias".into(), false.into());
+    };
+    assert!(cases_missed_with("qwen3-f32", no_qk_norm) > 0);
 }
 
 #[test]

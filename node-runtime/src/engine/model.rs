@@ -65,6 +65,8 @@ struct Layer {
     /// q, k and v projections fused row-wise: one pass over the input.
     qkv: Linear,
     o: Linear,
+    /// Per-head RMSNorm weights of the queries and keys, before RoPE (Qwen3).
+    qk_norm: Option<(Tensor, Tensor)>,
     /// gate and up projections fused row-wise.
     gate_up: Linear,
     down: Linear,
@@ -186,7 +188,16 @@ impl ShardModel {
             };
             let mlp = |n: &str| format!("{p}mlp.{n}");
             let inter = cfg.intermediate_size;
+            let qk_norm = if cfg.qk_norm {
+                Some((
+                    vec_t(&attn("q_norm.weight"), hd)?,
+                    vec_t(&attn("k_norm.weight"), hd)?,
+                ))
+            } else {
+                None
+            };
             layers.push(Layer {
+                qk_norm,
                 input_norm: vec_t(&format!("{p}input_layernorm.weight"), h)?,
                 post_norm: vec_t(&format!("{p}post_attention_layernorm.weight"), h)?,
                 qkv: Linear::new(qkv_w, q_dim + 2 * kv_dim, h, qkv_b),
@@ -505,7 +516,7 @@ impl ShardModel {
         let mut at = 0;
         for span in spans.iter_mut() {
             let own = &qkv[at * width..(at + span.seq) * width];
-            attended.extend(self.attend(span, own, window)?);
+            attended.extend(self.attend(span, own, window, l.qk_norm.as_ref())?);
             at += span.seq;
         }
         let o = l.o.forward(&attended, rows);
@@ -530,8 +541,15 @@ impl ShardModel {
 
     /// One session's attention for its new rows (`qkv`: `[seq, q | k | v]`), extending
     /// its cache; returns `[seq, heads * head_dim]`. With a `window`, a row sees only
-    /// the last `window` positions up to its own.
-    fn attend(&self, span: &mut Span<'_>, qkv: &[f32], window: Option<usize>) -> Result<Vec<f32>> {
+    /// the last `window` positions up to its own; with `qk_norm`, each head's query and
+    /// key are RMS-normalised first.
+    fn attend(
+        &self,
+        span: &mut Span<'_>,
+        qkv: &[f32],
+        window: Option<usize>,
+        qk_norm: Option<&(Tensor, Tensor)>,
+    ) -> Result<Vec<f32>> {
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (
             cfg.num_attention_heads,
@@ -547,8 +565,13 @@ impl ShardModel {
                 .contiguous()?
                 .unsqueeze(0)?)
         };
-        let q = heads(qkv.narrow(1, 0, nh * hd)?, nh)?;
-        let k = heads(qkv.narrow(1, nh * hd, nkv * hd)?, nkv)?;
+        let mut q = heads(qkv.narrow(1, 0, nh * hd)?, nh)?;
+        let mut k = heads(qkv.narrow(1, nh * hd, nkv * hd)?, nkv)?;
+        if let Some((qn, kn)) = qk_norm {
+            let eps = cfg.rms_norm_eps as f32;
+            q = candle_nn::ops::rms_norm(&q, qn, eps)?;
+            k = candle_nn::ops::rms_norm(&k, kn, eps)?;
+        }
         let v = qkv
             .narrow(1, (nh + nkv) * hd, nkv * hd)?
             .reshape((seq, nkv, hd))?

@@ -222,6 +222,15 @@ impl Client<'_> {
         for (layer, ((norm1, norm2), kv)) in self.model.norms.iter().zip(&mut sess.kv).enumerate() {
             self.reshare(port, masks, "h", &[t, hdim], &rms_norm(&x, norm1, eps))?;
             let mut qkv = self.gather(port, "qkv2f", &[t, qkv_dim])?;
+            if let Some((qn, kn)) = self.model.qk_norms.get(layer) {
+                // Each head's query and key, RMS-normalised in place before RoPE.
+                for row in qkv.chunks_mut(qkv_dim) {
+                    let (q, rest) = row.split_at_mut(q_dim);
+                    q.copy_from_slice(&rms_norm(q, qn, eps));
+                    let k = &mut rest[..kv_dim];
+                    k.copy_from_slice(&rms_norm(k, kn, eps));
+                }
+            }
             rope(&mut qkv, qkv_dim, 0, nh, &self.model.inv_freq, sess.pos);
             rope(
                 &mut qkv,

@@ -25,8 +25,14 @@ pub struct Packed {
 
 impl Packed {
     /// Packs the tensors a client needs for layers `[0, layer_end)` (and the head's norm).
-    pub fn new(files: &WeightFiles, prefix: &str, layer_end: usize, head: bool) -> Result<Self> {
-        let bytes = files.subset(&public_tensor_names(prefix, layer_end, head))?;
+    pub fn new(
+        files: &WeightFiles,
+        cfg: &TextConfig,
+        prefix: &str,
+        layer_end: usize,
+        head: bool,
+    ) -> Result<Self> {
+        let bytes = files.subset(&public_tensor_names(cfg, prefix, layer_end, head))?;
         Ok(Self {
             sha256: hex::encode(Sha256::digest(&bytes)),
             bytes: Arc::new(bytes),

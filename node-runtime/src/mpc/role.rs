@@ -131,7 +131,7 @@ impl MpcArgs {
         let full = self.full_output;
         let (model, public) = tokio::task::spawn_blocking(move || -> Result<_> {
             let weights = WeightFiles::open(&files)?;
-            let public = Packed::new(&weights, &prefix, range.end, full)?;
+            let public = Packed::new(&weights, &cfg, &prefix, range.end, full)?;
             Ok((
                 PartyModel::load(&cfg, &prefix, range, full, &weights)?,
                 public,

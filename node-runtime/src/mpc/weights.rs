@@ -151,6 +151,8 @@ pub struct ClientModel {
     pub embed: Linear,
     /// (input norm, post-attention norm) of each MPC layer.
     pub norms: Vec<(Vec<f32>, Vec<f32>)>,
+    /// (query norm, key norm) of each head, per MPC layer; empty when the model has none.
+    pub qk_norms: Vec<(Vec<f32>, Vec<f32>)>,
     /// The final norm, when the pair also runs the LM head.
     pub final_norm: Option<Vec<f32>>,
     /// RoPE inverse frequencies, computed as the engine does (f32).
@@ -158,19 +160,33 @@ pub struct ClientModel {
 }
 
 /// The tensors a client needs for MPC layers `[0, layer_end)`: the embedding and the
-/// layers' norms, and the final norm when the pair runs the head.
-pub fn public_tensor_names(prefix: &str, layer_end: usize, head: bool) -> Vec<String> {
+/// layers' norms (the per-head q/k norms too, where the model has them), and the final
+/// norm when the pair runs the head.
+pub fn public_tensor_names(
+    cfg: &TextConfig,
+    prefix: &str,
+    layer_end: usize,
+    head: bool,
+) -> Vec<String> {
     let mut names = vec![format!("{prefix}embed_tokens.weight")];
     for i in 0..layer_end {
         names.push(format!("{prefix}layers.{i}.input_layernorm.weight"));
         names.push(format!(
             "{prefix}layers.{i}.post_attention_layernorm.weight"
         ));
+        if cfg.qk_norm {
+            names.extend(qk_norm_names(prefix, i));
+        }
     }
     if head {
         names.push(format!("{prefix}norm.weight"));
     }
     names
+}
+
+/// Layer `i`'s per-head query and key norm weights.
+fn qk_norm_names(prefix: &str, i: usize) -> [String; 2] {
+    ["q_norm", "k_norm"].map(|n| format!("{prefix}layers.{i}.self_attn.{n}.weight"))
 }
 
 impl ClientModel {
@@ -183,12 +199,23 @@ impl ClientModel {
     ) -> Result<Self> {
         check(cfg, &layers)?;
         let h = cfg.hidden_size;
+        let layers_of_norms = layers.clone();
         let norms = layers
             .map(|i| {
                 let p = format!("{prefix}layers.{i}.");
                 Ok((
                     files.vector(&format!("{p}input_layernorm.weight"), h)?,
                     files.vector(&format!("{p}post_attention_layernorm.weight"), h)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        let qk_norms = layers_of_norms
+            .filter(|_| cfg.qk_norm)
+            .map(|i| {
+                let [q, k] = qk_norm_names(prefix, i);
+                Ok((
+                    files.vector(&q, cfg.head_dim)?,
+                    files.vector(&k, cfg.head_dim)?,
                 ))
             })
             .collect::<Result<_>>()?;
@@ -207,6 +234,7 @@ impl ClientModel {
                 None,
             ),
             norms,
+            qk_norms,
             final_norm,
             inv_freq,
         })
