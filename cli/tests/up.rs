@@ -329,6 +329,19 @@ fn without_a_chain_everything_runs_unstaked() {
     assert!(chat.status.success(), "{}", text(&chat.stderr));
     let answer: Value = serde_json::from_slice(&chat.stdout).unwrap();
     assert_eq!(answer["token_ids"].as_array().unwrap().len(), 4);
+
+    // A cached split in an older manifest format is made again by the next `up`.
+    assert!(run(unfedctl().arg("down").arg(spec)).status.success());
+    let manifest = net.run_dir().join("shards/manifest.json");
+    let format = |m: &Value| m["format_version"].as_u64().unwrap();
+    let mut m: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    let current = format(&m);
+    m["format_version"] = 1.into();
+    std::fs::write(&manifest, serde_json::to_vec(&m).unwrap()).unwrap();
+    net.up_detached();
+    let m: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    assert_eq!(format(&m), current, "the old split was served");
+    net.chat_ok();
 }
 
 #[test]

@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Architecture, DType, ModelConfig};
 
 pub const MANIFEST_FILE: &str = "manifest.json";
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: the config carries RoPE scaling, sliding windows and per-head q/k norms; a
+/// version-1 split of a model with them would run without them.
+pub const FORMAT_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -81,6 +83,23 @@ impl Manifest {
         let text = std::fs::read_to_string(&path).map_err(crate::error::io_err(&path))?;
         serde_json::from_str(&text)
             .map_err(|source| crate::error::ModelError::Json { path, source })
+    }
+
+    /// Reads `dir/manifest.json` for serving: a split in another format is refused, since
+    /// its config may lack what this build runs (see [`FORMAT_VERSION`]).
+    pub fn load_current(dir: &std::path::Path) -> crate::error::Result<Self> {
+        let m = Self::load(dir)?;
+        if m.format_version != FORMAT_VERSION {
+            return Err(crate::error::ModelError::Invalid {
+                msg: format!(
+                    "{} is split format {}, this build reads format {FORMAT_VERSION}: split \
+                     the model again (`unfedctl split`; `unfedctl up` re-splits by itself)",
+                    dir.join(MANIFEST_FILE).display(),
+                    m.format_version
+                ),
+            });
+        }
+        Ok(m)
     }
 
     pub fn text_shard_file(index: usize) -> String {

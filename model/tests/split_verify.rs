@@ -330,6 +330,28 @@ fn manifest_has_no_paths_and_lists_vision_none() {
     assert!(!text.contains("fixtures"));
 }
 
+/// A split made by a build with another manifest format is refused for serving, naming
+/// both formats and the fix; this build's own split loads.
+#[test]
+fn a_split_in_another_format_is_refused_for_serving() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    split(&fixture("llama3-rope-f32"), &out, &opts(2)).unwrap();
+    let loaded = Manifest::load_current(&out).unwrap();
+    assert_eq!(loaded.format_version, unfed_model::manifest::FORMAT_VERSION);
+    let path = out.join("manifest.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    json["format_version"] = 1.into();
+    std::fs::write(&path, serde_json::to_string(&json).unwrap()).unwrap();
+    let err = Manifest::load_current(&out).unwrap_err().to_string();
+    assert!(
+        err.contains("is split format 1, this build reads format 2")
+            && err.contains("split the model again"),
+        "{err}"
+    );
+}
+
 #[test]
 fn idefics3_vision_shards_hold_embeddings_encoder_and_connector() {
     let tmp = tempfile::tempdir().unwrap();

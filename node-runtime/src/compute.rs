@@ -78,15 +78,8 @@ impl AsRef<ShardModel> for LoadedShard {
 
 /// Loads text shard `index` of the split in `dir` (only that shard's file).
 pub fn load_shard(dir: &Path, index: u32) -> Result<LoadedShard> {
-    let path = dir.join(unfed_model::manifest::MANIFEST_FILE);
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "cannot read {}; is --shards-dir the output of `unfedctl split`?",
-            path.display()
-        )
-    })?;
-    let manifest: Manifest = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a valid manifest", path.display()))?;
+    let manifest =
+        Manifest::load_current(dir).context("is --shards-dir the output of `unfedctl split`?")?;
     let total = manifest.text_shards().count();
     let Some(entry) = manifest
         .text_shards()
@@ -95,7 +88,7 @@ pub fn load_shard(dir: &Path, index: u32) -> Result<LoadedShard> {
     else {
         bail!(
             "--shard-index {index} is out of range: {} has {total} text shard(s) (0..{total})",
-            path.display()
+            dir.join(unfed_model::manifest::MANIFEST_FILE).display()
         );
     };
     let file = dir.join(&entry.file);

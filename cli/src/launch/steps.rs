@@ -434,9 +434,10 @@ pub(crate) fn split_cached(
     let manifest_file = dir.join(unfed_model::manifest::MANIFEST_FILE);
     let cached = std::fs::read_to_string(&stamp_file).ok().as_deref() == Some(stamp.as_str());
     if cached && manifest_file.is_file() {
-        let manifest: unfed_model::Manifest =
-            serde_json::from_slice(&std::fs::read(&manifest_file)?)?;
-        return Ok(manifest.model_id);
+        // A split made by a build with another manifest format is made again.
+        if let Ok(manifest) = unfed_model::Manifest::load_current(dir) {
+            return Ok(manifest.model_id);
+        }
     }
     for stale in [Some(dir), spec.model.path.is_none().then_some(source_dir)]
         .into_iter()

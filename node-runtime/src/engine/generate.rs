@@ -27,10 +27,7 @@ pub fn load_checkpoint(dir: &Path) -> Result<(ModelConfig, ShardModel)> {
 /// Loads every text shard of a split directory into one process (the whole model),
 /// the baseline `unfedctl bench` compares a network of the same shards against.
 pub fn load_split(dir: &Path) -> Result<(unfed_model::Manifest, ShardModel)> {
-    let path = dir.join(unfed_model::manifest::MANIFEST_FILE);
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-    let manifest: unfed_model::Manifest = serde_json::from_str(&text)?;
+    let manifest = unfed_model::Manifest::load_current(dir)?;
     let files: Vec<_> = manifest.text_shards().map(|s| dir.join(&s.file)).collect();
     let weights = WeightFiles::open(&files)?;
     let cfg = &manifest.config;

@@ -90,15 +90,8 @@ impl MpcArgs {
         if let (Some(key), Some(addr)) = (&stake_key, &self.eth_address) {
             unfed_chain::keys::ensure_key_matches(key, addr)?;
         }
-        let manifest_path = self.shards_dir.join(unfed_model::manifest::MANIFEST_FILE);
-        let manifest: unfed_model::Manifest =
-            serde_json::from_str(&std::fs::read_to_string(&manifest_path).with_context(|| {
-                format!(
-                    "cannot read {}; split the model first",
-                    manifest_path.display()
-                )
-            })?)
-            .with_context(|| format!("{} does not parse", manifest_path.display()))?;
+        let manifest = unfed_model::Manifest::load_current(&self.shards_dir)
+            .context("split the model first")?;
         let shard0 = manifest
             .text_shards()
             .next()

@@ -243,11 +243,7 @@ impl ClientModel {
     /// From a split directory on this machine (the client's cached copy of the public
     /// parameters): layers `[0, layer_end)`, with the final norm when `head`.
     pub fn from_split(dir: &std::path::Path, layer_end: usize, head: bool) -> Result<Self> {
-        let path = dir.join(unfed_model::manifest::MANIFEST_FILE);
-        let manifest: unfed_model::Manifest = serde_json::from_str(
-            &std::fs::read_to_string(&path)
-                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?,
-        )?;
+        let manifest = unfed_model::Manifest::load_current(dir)?;
         let files: Vec<_> = manifest.text_shards().map(|s| dir.join(&s.file)).collect();
         let cfg = &manifest.config;
         Self::load(
