@@ -43,7 +43,8 @@ pub struct TextConfig {
     pub head_dim: usize,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
-    /// How the RoPE frequencies are scaled (older manifests have none: the default).
+    /// How the RoPE frequencies are scaled (absent in a format-1 manifest, which is
+    /// refused for serving).
     #[serde(default)]
     pub rope_scaling: RopeScaling,
     pub max_position_embeddings: usize,

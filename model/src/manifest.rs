@@ -89,17 +89,23 @@ impl Manifest {
     /// its config may lack what this build runs (see [`FORMAT_VERSION`]).
     pub fn load_current(dir: &std::path::Path) -> crate::error::Result<Self> {
         let m = Self::load(dir)?;
-        if m.format_version != FORMAT_VERSION {
-            return Err(crate::error::ModelError::Invalid {
-                msg: format!(
-                    "{} is split format {}, this build reads format {FORMAT_VERSION}: split \
-                     the model again (`unfedctl split`; `unfedctl up` re-splits by itself)",
-                    dir.join(MANIFEST_FILE).display(),
-                    m.format_version
-                ),
-            });
-        }
+        m.check_current(dir)?;
         Ok(m)
+    }
+
+    /// Refuses a manifest (read from `dir`) in another format than this build's.
+    pub fn check_current(&self, dir: &std::path::Path) -> crate::error::Result<()> {
+        if self.format_version == FORMAT_VERSION {
+            return Ok(());
+        }
+        Err(crate::error::ModelError::Invalid {
+            msg: format!(
+                "{} is split format {}, this build reads format {FORMAT_VERSION}: split \
+                 the model again (`unfedctl split`; `unfedctl up` re-splits by itself)",
+                dir.join(MANIFEST_FILE).display(),
+                self.format_version
+            ),
+        })
     }
 
     pub fn text_shard_file(index: usize) -> String {

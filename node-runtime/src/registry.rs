@@ -133,10 +133,12 @@ fn load_models(dir: &Path) -> Result<BTreeMap<String, ServedModel>> {
     }
     let mut models = BTreeMap::new();
     for d in dirs {
-        let manifest = Manifest::load_current(&d)?;
         let path = d.join(unfed_model::manifest::MANIFEST_FILE);
         let json = std::fs::read_to_string(&path)
             .with_context(|| format!("cannot read {}", path.display()))?;
+        let manifest: Manifest = serde_json::from_str(&json)
+            .with_context(|| format!("{} is not a valid manifest", path.display()))?;
+        manifest.check_current(&d)?;
         let read = |name: &str| std::fs::read_to_string(d.join(name)).unwrap_or_default();
         let response = GetManifestResponse {
             manifest_json: json,

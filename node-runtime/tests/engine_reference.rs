@@ -7,23 +7,28 @@ use serde_json::Value;
 use unfed_node::engine::SamplingConfig;
 use unfed_node::engine::generate::{generate, load_checkpoint};
 
+/// The engine's greedy tokens for a reference case, as many as the reference has.
+fn greedy(model: &unfed_node::engine::ShardModel, case: &common::Case) -> Vec<u32> {
+    generate(
+        model,
+        &case.prompt_ids,
+        case.generated_ids.len(),
+        SamplingConfig::default(),
+        true,
+    )
+    .unwrap()
+    .tokens
+}
+
 #[test]
 fn greedy_generation_matches_transformers_for_every_fixture() {
     let mut checked = 0;
     for (name, dir, reference) in common::fixtures() {
         let (_, model) = load_checkpoint(&dir).unwrap_or_else(|e| panic!("{name}: {e:#}"));
         for case in &reference.cases {
-            let got = generate(
-                &model,
-                &case.prompt_ids,
-                case.generated_ids.len(),
-                SamplingConfig::default(),
-                true,
-            )
-            .unwrap()
-            .tokens;
             assert_eq!(
-                got, case.generated_ids,
+                greedy(&model, case),
+                case.generated_ids,
                 "{name}: prompt {:?}",
                 case.prompt_ids
             );
@@ -72,18 +77,7 @@ fn cases_missed_with(fixture: &str, edit: impl Fn(&mut serde_json::Map<String, V
     reference
         .cases
         .iter()
-        .filter(|case| {
-            let got = generate(
-                &model,
-                &case.prompt_ids,
-                case.generated_ids.len(),
-                SamplingConfig::default(),
-                true,
-            )
-            .unwrap()
-            .tokens;
-            got != case.generated_ids
-        })
+        .filter(|case| greedy(&model, case) != case.generated_ids)
         .count()
 }
 

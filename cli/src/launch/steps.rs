@@ -431,13 +431,10 @@ pub(crate) fn split_cached(
         None => format!("{shape}builtin:tiny {}\n", env!("CARGO_PKG_VERSION")),
     };
     let stamp_file = dir.join(".source-stamp");
-    let manifest_file = dir.join(unfed_model::manifest::MANIFEST_FILE);
     let cached = std::fs::read_to_string(&stamp_file).ok().as_deref() == Some(stamp.as_str());
-    if cached && manifest_file.is_file() {
-        // A split made by a build with another manifest format is made again.
-        if let Ok(manifest) = unfed_model::Manifest::load_current(dir) {
-            return Ok(manifest.model_id);
-        }
+    // A split made by a build with another manifest format is made again.
+    if cached && let Ok(manifest) = unfed_model::Manifest::load_current(dir) {
+        return Ok(manifest.model_id);
     }
     for stale in [Some(dir), spec.model.path.is_none().then_some(source_dir)]
         .into_iter()

@@ -199,8 +199,8 @@ impl ClientModel {
     ) -> Result<Self> {
         check(cfg, &layers)?;
         let h = cfg.hidden_size;
-        let layers_of_norms = layers.clone();
         let norms = layers
+            .clone()
             .map(|i| {
                 let p = format!("{prefix}layers.{i}.");
                 Ok((
@@ -209,16 +209,19 @@ impl ClientModel {
                 ))
             })
             .collect::<Result<_>>()?;
-        let qk_norms = layers_of_norms
-            .filter(|_| cfg.qk_norm)
-            .map(|i| {
-                let [q, k] = qk_norm_names(prefix, i);
-                Ok((
-                    files.vector(&q, cfg.head_dim)?,
-                    files.vector(&k, cfg.head_dim)?,
-                ))
-            })
-            .collect::<Result<_>>()?;
+        let qk_norms = if cfg.qk_norm {
+            layers
+                .map(|i| {
+                    let [q, k] = qk_norm_names(prefix, i);
+                    Ok((
+                        files.vector(&q, cfg.head_dim)?,
+                        files.vector(&k, cfg.head_dim)?,
+                    ))
+                })
+                .collect::<Result<_>>()?
+        } else {
+            Vec::new()
+        };
         let final_norm = if head {
             Some(files.vector(&format!("{prefix}norm.weight"), h)?)
         } else {
